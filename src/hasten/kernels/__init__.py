@@ -1,0 +1,169 @@
+"""Pure compute, no model knowledge: block-sparse attention over tile lists.
+
+Three backends share one contract (:func:`block_sparse_attention`):
+
+``"reference"``
+    plain torch, exact, any device (gathers each query tile's key tiles).
+``"flex"``
+    compiled PyTorch FlexAttention with a BlockMask built from the tile lists.
+``"triton"``
+    a block-sparse flash-attention forward kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+``"auto"``
+    Triton on CUDA, compiled flex on CPU, the reference elsewhere (e.g. MPS).
+
+The call goes through the custom op ``hasten::block_sparse_attention`` so that
+``torch.compile`` of a model treats it as one opaque node (no graph breaks, no recompiles).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .flex import flex_block_sparse_attention
+from .grouping import PATTERNS, TILE_SIZES, GroupLayout, default_tile, group_layout
+from .reference import reference_block_sparse_attention
+
+BACKENDS: tuple[str, ...] = ("auto", "flex", "triton", "reference")
+
+__all__ = [
+    "BACKENDS",
+    "PATTERNS",
+    "TILE_SIZES",
+    "GroupLayout",
+    "block_sparse_attention",
+    "default_tile",
+    "group_layout",
+    "resolve_backend",
+]
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The concrete backend ``backend`` means on ``device`` ("auto" -> triton / flex / reference)."""
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and _triton_usable(device):
+            return "triton"
+        if device.type in ("cpu", "cuda"):
+            return "flex"
+        return "reference"
+    if backend == "triton" and not _triton_usable(device):
+        raise ValueError(
+            f"backend='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1); got device {device}"
+        )
+    return backend
+
+
+def _validate(q, k, v, kv_indices, kv_counts, key_valid, tile):
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k, v must share one (batch, heads, seq, dim) shape; got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if tile not in TILE_SIZES:
+        raise ValueError(f"`tile` must be one of {TILE_SIZES}, got {tile}")
+    batch, _, seq, _ = q.shape
+    if seq % tile:
+        raise ValueError(f"sequence length {seq} is not a multiple of `tile` {tile}")
+    num_tiles = seq // tile
+    if kv_indices.dim() != 2 or kv_indices.shape[0] != num_tiles or kv_counts.shape != (num_tiles,):
+        raise ValueError(
+            f"`kv_indices` must be (num_tiles={num_tiles}, max_kv) and `kv_counts` (num_tiles,); got "
+            f"{tuple(kv_indices.shape)} and {tuple(kv_counts.shape)}"
+        )
+    if key_valid.dtype != torch.bool or key_valid.shape[-1] != seq or key_valid.shape[0] not in (1, batch):
+        raise ValueError(f"`key_valid` must be a bool ({batch} or 1, {seq}) tensor, got {key_valid.dtype} {tuple(key_valid.shape)}")
+
+
+@torch.library.custom_op("hasten::block_sparse_attention", mutates_args=())
+def _block_sparse_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    key_valid: torch.Tensor,
+    static_valid: torch.Tensor,
+    tile: int,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    if backend == "triton":
+        from .triton_block_sparse import triton_block_sparse_attention
+
+        return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, key_valid, tile, scale)
+    if backend == "flex":
+        return flex_block_sparse_attention(
+            q, k, v, kv_indices, kv_counts, key_valid, tile, scale, static_valid=static_valid
+        )
+    return reference_block_sparse_attention(q, k, v, kv_indices, kv_counts, key_valid, tile, scale)
+
+
+@_block_sparse_attention_op.register_fake
+def _(q, k, v, kv_indices, kv_counts, key_valid, static_valid, tile, scale, backend):
+    return torch.empty_like(q)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    key_valid: torch.Tensor,
+    tile: int,
+    scale: float | None = None,
+    backend: str = "auto",
+    static_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention in which each query tile attends only the key tiles listed for it.
+
+    Parameters
+    ----------
+    q, k, v : Tensor (batch, heads, seq, dim)
+        ``seq`` is a multiple of ``tile``.
+    kv_indices : IntTensor (num_tiles, max_kv)
+        Key tiles each query tile attends (ascending); entries past ``kv_counts`` are ignored.
+    kv_counts : IntTensor (num_tiles,)
+    key_valid : BoolTensor (batch or 1, seq)
+        Keys that may be attended. Query rows with no valid key return zeros.
+    tile : int
+        Tokens per tile, one of 16, 32, 64, 128.
+    scale : float, optional
+        Softmax scale, default ``dim ** -0.5``.
+    backend : {"auto", "flex", "triton", "reference"}
+    static_valid : BoolTensor (seq,), optional
+        Keys valid on every call (lets the flex backend skip its mask on those tiles).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hasten.kernels import block_sparse_attention, group_layout
+    >>> layout = group_layout((1, 4, 4), (1, 2, 2), num_text=0, pattern="block", window=(0, 0, 0))
+    >>> q = k = v = torch.randn(1, 2, layout.kernel_len, 16)
+    >>> out = block_sparse_attention(q, k, v, layout.kv_indices, layout.kv_counts,
+    ...                              layout.key_valid[None], layout.tile, backend="reference")
+    >>> out.shape
+    torch.Size([1, 2, 64, 16])
+    """
+    _validate(q, k, v, kv_indices, kv_counts, key_valid, tile)
+    backend = resolve_backend(backend, q.device)
+    if static_valid is None:
+        static_valid = torch.zeros(q.shape[2], dtype=torch.bool, device=q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _block_sparse_attention_op(
+        q, k, v, kv_indices, kv_counts, key_valid, static_valid, tile, scale, backend
+    )

@@ -1,0 +1,235 @@
+"""``enable_grat``: GRAT grouped sparse attention on a diffusers pipeline or transformer.
+
+Shape of the mechanism (after diffusers' FirstBlockCache): a :class:`GratConfig`, one
+transformer hook (:class:`GratHook`, registered in diffusers' ``HookRegistry``) that reads each
+forward call's token grid and denoising step and prepares the token layouts once per shape,
+and one :class:`~hasten.attention_processors.grat.GratAttnProcessor` per attention module that
+wraps the module's own processor. :func:`apply_grat` / :func:`remove_grat` install and remove
+both; removal restores the exact original processor objects. No weight is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from ..adapters import ModelAdapter, adapter_for
+from ..attention_processors.grat import GratAttnProcessor, GratState
+from ..kernels import BACKENDS, PATTERNS, group_layout, resolve_backend
+
+_HOOK_NAME = "hasten_grat"
+
+
+@dataclass(frozen=True)
+class GratConfig:
+    """GRAT settings. Defaults follow the GRAT paper and its official code.
+
+    Parameters
+    ----------
+    pattern : {"cross", "block"}
+        ``"cross"`` is GRAT-X (criss-cross: key groups sharing a row band, a column band or, for
+        video, a time slab with the query group; the paper's main setting and the official
+        HunyuanVideo config), ``"block"`` is GRAT-B (key groups within ``window`` groups).
+    group_size : int or tuple, optional
+        Group size in latent tokens, ``(h, w)`` for images or ``(t, h, w)`` for video; an int
+        means that size on every axis of the model's grid. Default per model family: 16x16 for
+        Flux/SD3 (the public Flux port), 4x8x8 for HunyuanVideo (official), and the same
+        256-token 4x8x8 groups for Wan and CogVideoX (the paper leaves these open).
+    window : int or tuple
+        GRAT-B reach in groups on each side of the query group, per axis (1 = a 3x3 / 3x3x3
+        neighbourhood). Ignored by "cross".
+    dense_steps : int
+        The first ``dense_steps`` denoising steps use dense attention (peers such as STA keep
+        early steps dense; GRAT's default is 0).
+    dense_blocks : tuple[int, ...]
+        Block indices that keep dense attention (blocks numbered over the model's block lists
+        in order, e.g. Flux: 0-18 double-stream, 19-56 single-stream).
+    backend : {"auto", "flex", "triton", "reference"}
+        Attention kernel: "auto" picks Triton on CUDA, compiled FlexAttention on CPU and the
+        torch reference elsewhere.
+
+    Examples
+    --------
+    >>> from hasten import GratConfig
+    >>> GratConfig(pattern="block", group_size=(16, 16), window=1).pattern
+    'block'
+    """
+
+    pattern: Literal["cross", "block"] = "cross"
+    group_size: int | tuple[int, ...] | None = None
+    window: int | tuple[int, ...] = 1
+    dense_steps: int = 0
+    dense_blocks: tuple[int, ...] = field(default_factory=tuple)
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"`pattern` must be one of {PATTERNS}, got {self.pattern!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
+        for name in ("group_size", "window"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            values = (value,) if isinstance(value, int) else tuple(value)
+            if not values or not all(isinstance(v, int) and v > 0 for v in values) or len(values) > 3:
+                raise ValueError(f"`{name}` must be a positive int or a tuple of 2-3 positive ints, got {value!r}")
+        if not isinstance(self.dense_steps, int) or self.dense_steps < 0:
+            raise ValueError(f"`dense_steps` must be an int >= 0, got {self.dense_steps!r}")
+        object.__setattr__(self, "dense_blocks", tuple(int(b) for b in self.dense_blocks))
+        if any(b < 0 for b in self.dense_blocks):
+            raise ValueError(f"`dense_blocks` must be non-negative block indices, got {self.dense_blocks!r}")
+
+    def resolved(self, adapter: ModelAdapter) -> "GratConfig":
+        """This config with the model family's defaults filled in and sizes as (t, h, w) triples."""
+        return replace(
+            self,
+            group_size=_triple("group_size", self.group_size or adapter.default_group, adapter),
+            window=_triple("window", self.window, adapter),
+        )
+
+
+def _triple(name: str, value: int | tuple[int, ...], adapter: ModelAdapter) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        return (value, value, value) if adapter.video else (1, value, value)
+    value = tuple(value)
+    if len(value) == 3:
+        if not adapter.video and value[0] != 1:
+            raise ValueError(f"`{name}` for the image model {adapter.family} is (h, w); got {value!r}")
+        return value  # type: ignore[return-value]
+    if len(value) == 2:
+        if adapter.video:
+            raise ValueError(f"`{name}` for the video model {adapter.family} is (t, h, w); got {value!r}")
+        return (1, *value)
+    raise ValueError(f"`{name}` must be (h, w) or (t, h, w), got {value!r}")
+
+
+class GratHook(ModelHook):
+    """Transformer pre-forward hook: reads the call's grid and step, prepares layouts once per shape."""
+
+    def __init__(self, adapter: ModelAdapter, config: GratConfig, state: GratState):
+        super().__init__()
+        self.adapter = adapter
+        self.config = config
+        self.state = state
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        self._observe(module, args, kwargs)
+        return args, kwargs
+
+    @torch.compiler.disable
+    def _observe(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        grid, num_text, timestep = self.adapter.observe(module, args, kwargs)
+        state, config = self.state, self.config
+        if timestep is not None:
+            value = float(torch.as_tensor(timestep).flatten()[0])
+            if state.last_timestep is None or value > state.last_timestep:
+                state.step = 0  # a new denoising run starts from the noisiest timestep
+            elif value != state.last_timestep:
+                state.step += 1
+            state.last_timestep = value
+        sparse = state.step >= config.dense_steps
+        if state.sparse != sparse:
+            state.sparse = sparse
+        hidden = args[0] if args else kwargs["hidden_states"]
+        key = (grid, num_text, hidden.device)
+        if state.grid != key:
+            layouts = {}
+            for text in {num_text, 0}:
+                layout = group_layout(
+                    grid,
+                    config.group_size,
+                    num_text=text,
+                    text_first=self.adapter.text_position == "first",
+                    pattern=config.pattern,
+                    window=config.window,
+                ).to(hidden.device)
+                layouts[layout.seq_len] = layout
+            state.layouts = layouts
+            state.grid = key
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state.step, self.state.last_timestep, self.state.sparse = -1, None, True
+        return module
+
+
+def _transformer_of(pipe_or_transformer: Any) -> torch.nn.Module:
+    if isinstance(pipe_or_transformer, torch.nn.Module):
+        return pipe_or_transformer
+    transformer = getattr(pipe_or_transformer, "transformer", None)
+    if transformer is None:
+        raise ValueError(
+            f"GRAT needs a diffusion transformer: {type(pipe_or_transformer).__name__} has no `transformer` "
+            "(UNet pipelines such as Stable Diffusion 1.5 are not supported)"
+        )
+    return transformer
+
+
+def apply_grat(pipe_or_transformer: Any, config: GratConfig | None = None, **kwargs) -> GratConfig:
+    """Install GRAT on a pipeline's transformer (or a transformer). Re-applying replaces the old config.
+
+    Parameters
+    ----------
+    pipe_or_transformer : DiffusionPipeline or transformer module
+    config : GratConfig, optional
+        Settings; keyword arguments are the :class:`GratConfig` fields (``pattern``,
+        ``group_size``, ``window``, ``dense_steps``, ``dense_blocks``, ``backend``).
+
+    Returns
+    -------
+    GratConfig
+        The config in effect, with the model family's defaults filled in.
+
+    Examples
+    --------
+    >>> import hasten, hasten.tiny
+    >>> pipe = hasten.tiny.pipeline("flux")
+    >>> hasten.enable_grat(pipe, pattern="block", group_size=4, window=1).group_size
+    (1, 4, 4)
+    >>> hasten.disable_grat(pipe)
+    """
+    if config is not None and kwargs:
+        raise ValueError("pass either `config` or GratConfig keyword arguments, not both")
+    config = config or GratConfig(**kwargs)
+    transformer = _transformer_of(pipe_or_transformer)
+    module = getattr(transformer, "_orig_mod", transformer)
+    adapter = adapter_for(module)
+    config = config.resolved(adapter)
+    device = next(module.parameters()).device
+    resolve_backend(config.backend, device)  # fail now, not inside the first attention call
+    num_blocks = adapter.num_blocks(module)
+    bad = [b for b in config.dense_blocks if b >= num_blocks]
+    if bad:
+        raise ValueError(f"`dense_blocks` {bad} out of range: {type(module).__name__} has {num_blocks} blocks")
+
+    remove_grat(module)
+    state = GratState()
+    for block_index, _, attention in adapter.attention_modules(module):
+        if block_index not in config.dense_blocks:
+            attention.set_processor(GratAttnProcessor(attention.processor, state, config.backend))
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(GratHook(adapter, config, state), _HOOK_NAME)
+    return config
+
+
+def remove_grat(pipe_or_transformer: Any) -> None:
+    """Remove GRAT, restoring the exact original attention processors. No-op if GRAT is not on."""
+    module = _transformer_of(pipe_or_transformer)
+    module = getattr(module, "_orig_mod", module)
+    for attention in module.modules():
+        processor = getattr(attention, "processor", None)
+        if isinstance(processor, GratAttnProcessor):
+            attention.set_processor(processor.original)
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(_HOOK_NAME) is not None:
+        registry.remove_hook(_HOOK_NAME, recurse=False)
+
+
+def grat_state(pipe_or_transformer: Any) -> GratState | None:
+    """The live :class:`GratState` of a transformer with GRAT on (layouts, density), else None."""
+    module = _transformer_of(pipe_or_transformer)
+    registry = getattr(getattr(module, "_orig_mod", module), "_diffusers_hook", None)
+    hook = registry.get_hook(_HOOK_NAME) if registry is not None else None
+    return hook.state if hook is not None else None
