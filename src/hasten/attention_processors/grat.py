@@ -7,9 +7,7 @@ diffusers' ``dispatch_attention_fn`` native backend). That call is redirected, t
 :class:`~torch.overrides.TorchFunctionMode` active only while the wrapped processor runs,
 to grouped block-sparse attention:
 
-1. gather q/k/v into kernel order (text first, then each group contiguous and tile-padded),
-2. run :func:`hasten.kernels.block_sparse_attention` with the layout's tile lists,
-3. scatter the result back to the model's order (padding rows dropped).
+:func:`hasten.kernels.grouped_attention` (gather into groups, block-sparse kernel, scatter back).
 
 The layout (one per sequence length, built once per shape) is prepared by the transformer
 hook in :mod:`hasten.pipelines.grat` and read from the shared :class:`GratState`.
@@ -24,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..kernels import GroupLayout, block_sparse_attention
+from ..kernels import GroupLayout, grouped_attention
 
 
 @dataclass
@@ -132,22 +130,5 @@ class GratAttnProcessor:
                 f"GRAT has no token layout for an attention over {seq_len} tokens (known lengths: "
                 f"{sorted(self.state.layouts)}); the transformer hook did not see this call's grid"
             )
-        if attn_mask is None:
-            key_valid, static_valid = layout.key_valid[None], layout.key_valid
-        else:
-            padding = _key_padding(attn_mask, seq_len).index_select(1, layout.gather_index)
-            key_valid, static_valid = layout.key_valid[None] & padding, layout.image_key_valid
-        index = layout.gather_index
-        out = block_sparse_attention(
-            query.index_select(-2, index),
-            key.index_select(-2, index),
-            value.index_select(-2, index),
-            layout.kv_indices,
-            layout.kv_counts,
-            key_valid,
-            layout.tile,
-            scale=scale,
-            backend=self.backend,
-            static_valid=static_valid,
-        )
-        return out.index_select(-2, layout.scatter_index)
+        padding = None if attn_mask is None else _key_padding(attn_mask, seq_len)
+        return grouped_attention(query, key, value, layout, padding, scale=scale, backend=self.backend)

@@ -34,6 +34,7 @@ __all__ = [
     "GroupLayout",
     "block_sparse_attention",
     "default_tile",
+    "grouped_attention",
     "group_layout",
     "resolve_backend",
 ]
@@ -167,3 +168,58 @@ def block_sparse_attention(
     return _block_sparse_attention_op(
         q, k, v, kv_indices, kv_counts, key_valid, static_valid, tile, scale, backend
     )
+
+
+def grouped_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: GroupLayout,
+    key_padding: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Grouped block-sparse attention over a sequence in the model's own token order.
+
+    Gathers q/k/v into the layout's kernel order (text, then each group contiguous and
+    tile-padded), runs :func:`block_sparse_attention`, and scatters the result back (padding
+    rows dropped).
+
+    Parameters
+    ----------
+    query, key, value : Tensor (batch, heads, layout.seq_len, dim)
+    layout : GroupLayout
+        From :func:`group_layout`, on the tensors' device (``layout.to(device)``).
+    key_padding : BoolTensor (batch or 1, layout.seq_len), optional
+        False marks keys never to attend (e.g. padded text), in model order.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hasten.kernels import group_layout, grouped_attention
+    >>> layout = group_layout((1, 5, 7), (1, 2, 2), num_text=4, pattern="cross")
+    >>> q = k = v = torch.randn(1, 2, layout.seq_len, 16)
+    >>> grouped_attention(q, k, v, layout, backend="reference").shape
+    torch.Size([1, 2, 39, 16])
+    """
+    if query.shape[-2] != layout.seq_len:
+        raise ValueError(f"query has {query.shape[-2]} tokens but the layout is for {layout.seq_len}")
+    index = layout.gather_index
+    if key_padding is None:
+        key_valid, static_valid = layout.key_valid[None], layout.key_valid
+    else:
+        key_valid = layout.key_valid[None] & key_padding.index_select(1, index)
+        static_valid = layout.image_key_valid
+    out = block_sparse_attention(
+        query.index_select(-2, index),
+        key.index_select(-2, index),
+        value.index_select(-2, index),
+        layout.kv_indices,
+        layout.kv_counts,
+        key_valid,
+        layout.tile,
+        scale=scale,
+        backend=backend,
+        static_valid=static_valid,
+    )
+    return out.index_select(-2, layout.scatter_index)

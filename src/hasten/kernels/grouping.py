@@ -68,7 +68,7 @@ class GroupLayout:
     Attributes
     ----------
     grid, group : tuple[int, int, int]
-        Latent token grid and group size, both (t, h, w).
+        Latent token grid and group size, both (t, h, w); the group is clamped to the grid.
     num_text : int
         Text tokens in the sequence; ``text_first`` says whether they precede the image tokens.
     tile : int
@@ -208,6 +208,8 @@ def group_layout(
         raise ValueError(f"`pattern` must be one of {PATTERNS}, got {pattern!r}")
     if num_text < 0:
         raise ValueError(f"`num_text` must be >= 0, got {num_text}")
+    # A group larger than the grid along an axis is clamped to the grid (one partial group there).
+    group = tuple(min(g, n) for g, n in zip(group, grid))
     group_tokens = math.prod(group)
     tile = default_tile(group_tokens) if tile is None else int(tile)
     if tile not in TILE_SIZES:

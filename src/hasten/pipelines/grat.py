@@ -233,3 +233,82 @@ def grat_state(pipe_or_transformer: Any) -> GratState | None:
     registry = getattr(getattr(module, "_orig_mod", module), "_diffusers_hook", None)
     hook = registry.get_hook(_HOOK_NAME) if registry is not None else None
     return hook.state if hook is not None else None
+
+
+@dataclass
+class GratComparison:
+    """Dense vs GRAT on the same pipeline call and seed (see :func:`compare_grat`)."""
+
+    dense: Any
+    grat: Any
+    dense_seconds: float
+    grat_seconds: float
+    psnr: float
+    density: float
+    config: GratConfig
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_seconds / self.grat_seconds
+
+    def summary(self) -> str:
+        return (
+            f"dense {self.dense_seconds:.3f} s | GRAT-{'X' if self.config.pattern == 'cross' else 'B'} "
+            f"{self.grat_seconds:.3f} s | speedup {self.speedup:.2f}x (attention bound "
+            f"{1 / self.density:.2f}x, density {self.density:.1%}) | PSNR {self.psnr:.2f} dB"
+        )
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0) -> float:
+    """Peak signal-to-noise ratio between two outputs in [0, peak] (inf when identical)."""
+    mse = torch.mean((a.double() - b.double()) ** 2).item()
+    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(peak**2 / mse)).item()
+
+
+def _timed_call(pipe, seed: int, call_kwargs: dict) -> tuple[torch.Tensor, float]:
+    import time
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    device = pipe.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    output = pipe(**call_kwargs, generator=generator, output_type="pt", return_dict=False)[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return output.float().cpu().clamp(0, 1), time.perf_counter() - start
+
+
+def compare_grat(
+    pipe, config: GratConfig | None = None, *, seed: int = 0, warmup: bool = True, **call_kwargs
+) -> GratComparison:
+    """Run ``pipe(**call_kwargs)`` dense and with GRAT, same seed; time both and compare outputs.
+
+    The pipeline is left as it was found (GRAT removed). ``warmup`` runs each variant once before
+    timing, so one-off costs (kernel compilation, layout building) are not counted.
+
+    Examples
+    --------
+    >>> import hasten.tiny
+    >>> from hasten.pipelines.grat import compare_grat, GratConfig
+    >>> pipe = hasten.tiny.pipeline("flux")
+    >>> result = compare_grat(pipe, GratConfig(group_size=4), prompt="a cat", num_inference_steps=2,
+    ...                       height=32, width=32, warmup=False)
+    >>> result.grat.shape == result.dense.shape
+    True
+    """
+    config = config or GratConfig()
+    remove_grat(pipe)
+    if warmup:
+        _timed_call(pipe, seed, call_kwargs)
+    dense, dense_seconds = _timed_call(pipe, seed, call_kwargs)
+    resolved = apply_grat(pipe, config)
+    try:
+        if warmup:
+            _timed_call(pipe, seed, call_kwargs)
+        sparse, grat_seconds = _timed_call(pipe, seed, call_kwargs)
+        layouts = grat_state(pipe).layouts
+        density = max(layouts.values(), key=lambda layout: layout.seq_len).density
+    finally:
+        remove_grat(pipe)
+    return GratComparison(dense, sparse, dense_seconds, grat_seconds, psnr(dense, sparse), density, resolved)

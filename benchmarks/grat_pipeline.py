@@ -1,0 +1,166 @@
+"""Transformer forward end to end: dense vs GRAT-X vs GRAT-B, with the Amdahl bound, one process.
+
+The Amdahl bound 1 / ((1 - a) + a * density) uses ``a``, attention's measured share of the dense
+forward (every ``scaled_dot_product_attention`` call timed inside the dense run).
+
+On CPU it runs the embedded tiny models (``--arch tiny``; random weights, tiny widths) at a
+resolution where attention dominates. On a GPU, ``--arch full`` builds the full-size Flux-dev
+or HunyuanVideo architecture from its default config with random bf16 weights (speed does not
+depend on weights); ``--layers`` trims the block count to fit a quick run.
+
+    python benchmarks/grat_pipeline.py --model flux --arch tiny --height 2048 --width 2048 --json
+    python benchmarks/grat_pipeline.py --model flux --arch full --height 2048 --width 2048 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import hasten
+from hasten import tiny
+from hasten.pipelines.grat import grat_state
+
+
+class _AttentionTimer(TorchFunctionMode):
+    """Accumulates the wall time of every scaled_dot_product_attention call."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device, self.seconds = device, 0.0
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        self._sync()
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self._sync()
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def build_transformer(model: str, arch: str, layers: int | None, device: torch.device, dtype: torch.dtype):
+    if arch == "tiny":
+        return tiny.pipeline(model).transformer.to(device=device, dtype=dtype).eval()
+    from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel
+
+    cls = {"flux": FluxTransformer2DModel, "hunyuan-video": HunyuanVideoTransformer3DModel}[model]
+    overrides = {} if layers is None else {"num_layers": layers, "num_single_layers": layers}
+    # The classes' default arguments are the released architectures (Flux-dev, HunyuanVideo).
+    with torch.device("meta"):
+        transformer = cls(**overrides)
+    transformer = transformer.to_empty(device=device).to(dtype)
+    torch.manual_seed(0)
+    for parameter in transformer.parameters():
+        torch.nn.init.normal_(parameter, std=0.02)
+    return transformer.eval()
+
+
+def forward_inputs(model: str, transformer, height: int, width: int, frames: int, text: int, device, dtype) -> dict:
+    cfg = transformer.config
+    if model == "flux":
+        h, w = height // 16, width // 16
+        ids = torch.zeros(h, w, 3, device=device)
+        ids[..., 1], ids[..., 2] = torch.arange(h, device=device)[:, None], torch.arange(w, device=device)[None]
+        inputs = dict(
+            hidden_states=torch.randn(1, h * w, cfg.in_channels, device=device, dtype=dtype),
+            encoder_hidden_states=torch.randn(1, text, cfg.joint_attention_dim, device=device, dtype=dtype),
+            pooled_projections=torch.randn(1, cfg.pooled_projection_dim, device=device, dtype=dtype),
+            timestep=torch.tensor([0.5], device=device, dtype=dtype),
+            img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text, 3, device=device),
+        )
+        if cfg.guidance_embeds:
+            inputs["guidance"] = torch.tensor([3.5], device=device, dtype=dtype)
+        return inputs
+    p, p_t = cfg.patch_size, cfg.patch_size_t
+    latent_frames = (frames - 1) // 4 + 1
+    return dict(
+        hidden_states=torch.randn(1, cfg.in_channels, latent_frames, height // 8, width // 8, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(1, text, cfg.text_embed_dim, device=device, dtype=dtype),
+        encoder_attention_mask=torch.ones(1, text, device=device, dtype=torch.bool),
+        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, device=device, dtype=dtype),
+        timestep=torch.tensor([500], device=device), guidance=torch.tensor([6.0], device=device, dtype=dtype),
+    )
+
+
+def timed(transformer, inputs, device, warmup: int, repeats: int) -> float:
+    with torch.no_grad():
+        for _ in range(warmup):
+            transformer(**inputs, return_dict=False)
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            transformer(**inputs, return_dict=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["flux", "hunyuan-video"], default="flux")
+    parser.add_argument("--arch", choices=["tiny", "full"], default="tiny")
+    parser.add_argument("--layers", type=int, default=None, help="full arch: blocks per block list")
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--frames", type=int, default=61, help="video frames (hunyuan-video)")
+    parser.add_argument("--text", type=int, default=None, help="text tokens (default 512 flux, 256 video)")
+    parser.add_argument("--group-size", type=int, nargs="+", default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    text = args.text or (512 if args.model == "flux" else 256)
+
+    transformer = build_transformer(args.model, args.arch, args.layers, device, dtype)
+    inputs = forward_inputs(args.model, transformer, args.height, args.width, args.frames, text, device, dtype)
+    dense_ms = timed(transformer, inputs, device, args.warmup, args.repeats)
+    timer = _AttentionTimer(device)
+    with timer, torch.no_grad():
+        transformer(**inputs, return_dict=False)
+    share = min(1.0, timer.seconds * 1000 / dense_ms)
+
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"# GRAT transformer forward | {args.model} ({args.arch}) {args.height}x{args.width}"
+          f"{f'x{args.frames}f' if args.model != 'flux' else ''} | {machine} | {time.strftime('%Y-%m-%d')}")
+    print(f"dense forward {dense_ms:.1f} ms, attention share a = {share:.0%}")
+    group = None if args.group_size is None else tuple(args.group_size)
+    rows = []
+    for pattern in ("cross", "block"):
+        config = hasten.enable_grat(transformer, pattern=pattern, group_size=group, window=1, backend=args.backend)
+        grat_ms = timed(transformer, inputs, device, args.warmup, args.repeats)
+        layout = max(grat_state(transformer).layouts.values(), key=lambda layout: layout.seq_len)
+        hasten.disable_grat(transformer)
+        bound = 1 / ((1 - share) + share * layout.density)
+        row = dict(model=args.model, arch=args.arch, pattern=pattern, resolution=f"{args.height}x{args.width}",
+                   tokens=layout.seq_len, group=list(config.group_size), density=round(layout.density, 4),
+                   attention_share=round(share, 3), dense_ms=round(dense_ms, 1), grat_ms=round(grat_ms, 1),
+                   speedup=round(dense_ms / grat_ms, 2), amdahl_bound=round(bound, 2))
+        rows.append(row)
+        print(f"GRAT-{'X' if pattern == 'cross' else 'B'}: {grat_ms:.1f} ms, speedup {row['speedup']:.2f}x "
+              f"(Amdahl bound {bound:.2f}x at density {layout.density:.1%})")
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

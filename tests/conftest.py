@@ -1,0 +1,23 @@
+"""Shared test setup: offline, deterministic, tiny models built once per session."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+# Tiny models are built once per test session into a private HASTEN_HOME (never the user's cache).
+os.environ.setdefault("HASTEN_HOME", tempfile.mkdtemp(prefix="hasten-test-home-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)
+    yield
+
+# Without a GPU, Triton kernels run in the interpreter (set before anything imports triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

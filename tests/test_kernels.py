@@ -1,0 +1,114 @@
+"""Block-sparse attention backends agree with dense masked SDPA."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hasten.kernels import block_sparse_attention, group_layout, resolve_backend
+
+
+def dense_reference(q, k, v, layout, key_valid):
+    mask = layout.dense_mask()[None, None] & key_valid[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    return torch.where(mask.any(-1, keepdim=True), out, 0.0).to(q.dtype)
+
+
+def case(grid, group, num_text, pattern, window=(1, 1, 1), batch=2, heads=2, dim=16, text_first=True):
+    layout = group_layout(grid, group, num_text=num_text, text_first=text_first, pattern=pattern, window=window)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, layout.kernel_len, dim) for _ in range(3))
+    key_valid = layout.key_valid[None].repeat(batch, 1)
+    if num_text > 1 and batch > 1:
+        key_valid[1, num_text - 1] = False  # a padded text key in the second sample
+    return layout, q, k, v, key_valid
+
+
+CASES = [
+    dict(grid=(1, 5, 7), group=(1, 2, 2), num_text=3, pattern="block", window=(0, 1, 1)),
+    dict(grid=(1, 5, 7), group=(1, 2, 3), num_text=19, pattern="cross"),
+    dict(grid=(3, 4, 5), group=(2, 2, 2), num_text=5, pattern="cross"),
+    dict(grid=(3, 4, 5), group=(2, 2, 2), num_text=0, pattern="block", window=(0, 0, 1)),
+]
+
+
+@pytest.mark.parametrize("spec", CASES)
+def test_reference_matches_dense(spec):
+    layout, q, k, v, key_valid = case(**spec)
+    out = block_sparse_attention(q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile, backend="reference")
+    torch.testing.assert_close(out, dense_reference(q, k, v, layout, key_valid), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", CASES[:2])
+def test_flex_matches_dense(spec):
+    layout, q, k, v, key_valid = case(**spec)
+    out = block_sparse_attention(
+        q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile, backend="flex",
+        static_valid=layout.image_key_valid,
+    )
+    expected = dense_reference(q, k, v, layout, key_valid)
+    rows = layout.key_valid  # padded query rows are dropped by callers; compare the real ones
+    torch.testing.assert_close(out[:, :, rows], expected[:, :, rows], atol=1e-5, rtol=1e-5)
+
+
+def test_query_rows_without_valid_keys_are_zero():
+    layout, q, k, v, key_valid = case((1, 4, 4), (1, 2, 2), 0, "block", window=(0, 0, 0), batch=1)
+    key_valid[:, : layout.tile] = False  # the first group's keys all invalid
+    out = block_sparse_attention(q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile, backend="reference")
+    assert out[:, :, : layout.tile].abs().max() == 0
+
+
+def test_custom_scale():
+    layout, q, k, v, key_valid = case((1, 4, 4), (1, 2, 2), 2, "cross")
+    out = block_sparse_attention(q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile, scale=0.3, backend="reference")
+    mask = layout.dense_mask()[None, None] & key_valid[:, None, None, :]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    rows = layout.key_valid
+    torch.testing.assert_close(out[:, :, rows], expected[:, :, rows], atol=2e-6, rtol=1e-5)
+
+
+def test_backend_resolution():
+    assert resolve_backend("auto", "cpu") == "flex"
+    assert resolve_backend("auto", "meta") == "reference"
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend("cuda-magic", "cpu")
+
+
+def test_bad_inputs_raise_named_errors():
+    layout, q, k, v, key_valid = case((1, 4, 4), (1, 2, 2), 0, "cross")
+    args = (layout.kv_indices, layout.kv_counts, key_valid, layout.tile)
+    with pytest.raises(ValueError, match="q, k, v"):
+        block_sparse_attention(q, k[:, :1], v, *args)
+    with pytest.raises(ValueError, match="tile"):
+        block_sparse_attention(q, k, v, layout.kv_indices, layout.kv_counts, key_valid, 24)
+    with pytest.raises(ValueError, match="kv_indices"):
+        block_sparse_attention(q, k, v, layout.kv_indices[:1], layout.kv_counts, key_valid, layout.tile)
+    with pytest.raises(ValueError, match="key_valid"):
+        block_sparse_attention(q, k, v, layout.kv_indices, layout.kv_counts, key_valid.float(), layout.tile)
+
+
+@pytest.mark.parametrize("spec", [CASES[0], CASES[2]])
+def test_triton_interpreter_matches_dense(spec, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    layout, q, k, v, key_valid = case(**spec)
+    out = block_sparse_attention(q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile, backend="triton")
+    rows = layout.key_valid
+    expected = dense_reference(q, k, v, layout, key_valid)
+    torch.testing.assert_close(out[:, :, rows], expected[:, :, rows], atol=1e-5, rtol=1e-5)
+
+
+def test_measured_density_equals_counted_tiles(monkeypatch):
+    """The fraction of tiles the Triton kernel computes, and the flex BlockMask's, equal layout.density."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from hasten.kernels.flex import _block_mask
+    from hasten.kernels.triton_block_sparse import triton_block_sparse_attention
+
+    layout, q, k, v, key_valid = case((1, 5, 7), (1, 2, 2), 3, "cross", batch=1, heads=2)
+    counter = torch.zeros(1, dtype=torch.int64)
+    triton_block_sparse_attention(q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile,
+                                  tile_counter=counter)
+    computed = counter.item() / (q.shape[0] * q.shape[1])
+    assert computed / layout.num_tiles**2 == pytest.approx(layout.density)
+
+    block_mask, _ = _block_mask(layout.kv_indices, layout.kv_counts, layout.image_key_valid, layout.tile, 1, q.device)
+    flex_tiles = int(block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum())
+    assert flex_tiles / layout.num_tiles**2 == pytest.approx(layout.density)
