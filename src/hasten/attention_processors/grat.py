@@ -15,6 +15,8 @@ hook in :mod:`hasten.pipelines.grat` and read from the shared :class:`GratState`
 
 from __future__ import annotations
 
+import inspect
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +92,17 @@ class GratAttnProcessor:
         self.original = original
         self.state = state
         self.backend = backend
+        # diffusers' Attention.forward drops every keyword argument that the processor's __call__
+        # signature does not name (e.g. CogVideoX's and HunyuanVideo's `image_rotary_emb`), so this
+        # instance shows the wrapped processor's signature to `inspect`.
+        signature = inspect.signature(original.__call__)
+        self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+
+        def call(processor, attn, *args, **kwargs):
+            return type(processor).__call__(processor, attn, *args, **kwargs)
+
+        call.__signature__ = signature.replace(parameters=[self_parameter, *signature.parameters.values()])
+        self.__call__ = types.MethodType(call, self)
 
     def __call__(self, attn: torch.nn.Module, *args, **kwargs):
         if not self.state.sparse:

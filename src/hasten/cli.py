@@ -1,0 +1,169 @@
+"""The ``hasten`` command.
+
+    hasten generate [--model tiny-flux] [--prompt ...] [--grat cross] [--compare] ...
+    hasten app grat [--model ...] [--port ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import tiny
+from .kernels import BACKENDS
+from .pipelines.grat import GratConfig, apply_grat, compare_grat, grat_state
+from .pipelines.loading import DTYPES, load_pipeline
+from .video import save_media
+
+VIDEO_PIPELINES = ("HunyuanVideoPipeline", "WanPipeline", "CogVideoXPipeline")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _size(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N, HxW or TxHxW, got {text!r}") from None
+    if not values or any(v <= 0 for v in values) or len(values) > 3:
+        raise argparse.ArgumentTypeError(f"expected positive N, HxW or TxHxW, got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hasten", description="Training-free acceleration for diffusers pipelines.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser(
+        "generate",
+        help="run a diffusers pipeline, optionally with GRAT sparse attention",
+        description="Generate an image or video. With --compare, run dense and GRAT with the same seed and "
+        "report both times, the speedup (with the attention bound 1/density) and the PSNR between them.",
+    )
+    gen.add_argument("--model", default="tiny-flux",
+                     help=f"embedded tiny model ({', '.join(tiny.MODEL_IDS)}) or any diffusers model id / "
+                     "local folder (default: tiny-flux)")
+    gen.add_argument("--prompt", default="a lighthouse on a cliff at sunset, highly detailed")
+    gen.add_argument("--height", type=_positive, help="output height (default: the model's default)")
+    gen.add_argument("--width", type=_positive, help="output width (default: the model's default)")
+    gen.add_argument("--frames", type=_positive, help="number of frames (video models)")
+    gen.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: 4 tiny, 28 otherwise)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--grat", choices=("off", "cross", "block"), default="cross",
+                     help="GRAT pattern: cross (GRAT-X), block (GRAT-B) or off (dense)")
+    gen.add_argument("--group-size", type=_size, default=None,
+                     help="group size in latent tokens: N, HxW or TxHxW (default: the model family's)")
+    gen.add_argument("--window", type=_size, default=(1,), help="GRAT-B window in groups per side (default 1)")
+    gen.add_argument("--dense-steps", type=int, default=0, help="first N steps use dense attention")
+    gen.add_argument("--backend", choices=BACKENDS, default="auto", help="attention kernel backend")
+    gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                     help="weights dtype (default: float32 for tiny models and CPU, bfloat16 on CUDA)")
+    gen.add_argument("--out", type=Path, default=Path("outputs/hasten.png"),
+                     help="output file; with --compare, -dense and -grat are added to its name "
+                     "(videos are written as .mp4)")
+    gen.add_argument("--compare", action="store_true", help="run dense and GRAT with the same seed and compare")
+
+    app = commands.add_parser("app", help="launch a Gradio demo app", description="Launch a Gradio demo app.")
+    app.add_argument("name", choices=("grat",), help="which app")
+    app.add_argument("app_args", nargs=argparse.REMAINDER, help="arguments for the app (see its --help)")
+    return parser
+
+
+def _call_kwargs(args: argparse.Namespace, pipe) -> dict:
+    kwargs: dict = {"prompt": args.prompt}
+    if tiny.is_tiny(args.model):
+        kwargs.update(tiny.default_size(tiny.MODEL_IDS[args.model]))
+    for name, value in (("height", args.height), ("width", args.width), ("num_frames", args.frames)):
+        if value is not None:
+            kwargs[name] = value
+    if "num_frames" in kwargs and type(pipe).__name__ not in VIDEO_PIPELINES:
+        if args.frames is not None:
+            raise ValueError(f"--frames is for video models; {type(pipe).__name__} makes images")
+        kwargs.pop("num_frames")
+    kwargs["num_inference_steps"] = args.steps or (4 if tiny.is_tiny(args.model) else 28)
+    return kwargs
+
+
+def _config(args: argparse.Namespace) -> GratConfig:
+    window = args.window[0] if len(args.window) == 1 else args.window
+    group = None if args.group_size is None else (args.group_size[0] if len(args.group_size) == 1 else args.group_size)
+    return GratConfig(pattern=args.grat if args.grat != "off" else "cross", group_size=group, window=window,
+                      dense_steps=args.dense_steps, backend=args.backend)
+
+
+def _with_suffix(path: Path, tag: str) -> Path:
+    return path.with_name(f"{path.stem}-{tag}{path.suffix}")
+
+
+def generate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
+    kwargs = _call_kwargs(args, pipe)
+    print(f"model {args.model} ({type(pipe).__name__}) on {pipe.device}; "
+          + ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "prompt"))
+    if args.compare:
+        if args.grat == "off":
+            raise ValueError("--compare compares dense with GRAT: choose --grat cross or block")
+        result = compare_grat(pipe, config, seed=args.seed, **kwargs)
+        dense_path = save_media(result.dense[0], _with_suffix(args.out, "dense"))
+        grat_path = save_media(result.grat[0], _with_suffix(args.out, "grat"))
+        print(f"group {result.config.group_size} pattern {result.config.pattern}")
+        print(f"dense: {result.dense_seconds:.3f} s")
+        print(f"grat:  {result.grat_seconds:.3f} s")
+        print(f"speedup: {result.speedup:.2f}x (attention bound {1 / result.density:.2f}x at density "
+              f"{result.density:.1%})")
+        print(f"PSNR(dense, grat): {result.psnr:.2f} dB")
+        print(f"saved {dense_path} and {grat_path}")
+        return 0
+    if args.grat != "off":
+        resolved = apply_grat(pipe, config)
+        print(f"GRAT {resolved.pattern}, group {resolved.group_size}")
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    start = time.perf_counter()
+    output = pipe(**kwargs, generator=generator, output_type="pt", return_dict=False)[0]
+    seconds = time.perf_counter() - start
+    state = grat_state(pipe)
+    if state is not None and state.layouts:
+        density = max(state.layouts.values(), key=lambda layout: layout.seq_len).density
+        print(f"attention density {density:.1%} (bound {1 / density:.2f}x)")
+    path = save_media(output[0].float().clamp(0, 1), args.out)
+    print(f"{seconds:.3f} s; saved {path}")
+    return 0
+
+
+def run_app(args: argparse.Namespace) -> int:
+    path = REPO_ROOT / "apps" / f"{args.name}_app.py"
+    if not path.exists():
+        raise ValueError(f"app {args.name!r} not found at {path} (the apps ship with the source checkout)")
+    spec = importlib.util.spec_from_file_location(f"hasten_app_{args.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO_ROOT))
+    spec.loader.exec_module(module)
+    return module.main(args.app_args) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return generate(args)
+        return run_app(args)
+    except ValueError as error:
+        parser.exit(2, f"hasten: error: {error}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

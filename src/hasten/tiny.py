@@ -1,0 +1,689 @@
+"""Tiny, seeded, random-weight diffusers pipelines, built offline for tests, demos and the CLI.
+
+Six model families are covered (:data:`KINDS`). Each pipeline uses the real diffusers and
+transformers component classes with tiny configs (2 attention heads of dim 16, 2 blocks of
+each kind, tiny VAEs and text encoders) and tokenizers trained here, in pure Python, on a small
+built-in English corpus, so nothing is downloaded. A pipeline is built once, saved with
+``save_pretrained`` under ``$HASTEN_HOME/tiny/<kind>-v1`` (``HASTEN_HOME`` defaults to
+``~/.cache/hasten``) and then loaded back with ``DiffusionPipeline.from_pretrained``, so the real
+loading code runs. Weights come from fixed per-component seeds, so every machine builds the
+same model.
+
+=================  ==============================  ====================  ============================
+kind               pipeline                        default_size          latent token grid (t, h, w)
+=================  ==============================  ====================  ============================
+``flux``           FluxPipeline                    36 x 52               (1, 9, 13)
+``sd3``            StableDiffusion3Pipeline        36 x 52               (1, 9, 13)
+``hunyuan-video``  HunyuanVideoPipeline            80 x 112, 9 frames    (3, 5, 7)
+``wan``            WanPipeline                     80 x 112, 9 frames    (3, 5, 7)
+``cogvideox``      CogVideoXPipeline               80 x 112, 9 frames    (3, 5, 7)
+``sd15``           StableDiffusionPipeline         40 x 56               UNet latent 5 x 7
+=================  ==============================  ====================  ============================
+
+Size rules (enforced by the pipelines): flux ``height``/``width`` multiples of 4 (VAE factor 2 x
+packing 2); sd3 multiples of 4 (VAE 2 x patch 2); hunyuan-video and wan multiples of 16 (VAE 8 x
+patch 2; the pipelines reject anything else), ``num_frames = 4 k + 1``; cogvideox multiples of 16
+(VAE 8 x patch 2), ``num_frames = 4 k + 1``; sd15 multiples of 8 (VAE factor 8).
+
+Text lengths: every pipeline's default ``max_sequence_length`` works (flux 512, sd3 256,
+hunyuan-video 256 after the default prompt template, whose ``crop_start`` of 95 this tokenizer
+matches exactly, wan 512, cogvideox 226); a smaller ``max_sequence_length`` (e.g. 32) is
+accepted by all five and is faster. CLIP encoders use 77 tokens as in the real models.
+
+Always pass sizes: without them HunyuanVideoPipeline (720 x 1280, 129 frames) and WanPipeline
+(480 x 832, 81 frames) fall back to their full-size signature defaults, which exhaust CPU memory
+even with tiny weights; flux falls back to 256 x 256, sd3 to 32 x 32, sd15 to 64 x 64 and
+cogvideox to its config, i.e. :func:`default_size`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import math
+import os
+import pathlib
+import re
+import shutil
+import string
+import tempfile
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+__all__ = ["KINDS", "MODEL_IDS", "default_size", "home", "is_tiny", "path", "pipeline"]
+
+KINDS: tuple[str, ...] = ("flux", "sd3", "hunyuan-video", "wan", "cogvideox", "sd15")
+"""The tiny model families, as accepted by :func:`path` and :func:`pipeline`."""
+
+MODEL_IDS: dict[str, str] = {f"tiny-{kind}": kind for kind in KINDS}
+"""CLI model names (``"tiny-flux"``, ...) mapped to their kind."""
+
+_VERSION = "v1"  # bump when a build changes, so stale folders are never reused
+
+_DEFAULT_SIZES: dict[str, dict[str, int]] = {
+    "flux": {"height": 36, "width": 52},
+    "sd3": {"height": 36, "width": 52},
+    "hunyuan-video": {"height": 80, "width": 112, "num_frames": 9},
+    "wan": {"height": 80, "width": 112, "num_frames": 9},
+    "cogvideox": {"height": 80, "width": 112, "num_frames": 9},
+    "sd15": {"height": 40, "width": 56},
+}
+
+# Fixed seeds, one per component, so each component's weights do not depend on build order.
+_SEEDS = {"transformer": 0, "unet": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3, "text_encoder_3": 4}
+
+_HEADS, _HEAD_DIM = 2, 16  # every transformer: 2 heads of dim 16 (inner dim 32)
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def is_tiny(model: str) -> bool:
+    """Whether ``model`` names an embedded tiny model (a key of :data:`MODEL_IDS`).
+
+    Examples
+    --------
+    >>> is_tiny("tiny-flux"), is_tiny("black-forest-labs/FLUX.1-dev")
+    (True, False)
+    """
+    return model in MODEL_IDS
+
+
+def home() -> pathlib.Path:
+    """hasten's cache folder: ``$HASTEN_HOME``, or ``~/.cache/hasten`` when unset or empty.
+
+    Examples
+    --------
+    >>> import os
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"HASTEN_HOME": "/tmp/hasten-doc"}):
+    ...     print(home())
+    /tmp/hasten-doc
+    """
+    value = os.environ.get("HASTEN_HOME")
+    return pathlib.Path(value).expanduser() if value else pathlib.Path.home() / ".cache" / "hasten"
+
+
+def default_size(kind: str) -> dict[str, int]:
+    """Small call sizes the ``kind`` pipeline accepts: ``height``, ``width`` (and ``num_frames``).
+
+    The latent token grid is odd in at least one spatial axis (flux/sd3 9 x 13 tokens, the
+    video kinds 3 frames x 5 x 7 tokens, sd15 a 5 x 7 latent), so code that tiles the token grid
+    meets ragged edges.
+
+    Parameters
+    ----------
+    kind : str
+        One of :data:`KINDS`.
+
+    Returns
+    -------
+    dict
+        A new dict, e.g. ``{"height": 36, "width": 52}``, to pass as pipeline call keywords.
+
+    Examples
+    --------
+    >>> default_size("flux")
+    {'height': 36, 'width': 52}
+    >>> default_size("wan")
+    {'height': 80, 'width': 112, 'num_frames': 9}
+    """
+    return dict(_DEFAULT_SIZES[_check_kind(kind)])
+
+
+def path(kind: str) -> pathlib.Path:
+    """The saved pipeline folder for ``kind``, building and saving it first if it is missing.
+
+    The folder is ``home() / "tiny" / f"{kind}-v1"``. A missing one is built in a temporary
+    folder next to it and moved into place with one ``os.replace``, so concurrent processes or an
+    interrupted build never leave a half-written folder behind.
+
+    Parameters
+    ----------
+    kind : str
+        One of :data:`KINDS`.
+
+    Returns
+    -------
+    pathlib.Path
+        A folder that ``DiffusionPipeline.from_pretrained`` loads.
+
+    Examples
+    --------
+    >>> folder = path("sd15")
+    >>> folder.name, (folder / "model_index.json").is_file()
+    ('sd15-v1', True)
+    """
+    kind = _check_kind(kind)
+    folder = home() / "tiny" / f"{kind}-{_VERSION}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only
+        _build(kind).save_pretrained(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError as error:
+            # Another process got there first (a non-empty folder cannot be replaced): use theirs.
+            if not (folder / "model_index.json").is_file():
+                raise OSError(f"{folder} exists but holds no saved pipeline; remove it and retry") from error
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def pipeline(kind: str, *, torch_dtype: torch.dtype = torch.float32, **overrides: Any) -> DiffusionPipeline:
+    """Load the tiny ``kind`` pipeline with ``DiffusionPipeline.from_pretrained(path(kind))``.
+
+    Parameters
+    ----------
+    kind : str
+        One of :data:`KINDS`.
+    torch_dtype : torch.dtype, default torch.float32
+        Weights dtype, passed to ``from_pretrained`` (as ``dtype``: diffusers 0.42 deprecates
+        ``torch_dtype``).
+    **overrides
+        More ``from_pretrained`` keywords, e.g. a replacement ``scheduler=...``.
+
+    Returns
+    -------
+    diffusers.DiffusionPipeline
+        A FluxPipeline, StableDiffusion3Pipeline, HunyuanVideoPipeline, WanPipeline,
+        CogVideoXPipeline or StableDiffusionPipeline, on the CPU.
+
+    Raises
+    ------
+    ValueError
+        If ``kind`` is not one of :data:`KINDS`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> pipe = pipeline("flux")
+    >>> pipe.set_progress_bar_config(disable=True)
+    >>> out = pipe("a red fox in the snow", num_inference_steps=2, output_type="np",
+    ...            generator=torch.Generator().manual_seed(0), **default_size("flux"))
+    >>> out.images.shape
+    (1, 36, 52, 3)
+    """
+    from diffusers import DiffusionPipeline
+
+    folder = path(kind)
+    return DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, **overrides)
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"`kind` must be one of {', '.join(KINDS)}; got {kind!r}")
+    return kind
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus and tokenizers
+# ---------------------------------------------------------------------------------------------
+
+_CORPUS = """\
+A red fox walks through the snow at sunrise.
+A small cat sleeps on a warm window sill in the afternoon light.
+An astronaut rides a white horse across the surface of the moon.
+A bowl of fresh fruit on a wooden kitchen table, oil painting.
+A busy city street at night with neon signs reflected in the rain.
+A golden retriever runs along the beach as waves crash behind it.
+A mountain lake surrounded by pine trees under a clear blue sky.
+A cup of coffee with steam rising, close-up photograph, soft focus.
+An old lighthouse on a rocky cliff during a violent storm.
+A hot air balloon floats over green fields and a quiet village.
+A portrait of a young woman with curly hair, studio lighting.
+A robot reads a book in a library full of tall shelves.
+A field of sunflowers stretches toward the distant hills.
+A snowy cabin in the woods with smoke coming from the chimney.
+A colorful parrot sits on a branch in the tropical rain forest.
+A train crosses a stone bridge over a deep green valley.
+Two children fly a kite on a windy day in the park.
+A plate of pasta with tomato sauce and basil leaves.
+A sailboat drifts on calm water at sunset, watercolor style.
+A dragon made of clouds flies above the castle towers.
+The camera slowly pans across a desert with tall sand dunes.
+A panda eats bamboo while sitting in the shade of a tree.
+A cyberpunk city skyline with flying cars, digital art.
+A cozy living room with a fireplace, a sofa and a sleeping dog.
+A jellyfish glows softly in the dark blue ocean.
+A man in a black coat walks his bike down a narrow street.
+Cherry blossoms fall gently onto a wooden bridge over a pond.
+A close-up of a butterfly resting on a purple flower.
+A vintage car parked in front of a small diner at dusk.
+The waves roll onto the shore while seagulls circle overhead.
+A chef chops vegetables quickly in a bright restaurant kitchen.
+A waterfall pours into a clear pool in the middle of the jungle.
+An owl with large yellow eyes watches from a branch at night.
+A tiny house built on top of a giant mushroom, fantasy art.
+Fireworks light up the sky above the river and the old town.
+A horse gallops across the meadow, cinematic slow motion.
+A glass of orange juice on a table next to a stack of pancakes.
+A knight in shining armor stands in front of a burning village.
+Rain drops slide down the window of a moving car.
+A snowy owl spreads its wings and lifts off from a fence post, 4k, high quality, 8 frames per second.
+Describe the video by detailing the following aspects: the main content and theme of the video, \
+the color, shape, size, texture, quantity, text, and spatial relationships of the objects, \
+actions, events, behaviors, temporal relationships, physical movement changes of the objects, \
+background environment, light, style and atmosphere, camera angles, movements, and transitions \
+used in the video.
+"""
+
+
+def _sentences() -> list[str]:
+    return [line for line in _CORPUS.splitlines() if line]
+
+
+def _learn_bpe(words: collections.Counter, num_merges: int) -> list[tuple[str, str]]:
+    """Learn up to ``num_merges`` BPE merges from ``words`` (symbol tuples -> counts).
+
+    Plain Python and fully deterministic: the most frequent pair wins, ties go to the smallest
+    pair in string order.
+    """
+    vocab = dict(words)
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: collections.Counter = collections.Counter()
+        for word, count in vocab.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs.items(), key=lambda item: (-item[1], item[0]))[0]
+        merges.append(best)
+        merged = best[0] + best[1]
+        new_vocab: dict[tuple[str, ...], int] = {}
+        for word, count in vocab.items():
+            out: list[str] = []
+            i = 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            key = tuple(out)
+            new_vocab[key] = new_vocab.get(key, 0) + count
+        vocab = new_vocab
+    return merges
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable characters byte-level BPE (GPT-2, CLIP) uses for bytes 0..255, in byte order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return [chars[byte] for byte in range(256)]
+
+
+@functools.cache
+def _clip_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    from transformers import CLIPTokenizer
+
+    # Pre-tokenize exactly as CLIPTokenizer does (lowercase, regex split, byte-level chars).
+    backend = CLIPTokenizer().backend_tokenizer
+    words: collections.Counter = collections.Counter()
+    for sentence in _sentences():
+        for piece, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(sentence)):
+            words[tuple(piece[:-1]) + (piece[-1] + "</w>",)] += 1
+    merges = _learn_bpe(words, 1000)  # every corpus word ends up one token
+    alphabet = _bytes_to_unicode()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}, tuple(merges)
+
+
+def _clip_tokenizer():
+    """A CLIPTokenizer (byte-level BPE with ``</w>``): 256 + 256 base tokens, corpus merges, bos/eos."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+
+
+_T5_SPECIALS = ("<pad>", "</s>", "<unk>")
+
+
+@functools.cache
+def _t5_vocab() -> tuple[tuple[str, float], ...]:
+    counts: collections.Counter = collections.Counter()
+    for sentence in _sentences():
+        for chunk in sentence.split():
+            for word in re.findall(r"[A-Za-z0-9]+|[^A-Za-z0-9]", chunk):
+                counts[word] += 1
+                counts[word.lower()] += 0  # lower-case forms are pieces too
+    total = sum(counts.values())
+    pieces: list[tuple[str, float]] = [(token, 0.0) for token in _T5_SPECIALS]
+    pieces.append(("▁", -4.0))
+    seen = {piece for piece, _ in pieces}
+    # Whole words as "▁word" (start of a chunk) and "word" (after punctuation); log-frequency scores.
+    for word in sorted(counts, key=lambda w: (-counts[w], w)):
+        score = math.log(max(counts[word], 1) / total)
+        for piece in ("▁" + word, word):
+            if len(piece) > 1 and piece not in seen:
+                pieces.append((piece, round(score, 4)))
+                seen.add(piece)
+    # Every printable ASCII character as a last resort, so most prompts never hit <unk>.
+    for char in string.ascii_letters + string.digits + string.punctuation:
+        if char not in seen:
+            pieces.append((char, -20.0))
+            seen.add(char)
+    return tuple(pieces)
+
+
+def _t5_tokenizer():
+    """A T5Tokenizer (SentencePiece-style Unigram): <pad>=0, </s>=1, <unk>=2, corpus words, ASCII chars."""
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=list(_t5_vocab()), extra_ids=0, model_max_length=512)
+
+
+# HunyuanVideo's prompt template (diffusers' DEFAULT_PROMPT_TEMPLATE) uses these Llama-3 markers.
+_LLAMA_SPECIALS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+@functools.cache
+def _llama_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    words: collections.Counter = collections.Counter()
+    for sentence in _sentences():
+        # LlamaTokenizer: no normalizer, Metaspace "▁" for spaces, prepended at the start.
+        for piece in re.findall(r"▁[^▁]*", "▁" + sentence.replace(" ", "▁")):
+            words[tuple(piece)] += 1
+    merges = _learn_bpe(words, _LLAMA_MERGES)
+    chars = sorted({c for word in words for c in word} | set(string.printable.strip()) | {"▁"})
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)] + chars
+    tokens += [a + b for a, b in merges]
+    return {token: i for i, token in enumerate(tokens)}, tuple(merges)
+
+
+# Chosen so that diffusers' default HunyuanVideo template tokenizes to exactly its crop_start (95)
+# tokens before the prompt, as with the real Llama-3 tokenizer (checked in tests/test_tiny.py).
+_LLAMA_MERGES = 872
+
+
+def _llama_tokenizer():
+    """A LlamaTokenizer (Metaspace BPE with byte fallback), right padding, <pad> and Llama-3 header tokens."""
+    from transformers import LlamaTokenizer
+
+    vocab, merges = _llama_vocab()
+    tokenizer = LlamaTokenizer(
+        vocab=dict(vocab), merges=list(merges), add_bos_token=True, padding_side="right", model_max_length=1024,
+    )
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.add_tokens(list(_LLAMA_SPECIALS), special_tokens=True)
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Components
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _seeded(name: str) -> Iterator[None]:
+    """Seed torch for one component, in float32, leaving the caller's RNG state and default dtype alone."""
+    dtype = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEEDS[name])
+        torch.set_default_dtype(torch.float32)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(dtype)
+
+
+def _make(name: str, factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    with _seeded(name):
+        return factory().eval()
+
+
+def _clip_config(tokenizer, *, hidden: int = 32, projection: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=projection,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _t5_config(tokenizer, *, d_model: int = 32, umt5: bool = False):
+    from transformers import T5Config, UMT5Config
+
+    config_class = UMT5Config if umt5 else T5Config
+    return config_class(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=16,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _image_vae(levels: int, *, latent_channels: int = 4, **config: Any):
+    """A diffusers AutoencoderKL with ``levels`` blocks (spatial factor 2 ** (levels - 1)), 8 channels each."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(8,) * levels,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=32,
+        **config,
+    )
+
+
+def _flux() -> dict[str, Any]:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+    components = {
+        # Flux packs 2x2 latent patches: 4 latent channels -> 16 transformer channels.
+        "transformer": _make("transformer", lambda: FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=_HEAD_DIM,
+            num_attention_heads=_HEADS, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6))),
+        # Real FLUX.1 VAE: no quant convs, shift and scale factors.
+        "vae": _make("vae", lambda: _image_vae(
+            2, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)),
+        "text_encoder": _make("text_encoder", lambda: CLIPTextModel(_clip_config(tokenizer))),
+        "text_encoder_2": _make("text_encoder_2", lambda: T5EncoderModel(_t5_config(tokenizer_2))),
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        # FLUX.1-dev's scheduler config (resolution-dependent shift).
+        "scheduler": FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            max_image_seq_len=4096),
+    }
+    return {"cls": FluxPipeline, **components, "image_encoder": None, "feature_extractor": None}
+
+
+def _sd3() -> dict[str, Any]:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    clip, t5 = _clip_tokenizer(), _t5_tokenizer()
+    # The two CLIP encoders' hidden states (2 x 32) are zero-padded to the T5 width (64) and joined.
+    components = {
+        "transformer": _make("transformer", lambda: SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=_HEAD_DIM,
+            num_attention_heads=_HEADS, joint_attention_dim=64, caption_projection_dim=_HEADS * _HEAD_DIM,
+            pooled_projection_dim=64, pos_embed_max_size=96)),
+        "vae": _make("vae", lambda: _image_vae(
+            2, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305)),
+        "text_encoder": _make("text_encoder", lambda: CLIPTextModelWithProjection(_clip_config(clip))),
+        "text_encoder_2": _make("text_encoder_2", lambda: CLIPTextModelWithProjection(_clip_config(clip))),
+        "text_encoder_3": _make("text_encoder_3", lambda: T5EncoderModel(_t5_config(t5, d_model=64))),
+        "tokenizer": clip,
+        "tokenizer_2": _clip_tokenizer(),
+        "tokenizer_3": t5,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+    }
+    return {"cls": StableDiffusion3Pipeline, **components, "image_encoder": None, "feature_extractor": None}
+
+
+def _hunyuan_video() -> dict[str, Any]:
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import CLIPTextModel, LlamaConfig, LlamaModel
+
+    llama, clip = _llama_tokenizer(), _clip_tokenizer()
+    llama_config = LlamaConfig(
+        vocab_size=len(llama), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, bos_token_id=llama.bos_token_id,
+        eos_token_id=llama.eos_token_id, pad_token_id=llama.pad_token_id)
+    components = {
+        "transformer": _make("transformer", lambda: HunyuanVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=_HEADS, attention_head_dim=_HEAD_DIM, num_layers=2,
+            num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
+            text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(4, 6, 6))),
+        # 4 blocks: spatial factor 8, temporal factor 4 (the only layouts this VAE supports).
+        "vae": _make("vae", lambda: AutoencoderKLHunyuanVideo(
+            in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+            up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8,) * 4, layers_per_block=1,
+            norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4)),
+        # The pipeline reads hidden_states[-3]: 3 layers so that one of them is used.
+        "text_encoder": _make("text_encoder", lambda: LlamaModel(llama_config)),
+        "text_encoder_2": _make("text_encoder_2", lambda: CLIPTextModel(_clip_config(clip))),
+        "tokenizer": llama,
+        "tokenizer_2": clip,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=7.0),
+    }
+    return {"cls": HunyuanVideoPipeline, **components}
+
+
+def _wan() -> dict[str, Any]:
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    t5 = _t5_tokenizer()
+    components = {
+        "transformer": _make("transformer", lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=_HEADS, attention_head_dim=_HEAD_DIM, in_channels=16,
+            out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads")),
+        # Wan 2.1 layout (spatial 8, temporal 4), 4 channels per level; 16 latent channels so that the
+        # default latents_mean / latents_std apply.
+        "vae": _make("vae", lambda: AutoencoderKLWan(
+            base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])),
+        "text_encoder": _make("text_encoder", lambda: UMT5EncoderModel(_t5_config(t5, umt5=True))),
+        "tokenizer": t5,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+    }
+    return {"cls": WanPipeline, **components, "transformer_2": None}
+
+
+def _cogvideox() -> dict[str, Any]:
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from transformers import T5EncoderModel
+
+    t5 = _t5_tokenizer()
+    components = {
+        # CogVideoX-5b layout: rotary positions (any text length works, not only max_text_seq_length).
+        "transformer": _make("transformer", lambda: CogVideoXTransformer3DModel(
+            num_attention_heads=_HEADS, attention_head_dim=_HEAD_DIM, in_channels=4, out_channels=4,
+            time_embed_dim=32, text_embed_dim=32, num_layers=2, sample_width=14, sample_height=10, sample_frames=9,
+            patch_size=2, temporal_compression_ratio=4, max_text_seq_length=226,
+            use_rotary_positional_embeddings=True)),
+        # 4 blocks: spatial factor 8, temporal factor 4.
+        "vae": _make("vae", lambda: AutoencoderKLCogVideoX(
+            in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+            up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8,) * 4, latent_channels=4,
+            layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4, sample_height=80, sample_width=112,
+            scaling_factor=0.7)),
+        "text_encoder": _make("text_encoder", lambda: T5EncoderModel(_t5_config(t5))),
+        "tokenizer": t5,
+        # THUDM/CogVideoX-5b's scheduler config.
+        "scheduler": CogVideoXDDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+            num_train_timesteps=1000, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+            set_alpha_to_one=True, snr_shift_scale=1.0, steps_offset=0, timestep_spacing="trailing"),
+    }
+    return {"cls": CogVideoXPipeline, **components}
+
+
+def _sd15() -> dict[str, Any]:
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    clip = _clip_tokenizer()
+    components = {
+        "unet": _make("unet", lambda: UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
+            cross_attention_dim=32, attention_head_dim=_HEADS, norm_num_groups=8)),
+        # 4 blocks: spatial factor 8 as in SD 1.5.
+        "vae": _make("vae", lambda: _image_vae(4, scaling_factor=0.18215)),
+        "text_encoder": _make("text_encoder", lambda: CLIPTextModel(_clip_config(clip))),
+        "tokenizer": clip,
+        # runwayml/stable-diffusion-v1-5's scheduler config.
+        "scheduler": PNDMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+            set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1),
+    }
+    return {"cls": StableDiffusionPipeline, **components, "safety_checker": None, "feature_extractor": None,
+            "requires_safety_checker": False}
+
+
+_BUILDERS: dict[str, Callable[[], dict[str, Any]]] = {
+    "flux": _flux,
+    "sd3": _sd3,
+    "hunyuan-video": _hunyuan_video,
+    "wan": _wan,
+    "cogvideox": _cogvideox,
+    "sd15": _sd15,
+}
+
+
+def _build(kind: str) -> DiffusionPipeline:
+    """Build the ``kind`` pipeline in memory (fixed seeds, float32, CPU)."""
+    components = _BUILDERS[kind]()
+    cls = components.pop("cls")
+    return cls(**components)
