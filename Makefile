@@ -24,8 +24,9 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium not found: browser tests will be skipped (install Debian's chromium)"; fi; }
 
+# Tiny Flux at 256x256: a 64x64 latent grid, big enough for 16x16 groups to be sparse.
 demo: $(STAMP)
-	$(VENV)/bin/hasten generate --compare
+	$(VENV)/bin/hasten generate --compare --height 256 --width 256
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests

@@ -112,3 +112,32 @@ def test_measured_density_equals_counted_tiles(monkeypatch):
     block_mask, _ = _block_mask(layout.kv_indices, layout.kv_counts, layout.image_key_valid, layout.tile, 1, q.device)
     flex_tiles = int(block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum())
     assert flex_tiles / layout.num_tiles**2 == pytest.approx(layout.density)
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+@pytest.mark.parametrize("backend", ["reference", "flex"])
+def test_grouped_attention_in_model_order(text_first, backend):
+    """gather -> kernel -> scatter equals dense SDPA with the GRAT mask written in model order."""
+    from hasten.kernels import grouped_attention
+
+    layout = group_layout((4, 5, 3), (2, 2, 2), num_text=6, text_first=text_first, pattern="cross")
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 2, layout.seq_len, 16) for _ in range(3))
+    padding = torch.ones(2, layout.seq_len, dtype=torch.bool)
+    text = torch.arange(6) if text_first else torch.arange(layout.seq_len - 6, layout.seq_len)
+    padding[1, text[-2:]] = False  # two padded text tokens in sample 1
+    out = grouped_attention(q, k, v, layout, key_padding=padding, backend=backend)
+
+    # The same mask built independently in model order: text queries see all, image queries see all
+    # text and the image tokens whose group shares a (t, h, w) group coordinate with theirs.
+    it, ih, iw = torch.meshgrid(torch.arange(4), torch.arange(5), torch.arange(3), indexing="ij")
+    coords = torch.stack([it // 2, ih // 2, iw // 2], -1).reshape(-1, 3)
+    image_mask = (coords[:, None] == coords[None]).any(-1)
+    n = layout.seq_len
+    image = torch.ones(n, dtype=torch.bool)
+    image[text] = False
+    mask = torch.ones(n, n, dtype=torch.bool)
+    mask[image.nonzero()[:, 0][:, None], image.nonzero()[:, 0][None, :]] = image_mask
+    mask = mask[None, None] & padding[:, None, None, :]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

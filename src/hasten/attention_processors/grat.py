@@ -39,6 +39,8 @@ class GratState:
         Whether the current forward call uses sparse attention (False during ``dense_steps``).
     step : int
         Denoising step index of the current call (counted from timestep changes).
+    grid : (t, h, w) or None
+        Latent token grid of the current call.
     """
 
     layouts: dict[int, GroupLayout] = field(default_factory=dict)
@@ -46,6 +48,7 @@ class GratState:
     step: int = -1
     last_timestep: float | None = None
     grid: tuple[int, int, int] | None = None
+    shape_key: tuple | None = None
 
 
 def _key_padding(attn_mask: torch.Tensor, seq_len: int) -> torch.Tensor:

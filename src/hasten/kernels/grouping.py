@@ -20,8 +20,9 @@ Patterns (which key groups a query group attends):
 
 ``"cross"`` (GRAT-X, criss-cross)
     key groups that share at least one group coordinate with the query group: the same
-    row band, the same column band, or (video) the same time slab. A grid with a single time
-    slab (an image) is treated as 2-D.
+    row band, the same column band, or (video) the same time slab. An image (a grid of one
+    frame) is 2-D. A video whose frames all fit in one time group shares that slab everywhere,
+    so GRAT-X is dense there (as the paper's rule says); use a smaller time group.
 ``"block"`` (GRAT-B)
     key groups within ``window`` groups of the query group along every axis
     (``|dq - dk| <= window`` per axis; a per-axis tuple is accepted).
@@ -150,14 +151,15 @@ class GroupLayout:
         return mask & self.key_valid[None, :]
 
 
-def _group_mask(group_grid: tuple[int, int, int], pattern: str, window: tuple[int, int, int]) -> torch.Tensor:
-    """(G, G) bool: which key group (column) each query group (row) attends, groups row-major."""
+def _group_mask(
+    group_grid: tuple[int, int, int], pattern: str, window: tuple[int, int, int], image: bool
+) -> torch.Tensor:
+    """(G, G) bool: which key group (column) each query group (row) attends, groups row-major.
+    ``image``: the grid has one frame, so GRAT-X ignores the (shared) time coordinate."""
     axes = [torch.arange(n) for n in group_grid]
     coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
     if pattern == "cross":
-        # An image (a single time slab) is 2-D: sharing the only time slab does not count.
-        axes_used = slice(1, 3) if group_grid[0] == 1 else slice(0, 3)
-        coords = coords[:, axes_used]
+        coords = coords[:, 1:] if image else coords
         return (coords[:, None, :] == coords[None, :, :]).any(-1)
     reach = torch.tensor(window)
     return ((coords[:, None, :] - coords[None, :, :]).abs() <= reach).all(-1)
@@ -251,7 +253,7 @@ def group_layout(
     tiles_per_group = group_slot // tile
     num_tiles = kernel_len // tile
     tile_mask = torch.ones(num_tiles, num_tiles, dtype=torch.bool)
-    group_tiles = _group_mask(group_grid, pattern, window_t)
+    group_tiles = _group_mask(group_grid, pattern, window_t, image=t == 1)
     group_tiles = group_tiles.repeat_interleave(tiles_per_group, 0).repeat_interleave(tiles_per_group, 1)
     tile_mask[num_text_tiles:, num_text_tiles:] = group_tiles
     kv_counts = tile_mask.sum(1, dtype=torch.int32)

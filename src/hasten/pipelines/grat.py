@@ -131,12 +131,10 @@ class GratHook(ModelHook):
             elif value != state.last_timestep:
                 state.step += 1
             state.last_timestep = value
-        sparse = state.step >= config.dense_steps
-        if state.sparse != sparse:
-            state.sparse = sparse
+        state.sparse = state.step >= config.dense_steps
         hidden = args[0] if args else kwargs["hidden_states"]
         key = (grid, num_text, hidden.device)
-        if state.grid != key:
+        if state.shape_key != key:
             layouts = {}
             for text in {num_text, 0}:
                 layout = group_layout(
@@ -148,8 +146,7 @@ class GratHook(ModelHook):
                     window=config.window,
                 ).to(hidden.device)
                 layouts[layout.seq_len] = layout
-            state.layouts = layouts
-            state.grid = key
+            state.layouts, state.grid, state.shape_key = layouts, grid, key
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state.step, self.state.last_timestep, self.state.sparse = -1, None, True
