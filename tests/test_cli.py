@@ -56,3 +56,10 @@ def test_console_script_help():
     assert result.returncode == 0
     for option in ("--model", "--grat", "--group-size", "--window", "--compare", "--frames", "--backend"):
         assert option in result.stdout
+
+
+def test_app_subcommand_loads_the_app(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["app", "grat", "--help"])
+    assert exit_info.value.code == 0
+    assert "--model" in capsys.readouterr().out

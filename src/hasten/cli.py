@@ -149,6 +149,7 @@ def run_app(args: argparse.Namespace) -> int:
         raise ValueError(f"app {args.name!r} not found at {path} (the apps ship with the source checkout)")
     spec = importlib.util.spec_from_file_location(f"hasten_app_{args.name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     sys.path.insert(0, str(REPO_ROOT))
     spec.loader.exec_module(module)
     return module.main(args.app_args) or 0

@@ -1,5 +1,5 @@
 """Video I/O (OpenCV)."""
 
-from .io import save_media, write_video
+from .io import save_media, to_uint8, write_video
 
-__all__ = ["save_media", "write_video"]
+__all__ = ["save_media", "to_uint8", "write_video"]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 
-def _to_uint8(frames: torch.Tensor) -> np.ndarray:
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
     """(..., C, H, W) float in [0, 1] -> (..., H, W, C) uint8 RGB."""
     array = frames.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
     return np.moveaxis(array, -3, -1)
@@ -32,7 +32,7 @@ def write_video(frames: torch.Tensor, path: str | os.PathLike, fps: float = 8.0)
     codec = {".mp4": "mp4v", ".avi": "MJPG"}.get(path.suffix.lower())
     if codec is None:
         raise ValueError(f"video `path` must end in .mp4 or .avi, got {path.name!r}")
-    pixels = _to_uint8(frames)
+    pixels = to_uint8(frames)
     tmp = _atomic_target(path)
     try:
         height, width = pixels.shape[1:3]
@@ -59,7 +59,7 @@ def save_media(sample: torch.Tensor, path: str | os.PathLike, fps: float = 8.0) 
     target = path if path.suffix.lower() in (".png", ".jpg", ".jpeg") else path.with_suffix(".png")
     tmp = _atomic_target(target)
     try:
-        if not cv2.imwrite(str(tmp), cv2.cvtColor(_to_uint8(sample), cv2.COLOR_RGB2BGR)):
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(to_uint8(sample), cv2.COLOR_RGB2BGR)):
             raise RuntimeError(f"OpenCV could not write {target}")
         os.replace(tmp, target)
     finally:

@@ -1,0 +1,107 @@
+"""The small launcher every hasten Gradio app shares: common command-line flags and ``launch``.
+
+An app file defines ``build_demo(model, device=None, dtype=None) -> gr.Blocks`` and a ``main``
+that parses :func:`add_common_args` flags and calls :func:`launch`::
+
+    def main(argv=None):
+        parser = argparse.ArgumentParser(description="...")
+        add_common_args(parser)
+        args = parser.parse_args(argv)
+        demo = build_demo(args.model, device=args.device, dtype=args.dtype)
+        launch(demo, host=args.host, port=args.port, share=args.share)
+
+Nothing here knows about any particular method; the apps do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a local demo
+
+import gradio as gr  # noqa: E402  (after the analytics switch)
+
+from hasten.pipelines.loading import DTYPES  # noqa: E402
+
+__all__ = ["add_common_args", "free_port", "launch"]
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, default_model: str = "tiny-flux") -> argparse.ArgumentParser:
+    """Add the flags every app takes: ``--model --host --port --share --device --dtype``.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The app's parser; returned for chaining.
+    default_model : str
+        Default of ``--model`` (the embedded offline tiny model unless the app says otherwise).
+
+    Examples
+    --------
+    >>> import argparse
+    >>> args = add_common_args(argparse.ArgumentParser()).parse_args(["--port", "7861"])
+    >>> args.model, args.host, args.port, args.share, args.device, args.dtype
+    ('tiny-flux', '127.0.0.1', 7861, False, None, None)
+    """
+    parser.add_argument("--model", default=default_model,
+                        help=f"embedded tiny model (tiny-flux, ...) or a diffusers model id / local folder "
+                        f"(default: {default_model})")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to serve on (default 127.0.0.1; 0.0.0.0 to serve the local network)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="port to serve on (default: the first free port from 7860)")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="weights dtype (default: float32 for tiny models and CPU, bfloat16 on CUDA)")
+    return parser
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that is free right now (the OS picks it).
+
+    Examples
+    --------
+    >>> 0 < free_port() < 65536
+    True
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           **kwargs: Any) -> Any:
+    """Serve ``demo`` on ``host:port``; extra keywords go to :meth:`gradio.Blocks.launch`.
+
+    Blocks until the server stops, unless ``prevent_thread_lock=True`` is passed (tests do that
+    and call ``demo.close()`` themselves).
+
+    Parameters
+    ----------
+    demo : gradio.Blocks
+        The app, as built by its ``build_demo``.
+    host : str
+        Address to bind, default ``"127.0.0.1"`` (this machine only).
+    port : int, optional
+        Port to bind; ``None`` lets Gradio take the first free port from 7860.
+    share : bool
+        Also open a public ``gradio.live`` tunnel (needs the internet).
+
+    Examples
+    --------
+    >>> import gradio as gr
+    >>> with gr.Blocks() as demo:
+    ...     _ = gr.Markdown("hello")
+    >>> _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    >>> demo.local_url.startswith("http://127.0.0.1:")
+    True
+    >>> demo.close()  # doctest: +ELLIPSIS
+    Closing server running on port: ...
+    """
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"`port` must be in 1..65535 or None, got {port!r}")
+    return demo.launch(server_name=host, server_port=port, share=share, **kwargs)
