@@ -14,33 +14,15 @@ block-sparse kernel can gain over dense attention.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from common import machine, median_ms, print_json
+
 from hasten.kernels import block_sparse_attention, group_layout, grouped_attention, resolve_backend
 
 HEAD_DIM = 128
-
-
-def _timer(device: torch.device, fn, warmup: int, repeats: int) -> float:
-    """Median milliseconds of ``fn()`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def shapes(resolutions: list[int], video: bool) -> list[dict]:
@@ -61,11 +43,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         tokens = shape["text"] + shape["grid"][0] * shape["grid"][1] * shape["grid"][2]
         torch.manual_seed(0)
         q, k, v = (torch.randn(1, args.heads, tokens, HEAD_DIM, device=device, dtype=dtype) for _ in range(3))
-        dense_ms = _timer(device, lambda: F.scaled_dot_product_attention(q, k, v), args.warmup, args.repeats)
+        dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.warmup, args.repeats)
         for pattern, window in (("cross", (1, 1, 1)), ("block", (1, 1, 1))):
             layout = group_layout(shape["grid"], shape["group"], num_text=shape["text"],
                                   text_first=shape["text_first"], pattern=pattern, window=window).to(device)
-            grat_ms = _timer(device, lambda: grouped_attention(q, k, v, layout, backend=backend),
+            grat_ms = median_ms(lambda: grouped_attention(q, k, v, layout, backend=backend),
                              args.warmup, args.repeats)
             qk = [x.index_select(-2, layout.gather_index) for x in (q, k, v)]
             kernel_ms = _timer(
@@ -101,9 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
-    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"# GRAT attention benchmark | {machine} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}")
+    print(f"# GRAT attention benchmark | {machine(torch.device(args.device))}")
     results = run(args)
     header = f"{'shape':<22}{'pattern':<8}{'tokens':>8}{'density':>9}{'bound':>8}{'dense ms':>10}{'grat ms':>10}{'kernel ms':>11}{'speedup':>9}{'of bound':>9}"
     print(header)
@@ -112,8 +92,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['dense_ms']:>10.1f}{r['grat_ms']:>10.1f}{r['kernel_ms']:>11.1f}{r['speedup']:>8.2f}x"
               f"{r['fraction_of_bound']:>8.0%}")
     if args.json:
-        for r in results:
-            print(json.dumps(r))
+        print_json(results)
 
 
 if __name__ == "__main__":

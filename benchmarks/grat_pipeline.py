@@ -15,13 +15,13 @@ depend on weights); ``--layers`` trims the block count to fit a quick run.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from common import machine, median_ms, print_json
 
 import hasten
 from hasten import tiny
@@ -96,18 +96,7 @@ def forward_inputs(model: str, transformer, height: int, width: int, frames: int
 
 def timed(transformer, inputs, device, warmup: int, repeats: int) -> float:
     with torch.no_grad():
-        for _ in range(warmup):
-            transformer(**inputs, return_dict=False)
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            transformer(**inputs, return_dict=False)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+        return median_ms(lambda: transformer(**inputs, return_dict=False), device, warmup, repeats)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,9 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         transformer(**inputs, return_dict=False)
     share = min(1.0, timer.seconds * 1000 / dense_ms)
 
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"# GRAT transformer forward | {args.model} ({args.arch}) {args.height}x{args.width}"
-          f"{f'x{args.frames}f' if args.model != 'flux' else ''} | {machine} | {time.strftime('%Y-%m-%d')}")
+          f"{f'x{args.frames}f' if args.model != 'flux' else ''} | {machine(device)}")
     print(f"dense forward {dense_ms:.1f} ms, attention share a = {share:.0%}")
     group = None if args.group_size is None else tuple(args.group_size)
     rows = []
@@ -158,8 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"GRAT-{'X' if pattern == 'cross' else 'B'}: {grat_ms:.1f} ms, speedup {row['speedup']:.2f}x "
               f"(Amdahl bound {bound:.2f}x at density {layout.density:.1%})")
     if args.json:
-        for row in rows:
-            print(json.dumps(row))
+        print_json(rows)
 
 
 if __name__ == "__main__":
