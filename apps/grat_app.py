@@ -161,6 +161,7 @@ def build_demo(model: str = "tiny-flux", device: str | None = None,
             f"GRAT needs a diffusion transformer: `model` {model!r} loads {type(pipe).__name__}, which has none "
             "(use a Flux or SD3 model, e.g. tiny-flux)"
         )
+    pipe.set_progress_bar_config(disable=True)  # the app reports its own timings
     run = GratRun(pipe, model)
 
     with gr.Blocks(title="hasten · GRAT") as demo:

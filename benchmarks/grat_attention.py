@@ -43,18 +43,17 @@ def run(args: argparse.Namespace) -> list[dict]:
         tokens = shape["text"] + shape["grid"][0] * shape["grid"][1] * shape["grid"][2]
         torch.manual_seed(0)
         q, k, v = (torch.randn(1, args.heads, tokens, HEAD_DIM, device=device, dtype=dtype) for _ in range(3))
-        dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.warmup, args.repeats)
+        dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, args.warmup, args.repeats)
         for pattern, window in (("cross", (1, 1, 1)), ("block", (1, 1, 1))):
             layout = group_layout(shape["grid"], shape["group"], num_text=shape["text"],
                                   text_first=shape["text_first"], pattern=pattern, window=window).to(device)
-            grat_ms = median_ms(lambda: grouped_attention(q, k, v, layout, backend=backend),
-                             args.warmup, args.repeats)
+            grat_ms = median_ms(lambda: grouped_attention(q, k, v, layout, backend=backend), device,
+                                args.warmup, args.repeats)
             qk = [x.index_select(-2, layout.gather_index) for x in (q, k, v)]
-            kernel_ms = _timer(
-                device,
+            kernel_ms = median_ms(
                 lambda: block_sparse_attention(*qk, layout.kv_indices, layout.kv_counts, layout.key_valid[None],
                                                layout.tile, backend=backend, static_valid=layout.key_valid),
-                args.warmup, args.repeats,
+                device, args.warmup, args.repeats,
             )
             row = dict(
                 pattern=pattern, shape=shape["name"], resolution=shape["resolution"], tokens=tokens,

@@ -3,12 +3,12 @@
 The Amdahl bound 1 / ((1 - a) + a * density) uses ``a``, attention's measured share of the dense
 forward (every ``scaled_dot_product_attention`` call timed inside the dense run).
 
-On CPU it runs the embedded tiny models (``--arch tiny``; random weights, tiny widths) at a
-resolution where attention dominates. On a GPU, ``--arch full`` builds the full-size Flux-dev
-or HunyuanVideo architecture from its default config with random bf16 weights (speed does not
-depend on weights); ``--layers`` trims the block count to fit a quick run.
+``--arch tiny`` runs the embedded tiny models (head dim 16: far from real attention shapes).
+``--arch full`` builds the Flux-dev or HunyuanVideo architecture from the classes' default
+config with random weights (bf16 on CUDA; speed does not depend on weights); ``--layers`` and
+``--heads`` trim it (head dim stays 128) so that a CPU run fits in minutes.
 
-    python benchmarks/grat_pipeline.py --model flux --arch tiny --height 2048 --width 2048 --json
+    python benchmarks/grat_pipeline.py --model flux --arch full --layers 1 --heads 2 --height 2048 --width 2048
     python benchmarks/grat_pipeline.py --model flux --arch full --height 2048 --width 2048 --device cuda
 """
 
@@ -50,13 +50,16 @@ class _AttentionTimer(TorchFunctionMode):
         return out
 
 
-def build_transformer(model: str, arch: str, layers: int | None, device: torch.device, dtype: torch.dtype):
+def build_transformer(model: str, arch: str, layers: int | None, heads: int | None, device: torch.device,
+                      dtype: torch.dtype):
     if arch == "tiny":
         return tiny.pipeline(model).transformer.to(device=device, dtype=dtype).eval()
     from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel
 
     cls = {"flux": FluxTransformer2DModel, "hunyuan-video": HunyuanVideoTransformer3DModel}[model]
     overrides = {} if layers is None else {"num_layers": layers, "num_single_layers": layers}
+    if heads is not None:
+        overrides["num_attention_heads"] = heads
     # The classes' default arguments are the released architectures (Flux-dev, HunyuanVideo).
     with torch.device("meta"):
         transformer = cls(**overrides)
@@ -83,7 +86,6 @@ def forward_inputs(model: str, transformer, height: int, width: int, frames: int
         if cfg.guidance_embeds:
             inputs["guidance"] = torch.tensor([3.5], device=device, dtype=dtype)
         return inputs
-    p, p_t = cfg.patch_size, cfg.patch_size_t
     latent_frames = (frames - 1) // 4 + 1
     return dict(
         hidden_states=torch.randn(1, cfg.in_channels, latent_frames, height // 8, width // 8, device=device, dtype=dtype),
@@ -104,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=["flux", "hunyuan-video"], default="flux")
     parser.add_argument("--arch", choices=["tiny", "full"], default="tiny")
     parser.add_argument("--layers", type=int, default=None, help="full arch: blocks per block list")
+    parser.add_argument("--heads", type=int, default=None,
+                        help="full arch: attention heads (head dim stays 128; fewer heads fit a CPU run)")
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--frames", type=int, default=61, help="video frames (hunyuan-video)")
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     text = args.text or (512 if args.model == "flux" else 256)
 
-    transformer = build_transformer(args.model, args.arch, args.layers, device, dtype)
+    transformer = build_transformer(args.model, args.arch, args.layers, args.heads, device, dtype)
     inputs = forward_inputs(args.model, transformer, args.height, args.width, args.frames, text, device, dtype)
     dense_ms = timed(transformer, inputs, device, args.warmup, args.repeats)
     timer = _AttentionTimer(device)

@@ -247,3 +247,23 @@ def test_lora_keeps_working_under_grat():
     hasten.enable_grat(pipe, pattern="block", group_size=2, window=64, backend="reference")
     assert (run(pipe, "flux") - with_lora).abs().max().item() < 1e-5
     pipe.disable_grat()
+
+
+def test_processor_without_sdpa_call_fails_loudly():
+    """A processor routed to a non-native attention backend would silently stay dense: GRAT says so."""
+    from hasten.attention_processors.grat import GratState
+
+    def not_sdpa(attn, hidden_states):
+        return hidden_states * 2
+
+    processor = GratAttnProcessor(not_sdpa, GratState(), "reference")
+    with pytest.raises(ValueError, match="native attention backend"):
+        processor(None, torch.ones(1, 4, 8))
+
+
+def test_attention_masks_that_are_not_key_padding_are_refused():
+    from hasten.attention_processors.grat import _key_padding
+
+    assert _key_padding(torch.tensor([[[[0.0, float("-inf"), 0.0]]]]), 3).tolist() == [[True, False, True]]
+    with pytest.raises(ValueError, match="attn_mask"):
+        _key_padding(torch.ones(1, 1, 3, 3, dtype=torch.bool), 3)

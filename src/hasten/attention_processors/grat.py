@@ -52,14 +52,15 @@ class GratState:
 
 
 def _key_padding(attn_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """A key-padding mask (batch or 1, seq) bool from an SDPA ``attn_mask`` that varies only over keys."""
+    """A key-padding mask (batch or 1, seq) bool from an SDPA ``attn_mask`` that varies only over keys
+    (bool, or additive with 0 for kept keys and -inf / the dtype's minimum for masked ones)."""
     if attn_mask.shape[-1] != seq_len or any(size != 1 for size in attn_mask.shape[1:-1]):
         raise ValueError(
             "GRAT supports attention masks that only mask keys (shape (batch, 1, 1, seq) or (batch, seq)); "
             f"got attn_mask of shape {tuple(attn_mask.shape)}"
         )
     mask = attn_mask.reshape(attn_mask.shape[0], seq_len)
-    return mask if mask.dtype == torch.bool else mask > float("-inf")
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
 class _SparseSDPA(TorchFunctionMode):

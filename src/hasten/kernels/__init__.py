@@ -24,6 +24,7 @@ import torch
 from .flex import flex_block_sparse_attention
 from .grouping import PATTERNS, TILE_SIZES, GroupLayout, default_tile, group_layout
 from .reference import reference_block_sparse_attention
+from .triton_block_sparse import triton_available, triton_block_sparse_attention
 
 BACKENDS: tuple[str, ...] = ("auto", "flex", "triton", "reference")
 
@@ -41,13 +42,8 @@ __all__ = [
 
 
 def _triton_usable(device: torch.device) -> bool:
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Triton imports and can run on ``device`` (CUDA, or any device under TRITON_INTERPRET=1)."""
+    return (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") and triton_available()
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
@@ -103,8 +99,6 @@ def _block_sparse_attention_op(
     backend: str,
 ) -> torch.Tensor:
     if backend == "triton":
-        from .triton_block_sparse import triton_block_sparse_attention
-
         return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, key_valid, tile, scale)
     if backend == "flex":
         return flex_block_sparse_attention(

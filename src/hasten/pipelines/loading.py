@@ -45,5 +45,4 @@ def load_pipeline(model: str, dtype: str | torch.dtype | None = None, device: st
     else:
         dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
