@@ -4,7 +4,7 @@ Run it with ``hasten app grat [--model tiny-flux] [--port 7860]``, ``python apps
 ``python -m apps.grat_app`` (from the repository root). The pipeline is loaded once, when the
 app is built; every Run calls :func:`hasten.pipelines.grat.compare_grat` (one warm-up call of
 each variant, then one timed call each, same seed) and shows both images with the dense time,
-the GRAT time, the speedup next to its attention bound (1 / density) and the PSNR between them.
+the GRAT time, the speedup next to its attention bound (1/density, padding counted) and the PSNR between them.
 
 Examples
 --------

@@ -1,7 +1,7 @@
 """Transformer forward end to end: dense vs GRAT-X vs GRAT-B, with the Amdahl bound, one process.
 
-The Amdahl bound 1 / ((1 - a) + a * density) uses ``a``, attention's measured share of the dense
-forward (every ``scaled_dot_product_attention`` call timed inside the dense run).
+The Amdahl bound 1 / ((1 - a) + a * w) uses ``a``, attention's measured share of the dense
+forward, and ``w``, the layout's attention work relative to dense (density, padding counted) (every ``scaled_dot_product_attention`` call timed inside the dense run).
 
 ``--arch tiny`` runs the embedded tiny models (head dim 16: far from real attention shapes).
 ``--arch full`` builds the Flux-dev or HunyuanVideo architecture from the classes' default
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         grat_ms = timed(transformer, inputs, device, args.warmup, args.repeats)
         layout = max(grat_state(transformer).layouts.values(), key=lambda layout: layout.seq_len)
         hasten.disable_grat(transformer)
-        bound = 1 / ((1 - share) + share * layout.density)
+        bound = 1 / ((1 - share) + share * layout.relative_work)
         row = dict(model=args.model, arch=args.arch, pattern=pattern, resolution=f"{args.height}x{args.width}",
                    tokens=layout.seq_len, group=list(config.group_size), density=round(layout.density, 4),
                    attention_share=round(share, 3), dense_ms=round(dense_ms, 1), grat_ms=round(grat_ms, 1),

@@ -80,3 +80,13 @@ def test_default_tile():
 def test_bad_arguments_name_themselves(kwargs, match):
     with pytest.raises(ValueError, match=match):
         group_layout(**kwargs)
+
+
+def test_partial_groups_take_only_the_tiles_they_need():
+    # 34 rows in groups of 8: four full groups and one of 2 rows. Full groups (4x8x8 = 256 tokens)
+    # take 2 tiles of 128, the partial ones (4x2x8 = 64 tokens) 1 tile.
+    layout = group_layout((4, 34, 8), (4, 8, 8), num_text=0, tile=128)
+    assert layout.kernel_len == 4 * 256 + 128
+    assert layout.relative_work == pytest.approx(float(layout.kv_counts.sum()) * 128**2 / (4 * 34 * 8) ** 2)
+    exact = group_layout((1, 32, 32), (1, 16, 16), num_text=0)
+    assert exact.bound == pytest.approx(1 / exact.density)  # no padding: bound = 1/density

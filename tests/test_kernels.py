@@ -67,8 +67,8 @@ def test_custom_scale():
 
 
 def test_backend_resolution():
-    assert resolve_backend("auto", "cpu") == "flex"
-    assert resolve_backend("auto", "meta") == "reference"
+    assert resolve_backend("auto", "cpu") == "reference"
+    assert resolve_backend("flex", "cpu") == "flex"
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("cuda-magic", "cpu")
 

@@ -7,9 +7,9 @@ partial. :class:`GroupLayout` describes the *kernel order* of that sequence::
 
     [ text tokens | pad ][ group 0 | pad ][ group 1 | pad ] ... [ group G-1 | pad ]
 
-Every segment is padded to a whole number of ``tile`` tokens, so that a group owns whole
-kernel tiles and the attention mask is block-sparse at tile granularity. Padded slots are
-never attended as keys and their query rows are dropped when scattering back.
+Every segment is padded to a whole number of ``tile`` tokens (each group by its own size), so
+that a group owns whole kernel tiles and the attention mask is block-sparse at tile granularity.
+Padded slots are never attended as keys and their query rows are dropped when scattering back.
 
 The layout carries everything a kernel needs (``kv_indices`` / ``kv_counts`` per query
 tile, the static key-validity mask) and everything a caller needs to go to kernel order and
@@ -125,6 +125,17 @@ class GroupLayout:
         """Fraction of (query tile, key tile) pairs computed; attention can be at most 1/density faster."""
         return float(self.kv_counts.sum()) / float(self.num_tiles) ** 2
 
+    @property
+    def relative_work(self) -> float:
+        """Attention work relative to dense attention over the unpadded sequence: computed tile pairs
+        x tile² / seq_len². Unlike ``density`` it counts padding slots as cost."""
+        return float(self.kv_counts.sum()) * self.tile**2 / float(self.seq_len) ** 2
+
+    @property
+    def bound(self) -> float:
+        """The most this layout can speed attention up over dense attention: 1 / relative_work."""
+        return 1.0 / self.relative_work
+
     def to(self, device: torch.device | str) -> "GroupLayout":
         """The same layout with its index tensors on ``device`` (cached per device)."""
         device = torch.device(device)
@@ -220,10 +231,14 @@ def group_layout(
     t, h, w = grid
     gt, gh, gw = group
     group_grid = (math.ceil(t / gt), math.ceil(h / gh), math.ceil(w / gw))
-    num_groups = math.prod(group_grid)
-    group_slot = math.ceil(group_tokens / tile) * tile
+    # Each group gets as many whole tiles as its own token count needs: a partial edge group
+    # (e.g. 2 of 8 rows) takes fewer tiles than a full one, so edge padding stays small.
+    extents = [torch.clamp(n - torch.arange(count) * size, max=size) for n, count, size in zip(grid, group_grid, group)]
+    group_tokens_each = (extents[0][:, None, None] * extents[1][None, :, None] * extents[2][None, None, :]).flatten()
+    tiles_per_group = (group_tokens_each + tile - 1) // tile
     text_slots = math.ceil(num_text / tile) * tile
-    kernel_len = text_slots + num_groups * group_slot
+    group_start = text_slots + (torch.cumsum(tiles_per_group, 0) - tiles_per_group) * tile
+    kernel_len = text_slots + int(tiles_per_group.sum()) * tile
     num_image = t * h * w
     image_offset = num_text if text_first else 0
     text_offset = 0 if text_first else num_image
@@ -235,7 +250,7 @@ def group_layout(
     ext_h = torch.clamp(h - (ih // gh) * gh, max=gh)
     ext_w = torch.clamp(w - (iw // gw) * gw, max=gw)
     rank = ((it % gt) * ext_h + ih % gh) * ext_w + iw % gw
-    image_slot = (text_slots + group_id * group_slot + rank).flatten()
+    image_slot = (group_start[group_id] + rank).flatten()
 
     scatter_index = torch.empty(num_text + num_image, dtype=torch.long)
     scatter_index[text_offset : text_offset + num_text] = torch.arange(num_text)
@@ -250,7 +265,6 @@ def group_layout(
     # Tile mask: text query tiles see everything; image query tiles see all text tiles and the
     # tiles of the key groups their group attends.
     num_text_tiles = text_slots // tile
-    tiles_per_group = group_slot // tile
     num_tiles = kernel_len // tile
     tile_mask = torch.ones(num_tiles, num_tiles, dtype=torch.bool)
     group_tiles = _group_mask(group_grid, pattern, window_t, image=t == 1)

@@ -1,16 +1,59 @@
-"""Reference block-sparse attention in plain torch: exact, any device, no compilation.
+"""Block-sparse attention in plain torch: gather each query tile's key tiles, run dense SDPA on them.
 
-Each query tile gathers the keys/values of the tiles it attends and runs a masked softmax.
-Query tiles are processed in chunks of equal-length tile lists, so memory stays bounded
-and rows that attend few tiles do not pay for the rows that attend many.
+Exact and device-agnostic, and on CPU the fastest path (it hands every gathered block to
+PyTorch's fused ``scaled_dot_product_attention``). Query tiles that attend the same key tiles
+(all tiles of one group, all text tiles) share one gather; rows are batched by (number of key
+tiles, number of query tiles) so that each batch is one SDPA call over a leading batch
+dimension, chunked to bound memory. A mask is passed only where a gathered key is invalid.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-# Upper bound on the gathered key/value elements per chunk (per tensor), ~256 MiB in fp32.
-_CHUNK_ELEMENTS = 64 * 1024 * 1024
+import torch
+import torch.nn.functional as F
+
+# Upper bound on the gathered key elements per SDPA call (per tensor): 32 Mi elements.
+_CHUNK_ELEMENTS = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Batch:
+    query_tiles: torch.Tensor  # (n, q_tiles) tile ids
+    key_tiles: torch.Tensor  # (n, k_tiles) tile ids
+
+
+_PLANS: dict[tuple, list[_Batch]] = {}
+
+
+def _plan(kv_indices: torch.Tensor, kv_counts: torch.Tensor, device: torch.device) -> list[_Batch]:
+    """Group query tiles by identical key-tile lists, then batch lists of equal shape (cached)."""
+    key = (kv_indices.data_ptr(), tuple(kv_indices.shape), kv_counts.data_ptr(), str(device))
+    if key in _PLANS:
+        return _PLANS[key]
+    counts = kv_counts.tolist()
+    rows = kv_indices.tolist()
+    sharing: dict[tuple[int, ...], list[int]] = {}
+    for tile, (row, count) in enumerate(zip(rows, counts)):
+        if count:
+            sharing.setdefault(tuple(row[:count]), []).append(tile)
+    shapes: dict[tuple[int, int], tuple[list, list]] = {}
+    for key_tiles, query_tiles in sharing.items():
+        queries, keys = shapes.setdefault((len(key_tiles), len(query_tiles)), ([], []))
+        queries.append(query_tiles)
+        keys.append(list(key_tiles))
+    plan = [
+        _Batch(torch.tensor(queries, device=device), torch.tensor(keys, device=device))
+        for queries, keys in shapes.values()
+    ]
+    _PLANS[key] = plan
+    return plan
+
+
+def _tokens(tiles: torch.Tensor, tile: int) -> torch.Tensor:
+    """(n, t) tile ids -> (n, t * tile) token ids."""
+    return (tiles[..., None] * tile + torch.arange(tile, device=tiles.device)).flatten(-2)
 
 
 def reference_block_sparse_attention(
@@ -23,42 +66,34 @@ def reference_block_sparse_attention(
     tile: int,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Block-sparse attention, computed exactly by gathering each query tile's key tiles.
+    """Block-sparse attention by gathering each query tile's key tiles (exact; any device).
 
     Same contract as :func:`hasten.kernels.block_sparse_attention` (which validates inputs).
     Query rows with no valid key return zeros.
     """
     batch, heads, seq, dim = q.shape
-    scale = dim**-0.5 if scale is None else scale
-    num_tiles = seq // tile
     out = torch.zeros_like(q)
-    q_tiles = q.view(batch, heads, num_tiles, tile, dim)
     key_valid = key_valid.expand(batch, seq)
-    counts = kv_counts.tolist()
-    # Tiles with the same count share one gather width; iterate over runs of equal counts.
-    order = sorted(range(num_tiles), key=lambda i: counts[i])
-    start = 0
-    while start < num_tiles:
-        width = counts[order[start]]
-        end = start
-        while end < num_tiles and counts[order[end]] == width:
-            end += 1
-        if width == 0:
-            start = end
-            continue
-        per_tile = batch * heads * width * tile * dim
-        step = max(1, _CHUNK_ELEMENTS // per_tile)
-        for chunk_start in range(start, end, step):
-            rows = torch.tensor(order[chunk_start : min(end, chunk_start + step)], device=q.device)
-            key_tiles = kv_indices[rows, :width].long()  # (n, width)
-            token_index = (key_tiles[:, :, None] * tile + torch.arange(tile, device=q.device)).flatten(1)
-            keys = k[:, :, token_index]  # (B, H, n, width*tile, D)
-            values = v[:, :, token_index]
-            scores = torch.einsum("bhntd,bhnkd->bhntk", q_tiles[:, :, rows].float(), keys.float()) * scale
-            valid = key_valid[:, token_index]  # (B, n, width*tile)
-            scores = scores.masked_fill(~valid[:, None, :, None, :], float("-inf"))
-            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-            result = torch.einsum("bhntk,bhnkd->bhntd", probs, values.float()).to(q.dtype)
-            out.view(batch, heads, num_tiles, tile, dim)[:, :, rows] = result
-        start = end
+    all_valid = bool(key_valid.all())
+    for group in _plan(kv_indices, kv_counts, q.device):
+        query_tokens = _tokens(group.query_tiles, tile)  # (n, q_len)
+        key_tokens = _tokens(group.key_tiles, tile)  # (n, k_len)
+        per_row = batch * heads * key_tokens.shape[1] * dim
+        step = max(1, _CHUNK_ELEMENTS // per_row)
+        for start in range(0, len(query_tokens), step):
+            rows_q, rows_k = query_tokens[start : start + step], key_tokens[start : start + step]
+            n, q_len, k_len = len(rows_q), rows_q.shape[1], rows_k.shape[1]
+            # Gathered (B, H, n, len, D) blocks flattened to 4-D (B, H*n, len, D): the fused CPU/GPU
+            # SDPA kernels take 4-D inputs only (5-D falls back to the unfused math path).
+            query = q[:, :, rows_q].reshape(batch, heads * n, q_len, dim)
+            keys = k[:, :, rows_k].reshape(batch, heads * n, k_len, dim)
+            values = v[:, :, rows_k].reshape(batch, heads * n, k_len, dim)
+            mask = None
+            if not all_valid:
+                valid = key_valid[:, rows_k]  # (B, n, k_len)
+                mask = valid[:, None, :, None, :].expand(batch, heads, n, 1, k_len).reshape(batch, heads * n, 1, k_len)
+            result = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+            if mask is not None:  # rows whose keys are all invalid: zeros, not NaN
+                result = torch.where(mask.any(-1, keepdim=True), result, 0.0)
+            out[:, :, rows_q] = result.view(batch, heads, n, q_len, dim)
     return out

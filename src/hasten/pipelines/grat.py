@@ -48,8 +48,8 @@ class GratConfig:
         Block indices that keep dense attention (blocks numbered over the model's block lists
         in order, e.g. Flux: 0-18 double-stream, 19-56 single-stream).
     backend : {"auto", "flex", "triton", "reference"}
-        Attention kernel: "auto" picks Triton on CUDA, compiled FlexAttention on CPU and the
-        torch reference elsewhere.
+        Attention kernel: "auto" picks the Triton kernel on CUDA and the gathered-SDPA
+        reference (exact; fastest on CPU) elsewhere; "flex" is compiled FlexAttention.
 
     Examples
     --------
@@ -242,6 +242,7 @@ class GratComparison:
     grat_seconds: float
     psnr: float
     density: float
+    bound: float
     config: GratConfig
 
     @property
@@ -252,7 +253,7 @@ class GratComparison:
         return (
             f"dense {self.dense_seconds:.3f} s | GRAT-{'X' if self.config.pattern == 'cross' else 'B'} "
             f"{self.grat_seconds:.3f} s | speedup {self.speedup:.2f}x (attention bound "
-            f"{1 / self.density:.2f}x, density {self.density:.1%}) | PSNR {self.psnr:.2f} dB"
+            f"{self.bound:.2f}x, density {self.density:.1%}) | PSNR {self.psnr:.2f} dB"
         )
 
 
@@ -304,8 +305,9 @@ def compare_grat(
         if warmup:
             _timed_call(pipe, seed, call_kwargs)
         sparse, grat_seconds = _timed_call(pipe, seed, call_kwargs)
-        layouts = grat_state(pipe).layouts
-        density = max(layouts.values(), key=lambda layout: layout.seq_len).density
+        layout = max(grat_state(pipe).layouts.values(), key=lambda layout: layout.seq_len)
     finally:
         remove_grat(pipe)
-    return GratComparison(dense, sparse, dense_seconds, grat_seconds, psnr(dense, sparse), density, resolved)
+    return GratComparison(
+        dense, sparse, dense_seconds, grat_seconds, psnr(dense, sparse), layout.density, layout.bound, resolved
+    )
