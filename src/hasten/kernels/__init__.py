@@ -91,7 +91,7 @@ def _block_sparse_attention_op(
     kv_indices: torch.Tensor,
     kv_counts: torch.Tensor,
     key_valid: torch.Tensor,
-    static_valid: torch.Tensor,
+    static_valid: torch.Tensor | None,
     tile: int,
     scale: float,
     backend: str,
@@ -154,8 +154,6 @@ def block_sparse_attention(
     """
     _validate(q, k, v, kv_indices, kv_counts, key_valid, tile)
     backend = resolve_backend(backend, q.device)
-    if static_valid is None:
-        static_valid = torch.zeros(q.shape[2], dtype=torch.bool, device=q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _block_sparse_attention_op(
         q, k, v, kv_indices, kv_counts, key_valid, static_valid, tile, scale, backend

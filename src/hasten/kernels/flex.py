@@ -16,7 +16,9 @@ import functools
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-_MASK_CACHE: dict[tuple, tuple[BlockMask, torch.Tensor]] = {}
+from ._cache import TensorKeyedCache
+
+_MASKS = TensorKeyedCache()
 
 
 @functools.cache
@@ -25,10 +27,14 @@ def _compiled_flex():
 
 
 def _block_mask(kv_indices, kv_counts, static_valid, tile, batch, device) -> tuple[BlockMask, torch.Tensor]:
-    key = (kv_indices.data_ptr(), kv_indices.shape, static_valid.data_ptr(), tile, batch, str(device))
-    cached = _MASK_CACHE.get(key)
-    if cached is not None:
-        return cached
+    """The BlockMask of these tile lists (cached) and the key-validity buffer its mask_mod reads."""
+    return _MASKS.get_or_build(
+        (kv_indices, kv_counts, static_valid), (tile, batch, str(device)),
+        lambda: _build_block_mask(kv_indices, kv_counts, static_valid, tile, batch, device),
+    )
+
+
+def _build_block_mask(kv_indices, kv_counts, static_valid, tile, batch, device) -> tuple[BlockMask, torch.Tensor]:
     num_tiles = kv_counts.shape[0]
     counts = kv_counts.to(device=device, dtype=torch.int32)
     rows = torch.zeros(num_tiles, num_tiles, dtype=torch.bool, device=device)
@@ -38,7 +44,10 @@ def _block_mask(kv_indices, kv_counts, static_valid, tile, batch, device) -> tup
     rows[row_ids[listed], kv_indices.to(device).long()[listed]] = True
     # Full tiles: every key statically valid (the per-call mask may still drop text keys, so
     # a static_valid of None marks no tile as full).
-    tile_all_valid = static_valid.to(device).view(num_tiles, tile).all(1)
+    if static_valid is None:
+        tile_all_valid = torch.zeros(num_tiles, dtype=torch.bool, device=device)
+    else:
+        tile_all_valid = static_valid.to(device).view(num_tiles, tile).all(1)
     full = rows & tile_all_valid[None, :]
     partial = rows & ~tile_all_valid[None, :]
     if not bool(partial.any()):  # all-full BlockMasks do not compile on CPU (torch 2.13)
@@ -59,7 +68,6 @@ def _block_mask(kv_indices, kv_counts, static_valid, tile, batch, device) -> tup
     block_mask = BlockMask.from_kv_blocks(
         partial_counts, partial_indices, full_counts, full_indices, BLOCK_SIZE=tile, mask_mod=mask_mod
     )
-    _MASK_CACHE[key] = (block_mask, valid)
     return block_mask, valid
 
 
@@ -81,8 +89,6 @@ def flex_block_sparse_attention(
     only of such keys skip the mask_mod. Query rows with no valid key return zeros.
     """
     batch = q.shape[0]
-    if static_valid is None:
-        static_valid = torch.zeros(q.shape[2], dtype=torch.bool)
     block_mask, valid = _block_mask(kv_indices, kv_counts, static_valid, tile, batch, q.device)
     valid.copy_(key_valid.expand(batch, -1))
     out = _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)

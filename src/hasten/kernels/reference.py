@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._cache import TensorKeyedCache
+
 # Upper bound on the gathered key elements per SDPA call (per tensor): 32 Mi elements.
 _CHUNK_ELEMENTS = 32 * 1024 * 1024
 
@@ -24,14 +26,15 @@ class _Batch:
     key_tiles: torch.Tensor  # (n, k_tiles) tile ids
 
 
-_PLANS: dict[tuple, list[_Batch]] = {}
+_PLANS = TensorKeyedCache()
 
 
 def _plan(kv_indices: torch.Tensor, kv_counts: torch.Tensor, device: torch.device) -> list[_Batch]:
     """Group query tiles by identical key-tile lists, then batch lists of equal shape (cached)."""
-    key = (kv_indices.data_ptr(), tuple(kv_indices.shape), kv_counts.data_ptr(), str(device))
-    if key in _PLANS:
-        return _PLANS[key]
+    return _PLANS.get_or_build((kv_indices, kv_counts), (str(device),), lambda: _build_plan(kv_indices, kv_counts, device))
+
+
+def _build_plan(kv_indices: torch.Tensor, kv_counts: torch.Tensor, device: torch.device) -> list[_Batch]:
     counts = kv_counts.tolist()
     rows = kv_indices.tolist()
     sharing: dict[tuple[int, ...], list[int]] = {}
@@ -43,12 +46,10 @@ def _plan(kv_indices: torch.Tensor, kv_counts: torch.Tensor, device: torch.devic
         queries, keys = shapes.setdefault((len(key_tiles), len(query_tiles)), ([], []))
         queries.append(query_tiles)
         keys.append(list(key_tiles))
-    plan = [
+    return [
         _Batch(torch.tensor(queries, device=device), torch.tensor(keys, device=device))
         for queries, keys in shapes.values()
     ]
-    _PLANS[key] = plan
-    return plan
 
 
 def _tokens(tiles: torch.Tensor, tile: int) -> torch.Tensor:
