@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -203,6 +202,3 @@ def adapter_for(transformer: torch.nn.Module) -> ModelAdapter:
         f"{', '.join(sorted(ADAPTERS))}"
     )
 
-
-def grid_tokens(grid: Grid) -> int:
-    return math.prod(grid)

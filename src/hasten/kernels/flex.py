@@ -17,6 +17,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ._cache import TensorKeyedCache
+from .grouping import tile_lists, tile_mask_of
 
 _MASKS = TensorKeyedCache()
 
@@ -36,12 +37,7 @@ def _block_mask(kv_indices, kv_counts, static_valid, tile, batch, device) -> tup
 
 def _build_block_mask(kv_indices, kv_counts, static_valid, tile, batch, device) -> tuple[BlockMask, torch.Tensor]:
     num_tiles = kv_counts.shape[0]
-    counts = kv_counts.to(device=device, dtype=torch.int32)
-    rows = torch.zeros(num_tiles, num_tiles, dtype=torch.bool, device=device)
-    width = kv_indices.shape[1]
-    listed = torch.arange(width, device=device)[None, :] < counts[:, None]
-    row_ids = torch.arange(num_tiles, device=device)[:, None].expand(-1, width)
-    rows[row_ids[listed], kv_indices.to(device).long()[listed]] = True
+    rows = tile_mask_of(kv_indices.to(device), kv_counts.to(device))
     # Full tiles: every key statically valid (the per-call mask may still drop text keys, so
     # a static_valid of None marks no tile as full).
     if static_valid is None:
@@ -53,20 +49,15 @@ def _build_block_mask(kv_indices, kv_counts, static_valid, tile, batch, device) 
     if not bool(partial.any()):  # all-full BlockMasks do not compile on CPU (torch 2.13)
         full, partial = torch.zeros_like(rows), rows
 
-    def lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        count = mask.sum(1, dtype=torch.int32)
-        order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices.to(torch.int32)
-        return count[None, None], order[None, None]
-
     valid = torch.ones(batch, num_tiles * tile, dtype=torch.bool, device=device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return valid[b, kv_idx]
 
-    partial_counts, partial_indices = lists(partial)
-    full_counts, full_indices = lists(full)
+    (partial_counts, partial_indices), (full_counts, full_indices) = tile_lists(partial), tile_lists(full)
     block_mask = BlockMask.from_kv_blocks(
-        partial_counts, partial_indices, full_counts, full_indices, BLOCK_SIZE=tile, mask_mod=mask_mod
+        partial_counts[None, None], partial_indices[None, None], full_counts[None, None], full_indices[None, None],
+        BLOCK_SIZE=tile, mask_mod=mask_mod,
     )
     return block_mask, valid
 
@@ -91,6 +82,5 @@ def flex_block_sparse_attention(
     batch = q.shape[0]
     block_mask, valid = _block_mask(kv_indices, kv_counts, static_valid, tile, batch, q.device)
     valid.copy_(key_valid.expand(batch, -1))
-    out = _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
-    # Rows with no valid key: flex returns zeros for fully-masked rows (its logsumexp is -inf).
-    return out
+    # Rows with no valid key come back as zeros: flex zeroes fully-masked rows.
+    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)

@@ -62,6 +62,25 @@ def default_tile(group_tokens: int) -> int:
     return min(TILE_SIZES[-1], max(TILE_SIZES[0], 1 << max(0, group_tokens - 1).bit_length()))
 
 
+def tile_lists(tile_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts, indices) of a (rows, tiles) bool mask: each row's set tiles, ascending, then zeros."""
+    counts = tile_mask.sum(-1, dtype=torch.int32)
+    # A stable sort of ~mask lists each row's set tiles first, in ascending order.
+    indices = torch.sort((~tile_mask).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+    indices[torch.arange(indices.shape[-1], device=indices.device) >= counts[..., None]] = 0
+    return counts, indices
+
+
+def tile_mask_of(kv_indices: torch.Tensor, kv_counts: torch.Tensor) -> torch.Tensor:
+    """The (num_tiles, num_tiles) bool mask that the tile lists ``kv_indices``/``kv_counts`` describe."""
+    num_tiles, width = kv_counts.shape[0], kv_indices.shape[1]
+    listed = torch.arange(width, device=kv_counts.device)[None, :] < kv_counts[:, None].long()
+    rows = torch.arange(num_tiles, device=kv_counts.device)[:, None].expand(-1, width)
+    mask = torch.zeros(num_tiles, num_tiles, dtype=torch.bool, device=kv_counts.device)
+    mask[rows[listed], kv_indices.to(kv_counts.device).long()[listed]] = True
+    return mask
+
+
 @dataclass(frozen=True, eq=False)
 class GroupLayout:
     """Kernel-order layout of one (grid, text, group, pattern) shape. Build with :func:`group_layout`.
@@ -117,10 +136,6 @@ class GroupLayout:
         return self.kernel_len // self.tile
 
     @property
-    def num_groups(self) -> int:
-        return math.prod(self.group_grid)
-
-    @property
     def density(self) -> float:
         """Fraction of (query tile, key tile) pairs computed; attention can be at most 1/density faster."""
         return float(self.kv_counts.sum()) / float(self.num_tiles) ** 2
@@ -155,10 +170,7 @@ class GroupLayout:
     def dense_mask(self) -> torch.Tensor:
         """(kernel_len, kernel_len) bool mask in kernel order (static key validity applied). For tests
         and documentation: kernels never build it."""
-        tiles = torch.zeros(self.num_tiles, self.num_tiles, dtype=torch.bool)
-        for i in range(self.num_tiles):
-            tiles[i, self.kv_indices[i, : self.kv_counts[i]].long()] = True
-        mask = tiles.repeat_interleave(self.tile, 0).repeat_interleave(self.tile, 1)
+        mask = tile_mask_of(self.kv_indices, self.kv_counts).repeat_interleave(self.tile, 0).repeat_interleave(self.tile, 1)
         return mask & self.key_valid[None, :]
 
 
@@ -270,12 +282,8 @@ def group_layout(
     group_tiles = _group_mask(group_grid, pattern, window_t, image=t == 1)
     group_tiles = group_tiles.repeat_interleave(tiles_per_group, 0).repeat_interleave(tiles_per_group, 1)
     tile_mask[num_text_tiles:, num_text_tiles:] = group_tiles
-    kv_counts = tile_mask.sum(1, dtype=torch.int32)
-    # A stable sort of ~mask lists each row's attended tiles first, in ascending order.
-    order = torch.sort((~tile_mask).to(torch.uint8), dim=1, stable=True).indices
-    max_kv = int(kv_counts.max())
-    kv_indices = order[:, :max_kv].to(torch.int32)
-    kv_indices[torch.arange(max_kv)[None, :] >= kv_counts[:, None]] = 0
+    kv_counts, kv_indices = tile_lists(tile_mask)
+    kv_indices = kv_indices[:, : int(kv_counts.max())].contiguous()
 
     return GroupLayout(
         grid=grid,
