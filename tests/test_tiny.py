@@ -210,7 +210,7 @@ def test_interrupted_build_leaves_nothing(monkeypatch, tmp_path):
     def boom(kind):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tiny, "_build", boom)
+    monkeypatch.setattr(tiny.diffusion, "_build", boom)
     with pytest.raises(KeyboardInterrupt):
         tiny.path("sd15")
     assert list((tmp_path / "tiny").iterdir()) == []
@@ -220,14 +220,14 @@ def test_losing_a_build_race_uses_the_winner(monkeypatch, tmp_path, pipes):
     """Another process finishes first: its folder is kept and our temp folder is removed."""
     winner = tiny.path("sd15")  # session home, already built
     monkeypatch.setenv("HASTEN_HOME", str(tmp_path))
-    build = tiny._build
+    build = tiny.diffusion._build
 
     def build_while_other_finishes(kind):
         pipe = build(kind)
         shutil.copytree(winner, tmp_path / "tiny" / "sd15-v1")
         return pipe
 
-    monkeypatch.setattr(tiny, "_build", build_while_other_finishes)
+    monkeypatch.setattr(tiny.diffusion, "_build", build_while_other_finishes)
     folder = tiny.path("sd15")
     assert folder == tmp_path / "tiny" / "sd15-v1"
     assert (folder / "model_index.json").is_file()

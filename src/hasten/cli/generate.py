@@ -1,50 +1,24 @@
-"""The ``hasten`` command.
-
-    hasten generate [--model tiny-flux] [--prompt ...] [--grat cross] [--compare] ...
-    hasten app grat [--model ...] [--port ...]
-"""
+"""``hasten generate``: run a diffusers pipeline, optionally with GRAT, or compare dense vs GRAT."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from . import tiny
-from .kernels import BACKENDS
-from .pipelines.grat import GratConfig, apply_grat, compare_grat, grat_state
-from .pipelines.loading import DTYPES, load_pipeline
-from .video import save_media
+from .. import tiny
+from ..kernels import BACKENDS
+from ..pipelines.grat import GratConfig, apply_grat, compare_grat, grat_state
+from ..pipelines.loading import DTYPES, load_pipeline
+from ..video import save_media
+from ._types import positive, size
 
 VIDEO_PIPELINES = ("HunyuanVideoPipeline", "WanPipeline", "CogVideoXPipeline")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _size(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N, HxW or TxHxW, got {text!r}") from None
-    if not values or any(v <= 0 for v in values) or len(values) > 3:
-        raise argparse.ArgumentTypeError(f"expected positive N, HxW or TxHxW, got {text!r}")
-    return values
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hasten", description="Training-free acceleration for diffusers pipelines.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def register(commands) -> None:
     gen = commands.add_parser(
         "generate",
         help="run a diffusers pipeline, optionally with GRAT sparse attention",
@@ -55,16 +29,16 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"embedded tiny model ({', '.join(tiny.MODEL_IDS)}) or any diffusers model id / "
                      "local folder (default: tiny-flux)")
     gen.add_argument("--prompt", default="a lighthouse on a cliff at sunset, highly detailed")
-    gen.add_argument("--height", type=_positive, help="output height (default: the model's default)")
-    gen.add_argument("--width", type=_positive, help="output width (default: the model's default)")
-    gen.add_argument("--frames", type=_positive, help="number of frames (video models)")
-    gen.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: 4 tiny, 28 otherwise)")
+    gen.add_argument("--height", type=positive, help="output height (default: the model's default)")
+    gen.add_argument("--width", type=positive, help="output width (default: the model's default)")
+    gen.add_argument("--frames", type=positive, help="number of frames (video models)")
+    gen.add_argument("--steps", type=positive, default=None, help="denoising steps (default: 4 tiny, 28 otherwise)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--grat", choices=("off", "cross", "block"), default="cross",
                      help="GRAT pattern: cross (GRAT-X), block (GRAT-B) or off (dense)")
-    gen.add_argument("--group-size", type=_size, default=None,
+    gen.add_argument("--group-size", type=size, default=None,
                      help="group size in latent tokens: N, HxW or TxHxW (default: the model family's)")
-    gen.add_argument("--window", type=_size, default=(1,), help="GRAT-B window in groups per side (default 1)")
+    gen.add_argument("--window", type=size, default=(1,), help="GRAT-B window in groups per side (default 1)")
     gen.add_argument("--dense-steps", type=int, default=0, help="first N steps use dense attention")
     gen.add_argument("--backend", choices=BACKENDS, default="auto", help="attention kernel backend")
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -75,10 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                      "(videos are written as .mp4)")
     gen.add_argument("--compare", action="store_true", help="run dense and GRAT with the same seed and compare")
 
-    app = commands.add_parser("app", help="launch a Gradio demo app", description="Launch a Gradio demo app.")
-    app.add_argument("name", choices=("grat",), help="which app")
-    app.add_argument("app_args", nargs=argparse.REMAINDER, help="arguments for the app (see its --help)")
-    return parser
+    gen.set_defaults(run=generate)
 
 
 def _call_kwargs(args: argparse.Namespace, pipe) -> dict:
@@ -141,30 +112,3 @@ def generate(args: argparse.Namespace) -> int:
     path = save_media(output[0].float().clamp(0, 1), args.out)
     print(f"{seconds:.3f} s; saved {path}")
     return 0
-
-
-def run_app(args: argparse.Namespace) -> int:
-    path = REPO_ROOT / "apps" / f"{args.name}_app.py"
-    if not path.exists():
-        raise ValueError(f"app {args.name!r} not found at {path} (the apps ship with the source checkout)")
-    spec = importlib.util.spec_from_file_location(f"hasten_app_{args.name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    sys.path.insert(0, str(REPO_ROOT))
-    spec.loader.exec_module(module)
-    return module.main(args.app_args) or 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "generate":
-            return generate(args)
-        return run_app(args)
-    except ValueError as error:
-        parser.exit(2, f"hasten: error: {error}\n")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

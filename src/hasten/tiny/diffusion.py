@@ -38,24 +38,18 @@ cogvideox to its config, i.e. :func:`default_size`.
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import functools
-import math
-import os
 import pathlib
-import re
-import shutil
-import string
-import tempfile
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+
+from ._store import saved_folder, seeded
+from .tokenizers import clip_tokenizer, llama_tokenizer, t5_tokenizer
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-__all__ = ["KINDS", "MODEL_IDS", "default_size", "home", "is_tiny", "path", "pipeline"]
+__all__ = ["KINDS", "MODEL_IDS", "default_size", "is_tiny", "path", "pipeline"]
 
 KINDS: tuple[str, ...] = ("flux", "sd3", "hunyuan-video", "wan", "cogvideox", "sd15")
 """The tiny model families, as accepted by :func:`path` and :func:`pipeline`."""
@@ -95,21 +89,6 @@ def is_tiny(model: str) -> bool:
     return model in MODEL_IDS
 
 
-def home() -> pathlib.Path:
-    """hasten's cache folder: ``$HASTEN_HOME``, or ``~/.cache/hasten`` when unset or empty.
-
-    Examples
-    --------
-    >>> import os
-    >>> from unittest import mock
-    >>> with mock.patch.dict(os.environ, {"HASTEN_HOME": "/tmp/hasten-doc"}):
-    ...     print(home())
-    /tmp/hasten-doc
-    """
-    value = os.environ.get("HASTEN_HOME")
-    return pathlib.Path(value).expanduser() if value else pathlib.Path.home() / ".cache" / "hasten"
-
-
 def default_size(kind: str) -> dict[str, int]:
     """Small call sizes the ``kind`` pipeline accepts: ``height``, ``width`` (and ``num_frames``).
 
@@ -140,9 +119,9 @@ def default_size(kind: str) -> dict[str, int]:
 def path(kind: str) -> pathlib.Path:
     """The saved pipeline folder for ``kind``, building and saving it first if it is missing.
 
-    The folder is ``home() / "tiny" / f"{kind}-v1"``. A missing one is built in a temporary
-    folder next to it and moved into place with one ``os.replace``, so concurrent processes or an
-    interrupted build never leave a half-written folder behind.
+    The folder is ``home() / "tiny" / f"{kind}-v1"``, built and saved atomically by
+    :func:`hasten.tiny._store.saved_folder` (concurrent processes or an interrupted build never
+    leave a half-written folder behind).
 
     Parameters
     ----------
@@ -161,23 +140,7 @@ def path(kind: str) -> pathlib.Path:
     ('sd15-v1', True)
     """
     kind = _check_kind(kind)
-    folder = home() / "tiny" / f"{kind}-{_VERSION}"
-    if (folder / "model_index.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only
-        _build(kind).save_pretrained(tmp)
-        try:
-            os.replace(tmp, folder)
-        except OSError as error:
-            # Another process got there first (a non-empty folder cannot be replaced): use theirs.
-            if not (folder / "model_index.json").is_file():
-                raise OSError(f"{folder} exists but holds no saved pipeline; remove it and retry") from error
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return saved_folder(f"{kind}-{_VERSION}", "model_index.json", lambda tmp: _build(kind).save_pretrained(tmp))
 
 
 def pipeline(kind: str, *, torch_dtype: torch.dtype = torch.float32, **overrides: Any) -> DiffusionPipeline:
@@ -227,229 +190,12 @@ def _check_kind(kind: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Corpus and tokenizers
-# ---------------------------------------------------------------------------------------------
-
-_CORPUS = """\
-A red fox walks through the snow at sunrise.
-A small cat sleeps on a warm window sill in the afternoon light.
-An astronaut rides a white horse across the surface of the moon.
-A bowl of fresh fruit on a wooden kitchen table, oil painting.
-A busy city street at night with neon signs reflected in the rain.
-A golden retriever runs along the beach as waves crash behind it.
-A mountain lake surrounded by pine trees under a clear blue sky.
-A cup of coffee with steam rising, close-up photograph, soft focus.
-An old lighthouse on a rocky cliff during a violent storm.
-A hot air balloon floats over green fields and a quiet village.
-A portrait of a young woman with curly hair, studio lighting.
-A robot reads a book in a library full of tall shelves.
-A field of sunflowers stretches toward the distant hills.
-A snowy cabin in the woods with smoke coming from the chimney.
-A colorful parrot sits on a branch in the tropical rain forest.
-A train crosses a stone bridge over a deep green valley.
-Two children fly a kite on a windy day in the park.
-A plate of pasta with tomato sauce and basil leaves.
-A sailboat drifts on calm water at sunset, watercolor style.
-A dragon made of clouds flies above the castle towers.
-The camera slowly pans across a desert with tall sand dunes.
-A panda eats bamboo while sitting in the shade of a tree.
-A cyberpunk city skyline with flying cars, digital art.
-A cozy living room with a fireplace, a sofa and a sleeping dog.
-A jellyfish glows softly in the dark blue ocean.
-A man in a black coat walks his bike down a narrow street.
-Cherry blossoms fall gently onto a wooden bridge over a pond.
-A close-up of a butterfly resting on a purple flower.
-A vintage car parked in front of a small diner at dusk.
-The waves roll onto the shore while seagulls circle overhead.
-A chef chops vegetables quickly in a bright restaurant kitchen.
-A waterfall pours into a clear pool in the middle of the jungle.
-An owl with large yellow eyes watches from a branch at night.
-A tiny house built on top of a giant mushroom, fantasy art.
-Fireworks light up the sky above the river and the old town.
-A horse gallops across the meadow, cinematic slow motion.
-A glass of orange juice on a table next to a stack of pancakes.
-A knight in shining armor stands in front of a burning village.
-Rain drops slide down the window of a moving car.
-A snowy owl spreads its wings and lifts off from a fence post, 4k, high quality, 8 frames per second.
-Describe the video by detailing the following aspects: the main content and theme of the video, \
-the color, shape, size, texture, quantity, text, and spatial relationships of the objects, \
-actions, events, behaviors, temporal relationships, physical movement changes of the objects, \
-background environment, light, style and atmosphere, camera angles, movements, and transitions \
-used in the video.
-"""
-
-
-def _sentences() -> list[str]:
-    return [line for line in _CORPUS.splitlines() if line]
-
-
-def _learn_bpe(words: collections.Counter, num_merges: int) -> list[tuple[str, str]]:
-    """Learn up to ``num_merges`` BPE merges from ``words`` (symbol tuples -> counts).
-
-    Plain Python and fully deterministic: the most frequent pair wins, ties go to the smallest
-    pair in string order.
-    """
-    vocab = dict(words)
-    merges: list[tuple[str, str]] = []
-    for _ in range(num_merges):
-        pairs: collections.Counter = collections.Counter()
-        for word, count in vocab.items():
-            for pair in zip(word, word[1:]):
-                pairs[pair] += count
-        if not pairs:
-            break
-        best = min(pairs.items(), key=lambda item: (-item[1], item[0]))[0]
-        merges.append(best)
-        merged = best[0] + best[1]
-        new_vocab: dict[tuple[str, ...], int] = {}
-        for word, count in vocab.items():
-            out: list[str] = []
-            i = 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    out.append(merged)
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            key = tuple(out)
-            new_vocab[key] = new_vocab.get(key, 0) + count
-        vocab = new_vocab
-    return merges
-
-
-def _bytes_to_unicode() -> list[str]:
-    """The 256 printable characters byte-level BPE (GPT-2, CLIP) uses for bytes 0..255, in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[byte] = chr(byte)
-        else:
-            chars[byte] = chr(256 + extra)
-            extra += 1
-    return [chars[byte] for byte in range(256)]
-
-
-@functools.cache
-def _clip_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
-    from transformers import CLIPTokenizer
-
-    # Pre-tokenize exactly as CLIPTokenizer does (lowercase, regex split, byte-level chars).
-    backend = CLIPTokenizer().backend_tokenizer
-    words: collections.Counter = collections.Counter()
-    for sentence in _sentences():
-        for piece, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(sentence)):
-            words[tuple(piece[:-1]) + (piece[-1] + "</w>",)] += 1
-    merges = _learn_bpe(words, 1000)  # every corpus word ends up one token
-    alphabet = _bytes_to_unicode()
-    tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {token: i for i, token in enumerate(tokens)}, tuple(merges)
-
-
-def _clip_tokenizer():
-    """A CLIPTokenizer (byte-level BPE with ``</w>``): 256 + 256 base tokens, corpus merges, bos/eos."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = _clip_vocab()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
-
-
-_T5_SPECIALS = ("<pad>", "</s>", "<unk>")
-
-
-@functools.cache
-def _t5_vocab() -> tuple[tuple[str, float], ...]:
-    counts: collections.Counter = collections.Counter()
-    for sentence in _sentences():
-        for chunk in sentence.split():
-            for word in re.findall(r"[A-Za-z0-9]+|[^A-Za-z0-9]", chunk):
-                counts[word] += 1
-                counts[word.lower()] += 0  # lower-case forms are pieces too
-    total = sum(counts.values())
-    pieces: list[tuple[str, float]] = [(token, 0.0) for token in _T5_SPECIALS]
-    pieces.append(("▁", -4.0))
-    seen = {piece for piece, _ in pieces}
-    # Whole words as "▁word" (start of a chunk) and "word" (after punctuation); log-frequency scores.
-    for word in sorted(counts, key=lambda w: (-counts[w], w)):
-        score = math.log(max(counts[word], 1) / total)
-        for piece in ("▁" + word, word):
-            if len(piece) > 1 and piece not in seen:
-                pieces.append((piece, round(score, 4)))
-                seen.add(piece)
-    # Every printable ASCII character as a last resort, so most prompts never hit <unk>.
-    for char in string.ascii_letters + string.digits + string.punctuation:
-        if char not in seen:
-            pieces.append((char, -20.0))
-            seen.add(char)
-    return tuple(pieces)
-
-
-def _t5_tokenizer():
-    """A T5Tokenizer (SentencePiece-style Unigram): <pad>=0, </s>=1, <unk>=2, corpus words, ASCII chars."""
-    from transformers import T5Tokenizer
-
-    return T5Tokenizer(vocab=list(_t5_vocab()), extra_ids=0, model_max_length=512)
-
-
-# HunyuanVideo's prompt template (diffusers' DEFAULT_PROMPT_TEMPLATE) uses these Llama-3 markers.
-_LLAMA_SPECIALS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-
-
-@functools.cache
-def _llama_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
-    words: collections.Counter = collections.Counter()
-    for sentence in _sentences():
-        # LlamaTokenizer: no normalizer, Metaspace "▁" for spaces, prepended at the start.
-        for piece in re.findall(r"▁[^▁]*", "▁" + sentence.replace(" ", "▁")):
-            words[tuple(piece)] += 1
-    merges = _learn_bpe(words, _LLAMA_MERGES)
-    chars = sorted({c for word in words for c in word} | set(string.printable.strip()) | {"▁"})
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)] + chars
-    tokens += [a + b for a, b in merges]
-    return {token: i for i, token in enumerate(tokens)}, tuple(merges)
-
-
-# Chosen so that diffusers' default HunyuanVideo template tokenizes to exactly its crop_start (95)
-# tokens before the prompt, as with the real Llama-3 tokenizer (checked in tests/test_tiny.py).
-_LLAMA_MERGES = 872
-
-
-def _llama_tokenizer():
-    """A LlamaTokenizer (Metaspace BPE with byte fallback), right padding, <pad> and Llama-3 header tokens."""
-    from transformers import LlamaTokenizer
-
-    vocab, merges = _llama_vocab()
-    tokenizer = LlamaTokenizer(
-        vocab=dict(vocab), merges=list(merges), add_bos_token=True, padding_side="right", model_max_length=1024,
-    )
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    tokenizer.add_tokens(list(_LLAMA_SPECIALS), special_tokens=True)
-    return tokenizer
-
-
-# ---------------------------------------------------------------------------------------------
 # Components
 # ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _seeded(name: str) -> Iterator[None]:
-    """Seed torch for one component, in float32, leaving the caller's RNG state and default dtype alone."""
-    dtype = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_SEEDS[name])
-        torch.set_default_dtype(torch.float32)
-        try:
-            yield
-        finally:
-            torch.set_default_dtype(dtype)
-
-
 def _make(name: str, factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    with _seeded(name):
+    with seeded(_SEEDS[name]):
         return factory().eval()
 
 
@@ -514,7 +260,7 @@ def _flux() -> dict[str, Any]:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
-    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
     components = {
         # Flux packs 2x2 latent patches: 4 latent channels -> 16 transformer channels.
         "transformer": _make("transformer", lambda: FluxTransformer2DModel(
@@ -540,7 +286,7 @@ def _sd3() -> dict[str, Any]:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-    clip, t5 = _clip_tokenizer(), _t5_tokenizer()
+    clip, t5 = clip_tokenizer(), t5_tokenizer()
     # The two CLIP encoders' hidden states (2 x 32) are zero-padded to the T5 width (64) and joined.
     components = {
         "transformer": _make("transformer", lambda: SD3Transformer2DModel(
@@ -553,7 +299,7 @@ def _sd3() -> dict[str, Any]:
         "text_encoder_2": _make("text_encoder_2", lambda: CLIPTextModelWithProjection(_clip_config(clip))),
         "text_encoder_3": _make("text_encoder_3", lambda: T5EncoderModel(_t5_config(t5, d_model=64))),
         "tokenizer": clip,
-        "tokenizer_2": _clip_tokenizer(),
+        "tokenizer_2": clip_tokenizer(),
         "tokenizer_3": t5,
         "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
     }
@@ -569,7 +315,7 @@ def _hunyuan_video() -> dict[str, Any]:
     )
     from transformers import CLIPTextModel, LlamaConfig, LlamaModel
 
-    llama, clip = _llama_tokenizer(), _clip_tokenizer()
+    llama, clip = llama_tokenizer(), clip_tokenizer()
     llama_config = LlamaConfig(
         vocab_size=len(llama), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, bos_token_id=llama.bos_token_id,
@@ -598,7 +344,7 @@ def _wan() -> dict[str, Any]:
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5EncoderModel
 
-    t5 = _t5_tokenizer()
+    t5 = t5_tokenizer()
     components = {
         "transformer": _make("transformer", lambda: WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=_HEADS, attention_head_dim=_HEAD_DIM, in_channels=16,
@@ -624,7 +370,7 @@ def _cogvideox() -> dict[str, Any]:
     )
     from transformers import T5EncoderModel
 
-    t5 = _t5_tokenizer()
+    t5 = t5_tokenizer()
     components = {
         # CogVideoX-5b layout: rotary positions (any text length works, not only max_text_seq_length).
         "transformer": _make("transformer", lambda: CogVideoXTransformer3DModel(
@@ -653,7 +399,7 @@ def _sd15() -> dict[str, Any]:
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    clip = _clip_tokenizer()
+    clip = clip_tokenizer()
     components = {
         "unet": _make("unet", lambda: UNet2DConditionModel(
             sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
