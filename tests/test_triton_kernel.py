@@ -264,8 +264,8 @@ def test_cpu_tensors_need_interpreter(monkeypatch):
 
 
 def test_launch_config_table():
-    assert tbs._launch_config(128, 128, torch.float16) == (128, 64, 8, 3)
-    assert tbs._launch_config(128, 128, torch.bfloat16) == (128, 64, 8, 3)
+    assert tbs._launch_config(128, 128, torch.float16) == (128, 128, 8, 3)
+    assert tbs._launch_config(128, 128, torch.bfloat16) == (128, 128, 8, 3)
     assert tbs._launch_config(64, 64, torch.float16) == (64, 64, 4, 3)
     assert tbs._launch_config(128, 256, torch.bfloat16) == (64, 64, 8, 2)
     for tile in tbs.SUPPORTED_TILES:

@@ -45,27 +45,24 @@ over ``kv_counts[t] * (tile // BLOCK_N)`` key blocks of ``BLOCK_N`` rows: for ea
 tile, its ``tile // BLOCK_N`` sub-blocks.  Both products use ``tl.dot`` with fp32
 accumulation; ``P`` is cast to v's dtype for the second one (fp16/bf16 tensor cores).
 fp32 inputs use ``input_precision="ieee"`` (true fp32, matching the reference semantics,
-not TF32).  Choices for H100 (sm_90: wgmma, 227 KiB shared memory, 255 registers per
-thread), checked by compiling every (dtype, tile, D) combination for sm_90 with Triton 3.9
-and reading ptxas' resource usage: no register spills, shared memory well under the limit::
+not TF32).  The key mask is loaded and applied only for key tiles that hold an invalid key
+(one int8 flag per (batch, key tile), computed on the host side of the launch).
 
     inputs               BLOCK_M        BLOCK_N        warps                 stages
-    fp16/bf16, D <= 128  min(tile,128)  min(tile,64)   8 if BLOCK_M==128 else 4   3
+    fp16/bf16, D <= 128  min(tile,128)  min(tile,128)  8 if BLOCK_M==128 else 4   3
     fp16/bf16, D == 256  min(tile,64)   min(tile,64)   8                          2
     fp32,      D <= 128  min(tile,64)   min(tile,32)   8 if BLOCK_M==64 else 4    2
     fp32,      D == 256  min(tile,32)   min(tile,16)   8                          2
 
-* tile 128, D 128, fp16/bf16 -> 128 x 64 blocks, 8 warps (two warpgroups, one 64-row wgmma
-  each), 3 stages: 166 registers/thread and 96 KiB of shared memory.  128 x 128 blocks
-  compile to 241 registers (no headroom left) and 160 KiB, so a 128-token key tile is
-  processed as two 64-key sub-blocks.
-* 128-row blocks with 4 warps spill on sm_90 (255 registers + stack), hence 8 warps there;
-  64-row blocks use one warpgroup (4 warps).
+* fp16/bf16, D <= 128: measured on an H100 (``benchmarks/grat_triton_configs.py``, bf16,
+  head dim 128, 24 heads, tile 128, 2026-11-22) over BLOCK_M {64, 128} x BLOCK_N {32, 128} x
+  warps {4, 8} x stages {2, 3}: 128 x 128 blocks, two warpgroups, 3 stages were the fastest at
+  Flux 4096² and HunyuanVideo 544x960x61, GRAT-X and GRAT-B, by 7-15% over the next config
+  and 11-29% over compiled FlexAttention.  (Before the mask was skipped on full tiles, 64 x 32
+  with one warpgroup was fastest: the masked 128 x 128 program ran out of registers.)
 * D == 256 halves BLOCK_M so that the 64 x 256 fp32 accumulator (plus scores) fits.
 * K/V addresses come from ``kv_indices`` (a gather), and the software pipeliner
-  double-buffers the K/V copies (cp.async); num_stages 3 and 4 compile to the same shared
-  memory footprint.  These choices are compile-checked, not benchmarked: autotuning on the
-  target GPU may find better ones.
+  double-buffers the K/V copies (cp.async).
 * fp32 uses exact (``ieee``) FMA dots and is meant for testing, not speed.
 
 Under the interpreter (``TRITON_INTERPRET=1``) bf16 dot operands are upcast to fp32, because
@@ -124,13 +121,14 @@ def triton_available() -> bool:
 if triton is not None:
 
     def _block_sparse_attn_fwd(
-        Q, K, V, O, KV_IDX, KV_CNT, KEY_VALID, COUNTER,
+        Q, K, V, O, KV_IDX, KV_CNT, KEY_VALID, TILE_FULL, COUNTER,
         stride_qb, stride_qh, stride_qs, stride_qd,
         stride_kb, stride_kh, stride_ks, stride_kd,
         stride_vb, stride_vh, stride_vs, stride_vd,
         stride_ob, stride_oh, stride_os, stride_od,
         stride_idx_t, stride_idx_m,
         stride_valid_b, stride_valid_s,
+        stride_full_b, stride_full_t,
         H, M, qk_scale,
         TILE: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -157,6 +155,7 @@ if triton is not None:
         v_base = V + off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh
         o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
         valid_base = KEY_VALID + off_b.to(tl.int64) * stride_valid_b
+        full_base = TILE_FULL + off_b.to(tl.int64) * stride_full_b
         idx_row = KV_IDX + q_tile.to(tl.int64) * stride_idx_t
 
         offs_m = tl.arange(0, BLOCK_M)
@@ -181,7 +180,6 @@ if triton is not None:
 
             k_ptrs = k_base + start_n * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
             v_ptrs = v_base + start_n * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
-            key_ok = tl.load(valid_base + start_n * stride_valid_s + offs_n * stride_valid_s) != 0
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
             if UPCAST_DOT:
@@ -189,7 +187,11 @@ if triton is not None:
                 v = v.to(tl.float32)
 
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            s = tl.where(key_ok[None, :], s, float("-inf"))
+            # Most key tiles are fully valid: only partial ones (group padding, padded text)
+            # pay for loading and applying the key mask.
+            if tl.load(full_base + kv_tile * stride_full_t) == 0:
+                key_ok = tl.load(valid_base + start_n * stride_valid_s + offs_n * stride_valid_s) != 0
+                s = tl.where(key_ok[None, :], s, float("-inf"))
 
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # Rows that have seen no valid key yet keep m == -inf; subtract 0 instead so
@@ -233,8 +235,8 @@ def _launch_config(tile: int, head_dim: int, dtype: torch.dtype) -> tuple[int, i
             return block_m, min(tile, 32), 8 if block_m == 64 else 4, 2
         return min(tile, 32), min(tile, 16), 8, 2
     if head_dim <= 128:
-        block_m = min(tile, 128)
-        return block_m, min(tile, 64), 8 if block_m == 128 else 4, 3
+        block = min(tile, 128)
+        return block, block, 8 if block == 128 else 4, 3
     return min(tile, 64), min(tile, 64), 8, 2
 
 
@@ -370,12 +372,15 @@ def triton_block_sparse_attention(
     has_counter = tile_counter is not None
     counter = tile_counter if has_counter else kv_counts  # dummy pointer, never touched
 
+    # One flag per (batch, key tile): 1 when every key of the tile is valid (no mask needed).
+    tile_full = key_valid.reshape(key_valid.shape[0], T, tile).all(dim=-1).to(torch.int8)
+
     kernel = _get_kernel(interpret)
     grid = (T * (tile // block_m), B * H)
     args = (
-        q, k, v, out, kv_indices, kv_counts, key_valid, counter,
+        q, k, v, out, kv_indices, kv_counts, key_valid, tile_full, counter,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *kv_indices.stride(), *key_valid.stride(),
+        *kv_indices.stride(), *key_valid.stride(), *tile_full.stride(),
         H, M, scale * _LOG2E,
     )
     meta = dict(
