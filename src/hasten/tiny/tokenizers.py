@@ -203,14 +203,18 @@ def _llama_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
 _LLAMA_MERGES = 872
 
 
-def llama_tokenizer():
-    """A LlamaTokenizer (Metaspace BPE with byte fallback), right padding, <pad> and Llama-3 header tokens."""
+def llama_tokenizer(**kwargs):
+    """A LlamaTokenizer (Metaspace BPE with byte fallback), right padding, <pad> and Llama-3 header tokens.
+
+    ``kwargs`` go to the ``LlamaTokenizer`` constructor, e.g. ``extra_special_tokens={"image_token":
+    "<image>"}`` for a multimodal model's named tokens (add them to the vocabulary with
+    ``add_tokens(..., special_tokens=True)``).
+    """
     from transformers import LlamaTokenizer
 
     vocab, merges = _llama_vocab()
-    tokenizer = LlamaTokenizer(
-        vocab=dict(vocab), merges=list(merges), add_bos_token=True, padding_side="right", model_max_length=1024,
-    )
+    kwargs = {"add_bos_token": True, "padding_side": "right", "model_max_length": 1024, **kwargs}
+    tokenizer = LlamaTokenizer(vocab=dict(vocab), merges=list(merges), **kwargs)
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     tokenizer.add_tokens(list(_LLAMA_SPECIALS), special_tokens=True)
     return tokenizer

@@ -1,0 +1,235 @@
+"""Speculative Jacobi Decoding: exactness (greedy), losslessness (sampling), cache, counting, errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+from hasten import tiny
+from hasten.pipelines import SJDConfig, SJDPipeline
+from hasten.tiny.ar_image import janus_config
+
+SIGNIFICANCE = 0.001  # chi-square tests reject "same distribution" only below this p-value
+
+
+@pytest.fixture(scope="module", params=tiny.AR_IMAGE_KINDS)
+def pipe(request):
+    """Each tiny model in float64, so that batched and one-token forwards agree to ~1e-15."""
+    pipe = SJDPipeline(*tiny.ar_image_model(request.param, dtype=torch.float64))
+    pipe.progress_bar = False
+    return pipe
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_greedy_sjd_equals_greedy_autoregressive(pipe, guidance_scale):
+    sjd = pipe("a red fox in the snow", sjd=SJDConfig(greedy=True), guidance_scale=guidance_scale, seed=0)
+    ar = pipe("a red fox in the snow", sjd=None, greedy=True, guidance_scale=guidance_scale)
+    assert torch.equal(sjd.tokens, ar.tokens)
+    assert ar.stats.forwards == ar.stats.tokens + 1  # one pass per token plus the prefill
+    assert sjd.stats.forwards < ar.stats.forwards
+    assert torch.allclose(sjd.images, ar.images)
+
+
+@pytest.mark.parametrize("init", ["repeat_vertical", "sample_horizontal"])
+def test_greedy_equality_holds_for_every_init(pipe, init):
+    sjd = pipe("a cat", sjd=SJDConfig(greedy=True, init=init, window=5), guidance_scale=2.0, seed=1)
+    ar = pipe("a cat", sjd=None, greedy=True, guidance_scale=2.0)
+    assert torch.equal(sjd.tokens, ar.tokens)
+
+
+def test_layout_tokens_are_placed_not_sampled():
+    pipe = SJDPipeline(*tiny.ar_image_model("emu3"))
+    pipe.progress_bar = False
+    out = pipe("a boat", sjd=SJDConfig(), seed=3, height=32, width=48)
+    layout = pipe.adapter.layout(32, 48)
+    assert (layout.rows, layout.cols) == (4, 6)
+    rows = out.tokens.view(4, 7)
+    assert (rows[:, -1] == pipe.adapter.eol_id).all()
+    assert torch.isin(rows[:, :-1], pipe.adapter.vocab_ids).all()
+    assert out.images.shape == (1, 3, 32, 48)
+
+
+def test_every_model_call_is_counted(pipe):
+    calls = []
+    handle = pipe.adapter.language_model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        out = pipe(["a fox", "a dog"], sjd=SJDConfig(window=8), seed=0)
+    finally:
+        handle.remove()
+    assert out.stats.forwards == len(calls)
+    assert out.stats.forwards == sum(s.forwards for s in out.per_image)
+    assert sum(out.stats.accepted_per_forward) == out.stats.tokens == 2 * pipe.adapter.layout(None, None).length
+    assert out.images.shape[0] == 2
+
+
+def test_cache_after_rejections_equals_autoregressive_cache(pipe):
+    """The cache holds exactly prompt + emitted tokens: no rejected draft's K/V survives.
+
+    (The last token is in it when it was an accepted draft, and missing when it was drawn as a
+    replacement or extra token, which the next pass would feed first.)
+    """
+    out = pipe("a lighthouse", sjd=SJDConfig(window=6), guidance_scale=2.0, temperature=0.2, seed=5,
+               return_cache=True)
+    assert max(out.stats.accepted_per_forward) > 1 and len(out.stats.accepted_per_forward) > 1
+    adapter = pipe.adapter
+    layout = adapter.layout(None, None)
+    embeds, mask = adapter.encode_prompt("a lighthouse", None, True, layout)
+    fed = out.cache.get_seq_length() - embeds.shape[1]
+    assert fed in (layout.length - 1, layout.length)
+    span = out.tokens[0, :fed]
+    inputs = torch.cat([embeds, adapter.embed(span.expand(embeds.shape[0], -1))], 1)
+    full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], len(span))], 1)
+    positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
+    from transformers import DynamicCache
+
+    reference = DynamicCache()
+    with torch.no_grad():
+        adapter.language_model(inputs_embeds=inputs, attention_mask=full_mask, position_ids=positions,
+                               past_key_values=reference, use_cache=True)
+    assert out.cache.get_seq_length() == reference.get_seq_length()
+    for ours, theirs in zip(out.cache.layers, reference.layers):
+        torch.testing.assert_close(ours.keys, theirs.keys, rtol=0, atol=1e-9)
+        torch.testing.assert_close(ours.values, theirs.values, rtol=0, atol=1e-9)
+
+
+# --- losslessness ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_janus():
+    """A 2 x 2-token Janus with a 4-entry codebook: the joint of its first two tokens has 16 cells."""
+    from transformers import JanusForConditionalGeneration
+
+    _, processor = tiny.ar_image_model("janus")
+    config = janus_config(processor.tokenizer, grid=2, codebook=4)
+    torch.manual_seed(11)
+    model = JanusForConditionalGeneration(config).eval().double()
+    pipe = SJDPipeline(model, processor)
+    pipe.progress_bar = False
+    return pipe
+
+
+@torch.no_grad()
+def _exact_first_two(pipe, prompt, scale, temperature):
+    """P(x0, x1) computed directly from the model, independently of the decoding loop."""
+    model, adapter = pipe.model, pipe.adapter
+    embeds, mask = adapter.encode_prompt(prompt, None, scale > 1, adapter.layout(None, None))
+
+    def probs(inputs):
+        with torch.no_grad():
+            hidden = adapter.language_model(inputs_embeds=inputs).last_hidden_state[:, -1]
+        logits = model.model.generation_head(hidden)
+        if scale > 1:
+            logits = logits[1] + scale * (logits[0] - logits[1])
+        return torch.softmax(logits.squeeze(0) / temperature, -1)
+
+    p0 = probs(embeds.detach())
+    joint = torch.zeros(4, 4, dtype=torch.float64)
+    for x0 in range(4):
+        step = adapter.embed(torch.full((embeds.shape[0], 1), x0))
+        joint[x0] = p0[x0] * probs(torch.cat([embeds, step], 1))
+    return joint.flatten().detach().numpy()
+
+
+def _chi_square_p(samples: np.ndarray, expected_probs: np.ndarray) -> float:
+    counts = np.bincount(samples, minlength=len(expected_probs)).astype(float)
+    expected = expected_probs / expected_probs.sum() * counts.sum()
+    keep = expected >= 5  # pool the rare cells so the chi-square approximation holds
+    observed = np.append(counts[keep], counts[~keep].sum())
+    expected = np.append(expected[keep], expected[~keep].sum())
+    if expected[-1] == 0:
+        observed, expected = observed[:-1], expected[:-1]
+    return float(scipy_stats.chisquare(observed, expected).pvalue)
+
+
+@pytest.mark.parametrize("init", ["random", "repeat_horizontal"])
+def test_sjd_sampling_matches_the_model_distribution(small_janus, init):
+    """Chi-square goodness of fit of SJD's first two tokens to the exact joint, alpha = 0.001."""
+    # Random tiny weights give near-uniform logits: a low temperature makes the joint peaked
+    # (max cell ~0.4), so uniform random drafts are rejected often.
+    scale, temperature, n = 2.0, 0.02, 1000
+    exact = _exact_first_two(small_janus, "a red fox", scale, temperature)
+    assert exact.max() < 0.9, "a near-deterministic joint would make the test toothless"
+    out = small_janus(["a red fox"] * n, sjd=SJDConfig(window=4, init=init), guidance_scale=scale,
+                      temperature=temperature, seed=2024)
+    first_two = (out.tokens[:, 0] * 4 + out.tokens[:, 1]).numpy()
+    rejections = sum(len(s.accepted_per_forward) > 1 for s in out.per_image)
+    assert rejections > n // 4, "too few rejections: the residual-resampling path would go untested"
+    assert _chi_square_p(first_two, exact) > SIGNIFICANCE
+
+
+def test_autoregressive_sampling_matches_the_same_exact_distribution(small_janus):
+    scale, temperature = 2.0, 0.02
+    exact = _exact_first_two(small_janus, "a red fox", scale, temperature)
+    out = small_janus(["a red fox"] * 600, sjd=None, guidance_scale=scale, temperature=temperature, seed=7)
+    assert _chi_square_p((out.tokens[:, 0] * 4 + out.tokens[:, 1]).numpy(), exact) > SIGNIFICANCE
+
+
+def test_grouped_acceptance_is_opt_in_and_runs(pipe):
+    out = pipe("a fox", sjd=SJDConfig(grouped=True), temperature=0.5, seed=0)
+    assert out.stats.tokens == pipe.adapter.layout(None, None).length
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(window=0), "window"),
+        (dict(window=1.5), "window"),
+        (dict(init="diagonal"), "init"),
+        (dict(grouped=True, greedy=True), "grouped"),
+    ],
+)
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SJDConfig(**kwargs)
+
+
+def test_call_errors():
+    pipe = SJDPipeline(*tiny.ar_image_model("emu3"))
+    with pytest.raises(ValueError, match="guidance_scale"):
+        pipe("a fox", guidance_scale=0.5)
+    with pytest.raises(ValueError, match="negative_prompt"):
+        pipe("a fox", guidance_scale=1.0, negative_prompt="blurry")
+    with pytest.raises(ValueError, match="height"):
+        pipe("a fox", height=30, width=32)
+    with pytest.raises(ValueError, match="temperature"):
+        pipe("a fox", temperature=0)
+    with pytest.raises(ValueError, match="prompt"):
+        pipe([])
+    janus = SJDPipeline(*tiny.ar_image_model("janus"))
+    with pytest.raises(ValueError, match="8 x 8"):
+        janus("a fox", height=16)
+    with pytest.raises(ValueError, match="negative_prompt"):
+        janus("a fox", negative_prompt="blurry")
+
+
+def test_unsupported_model_class():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    with pytest.raises(ValueError, match="JanusForConditionalGeneration"):
+        SJDPipeline(model, None)
+
+
+def test_seeded_sampling_is_reproducible():
+    pipe = SJDPipeline(*tiny.ar_image_model("janus"))
+    pipe.progress_bar = False
+    a, b = (pipe("a fox", seed=9, temperature=0.7) for _ in range(2))
+    assert torch.equal(a.tokens, b.tokens)
+    assert a.stats.accepted_per_forward == b.stats.accepted_per_forward
+
+
+def test_tiny_models_load_with_processors():
+    for kind, cls in zip(tiny.AR_IMAGE_KINDS, ("JanusForConditionalGeneration", "Emu3ForConditionalGeneration")):
+        model, processor = tiny.ar_image_model(kind)
+        assert type(model).__name__ == cls
+        assert processor.tokenizer.pad_token_id is not None
+    with pytest.raises(ValueError, match="kind"):
+        tiny.ar_image_model("parti")
+    assert list(itertools.islice(tiny.AR_IMAGE_KINDS, 2)) == ["janus", "emu3"]
