@@ -233,3 +233,16 @@ def test_tiny_models_load_with_processors():
     with pytest.raises(ValueError, match="kind"):
         tiny.ar_image_model("parti")
     assert list(itertools.islice(tiny.AR_IMAGE_KINDS, 2)) == ["janus", "emu3"]
+
+
+def test_cli_compare_writes_both_images(tmp_path, capsys):
+    from hasten.cli import main
+
+    out = tmp_path / "fox.png"
+    assert main(["t2i-ar", "--compare", "--model", "tiny-emu3", "--height", "32", "--width", "32",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "fewer forward passes" in printed
+    assert (tmp_path / "fox-sjd.png").is_file() and (tmp_path / "fox-ar.png").is_file()
+    with pytest.raises(SystemExit):
+        main(["t2i-ar", "--window", "0"])

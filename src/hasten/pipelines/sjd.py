@@ -122,12 +122,6 @@ class SJDOutput:
     cache: Any = None
 
 
-@dataclass
-class _Draft:
-    token: int
-    p: torch.Tensor | None  # (V,) the distribution it was drawn from; None for a fixed layout token
-
-
 class SJDPipeline:
     """Text-to-image generation with an autoregressive model, by SJD or plain AR decoding.
 
@@ -242,18 +236,28 @@ class SJDPipeline:
 
 
 class _Decoder:
-    """The decoding loop for one layout and one set of sampling settings."""
+    """The decoding loop for one layout and one set of sampling settings.
+
+    Drafts live on the model's device as vocabulary indices (``-1`` at fixed layout positions)
+    with the distributions they were drawn from, so one verification costs one small
+    device-to-host copy, whatever the window.
+    """
 
     def __init__(self, adapter, layout: ImageLayout, sjd: SJDConfig | None, scale: float, warpers, greedy: bool,
                  generator: torch.Generator):
         self.adapter, self.layout, self.sjd, self.scale = adapter, layout, sjd, scale
         self.warpers, self.greedy, self.generator = warpers, greedy, generator
         self.vocab_ids = adapter.vocab_ids
+        self.device = self.vocab_ids.device
         self.vocab_size = len(self.vocab_ids)
-        self.index_of = {int(t): i for i, t in enumerate(self.vocab_ids.tolist())}
         self.window = 0 if sjd is None else sjd.window
+        fixed = torch.full((layout.length,), -1, dtype=torch.long)
+        for position, token in layout.fixed.items():
+            fixed[position] = token
+        self.fixed_ids = fixed.to(self.device)
+        self.init_mode, _, self.init_direction = (sjd.init if sjd else "random").partition("_")
 
-    # --- distributions -------------------------------------------------------------------------
+    # --- distributions ---------------------------------------------------------------------------
     def _distributions(self, hidden: torch.Tensor) -> torch.Tensor:
         """Processed image-token probabilities ``(n, V)`` for each input position."""
         logits = self.adapter.image_logits(hidden).float()
@@ -265,46 +269,39 @@ class _Decoder:
         logits = self.warpers(None, logits)
         return torch.softmax(logits, dim=-1)
 
-    def _draw(self, probs: torch.Tensor) -> int:
+    def _draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One index per row of ``probs`` (argmax when greedy), on the device."""
         if self.greedy:
-            return int(probs.argmax())
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            return probs.argmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
 
-    def _uniform(self) -> torch.Tensor:
-        return torch.full((self.vocab_size,), 1.0 / self.vocab_size, device=self.vocab_ids.device)
+    def _sequence_ids(self, positions: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Sequence ids of span ``positions`` holding vocabulary ``indices`` (fixed tokens where fixed)."""
+        fixed = self.fixed_ids[positions]
+        return torch.where(fixed >= 0, fixed, self.vocab_ids[indices.clamp_min(0)])
 
     # --- drafts ----------------------------------------------------------------------------------
-    def _fresh_draft(self, position: int, tokens: dict[int, int], dists: dict[int, torch.Tensor]) -> _Draft:
-        fixed = self.layout.fixed.get(position)
-        if fixed is not None:
-            return _Draft(fixed, None)
-        mode, _, direction = self.sjd.init.partition("_")
-        neighbour = self.layout.neighbour(position, direction) if direction else None
-        if mode == "repeat" and neighbour in tokens:
-            index = self.index_of[tokens[neighbour]]
-            point = torch.zeros(self.vocab_size, device=self.vocab_ids.device)
-            point[index] = 1.0
-            return _Draft(tokens[neighbour], point)
-        probs = dists.get(neighbour) if mode == "sample" else None
-        if probs is None:
-            probs = self._uniform()
-        if self.greedy and mode == "random":  # greedy still draws random starting drafts
-            index = int(torch.randint(self.vocab_size, (1,), generator=self.generator, device=probs.device))
+    def _fresh_drafts(self, start: int, count: int, span_idx: torch.Tensor, dists: dict[int, torch.Tensor]):
+        """Drafts for span positions ``start .. start+count-1`` by the configured init strategy."""
+        positions = range(start, start + count)
+        uniform = torch.full((self.vocab_size,), 1.0 / self.vocab_size, device=self.device)
+        neighbours = [self.layout.neighbour(p, self.init_direction) if self.init_direction else None
+                      for p in positions]
+        if self.init_mode == "sample":
+            probs = torch.stack([dists.get(nb, uniform) if nb is not None else uniform for nb in neighbours])
+            indices = self._draw(probs)
         else:
-            index = self._draw(probs)
-        return _Draft(int(self.vocab_ids[index]), probs)
-
-    def _accepts(self, draft: _Draft, q: torch.Tensor) -> bool:
-        index = self.index_of[draft.token]
-        if self.greedy:
-            return index == int(q.argmax())
-        ratio = q[index] / draft.p[index].clamp_min(1e-30)
-        r = torch.rand((), generator=self.generator, device=q.device)
-        if bool(r < ratio):
-            return True
-        if self.sjd is not None and self.sjd.grouped:
-            return self._group_accepts(index, draft.p, q)
-        return False
+            probs = uniform.expand(count, -1)
+            indices = torch.randint(self.vocab_size, (count,), generator=self.generator, device=self.device)
+        if self.init_mode == "repeat":
+            known = torch.tensor([nb is not None for nb in neighbours], device=self.device)
+            nb_idx = span_idx[torch.tensor([nb if nb is not None else 0 for nb in neighbours], device=self.device)]
+            repeat = known & (nb_idx >= 0)
+            indices = torch.where(repeat, nb_idx, indices)
+            point = torch.nn.functional.one_hot(indices, self.vocab_size).to(uniform.dtype)
+            probs = torch.where(repeat[:, None], point, probs)
+        fixed = self.fixed_ids[start:start + count] >= 0
+        return torch.where(fixed, -1, indices), torch.where(fixed[:, None], 0.0, probs)
 
     def _group_accepts(self, index: int, p: torch.Tensor, q: torch.Tensor) -> bool:
         order = torch.argsort(q, descending=True)
@@ -315,17 +312,23 @@ class _Decoder:
         ratio = q[group].sum() / p[group].sum().clamp_min(1e-30)
         return bool(torch.rand((), generator=self.generator, device=q.device) < ratio)
 
-    def _replacement(self, draft: _Draft, q: torch.Tensor) -> int:
+    def _verify(self, indices: torch.Tensor, probs: torch.Tensor, q: torch.Tensor) -> tuple[list[bool], list[int]]:
+        """Per draft: accepted?, and its vocabulary index (one device-to-host copy)."""
+        safe = indices.clamp_min(0)
+        q_draft = q.gather(1, safe[:, None])[:, 0]
         if self.greedy:
-            return int(self.vocab_ids[int(q.argmax())])
-        residual = (q - draft.p).clamp_min(0)
-        total = residual.sum()
-        probs = residual / total if total > 0 else q  # q == p exactly: any draw from q is exact
-        return int(self.vocab_ids[self._draw(probs)])
+            ok = safe == q.argmax(-1)
+        else:
+            p_draft = probs.gather(1, safe[:, None])[:, 0]
+            r = torch.rand(len(indices), generator=self.generator, device=self.device)
+            ok = r * p_draft < q_draft  # r < q / p, and p > 0 for every drawn token
+        ok = ok | (indices < 0)
+        ok_list, index_list = torch.stack([ok.long(), indices]).tolist()
+        return [bool(v) for v in ok_list], index_list
 
     # --- the loop --------------------------------------------------------------------------------
     def run(self, embeds: torch.Tensor, mask: torch.Tensor, progress: bool):
-        layout, lm = self.layout, self.adapter.language_model
+        layout, lm, device = self.layout, self.adapter.language_model, embeds.device
         rows = embeds.shape[0]
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache()
@@ -337,80 +340,83 @@ class _Decoder:
         last_position = positions[:, -1:]
         mask = mask.clone()
 
-        span: list[int] = []
-        tokens: dict[int, int] = {}  # span position -> accepted or drafted token
-        dists: dict[int, torch.Tensor] = {}  # span position -> its latest q
-        drafts: list[_Draft] = []
+        span: list[int] = []  # emitted sequence ids
+        span_idx = torch.full((layout.length,), -1, dtype=torch.long, device=device)  # accepted/drafted indices
+        dists: dict[int, torch.Tensor] = {}  # latest q per position (only for "sample" inits)
+        draft_idx = torch.empty(0, dtype=torch.long, device=device)
+        draft_p = torch.empty(0, self.vocab_size, device=device)
         bar = tqdm(total=layout.length, desc="SJD" if self.sjd else "AR", unit="tok", disable=not progress, leave=False)
         while len(span) < layout.length:
             n = len(span)
             width = min(self.window, layout.length - n)
-            while len(drafts) < width:
-                position = n + len(drafts)
-                drafts.append(self._fresh_draft(position, tokens, dists))
-                tokens[position] = drafts[-1].token
-            window = drafts[:width]
-            ids = torch.tensor([[d.token for d in window]] * rows, device=embeds.device, dtype=torch.long)
-            inputs = torch.cat([pending, self.adapter.embed(ids)], 1) if width else pending
-            step_positions = last_position + torch.arange(width + 1, device=embeds.device)
+            if len(draft_idx) < width:
+                more_idx, more_p = self._fresh_drafts(n + len(draft_idx), width - len(draft_idx), span_idx, dists)
+                draft_idx, draft_p = torch.cat([draft_idx, more_idx]), torch.cat([draft_p, more_p])
+                span_idx[n:n + width] = draft_idx[:width]
+            window_idx, window_p = draft_idx[:width], draft_p[:width]
+            window_positions = torch.arange(n, n + width, device=device)
+            if width:
+                ids = self._sequence_ids(window_positions, window_idx).expand(rows, -1)
+                inputs = torch.cat([pending, self.adapter.embed(ids)], 1)
+            else:
+                inputs = pending
+            step_positions = last_position + torch.arange(width + 1, device=device)
             step_mask = torch.cat([mask, mask.new_ones(rows, width)], 1)
             cached = cache.get_seq_length()
             hidden = lm(inputs_embeds=inputs, attention_mask=step_mask, position_ids=step_positions,
                         past_key_values=cache, use_cache=True).last_hidden_state
             stats.forwards += 1
             q = self._distributions(hidden)  # (width + 1, V): q[k] is for span position n + k
+            if self.init_mode == "sample":
+                for k in range(width + 1):
+                    dists[n + k] = q[k]
 
-            emitted: list[int] = []
-            rejected = None
-            for k, draft in enumerate(window):
-                position = n + k
-                if draft.p is None:  # fixed layout token
-                    emitted.append(draft.token)
-                    continue
-                dists[position] = q[k]
-                if self._accepts(draft, q[k]):
-                    emitted.append(draft.token)
-                    continue
-                emitted.append(self._replacement(draft, q[k]))
-                rejected = k
-                break
-            if rejected is None and n + width < layout.length:  # every draft accepted: one more from q
-                position = n + width
+            ok, indices = self._verify(window_idx, window_p, q[:width]) if width else ([], [])
+            rejected = next((k for k, accepted in enumerate(ok) if not accepted), None)
+            while rejected is not None and self.sjd.grouped and \
+                    self._group_accepts(indices[rejected], window_p[rejected], q[rejected]):
+                rejected = next((k for k in range(rejected + 1, width) if not ok[k]), None)
+            accepted = width if rejected is None else rejected
+            emitted = [layout.fixed.get(n + k, None) for k in range(accepted)]
+            emitted = [f if f is not None else int(self.vocab_ids[indices[k]]) for k, f in enumerate(emitted)]
+            last = None
+            if rejected is not None:  # replacement from normalize(max(0, q - p))
+                residual = q[rejected] if self.greedy else (q[rejected] - window_p[rejected]).clamp_min(0)
+                total = residual.sum()
+                residual = residual / total if bool(total > 0) else q[rejected]  # q == p: a draw from q is exact
+                last = int(self._draw(residual[None])[0])
+            elif n + width < layout.length and layout.fixed.get(n + width) is None:  # all accepted: one more
+                last = int(self._draw(q[width:width + 1])[0])
+            if rejected is not None or n + width < layout.length:
+                position = n + len(emitted)
                 fixed = layout.fixed.get(position)
-                dists[position] = q[width]
-                emitted.append(fixed if fixed is not None else int(self.vocab_ids[self._draw(q[width])]))
+                emitted.append(fixed if fixed is not None else int(self.vocab_ids[last]))
+                span_idx[position] = -1 if fixed is not None else last
 
             # Keep the KV of the pending token and of the accepted drafts; the last emitted token
             # (a replacement or the extra one) is not in the cache yet: it becomes the pending one.
-            fed_and_kept = 1 + (rejected if rejected is not None else width)
-            rejected_entries = cache.get_seq_length() - (cached + fed_and_kept)
-            if rejected_entries:
-                cache.crop(-rejected_entries)  # negative = entries to drop (every transformers 4.x/5.x)
-            for offset, token in enumerate(emitted):
-                tokens[n + offset] = token
+            dropped = cache.get_seq_length() - (cached + 1 + accepted)
+            if dropped:
+                cache.crop(-dropped)  # negative = entries to drop (every transformers 4.x/5.x)
             span.extend(emitted)
             mask = torch.cat([mask, mask.new_ones(rows, len(emitted))], 1)
             last_position = last_position + len(emitted)
             if len(span) < layout.length:
-                last = torch.tensor([[span[-1]]] * rows, device=embeds.device, dtype=torch.long)
-                pending = self.adapter.embed(last)
+                pending = self.adapter.embed(torch.tensor([[span[-1]]] * rows, device=device))
             stats.accepted_per_forward.append(len(emitted))
             bar.update(len(emitted))
 
             # Jacobi update: drafts after the rejection are re-drawn from this pass's q.
-            drafts = []
-            if rejected is not None:
-                for k in range(rejected + 1, width + 1):
-                    position = n + k
-                    if position >= layout.length:
-                        break
-                    fixed = layout.fixed.get(position)
-                    if fixed is not None:
-                        drafts.append(_Draft(fixed, None))
-                    else:
-                        dists[position] = q[k]
-                        drafts.append(_Draft(int(self.vocab_ids[self._draw(q[k])]), q[k]))
-                    tokens[position] = drafts[-1].token
+            if rejected is None:
+                draft_idx, draft_p = draft_idx[:0], draft_p[:0]
+            else:
+                first, stop = n + rejected + 1, min(n + width + 1, layout.length)
+                rows_q = q[rejected + 1:rejected + 1 + (stop - first)]
+                redrawn = self._draw(rows_q) if len(rows_q) else rows_q.new_empty(0, dtype=torch.long)
+                fixed = self.fixed_ids[first:stop] >= 0
+                draft_idx = torch.where(fixed, -1, redrawn)
+                draft_p = torch.where(fixed[:, None], 0.0, rows_q)
+                span_idx[first:stop] = draft_idx
         bar.close()
         stats.tokens = len(span)
-        return torch.tensor(span[: layout.length], device=embeds.device), stats, cache
+        return torch.tensor(span, device=device), stats, cache

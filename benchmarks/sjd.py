@@ -1,0 +1,166 @@
+"""Speculative Jacobi Decoding vs autoregressive decoding: forward passes and wall time per image.
+
+For each model and each draft initialisation strategy, generates the same prompts with SJD and
+with plain AR decoding (the same loop, window 0) in one process, and reports forward passes per
+image (the prefill counted), tokens per decoding pass, wall time and the speedup.
+
+Random weights make acceptance rates meaningless as quality evidence: a random model's
+next-token distributions are close to uniform, and uniform random drafts are then accepted far
+more often than with a trained model (the paper reports ~2x fewer passes). Read the tiny rows
+as a check of the mechanics; the pass counts of a trained model come from its own run.
+
+``--arch janus-pro-1b`` builds the Janus-Pro-1B architecture (Llama 2048 x 24 layers, 16 heads,
+vocab 102400, 24 x 24 image tokens from a 16384-entry codebook) with random weights on the
+device, and times one decoding pass at real shapes: AR (CFG batch 2, 1 new token) vs an SJD
+window (CFG batch 2, 1 + L new tokens), plus whole images.
+
+    python benchmarks/sjd.py --model tiny-janus tiny-emu3
+    python benchmarks/sjd.py --arch janus-pro-1b --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from common import machine, median_ms, print_json
+
+from hasten import tiny
+from hasten.pipelines.sjd import INIT_STRATEGIES, SJDConfig, SJDPipeline
+
+PROMPTS = ["a red fox in the snow", "an old lighthouse on a cliff", "a bowl of fresh fruit"]
+
+
+def janus_pro_1b(device: torch.device, dtype: torch.dtype):
+    """The Janus-Pro-1B architecture with random weights (config values from its config.json)."""
+    from transformers import JanusConfig, JanusForConditionalGeneration
+
+    _, processor = tiny.ar_image_model("janus")
+    text = dict(model_type="llama", vocab_size=102400, hidden_size=2048, intermediate_size=5632,
+                num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=16384)
+    vision = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=384, patch_size=16,
+                  projection_dim=2048, depth=2, num_image_tokens=576)
+    vq = dict(num_embeddings=16384, embed_dim=8, num_patches=24, image_token_embed_dim=2048, projection_dim=2048)
+    config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq)
+    with torch.device(device):
+        model = JanusForConditionalGeneration(config).to(dtype).eval()
+    return model, processor
+
+
+def run_pipeline(name: str, pipe: SJDPipeline, inits: list[str], window: int, repeats: int) -> list[dict]:
+    device = pipe.model.device
+    rows = []
+
+    def generate(config):
+        times, outs = [], []
+        for prompt in PROMPTS * repeats:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            outs.append(pipe(prompt, sjd=config, seed=len(outs)))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return outs, statistics.median(times)
+
+    pipe(PROMPTS[0], sjd=None, seed=0)  # warm-up
+    ar, ar_s = generate(None)
+    ar_forwards = statistics.mean(o.stats.forwards for o in ar)
+    for init in inits:
+        outs, s = generate(SJDConfig(window=window, init=init))
+        forwards = statistics.mean(o.stats.forwards for o in outs)
+        rows.append(dict(
+            model=name, init=init, window=window, tokens=outs[0].stats.tokens,
+            ar_forwards=round(ar_forwards, 1), sjd_forwards=round(forwards, 1),
+            pass_reduction=round(ar_forwards / forwards, 2),
+            tokens_per_pass=round(statistics.mean(o.stats.tokens_per_forward for o in outs), 2),
+            ar_s=round(ar_s, 3), sjd_s=round(s, 3), speedup=round(ar_s / s, 2),
+            weights="random (acceptance not meaningful)",
+        ))
+    return rows
+
+
+def pass_timing(model, processor, device, window: int) -> list[dict]:
+    """One decoding pass at real shapes: AR (1 token) vs SJD (1 + window tokens), CFG batch 2."""
+    from transformers import DynamicCache
+
+    pipe = SJDPipeline(model, processor)
+    adapter = pipe.adapter
+    layout = adapter.layout(None, None)
+    embeds, mask = adapter.encode_prompt(PROMPTS[0], None, True, layout)
+    lm = adapter.language_model
+    rows = []
+    for context in (64, 320, 576):  # image tokens already decoded
+        cache = DynamicCache()
+        prefix = torch.cat([embeds, adapter.embed(torch.zeros(2, context, dtype=torch.long, device=device))], 1)
+        with torch.no_grad():
+            lm(inputs_embeds=prefix, past_key_values=cache, use_cache=True)
+        for new in (1, 1 + window):
+            step = adapter.embed(torch.zeros(2, new, dtype=torch.long, device=device))
+
+            def one_pass():
+                with torch.no_grad():
+                    hidden = lm(inputs_embeds=step, past_key_values=cache, use_cache=True).last_hidden_state
+                    adapter.image_logits(hidden)
+                cache.crop(-new)
+
+            rows.append(dict(shape="janus-pro-1b", context=embeds.shape[1] + context, new_tokens=new,
+                             pass_ms=round(median_ms(one_pass, device, 3, 20), 2)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", default=["tiny-janus", "tiny-emu3"],
+                        help="tiny-janus, tiny-emu3, or a hub id / folder of a Janus or Emu3 model")
+    parser.add_argument("--arch", choices=["janus-pro-1b"], help="full-size architecture, random weights")
+    parser.add_argument("--init", nargs="+", default=list(INIT_STRATEGIES), choices=INIT_STRATEGIES)
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=1, help="times each prompt is generated")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"# SJD vs AR | {machine(device)}")
+    rows: list[dict] = []
+    if args.arch:
+        model, processor = janus_pro_1b(device, dtype)
+        timing = pass_timing(model, processor, device, args.window)
+        print(f"{'shape':14s} {'context':>8s} {'new tokens':>10s} {'pass ms':>8s}")
+        for row in timing:
+            print(f"{row['shape']:14s} {row['context']:8d} {row['new_tokens']:10d} {row['pass_ms']:8.2f}")
+        rows += timing
+        pipe = SJDPipeline(model, processor)
+        pipe.progress_bar = False
+        rows += run_pipeline(args.arch, pipe, args.init, args.window, args.repeats)
+    else:
+        for name in args.model:
+            kind = name.removeprefix("tiny-")
+            if name.startswith("tiny-"):
+                model, processor = tiny.ar_image_model(kind)
+            else:
+                from transformers import AutoModelForImageTextToText, AutoProcessor
+
+                model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype).to(device).eval()
+                processor = AutoProcessor.from_pretrained(name)
+            pipe = SJDPipeline(model.to(device), processor)
+            pipe.progress_bar = False
+            rows += run_pipeline(name, pipe, args.init, args.window, args.repeats)
+    generation = [r for r in rows if "init" in r]
+    print(f"{'model':14s} {'init':18s} {'tokens':>6s} {'AR passes':>9s} {'SJD passes':>10s} {'fewer':>6s} "
+          f"{'tok/pass':>8s} {'AR s':>7s} {'SJD s':>7s} {'speedup':>7s}")
+    for r in generation:
+        print(f"{r['model']:14s} {r['init']:18s} {r['tokens']:6d} {r['ar_forwards']:9.1f} {r['sjd_forwards']:10.1f} "
+              f"{r['pass_reduction']:5.2f}x {r['tokens_per_pass']:8.2f} {r['ar_s']:7.3f} {r['sjd_s']:7.3f} "
+              f"{r['speedup']:6.2f}x")
+    print("(random weights: acceptance rates are not evidence of quality or of a trained model's speedup)")
+    if args.json:
+        print_json(rows)
+
+
+if __name__ == "__main__":
+    main()
