@@ -30,11 +30,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import DiffusionPipeline  # noqa: E402
 
-from apps.launcher import add_common_args, launch  # noqa: E402
+from apps.launcher import add_common_args, launch, to_image  # noqa: E402
 from hasten import tiny  # noqa: E402
 from hasten.pipelines.grat import GratConfig, compare_grat  # noqa: E402
 from hasten.pipelines.loading import load_pipeline  # noqa: E402
-from hasten.video import to_uint8  # noqa: E402
 
 __all__ = ["GratRun", "build_demo", "main", "to_image"]
 
@@ -42,33 +41,6 @@ FULL_SIZE = 1024  # default height and width for real (non-tiny) models
 DISPLAY_MIN_SIDE = 256  # smaller outputs (tiny models) are shown enlarged, nearest-neighbour
 TINY_GROUP, FULL_GROUP = 4, 16  # tiny flux/sd3 grids are 9 x 13 tokens; 16 x 16 is the Flux/SD3 default
 TINY_STEPS, FULL_STEPS = 4, 28  # as `hasten generate`
-
-
-def to_image(output: torch.Tensor, min_side: int = 1) -> np.ndarray:
-    """One image of a pipeline output in [0, 1], shape (1, C, H, W) or (C, H, W), as uint8 (H, W, C).
-
-    Images whose short side is under ``min_side`` are enlarged by a whole factor, nearest-neighbour
-    (every generated pixel becomes a k x k square), so tiny-model outputs are visible on screen.
-
-    Examples
-    --------
-    >>> to_image(torch.ones(1, 3, 2, 4)).shape, to_image(torch.ones(3, 2, 4)).max()
-    ((2, 4, 3), np.uint8(255))
-    >>> to_image(torch.rand(1, 3, 2, 4), min_side=5).shape
-    (6, 12, 3)
-    """
-    if output.ndim == 4:
-        if output.shape[0] != 1:
-            raise ValueError(f"expected one image, got a batch of {output.shape[0]}")
-        output = output[0]
-    if output.ndim != 3:
-        raise ValueError(
-            f"the GRAT app shows images (C, H, W); got an output of shape {tuple(output.shape)} "
-            "(for video models use `hasten generate --compare`)"
-        )
-    pixels = to_uint8(output)
-    scale = -(-min_side // min(pixels.shape[:2]))  # ceil
-    return pixels.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else pixels
 
 
 def _integer(name: str, value: float | None) -> int:

@@ -10,7 +10,8 @@ that parses :func:`add_common_args` flags and calls :func:`launch`::
         demo = build_demo(args.model, device=args.device, dtype=args.dtype)
         launch(demo, host=args.host, port=args.port, share=args.share)
 
-Nothing here knows about any particular method; the apps do.
+Nothing here knows about any particular method; the apps do. :func:`to_image` turns a model
+output into what ``gr.Image`` shows.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a local demo
 
 import gradio as gr  # noqa: E402  (after the analytics switch)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from hasten.pipelines.loading import DTYPES  # noqa: E402
+from hasten.video import to_uint8  # noqa: E402
 
-__all__ = ["add_common_args", "free_port", "launch"]
+__all__ = ["add_common_args", "free_port", "launch", "to_image"]
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, default_model: str = "tiny-flux") -> argparse.ArgumentParser:
@@ -105,3 +109,30 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None,
     if port is not None and not 0 < port < 65536:
         raise ValueError(f"`port` must be in 1..65535 or None, got {port!r}")
     return demo.launch(server_name=host, server_port=port, share=share, **kwargs)
+
+
+def to_image(output: torch.Tensor, min_side: int = 1) -> np.ndarray:
+    """One image of a pipeline output in [0, 1], shape (1, C, H, W) or (C, H, W), as uint8 (H, W, C).
+
+    Images whose short side is under ``min_side`` are enlarged by a whole factor, nearest-neighbour
+    (every generated pixel becomes a k x k square), so tiny-model outputs are visible on screen.
+
+    Examples
+    --------
+    >>> to_image(torch.ones(1, 3, 2, 4)).shape, to_image(torch.ones(3, 2, 4)).max()
+    ((2, 4, 3), np.uint8(255))
+    >>> to_image(torch.rand(1, 3, 2, 4), min_side=5).shape
+    (6, 12, 3)
+    """
+    if output.ndim == 4:
+        if output.shape[0] != 1:
+            raise ValueError(f"expected one image, got a batch of {output.shape[0]}")
+        output = output[0]
+    if output.ndim != 3:
+        raise ValueError(
+            f"the app shows images (C, H, W); got an output of shape {tuple(output.shape)} "
+            "(for video models use `hasten generate --compare`)"
+        )
+    pixels = to_uint8(output)
+    scale = -(-min_side // min(pixels.shape[:2]))  # ceil
+    return pixels.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else pixels
