@@ -248,6 +248,7 @@ class _Decoder:
         self.adapter, self.layout, self.sjd, self.scale = adapter, layout, sjd, scale
         self.warpers, self.greedy, self.generator = warpers, greedy, generator
         self.vocab_ids = adapter.vocab_ids
+        self.vocab_list = self.vocab_ids.tolist()  # host copy: mapping emitted tokens costs no device sync
         self.device = self.vocab_ids.device
         self.vocab_size = len(self.vocab_ids)
         self.window = 0 if sjd is None else sjd.window
@@ -378,19 +379,20 @@ class _Decoder:
                 rejected = next((k for k in range(rejected + 1, width) if not ok[k]), None)
             accepted = width if rejected is None else rejected
             emitted = [layout.fixed.get(n + k, None) for k in range(accepted)]
-            emitted = [f if f is not None else int(self.vocab_ids[indices[k]]) for k, f in enumerate(emitted)]
+            emitted = [f if f is not None else self.vocab_list[indices[k]] for k, f in enumerate(emitted)]
             last = None
             if rejected is not None:  # replacement from normalize(max(0, q - p))
                 residual = q[rejected] if self.greedy else (q[rejected] - window_p[rejected]).clamp_min(0)
                 total = residual.sum()
-                residual = residual / total if bool(total > 0) else q[rejected]  # q == p: a draw from q is exact
+                # q == p exactly leaves no residual; a draw from q is then exact (no host sync to check)
+                residual = torch.where(total > 0, residual / total.clamp_min(1e-30), q[rejected])
                 last = int(self._draw(residual[None])[0])
             elif n + width < layout.length and layout.fixed.get(n + width) is None:  # all accepted: one more
                 last = int(self._draw(q[width:width + 1])[0])
             if rejected is not None or n + width < layout.length:
                 position = n + len(emitted)
                 fixed = layout.fixed.get(position)
-                emitted.append(fixed if fixed is not None else int(self.vocab_ids[last]))
+                emitted.append(fixed if fixed is not None else self.vocab_list[last])
                 span_idx[position] = -1 if fixed is not None else last
 
             # Keep the KV of the pending token and of the accepted drafts; the last emitted token
