@@ -8,7 +8,7 @@ model is built once, saved with ``save_pretrained`` under ``$HASTEN_HOME/tiny/``
 - :func:`pipeline` — diffusers pipelines (Flux, SD3, HunyuanVideo, Wan, CogVideoX, SD1.5);
   see :mod:`hasten.tiny.diffusion`.
 - :func:`vlm` — transformers vision-language models (LLaVA, LLaVA-Next, Qwen2-VL, Qwen2.5-VL)
-  with their processors; see :mod:`hasten.tiny.vlm`.
+  with their processors; see :mod:`hasten.tiny.vlms`.
 - :func:`ar_image_model` — autoregressive text-to-image models (Janus, Emu3); see
   :mod:`hasten.tiny.ar_image`.
 """
@@ -24,7 +24,7 @@ from .diffusion import KINDS, MODEL_IDS, default_size, is_tiny, path, pipeline
 __all__ = ["KINDS", "MODEL_IDS", "ar_image_model", "default_size", "home", "is_tiny", "path", "pipeline", "vlm"]
 
 # Families whose modules import heavier transformers classes load on first use.
-_LAZY = {"vlm": ".vlm", "VLM_KINDS": ".vlm", "ar_image_model": ".ar_image", "AR_IMAGE_KINDS": ".ar_image"}
+_LAZY = {"vlm": ".vlms", "VLM_KINDS": ".vlms", "ar_image_model": ".ar_image", "AR_IMAGE_KINDS": ".ar_image"}
 
 
 def __getattr__(name: str) -> Any:
