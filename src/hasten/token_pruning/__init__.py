@@ -1,0 +1,21 @@
+"""Visual-token pruning and KV-cache compression for transformers VLMs, one shared core.
+
+Methods (each a dataclass of its paper's knobs, used the same way)::
+
+    from hasten.token_pruning import HiRED
+    with HiRED(budget=0.2).apply(model) as pruner:
+        out = model.generate(**inputs, max_new_tokens=64)
+    pruner.stats            # PruningStats of the last call
+
+- :class:`HiRED` — CLS-attention top-k before the LLM (LLaVA-1.5).
+- :class:`RandomKeep`, :class:`SpatialPool` — baselines.
+
+Supported models: LLaVA, LLaVA-Next, Qwen2-VL, Qwen2.5-VL (see :mod:`.adapters`), with SDPA or
+eager attention, batch size > 1 with left padding, and ``generate()`` options unchanged.
+"""
+
+from .baselines import RandomKeep, SpatialPool
+from .core import ImageTokens, PruningStats, TokenPruner
+from .hired import HiRED
+
+__all__ = ["HiRED", "ImageTokens", "PruningStats", "RandomKeep", "SpatialPool", "TokenPruner"]

@@ -1,0 +1,253 @@
+"""Token pruning core: exact invariants on the four tiny VLMs (SDPA), batches, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hasten import tiny
+from hasten.tiny.vlms import chat_prompt
+from hasten.token_pruning import HiRED, RandomKeep, SpatialPool
+
+
+def _image(seed: int, height: int = 48, width: int = 64) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module", params=tiny.VLM_KINDS)
+def vlm(request):
+    model, processor = tiny.vlm(request.param, dtype=torch.float64)
+    return request.param, model, processor
+
+
+def _inputs(processor, images, questions):
+    return processor(images=images, text=[chat_prompt(processor, q) for q in questions], return_tensors="pt",
+                     padding=True)
+
+
+def _methods(kind, budget):
+    methods = [RandomKeep(budget=budget, seed=3)]
+    if kind != "llava-next":
+        methods.append(SpatialPool(budget=budget))
+    if kind == "llava":
+        methods.append(HiRED(budget=budget))
+    return methods
+
+
+@pytest.mark.parametrize("budget", [1.0])
+def test_full_budget_is_the_unpruned_model(vlm, budget):
+    kind, model, processor = vlm
+    inputs = _inputs(processor, [_image(0)], ["What is in the picture?"])
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    greedy = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    for method in _methods(kind, budget):
+        with method.apply(model), torch.no_grad():
+            assert torch.equal(model(**inputs).logits, reference), type(method).__name__
+            assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), greedy)
+        assert method.stats.visual_tokens_kept == method.stats.visual_tokens_in
+    with torch.no_grad():  # detached: the exact original model again
+        assert torch.equal(model(**inputs).logits, reference)
+
+
+def _masked_reference(model, inputs, dropped: torch.Tensor, kind: str):
+    """The unpruned model with the dropped tokens masked out of attention, original positions kept."""
+    kwargs = dict(inputs)
+    mask = kwargs["attention_mask"].clone()
+    if kind.startswith("qwen"):
+        positions, _ = model.model.get_rope_index(
+            kwargs["input_ids"], image_grid_thw=kwargs["image_grid_thw"], attention_mask=mask,
+            mm_token_type_ids=kwargs["mm_token_type_ids"])
+    else:
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    kwargs["attention_mask"] = mask.masked_fill(dropped, 0)
+    kwargs["position_ids"] = positions
+    with torch.no_grad():
+        return model(**kwargs).logits
+
+
+def _dropped_positions(method, inputs, model):
+    """Which prompt positions the method dropped (recorded from its kept columns)."""
+    columns, real = method._state_after["columns"], method._state_after["real"]
+    kept = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
+    for row in range(kept.shape[0]):
+        kept[row, columns[row][real[row]]] = True
+    return ~kept
+
+
+@pytest.fixture(autouse=True)
+def _keep_prefill_state(monkeypatch):
+    """Let tests see the kept columns of the last prefill (the core keeps them while attached)."""
+    from hasten.token_pruning import core
+
+    original = core.TokenPruner._prefill
+
+    def prefill(self, kwargs, embeds):
+        out = original(self, kwargs, embeds)
+        self._state_after = dict(self._state["prefill"])
+        return out
+
+    monkeypatch.setattr(core.TokenPruner, "_prefill", prefill)
+
+
+def test_pruning_equals_masking_with_original_positions(vlm):
+    """Dropping tokens == masking them out of attention, when every other position stays the same.
+
+    Checks the prefill logits of every kept token and, through generate(), the logits of each
+    decoding step against a teacher-forced run of the masked unpruned model.
+    """
+    kind, model, processor = vlm
+    inputs = _inputs(processor, [_image(1)], ["Describe the picture."])
+    for method in _methods(kind, 0.3):
+        if isinstance(method, SpatialPool):
+            continue  # pooling also replaces embeddings; masking alone cannot reproduce it
+        with method.apply(model):
+            with torch.no_grad():
+                pruned = model(**inputs).logits
+            dropped = _dropped_positions(method, inputs, model)
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        reference = _masked_reference(model, inputs, dropped, kind)
+        kept = (~dropped)[0]
+        torch.testing.assert_close(pruned[0], reference[0, kept], rtol=1e-7, atol=1e-7)
+        # Decoding: feed prompt + generated tokens, still masking the dropped prompt tokens.
+        full = dict(inputs)
+        generated = out.sequences[:, inputs["input_ids"].shape[1]:]
+        full["input_ids"] = out.sequences[:, :-1]
+        full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(generated[:, :-1])], 1)
+        if "mm_token_type_ids" in full:
+            full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
+                                                   torch.zeros_like(generated[:, :-1])], 1)
+        dropped_full = torch.cat([dropped, torch.zeros_like(generated[:, :-1], dtype=torch.bool)], 1)
+        teacher = _masked_reference(model, full, dropped_full, kind)
+        length = inputs["input_ids"].shape[1]
+        for step, logits in enumerate(out.logits):
+            torch.testing.assert_close(logits[0].double(), teacher[0, length - 1 + step], rtol=1e-5, atol=1e-5)
+
+
+def test_kept_counts_follow_the_budget_and_only_visual_tokens_go(vlm):
+    kind, model, processor = vlm
+    inputs = _inputs(processor, [_image(2)], ["What is this?"])
+    image_id = model.config.image_token_id
+    for method in _methods(kind, 0.25):
+        with method.apply(model), torch.no_grad():
+            model(**inputs)
+        stats = method.stats
+        n = stats.visual_tokens_in[0]
+        if isinstance(method, SpatialPool):
+            assert stats.visual_tokens_kept[0] <= 0.25 * n
+        else:
+            assert stats.visual_tokens_kept[0] == max(1, int(0.25 * n))
+        dropped = _dropped_positions(method, inputs, model)
+        assert bool((inputs["input_ids"][dropped] == image_id).all()), "only image tokens may be dropped"
+        assert stats.prefill_tokens == stats.prompt_tokens - (n - stats.visual_tokens_kept[0])
+        assert stats.kv_cache_bytes > 0
+
+
+def test_batch_of_two_matches_each_alone(vlm):
+    kind, model, processor = vlm
+    images, questions = [_image(3), _image(4, 40, 40)], ["What is in the picture?", "Describe it in detail."]
+    method = RandomKeep(budget=0.3, seed=1)
+    with method.apply(model):
+        batch = _inputs(processor, images, questions)
+        together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        kept_together = list(method.stats.visual_tokens_kept)
+        for i in range(2):
+            alone = _inputs(processor, [images[i]], [questions[i]])
+            # RandomKeep draws per image in batch order: image i alone is image 0, so re-seed to match.
+            method.seed = 1 + i
+            single = model.generate(**alone, max_new_tokens=4, do_sample=False)[:, alone["input_ids"].shape[1]:]
+            method.seed = 1
+            assert torch.equal(together[i], single[0]), (kind, i)
+            assert method.stats.visual_tokens_kept == [kept_together[i]]
+
+
+def test_qwen_kept_tokens_keep_their_mrope_positions():
+    model, processor = tiny.vlm("qwen2-vl")
+    inputs = _inputs(processor, [_image(5)], ["Where is it?"])
+    original, _ = model.model.get_rope_index(inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"],
+                                             attention_mask=inputs["attention_mask"],
+                                             mm_token_type_ids=inputs["mm_token_type_ids"])
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen["positions"] = kwargs["position_ids"]
+
+    method = RandomKeep(budget=0.25)
+    with method.apply(model), torch.no_grad():
+        handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)  # after pruning
+        try:
+            model(**inputs)
+        finally:
+            handle.remove()
+    columns = method._state_after["columns"][0]
+    torch.testing.assert_close(seen["positions"][-3:, 0], original[-3:, 0, columns])
+
+
+def test_spatial_pool_merges_windows_at_top_left_positions():
+    model, processor = tiny.vlm("llava")
+    inputs = _inputs(processor, [_image(6)], ["What?"])
+    method = SpatialPool(budget=0.25)  # 8 x 8 grid -> 2 x 2 windows -> 16 tokens
+    with method.apply(model), torch.no_grad():
+        model(**inputs)
+    assert method.stats.visual_tokens_kept == [16]
+    image_positions = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+    kept = method._state_after["columns"][0]
+    kept_image = kept[torch.isin(kept, image_positions)] - image_positions[0]
+    assert kept_image.tolist() == [r * 8 + c for r in range(0, 8, 2) for c in range(0, 8, 2)]
+
+
+def test_hired_keeps_the_top_cls_attention_patches():
+    """HiRED's q/k-hook scores equal the vision tower's own (eager) attention weights."""
+    model, processor = tiny.vlm("llava", attn_implementation="eager")
+    inputs = _inputs(processor, [_image(7)], ["What?"])
+    with torch.no_grad():
+        vision = model.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    layer = model.config.vision_feature_layer % (len(vision.attentions) + 1) - 1
+    cls_attention = vision.attentions[layer][0, :, 0, 1:].sum(0)
+    method = HiRED(budget=0.25)
+    with method.apply(model), torch.no_grad():
+        model(**inputs)
+    image_positions = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+    kept = method._state_after["columns"][0]
+    kept_image = (kept[torch.isin(kept, image_positions)] - image_positions[0]).sort().values
+    expected = cls_attention.topk(16).indices.sort().values
+    assert torch.equal(kept_image, expected)
+
+
+def test_inputs_without_images_are_a_no_op():
+    model, processor = tiny.vlm("llava")
+    inputs = processor.tokenizer(["USER: hello ASSISTANT:"], return_tensors="pt")
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with RandomKeep(budget=0.2).apply(model) as method:
+            assert torch.equal(model(**inputs).logits, reference)
+    assert method.stats.visual_tokens_in == [0] and method.stats.visual_tokens_kept == [0]
+
+
+@pytest.mark.parametrize("budget", [0.0, -0.1, 1.5, True])
+def test_budget_must_be_a_fraction(budget):
+    with pytest.raises(ValueError, match="budget"):
+        RandomKeep(budget=budget)
+
+
+def test_unsupported_model_and_method_combinations():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text_only = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="LlavaForConditionalGeneration"):
+        RandomKeep(budget=0.5).attach(text_only)
+    qwen, _ = tiny.vlm("qwen2-vl")
+    with pytest.raises(ValueError, match="HiRED"):
+        HiRED().attach(qwen)
+    next_model, next_processor = tiny.vlm("llava-next")
+    inputs = _inputs(next_processor, [_image(8)], ["What?"])
+    with SpatialPool(budget=0.5).apply(next_model), pytest.raises(ValueError, match="grid"):
+        next_model(**inputs)
+    method = RandomKeep(budget=0.5).attach(qwen)
+    with pytest.raises(ValueError, match="already attached"):
+        method.attach(qwen)
+    method.detach()
