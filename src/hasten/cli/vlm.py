@@ -1,0 +1,105 @@
+"""``hasten vlm``: ask a VLM about an image with visual-token pruning, or evaluate pruning methods."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ._types import fraction, positive
+
+BUDGETS = (1.0, 0.5, 0.2, 0.1)
+
+
+def register(commands) -> None:
+    vlm = commands.add_parser("vlm", help="VLM visual-token pruning: ask a question, or evaluate methods",
+                              description="Visual-token pruning for transformers VLMs (LLaVA, LLaVA-Next, "
+                              "Qwen2-VL, Qwen2.5-VL).")
+    sub = vlm.add_subparsers(dest="vlm_command", required=True, metavar="{ask,eval}")
+    from ..token_pruning.evaluate import METHODS, TINY
+
+    models = ", ".join(TINY)
+    ask = sub.add_parser("ask", help="answer a question about an image, optionally with pruning",
+                         description="Answer a question about an image with a VLM, optionally pruning visual "
+                         "tokens; prints the answer and the pruning stats.")
+    ask.add_argument("--image", type=Path, help="image file (default: scikit-image's astronaut photo)")
+    ask.add_argument("--question", default="What is in the picture?")
+    ask.add_argument("--model", default="tiny-llava", help=f"{models} (embedded, random weights) or a hub id")
+    ask.add_argument("--prune", choices=("none",) + METHODS, default="none", help="pruning method (default none)")
+    ask.add_argument("--budget", type=fraction, default=0.2, help="fraction of visual tokens kept (default 0.2)")
+    ask.add_argument("--max-new-tokens", type=positive, default=32)
+    ask.add_argument("--device", default=None)
+    ask.set_defaults(run=run_ask)
+
+    ev = sub.add_parser("eval", help="every method x budget against the unpruned model (fidelity and speed)",
+                        description="Fidelity (top-1 agreement under teacher forcing, mean KL, greedy exact "
+                        "match) and speed (prefill, decode, KV bytes, FLOPs bound) of each method and budget "
+                        "against the unpruned model, on scikit-image photos.")
+    ev.add_argument("--model", default="tiny-llava", help=f"{models} or a hub id")
+    ev.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                    help="default: every method the model supports")
+    ev.add_argument("--budgets", nargs="+", type=fraction, default=list(BUDGETS))
+    ev.add_argument("--max-new-tokens", type=positive, default=16)
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--json", action="store_true", help="also print one JSON line per row")
+    ev.set_defaults(run=run_eval)
+
+
+def supported_methods(model) -> list[str]:
+    """The methods that apply to ``model``'s class (HiRED: LLaVA; pooling: one token grid per image)."""
+    name = type(model).__name__
+    methods = ["random"]
+    if name != "LlavaNextForConditionalGeneration":
+        methods.append("pool")
+    if name == "LlavaForConditionalGeneration":
+        methods.append("hired")
+    return methods
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from ..tiny.vlms import chat_prompt
+    from ..token_pruning.evaluate import load_vlm, make_method, sample_images
+
+    model, processor = load_vlm(args.model, args.device)
+    if args.image is None:
+        image = sample_images()[0][0]
+    else:
+        try:
+            image = Image.open(args.image).convert("RGB")
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read --image {args.image}: {error}") from None
+    inputs = processor(images=[image], text=[chat_prompt(processor, args.question)], return_tensors="pt")
+    inputs = inputs.to(model.device)
+    method = None if args.prune == "none" else make_method(args.prune, args.budget)
+    with torch.no_grad():
+        if method is None:
+            output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        else:
+            with method.apply(model):
+                output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    answer = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    print(answer.strip())
+    if method is not None:
+        s = method.stats
+        print(f"[{args.prune} budget {args.budget}] visual tokens {s.visual_tokens_kept[0]}/{s.visual_tokens_in[0]}, "
+              f"prefill {s.prefill_tokens}/{s.prompt_tokens} tokens, KV cache {s.kv_cache_bytes / 1024:.1f} KiB")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..token_pruning.evaluate import evaluate, format_table, load_vlm, sample_images
+
+    model, processor = load_vlm(args.model, args.device)
+    methods = args.methods or supported_methods(model)
+    pairs = [("random", 1.0)] + [(m, b) for m in methods for b in args.budgets if not (m == "random" and b == 1.0)]
+    rows = evaluate(model, processor, pairs, sample_images(), max_new_tokens=args.max_new_tokens)
+    print(f"# {args.model} ({type(model).__name__}) on {model.device}; fidelity vs the unpruned model; "
+          "x = prefill speedup, bound = 1 / prefill-FLOPs ratio")
+    print(format_table(rows, baseline=rows[0]))
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.as_dict()))
+    return 0

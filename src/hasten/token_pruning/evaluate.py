@@ -1,0 +1,225 @@
+"""Fidelity and speed of a pruning method against the unpruned model (used by the CLI and benchmark).
+
+For each (image, question) sample the unpruned model first generates a greedy continuation.
+With the method attached, the same model then:
+
+- runs teacher-forced over prompt + continuation: top-1 agreement with the continuation and the
+  mean KL(unpruned || pruned) over the continuation positions;
+- generates greedily: exact match with the unpruned continuation;
+- is timed for prefill and decoding.
+
+The result also gives visual tokens kept, KV bytes after the prefill, and the prefill-FLOPs
+ratio (the bound on the prefill speedup).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .core import TokenPruner
+
+__all__ = ["METHODS", "EvalRow", "evaluate", "format_table", "load_vlm", "make_method", "prefill_flops", "sample_images"]
+
+
+def _methods() -> dict[str, type[TokenPruner]]:
+    from .baselines import RandomKeep, SpatialPool
+    from .hired import HiRED
+
+    return {"random": RandomKeep, "pool": SpatialPool, "hired": HiRED}
+
+
+METHODS = ("random", "pool", "hired")
+"""Method names accepted by :func:`make_method` (and ``hasten vlm --prune``)."""
+
+TINY = {f"tiny-{kind}": kind for kind in ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl")}
+
+
+def make_method(name: str, budget: float) -> TokenPruner:
+    """The pruning method ``name`` (one of :data:`METHODS`) at ``budget``."""
+    methods = _methods()
+    if name not in methods:
+        raise ValueError(f"unknown pruning method {name!r}; choose one of {', '.join(METHODS)}")
+    return methods[name](budget=budget)
+
+
+def load_vlm(model: str, device: str | None = None) -> tuple[Any, Any]:
+    """A tiny VLM (``tiny-llava``, ...) or a hub id / folder, with its processor, in eval mode."""
+    from .. import tiny
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if model in TINY:
+        loaded, processor = tiny.vlm(TINY[model])
+    elif model.startswith("tiny-"):
+        raise ValueError(f"unknown tiny model {model!r}; choose {', '.join(TINY)} or a hub id")
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(model)
+    return loaded.to(device).eval(), processor
+
+
+def sample_images() -> list[tuple[Any, str]]:
+    """Real photos that ship with scikit-image, each with a question."""
+    from PIL import Image
+    from skimage import data
+
+    return [
+        (Image.fromarray(data.astronaut()), "What is the person in the picture wearing?"),
+        (Image.fromarray(data.chelsea()), "What animal is this, and what color is it?"),
+        (Image.fromarray(data.coffee()), "Describe the objects on the table."),
+    ]
+
+
+def prefill_flops(config: Any, tokens: int) -> float:
+    """Approximate decoder FLOPs of a prefill of ``tokens`` (projections, MLP and attention)."""
+    text = getattr(config, "text_config", config)
+    hidden, inter, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    kv_dim = hidden // heads * kv
+    linear = 2 * tokens * (2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * inter)
+    attention = 2 * 2 * tokens * tokens * hidden
+    return float(layers * (linear + attention))
+
+
+@dataclass
+class EvalRow:
+    """One method at one budget, averaged over the samples."""
+
+    method: str
+    budget: float
+    visual_in: float
+    visual_kept: float
+    prefill_tokens: float
+    top1_agreement: float
+    mean_kl: float
+    exact_match: float
+    prefill_ms: float
+    decode_tokens_per_s: float
+    kv_bytes: float
+    flops_ratio: float
+    peak_memory_mb: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def _median_seconds(fn, device: torch.device, repeats: int) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
+    times = []
+    for attempt in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if attempt:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def evaluate(model: Any, processor: Any, methods: Sequence[tuple[str, float]], samples: Sequence[tuple[Any, str]],
+             max_new_tokens: int = 16, repeats: int = 3) -> list[EvalRow]:
+    """Fidelity and speed of each ``(method name, budget)`` against the unpruned model.
+
+    Times are medians of ``repeats`` calls after a warm-up: prefill = one forward over the
+    prompt; decode tokens/s = ``(max_new_tokens - 1) / (t(generate max_new_tokens) - t(generate 1))``.
+
+    Examples
+    --------
+    >>> from hasten.token_pruning.evaluate import evaluate, load_vlm, sample_images
+    >>> model, processor = load_vlm("tiny-llava", "cpu")
+    >>> rows = evaluate(model, processor, [("random", 1.0)], sample_images()[:1], max_new_tokens=4)
+    >>> rows[0].top1_agreement, rows[0].exact_match
+    (1.0, 1.0)
+    """
+    from ..tiny.vlms import chat_prompt
+
+    device = model.device
+    prepared = []
+    for image, question in samples:
+        inputs = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt").to(device)
+        reference = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        continuation = reference[:, inputs["input_ids"].shape[1]:]
+        forced = dict(inputs)
+        forced["input_ids"] = reference
+        forced["attention_mask"] = torch.ones_like(reference)
+        if "mm_token_type_ids" in forced:
+            forced["mm_token_type_ids"] = torch.cat(
+                [inputs["mm_token_type_ids"], torch.zeros_like(continuation)], 1)
+        logits = model(**forced).logits[:, -continuation.shape[1] - 1:-1].float()
+        prepared.append((inputs, forced, continuation, logits))
+    for inputs, *_ in prepared:  # warm-up, so that the first timed row is not the coldest
+        for _ in range(3):
+            model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+
+    rows = []
+    for name, budget in methods:
+        method = make_method(name, budget)
+        per_sample = []
+        for inputs, forced, continuation, reference_logits in prepared:
+            with method.apply(model):
+                logits = model(**forced).logits[:, -continuation.shape[1] - 1:-1].float()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                prefill_s = _median_seconds(lambda: model(**inputs), device, repeats)
+                stats = method.stats
+                generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+                one_s = _median_seconds(lambda: model.generate(**inputs, max_new_tokens=1, do_sample=False),
+                                        device, repeats)
+                all_s = _median_seconds(
+                    lambda: model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False), device, repeats)
+            new = generated[:, inputs["input_ids"].shape[1]:]
+            kl = torch.nn.functional.kl_div(logits.log_softmax(-1), reference_logits.log_softmax(-1),
+                                            log_target=True, reduction="none").sum(-1).mean()
+            decode_s = all_s - one_s
+            per_sample.append(dict(
+                visual_in=sum(stats.visual_tokens_in), visual_kept=sum(stats.visual_tokens_kept),
+                prefill_tokens=stats.prefill_tokens,
+                top1=float((logits.argmax(-1) == continuation).float().mean()), kl=float(kl),
+                exact=float(new.shape == continuation.shape and bool((new == continuation).all())),
+                prefill_ms=prefill_s * 1000,
+                decode_tps=(new.shape[1] - 1) / decode_s if decode_s > 0 and new.shape[1] > 1 else float("nan"),
+                kv=stats.kv_cache_bytes,
+                flops=prefill_flops(model.config, stats.prefill_tokens) / prefill_flops(model.config, stats.prompt_tokens),
+                peak=peak,
+            ))
+        mean = lambda key: statistics.mean(s[key] for s in per_sample)  # noqa: E731
+        rows.append(EvalRow(
+            method=name, budget=budget, visual_in=mean("visual_in"), visual_kept=mean("visual_kept"),
+            prefill_tokens=mean("prefill_tokens"), top1_agreement=mean("top1"), mean_kl=mean("kl"),
+            exact_match=mean("exact"), prefill_ms=mean("prefill_ms"), decode_tokens_per_s=mean("decode_tps"),
+            kv_bytes=mean("kv"), flops_ratio=mean("flops"),
+            peak_memory_mb=None if per_sample[0]["peak"] is None else mean("peak"),
+        ))
+    return rows
+
+
+def format_table(rows: Sequence[EvalRow], baseline: EvalRow | None = None) -> str:
+    """A readable table; prefill time and KV bytes also as ratios to ``baseline`` (budget 1.0).
+
+    ``vis KV x`` is the visual part of the KV cache relative to the unpruned one (every token
+    costs the same bytes per layer, so it is visual tokens kept / visual tokens in).
+    """
+    head = (f"{'method':8s} {'budget':>6s} {'visual':>11s} {'prefill':>7s} {'top1':>6s} {'KL':>8s} {'exact':>6s} "
+            f"{'prefill ms':>10s} {'x':>6s} {'bound':>6s} {'dec tok/s':>9s} {'KV KiB':>8s} {'KV x':>6s} {'vis KV x':>8s}")
+    lines = [head]
+    for row in rows:
+        base = baseline or row
+        lines.append(
+            f"{row.method:8s} {row.budget:6.2f} {row.visual_kept:5.0f}/{row.visual_in:<5.0f} {row.prefill_tokens:7.0f} "
+            f"{row.top1_agreement:6.3f} {row.mean_kl:8.4f} {row.exact_match:6.2f} {row.prefill_ms:10.2f} "
+            f"{base.prefill_ms / row.prefill_ms:5.2f}x {1 / row.flops_ratio:5.2f}x {row.decode_tokens_per_s:9.1f} "
+            f"{row.kv_bytes / 1024:8.1f} {row.kv_bytes / base.kv_bytes:6.3f} "
+            f"{row.visual_kept / max(row.visual_in, 1):8.3f}")
+    return "\n".join(lines)
