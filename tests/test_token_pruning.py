@@ -251,3 +251,95 @@ def test_unsupported_model_and_method_combinations():
     with pytest.raises(ValueError, match="already attached"):
         method.attach(qwen)
     method.detach()
+
+
+# --- in-LLM stage (FastV) -------------------------------------------------------------------------
+
+def _masked_after_layer(model, inputs, kept: torch.Tensor, layer: int):
+    """Reference: the unpruned model whose layers after `layer` cannot attend the dropped tokens."""
+    layers = model.model.language_model.layers
+
+    def mask_hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        n = hidden.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        allowed = (causal & kept[None, :n]) | torch.eye(n, dtype=torch.bool)
+        kwargs["attention_mask"] = torch.zeros(1, 1, n, n, dtype=hidden.dtype).masked_fill(
+            ~allowed, torch.finfo(hidden.dtype).min)
+        return args, kwargs
+
+    handles = [block.register_forward_pre_hook(mask_hook, with_kwargs=True) for block in layers[layer + 1:]]
+    try:
+        with torch.no_grad():
+            return model(**inputs).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_fastv_equals_masking_the_dropped_tokens_after_its_layer(vlm):
+    from hasten.token_pruning import FastV
+
+    kind, model, processor = vlm
+    inputs = _inputs(processor, [_image(9)], ["Describe the picture."])
+    method = FastV(budget=0.4, layer=1)
+    with method.apply(model):
+        with torch.no_grad():
+            pruned = model(**inputs).logits
+        columns = method._state["plan"][0][0]
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    n = method.stats.visual_tokens_in[0]
+    assert method.stats.visual_tokens_kept == [max(1, int(0.4 * n))]
+    length = inputs["input_ids"].shape[1]
+    kept = torch.zeros(length, dtype=torch.bool)
+    kept[columns] = True
+    image_id = model.config.image_token_id
+    assert bool((inputs["input_ids"][0][~kept] == image_id).all())
+    reference = _masked_after_layer(model, inputs, kept, 1)
+    torch.testing.assert_close(pruned[0], reference[0, kept], rtol=1e-7, atol=1e-7)
+    # Decoding steps against the teacher-forced reference over prompt + generated tokens.
+    generated = out.sequences[:, length:]
+    full = dict(inputs)
+    full["input_ids"] = out.sequences[:, :-1]
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    if "mm_token_type_ids" in full:
+        full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(generated[:, :-1])], 1)
+    teacher = _masked_after_layer(model, full, torch.cat([kept, torch.ones(generated.shape[1] - 1, dtype=torch.bool)]), 1)
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits[0].double(), teacher[0, length - 1 + step], rtol=1e-5, atol=1e-5)
+
+
+def test_fastv_full_budget_detach_and_errors():
+    from hasten.token_pruning import FastV
+
+    model, processor = tiny.vlm("llava")
+    inputs = _inputs(processor, [_image(10)], ["What?"])
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with FastV(budget=1.0, layer=1).apply(model):
+            assert torch.equal(model(**inputs).logits, reference)
+        assert torch.equal(model(**inputs).logits, reference)
+    assert model.model.language_model.config._attn_implementation == "sdpa"
+    layers = len(model.model.language_model.layers)
+    with pytest.raises(ValueError, match="layer"):
+        FastV(layer=layers - 1).attach(model)
+    with pytest.raises(ValueError, match="layer"):
+        FastV(layer=-1).attach(model)
+
+
+def test_fastv_batch_of_two_matches_each_alone(vlm):
+    from hasten.token_pruning import FastV
+
+    kind, model, processor = vlm
+    images, questions = [_image(11), _image(12, 40, 40)], ["What is in the picture?", "Describe it in detail."]
+    method = FastV(budget=0.3, layer=1)
+    with method.apply(model):
+        batch = _inputs(processor, images, questions)
+        together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        kept_together = list(method.stats.visual_tokens_kept)
+        for i in range(2):
+            alone = _inputs(processor, [images[i]], [questions[i]])
+            single = model.generate(**alone, max_new_tokens=4, do_sample=False)[:, alone["input_ids"].shape[1]:]
+            assert torch.equal(together[i], single[0]), (kind, i)
+            assert method.stats.visual_tokens_kept == [kept_together[i]]

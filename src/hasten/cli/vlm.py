@@ -48,7 +48,7 @@ def register(commands) -> None:
 def supported_methods(model) -> list[str]:
     """The methods that apply to ``model``'s class (HiRED: LLaVA; pooling: one token grid per image)."""
     name = type(model).__name__
-    methods = ["random"]
+    methods = ["random", "fastv"]
     if name != "LlavaNextForConditionalGeneration":
         methods.append("pool")
     if name == "LlavaForConditionalGeneration":

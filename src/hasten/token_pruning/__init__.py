@@ -8,6 +8,7 @@ Methods (each a dataclass of its paper's knobs, used the same way)::
     pruner.stats            # PruningStats of the last call
 
 - :class:`HiRED` — CLS-attention top-k before the LLM (LLaVA-1.5).
+- :class:`FastV` — last-token attention at LLM layer K, tokens dropped after it (in-LLM stage).
 - :class:`RandomKeep`, :class:`SpatialPool` — baselines.
 
 Supported models: LLaVA, LLaVA-Next, Qwen2-VL, Qwen2.5-VL (see :mod:`.adapters`), with SDPA or
@@ -16,6 +17,9 @@ eager attention, batch size > 1 with left padding, and ``generate()`` options un
 
 from .baselines import RandomKeep, SpatialPool
 from .core import ImageTokens, PruningStats, TokenPruner
+from .fastv import FastV
 from .hired import HiRED
+from .inside_llm import LLMLayerPruner
 
-__all__ = ["HiRED", "ImageTokens", "PruningStats", "RandomKeep", "SpatialPool", "TokenPruner"]
+__all__ = ["FastV", "HiRED", "ImageTokens", "LLMLayerPruner", "PruningStats", "RandomKeep", "SpatialPool",
+           "TokenPruner"]

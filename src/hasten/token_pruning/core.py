@@ -37,7 +37,25 @@ import torch
 
 from .adapters import VLMAdapter, adapter_for
 
-__all__ = ["ImageTokens", "PruningStats", "TokenPruner"]
+__all__ = ["ImageTokens", "PruningStats", "TokenPruner", "gather_plan"]
+
+
+def gather_plan(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns to gather per row for a (batch, length) keep mask, left-padded to one length.
+
+    Returns ``columns`` (batch, new_length), kept positions ascending, and ``real`` (same shape),
+    False on the pad slots that shorter rows get on their left (their column is 0: mask them).
+    """
+    batch, length = keep.shape
+    device = keep.device
+    counts = keep.sum(1)
+    new_length = int(counts.max())
+    order = torch.sort((~keep).long() * (length + 1) + torch.arange(length, device=device), dim=1).indices
+    shift = new_length - counts  # pad slots on the left of each row
+    slot = torch.arange(new_length, device=device).expand(batch, -1)
+    real = slot >= shift[:, None]
+    columns = torch.where(real, order[:, :new_length].gather(1, (slot - shift[:, None]).clamp_min(0)), 0)
+    return columns, real
 
 
 @dataclass
@@ -82,6 +100,9 @@ class ImageTokens:
         Token grid in raster order, where the tokens form one.
     index : int
         Image number in the batch, in order of appearance (matches vision-tower batches).
+    scores : Tensor (n,), optional
+        Scores the stage computed for these tokens (e.g. the last prompt token's attention at an
+        LLM layer, for in-LLM methods).
     """
 
     sample: int
@@ -89,6 +110,7 @@ class ImageTokens:
     embeds: torch.Tensor
     grid: tuple[int, int] | None
     index: int
+    scores: torch.Tensor | None = None
 
 
 @dataclass
@@ -205,17 +227,8 @@ class TokenPruner:
                 new_embeds[image.sample, kept_positions] = replaced.to(new_embeds.dtype)
         stats.visual_tokens_kept = (keep & image_mask).sum(1).tolist()
 
-        # Gather the kept columns per sample, left-padded with masked slots to one length.
-        counts = keep.sum(1)
-        new_length = int(counts.max())
-        order = torch.sort((~keep).long() * (length + 1) + torch.arange(length, device=device), dim=1).indices
-        columns = order[:, :new_length]  # kept positions ascending, then dropped ones
-        shift = new_length - counts  # pad slots on the left of each row
-        slot = torch.arange(new_length, device=device).expand(batch, -1)
-        real = slot >= shift[:, None]
-        columns = torch.where(real, columns.gather(1, (slot - shift[:, None]).clamp_min(0)), 0)
-
-        gather = columns
+        gather, real = gather_plan(keep)
+        new_length = gather.shape[1]
         kwargs["inputs_embeds"] = new_embeds.gather(1, gather[..., None].expand(-1, -1, embeds.shape[-1]))
         kwargs["attention_mask"] = torch.where(real, mask.gather(1, gather), 0)
         kwargs["position_ids"] = self._gather_positions(positions, gather, kwargs["attention_mask"])

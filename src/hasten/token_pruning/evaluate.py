@@ -28,12 +28,13 @@ __all__ = ["METHODS", "EvalRow", "evaluate", "format_table", "load_vlm", "make_m
 
 def _methods() -> dict[str, type[TokenPruner]]:
     from .baselines import RandomKeep, SpatialPool
+    from .fastv import FastV
     from .hired import HiRED
 
-    return {"random": RandomKeep, "pool": SpatialPool, "hired": HiRED}
+    return {"random": RandomKeep, "pool": SpatialPool, "hired": HiRED, "fastv": FastV}
 
 
-METHODS = ("random", "pool", "hired")
+METHODS = ("random", "pool", "hired", "fastv")
 """Method names accepted by :func:`make_method` (and ``hasten vlm --prune``)."""
 
 TINY = {f"tiny-{kind}": kind for kind in ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl")}

@@ -3,6 +3,10 @@
 - :class:`CLSAttention`: CLS-token attention inside a CLIP-style vision tower, recomputed from
   forward hooks on the chosen layers' ``q_proj`` / ``k_proj`` (so it works with SDPA, eager or
   any attention implementation).
+- :class:`LastQueryAttention`: the attention of the last prompt token to every key at chosen
+  LLM layers (FastV's ranking; SnapKV-style scores), recomputed from the exact query and keys
+  the layer uses (after RoPE) through a registered transformers attention function that wraps
+  the model's own one.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["CLSAttention", "encoder_layers_of"]
+__all__ = ["CLSAttention", "LastQueryAttention", "encoder_layers_of"]
+
+_RECORDING = "hasten_record"  # the registered attention function name
 
 
 def encoder_layers_of(vision_tower: torch.nn.Module) -> torch.nn.ModuleList:
@@ -55,3 +61,69 @@ class CLSAttention:
             attention = torch.softmax((q @ k.transpose(-1, -2)).float() * head_dim ** -0.5, dim=-1)
             self.scores[layer] = attention.sum(1)[:, 0, 1:]  # (images, patches), CLS key dropped
         return hook
+
+
+def _wrapped_attention(module, query, key, value, attention_mask, **kwargs):
+    """Registered attention function: record if asked, then run the model's own implementation."""
+    config = module.config
+    recorder = getattr(config, "_hasten_recorder", None)
+    if recorder is not None:
+        recorder.observe(module, query, key, attention_mask, kwargs.get("scaling"))
+    original = config._hasten_original_attn
+    if original == "eager":
+        import sys
+
+        function = sys.modules[type(module).__module__].eager_attention_forward
+    else:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        function = ALL_ATTENTION_FUNCTIONS[original]
+    return function(module, query, key, value, attention_mask, **kwargs)
+
+
+class LastQueryAttention:
+    """Records, during a prefill, the last query's attention over all keys at chosen layers.
+
+    ``scores[layer]`` is ``(batch, keys)``: softmax of the last query row (the model's scaling
+    and mask applied), averaged over heads. Install with :meth:`install` on the language
+    model's config, remove with :meth:`remove` (the original attention implementation returns).
+    """
+
+    def __init__(self, layers: list[int]):
+        self.layers = set(layers)
+        self.scores: dict[int, torch.Tensor] = {}
+        self.active = False
+
+    def install(self, config) -> None:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        original = config._attn_implementation
+        if getattr(config, "_hasten_recorder", None) is not None:
+            raise ValueError("another hasten method already records attention on this model")
+        name = f"{_RECORDING}_{original}"  # masks are built exactly as for the original implementation
+        AttentionInterface.register(name, _wrapped_attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+        config._hasten_original_attn = original
+        config._hasten_recorder = self
+        config._attn_implementation = name
+
+    @staticmethod
+    def remove(config) -> None:
+        if getattr(config, "_hasten_recorder", None) is None:
+            return
+        config._attn_implementation = config._hasten_original_attn
+        del config._hasten_recorder, config._hasten_original_attn
+
+    def observe(self, module, query, key, mask, scaling) -> None:
+        layer = getattr(module, "layer_idx", None)
+        if not self.active or layer not in self.layers or query.shape[2] < 2:
+            return
+        heads, kv_heads = query.shape[1], key.shape[1]
+        keys = key.repeat_interleave(heads // kv_heads, dim=1) if heads != kv_heads else key
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        logits = (query[:, :, -1:].float() @ keys.float().transpose(-1, -2)) * scale  # (B, H, 1, S)
+        if mask is not None:
+            row = mask[..., -1:, : keys.shape[2]]
+            logits = logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else logits + row.float()
+        self.scores[layer] = torch.softmax(logits, dim=-1).mean(1)[:, 0]
