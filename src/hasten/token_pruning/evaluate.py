@@ -90,6 +90,19 @@ def prefill_flops(config: Any, tokens: int) -> float:
     return float(layers * (linear + attention))
 
 
+def _flops_ratio(config: Any, method: TokenPruner, stats) -> float:
+    """Prefill FLOPs with the method / without: in-LLM methods run layers 0..K on every token."""
+    from .inside_llm import LLMLayerPruner
+
+    full = prefill_flops(config, stats.prompt_tokens)
+    pruned = prefill_flops(config, stats.prefill_tokens)
+    if isinstance(method, LLMLayerPruner):
+        layers = getattr(config, "text_config", config).num_hidden_layers
+        early = (method.layer + 1) / layers
+        return early + (1 - early) * pruned / full
+    return pruned / full
+
+
 @dataclass
 class EvalRow:
     """One method at one budget, averaged over the samples."""
@@ -192,7 +205,7 @@ def evaluate(model: Any, processor: Any, methods: Sequence[tuple[str, float]], s
                 prefill_ms=prefill_s * 1000,
                 decode_tps=(new.shape[1] - 1) / decode_s if decode_s > 0 and new.shape[1] > 1 else float("nan"),
                 kv=stats.kv_cache_bytes,
-                flops=prefill_flops(model.config, stats.prefill_tokens) / prefill_flops(model.config, stats.prompt_tokens),
+                flops=_flops_ratio(model.config, method, stats),
                 peak=peak,
             ))
         mean = lambda key: statistics.mean(s[key] for s in per_sample)  # noqa: E731
@@ -209,18 +222,20 @@ def evaluate(model: Any, processor: Any, methods: Sequence[tuple[str, float]], s
 def format_table(rows: Sequence[EvalRow], baseline: EvalRow | None = None) -> str:
     """A readable table; prefill time and KV bytes also as ratios to ``baseline`` (budget 1.0).
 
-    ``vis KV x`` is the visual part of the KV cache relative to the unpruned one (every token
-    costs the same bytes per layer, so it is visual tokens kept / visual tokens in).
+    ``vis KV x`` is the visual part of the KV cache relative to the unpruned one, from measured
+    bytes: in the unpruned cache every token costs the same, which gives the text tokens' bytes;
+    the rest is visual (for in-LLM methods the early layers' full caches count).
     """
     head = (f"{'method':8s} {'budget':>6s} {'visual':>11s} {'prefill':>7s} {'top1':>6s} {'KL':>8s} {'exact':>6s} "
             f"{'prefill ms':>10s} {'x':>6s} {'bound':>6s} {'dec tok/s':>9s} {'KV KiB':>8s} {'KV x':>6s} {'vis KV x':>8s}")
     lines = [head]
     for row in rows:
         base = baseline or row
+        text_bytes = base.kv_bytes * (base.prefill_tokens - base.visual_in) / base.prefill_tokens
+        visual_kv = (row.kv_bytes - text_bytes) / max(base.kv_bytes - text_bytes, 1e-9)
         lines.append(
             f"{row.method:8s} {row.budget:6.2f} {row.visual_kept:5.0f}/{row.visual_in:<5.0f} {row.prefill_tokens:7.0f} "
             f"{row.top1_agreement:6.3f} {row.mean_kl:8.4f} {row.exact_match:6.2f} {row.prefill_ms:10.2f} "
             f"{base.prefill_ms / row.prefill_ms:5.2f}x {1 / row.flops_ratio:5.2f}x {row.decode_tokens_per_s:9.1f} "
-            f"{row.kv_bytes / 1024:8.1f} {row.kv_bytes / base.kv_bytes:6.3f} "
-            f"{row.visual_kept / max(row.visual_in, 1):8.3f}")
+            f"{row.kv_bytes / 1024:8.1f} {row.kv_bytes / base.kv_bytes:6.3f} {visual_kv:8.3f}")
     return "\n".join(lines)
