@@ -146,22 +146,25 @@ def test_kept_counts_follow_the_budget_and_only_visual_tokens_go(vlm):
         assert stats.kv_cache_bytes > 0
 
 
-def test_batch_of_two_matches_each_alone(vlm):
+@pytest.mark.parametrize("method_name", ["random", "fastv"])
+def test_batch_of_two_matches_each_alone(vlm, method_name):
+    """Left padding and different images: each sample's result equals running it alone."""
+    from hasten.token_pruning import FastV
+
     kind, model, processor = vlm
     images, questions = [_image(3), _image(4, 40, 40)], ["What is in the picture?", "Describe it in detail."]
-    method = RandomKeep(budget=0.3, seed=1)
-    with method.apply(model):
+    # RandomKeep draws per image in batch order: image i alone is image 0, so seed i + 1 matches.
+    make = {"random": lambda i: RandomKeep(budget=0.3, seed=1 + i), "fastv": lambda i: FastV(budget=0.3, layer=1)}
+    with make[method_name](0).apply(model) as method:
         batch = _inputs(processor, images, questions)
         together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
         kept_together = list(method.stats.visual_tokens_kept)
-        for i in range(2):
+    for i in range(2):
+        with make[method_name](i).apply(model) as method:
             alone = _inputs(processor, [images[i]], [questions[i]])
-            # RandomKeep draws per image in batch order: image i alone is image 0, so re-seed to match.
-            method.seed = 1 + i
             single = model.generate(**alone, max_new_tokens=4, do_sample=False)[:, alone["input_ids"].shape[1]:]
-            method.seed = 1
-            assert torch.equal(together[i], single[0]), (kind, i)
-            assert method.stats.visual_tokens_kept == [kept_together[i]]
+        assert torch.equal(together[i], single[0]), (kind, i)
+        assert method.stats.visual_tokens_kept == [kept_together[i]]
 
 
 def test_qwen_kept_tokens_keep_their_mrope_positions():
@@ -326,20 +329,3 @@ def test_fastv_full_budget_detach_and_errors():
         FastV(layer=layers - 1).attach(model)
     with pytest.raises(ValueError, match="layer"):
         FastV(layer=-1).attach(model)
-
-
-def test_fastv_batch_of_two_matches_each_alone(vlm):
-    from hasten.token_pruning import FastV
-
-    kind, model, processor = vlm
-    images, questions = [_image(11), _image(12, 40, 40)], ["What is in the picture?", "Describe it in detail."]
-    method = FastV(budget=0.3, layer=1)
-    with method.apply(model):
-        batch = _inputs(processor, images, questions)
-        together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
-        kept_together = list(method.stats.visual_tokens_kept)
-        for i in range(2):
-            alone = _inputs(processor, [images[i]], [questions[i]])
-            single = model.generate(**alone, max_new_tokens=4, do_sample=False)[:, alone["input_ids"].shape[1]:]
-            assert torch.equal(together[i], single[0]), (kind, i)
-            assert method.stats.visual_tokens_kept == [kept_together[i]]

@@ -46,22 +46,11 @@ def register(commands) -> None:
 
 
 def _load(model: str, device: str | None):
-    import torch
-
     from .. import tiny
+    from ..pipelines.loading import load_transformers_model
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if model in TINY:
-        loaded, processor = tiny.ar_image_model(TINY[model])
-    elif model.startswith("tiny-"):
-        raise ValueError(f"unknown tiny model {model!r}; choose {', '.join(TINY)} or a hub id")
-    else:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(model)
-    return loaded.to(device).eval(), processor
+    loaders = {name: (lambda kind=kind: tiny.ar_image_model(kind)) for name, kind in TINY.items()}
+    return load_transformers_model(model, loaders, device)
 
 
 def run(args: argparse.Namespace) -> int:

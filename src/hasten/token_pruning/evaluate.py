@@ -51,19 +51,10 @@ def make_method(name: str, budget: float) -> TokenPruner:
 def load_vlm(model: str, device: str | None = None) -> tuple[Any, Any]:
     """A tiny VLM (``tiny-llava``, ...) or a hub id / folder, with its processor, in eval mode."""
     from .. import tiny
+    from ..pipelines.loading import load_transformers_model
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if model in TINY:
-        loaded, processor = tiny.vlm(TINY[model])
-    elif model.startswith("tiny-"):
-        raise ValueError(f"unknown tiny model {model!r}; choose {', '.join(TINY)} or a hub id")
-    else:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(model)
-    return loaded.to(device).eval(), processor
+    loaders = {name: (lambda kind=kind: tiny.vlm(kind)) for name, kind in TINY.items()}
+    return load_transformers_model(model, loaders, device)
 
 
 def sample_images() -> list[tuple[Any, str]]:
