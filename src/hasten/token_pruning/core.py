@@ -74,6 +74,9 @@ class PruningStats:
         Bytes of keys and values in the cache right after the prefill.
     stage_seconds : dict
         Wall time per stage, e.g. ``{"select": 0.01, "prefill": 0.2}``.
+    visual_kept_mask : list of BoolTensor
+        Per sample, one flag per visual token (in sequence order): kept or not (e.g. to draw the
+        kept tokens over the image).
     """
 
     visual_tokens_in: list[int] = field(default_factory=list)
@@ -82,6 +85,12 @@ class PruningStats:
     prefill_tokens: int = 0
     kv_cache_bytes: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    visual_kept_mask: list[torch.Tensor] = field(default_factory=list)
+
+    def record_kept(self, keep: torch.Tensor, image_mask: torch.Tensor) -> None:
+        """Fill the kept counts and masks from (batch, length) keep and image-token masks."""
+        self.visual_tokens_kept = (keep & image_mask).sum(1).tolist()
+        self.visual_kept_mask = [keep[row][image_mask[row]].cpu() for row in range(keep.shape[0])]
 
 
 @dataclass
@@ -225,7 +234,7 @@ class TokenPruner:
             keep[image.sample, kept_positions] = True
             if replaced is not None:
                 new_embeds[image.sample, kept_positions] = replaced.to(new_embeds.dtype)
-        stats.visual_tokens_kept = (keep & image_mask).sum(1).tolist()
+        stats.record_kept(keep, image_mask)
 
         gather, real = gather_plan(keep)
         new_length = gather.shape[1]

@@ -91,7 +91,7 @@ class LLMLayerPruner(TokenPruner):
             }
             self.stats = PruningStats(visual_tokens_in=self._state["image_mask"].sum(1).tolist(), prompt_tokens=length,
                                       prefill_tokens=length)
-            self.stats.visual_tokens_kept = list(self.stats.visual_tokens_in)
+            self.stats.record_kept(torch.ones_like(self._state["image_mask"]), self._state["image_mask"])
             self._recorder.active = self.budget < 1.0
         elif "plan" in self._state:  # a decoding step: one mask for every layer after `layer`
             mask = kwargs.get("attention_mask")
@@ -116,7 +116,7 @@ class LLMLayerPruner(TokenPruner):
                 keep[image.sample, image.positions[kept]] = True
             columns, real = gather_plan(keep)
             self._state["plan"] = (columns, real)
-            self.stats.visual_tokens_kept = (keep & self._state["image_mask"]).sum(1).tolist()
+            self.stats.record_kept(keep, self._state["image_mask"])
             self.stats.prefill_tokens = columns.shape[1]
             self.stats.stage_seconds["select"] = time.perf_counter() - start
             hidden = hidden.gather(1, columns[..., None].expand(-1, -1, hidden.shape[-1]))
