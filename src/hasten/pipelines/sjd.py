@@ -52,7 +52,7 @@ __all__ = ["INIT_STRATEGIES", "SJDConfig", "SJDOutput", "SJDPipeline", "SJDStats
 INIT_STRATEGIES = ("random", "sample_horizontal", "sample_vertical", "repeat_horizontal", "repeat_vertical")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SJDConfig:
     """Speculative Jacobi Decoding settings.
 
