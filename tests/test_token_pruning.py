@@ -9,7 +9,7 @@ from PIL import Image
 
 from hasten import tiny
 from hasten.tiny.vlms import chat_prompt
-from hasten.token_pruning import HiRED, RandomKeep, SpatialPool
+from hasten.token_pruning import HiRED, MustDrop, RandomKeep, SpatialPool
 
 
 def _image(seed: int, height: int = 48, width: int = 64) -> Image.Image:
@@ -31,8 +31,7 @@ def _methods(kind, budget):
     methods = [RandomKeep(budget=budget, seed=3)]
     if kind != "llava-next":
         methods.append(SpatialPool(budget=budget))
-    if kind == "llava":
-        methods.append(HiRED(budget=budget))
+    methods.append(HiRED(budget=budget))
     return methods
 
 
@@ -43,7 +42,7 @@ def test_full_budget_is_the_unpruned_model(vlm, budget):
     with torch.no_grad():
         reference = model(**inputs).logits
     greedy = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    for method in _methods(kind, budget):
+    for method in [*_methods(kind, budget), MustDrop(budget=budget, layers=(1,))]:
         with method.apply(model), torch.no_grad():
             assert torch.equal(model(**inputs).logits, reference), type(method).__name__
             assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), greedy)
@@ -244,8 +243,8 @@ def test_unsupported_model_and_method_combinations():
     with pytest.raises(ValueError, match="LlavaForConditionalGeneration"):
         RandomKeep(budget=0.5).attach(text_only)
     qwen, _ = tiny.vlm("qwen2-vl")
-    with pytest.raises(ValueError, match="HiRED"):
-        HiRED().attach(qwen)
+    with pytest.raises(ValueError, match="renumber"):
+        RandomKeep(budget=0.5, renumber=True).attach(qwen)
     next_model, next_processor = tiny.vlm("llava-next")
     inputs = _inputs(next_processor, [_image(8)], ["What?"])
     with SpatialPool(budget=0.5).apply(next_model), pytest.raises(ValueError, match="grid"):
@@ -289,7 +288,7 @@ def test_fastv_equals_masking_the_dropped_tokens_after_its_layer(vlm):
     with method.apply(model):
         with torch.no_grad():
             pruned = model(**inputs).logits
-        columns = method._state["plan"][0][0]
+        columns = method._state["llm"]["plans"][0]["columns"][0]
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
     n = method.stats.visual_tokens_in[0]
@@ -329,3 +328,224 @@ def test_fastv_full_budget_detach_and_errors():
         FastV(layer=layers - 1).attach(model)
     with pytest.raises(ValueError, match="layer"):
         FastV(layer=-1).attach(model)
+
+
+# --- HiRED on anyres partitions ------------------------------------------------------------------
+
+class _PlantedCLS:
+    """Stands in for the recorded CLS attention: (vision rows, patches) per layer."""
+
+    def __init__(self, scores):
+        self.scores = scores
+
+
+def test_hired_gives_more_budget_to_the_sub_image_with_planted_content():
+    """2 x 2 sub-images; the full image's layer-0 CLS attention sits on the bottom-right quarter."""
+    from hasten.token_pruning.core import ImageTokens
+
+    side = 4
+    base = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
+    rows = [torch.cat([torch.zeros(side * side, 1, dtype=torch.long), base], 1)]
+    for global_row in range(2 * side):  # unpadded 8 x 8 grid of 4 sub-images, newline per row
+        for global_col in range(2 * side):
+            partition = 1 + (global_row // side) * 2 + global_col // side
+            rows.append(torch.tensor([[partition, global_row % side, global_col % side]]))
+        rows.append(torch.full((1, 3), -1))
+    layout = torch.cat(rows)
+    n = len(layout)
+    layer0 = torch.full((5, side * side), 0.01)
+    layer0[0].view(side, side)[2:, 2:] = 1.0  # bottom-right of the full image
+    feature = torch.rand(5, side * side, generator=torch.Generator().manual_seed(0))
+    method = HiRED(budget=0.25)  # 22 of 88 tokens: 11 to the full image, 11 to the sub-images
+    method._cls, method._feature_layer = _PlantedCLS({0: layer0, 2: feature}), 2
+    image = ImageTokens(sample=0, positions=torch.arange(n), embeds=torch.zeros(n, 8), layout=layout, index=0)
+    kept, _ = method.select(image)
+    budget = int(0.25 * n)
+    assert len(kept) == budget and len(set(kept.tolist())) == budget
+    partition_of = layout[kept, 0]
+    per_partition = [int((partition_of == p).sum()) for p in range(5)]
+    assert per_partition[0] == int(0.5 * budget)  # alpha = 0.5 to the full image
+    assert per_partition[4] == max(per_partition[1:]) and per_partition[4] > per_partition[1]
+    assert not bool((partition_of < 0).any()), "newline tokens carry no patch"
+    # inside a partition: the top feature-layer CLS attention patches
+    full_image = kept[partition_of == 0]
+    expected = feature[0].topk(per_partition[0]).indices.sort().values
+    assert torch.equal(layout[full_image, 1] * side + layout[full_image, 2], expected)
+
+
+def test_llava_next_layout_follows_the_models_own_packing():
+    """Each token's (partition, row, col) reproduces the packed features transformers builds."""
+    model, processor = tiny.vlm("llava-next")
+    inputs = _inputs(processor, [_image(11, 40, 72)], ["What?"])
+    from hasten.token_pruning.adapters import ADAPTERS
+
+    image_positions = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+    layout = ADAPTERS["LlavaNextForConditionalGeneration"].patch_layouts(
+        model, dict(inputs), [(0, image_positions)], None)[0]
+    with torch.no_grad():
+        vision = model.model.vision_tower(inputs["pixel_values"][0], output_hidden_states=True)
+        features = model.model.multi_modal_projector(
+            vision.hidden_states[model.config.vision_feature_layer][:, 1:])
+        merged = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
+    patch = layout[:, 0] >= 0
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    torch.testing.assert_close(merged[patch], features[layout[patch, 0], layout[patch, 1] * side + layout[patch, 2]])
+    torch.testing.assert_close(merged[~patch], model.model.image_newline.expand(int((~patch).sum()), -1))
+
+
+# --- MustDrop ------------------------------------------------------------------------------------
+
+def test_mustdrop_merges_similar_windows_and_spares_the_key_set():
+    from hasten.token_pruning.core import ImageTokens
+
+    side = 6  # 2 x 2 windows of 3 x 3
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(side * side, 16, generator=generator)
+    grid = embeds.view(side, side, -1)
+    grid[:3, :3] = torch.randn(16, generator=generator) + 0.01 * torch.randn(3, 3, 16, generator=generator)
+    grid[3:, 3:] = torch.randn(16, generator=generator) * 5  # constant, and the largest norms: the key set
+    layout = torch.stack([torch.zeros(side * side, dtype=torch.long),
+                          torch.arange(side * side) // side, torch.arange(side * side) % side], 1)
+    method = MustDrop(budget=0.5, key_fraction=0.05)  # ceil(0.05 * 36) = 2 key tokens
+    method._cls = None  # no CLS (as on Qwen): the key set by L2 norm
+    image = ImageTokens(sample=0, positions=torch.arange(side * side), embeds=embeds, layout=layout, index=0)
+    kept, replaced = method.select(image)
+    window = [r * side + c for r in range(3) for c in range(3)]
+    assert len(kept) == side * side - 8, "only the top-left window merges"
+    assert 0 in kept.tolist() and not set(window[1:]) & set(kept.tolist())
+    torch.testing.assert_close(replaced[kept.tolist().index(0)], embeds[window].mean(0))
+    key = [r * side + c for r in range(3, 6) for c in range(3, 6)]
+    assert set(key) <= set(kept.tolist()), "a window holding a key token never merges"
+
+
+def test_mustdrop_never_drops_the_key_set():
+    model, processor = tiny.vlm("llava")
+    inputs = _inputs(processor, [_image(12)], ["What is this?"])
+    method = MustDrop(budget=0.1, key_fraction=0.25, layers=(1,))
+    with method.apply(model), torch.no_grad():
+        model(**inputs)
+        cls = method._cls.scores[method._feature_layer][0]
+    key = cls.topk(16).indices  # ceil(0.25 * 64)
+    kept = method.stats.visual_kept_mask[0]
+    assert bool(kept[key].all())
+    assert method.stats.visual_tokens_kept == [16], "budget 6 < key set 16: the key set alone stays"
+
+
+def _masked_layers(model, inputs, allowed_at):
+    """Reference: the unpruned model whose layer i attends by the (n, n) bool matrix allowed_at(i, n)."""
+    layers = model.model.language_model.layers
+
+    def hook_for(index):
+        def mask_hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            allowed = allowed_at(index, hidden.shape[1]) | torch.eye(hidden.shape[1], dtype=torch.bool)
+            kwargs["attention_mask"] = torch.zeros(1, 1, *allowed.shape, dtype=hidden.dtype).masked_fill(
+                ~allowed, torch.finfo(hidden.dtype).min)
+            return args, kwargs
+        return mask_hook
+
+    handles = [block.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, block in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            return model(**inputs).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2-vl"])
+def test_mustdrop_compacted_cache_equals_masking(kind):
+    """No merges, an open filter and the budget cap at layer 1: prompt tokens after layer 1 and every
+    generated token at EVERY layer see only the survivors (the compacted cache)."""
+    model, processor = tiny.vlm(kind, dtype=torch.float64)
+    inputs = _inputs(processor, [_image(13)], ["Describe the picture."])
+    method = MustDrop(budget=0.3, merge_threshold=1.0, key_fraction=0.0, layers=(1,), global_threshold=0.0,
+                      individual_threshold=0.0)
+    with method.apply(model):
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    length = inputs["input_ids"].shape[1]
+    n = method.stats.visual_tokens_in[0]
+    assert method.stats.visual_tokens_kept == [int(0.3 * n)]
+    image_id = model.config.image_token_id
+    kept = inputs["input_ids"][0] != image_id
+    kept[inputs["input_ids"][0] == image_id] = method.stats.visual_kept_mask[0]
+    assert method.stats.kv_cache_bytes == _full_cache_bytes(model, inputs) * int(kept.sum())  # every layer
+    generated = out.sequences[:, length:]
+    full = dict(inputs)
+    full["input_ids"] = out.sequences[:, :-1]
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    if "mm_token_type_ids" in full:
+        full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(generated[:, :-1])], 1)
+    total = full["input_ids"].shape[1]
+    visible = torch.cat([kept, torch.ones(total - length, dtype=torch.bool)])
+
+    def allowed_at(index, size):
+        causal = torch.ones(size, size, dtype=torch.bool).tril()
+        if index <= 1:  # early layers: the prompt sees the whole prompt, generated tokens the survivors
+            rows = torch.arange(size)[:, None] < length
+            return causal & (rows | visible[None, :size])
+        return causal & visible[None, :size]
+
+    teacher = _masked_layers(model, full, allowed_at)
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits[0].double(), teacher[0, length - 1 + step], rtol=1e-6, atol=1e-6)
+
+
+def _full_cache_bytes(model, inputs):
+    """Bytes per prompt token of the unpruned cache."""
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+    from hasten.token_pruning.core import cache_bytes
+
+    return cache_bytes(cache) / inputs["input_ids"].shape[1]
+
+
+def test_mustdrop_batch_of_two_matches_each_alone():
+    model, processor = tiny.vlm("llava", dtype=torch.float64)
+    images, questions = [_image(14), _image(15, 40, 40)], ["What is in the picture?", "Describe it in detail."]
+    make = lambda: MustDrop(budget=0.3, layers=(1, 2), global_threshold=0.01, individual_threshold=0.05)  # noqa: E731
+    with make().apply(model) as method:
+        batch = _inputs(processor, images, questions)
+        together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        kept_together = list(method.stats.visual_tokens_kept)
+    for i in range(2):
+        with make().apply(model) as method:
+            alone = _inputs(processor, [images[i]], [questions[i]])
+            single = model.generate(**alone, max_new_tokens=4, do_sample=False)[:, alone["input_ids"].shape[1]:]
+        assert torch.equal(together[i], single[0]), i
+        assert method.stats.visual_tokens_kept == [kept_together[i]]
+
+
+def test_mustdrop_errors_and_layer_warning():
+    model, _ = tiny.vlm("llava")
+    with pytest.raises(ValueError, match="layers"):
+        MustDrop(layers=(20, 30)).attach(model)
+    with pytest.raises(ValueError, match="merge_threshold"):
+        MustDrop(merge_threshold=1.5)
+    with pytest.raises(ValueError, match="window"):
+        MustDrop(window=1)
+    with pytest.warns(UserWarning, match="6, 10, 14"):
+        MustDrop().attach(model).detach()
+    assert MustDrop(budget=64 / 576).global_threshold == 0.011
+
+
+def test_renumber_gives_consecutive_positions():
+    model, processor = tiny.vlm("llava")
+    inputs = _inputs(processor, [_image(16)], ["Where?"])
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.setdefault("positions", []).append(kwargs["position_ids"])
+
+    method = RandomKeep(budget=0.25, renumber=True)
+    with method.apply(model):
+        handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        finally:
+            handle.remove()
+    prefill, *steps = seen["positions"]
+    n = method.stats.prefill_tokens
+    assert prefill[0].tolist() == list(range(n))
+    assert [int(step[0, -1]) for step in steps] == [n, n + 1]

@@ -46,13 +46,10 @@ def register(commands) -> None:
 
 
 def supported_methods(model) -> list[str]:
-    """The methods that apply to ``model``'s class (HiRED: LLaVA; pooling: one token grid per image)."""
-    name = type(model).__name__
-    methods = ["random", "fastv"]
-    if name != "LlavaNextForConditionalGeneration":
-        methods.append("pool")
-    if name == "LlavaForConditionalGeneration":
-        methods.append("hired")
+    """The methods that apply to ``model``'s class (pooling: one token grid per image, not LLaVA-Next)."""
+    methods = ["random", "hired", "fastv", "mustdrop"]
+    if type(model).__name__ != "LlavaNextForConditionalGeneration":
+        methods.insert(1, "pool")
     return methods
 
 

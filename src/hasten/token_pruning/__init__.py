@@ -9,6 +9,8 @@ Methods (each a dataclass of its paper's knobs, used the same way)::
 
 - :class:`HiRED` — CLS-attention top-k before the LLM (LLaVA-1.5).
 - :class:`FastV` — last-token attention at LLM layer K, tokens dropped after it (in-LLM stage).
+- :class:`MustDrop` — all three stages: window merging before the LLM, a dual text-attention
+  filter at several LLM layers, and a decoding cache of the survivors only.
 - :class:`RandomKeep`, :class:`SpatialPool` — baselines.
 
 Supported models: LLaVA, LLaVA-Next, Qwen2-VL, Qwen2.5-VL (see :mod:`.adapters`), with SDPA or
@@ -20,6 +22,7 @@ from .core import ImageTokens, PruningStats, TokenPruner
 from .fastv import FastV
 from .hired import HiRED
 from .inside_llm import LLMLayerPruner
+from .mustdrop import MustDrop
 
-__all__ = ["FastV", "HiRED", "ImageTokens", "LLMLayerPruner", "PruningStats", "RandomKeep", "SpatialPool",
+__all__ = ["FastV", "HiRED", "ImageTokens", "LLMLayerPruner", "MustDrop", "PruningStats", "RandomKeep", "SpatialPool",
            "TokenPruner"]

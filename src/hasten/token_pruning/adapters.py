@@ -1,9 +1,9 @@
 """Where the visual tokens are, per transformers VLM class (for :mod:`hasten.token_pruning`).
 
 One small table entry per model class: its image-token id, the language model that the
-pruning stages hook, the vision tower (for methods that score inside it), and how many visual
-tokens each image contributes and on which grid they lie. The pruning core knows nothing else
-about the models.
+pruning stages hook, the vision tower (for methods that score inside it), and where each
+visual token comes from (which vision-tower image or anyres partition, which patch). The pruning
+core knows nothing else about the models.
 """
 
 from __future__ import annotations
@@ -27,58 +27,98 @@ class VLMAdapter:
         ``model -> nn.Module``: the decoder whose forward receives the merged input embeddings.
     vision_tower : callable
         ``model -> nn.Module``.
-    image_grids : callable
-        ``(model, runs, position_ids) -> list[(rows, cols) | None]``: the token grid of each
-        image (``runs``: ``(sample, positions)`` per image, in order of appearance), from the
-        position ids the language model receives; ``None`` where the tokens are not one grid.
+    patch_layouts : callable
+        ``(model, call_kwargs, runs, position_ids) -> list[LongTensor (n, 3) | None]``: for each
+        image (``runs``: ``(sample, positions)`` per image, in order of appearance), where each of
+        its ``n`` visual tokens comes from: ``(vision batch row, patch row, patch column)``, or
+        ``-1`` in all three for tokens that are no patch (LLaVA-Next's row newlines). The vision
+        batch row indexes the vision tower's batch (one row per image, or per anyres partition).
+        ``None`` where the layout is unknown.
     has_cls : bool
         Whether the vision tower has a CLS token (CLIP) whose attention can score patches.
+    mrope : bool
+        Whether positions are Qwen's 3-D mRoPE (row and column per visual token).
+    encoder_inputs : tuple of str
+        Arguments of ``get_image_features`` the layout needs (recorded there, because
+        ``generate()`` runs the vision encoder before the first forward).
     """
 
     model_class: str
     language_model: Callable[[Any], torch.nn.Module]
     vision_tower: Callable[[Any], torch.nn.Module]
-    image_grids: Callable[[Any, dict, list[int]], list[tuple[int, int] | None]]
+    patch_layouts: Callable[[Any, dict, list, torch.Tensor], list[torch.Tensor | None]]
     has_cls: bool
+    mrope: bool = False
+    encoder_inputs: tuple[str, ...] = ()
 
     def image_token_id(self, model) -> int:
         return int(model.config.image_token_id)
 
 
-def _square_grids(model, runs, position_ids):
-    grids = []
-    for _, run in runs:
+def _raster(rows: int, cols: int, vision_row: int, device) -> torch.Tensor:
+    r = torch.arange(rows, device=device).repeat_interleave(cols)
+    c = torch.arange(cols, device=device).repeat(rows)
+    return torch.stack([torch.full_like(r, vision_row), r, c], 1)
+
+
+def _llava_layouts(model, call, runs, position_ids):
+    """One CLIP image per image token run, its patches in raster order (the CLS token dropped)."""
+    layouts = []
+    for index, (_, run) in enumerate(runs):
         side = int(round(len(run) ** 0.5))
-        grids.append((side, side) if side * side == len(run) else None)
-    return grids
+        layouts.append(_raster(side, side, index, run.device) if side * side == len(run) else None)
+    return layouts
 
 
-def _llava_next_grids(model, runs, position_ids):
-    # anyres: base image + sub-images, unpadded, with a newline token per row: not one grid.
-    return [None] * len(runs)
+def _llava_next_layouts(model, call, runs, position_ids):
+    """anyres: the base image, then the unpadded sub-image grid with a newline after each row.
+
+    Found by running the model's own ``pack_image_features`` on features that hold each patch's
+    (vision row, patch row, patch column), so the layout follows transformers exactly.
+    """
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config = model.config
+    sizes = call.get("image_sizes")
+    if sizes is None or config.vision_feature_select_strategy != "default":
+        return [None] * len(runs)
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    device = runs[0][1].device if runs else "cpu"
+    features, offset = [], 0
+    for size in sizes:
+        count = image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
+                                          patch_size=config.vision_config.image_size)
+        features.append(torch.stack([_raster(side, side, offset + k, device) for k in range(count)]).float())
+        offset += count
+    packed, _ = model.model.pack_image_features(features, sizes, "default",
+                                                image_newline=torch.full((3,), -1.0, device=device))
+    layouts = [layout.round().long() for layout in packed]
+    if len(layouts) != len(runs) or any(len(layout) != len(run) for layout, (_, run) in zip(layouts, runs)):
+        return [None] * len(runs)
+    return layouts
 
 
-def _qwen_grids(model, runs, position_ids):
+def _qwen_layouts(model, call, runs, position_ids):
     """From the mRoPE positions: the last two rows are each visual token's (row, column)."""
-    grids = []
-    for sample, run in runs:
-        rows_, cols_ = position_ids[-2, sample, run], position_ids[-1, sample, run]
-        rows, cols = int(rows_.max() - rows_.min()) + 1, int(cols_.max() - cols_.min()) + 1
-        grids.append((rows, cols) if rows * cols == len(run) else None)
-    return grids
+    layouts = []
+    for index, (sample, run) in enumerate(runs):
+        rows, cols = position_ids[-2, sample, run], position_ids[-1, sample, run]
+        layouts.append(torch.stack([torch.full_like(rows, index), rows - rows.min(), cols - cols.min()], 1))
+    return layouts
 
 
 ADAPTERS: dict[str, VLMAdapter] = {
     adapter.model_class: adapter
     for adapter in (
         VLMAdapter("LlavaForConditionalGeneration", lambda m: m.model.language_model, lambda m: m.model.vision_tower,
-                   _square_grids, has_cls=True),
+                   _llava_layouts, has_cls=True),
         VLMAdapter("LlavaNextForConditionalGeneration", lambda m: m.model.language_model,
-                   lambda m: m.model.vision_tower, _llava_next_grids, has_cls=True),
+                   lambda m: m.model.vision_tower, _llava_next_layouts, has_cls=True,
+                   encoder_inputs=("image_sizes",)),
         VLMAdapter("Qwen2VLForConditionalGeneration", lambda m: m.model.language_model, lambda m: m.model.visual,
-                   _qwen_grids, has_cls=False),
+                   _qwen_layouts, has_cls=False, mrope=True),
         VLMAdapter("Qwen2_5_VLForConditionalGeneration", lambda m: m.model.language_model, lambda m: m.model.visual,
-                   _qwen_grids, has_cls=False),
+                   _qwen_layouts, has_cls=False, mrope=True),
     )
 }
 

@@ -29,6 +29,8 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -37,7 +39,7 @@ import torch
 
 from .adapters import VLMAdapter, adapter_for
 
-__all__ = ["ImageTokens", "PruningStats", "TokenPruner", "gather_plan"]
+__all__ = ["ImageTokens", "PruningStats", "TokenPruner", "cache_bytes", "gather_plan", "renumbered"]
 
 
 def gather_plan(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +58,31 @@ def gather_plan(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     real = slot >= shift[:, None]
     columns = torch.where(real, order[:, :new_length].gather(1, (slot - shift[:, None]).clamp_min(0)), 0)
     return columns, real
+
+
+def renumbered(mask: torch.Tensor) -> torch.Tensor:
+    """Consecutive positions over the unmasked slots of a (batch, length) mask (0 on the left pads)."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of the keys and values a transformers cache holds."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+class _InstanceAttribute:
+    """A removable handle for an attribute set on one instance (it deletes it again)."""
+
+    def __init__(self, owner: Any, name: str):
+        self.owner, self.name = owner, name
+
+    def remove(self) -> None:
+        self.owner.__dict__.pop(self.name, None)
 
 
 @dataclass
@@ -77,6 +104,9 @@ class PruningStats:
     visual_kept_mask : list of BoolTensor
         Per sample, one flag per visual token (in sequence order): kept or not (e.g. to draw the
         kept tokens over the image).
+    layer_tokens : list of int
+        Per decoder layer, the (padded batch) sequence length it ran in the prefill: in-LLM
+        methods run their early layers on every token.
     """
 
     visual_tokens_in: list[int] = field(default_factory=list)
@@ -86,6 +116,7 @@ class PruningStats:
     kv_cache_bytes: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     visual_kept_mask: list[torch.Tensor] = field(default_factory=list)
+    layer_tokens: list[int] = field(default_factory=list)
 
     def record_kept(self, keep: torch.Tensor, image_mask: torch.Tensor) -> None:
         """Fill the kept counts and masks from (batch, length) keep and image-token masks."""
@@ -104,22 +135,45 @@ class ImageTokens:
     positions : LongTensor (n,)
         Their sequence positions (ascending).
     embeds : Tensor (n, hidden)
-        Their merged input embeddings (the projector's output).
-    grid : (rows, cols) or None
-        Token grid in raster order, where the tokens form one.
+        Their merged input embeddings (the projector's output), or the hidden states entering
+        the layer after an in-LLM scoring layer.
+    layout : LongTensor (n, 3) or None
+        Where each token comes from: ``(vision batch row, patch row, patch column)``, ``-1``
+        for tokens that are no patch (LLaVA-Next's row newlines); see
+        :class:`~hasten.token_pruning.adapters.VLMAdapter`. ``None`` where unknown.
     index : int
-        Image number in the batch, in order of appearance (matches vision-tower batches).
+        Image number in the batch, in order of appearance.
     scores : Tensor (n,), optional
         Scores the stage computed for these tokens (e.g. the last prompt token's attention at an
         LLM layer, for in-LLM methods).
+    text_attention : Tensor (queries, n), optional
+        In-LLM methods that score by text attention: the head-averaged attention of each text
+        token of the sample (rows) to these tokens.
+    protected : BoolTensor (n,), optional
+        In-LLM stages: tokens the method marked never-droppable earlier (they are kept whatever
+        the method selects).
     """
 
     sample: int
     positions: torch.Tensor
     embeds: torch.Tensor
-    grid: tuple[int, int] | None
+    layout: torch.Tensor | None
     index: int
     scores: torch.Tensor | None = None
+    text_attention: torch.Tensor | None = None
+    protected: torch.Tensor | None = None
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """``(rows, cols)`` when the tokens are one patch grid in raster order (LLaVA, Qwen), else None."""
+        layout = self.layout
+        if layout is None or len(layout) == 0 or bool((layout[:, 0] != layout[0, 0]).any()):
+            return None
+        rows, cols = int(layout[:, 1].max()) + 1, int(layout[:, 2].max()) + 1
+        if rows * cols != len(layout) or bool((layout[:, 1] * cols + layout[:, 2] != torch.arange(
+                len(layout), device=layout.device)).any()):
+            return None
+        return rows, cols
 
 
 @dataclass
@@ -131,13 +185,22 @@ class TokenPruner:
     budget : float, default 1.0
         Fraction of each image's visual tokens kept, in (0, 1]; 1.0 keeps everything and gives
         exactly the unpruned model.
+    renumber : bool, default False
+        Give the kept tokens consecutive positions (as if the dropped ones never existed)
+        instead of their original ones. Off by default: original positions keep each token's
+        place in the image, which grounding and OCR rely on (renumbering is reported to take
+        RefCOCO from 56.1 to 15.3); MustDrop's paper renumbers. LLaVA and LLaVA-Next only: a
+        Qwen2-VL token's mRoPE position is its (row, column), which has no renumbered form.
     """
 
     budget: float = 1.0
+    renumber: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0.0 < self.budget <= 1.0:
             raise ValueError(f"`budget` must be in (0, 1], got {self.budget!r}")
+        if not isinstance(self.renumber, bool):
+            raise ValueError(f"`renumber` must be True or False, got {self.renumber!r}")
         self.stats: PruningStats | None = None
         self._model = None
         self._handles: list[Any] = []
@@ -150,7 +213,8 @@ class TokenPruner:
         return n if self.budget >= 1.0 else max(1, int(self.budget * n))
 
     def select(self, image: ImageTokens) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Indices (into ``image.positions``, ascending) to keep, and optional new embeddings for them."""
+        """Before the LLM: indices (into ``image.positions``, ascending) to keep, and optional new
+        embeddings for them."""
         raise NotImplementedError
 
     def _hook_vision(self, model, adapter: VLMAdapter) -> list[Any]:
@@ -158,11 +222,18 @@ class TokenPruner:
         return []
 
     # --- attach / detach ------------------------------------------------------------------------
-    def attach(self, model) -> "TokenPruner":
-        """Install the hooks on ``model`` (a supported transformers VLM); see :meth:`apply`."""
+    def _check_model(self, model) -> VLMAdapter:
         if self._model is not None:
             raise ValueError(f"{type(self).__name__} is already attached to a model; detach() it first")
         adapter = adapter_for(model)
+        if self.renumber and adapter.mrope:
+            raise ValueError(f"`renumber=True` is not defined for {adapter.model_class}: a visual token's mRoPE "
+                             "position is its (row, column) in the image; use renumber=False")
+        return adapter
+
+    def attach(self, model) -> "TokenPruner":
+        """Install the hooks on ``model`` (a supported transformers VLM); see :meth:`apply`."""
+        adapter = self._check_model(model)
         self._adapter, self._model = adapter, model
         language_model = adapter.language_model(model)
         self._handles = [
@@ -170,6 +241,7 @@ class TokenPruner:
             language_model.register_forward_pre_hook(self._prune, with_kwargs=True),
             language_model.register_forward_hook(self._measure, with_kwargs=True),
             *self._hook_vision(model, adapter),
+            *self._record_encoder_inputs(model, adapter),
         ]
         return self
 
@@ -178,6 +250,25 @@ class TokenPruner:
         for handle in self._handles:
             handle.remove()
         self._handles, self._model, self._state = [], None, {}
+
+    def _record_encoder_inputs(self, model, adapter: VLMAdapter) -> list[Any]:
+        """Record the adapter's ``encoder_inputs`` (e.g. LLaVA-Next's ``image_sizes``) from
+        ``get_image_features``: ``generate()`` runs the vision encoder before the first forward and
+        passes the VLM only its outputs."""
+        if not adapter.encoder_inputs:
+            return []
+        owner = model.base_model
+        original = owner.get_image_features
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def recording(*args, **kwargs):
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            self._state["encoder"] = {name: bound.get(name) for name in adapter.encoder_inputs}
+            return original(*args, **kwargs)
+
+        owner.get_image_features = recording
+        return [_InstanceAttribute(owner, "get_image_features")]
 
     @contextlib.contextmanager
     def apply(self, model) -> Iterator["TokenPruner"]:
@@ -191,7 +282,8 @@ class TokenPruner:
     # --- hooks ------------------------------------------------------------------------------------
     def _record_inputs(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._state["call"] = {"input_ids": input_ids, "kwargs": kwargs}
+        encoder = {k: v for k, v in self._state.pop("encoder", {}).items() if v is not None}
+        self._state["call"] = {"input_ids": input_ids, "kwargs": {**encoder, **kwargs}}
 
     def _prune(self, module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
@@ -205,26 +297,34 @@ class TokenPruner:
             return args, self._decode(kwargs, embeds, cached)
         return args, kwargs
 
-    def _prefill(self, kwargs: dict, embeds: torch.Tensor) -> dict:
+    def _prompt(self, kwargs: dict, embeds: torch.Tensor) -> dict:
+        """The prefill's image mask, 2-D attention mask and position ids, from the recorded call."""
         call = self._state.pop("call", None)
-        self._state.pop("prefill", None)
         input_ids = call["input_ids"] if call else None
-        if input_ids is None or input_ids.shape != embeds.shape[:2]:
+        if input_ids is None or embeds is None or input_ids.shape != embeds.shape[:2]:
             raise ValueError("token pruning needs `input_ids` (to find the image tokens), not only `inputs_embeds`")
-        start = time.perf_counter()
         batch, length = input_ids.shape
-        device = embeds.device
-        image_mask = input_ids == self._adapter.image_token_id(self._model)
         mask = kwargs.get("attention_mask")
         if isinstance(mask, dict):
             raise ValueError("token pruning needs a 2-D attention mask (got precomputed 4-D masks)")
-        if mask is None:
-            mask = torch.ones(batch, length, dtype=torch.long, device=device)
         positions = kwargs.get("position_ids")
-        if positions is None:  # what the language model would use: 0 .. length-1
-            positions = torch.arange(length, device=device).expand(batch, -1)
+        device = input_ids.device
+        return dict(
+            image_mask=input_ids == self._adapter.image_token_id(self._model),
+            mask=mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=device),
+            # what the language model would use without them: 0 .. length-1
+            positions=positions if positions is not None else torch.arange(length, device=device).expand(batch, -1),
+            call=call["kwargs"] if call else {},
+            length=length,
+        )
 
-        images = self._images(image_mask, embeds, positions)
+    def _prefill(self, kwargs: dict, embeds: torch.Tensor) -> dict:
+        """Stage 1: gather the kept tokens of every image before the language model runs."""
+        self._state.pop("prefill", None)
+        prompt = self._prompt(kwargs, embeds)
+        start = time.perf_counter()
+        image_mask, mask, positions, length = prompt["image_mask"], prompt["mask"], prompt["positions"], prompt["length"]
+        images = self._images(image_mask, embeds, positions, prompt["call"])
         keep = ~image_mask
         new_embeds = embeds.clone()
         stats = PruningStats(visual_tokens_in=image_mask.sum(1).tolist(), prompt_tokens=length)
@@ -240,19 +340,25 @@ class TokenPruner:
         new_length = gather.shape[1]
         kwargs["inputs_embeds"] = new_embeds.gather(1, gather[..., None].expand(-1, -1, embeds.shape[-1]))
         kwargs["attention_mask"] = torch.where(real, mask.gather(1, gather), 0)
-        kwargs["position_ids"] = self._gather_positions(positions, gather, kwargs["attention_mask"])
+        if self.renumber:
+            kwargs["position_ids"] = renumbered(kwargs["attention_mask"])
+        else:
+            kwargs["position_ids"] = self._gather_positions(positions, gather, kwargs["attention_mask"])
         if kwargs.get("cache_position") is not None:
-            kwargs["cache_position"] = torch.arange(new_length, device=device)
-        last = self._last_positions(kwargs["position_ids"])
-        self._state["prefill"] = dict(columns=gather, real=real, length=length, dropped=length - new_length,
-                                      next_position=last + 1, position_shape=kwargs["position_ids"].shape[:-2])
+            kwargs["cache_position"] = torch.arange(new_length, device=embeds.device)
+        self._state["prefill"] = dict(
+            columns=gather, real=real, length=length, dropped=length - new_length,
+            next_position=self._last_positions(kwargs["position_ids"]) + 1,
+            position_shape=kwargs["position_ids"].shape[:-2], image_mask=image_mask, images=images)
         stats.prefill_tokens = new_length
+        stats.layer_tokens = [new_length] * len(self._adapter.language_model(self._model).layers)
         stats.stage_seconds["select"] = time.perf_counter() - start
         self._state["prefill_start"] = time.perf_counter()
         self.stats = stats
         return kwargs
 
     def _decode(self, kwargs: dict, embeds: torch.Tensor, cached: int) -> dict:
+        """A decoding step after a prefill whose prompt the cache holds only in part."""
         prefill = self._state["prefill"]
         new = embeds.shape[1]
         mask = kwargs.get("attention_mask")
@@ -280,17 +386,15 @@ class TokenPruner:
         if start is None or self.stats is None:
             return
         self.stats.stage_seconds["prefill"] = time.perf_counter() - start
-        cache = getattr(output, "past_key_values", None) or kwargs.get("past_key_values")
-        total = 0
-        for layer in getattr(cache, "layers", []):
-            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(tensor, torch.Tensor):
-                    total += tensor.numel() * tensor.element_size()
-        self.stats.kv_cache_bytes = total
+        self.stats.kv_cache_bytes = cache_bytes(getattr(output, "past_key_values", None) or kwargs.get("past_key_values"))
 
     # --- helpers ----------------------------------------------------------------------------------
-    def _images(self, image_mask: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor) -> list[ImageTokens]:
-        """Each image's tokens: one contiguous run of image tokens per image, in order of appearance."""
+    def _images(self, image_mask: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor | None,
+                call: dict | None = None, layouts: bool = True) -> list[ImageTokens]:
+        """Each image's tokens: one contiguous run of image tokens per image, in order of appearance.
+
+        ``layouts=False`` (inside the LLM, after tokens were dropped) leaves ``layout`` unset.
+        """
         runs: list[tuple[int, torch.Tensor]] = []
         for sample in range(image_mask.shape[0]):
             columns = image_mask[sample].nonzero()[:, 0]
@@ -299,9 +403,9 @@ class TokenPruner:
             breaks = (columns[1:] - columns[:-1] != 1).nonzero()[:, 0] + 1
             for run in torch.tensor_split(columns, breaks.tolist()):
                 runs.append((sample, run))
-        grids = self._adapter.image_grids(self._model, runs, positions)
-        return [ImageTokens(sample=sample, positions=run, embeds=embeds[sample, run], grid=grid, index=index)
-                for index, ((sample, run), grid) in enumerate(zip(runs, grids))]
+        found = self._adapter.patch_layouts(self._model, call or {}, runs, positions) if layouts else [None] * len(runs)
+        return [ImageTokens(sample=sample, positions=run, embeds=embeds[sample, run], layout=layout, index=index)
+                for index, ((sample, run), layout) in enumerate(zip(runs, found))]
 
     @staticmethod
     def _gather_positions(positions: torch.Tensor, columns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -313,7 +417,7 @@ class TokenPruner:
             # The text row only tells the mask builder where (packed) sequences start: it must
             # stay consecutive, so it is renumbered over the kept tokens (RoPE uses rows 1-3).
             gathered = gathered.clone()
-            gathered[0] = (mask.long().cumsum(-1) - 1).clamp_min(0)
+            gathered[0] = renumbered(mask)
         return gathered
 
     @staticmethod

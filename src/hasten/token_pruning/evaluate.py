@@ -30,18 +30,23 @@ def _methods() -> dict[str, type[TokenPruner]]:
     from .baselines import RandomKeep, SpatialPool
     from .fastv import FastV
     from .hired import HiRED
+    from .mustdrop import MustDrop
 
-    return {"random": RandomKeep, "pool": SpatialPool, "hired": HiRED, "fastv": FastV}
+    return {"random": RandomKeep, "pool": SpatialPool, "hired": HiRED, "fastv": FastV, "mustdrop": MustDrop}
 
 
-METHODS = ("random", "pool", "hired", "fastv")
+METHODS = ("random", "pool", "hired", "fastv", "mustdrop")
 """Method names accepted by :func:`make_method` (and ``hasten vlm --prune``)."""
 
 TINY = {f"tiny-{kind}": kind for kind in ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl")}
 
 
 def make_method(name: str, budget: float) -> TokenPruner:
-    """The pruning method ``name`` (one of :data:`METHODS`) at ``budget``."""
+    """The pruning method ``name`` (one of :data:`METHODS`) at ``budget``, with its paper defaults.
+
+    MustDrop's filter layers (2, 6, 10, 14) that a small LLM does not have are skipped (it warns
+    once, at attach).
+    """
     methods = _methods()
     if name not in methods:
         raise ValueError(f"unknown pruning method {name!r}; choose one of {', '.join(METHODS)}")
@@ -81,17 +86,12 @@ def prefill_flops(config: Any, tokens: int) -> float:
     return float(layers * (linear + attention))
 
 
-def _flops_ratio(config: Any, method: TokenPruner, stats) -> float:
-    """Prefill FLOPs with the method / without: in-LLM methods run layers 0..K on every token."""
-    from .inside_llm import LLMLayerPruner
-
+def _flops_ratio(config: Any, stats) -> float:
+    """Prefill FLOPs with the method / without, layer by layer (in-LLM methods run their early
+    layers on every token)."""
+    layers = stats.layer_tokens or [stats.prefill_tokens]
     full = prefill_flops(config, stats.prompt_tokens)
-    pruned = prefill_flops(config, stats.prefill_tokens)
-    if isinstance(method, LLMLayerPruner):
-        layers = getattr(config, "text_config", config).num_hidden_layers
-        early = (method.layer + 1) / layers
-        return early + (1 - early) * pruned / full
-    return pruned / full
+    return sum(prefill_flops(config, tokens) for tokens in layers) / (len(layers) * full)
 
 
 @dataclass
@@ -196,7 +196,7 @@ def evaluate(model: Any, processor: Any, methods: Sequence[tuple[str, float]], s
                 prefill_ms=prefill_s * 1000,
                 decode_tps=(new.shape[1] - 1) / decode_s if decode_s > 0 and new.shape[1] > 1 else float("nan"),
                 kv=stats.kv_cache_bytes,
-                flops=_flops_ratio(model.config, method, stats),
+                flops=_flops_ratio(model.config, stats),
                 peak=peak,
             ))
         mean = lambda key: statistics.mean(s[key] for s in per_sample)  # noqa: E731

@@ -44,6 +44,11 @@ class FastV(LLMLayerPruner):
     budget: float = 0.5
     layer: int = 2
 
-    def select(self, image: ImageTokens):
-        kept = image.scores.topk(self.kept_count(image)).indices.sort().values
-        return kept.to(image.positions.device), None
+    def pruning_layers(self, num_layers: int) -> list[int]:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or not 0 <= self.layer < num_layers - 1:
+            raise ValueError(f"`layer` must be in [0, {num_layers - 2}] for this {num_layers}-layer LLM, "
+                             f"got {self.layer!r}")
+        return [self.layer]
+
+    def select_in_llm(self, image: ImageTokens, stage: int):
+        return image.scores.topk(self.kept_count(image)).indices.sort().values

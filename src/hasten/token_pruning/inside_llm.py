@@ -1,171 +1,341 @@
-"""The in-LLM stage: drop visual tokens after a chosen decoder layer, during prefill and decoding.
+"""The in-LLM stage: drop visual tokens after chosen decoder layers, during prefill and decoding.
 
-Layers up to ``layer`` see every token. The layer scores the visual tokens: the last prompt
-token's attention, recorded from the exact query and keys it uses. The next layer's pre-hook
-gathers the kept tokens' hidden states and hands every later layer matching position
-embeddings and an attention mask. So the KV cache of layers ``layer + 1 ..`` holds only kept
-tokens, and at every decoding step those layers get the same columns of the mask. Positions
-are never renumbered: RoPE was already applied from the original position ids.
+Layers up to the first pruning layer see every token. Each pruning layer scores the visual
+tokens still present, from the exact queries and keys it uses: the last prompt token's
+attention (FastV) or every text token's attention (MustDrop). The next layer's pre-hook gathers
+the kept tokens' hidden states and hands every later layer matching position embeddings and an
+attention mask, so a layer's KV cache holds only the tokens that reached it, and at every
+decoding step each layer gets the columns of the mask that match its cache.
+
+Positions are kept unless the method renumbers: RoPE of the early layers was already applied
+from the original position ids, and later layers get the kept tokens' original cos/sin.
+
+Optionally (MustDrop's "output-aware" decoding policy) the cache is compacted after the prefill:
+every layer's cache then keeps only the tokens that survived the last pruning layer, and
+decoding sees the same short prompt at every layer.
+
+A method that also drops tokens before the LLM (``prunes_before_llm``) runs the shared stage
+of :mod:`.core` first; the in-LLM stage then works on what it kept.
 
 :class:`LLMLayerPruner` owns the mechanics. A method (e.g. :class:`hasten.token_pruning.FastV`)
-only says which tokens to keep from ``ImageTokens.scores``.
+says which layers prune and which tokens to keep from the scores (:meth:`select_in_llm`).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from .adapters import adapter_for
-from .core import PruningStats, TokenPruner, gather_plan
-from .scoring import LastQueryAttention
+from .core import ImageTokens, PruningStats, TokenPruner, cache_bytes, gather_plan, renumbered
+from .scoring import QueryAttention
 
 __all__ = ["LLMLayerPruner"]
 
 
 @dataclass
 class LLMLayerPruner(TokenPruner):
-    """Base class of methods that drop visual tokens inside the LLM, after decoder layer ``layer``.
+    """Base class of methods that drop visual tokens inside the LLM, after chosen decoder layers.
 
-    Parameters
-    ----------
-    budget : float
-        Fraction of each image's visual tokens kept after ``layer``, in (0, 1].
-    layer : int
-        The decoder layer whose attention ranks the tokens (0-based); later layers see the kept
-        tokens only. Must leave at least one layer after it.
+    A subclass provides :meth:`pruning_layers` and :meth:`select_in_llm`, and may set
+    ``scored_by = "text"`` (score by every text token's attention instead of the last one's),
+    ``prunes_before_llm = True`` (also run :meth:`select` before the LLM) and override
+    :meth:`compacts_cache`.
     """
 
-    layer: int = 2
+    scored_by: ClassVar[str] = "last"
+    prunes_before_llm: ClassVar[bool] = False
 
+    # --- what a method provides ------------------------------------------------------------------
+    def pruning_layers(self, num_layers: int) -> list[int]:
+        """The decoder layers (0-based, ascending) whose attention scores the tokens; each must
+        leave at least one layer after it."""
+        raise NotImplementedError
+
+    def select_in_llm(self, image: ImageTokens, stage: int) -> torch.Tensor:
+        """Indices (into ``image.positions``, ascending) to keep after pruning layer number ``stage``."""
+        raise NotImplementedError
+
+    def compacts_cache(self) -> bool:
+        """Whether every layer's cache keeps only the final survivors after the prefill."""
+        return False
+
+    # --- attach / detach -------------------------------------------------------------------------
     def attach(self, model) -> "LLMLayerPruner":
-        if self._model is not None:
-            raise ValueError(f"{type(self).__name__} is already attached to a model; detach() it first")
-        adapter = adapter_for(model)
+        adapter = self._check_model(model)
         language_model = adapter.language_model(model)
         layers = language_model.layers
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or not 0 <= self.layer < len(layers) - 1:
-            raise ValueError(f"`layer` must be in [0, {len(layers) - 2}] for this {len(layers)}-layer LLM, "
-                             f"got {self.layer!r}")
+        pruning = self.pruning_layers(len(layers))
+        if not pruning or any(not 0 <= layer < len(layers) - 1 for layer in pruning) or sorted(set(pruning)) != pruning:
+            raise ValueError(f"pruning layers must be ascending and in [0, {len(layers) - 2}] for this "
+                             f"{len(layers)}-layer LLM, got {pruning!r}")
         self._adapter, self._model, self._language_model = adapter, model, language_model
-        self._recorder = LastQueryAttention([self.layer])
+        self._pruning = pruning
+        self._recorder = QueryAttention(pruning)
         self._recorder.install(language_model.config)
+        stage_of = {index: sum(layer < index for layer in pruning) for index in range(len(layers))}
+        self._stage_of = stage_of
         self._handles = [
             model.register_forward_pre_hook(self._record_inputs, with_kwargs=True),
             language_model.register_forward_pre_hook(self._llm_inputs, with_kwargs=True),
-            language_model.register_forward_hook(self._measure, with_kwargs=True),
-            layers[self.layer + 1].register_forward_pre_hook(self._drop, with_kwargs=True),
-            *(layer.register_forward_pre_hook(self._follow, with_kwargs=True) for layer in layers[self.layer + 2:]),
+            language_model.register_forward_hook(self._finish_prefill, with_kwargs=True),
+            *(layer.register_forward_pre_hook(functools.partial(self._layer_inputs, index=index), with_kwargs=True)
+              for index, layer in enumerate(layers) if stage_of[index] > 0),
+            *(self._hook_vision(model, adapter) if self.prunes_before_llm else []),
+            *(self._record_encoder_inputs(model, adapter) if self.prunes_before_llm else []),
         ]
         return self
 
     def detach(self) -> None:
         if self._model is not None:
-            LastQueryAttention.remove(self._language_model.config)
+            QueryAttention.remove(self._language_model.config)
         super().detach()
 
-    # --- hooks -----------------------------------------------------------------------------------
+    # --- the language model's inputs --------------------------------------------------------------
     def _llm_inputs(self, module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
         cache = kwargs.get("past_key_values")
         cached = cache.get_seq_length() if cache is not None else 0
         if cached == 0:
-            call = self._state.pop("call", None)
-            input_ids = call["input_ids"] if call else None
-            if input_ids is None or embeds is None or input_ids.shape != embeds.shape[:2]:
-                raise ValueError("token pruning needs `input_ids` (to find the image tokens)")
-            batch, length = input_ids.shape
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, dict):
-                raise ValueError("token pruning needs a 2-D attention mask (got precomputed 4-D masks)")
-            positions = kwargs.get("position_ids")
-            self._state = {
-                "image_mask": input_ids == self._adapter.image_token_id(self._model),
-                "mask": mask if mask is not None else torch.ones_like(input_ids),
-                "positions": positions if positions is not None else torch.arange(length, device=input_ids.device).expand(batch, -1),
-                "length": length,
-                "prefill_start": time.perf_counter(),
-            }
-            self.stats = PruningStats(visual_tokens_in=self._state["image_mask"].sum(1).tolist(), prompt_tokens=length,
-                                      prefill_tokens=length)
-            self.stats.record_kept(torch.ones_like(self._state["image_mask"]), self._state["image_mask"])
-            self._recorder.active = self.budget < 1.0
-        elif "plan" in self._state:  # a decoding step: one mask for every layer after `layer`
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, dict):
-                raise ValueError("token pruning needs a 2-D attention mask (got precomputed 4-D masks)")
-            self._state["step_attention"] = self._decode_mask(mask, cached, embeds.shape[1], embeds.dtype)
+            return args, self._start_prefill(kwargs, embeds)
+        llm = self._state.get("llm")
+        if llm is None:
+            return args, kwargs
+        if "prefill" in self._state:  # the LLM-level prompt is shorter than generate() thinks
+            kwargs = self._decode(kwargs, embeds, cached)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict):
+            raise ValueError("token pruning needs a 2-D attention mask (got precomputed 4-D masks)")
+        queries = embeds.shape[1]
+        llm["step"] = dict(generated=cached - llm["length"], queries=queries,
+                           masks=[self._decode_mask(plan, mask, cached, queries, embeds.dtype) for plan in llm["plans"]])
         return args, kwargs
 
-    def _drop(self, module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[1] > 1 and "plan" not in self._state and "image_mask" in self._state:
-            if self.budget >= 1.0:
-                return args, kwargs  # nothing to drop: the exact unpruned model
-            start = time.perf_counter()
+    def _start_prefill(self, kwargs: dict, embeds: torch.Tensor) -> dict:
+        self._state = {"call": self._state.get("call")}  # nothing of an earlier call survives
+        if self.budget < 1.0 and self.prunes_before_llm:
+            kwargs = self._prefill(kwargs, embeds)  # stage 1 (sets stats and the LLM-level plan)
+            before = self._state["prefill"]
+            input_ids_mask = before["image_mask"].gather(1, before["columns"]) & before["real"]
+            prompt = dict(image_mask=input_ids_mask, mask=kwargs["attention_mask"], positions=kwargs["position_ids"],
+                          length=kwargs["inputs_embeds"].shape[1])
+        else:
+            prompt = self._prompt(kwargs, kwargs.get("inputs_embeds"))
+            length = prompt["length"]
+            self.stats = PruningStats(visual_tokens_in=prompt["image_mask"].sum(1).tolist(), prompt_tokens=length,
+                                      prefill_tokens=length,
+                                      layer_tokens=[length] * len(self._language_model.layers))
+            self.stats.record_kept(torch.ones_like(prompt["image_mask"]), prompt["image_mask"])
+        self._state["prefill_start"] = time.perf_counter()
+        if self.budget >= 1.0:
             self._recorder.active = False
-            scores = self._recorder.scores.pop(self.layer)
-            images = self._images(self._state["image_mask"], hidden, self._state["positions"])
-            keep = ~self._state["image_mask"]
-            for image in images:
-                image.scores = scores[image.sample, image.positions]
-                kept, _ = self.select(image)
-                keep[image.sample, image.positions[kept]] = True
-            columns, real = gather_plan(keep)
-            self._state["plan"] = (columns, real)
-            self.stats.record_kept(keep, self._state["image_mask"])
-            self.stats.prefill_tokens = columns.shape[1]
-            self.stats.stage_seconds["select"] = time.perf_counter() - start
-            hidden = hidden.gather(1, columns[..., None].expand(-1, -1, hidden.shape[-1]))
+            return kwargs  # nothing to drop: the exact unpruned model
+        prompt.pop("call", None)
+        self._state["llm"] = dict(prompt, plans=[], protected=self._protected(prompt))
+        valid = prompt["mask"].bool()
+        self._recorder.rows = self._text_rows(prompt["image_mask"], valid) if self.scored_by == "text" else None
+        self._recorder.active = True
+        return kwargs
+
+    def _protected(self, prompt: dict) -> torch.Tensor | None:
+        """Tokens of the LLM input that no in-LLM stage may drop (None: none)."""
+        return None
+
+    @staticmethod
+    def _text_rows(image_mask: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
+        return [(valid[b] & ~image_mask[b]).nonzero()[:, 0] for b in range(image_mask.shape[0])]
+
+    # --- every decoder layer after the first pruning layer ---------------------------------------
+    def _layer_inputs(self, module, args, kwargs, index: int):
+        llm = self._state.get("llm")
+        if llm is None:
+            return args, kwargs
+        stage = self._stage_of[index]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if "step" not in llm and stage > len(llm["plans"]):  # prefill: this layer follows a pruning layer
+            hidden = self._drop(hidden, stage)
             if args:
                 args = (hidden, *args[1:])
             else:
                 kwargs["hidden_states"] = hidden
-        return args, self._follow(module, args, kwargs)[1]
-
-    def _follow(self, module, args, kwargs):
-        if "plan" not in self._state:
+        if stage > len(llm["plans"]):  # compacted after the prefill: nothing per layer
             return args, kwargs
-        columns, real = self._state["plan"]
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if "step_attention" not in self._state:  # prefill: everything per token is gathered
-            kwargs["attention_mask"] = self._prefill_mask(columns, real, hidden.dtype)
-            cos_sin = kwargs.get("position_embeddings")
-            if cos_sin is not None:
-                kwargs["position_embeddings"] = tuple(self._gather_sequence(t, columns) for t in cos_sin)
-            positions = kwargs.get("position_ids")
-            if positions is not None and positions.shape[-1] == self._state["length"]:
-                index = columns.expand(*positions.shape[:-2], *columns.shape) if positions.dim() > 2 else columns
-                kwargs["position_ids"] = positions.gather(-1, index)
+        plan = llm["plans"][stage - 1]
+        if "step" not in llm:
+            kwargs["attention_mask"] = self._prefill_mask(plan, hidden.dtype)
+            self._positions(kwargs, hidden, plan, llm, decoding=None)
             if kwargs.get("cache_position") is not None:
-                kwargs["cache_position"] = torch.arange(columns.shape[1], device=columns.device)
+                kwargs["cache_position"] = torch.arange(plan["columns"].shape[1], device=hidden.device)
         else:
-            kwargs["attention_mask"] = self._state["step_attention"]
+            step = llm["step"]
+            kwargs["attention_mask"] = step["masks"][stage - 1]
+            if self.renumber:
+                self._positions(kwargs, hidden, plan, llm, decoding=step)
         return args, kwargs
 
+    def _positions(self, kwargs: dict, hidden: torch.Tensor, plan: dict, llm: dict, decoding: dict | None) -> None:
+        """Position ids and cos/sin of the tokens this layer sees (original, or renumbered)."""
+        if self.renumber:
+            if decoding is None:
+                positions = plan["renumbered"]
+            else:
+                positions = plan["next_position"][:, None] + decoding["generated"] + torch.arange(
+                    decoding["queries"], device=hidden.device)[None]
+            kwargs["position_ids"] = positions
+            if kwargs.get("position_embeddings") is not None:
+                kwargs["position_embeddings"] = self._language_model.rotary_emb(hidden, positions)
+            return
+        columns = plan["columns"]
+        cos_sin = kwargs.get("position_embeddings")
+        if cos_sin is not None:
+            kwargs["position_embeddings"] = tuple(self._gather_sequence(t, columns) for t in cos_sin)
+        positions = kwargs.get("position_ids")
+        if positions is not None and positions.shape[-1] == llm["length"]:
+            index = columns.expand(*positions.shape[:-2], *columns.shape) if positions.dim() > 2 else columns
+            kwargs["position_ids"] = positions.gather(-1, index)
+
+    def _drop(self, hidden: torch.Tensor, stage: int) -> torch.Tensor:
+        """Score, select and gather at pruning layer number ``stage`` (1-based) of the prefill."""
+        start = time.perf_counter()
+        llm = self._state["llm"]
+        layer = self._pruning[stage - 1]
+        batch, length = hidden.shape[:2]
+        if llm["plans"]:
+            previous = llm["plans"][-1]
+        else:
+            columns = torch.arange(length, device=hidden.device).expand(batch, -1)
+            previous = dict(columns=columns, real=torch.ones_like(columns, dtype=torch.bool))
+        image = llm["image_mask"].gather(1, previous["columns"]) & previous["real"]
+        protected = None
+        if llm["protected"] is not None:
+            protected = llm["protected"].gather(1, previous["columns"]) & previous["real"]
+        scores = self._recorder.scores.pop(layer)
+        keep = ~image & previous["real"]
+        for tokens in self._images(image, hidden, None, None, layouts=False):
+            if protected is not None:
+                tokens.protected = protected[tokens.sample, tokens.positions]
+            if self.scored_by == "text":
+                tokens.text_attention = scores[tokens.sample][:, tokens.positions]
+            else:
+                tokens.scores = scores[tokens.sample, tokens.positions]
+            kept = self.select_in_llm(tokens, stage)
+            if protected is not None:  # the method's protected tokens always stay
+                flags = torch.zeros(len(tokens.positions), dtype=torch.bool, device=kept.device)
+                flags[kept] = True
+                kept = (flags | protected[tokens.sample, tokens.positions].to(kept.device)).nonzero()[:, 0]
+            keep[tokens.sample, tokens.positions[kept.to(tokens.positions.device)]] = True
+        relative, real = gather_plan(keep)
+        columns = previous["columns"].gather(1, relative)
+        valid = real & llm["mask"].gather(1, columns).bool()
+        plan = dict(columns=columns, real=real)
+        if self.renumber:
+            plan["renumbered"] = renumbered(valid)
+            plan["next_position"] = plan["renumbered"].amax(-1) + 1
+        llm["plans"].append(plan)
+        if self.scored_by == "text":
+            self._recorder.rows = self._text_rows(llm["image_mask"].gather(1, columns) & real, valid)
+        if stage == len(self._pruning):
+            self._recorder.active = False
+        self._record_stats(stage)
+        seconds = self.stats.stage_seconds
+        seconds["select_in_llm"] = seconds.get("select_in_llm", 0.0) + time.perf_counter() - start
+        return hidden.gather(1, relative[..., None].expand(-1, -1, hidden.shape[-1]))
+
+    def _record_stats(self, stage: int) -> None:
+        """Kept tokens (as flags over the ORIGINAL prompt's visual tokens) and per-layer lengths."""
+        llm = self._state["llm"]
+        plan = llm["plans"][-1]
+        columns, real = plan["columns"], plan["real"]
+        before = self._state.get("prefill")
+        if before is not None:  # stage 1 ran: map back to the original prompt
+            image_mask = before["image_mask"]
+            columns, real = before["columns"].gather(1, columns), real & before["real"].gather(1, columns)
+        else:
+            image_mask = llm["image_mask"]
+        keep = ~image_mask
+        for row in range(keep.shape[0]):
+            keep[row, columns[row][real[row]]] = True
+        self.stats.record_kept(keep, image_mask)
+        self.stats.prefill_tokens = plan["columns"].shape[1]
+        self.stats.layer_tokens = [llm["length"] if self._stage_of[i] == 0 else
+                                   llm["plans"][min(self._stage_of[i], len(llm["plans"])) - 1]["columns"].shape[1]
+                                   for i in range(len(self._stage_of))]
+
+    # --- after the prefill -------------------------------------------------------------------------
+    def _finish_prefill(self, module, args, kwargs, output):
+        llm = self._state.get("llm")
+        cache = getattr(output, "past_key_values", None) or kwargs.get("past_key_values")
+        if llm is not None and llm["plans"] and "step" not in llm and "compacted" not in llm:
+            self._recorder.active = False
+            if self.compacts_cache() and cache is not None:
+                self._compact(cache)
+            llm["compacted"] = self.compacts_cache()
+        self._measure(module, args, kwargs, output)
+
+    def _compact(self, cache) -> None:
+        """Keep only the final survivors in every layer's cache; decoding then sees one short prompt."""
+        llm = self._state["llm"]
+        final = llm["plans"][-1]
+        for index, layer in enumerate(getattr(cache, "layers", [])):
+            stage = self._stage_of.get(index, 0)
+            if stage == len(llm["plans"]):
+                continue
+            if stage == 0:
+                relative = final["columns"]
+            else:  # where each final column sits in this layer's shorter cache
+                plan = llm["plans"][stage - 1]
+                columns = torch.where(plan["real"], plan["columns"], llm["length"])  # pad slots: a spare column
+                where = torch.zeros(columns.shape[0], llm["length"] + 1, dtype=torch.long, device=columns.device)
+                where.scatter_(1, columns, torch.arange(columns.shape[1], device=columns.device).expand_as(columns))
+                relative = where.gather(1, final["columns"])
+            index_ = relative[:, None, :, None]
+            layer.keys = layer.keys.gather(2, index_.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1]))
+            layer.values = layer.values.gather(2, index_.expand(-1, layer.values.shape[1], -1, layer.values.shape[-1]))
+        # the LLM-level plan: generate()'s prompt -> the compacted cache
+        before = self._state.get("prefill")
+        columns, real = final["columns"], final["real"]
+        positions = llm["positions"]
+        if before is not None:
+            columns, real = before["columns"].gather(1, columns), real & before["real"].gather(1, columns)
+            length, position_shape = before["length"], before["position_shape"]
+        else:
+            length, position_shape = llm["length"], positions.shape[:-2]
+        if self.renumber:
+            next_position = final["next_position"]
+        else:
+            gathered = positions.gather(-1, final["columns"].expand(*positions.shape[:-2], *final["columns"].shape)
+                                        if positions.dim() > 2 else final["columns"])
+            next_position = self._last_positions(gathered) + 1
+        self._state["prefill"] = dict(columns=columns, real=real, length=length, dropped=length - columns.shape[1],
+                                      next_position=next_position, position_shape=position_shape)
+        # from now on the LLM-level rewrite is the whole story: no per-layer plans
+        self._state["llm"] = dict(length=final["columns"].shape[1], plans=[], compacted=True)
+
     # --- masks -----------------------------------------------------------------------------------
-    def _prefill_mask(self, columns, real, dtype) -> torch.Tensor:
+    def _prefill_mask(self, plan: dict, dtype) -> torch.Tensor:
         """Additive (batch, 1, n, n) causal mask over the kept tokens (pad slots see only themselves)."""
-        valid = real & self._state["mask"].gather(1, columns).bool()
+        columns, real = plan["columns"], plan["real"]
+        valid = real & self._state["llm"]["mask"].gather(1, columns).bool()
         n = columns.shape[1]
         causal = torch.ones(n, n, dtype=torch.bool, device=columns.device).tril()
         allowed = causal & valid[:, None, :]
         allowed = allowed | torch.eye(n, dtype=torch.bool, device=columns.device)  # no empty rows: no NaN
         return self._additive(allowed[:, None], dtype)
 
-    def _decode_mask(self, mask, cached: int, queries: int, dtype) -> torch.Tensor:
-        """Additive (batch, 1, queries, kept + generated) mask of a decoding step, for the later layers.
+    def _decode_mask(self, plan: dict, mask, cached: int, queries: int, dtype) -> torch.Tensor:
+        """Additive (batch, 1, queries, kept + generated) mask of a decoding step for one stage's layers.
 
-        ``mask`` is generate()'s 2-D mask over the original prompt + generated tokens (or None:
-        all ones); ``cached`` the full-length cache of the early layers.
+        ``mask`` is the LLM's 2-D mask over its prompt + generated tokens (or None: all ones);
+        ``cached`` the length of the first layer's cache, which holds the whole LLM prompt.
         """
-        columns, real = self._state["plan"]
-        length = self._state["length"]
+        columns, real = plan["columns"], plan["real"]
+        llm = self._state["llm"]
+        length = llm["length"]
         generated = cached - length + queries  # generated tokens, this step's included
-        prompt = real & self._state["mask"].gather(1, columns).bool()
+        prompt = real & llm["mask"].gather(1, columns).bool()
         if mask is None:
             later = torch.ones(columns.shape[0], generated, dtype=torch.bool, device=columns.device)
         else:
@@ -186,6 +356,3 @@ class LLMLayerPruner(TokenPruner):
         lead = tensor.dim() - 3
         index = columns.view(*([1] * lead), *columns.shape, 1).expand(*tensor.shape[:-2], columns.shape[1], tensor.shape[-1])
         return tensor.gather(-2, index)
-
-    def select(self, image) -> tuple[torch.Tensor, Any]:
-        raise NotImplementedError

@@ -3,10 +3,11 @@
 - :class:`CLSAttention`: CLS-token attention inside a CLIP-style vision tower, recomputed from
   forward hooks on the chosen layers' ``q_proj`` / ``k_proj`` (so it works with SDPA, eager or
   any attention implementation).
-- :class:`LastQueryAttention`: the attention of the last prompt token to every key at chosen
-  LLM layers (FastV's ranking; SnapKV-style scores), recomputed from the exact query and keys
-  the layer uses (after RoPE) through a registered transformers attention function that wraps
-  the model's own one.
+- :class:`QueryAttention`: the attention of the last prompt token (FastV's ranking;
+  SnapKV-style scores), or of chosen query rows such as every text token (MustDrop), to every
+  key at chosen LLM layers, recomputed from the exact queries and keys the layer uses (after
+  RoPE) through a registered transformers attention function that wraps the model's own one.
+- :func:`l2_saliency`: the L2 norm of each token's hidden state.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CLSAttention", "LastQueryAttention", "encoder_layers_of"]
+__all__ = ["CLSAttention", "QueryAttention", "encoder_layers_of", "l2_saliency"]
 
 _RECORDING = "hasten_record"  # the registered attention function name
 
@@ -81,17 +82,26 @@ def _wrapped_attention(module, query, key, value, attention_mask, **kwargs):
     return function(module, query, key, value, attention_mask, **kwargs)
 
 
-class LastQueryAttention:
-    """Records, during a prefill, the last query's attention over all keys at chosen layers.
+def l2_saliency(hidden: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each token's hidden state (last axis), in float32: a CLS-free saliency."""
+    return hidden.float().norm(dim=-1)
 
-    ``scores[layer]`` is ``(batch, keys)``: softmax of the last query row (the model's scaling
-    and mask applied), averaged over heads. Install with :meth:`install` on the language
-    model's config, remove with :meth:`remove` (the original attention implementation returns).
+
+class QueryAttention:
+    """Records, during a prefill, some queries' attention over all keys at chosen layers.
+
+    With ``rows = None`` (the default) the last query is scored: ``scores[layer]`` is
+    ``(batch, keys)``, the softmax of the last query row (the model's scaling and mask applied)
+    averaged over heads. Set ``rows`` to one LongTensor of query indices per sample to score
+    those instead: ``scores[layer]`` is then a list of ``(len(rows[b]), keys)`` tensors.
+    Install with :meth:`install` on the language model's config, remove with :meth:`remove`
+    (the original attention implementation returns).
     """
 
     def __init__(self, layers: list[int]):
         self.layers = set(layers)
-        self.scores: dict[int, torch.Tensor] = {}
+        self.scores: dict[int, Any] = {}
+        self.rows: list[torch.Tensor] | None = None
         self.active = False
 
     def install(self, config) -> None:
@@ -120,10 +130,27 @@ class LastQueryAttention:
         if not self.active or layer not in self.layers or query.shape[2] < 2:
             return
         heads, kv_heads = query.shape[1], key.shape[1]
-        keys = key.repeat_interleave(heads // kv_heads, dim=1) if heads != kv_heads else key
+        keys = (key.repeat_interleave(heads // kv_heads, dim=1) if heads != kv_heads else key).float()
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        logits = (query[:, :, -1:].float() @ keys.float().transpose(-1, -2)) * scale  # (B, H, 1, S)
+        length = keys.shape[2]
+        if self.rows is None:
+            self.scores[layer] = self._probabilities(query[:, :, -1:].float() @ keys.transpose(-1, -2) * scale,
+                                                     mask, slice(-1, None), None, length).mean(1)[:, 0]
+            return
+        self.scores[layer] = [
+            self._probabilities(query[b:b + 1, :, rows].float() @ keys[b:b + 1].transpose(-1, -2) * scale,
+                                None if mask is None else mask[min(b, mask.shape[0] - 1)][None], rows, rows, length).mean(1)[0]
+            for b, rows in enumerate(self.rows)
+        ]
+
+    @staticmethod
+    def _probabilities(logits, mask, rows, causal_rows, length):
+        """Softmax of (1|B, H, R, S) logits under the layer's mask (or causal order where it is None)."""
         if mask is not None:
-            row = mask[..., -1:, : keys.shape[2]]
-            logits = logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else logits + row.float()
-        self.scores[layer] = torch.softmax(logits, dim=-1).mean(1)[:, 0]
+            row = mask[..., rows, :length]
+            return torch.softmax(logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool
+                                 else logits + row.float(), dim=-1)
+        if causal_rows is not None:  # no mask given: SDPA's causal order
+            future = torch.arange(length, device=logits.device)[None] > causal_rows[:, None]
+            logits = logits.masked_fill(future, float("-inf"))
+        return torch.softmax(logits, dim=-1)
