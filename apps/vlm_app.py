@@ -76,6 +76,10 @@ class VLMRun:
             _, h, w = inputs["image_grid_thw"][0].tolist()
             merge = self.model.config.vision_config.spatial_merge_size
             return h // merge, w // merge
+        if "image_sizes" in inputs:  # LLaVA-Next: the full-image partition's grid comes first
+            vision = self.model.config.vision_config
+            side = vision.image_size // vision.patch_size
+            return side, side
         side = int(round(count ** 0.5))
         return (side, side) if side * side == count else None
 
@@ -111,6 +115,9 @@ class VLMRun:
         grid = self._grid(inputs, count)
         if grid is None:
             stats += "\n\n(the visual tokens of this model are not one grid: no overlay)"
+        elif len(kept) > grid[0] * grid[1]:
+            kept = kept[: grid[0] * grid[1]]
+            stats += "\n\n(overlay: the full-image partition; the sub-images' tokens follow it)"
         return answer.strip() or "(empty answer)", draw_kept(image, kept, grid), stats
 
 
