@@ -11,6 +11,8 @@ Methods (each a dataclass of its paper's knobs, used the same way)::
 - :class:`FastV` — last-token attention at LLM layer K, tokens dropped after it (in-LLM stage).
 - :class:`MustDrop` — all three stages: window merging before the LLM, a dual text-attention
   filter at several LLM layers, and a decoding cache of the survivors only.
+- :class:`ZipVL` — probe-query attention mass picks each layer's important tokens; sparse
+  prefill over them and a mixed-precision (4 / 2-bit) KV cache (:mod:`.kv_cache`).
 - :class:`RandomKeep`, :class:`SpatialPool` — baselines.
 
 Supported models: LLaVA, LLaVA-Next, Qwen2-VL, Qwen2.5-VL (see :mod:`.adapters`), with SDPA or
@@ -23,6 +25,7 @@ from .fastv import FastV
 from .hired import HiRED
 from .inside_llm import LLMLayerPruner
 from .mustdrop import MustDrop
+from .zipvl import ZipVL
 
 __all__ = ["FastV", "HiRED", "ImageTokens", "LLMLayerPruner", "MustDrop", "PruningStats", "RandomKeep", "SpatialPool",
-           "TokenPruner"]
+           "TokenPruner", "ZipVL"]

@@ -69,6 +69,9 @@ def cache_bytes(cache: Any) -> int:
     """Bytes of the keys and values a transformers cache holds."""
     total = 0
     for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "nbytes"):  # compressed layers report their true size
+            total += layer.nbytes
+            continue
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
@@ -107,6 +110,9 @@ class PruningStats:
     layer_tokens : list of int
         Per decoder layer, the (padded batch) sequence length it ran in the prefill: in-LLM
         methods run their early layers on every token.
+    layer_important : list of float
+        KV-cache methods (ZipVL): per decoder layer, the mean fraction of tokens kept at high
+        precision (and attended in a sparse prefill).
     """
 
     visual_tokens_in: list[int] = field(default_factory=list)
@@ -117,6 +123,7 @@ class PruningStats:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     visual_kept_mask: list[torch.Tensor] = field(default_factory=list)
     layer_tokens: list[int] = field(default_factory=list)
+    layer_important: list[float] = field(default_factory=list)
 
     def record_kept(self, keep: torch.Tensor, image_mask: torch.Tensor) -> None:
         """Fill the kept counts and masks from (batch, length) keep and image-token masks."""

@@ -8,6 +8,11 @@
   key at chosen LLM layers, recomputed from the exact queries and keys the layer uses (after
   RoPE) through a registered transformers attention function that wraps the model's own one.
 - :func:`l2_saliency`: the L2 norm of each token's hidden state.
+- :func:`probe_queries`, :func:`normalized_probe_attention`, :func:`mass_count`: ZipCache's
+  probe queries and normalised scores, and the attention-mass rule that gives ZipVL its
+  dynamic token count.
+- :class:`AttentionHook`: the registered attention function all of the in-LLM scores (and
+  ZipVL's sparse prefill) run through.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["CLSAttention", "QueryAttention", "encoder_layers_of", "l2_saliency"]
+__all__ = ["AttentionHook", "CLSAttention", "QueryAttention", "encoder_layers_of", "l2_saliency", "mass_count",
+           "normalized_probe_attention", "probe_queries"]
 
 _RECORDING = "hasten_record"  # the registered attention function name
 
@@ -65,11 +71,8 @@ class CLSAttention:
 
 
 def _wrapped_attention(module, query, key, value, attention_mask, **kwargs):
-    """Registered attention function: record if asked, then run the model's own implementation."""
+    """Registered attention function: hand the call to the installed hook, which runs the model's own one."""
     config = module.config
-    recorder = getattr(config, "_hasten_recorder", None)
-    if recorder is not None:
-        recorder.observe(module, query, key, attention_mask, kwargs.get("scaling"))
     original = config._hasten_original_attn
     if original == "eager":
         import sys
@@ -79,7 +82,49 @@ def _wrapped_attention(module, query, key, value, attention_mask, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         function = ALL_ATTENTION_FUNCTIONS[original]
-    return function(module, query, key, value, attention_mask, **kwargs)
+    hook = getattr(config, "_hasten_recorder", None)
+    if hook is None:
+        return function(module, query, key, value, attention_mask, **kwargs)
+    return hook.attend(module, query, key, value, attention_mask, function, **kwargs)
+
+
+class AttentionHook:
+    """Sees (and may change) every attention call of a language model, through a registered
+    transformers attention function that wraps the model's own implementation.
+
+    :meth:`install` on the language model's config, :meth:`remove` to restore the original
+    implementation. Subclasses override :meth:`observe` (read the exact queries and keys, after
+    RoPE) or :meth:`attend` (run the attention differently).
+    """
+
+    def install(self, config) -> None:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        original = config._attn_implementation
+        if getattr(config, "_hasten_recorder", None) is not None:
+            raise ValueError("another hasten method already hooks attention on this model")
+        name = f"{_RECORDING}_{original}"  # masks are built exactly as for the original implementation
+        AttentionInterface.register(name, _wrapped_attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+        config._hasten_original_attn = original
+        config._hasten_recorder = self
+        config._attn_implementation = name
+
+    @staticmethod
+    def remove(config) -> None:
+        if getattr(config, "_hasten_recorder", None) is None:
+            return
+        config._attn_implementation = config._hasten_original_attn
+        del config._hasten_recorder, config._hasten_original_attn
+
+    def observe(self, module, query, key, mask, scaling) -> None:
+        """Called before the attention of every layer."""
+
+    def attend(self, module, query, key, value, mask, function, **kwargs):
+        """Run one layer's attention; by default observe, then the model's own ``function``."""
+        self.observe(module, query, key, mask, kwargs.get("scaling"))
+        return function(module, query, key, value, mask, **kwargs)
 
 
 def l2_saliency(hidden: torch.Tensor) -> torch.Tensor:
@@ -87,7 +132,7 @@ def l2_saliency(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.float().norm(dim=-1)
 
 
-class QueryAttention:
+class QueryAttention(AttentionHook):
     """Records, during a prefill, some queries' attention over all keys at chosen layers.
 
     With ``rows = None`` (the default) the last query is scored: ``scores[layer]`` is
@@ -103,27 +148,6 @@ class QueryAttention:
         self.scores: dict[int, Any] = {}
         self.rows: list[torch.Tensor] | None = None
         self.active = False
-
-    def install(self, config) -> None:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-        original = config._attn_implementation
-        if getattr(config, "_hasten_recorder", None) is not None:
-            raise ValueError("another hasten method already records attention on this model")
-        name = f"{_RECORDING}_{original}"  # masks are built exactly as for the original implementation
-        AttentionInterface.register(name, _wrapped_attention)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
-        config._hasten_original_attn = original
-        config._hasten_recorder = self
-        config._attn_implementation = name
-
-    @staticmethod
-    def remove(config) -> None:
-        if getattr(config, "_hasten_recorder", None) is None:
-            return
-        config._attn_implementation = config._hasten_original_attn
-        del config._hasten_recorder, config._hasten_original_attn
 
     def observe(self, module, query, key, mask, scaling) -> None:
         layer = getattr(module, "layer_idx", None)
@@ -154,3 +178,48 @@ class QueryAttention:
             future = torch.arange(length, device=logits.device)[None] > causal_rows[:, None]
             logits = logits.masked_fill(future, float("-inf"))
         return torch.softmax(logits, dim=-1)
+
+
+def probe_queries(valid: torch.Tensor, fraction: float = 0.05, seed: int = 0) -> list[torch.Tensor]:
+    """ZipCache's probe queries per sample: the last ``fraction`` of the valid positions plus a
+    random ``fraction`` of the others (at least one of each where possible), ascending.
+
+    ``valid``: ``(batch, length)`` bool, the real (unpadded) tokens.
+    """
+    probes = []
+    generator = torch.Generator().manual_seed(seed)
+    for row in valid:
+        positions = row.nonzero()[:, 0]
+        count = max(1, int(round(fraction * len(positions))))
+        recent, rest = positions[-count:], positions[:-count]
+        drawn = rest[torch.randperm(len(rest), generator=generator)[: min(count, len(rest))].to(rest.device)]
+        probes.append(torch.cat([drawn, recent]).sort().values)
+    return probes
+
+
+def normalized_probe_attention(query: torch.Tensor, key: torch.Tensor, probes: torch.Tensor, scaling: float,
+                               key_valid: torch.Tensor) -> torch.Tensor:
+    """ZipCache-normalised attention of one sample's keys from its probe queries, head-averaged.
+
+    ``query`` ``(heads, length, dim)``, ``key`` ``(kv_heads, length, dim)`` (after RoPE),
+    ``probes`` ascending positions, ``key_valid`` ``(length,)``. Returns ``(length,)``: each
+    key's attention summed over the probes that can see it (causally), divided by how many can:
+    early tokens are not favoured merely for being visible to more queries.
+    """
+    heads, kv_heads = query.shape[0], key.shape[0]
+    keys = (key.repeat_interleave(heads // kv_heads, 0) if heads != kv_heads else key).float()
+    logits = query[:, probes].float() @ keys.transpose(-1, -2) * scaling  # (heads, probes, length)
+    length = key.shape[1]
+    visible = (torch.arange(length, device=key.device)[None] <= probes[:, None]) & key_valid[None]
+    attention = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1).mean(0)  # (probes, length)
+    seen = visible.sum(0).clamp_min(1)
+    return attention.sum(0) / seen
+
+
+def mass_count(scores: torch.Tensor, tau: float) -> int:
+    """The fewest top scores that hold a fraction ``tau`` of their total (ZipVL's dynamic count)."""
+    if tau >= 1.0:
+        return len(scores)
+    ordered = scores.sort(descending=True).values
+    cumulative = ordered.cumsum(0)
+    return int((cumulative < tau * cumulative[-1]).sum()) + 1
