@@ -13,6 +13,9 @@ Methods (each a dataclass of its paper's knobs, used the same way)::
   filter at several LLM layers, and a decoding cache of the survivors only.
 - :class:`ZipVL` — probe-query attention mass picks each layer's important tokens; sparse
   prefill over them and a mixed-precision (4 / 2-bit) KV cache (:mod:`.kv_cache`).
+- :class:`GUIKV` — after the prefill, each layer and head keeps a uniform budget of visual
+  tokens scored by recent attention, the current screenshot's saliency and the earlier
+  screenshots' redundancy (GUI agents).
 - :class:`RandomKeep`, :class:`SpatialPool` — baselines.
 
 Supported models: LLaVA, LLaVA-Next, Qwen2-VL, Qwen2.5-VL (see :mod:`.adapters`), with SDPA or
@@ -22,10 +25,11 @@ eager attention, batch size > 1 with left padding, and ``generate()`` options un
 from .baselines import RandomKeep, SpatialPool
 from .core import ImageTokens, PruningStats, TokenPruner
 from .fastv import FastV
+from .guikv import GUIKV
 from .hired import HiRED
 from .inside_llm import LLMLayerPruner
 from .mustdrop import MustDrop
 from .zipvl import ZipVL
 
-__all__ = ["FastV", "HiRED", "ImageTokens", "LLMLayerPruner", "MustDrop", "PruningStats", "RandomKeep", "SpatialPool",
+__all__ = ["FastV", "GUIKV", "HiRED", "ImageTokens", "LLMLayerPruner", "MustDrop", "PruningStats", "RandomKeep", "SpatialPool",
            "TokenPruner", "ZipVL"]

@@ -11,6 +11,8 @@
 - :func:`probe_queries`, :func:`normalized_probe_attention`, :func:`mass_count`: ZipCache's
   probe queries and normalised scores, and the attention-mass rule that gives ZipVL its
   dynamic token count.
+- :func:`z_saliency`, :func:`subspace_residuals`: GUI-KV's spatial saliency and temporal
+  redundancy.
 - :class:`AttentionHook`: the registered attention function all of the in-LLM scores (and
   ZipVL's sparse prefill) run through.
 """
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 
 __all__ = ["AttentionHook", "CLSAttention", "QueryAttention", "encoder_layers_of", "l2_saliency", "mass_count",
-           "normalized_probe_attention", "probe_queries"]
+           "normalized_probe_attention", "probe_queries", "subspace_residuals", "z_saliency"]
 
 _RECORDING = "hasten_record"  # the registered attention function name
 
@@ -138,7 +140,8 @@ class QueryAttention(AttentionHook):
     With ``rows = None`` (the default) the last query is scored: ``scores[layer]`` is
     ``(batch, keys)``, the softmax of the last query row (the model's scaling and mask applied)
     averaged over heads. Set ``rows`` to one LongTensor of query indices per sample to score
-    those instead: ``scores[layer]`` is then a list of ``(len(rows[b]), keys)`` tensors.
+    those instead: ``scores[layer]`` is then a list of ``(len(rows[b]), keys)`` tensors, or of
+    ``(heads, len(rows[b]), keys)`` with ``per_head = True``.
     Install with :meth:`install` on the language model's config, remove with :meth:`remove`
     (the original attention implementation returns).
     """
@@ -147,6 +150,7 @@ class QueryAttention(AttentionHook):
         self.layers = set(layers)
         self.scores: dict[int, Any] = {}
         self.rows: list[torch.Tensor] | None = None
+        self.per_head = False
         self.active = False
 
     def observe(self, module, query, key, mask, scaling) -> None:
@@ -161,11 +165,12 @@ class QueryAttention(AttentionHook):
             self.scores[layer] = self._probabilities(query[:, :, -1:].float() @ keys.transpose(-1, -2) * scale,
                                                      mask, slice(-1, None), None, length).mean(1)[:, 0]
             return
-        self.scores[layer] = [
+        probabilities = [
             self._probabilities(query[b:b + 1, :, rows].float() @ keys[b:b + 1].transpose(-1, -2) * scale,
-                                None if mask is None else mask[min(b, mask.shape[0] - 1)][None], rows, rows, length).mean(1)[0]
+                                None if mask is None else mask[min(b, mask.shape[0] - 1)][None], rows, rows, length)[0]
             for b, rows in enumerate(self.rows)
-        ]
+        ]  # per sample (heads, rows, keys)
+        self.scores[layer] = [p if self.per_head else p.mean(0) for p in probabilities]
 
     @staticmethod
     def _probabilities(logits, mask, rows, causal_rows, length):
@@ -223,3 +228,25 @@ def mass_count(scores: torch.Tensor, tau: float) -> int:
     ordered = scores.sort(descending=True).values
     cumulative = ordered.cumsum(0)
     return int((cumulative < tau * cumulative[-1]).sum()) + 1
+
+
+def z_saliency(norms: torch.Tensor, temperature: float) -> torch.Tensor:
+    """GUI-KV's spatial saliency: ``softmax(z / temperature)`` of the z-scored hidden-state norms."""
+    if len(norms) < 2:
+        return torch.ones_like(norms, dtype=torch.float32)
+    z = (norms.float() - norms.float().mean()) / norms.float().std().clamp_min(1e-6)
+    return torch.softmax(z / temperature, 0)
+
+
+def subspace_residuals(current: torch.Tensor, earlier: torch.Tensor, rank: int) -> torch.Tensor:
+    """Distance of each earlier key to the span of the current keys, per head.
+
+    ``current`` ``(heads, n, dim)``, ``earlier`` ``(heads, m, dim)``; the basis is the first
+    ``rank`` columns of the QR decomposition of the current keys (their span when ``rank``
+    reaches it). Returns ``(heads, m)``: ~0 for an earlier token whose key the current
+    screenshot repeats.
+    """
+    basis, _ = torch.linalg.qr(current.float().transpose(1, 2))  # (heads, dim, min(dim, n))
+    basis = basis[..., : min(rank, basis.shape[-1])]
+    earlier = earlier.float()
+    return (earlier - (earlier @ basis) @ basis.transpose(1, 2)).norm(dim=-1)
