@@ -47,7 +47,7 @@ def register(commands) -> None:
 
 def supported_methods(model) -> list[str]:
     """The methods that apply to ``model``'s class (pooling: one token grid per image, not LLaVA-Next)."""
-    methods = ["random", "hired", "fastv", "mustdrop"]
+    methods = ["random", "hired", "fastv", "mustdrop", "zipvl", "guikv"]
     if type(model).__name__ != "LlavaNextForConditionalGeneration":
         methods.insert(1, "pool")
     return methods

@@ -3,8 +3,11 @@
 For each (image, question) sample the unpruned model first generates a greedy continuation.
 With the method attached, the same model then:
 
-- runs teacher-forced over prompt + continuation: top-1 agreement with the continuation and the
-  mean KL(unpruned || pruned) over the continuation positions;
+- is teacher-forced along the continuation THROUGH ITS DECODING PATH (``generate()`` with a
+  logits processor that forces each next token, reading the raw logits), so methods that act on
+  the cache after the prefill (GUI-KV, ZipVL's quantised cache, MustDrop's survivors-only
+  cache) are measured as they decode: top-1 agreement with the continuation and the mean
+  KL(unpruned || pruned) over its positions;
 - generates greedily: exact match with the unpruned continuation;
 - is timed for prefill and decoding.
 
@@ -29,13 +32,16 @@ __all__ = ["METHODS", "EvalRow", "evaluate", "format_table", "load_vlm", "make_m
 def _methods() -> dict[str, type[TokenPruner]]:
     from .baselines import RandomKeep, SpatialPool
     from .fastv import FastV
+    from .guikv import GUIKV
     from .hired import HiRED
     from .mustdrop import MustDrop
+    from .zipvl import ZipVL
 
-    return {"random": RandomKeep, "pool": SpatialPool, "hired": HiRED, "fastv": FastV, "mustdrop": MustDrop}
+    return {"random": RandomKeep, "pool": SpatialPool, "hired": HiRED, "fastv": FastV, "mustdrop": MustDrop,
+            "zipvl": ZipVL, "guikv": GUIKV}
 
 
-METHODS = ("random", "pool", "hired", "fastv", "mustdrop")
+METHODS = ("random", "pool", "hired", "fastv", "mustdrop", "zipvl", "guikv")
 """Method names accepted by :func:`make_method` (and ``hasten vlm --prune``)."""
 
 TINY = {f"tiny-{kind}": kind for kind in ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl")}
@@ -45,7 +51,8 @@ def make_method(name: str, budget: float) -> TokenPruner:
     """The pruning method ``name`` (one of :data:`METHODS`) at ``budget``, with its paper defaults.
 
     MustDrop's filter layers (2, 6, 10, 14) that a small LLM does not have are skipped (it warns
-    once, at attach).
+    once, at attach). ZipVL's ``budget`` caps its important fraction per layer (its mass rule,
+    tau = 0.975, applies at every budget; nothing is dropped, the cache is quantised).
     """
     methods = _methods()
     if name not in methods:
@@ -92,6 +99,32 @@ def _flops_ratio(config: Any, stats) -> float:
     layers = stats.layer_tokens or [stats.prefill_tokens]
     full = prefill_flops(config, stats.prompt_tokens)
     return sum(prefill_flops(config, tokens) for tokens in layers) / (len(layers) * full)
+
+
+class _ForceTokens:
+    """Logits processor: the next token is the given continuation's (teacher forcing in generate)."""
+
+    def __init__(self, continuation: torch.Tensor, prompt_length: int):
+        self.continuation, self.prompt_length = continuation, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_length
+        forced = torch.full_like(scores, float("-inf"))
+        forced.scatter_(1, self.continuation[:, step:step + 1], 0.0)
+        return forced
+
+
+def _forced_logits(model: Any, inputs: dict, continuation: torch.Tensor) -> torch.Tensor:
+    """Raw logits of each continuation position, decoding step by step with the continuation forced."""
+    from transformers import LogitsProcessorList
+
+    out = model.generate(**inputs, max_new_tokens=continuation.shape[1], min_new_tokens=continuation.shape[1],
+                         do_sample=False, output_logits=True, return_dict_in_generate=True,
+                         logits_processor=LogitsProcessorList([_ForceTokens(continuation, inputs["input_ids"].shape[1])]))
+    return torch.stack(out.logits, 1).float()
+
+
+_QUANTISED_CACHE = {"zipvl"}  # every token stays, at fewer bits: no visual/text split of the bytes
 
 
 @dataclass
@@ -155,14 +188,8 @@ def evaluate(model: Any, processor: Any, methods: Sequence[tuple[str, float]], s
         inputs = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt").to(device)
         reference = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         continuation = reference[:, inputs["input_ids"].shape[1]:]
-        forced = dict(inputs)
-        forced["input_ids"] = reference
-        forced["attention_mask"] = torch.ones_like(reference)
-        if "mm_token_type_ids" in forced:
-            forced["mm_token_type_ids"] = torch.cat(
-                [inputs["mm_token_type_ids"], torch.zeros_like(continuation)], 1)
-        logits = model(**forced).logits[:, -continuation.shape[1] - 1:-1].float()
-        prepared.append((inputs, forced, continuation, logits))
+        logits = _forced_logits(model, inputs, continuation)
+        prepared.append((inputs, continuation, logits))
     for inputs, *_ in prepared:  # warm-up, so that the first timed row is not the coldest
         for _ in range(3):
             model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -171,9 +198,9 @@ def evaluate(model: Any, processor: Any, methods: Sequence[tuple[str, float]], s
     for name, budget in methods:
         method = make_method(name, budget)
         per_sample = []
-        for inputs, forced, continuation, reference_logits in prepared:
+        for inputs, continuation, reference_logits in prepared:
             with method.apply(model):
-                logits = model(**forced).logits[:, -continuation.shape[1] - 1:-1].float()
+                logits = _forced_logits(model, inputs, continuation)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 prefill_s = _median_seconds(lambda: model(**inputs), device, repeats)
@@ -215,7 +242,8 @@ def format_table(rows: Sequence[EvalRow], baseline: EvalRow | None = None) -> st
 
     ``vis KV x`` is the visual part of the KV cache relative to the unpruned one, from measured
     bytes: in the unpruned cache every token costs the same, which gives the text tokens' bytes;
-    the rest is visual (for in-LLM methods the early layers' full caches count).
+    the rest is visual (for in-LLM methods the early layers' full caches count). A quantised
+    cache (ZipVL) has no such split: ``-``.
     """
     head = (f"{'method':8s} {'budget':>6s} {'visual':>11s} {'prefill':>7s} {'top1':>6s} {'KL':>8s} {'exact':>6s} "
             f"{'prefill ms':>10s} {'x':>6s} {'bound':>6s} {'dec tok/s':>9s} {'KV KiB':>8s} {'KV x':>6s} {'vis KV x':>8s}")
@@ -224,9 +252,10 @@ def format_table(rows: Sequence[EvalRow], baseline: EvalRow | None = None) -> st
         base = baseline or row
         text_bytes = base.kv_bytes * (base.prefill_tokens - base.visual_in) / base.prefill_tokens
         visual_kv = (row.kv_bytes - text_bytes) / max(base.kv_bytes - text_bytes, 1e-9)
+        visual_column = "       -" if row.method in _QUANTISED_CACHE else f"{visual_kv:8.3f}"
         lines.append(
             f"{row.method:8s} {row.budget:6.2f} {row.visual_kept:5.0f}/{row.visual_in:<5.0f} {row.prefill_tokens:7.0f} "
             f"{row.top1_agreement:6.3f} {row.mean_kl:8.4f} {row.exact_match:6.2f} {row.prefill_ms:10.2f} "
             f"{base.prefill_ms / row.prefill_ms:5.2f}x {1 / row.flops_ratio:5.2f}x {row.decode_tokens_per_s:9.1f} "
-            f"{row.kv_bytes / 1024:8.1f} {row.kv_bytes / base.kv_bytes:6.3f} {visual_kv:8.3f}")
+            f"{row.kv_bytes / 1024:8.1f} {row.kv_bytes / base.kv_bytes:6.3f} {visual_column}")
     return "\n".join(lines)

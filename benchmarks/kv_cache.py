@@ -1,0 +1,199 @@
+"""KV-cache compression: bytes, decode speed and fidelity against the full cache, one process.
+
+Part 1 (one photo and a question, max_new_tokens decoded):
+- full: the model's own DynamicCache;
+- transformers' QuantizedCache (quanto backend, 4 and 2 bits; needs `pip install optimum-quanto`,
+  skipped with a note otherwise);
+- hasten's mixed-precision cache with no importance verdict (every token at 4 bits);
+- ZipVL at its defaults (tau 0.975, important tokens 4-bit, the rest 2-bit, sparse prefill).
+
+Part 2 (a GUI-agent trajectory of --steps synthetic screenshots, hasten.tiny.gui): full cache
+vs GUI-KV at --budget.
+
+Bytes are what each cache stores after decoding (codes, scales, zero points and full-precision
+windows), also as a ratio to a 16-bit cache of the same tokens. Fidelity: top-1 agreement and
+mean KL(full || compressed) with the full cache's greedy continuation forced through each
+cache's decoding path, and greedy exact match. Random weights make fidelity a mechanics check.
+
+    python benchmarks/kv_cache.py                                    # tiny Qwen2.5-VL, CPU
+    python benchmarks/kv_cache.py --model Qwen/Qwen2.5-VL-7B-Instruct --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+
+import torch
+
+from common import machine
+
+from hasten.tiny.gui import trajectory
+from hasten.tiny.vlms import chat_prompt
+from hasten.token_pruning import GUIKV, ZipVL
+from hasten.token_pruning.evaluate import TINY, load_vlm, sample_images
+from hasten.token_pruning.kv_cache import MixedPrecisionConfig, mixed_precision_cache
+
+
+def _stored_bytes(cache) -> int:
+    """Bytes a cache stores, whatever its layers are (tensors found in their attributes)."""
+    seen, total = set(), 0
+
+    def visit(value, depth=0):
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            if id(value) not in seen:
+                seen.add(id(value))
+                inner = [t for t in value.__dict__.values() if isinstance(t, torch.Tensor)] if depth < 3 else []
+                if inner and type(value) is not torch.Tensor:  # a quanto tensor subclass: its parts
+                    for tensor in inner:
+                        visit(tensor, depth + 1)
+                else:
+                    total += value.numel() * value.element_size()
+        elif depth < 3 and hasattr(value, "__dict__") and not isinstance(value, torch.nn.Module):
+            for item in value.__dict__.values():
+                visit(item, depth + 1)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item, depth + 1)
+
+    for layer in cache.layers:
+        if hasattr(layer, "nbytes"):
+            total += layer.nbytes
+        else:
+            visit(layer)
+    return total
+
+
+class _Force:
+    def __init__(self, continuation, prompt_length):
+        self.continuation, self.prompt_length = continuation, prompt_length
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_length
+        return torch.full_like(scores, float("-inf")).scatter_(1, self.continuation[:, step:step + 1], 0.0)
+
+
+def _run(model, inputs, tokens: int, make_cache, method, continuation=None, repeats: int = 3):
+    """(sequences, raw logits of forced decoding, bytes, decode tokens/s) for one cache setup."""
+    from transformers import LogitsProcessorList
+
+    context = method.apply(model) if method is not None else contextlib.nullcontext()
+    with context, torch.no_grad():
+        def generate(new, force=None):
+            cache = make_cache()
+            kwargs = dict(past_key_values=cache) if cache is not None else {}
+            if force is not None:
+                kwargs["logits_processor"] = LogitsProcessorList([_Force(force, inputs["input_ids"].shape[1])])
+            out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True, **kwargs)
+            return out
+
+        greedy = generate(tokens)
+        forced = generate(tokens, continuation if continuation is not None else greedy.sequences[:, -tokens:])
+        stored = _stored_bytes(forced.past_key_values)
+
+        def seconds(new):
+            times = []
+            for _ in range(repeats + 1):
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                generate(new)
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            return statistics.median(times[1:])
+
+        decode = (tokens - 1) / max(seconds(tokens) - seconds(1), 1e-9)
+    return greedy.sequences, torch.stack(forced.logits, 1).float(), stored, decode
+
+
+def _sixteen_bit(model, tokens: int) -> int:
+    text = getattr(model.config, "text_config", model.config)
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * tokens * kv_heads * head_dim * 2
+
+
+def _compare(name, model, inputs, setups, tokens, rows, json_lines):
+    reference_sequences, reference_logits, reference_bytes, reference_decode = _run(
+        model, inputs, tokens, lambda: None, None)
+    continuation = reference_sequences[:, -tokens:]
+    total_tokens = reference_sequences.shape[1] - 1  # cached after the last step
+    sixteen = _sixteen_bit(model, total_tokens)
+    print(f"\n## {name}: {inputs['input_ids'].shape[1]} prompt tokens + {tokens} decoded")
+    print(f"{'cache':28s} {'KV KiB':>9s} {'vs 16-bit':>9s} {'top1':>6s} {'KL':>9s} {'exact':>6s} {'dec tok/s':>9s}")
+    for label, make_cache, method in setups:
+        try:
+            sequences, logits, stored, decode = _run(model, inputs, tokens, make_cache, method, continuation)
+        except Exception as error:  # noqa: BLE001 - a backend that cannot run here is reported, not fatal
+            print(f"{label:28s} skipped: {type(error).__name__}: {str(error)[:90]}")
+            continue
+        if method is None and make_cache() is None:
+            logits, stored = reference_logits, reference_bytes
+        top1 = float((logits.argmax(-1) == continuation).float().mean())
+        kl = float(torch.nn.functional.kl_div(logits.log_softmax(-1), reference_logits.log_softmax(-1),
+                                              log_target=True, reduction="none").sum(-1).mean())
+        exact = float(torch.equal(sequences, reference_sequences))
+        print(f"{label:28s} {stored / 1024:9.1f} {stored / sixteen:9.3f} {top1:6.3f} {kl:9.2e} {exact:6.2f} "
+              f"{decode:9.1f}")
+        rows.append(dict(part=name, cache=label, kv_bytes=stored, vs_16bit=round(stored / sixteen, 4),
+                         top1=round(top1, 4), kl=round(kl, 5), exact=exact, decode_tokens_per_s=round(decode, 1)))
+    if json_lines:
+        for row in rows:
+            print(json.dumps(row))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-qwen2.5-vl", help=f"{', '.join(TINY)} or a hub id")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5, help="screenshots in the GUI trajectory")
+    parser.add_argument("--budget", type=float, default=0.2, help="GUI-KV budget")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    print(f"# KV-cache compression | {machine(torch.device(args.device))} | model {args.model} | {args.dtype}")
+    model, processor = load_vlm(args.model, args.device)
+    model.to(getattr(torch, args.dtype))
+    layers = len(getattr(model.config, "text_config", model.config).layer_types
+                 if hasattr(getattr(model.config, "text_config", model.config), "layer_types")
+                 else range(getattr(model.config, "text_config", model.config).num_hidden_layers))
+
+    def quantized(bits):
+        from transformers import QuantizedCache
+
+        text = getattr(model.config, "text_config", model.config)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return lambda: QuantizedCache(backend="quanto", config=model.config, nbits=bits, residual_length=32,
+                                      q_group_size=min(64, head_dim))
+
+    image, question = sample_images()[0]
+    inputs = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt").to(model.device)
+    setups = [
+        ("full (DynamicCache)", lambda: None, None),
+        ("QuantizedCache quanto 4-bit", quantized(4), None),
+        ("QuantizedCache quanto 2-bit", quantized(2), None),
+        ("hasten mixed, all 4-bit", lambda: mixed_precision_cache(MixedPrecisionConfig(), layers), None),
+        ("ZipVL defaults (4/2-bit)", lambda: None, ZipVL()),
+    ]
+    rows: list[dict] = []
+    _compare("one photo", model, inputs, setups, args.max_new_tokens, rows, False)
+
+    shots, _ = trajectory(steps=args.steps, size=(448, 320) if not args.model.startswith("tiny") else (96, 64))
+    prompt = chat_prompt(processor, "You are a GUI agent. What is the next action?", images=args.steps)
+    gui_inputs = processor(images=shots, text=[prompt], return_tensors="pt").to(model.device)
+    gui_setups = [("full (DynamicCache)", lambda: None, None),
+                  (f"GUI-KV budget {args.budget}", lambda: None, GUIKV(budget=args.budget)),
+                  ("ZipVL defaults (4/2-bit)", lambda: None, ZipVL())]
+    _compare(f"GUI trajectory, {args.steps} screenshots", model, gui_inputs, gui_setups, args.max_new_tokens, rows,
+             args.json)
+
+
+if __name__ == "__main__":
+    main()
