@@ -194,3 +194,15 @@ def test_zipvl_defaults_shrink_the_cache_below_a_third_of_16_bit():
 def test_zipvl_errors(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ZipVL(**kwargs)
+
+
+def test_fused_decode_equals_dequantising_the_cache():
+    model, processor = tiny.vlm("qwen2-vl", dtype=torch.float64)
+    inputs = _inputs(processor, [_image(6), _image(7, 40, 40)], ["What is it?", "Describe the picture in detail."])
+    outs = {}
+    for fused in (False, True):
+        with ZipVL(tau=0.7, fused_decode=fused).apply(model):
+            outs[fused] = _generate(model, inputs)
+    assert torch.equal(outs[True].sequences, outs[False].sequences)
+    for a, b in zip(outs[True].logits, outs[False].logits):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BITS", "LAYOUTS", "QuantizedKV", "dequantize_rows", "packed_bytes", "quantize_rows"]
+__all__ = ["BITS", "LAYOUTS", "QuantizedKV", "dequantize_rows", "merge_partials", "packed_bytes", "partial_attention",
+           "quantize_rows"]
 
 BITS = (2, 4, 8)
 LAYOUTS = ("channel", "token", "separable")
@@ -200,3 +201,33 @@ class QuantizedKV:
     def nbytes(self) -> int:
         tensors = [self.packed, self.scale, self.zero] + ([self.channel_factor] if self.channel_factor is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def partial_attention(query: torch.Tensor, keys: torch.Tensor | QuantizedKV, values: torch.Tensor | QuantizedKV,
+                      scaling: float, key_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per head against a block of keys: the softmax-weighted values and the log-sum-exp.
+
+    ``query`` ``(heads, dim)``; ``keys`` / ``values`` ``(kv_heads, n, dim)`` tensors or
+    :class:`QuantizedKV` of that shape (dequantised here: the torch reference of the fused
+    Triton kernel); ``key_valid`` ``(n,)`` bool. Returns ``(heads, dim)`` float32 outputs and
+    ``(heads,)`` log-sum-exps, which :func:`merge_partials` combines across blocks exactly.
+    """
+    k = keys.dequantize() if isinstance(keys, QuantizedKV) else keys
+    v = values.dequantize() if isinstance(values, QuantizedKV) else values
+    heads, kv_heads = query.shape[0], k.shape[0]
+    k = k.float().repeat_interleave(heads // kv_heads, 0)
+    v = v.float().repeat_interleave(heads // kv_heads, 0)
+    logits = (k @ query.float()[:, :, None])[..., 0] * scaling  # (heads, n)
+    if key_valid is not None:
+        logits = logits.masked_fill(~key_valid[None], float("-inf"))
+    lse = torch.logsumexp(logits, -1)
+    weights = torch.exp(logits - lse[:, None]).nan_to_num(0.0)
+    return (weights[:, None, :] @ v)[:, 0], lse
+
+
+def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Combine :func:`partial_attention` results over disjoint key blocks into the full attention."""
+    outputs = torch.stack([out for out, _ in parts])  # (blocks, heads, dim)
+    lses = torch.stack([lse for _, lse in parts])  # (blocks, heads)
+    weights = torch.softmax(lses, 0).nan_to_num(0.0)  # blocks with no valid key weigh 0
+    return (weights[..., None] * outputs).sum(0)

@@ -17,9 +17,12 @@ right after the layer's prefill attention); tokens compressed without a verdict 
 tokens, or a cache nobody flags) go to ``high_bits``. 16 bits means "not quantised": with
 ``high_bits = low_bits = 16`` the cache holds exactly what a ``DynamicCache`` would.
 
-Attention reads the dequantised tensors (as transformers' quantised caches do); the memory
-saved is the stored bytes, reported exactly by :meth:`MixedPrecisionLayer.nbytes` (codes,
-scales, zero points and the residual).
+Attention reads the dequantised tensors (as transformers' quantised caches do), unless a
+method's attention hook sets ``layer.fused``: decoding steps then attend the quantised segments
+directly (:meth:`MixedPrecisionLayer.decode_attention`: the fused Triton kernel on CUDA, which
+dequantises in registers, or its torch reference) and merge the partial results exactly. The
+memory saved is the stored bytes, reported exactly by :meth:`MixedPrecisionLayer.nbytes`
+(codes, scales, zero points and the residual).
 
 Use it through :func:`mixed_precision_cache` (a fresh cache for ``generate(past_key_values=...)``)
 or :func:`install_mixed_precision` (swap the layers of the cache ``generate()`` created, from a
@@ -95,6 +98,14 @@ def _group(config: MixedPrecisionConfig, layout: str, tensor: torch.Tensor) -> i
     return group
 
 
+def _key_valid(mask, row: int, length: int, device) -> torch.Tensor | None:
+    """The last query's visible keys of one batch row, from a boolean or additive 4-D mask."""
+    if mask is None:
+        return None
+    last = mask[min(row, mask.shape[0] - 1), 0, -1, :length]
+    return last.to(device) if last.dtype == torch.bool else (last == 0).to(device)
+
+
 class _Segment:
     """Some tokens of one batch row at one precision: (heads, n, dim) keys and values."""
 
@@ -134,6 +145,7 @@ class MixedPrecisionLayer(DynamicLayer):
         self._rows: list[list[tuple[torch.Tensor, _Segment]]] = []  # per row: (slot order, segment)
         self._prefix = 0  # tokens in the compressed prefix (the same count in every row)
         self._updates = 0
+        self.fused = False  # set by a method whose attention hook calls decode_attention
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -142,14 +154,54 @@ class MixedPrecisionLayer(DynamicLayer):
         self.cumulative_length += key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2) if self.keys.numel() else key_states
         self.values = torch.cat([self.values, value_states], dim=-2) if self.values.numel() else value_states
-        keys, values = self._read()
         self._updates += 1
         if self._updates == 1:
-            return keys, values  # the prefill: a method may flag its tokens (compress) before the next step
+            return self.keys, self.values  # the prefill: a method may flag its tokens (compress) before the next step
         due = self.config.residual + (self.config.recompress_every if self._prefix else 0)
         if self.keys.shape[-2] >= max(due, 1):  # no verdict on the prompt: compressed at the first step
             self.compress(None, self.keys.shape[-2] - self.config.residual)
-        return keys, values
+        if self.reads_fused(key_states.shape[-2]):
+            return self.keys, self.values  # the residual window: decode_attention adds the compressed prefix
+        return self._read()
+
+    def reads_fused(self, queries: int = 1) -> bool:
+        """Whether a decoding step reads the compressed prefix through :meth:`decode_attention`."""
+        quantized = min(self.config.high_bits, self.config.low_bits) < _FULL
+        return self.fused and queries == 1 and self._prefix > 0 and quantized
+
+    def decode_attention(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, scaling: float,
+                         backend: str = "auto") -> torch.Tensor:
+        """One decoding step's attention over the compressed prefix and the residual window.
+
+        The quantised segments are attended without dequantising the cache (the fused Triton
+        kernel on CUDA, ``backend="auto"``; the torch reference elsewhere or with ``"torch"``),
+        and the partial results merge exactly by their log-sum-exps. ``query`` ``(batch, heads,
+        1, dim)``, ``keys`` / ``values`` the residual window update() returned, ``mask`` the
+        layer's attention mask (None, boolean or additive) over prefix + residual. Returns
+        ``(batch, 1, heads, dim)`` like transformers' attention functions.
+        """
+        from ..kernels.kv_quant import merge_partials, partial_attention
+
+        fused = None
+        if backend == "triton" or (backend == "auto" and query.is_cuda):
+            from ..kernels.triton_kv_quant import triton_partial_attention as fused
+        outputs = []
+        for row, segments in enumerate(self._rows):
+            valid = _key_valid(mask, row, self._prefix + keys.shape[-2], query.device)
+            q = query[row, :, -1]
+            parts = []
+            for slots, segment in segments:
+                seg_valid = None if valid is None else valid[slots]
+                quantized = isinstance(segment.keys, QuantizedKV)
+                if (fused is not None and quantized and segment.keys.layout == "channel"
+                        and segment.values.layout == "token"):
+                    parts.append(fused(q, segment.keys, segment.values, scaling, seg_valid))
+                else:
+                    parts.append(partial_attention(q, segment.keys, segment.values, scaling, seg_valid))
+            parts.append(partial_attention(q, keys[row], values[row], scaling,
+                                           None if valid is None else valid[self._prefix:]))
+            outputs.append(merge_partials(parts))
+        return torch.stack(outputs)[:, None].to(query.dtype)
 
     def compress(self, important: torch.Tensor | None, count: int | None = None) -> None:
         """Move the oldest ``count`` residual tokens (all of them by default) into the compressed prefix.

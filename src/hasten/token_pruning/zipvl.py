@@ -53,6 +53,10 @@ class ZipVL(TokenPruner):
         Bit widths (4 / 2), full-precision window and re-compression interval (100 tokens).
     sparse_prefill : bool, default True
         Run each layer's prefill attention over its important keys only.
+    fused_decode : bool, default True
+        Decoding steps attend the quantised cache without dequantising it (a fused Triton
+        kernel on CUDA, its torch reference elsewhere); False dequantises the whole cache every
+        step, as transformers' quantised caches do.
     seed : int, default 0
         Seeds the random probes of every call.
 
@@ -75,6 +79,7 @@ class ZipVL(TokenPruner):
     probe_fraction: float = 0.05
     cache: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
     sparse_prefill: bool = True
+    fused_decode: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -124,6 +129,8 @@ class ZipVL(TokenPruner):
             cache = kwargs["past_key_values"] = mixed_precision_cache(self.cache, layers)  # plain forward calls
         if cache is not None:
             cache_layers = install_mixed_precision(cache, layers, self.cache)
+            for layer in cache_layers:
+                layer.fused = self.fused_decode
         self._state = dict(valid=prompt["mask"].bool(), cache_layers=cache_layers, image_mask=prompt["image_mask"],
                            probes=probe_queries(prompt["mask"].bool(), self.probe_fraction, self.seed),
                            prefill_start=time.perf_counter())
@@ -156,6 +163,11 @@ class _ZipVLAttention(AttentionHook):
         state = method._state
         layer = getattr(module, "layer_idx", None)
         if "valid" not in state or query.shape[2] < 2 or key.shape[2] != state["valid"].shape[1]:
+            cache_layers = state.get("cache_layers")
+            cache_layer = cache_layers[layer] if cache_layers is not None else None
+            if cache_layer is not None and cache_layer.reads_fused(query.shape[2]):
+                scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+                return cache_layer.decode_attention(query, key, value, mask, scaling), None
             return function(module, query, key, value, mask, **kwargs)  # decoding: the cache does the work
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         everything = method.tau >= 1.0 and method.budget >= 1.0
