@@ -1,0 +1,300 @@
+"""LatentWarp: temporally coherent video-to-video translation with an image diffusion model.
+
+Each frame is translated with Stable Diffusion img2img (optionally with a ControlNet on the
+frame's Canny edges), from the SAME initial noise. Two things tie the frames together:
+
+- **Latent warping** (LatentWarp): during the first ``warp_end`` of the denoising steps, the
+  previous frame's latent at the same step is warped onto the current frame along the SOURCE
+  video's optical flow (OpenCV DIS, resized to the latent grid) and replaces the current latent
+  wherever the flow is trustworthy (forward-backward consistent, not leaving the frame). The
+  paper's choice, followed here: the noisy latent at the same timestep, not the predicted
+  ``x0`` (which rerender-a-video warps), because it constrains the queries of every later
+  attention layer at that step directly.
+- **Cross-frame attention** (:mod:`hasten.attention_processors.cross_frame`): self-attention
+  keys and values come from the first and the previous frame.
+
+``warp_end`` defaults to 0.3: the window of rerender-a-video's shape-aware fusion, the nearest
+open implementation (the paper states "early steps" without a number). The default scheduler
+is DDIM (deterministic, as the video-editing literature uses); ``scheduler="keep"`` keeps the
+pipeline's own.
+
+Usage::
+
+    from diffusers import StableDiffusionPipeline
+    from hasten.pipelines import LatentWarpPipeline
+    pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    warp = LatentWarpPipeline.from_pipe(pipe.to("cuda"))
+    out = warp(video=frames, prompt="a watercolor painting", strength=0.75)
+    out.frames          # (T, H, W, 3) uint8
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..attention_processors.cross_frame import apply_cross_frame, remove_cross_frame
+from ..video.flow import backward_warp, flow_pair, occlusion_mask, resize_flow, warp_error
+
+__all__ = ["LatentWarpOutput", "LatentWarpPipeline", "canny_map"]
+
+
+@dataclass
+class LatentWarpOutput:
+    """Translated frames and what ties them together.
+
+    Attributes
+    ----------
+    frames : ndarray (T, H, W, 3) uint8
+    flows : list of ndarray (H, W, 2)
+        Per frame ``t >= 1``, the source video's flow from frame ``t`` to ``t - 1``.
+    occlusions : list of ndarray (H, W) bool
+        Where that flow is not trusted.
+    seconds : dict
+        Wall time of ``flow`` (optical flow + occlusion), ``warp`` (latent warping) and
+        ``denoise`` (everything else).
+    warp_error : float
+        Occlusion-masked warp error of the output along the source flow (0-1 scale).
+    """
+
+    frames: np.ndarray
+    flows: list[np.ndarray] = field(default_factory=list)
+    occlusions: list[np.ndarray] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    warp_error: float = 0.0
+
+
+def canny_map(frame: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """The Canny edges of an RGB uint8 frame as a 3-channel uint8 image (ControlNet's input)."""
+    edges = cv2.Canny(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), low, high)
+    return np.repeat(edges[..., None], 3, axis=-1)
+
+
+def _frames_array(video: Any) -> np.ndarray:
+    """A list of PIL images / arrays, or a (T, H, W, 3) array -> (T, H, W, 3) uint8."""
+    if isinstance(video, np.ndarray) and video.ndim == 4:
+        frames = video
+    else:
+        frames = np.stack([np.asarray(frame.convert("RGB") if hasattr(frame, "convert") else frame)
+                           for frame in video]) if len(video) else np.zeros((0,))
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+        raise ValueError("`video` must be a non-empty list of RGB frames (PIL images or (H, W, 3) uint8 arrays) "
+                         f"or a (T, H, W, 3) uint8 array; got shape {getattr(frames, 'shape', None)}")
+    return frames
+
+
+class LatentWarpPipeline:
+    """Video-to-video translation on Stable Diffusion 1.5 components (see the module docstring).
+
+    Build with :meth:`from_pipe` from a loaded ``StableDiffusionPipeline`` (shares its modules).
+
+    Examples
+    --------
+    >>> import hasten.tiny
+    >>> from hasten.tiny.motion import panned
+    >>> pipe = LatentWarpPipeline.from_pipe(hasten.tiny.pipeline("sd15"))
+    >>> frames, _ = panned(frames=3, size=(40, 56))
+    >>> out = pipe(video=frames, prompt="a painting", num_inference_steps=4, progress=False)
+    >>> out.frames.shape
+    (3, 40, 56, 3)
+    """
+
+    def __init__(self, pipe: Any, controlnet: Any | None = None):
+        self.pipe = pipe
+        self.controlnet = controlnet
+
+    @classmethod
+    def from_pipe(cls, pipe: Any, controlnet: Any | None = None, scheduler: str = "ddim") -> "LatentWarpPipeline":
+        """Wrap a ``StableDiffusionPipeline`` (any SD 1.x/2.x checkpoint), optionally with a ``ControlNetModel``.
+
+        ``scheduler="ddim"`` (default) swaps in a DDIM scheduler from the pipeline's config;
+        ``"keep"`` keeps the pipeline's own.
+        """
+        from diffusers import DDIMScheduler
+
+        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            if getattr(pipe, name, None) is None:
+                raise ValueError(f"LatentWarpPipeline needs a Stable Diffusion pipeline with a `{name}`; "
+                                 f"got {type(pipe).__name__}")
+        if not hasattr(pipe.unet, "attn_processors") or getattr(pipe.unet.config, "in_channels", 4) != 4:
+            raise ValueError(f"LatentWarpPipeline needs a 4-channel text-to-image UNet; got {type(pipe.unet).__name__}")
+        if scheduler not in ("ddim", "keep"):
+            raise ValueError(f"`scheduler` must be 'ddim' or 'keep', got {scheduler!r}")
+        if scheduler == "ddim":
+            import copy
+
+            pipe = copy.copy(pipe)  # the caller's pipeline keeps its scheduler
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        return cls(pipe, controlnet)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        video: Sequence[Any] | np.ndarray,
+        prompt: str,
+        negative_prompt: str = "",
+        strength: float = 0.75,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 7.5,
+        warp: bool = True,
+        warp_end: float = 0.3,
+        cross_frame: bool = True,
+        flow_preset: str = "medium",
+        occlusion_alpha: float = 0.01,
+        occlusion_beta: float = 0.5,
+        controlnet_conditioning_scale: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int = 0,
+        progress: bool = True,
+        frame_callback: Callable[[int, int], None] | None = None,
+    ) -> LatentWarpOutput:
+        """Translate ``video`` with ``prompt``.
+
+        Parameters
+        ----------
+        video : list of PIL images / (H, W, 3) uint8 arrays, or a (T, H, W, 3) uint8 array
+        prompt, negative_prompt : str
+        strength : float, default 0.75
+            img2img strength in (0, 1]: how far each frame is noised before denoising.
+        num_inference_steps : int, default 20
+        guidance_scale : float, default 7.5
+        warp : bool, default True
+            Latent warping (off: cross-frame attention alone, or plain per-frame translation).
+        warp_end : float, default 0.3
+            Fraction of the denoising steps (from the first) during which latents are warped.
+        cross_frame : bool, default True
+            First + previous frame keys/values in self-attention.
+        flow_preset : {"ultrafast", "fast", "medium"}, default "medium"
+            OpenCV DIS preset.
+        occlusion_alpha, occlusion_beta : float, default 0.01, 0.5
+            Forward-backward consistency constants (see :func:`hasten.video.occlusion_mask`).
+        controlnet_conditioning_scale : float, default 1.0
+            With a ControlNet: the weight of its residuals (its input: each frame's Canny edges).
+        height, width : int, optional
+            Working size, multiples of 8; default: the video's, rounded down to multiples of 8.
+        seed : int, default 0
+            Seeds the one initial noise every frame shares.
+        progress : bool, default True
+            A progress bar over frames.
+        frame_callback : callable, optional
+            Called as ``frame_callback(done, total)`` after each frame.
+        """
+        frames = _frames_array(video)
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"`strength` must be in (0, 1], got {strength!r}")
+        if not 0.0 <= warp_end <= 1.0:
+            raise ValueError(f"`warp_end` must be in [0, 1], got {warp_end!r}")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}")
+        height = height or frames.shape[1] // 8 * 8
+        width = width or frames.shape[2] // 8 * 8
+        if height % 8 or width % 8 or height < 8 or width < 8:
+            raise ValueError(f"`height` and `width` must be positive multiples of 8, got {height} x {width}")
+        if frames.shape[1:3] != (height, width):
+            frames = np.stack([cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA) for frame in frames])
+
+        pipe, device = self.pipe, self.device
+        seconds = {"flow": 0.0, "warp": 0.0, "denoise": 0.0}
+        start = time.perf_counter()
+        flows, occlusions = [], []
+        for index in range(1, len(frames)):
+            to_previous, to_current = flow_pair(frames[index - 1], frames[index], flow_preset)
+            flows.append(to_previous)
+            occlusions.append(occlusion_mask(to_previous, to_current, occlusion_alpha, occlusion_beta))
+        seconds["flow"] = time.perf_counter() - start
+
+        guided = guidance_scale > 1.0
+        prompt_embeds, negative_embeds = pipe.encode_prompt(prompt, device, 1, guided, negative_prompt)
+        embeds = torch.cat([negative_embeds, prompt_embeds]) if guided else prompt_embeds
+        latent_size = (height // 8, width // 8)
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(1, pipe.unet.config.in_channels, *latent_size, generator=generator).to(device, embeds.dtype)
+        scaling = pipe.vae.config.scaling_factor
+        state = apply_cross_frame(pipe.unet, enabled=cross_frame)
+        previous_steps: list[torch.Tensor] = []
+        outputs = []
+        try:
+            bar = tqdm(range(len(frames)), desc="frames", unit="frame", disable=not progress)
+            for index in bar:
+                state.begin_frame(index)
+                image = pipe.image_processor.preprocess(frames[index]).to(device, pipe.vae.dtype)
+                source = pipe.vae.encode(image).latent_dist.mean * scaling
+                timesteps = self._timesteps(num_inference_steps, strength)
+                latents = pipe.scheduler.add_noise(source.to(noise.dtype), noise, timesteps[:1])
+                control = self._control(frames[index], guided) if self.controlnet is not None else None
+                warp_steps = int(round(warp_end * len(timesteps))) if warp and index > 0 else 0
+                if warp_steps:
+                    keep, flow = self._latent_flow(flows[index - 1], occlusions[index - 1], latent_size, device)
+                current_steps = []
+                for step, t in enumerate(timesteps):
+                    if step < warp_steps:
+                        tic = time.perf_counter()
+                        warped = backward_warp(previous_steps[step], flow)
+                        latents = torch.where(keep, warped, latents)
+                        seconds["warp"] += time.perf_counter() - tic
+                    current_steps.append(latents)
+                    state.step = step
+                    latents = self._denoise(latents, t, embeds, guided, guidance_scale, control,
+                                            controlnet_conditioning_scale)
+                previous_steps = current_steps
+                state.end_frame()
+                decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / scaling).sample
+                outputs.append(pipe.image_processor.postprocess(decoded, output_type="np")[0])
+                if frame_callback is not None:
+                    frame_callback(index + 1, len(frames))
+        finally:
+            remove_cross_frame(pipe.unet)
+        seconds["denoise"] = time.perf_counter() - start - seconds["flow"] - seconds["warp"]
+        out_frames = (np.stack(outputs) * 255).round().clip(0, 255).astype(np.uint8)
+        error = warp_error(out_frames, flows, occlusions) if len(out_frames) > 1 else 0.0
+        return LatentWarpOutput(out_frames, flows, occlusions, seconds, error)
+
+    # --- steps ---------------------------------------------------------------------------------------
+    def _timesteps(self, steps: int, strength: float) -> torch.Tensor:
+        scheduler = self.pipe.scheduler
+        scheduler.set_timesteps(steps, device=self.device)
+        begin = steps - min(int(steps * strength), steps)
+        timesteps = scheduler.timesteps[begin * scheduler.order:]
+        if len(timesteps) == 0:
+            raise ValueError(f"`strength` {strength} leaves no denoising step of {steps}; raise either")
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(begin * scheduler.order)
+        return timesteps
+
+    def _latent_flow(self, flow: np.ndarray, occluded: np.ndarray, size: tuple[int, int], device):
+        """The flow on the latent grid and where its warp is kept (not occluded on most of the cell)."""
+        latent_flow = resize_flow(flow, size)
+        cover = cv2.resize(occluded.astype(np.float32), size[::-1], interpolation=cv2.INTER_AREA)
+        keep = torch.from_numpy(cover < 0.5).to(device)[None, None]
+        return keep, latent_flow
+
+    def _control(self, frame: np.ndarray, guided: bool) -> torch.Tensor:
+        edges = torch.from_numpy(canny_map(frame)).permute(2, 0, 1)[None].float() / 255
+        edges = edges.to(self.device, self.controlnet.dtype)
+        return torch.cat([edges, edges]) if guided else edges
+
+    def _denoise(self, latents, t, embeds, guided, guidance_scale, control, control_scale):
+        pipe = self.pipe
+        model_input = torch.cat([latents, latents]) if guided else latents
+        model_input = pipe.scheduler.scale_model_input(model_input, t)
+        extra: dict[str, Any] = {}
+        if control is not None:
+            down, mid = self.controlnet(model_input, t, encoder_hidden_states=embeds, controlnet_cond=control,
+                                        conditioning_scale=control_scale, return_dict=False)
+            extra = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        noise_pred = pipe.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
+        if guided:
+            uncond, cond = noise_pred.chunk(2)
+            noise_pred = uncond + guidance_scale * (cond - uncond)
+        return pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
