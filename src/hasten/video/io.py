@@ -126,16 +126,16 @@ def _atomic_target(path: Path):
 
 
 def write_video(frames: torch.Tensor | np.ndarray, path: str | os.PathLike, fps: float = 8.0) -> Path:
-    """Write frames to an .mp4 (mp4v) or .avi (MJPG) file, atomically.
+    """Write frames to an .mp4 (mp4v), .avi (MJPG) or .webm (VP9, plays in browsers) file, atomically.
 
     ``frames``: a (F, C, H, W) tensor in [0, 1], or a (F, H, W, 3) uint8 RGB array.
     """
     path = Path(path)
     if frames.ndim != 4:
         raise ValueError(f"`frames` must be (frames, channels, height, width), got {tuple(frames.shape)}")
-    codec = {".mp4": "mp4v", ".avi": "MJPG"}.get(path.suffix.lower())
+    codec = {".mp4": "mp4v", ".avi": "MJPG", ".webm": "VP90"}.get(path.suffix.lower())
     if codec is None:
-        raise ValueError(f"video `path` must end in .mp4 or .avi, got {path.name!r}")
+        raise ValueError(f"video `path` must end in .mp4, .avi or .webm, got {path.name!r}")
     if isinstance(frames, np.ndarray):
         if frames.dtype != np.uint8 or frames.shape[-1] != 3:
             raise ValueError(f"array `frames` must be (F, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
