@@ -1,0 +1,94 @@
+"""LatentWarp: coherence and cost against per-frame translation and cross-frame attention alone.
+
+Videos: a camera panning and zooming over real photos (scikit-image), so the source flow is
+known. For each video and mode, in one process with the same noise:
+
+- warp error of the output: each output frame warped along the SOURCE video's flow (DIS, as the
+  pipeline computes it) onto the next, occluded pixels left out (0-1 scale; lower = more coherent),
+  and the same along the TRUE flow;
+- frames per second, and the time of flow + occlusion + latent warping, also as a share of plain
+  per-frame translation (the goal: <= 10%).
+
+    python benchmarks/latentwarp.py                                   # tiny SD 1.5, CPU
+    python benchmarks/latentwarp.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda \\
+        --size 512x512 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from common import machine
+
+from hasten.pipelines.latentwarp import LatentWarpPipeline
+from hasten.pipelines.loading import load_pipeline
+from hasten.tiny.motion import panned, zoomed
+from hasten.video import warp_error
+
+MODES = {
+    "per-frame": dict(warp=False, cross_frame=False),
+    "cross-frame only": dict(warp=False, cross_frame=True),
+    "LatentWarp (warp only)": dict(warp=True, cross_frame=False),
+    "LatentWarp": dict(warp=True, cross_frame=True),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-sd15")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--size", default="128x192", help="HxW, multiples of 8")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per mode (median), after a warm-up")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    height, width = (int(v) for v in args.size.lower().split("x"))
+    pipe = LatentWarpPipeline.from_pipe(load_pipeline(args.model, args.dtype, args.device))
+    print(f"# LatentWarp | {machine(torch.device(args.device))} | {args.model} | {args.frames} frames {height}x{width}, "
+          f"{args.steps} steps, strength 0.75")
+    videos = {
+        "pan astronaut": panned(frames=args.frames, size=(height, width), step=(4, 1), name="astronaut"),
+        "pan coffee": panned(frames=args.frames, size=(height, width), step=(-3, 0), name="coffee"),
+        "zoom chelsea": zoomed(frames=args.frames, size=(height, width), rate=1.03, name="chelsea"),
+    }
+    rows = []
+    for name, (frames, true_flows) in videos.items():
+        print(f"\n## {name}")
+        print(f"{'mode':24s} {'warp err':>9s} {'true-flow err':>13s} {'fps':>7s} {'flow+warp s':>11s} {'share':>7s}")
+        plain_seconds = None
+        for mode, options in MODES.items():
+            pipe(video=frames[:2], prompt="a watercolor painting", num_inference_steps=args.steps, progress=False,
+                 **options)  # warm-up
+            times, out = [], None
+            for _ in range(args.repeats):
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                out = pipe(video=frames, prompt="a watercolor painting", num_inference_steps=args.steps,
+                           progress=False, **options)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            seconds = sorted(times)[len(times) // 2]
+            plain_seconds = plain_seconds or seconds
+            overhead = out.seconds["flow"] + out.seconds["warp"] if options["warp"] else 0.0
+            true_error = warp_error(out.frames, true_flows, out.occlusions)
+            row = dict(video=name, mode=mode, warp_error=round(out.warp_error, 5), true_flow_error=round(true_error, 5),
+                       fps=round(len(frames) / seconds, 2), flow_warp_seconds=round(overhead, 4),
+                       overhead_share=round(overhead / plain_seconds, 4), seconds=round(seconds, 3))
+            rows.append(row)
+            print(f"{mode:24s} {row['warp_error']:9.4f} {row['true_flow_error']:13.4f} {row['fps']:7.2f} "
+                  f"{overhead:11.3f} {row['overhead_share']:6.1%}")
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
