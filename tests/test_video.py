@@ -80,3 +80,20 @@ def test_warp_error_is_zero_for_a_video_that_follows_its_flow():
     assert warp_error(still, flows) > 0.01  # a video that does not move where the flow says
     with pytest.raises(ValueError, match="flows"):
         warp_error(frames, flows[:1])
+
+
+def test_audio_passthrough_without_ffmpeg_is_one_notice(tmp_path, monkeypatch):
+    from hasten.video import io
+
+    frames, _ = panned(frames=2, size=(32, 48))
+    path = write_video(frames, tmp_path / "clip.avi", fps=8)
+    monkeypatch.setattr(io, "ffmpeg_executable", lambda: None)
+    monkeypatch.setattr(io, "_AUDIO_NOTICE", False)
+    with pytest.warns(UserWarning, match="imageio-ffmpeg"):
+        assert io.copy_audio(path, path) is False
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second notice would raise here
+        assert io.copy_audio(path, path) is False
+    assert read_video(path).frames.shape[0] == 2
