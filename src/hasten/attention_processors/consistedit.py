@@ -1,0 +1,160 @@
+"""ConsistEdit's attention control for MM-DiT transformers, as forward hooks on the Q/K/V projections.
+
+The source and target branches share a forward pass (batch rows ``source_rows`` /
+``target_rows``). In the chosen attention layers (SD3: every joint block; Flux: the
+single-stream blocks only, as the paper prescribes), on IMAGE tokens only (text Q/K/V are never
+touched), the target branch's projections are overwritten by the source's:
+
+- ``V_t <- m V_s + (1 - m) V_t`` at every step;
+- ``Q_t, K_t <- m' {Q,K}_s + (1 - m') {Q,K}_t`` with ``m' = 1`` (all image tokens) while
+  ``step < int(alpha * steps)`` and ``m' = m`` afterwards;
+
+``m`` is the preserve mask (1 = keep the source). The model's own attention processor then
+runs unchanged (SDPA), so both branches use numerically identical attention. Hooking the
+projections (not a processor class) finds the layers on current diffusers whatever the
+processor is called (the official code lost Flux when diffusers renamed its attention class).
+
+Two more modes share the hooks:
+
+- ``"record"`` / replay: the source branch's image Q/K/V per (noise level, layer) go into a
+  :class:`~hasten.attention_processors.feature_cache.FeatureCache` during inversion, and are put
+  back into the source rows while editing (``replay``);
+- ``"mask"``: the attention of the source's image queries to the edit words' text tokens is
+  accumulated (averaged over heads, summed over the words' tokens, averaged over layers and
+  steps); :meth:`ConsistEditControl.edit_mask` min-max normalises it and thresholds it. The map
+  uses the attention logits before Flux's rotary embedding (a coarse map that is thresholded
+  at 0.1).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from .feature_cache import FeatureCache
+
+__all__ = ["ConsistEditControl", "edit_layers"]
+
+
+def edit_layers(transformer: Any) -> tuple[list[Any], bool]:
+    """The attention modules ConsistEdit controls, and whether their sequence is ``[text, image]``."""
+    name = type(transformer).__name__
+    if name == "SD3Transformer2DModel":
+        return [block.attn for block in transformer.transformer_blocks], False
+    if name == "FluxTransformer2DModel":
+        return [block.attn for block in transformer.single_transformer_blocks], True
+    raise ValueError(f"ConsistEdit supports SD3Transformer2DModel and FluxTransformer2DModel; got {name}")
+
+
+class ConsistEditControl:
+    """State and hooks of one ConsistEdit run (see the module docstring)."""
+
+    def __init__(self, transformer: Any, image_tokens: int):
+        self.layers, self.text_first = edit_layers(transformer)
+        self.image_tokens = image_tokens
+        self.mode = "off"
+        self.step, self.steps, self.alpha = 0, 1, 1.0
+        self.sigma: float = 1.0
+        self.preserve: torch.Tensor | None = None  # (image tokens,) 1 = keep the source
+        self.source_rows: list[int] = [0]
+        self.target_rows: list[int] = [1]
+        self.cache: FeatureCache | None = None
+        self.replay = False
+        self.word_positions: list[int] = []
+        self.mask_rows: list[int] = [0]
+        self._mask_sum: torch.Tensor | None = None
+        self._mask_count = 0
+        self._pending: dict[tuple[int, str], torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    # --- install ------------------------------------------------------------------------------------
+    def install(self) -> "ConsistEditControl":
+        for index, attn in enumerate(self.layers):
+            for kind, name in (("q", "to_q"), ("k", "to_k"), ("v", "to_v")):
+                self._handles.append(getattr(attn, name).register_forward_hook(
+                    functools.partial(self._projection, layer=index, kind=kind, attn=attn)))
+            if not self.text_first and getattr(attn, "add_k_proj", None) is not None:
+                self._handles.append(attn.add_k_proj.register_forward_hook(
+                    functools.partial(self._text_keys, layer=index, attn=attn)))
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # --- hooks --------------------------------------------------------------------------------------
+    def _image(self, output: torch.Tensor) -> slice:
+        return slice(output.shape[1] - self.image_tokens, None) if self.text_first else slice(None)
+
+    def _projection(self, module, args, output, layer: int, kind: str, attn: Any):
+        if self.mode == "off":
+            return None
+        image = self._image(output)
+        key = (round(self.sigma, 6), layer, kind)
+        if self.mode == "record":
+            self.cache.put(key, output[self.source_rows, image])
+            return None
+        if self.mode == "mask":
+            self._pending[(layer, kind)] = output
+            if self.text_first and kind == "k":  # Flux single blocks: text and image keys are here
+                self._accumulate(attn, self._pending.pop((layer, "q")), output, None)
+            return None
+        out = output.clone()
+        features = out[:, image]
+        if self.replay and self.cache is not None and key in self.cache:
+            recorded, _ = self.cache.get(key, device=out.device)
+            features[self.source_rows] = recorded.to(out.dtype)
+        if self.preserve is not None:
+            everything = kind in ("q", "k") and self.step < int(self.alpha * self.steps)
+            keep = torch.ones_like(self.preserve) if everything else self.preserve
+            keep = keep.to(out.device, out.dtype)[:, None]
+            for source, target in zip(self.source_rows, self.target_rows):
+                features[target] = keep * features[source] + (1 - keep) * features[target]
+        out[:, image] = features
+        return out
+
+    def _text_keys(self, module, args, output, layer: int, attn: Any):
+        if self.mode == "mask":  # SD3 joint blocks: image keys came from to_k, text keys are these
+            query = self._pending.pop((layer, "q"))
+            self._accumulate(attn, query, self._pending.pop((layer, "k")), output)
+        return None
+
+    # --- the mask ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _accumulate(self, attn: Any, query: torch.Tensor, keys: torch.Tensor, text_keys: torch.Tensor | None) -> None:
+        """Add one layer's image-query attention to the edit words (source rows, heads averaged)."""
+        heads = attn.heads
+        rows = self.mask_rows
+        q = query[rows].unflatten(-1, (heads, -1))
+        k = keys[rows].unflatten(-1, (heads, -1))
+        if getattr(attn, "norm_q", None) is not None:
+            q = attn.norm_q(q)
+        if getattr(attn, "norm_k", None) is not None:
+            k = attn.norm_k(k)
+        if text_keys is not None:  # SD3: keys = [image, text]
+            t = text_keys[rows].unflatten(-1, (heads, -1))
+            if getattr(attn, "norm_added_k", None) is not None:
+                t = attn.norm_added_k(t)
+            k = torch.cat([k, t], dim=1)
+            columns = [self.image_tokens + p for p in self.word_positions]
+        else:  # Flux: keys = [text, image]
+            columns = list(self.word_positions)
+        q = q[:, self._image(query)] if self.text_first else q
+        total = None
+        for chunk in q.split(1024, dim=1):  # bounded memory on large images
+            logits = torch.einsum("bqhd,bkhd->bhqk", chunk.float(), k.float()) * q.shape[-1] ** -0.5
+            share = torch.softmax(logits, -1)[..., columns].sum(-1).mean(1).mean(0)  # (queries,)
+            total = share if total is None else torch.cat([total, share])
+        self._mask_sum = total if self._mask_sum is None else self._mask_sum + total
+        self._mask_count += 1
+
+    def edit_mask(self, threshold: float = 0.1) -> torch.Tensor:
+        """(image tokens,) bool: the edit region (min-max normalised word attention > threshold)."""
+        if self._mask_sum is None:
+            raise ValueError("no attention to the edit words was recorded (run a mask pass first)")
+        mean = self._mask_sum / self._mask_count
+        normalised = (mean - mean.min()) / (mean.max() - mean.min()).clamp_min(1e-12)
+        return normalised > threshold

@@ -1,0 +1,205 @@
+"""Flow-matching text-to-image pipelines as one velocity field ``v(x, sigma | prompt)``.
+
+Inversion and editing need to call a pipeline's transformer at any noise level, in any order,
+for a batch of prompts that share a forward pass. :class:`FlowModel` gives that for the
+diffusers flow-matching image pipelines (SD3, Flux): encode prompts once, encode / decode
+images, and evaluate the velocity (``dx/dsigma``, so ``x(sigma) = (1 - sigma) x0 + sigma
+noise`` moves along it), with classifier-free guidance as one batched call when the family uses
+it (SD3) or the guidance embedding (Flux-dev).
+
+Batch layout inside the transformer (what attention processors see): the prompts in order,
+and with CFG the unconditional copies first: ``[uncond_0, ..., uncond_k-1, cond_0, ...]``.
+
+Image tokens: :attr:`FlowModel.grid` is their (rows, cols) grid; :meth:`FlowModel.text_token_positions`
+finds the text-sequence positions of words of a prompt, per the family's text layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["FLOW_FAMILIES", "FlowModel"]
+
+FLOW_FAMILIES = ("StableDiffusion3Pipeline", "FluxPipeline")
+
+
+@dataclass
+class _Conditioning:
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    prompts: list[str]
+
+
+class FlowModel:
+    """A diffusers SD3 or Flux pipeline at a fixed image size, as a velocity field.
+
+    Examples
+    --------
+    >>> import hasten.tiny
+    >>> model = FlowModel(hasten.tiny.pipeline("sd3"), height=36, width=52)
+    >>> cond = model.encode(["a red car"], guidance_scale=1.0)
+    >>> x = model.noise(seed=0)
+    >>> model.velocity(x, 0.5, cond).shape == x.shape
+    True
+    """
+
+    def __init__(self, pipe: Any, height: int, width: int, max_sequence_length: int = 64):
+        family = type(pipe).__name__
+        if family not in FLOW_FAMILIES:
+            raise ValueError(f"editing supports {', '.join(FLOW_FAMILIES)}; got {family}")
+        self.pipe, self.family = pipe, family
+        factor = pipe.vae_scale_factor * (2 if family == "FluxPipeline" else pipe.transformer.config.patch_size)
+        if height % factor or width % factor:
+            raise ValueError(f"`height` and `width` must be multiples of {factor} for this {family}; got {height} x {width}")
+        self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
+        self.grid = (height // factor, width // factor)
+        self.guidance_scale = 1.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether guidance runs as a batched unconditional pass (SD3) rather than an embedding (Flux)."""
+        return self.family == "StableDiffusion3Pipeline" and self.guidance_scale > 1.0
+
+    # --- prompts ---------------------------------------------------------------------------------
+    def encode(self, prompts: list[str], guidance_scale: float, negative_prompt: str = "") -> _Conditioning:
+        """Text embeddings of ``prompts`` (and the unconditional ones when CFG is on)."""
+        self.guidance_scale = float(guidance_scale)
+        pipe, device = self.pipe, self.device
+        if self.family == "StableDiffusion3Pipeline":
+            embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+                prompts, prompts, prompts, device=device, do_classifier_free_guidance=self.uses_cfg,
+                negative_prompt=[negative_prompt] * len(prompts), negative_prompt_2=[negative_prompt] * len(prompts),
+                negative_prompt_3=[negative_prompt] * len(prompts), max_sequence_length=self.max_sequence_length)
+            if self.uses_cfg:
+                embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
+        else:
+            embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, device=device,
+                                                   max_sequence_length=self.max_sequence_length)
+        return _Conditioning(embeds, pooled, list(prompts))
+
+    def text_token_positions(self, prompt: str, words: list[str]) -> list[int]:
+        """Positions, in the transformer's text sequence, of the tokens that spell ``words`` in ``prompt``.
+
+        SD3: CLIP tokens at their index, T5 tokens at ``77 + index``; Flux: T5 tokens.
+        """
+        spans = []
+        lowered = prompt.lower()
+        for word in words:
+            start = lowered.find(word.lower())
+            if not word or start < 0:
+                raise ValueError(f"edit word {word!r} is not in the prompt {prompt!r}")
+            spans.append((start, start + len(word)))
+        pipe = self.pipe
+        tokenizers = ([(pipe.tokenizer, 0, 77), (pipe.tokenizer_3, 77, self.max_sequence_length)]
+                      if self.family == "StableDiffusion3Pipeline" else [(pipe.tokenizer_2, 0, self.max_sequence_length)])
+        positions = []
+        for tokenizer, offset, length in tokenizers:
+            encoded = tokenizer(prompt, return_offsets_mapping=True, truncation=True, max_length=length)
+            for index, (a, b) in enumerate(encoded["offset_mapping"]):
+                if b > a and any(a < end and b > begin for begin, end in spans):
+                    positions.append(offset + index)
+        if not positions:
+            raise ValueError(f"no token of {words} found in the tokenised prompt {prompt!r}")
+        return positions
+
+    # --- images ----------------------------------------------------------------------------------
+    def noise(self, seed: int = 0, batch: int = 1) -> torch.Tensor:
+        """Initial noise in the transformer's latent layout (packed for Flux)."""
+        pipe = self.pipe
+        channels = pipe.transformer.config.in_channels // (4 if self.family == "FluxPipeline" else 1)
+        h, w = self.height // pipe.vae_scale_factor, self.width // pipe.vae_scale_factor
+        generator = torch.Generator().manual_seed(seed)
+        latents = torch.randn(batch, channels, h, w, generator=generator).to(self.device, self.dtype)
+        return self._pack(latents)
+
+    @torch.no_grad()
+    def encode_image(self, image: Any) -> torch.Tensor:
+        """A PIL image / (H, W, 3) uint8 array -> clean latents (1, ...), resized to the model's size."""
+        pipe = self.pipe
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        pixels = pipe.image_processor.preprocess(image, height=self.height, width=self.width)
+        pixels = pixels.to(self.device, pipe.vae.dtype)
+        latents = pipe.vae.encode(pixels).latent_dist.mean
+        config = pipe.vae.config
+        latents = (latents - (config.shift_factor or 0.0)) * config.scaling_factor
+        return self._pack(latents.to(self.dtype))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (B, 3, H, W) in [0, 1], float32."""
+        pipe = self.pipe
+        latents = self._unpack(latents)
+        config = pipe.vae.config
+        latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
+        images = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def _pack(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.family != "FluxPipeline":
+            return latents
+        b, c, h, w = latents.shape
+        return self.pipe._pack_latents(latents, b, c, h, w)
+
+    def _unpack(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.family != "FluxPipeline":
+            return latents
+        return self.pipe._unpack_latents(latents, self.height, self.width, self.pipe.vae_scale_factor)
+
+    # --- the velocity ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def velocity(self, latents: torch.Tensor, sigma: float, cond: _Conditioning) -> torch.Tensor:
+        """``dx/dsigma`` at noise level ``sigma`` for a batch of latents, one per prompt of ``cond``."""
+        pipe = self.pipe
+        batch = latents.shape[0]
+        if batch != len(cond.prompts):
+            raise ValueError(f"{batch} latents for {len(cond.prompts)} prompts")
+        if self.family == "StableDiffusion3Pipeline":
+            x = torch.cat([latents, latents]) if self.uses_cfg else latents
+            timestep = torch.full((x.shape[0],), sigma * 1000.0, device=self.device, dtype=self.dtype)
+            out = pipe.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.embeds,
+                                   pooled_projections=cond.pooled, return_dict=False)[0]
+            if self.uses_cfg:
+                uncond, conditional = out.chunk(2)
+                out = uncond + self.guidance_scale * (conditional - uncond)
+            return out
+        h, w = self.height // pipe.vae_scale_factor, self.width // pipe.vae_scale_factor
+        image_ids = pipe._prepare_latent_image_ids(batch, h // 2, w // 2, self.device, self.dtype)
+        text_ids = torch.zeros(cond.embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+        guidance = None
+        if pipe.transformer.config.guidance_embeds:
+            guidance = torch.full((batch,), self.guidance_scale, device=self.device, dtype=torch.float32)
+        timestep = torch.full((batch,), sigma, device=self.device, dtype=self.dtype)
+        return pipe.transformer(hidden_states=latents, timestep=timestep, guidance=guidance,
+                                pooled_projections=cond.pooled, encoder_hidden_states=cond.embeds, txt_ids=text_ids,
+                                img_ids=image_ids, return_dict=False)[0]
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """``steps + 1`` noise levels from 1 down to 0, shifted like the pipeline's scheduler."""
+        scheduler = self.pipe.scheduler
+        sigmas = np.linspace(1.0, 1.0 / steps, steps)
+        if getattr(scheduler.config, "use_dynamic_shifting", False):
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            tokens = self.grid[0] * self.grid[1]
+            mu = calculate_shift(tokens, scheduler.config.get("base_image_seq_len", 256),
+                                 scheduler.config.get("max_image_seq_len", 4096),
+                                 scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.15))
+            sigmas = np.exp(mu) / (np.exp(mu) + (1 / sigmas - 1))
+        else:
+            shift = getattr(scheduler.config, "shift", 1.0)
+            sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+        return torch.tensor([*sigmas, 0.0], dtype=torch.float64)
