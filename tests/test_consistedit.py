@@ -86,3 +86,24 @@ def test_edit_words_give_a_mask_and_errors_name_the_problem(editor):
 def test_unsupported_model_class():
     with pytest.raises(ValueError, match="editing supports"):
         ConsistEditPipeline.from_pipe(hasten.tiny.pipeline("sd15"))
+
+
+@pytest.mark.parametrize("kind", ["cogvideox", "wan"])
+def test_video_families_synthetic_invariants(kind):
+    pipe = hasten.tiny.pipeline(kind)
+    editor = ConsistEditPipeline.from_pipe(pipe)
+    kept = editor.edit("a red car driving", "a blue car driving", mask=np.zeros((80, 112)), num_inference_steps=3,
+                       progress=False)
+    assert kept.target.shape == (9, 3, 80, 112)
+    torch.testing.assert_close(kept.target, kept.source, rtol=1e-5, atol=1e-5)
+    free = editor.edit("a red car driving", "a blue car driving", mask=np.ones((80, 112)), alpha=0.0, seed=2,
+                       num_inference_steps=3, progress=False)
+    plain = pipe(prompt=["a blue car driving"], negative_prompt=[""], latents=editor.video._noise(2),
+                 num_inference_steps=3, guidance_scale=editor.video.default_guidance, max_sequence_length=77,
+                 height=80, width=112, num_frames=9, output_type="pt").frames
+    torch.testing.assert_close(free.target, torch.as_tensor(plain).float()[0], rtol=1e-4, atol=1e-4)
+    words = editor.edit("a red car driving", "a blue car driving", edit_words=["red"], num_inference_steps=2,
+                        progress=False)
+    assert words.edit_region.shape == (3, 5, 7) and bool(words.edit_region.any())
+    with pytest.raises(ValueError, match="real"):
+        editor.edit("a", "b", mask=np.ones((80, 112)), image=np.zeros((80, 112, 3), np.uint8), progress=False)

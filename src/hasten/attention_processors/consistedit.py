@@ -1,9 +1,10 @@
-"""ConsistEdit's attention control for MM-DiT transformers, as forward hooks on the Q/K/V projections.
+"""ConsistEdit's attention control for MM-DiT / video DiT transformers, as forward hooks on Q/K/V projections.
 
 The source and target branches share a forward pass (batch rows ``source_rows`` /
 ``target_rows``). In the chosen attention layers (SD3: every joint block; Flux: the
-single-stream blocks only, as the paper prescribes), on IMAGE tokens only (text Q/K/V are never
-touched), the target branch's projections are overwritten by the source's:
+single-stream blocks only, as the paper prescribes; CogVideoX: every block; Wan: every block's
+self-attention), on IMAGE (video) tokens only (text Q/K/V are never touched), the target
+branch's projections are overwritten by the source's:
 
 - ``V_t <- m V_s + (1 - m) V_t`` at every step;
 - ``Q_t, K_t <- m' {Q,K}_s + (1 - m') {Q,K}_t`` with ``m' = 1`` (all image tokens) while
@@ -38,21 +39,40 @@ from .feature_cache import FeatureCache
 __all__ = ["ConsistEditControl", "edit_layers"]
 
 
-def edit_layers(transformer: Any) -> tuple[list[Any], bool]:
-    """The attention modules ConsistEdit controls, and whether their sequence is ``[text, image]``."""
+def edit_layers(transformer: Any) -> tuple[list[Any], bool, list[Any]]:
+    """The attention modules ConsistEdit controls, whether their sequence is ``[text, image]``, and
+    the cross-attention modules the edit-word mask reads (Wan; the others attend text jointly)."""
     name = type(transformer).__name__
     if name == "SD3Transformer2DModel":
-        return [block.attn for block in transformer.transformer_blocks], False
+        return [block.attn for block in transformer.transformer_blocks], False, []
     if name == "FluxTransformer2DModel":
-        return [block.attn for block in transformer.single_transformer_blocks], True
-    raise ValueError(f"ConsistEdit supports SD3Transformer2DModel and FluxTransformer2DModel; got {name}")
+        return [block.attn for block in transformer.single_transformer_blocks], True, []
+    if name == "CogVideoXTransformer3DModel":
+        return [block.attn1 for block in transformer.transformer_blocks], True, []
+    if name == "WanTransformer3DModel":
+        return [block.attn1 for block in transformer.blocks], False, [block.attn2 for block in transformer.blocks]
+    raise ValueError("ConsistEdit supports SD3Transformer2DModel, FluxTransformer2DModel, CogVideoXTransformer3DModel "
+                     f"and WanTransformer3DModel; got {name}")
+
+
+def _heads(x: torch.Tensor, norm: Any, heads: int) -> torch.Tensor:
+    """(batch, tokens, heads * dim) -> (batch, tokens, heads, dim), with the layer's q/k norm applied
+    where it applies (per head: SD3, Flux, CogVideoX; over all heads: Wan)."""
+    if norm is None:
+        return x.unflatten(-1, (heads, -1))
+    shape = getattr(norm, "normalized_shape", None) or getattr(norm, "dim", None)
+    size = shape[-1] if isinstance(shape, (tuple, list, torch.Size)) else shape
+    if size == x.shape[-1]:
+        return norm(x).unflatten(-1, (heads, -1))
+    return norm(x.unflatten(-1, (heads, -1)))
 
 
 class ConsistEditControl:
     """State and hooks of one ConsistEdit run (see the module docstring)."""
 
     def __init__(self, transformer: Any, image_tokens: int):
-        self.layers, self.text_first = edit_layers(transformer)
+        self.layers, self.text_first, self.cross_layers = edit_layers(transformer)
+        self.mask_enabled = True  # False on calls whose rows are not the conditional ones (Wan's uncond call)
         self.image_tokens = image_tokens
         self.mode = "off"
         self.step, self.steps, self.alpha = 0, 1, 1.0
@@ -78,6 +98,10 @@ class ConsistEditControl:
             if not self.text_first and getattr(attn, "add_k_proj", None) is not None:
                 self._handles.append(attn.add_k_proj.register_forward_hook(
                     functools.partial(self._text_keys, layer=index, attn=attn)))
+        for index, attn in enumerate(self.cross_layers):  # Wan: word attention from cross-attention
+            self._handles.append(attn.to_q.register_forward_hook(functools.partial(self._cross, layer=index, kind="q")))
+            self._handles.append(attn.to_k.register_forward_hook(
+                functools.partial(self._cross, layer=index, kind="k", attn=attn)))
         return self
 
     def remove(self) -> None:
@@ -98,8 +122,10 @@ class ConsistEditControl:
             self.cache.put(key, output[self.source_rows, image])
             return None
         if self.mode == "mask":
+            if self.cross_layers or not self.mask_enabled:
+                return None
             self._pending[(layer, kind)] = output
-            if self.text_first and kind == "k":  # Flux single blocks: text and image keys are here
+            if self.text_first and kind == "k":  # Flux single / CogVideoX blocks: text and image keys are here
                 self._accumulate(attn, self._pending.pop((layer, "q")), output, None)
             return None
         out = output.clone()
@@ -116,6 +142,15 @@ class ConsistEditControl:
         out[:, image] = features
         return out
 
+    def _cross(self, module, args, output, layer: int, kind: str, attn: Any = None):
+        if self.mode != "mask" or not self.mask_enabled:
+            return None
+        if kind == "q":
+            self._pending[("cross", layer)] = output
+        else:
+            self._accumulate(attn, self._pending.pop(("cross", layer)), output, None, keys_are_text=True)
+        return None
+
     def _text_keys(self, module, args, output, layer: int, attn: Any):
         if self.mode == "mask":  # SD3 joint blocks: image keys came from to_k, text keys are these
             query = self._pending.pop((layer, "q"))
@@ -124,25 +159,19 @@ class ConsistEditControl:
 
     # --- the mask ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _accumulate(self, attn: Any, query: torch.Tensor, keys: torch.Tensor, text_keys: torch.Tensor | None) -> None:
+    def _accumulate(self, attn: Any, query: torch.Tensor, keys: torch.Tensor, text_keys: torch.Tensor | None,
+                    keys_are_text: bool = False) -> None:
         """Add one layer's image-query attention to the edit words (source rows, heads averaged)."""
         heads = attn.heads
         rows = self.mask_rows
-        q = query[rows].unflatten(-1, (heads, -1))
-        k = keys[rows].unflatten(-1, (heads, -1))
-        if getattr(attn, "norm_q", None) is not None:
-            q = attn.norm_q(q)
-        if getattr(attn, "norm_k", None) is not None:
-            k = attn.norm_k(k)
+        q = _heads(query[rows], getattr(attn, "norm_q", None), heads)
+        k = _heads(keys[rows], getattr(attn, "norm_k", None), heads)
         if text_keys is not None:  # SD3: keys = [image, text]
-            t = text_keys[rows].unflatten(-1, (heads, -1))
-            if getattr(attn, "norm_added_k", None) is not None:
-                t = attn.norm_added_k(t)
-            k = torch.cat([k, t], dim=1)
+            k = torch.cat([k, _heads(text_keys[rows], getattr(attn, "norm_added_k", None), heads)], dim=1)
             columns = [self.image_tokens + p for p in self.word_positions]
-        else:  # Flux: keys = [text, image]
+        else:  # Flux / CogVideoX: keys = [text, image]; Wan's cross-attention: keys = text
             columns = list(self.word_positions)
-        q = q[:, self._image(query)] if self.text_first else q
+        q = q[:, self._image(query)] if self.text_first and not keys_are_text else q
         total = None
         for chunk in q.split(1024, dim=1):  # bounded memory on large images
             logits = torch.einsum("bqhd,bkhd->bhqk", chunk.float(), k.float()) * q.shape[-1] ** -0.5
@@ -151,10 +180,11 @@ class ConsistEditControl:
         self._mask_sum = total if self._mask_sum is None else self._mask_sum + total
         self._mask_count += 1
 
-    def edit_mask(self, threshold: float = 0.1) -> torch.Tensor:
-        """(image tokens,) bool: the edit region (min-max normalised word attention > threshold)."""
+    def edit_mask(self, threshold: float = 0.1, frames: int = 1) -> torch.Tensor:
+        """(image tokens,) bool: the edit region (word attention min-max normalised per frame, > threshold)."""
         if self._mask_sum is None:
             raise ValueError("no attention to the edit words was recorded (run a mask pass first)")
-        mean = self._mask_sum / self._mask_count
-        normalised = (mean - mean.min()) / (mean.max() - mean.min()).clamp_min(1e-12)
-        return normalised > threshold
+        mean = (self._mask_sum / self._mask_count).view(frames, -1)
+        low, high = mean.amin(1, keepdim=True), mean.amax(1, keepdim=True)
+        normalised = (mean - low) / (high - low).clamp_min(1e-12)
+        return (normalised > threshold).flatten()

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ..attention_processors.consistedit import ConsistEditControl
 from ..attention_processors.feature_cache import FeatureCache, FeatureCacheConfig
-from .flow_models import FlowModel
+from .flow_models import FlowModel, token_positions
 from .inversion import SOLVERS, invert, regenerate
 
 __all__ = ["ConsistEditPipeline", "EditResult"]
@@ -92,16 +92,19 @@ class ConsistEditPipeline:
     (torch.Size([3, 36, 52]), torch.bool)
     """
 
-    def __init__(self, model: FlowModel):
-        self.model = model
+    def __init__(self, model: FlowModel | None = None, video: "_VideoEditor | None" = None):
+        self.model, self.video = model, video
 
     @classmethod
     def from_pipe(cls, pipe: Any, height: int | None = None, width: int | None = None,
-                  max_sequence_length: int = 77) -> "ConsistEditPipeline":
-        """Wrap a diffusers ``StableDiffusion3Pipeline`` or ``FluxPipeline``; size defaults to the tiny
-        models' own, else 1024 x 1024."""
+                  max_sequence_length: int = 77, num_frames: int | None = None) -> "ConsistEditPipeline":
+        """Wrap a diffusers ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``CogVideoXPipeline`` or
+        ``WanPipeline``. Sizes default to the tiny models' own, else 1024 x 1024 (images), 480 x 720 x
+        49 frames (CogVideoX) and 480 x 832 x 81 frames (Wan)."""
         from .. import tiny
 
+        if type(pipe).__name__ in _VIDEO_FAMILIES:
+            return cls(video=_VideoEditor(pipe, height, width, num_frames, max_sequence_length))
         if height is None or width is None:
             default = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}.get(type(pipe).__name__)
             size = tiny.default_size(default) if default and pipe.transformer.config.num_layers <= 2 else \
@@ -188,6 +191,12 @@ class ConsistEditPipeline:
         cache : FeatureCacheConfig, optional
             How the source features are stored in real mode (default bfloat16 in RAM).
         """
+        if self.video is not None:
+            if image is not None or latents is not None:
+                raise ValueError(f"real (inverted) video editing is not available for {self.video.family}: "
+                                 "give a `seed` (synthetic mode)")
+            return self.video.edit(source_prompt, target_prompt, edit_words, mask, 1.0 if alpha is None else alpha,
+                                   seed, num_inference_steps, guidance_scale, mask_threshold, blend_latents, progress)
         model = self.model
         real = image is not None or latents is not None
         if edit_words is None and mask is None:
@@ -285,3 +294,135 @@ class ConsistEditPipeline:
         x = regenerate(lambda x, s: model.velocity(x, s, cond), model.noise(seed), model.sigmas(num_inference_steps),
                        "euler")
         return model.decode(x)[0]
+
+
+_VIDEO_FAMILIES = {"CogVideoXPipeline": ((480, 720, 49), 6.0), "WanPipeline": ((480, 832, 81), 5.0)}
+
+
+class _VideoEditor:
+    """Synthetic-mode ConsistEdit on a video pipeline's own sampling loop (CogVideoX, Wan).
+
+    Both prompts run as one batch through the pipeline's ``__call__`` from one shared noise; the
+    step index and the latent blend come from ``callback_on_step_end``. Masks are per latent
+    frame (edit words: min-max normalised per frame).
+    """
+
+    def __init__(self, pipe: Any, height: int | None, width: int | None, num_frames: int | None,
+                 max_sequence_length: int):
+        from .. import tiny
+
+        self.pipe, self.family = pipe, type(pipe).__name__
+        (full_h, full_w, full_f), self.default_guidance = _VIDEO_FAMILIES[self.family]
+        tiny_kind = {"CogVideoXPipeline": "cogvideox", "WanPipeline": "wan"}[self.family]
+        small = tiny.default_size(tiny_kind) if sum(p.numel() for p in pipe.transformer.parameters()) < 10**7 else {}
+        self.height = height or small.get("height", full_h)
+        self.width = width or small.get("width", full_w)
+        self.num_frames = num_frames or small.get("num_frames", full_f)
+        self.max_sequence_length = max_sequence_length
+        spatial = pipe.vae_scale_factor_spatial * 2
+        if self.height % spatial or self.width % spatial:
+            raise ValueError(f"`height` and `width` must be multiples of {spatial}, got {self.height} x {self.width}")
+        temporal = pipe.vae_scale_factor_temporal
+        if (self.num_frames - 1) % temporal:
+            raise ValueError(f"`num_frames` must be {temporal} k + 1, got {self.num_frames}")
+        self.grid = ((self.num_frames - 1) // temporal + 1, self.height // spatial, self.width // spatial)
+
+    def _noise(self, seed: int) -> torch.Tensor:
+        pipe = self.pipe
+        generator = torch.Generator().manual_seed(seed)
+        channels = pipe.transformer.config.in_channels
+        dtype = pipe.transformer.dtype
+        if self.family == "CogVideoXPipeline":
+            latents = pipe.prepare_latents(1, channels, self.num_frames, self.height, self.width, torch.float32,
+                                           "cpu", generator)
+        else:
+            latents = pipe.prepare_latents(1, channels, self.height, self.width, self.num_frames, torch.float32,
+                                           "cpu", generator)
+        return latents.to(pipe.transformer.device, dtype)
+
+    def _keep(self, preserve: torch.Tensor) -> torch.Tensor:
+        frames, rows, cols = self.grid
+        grid = preserve.view(frames, rows, cols).repeat_interleave(2, 1).repeat_interleave(2, 2)
+        return grid[None, :, None] if self.family == "CogVideoXPipeline" else grid[None, None]
+
+    def _user_mask(self, mask: Any) -> torch.Tensor:
+        frames, rows, cols = self.grid
+        array = torch.as_tensor(np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else mask,
+                                           dtype=np.float32))
+        if array.max() > 1:
+            array = array / 255.0
+        if array.dim() == 2:
+            array = array[None]
+        if array.dim() != 3 or array.shape[1:] not in ((self.height, self.width), (rows, cols)):
+            raise ValueError(f"`mask` is {tuple(array.shape)}; expected (height, width) = ({self.height}, {self.width}) "
+                             f"or the token grid ({rows}, {cols}), optionally with frames first")
+        pooled = torch.nn.functional.adaptive_avg_pool3d(array[None, None], (frames, rows, cols))[0, 0]
+        return (pooled > 0.5).flatten()
+
+    @torch.no_grad()
+    def edit(self, source_prompt, target_prompt, edit_words, mask, alpha, seed, steps, guidance_scale,
+             mask_threshold, blend_latents, progress) -> EditResult:
+        pipe = self.pipe
+        if edit_words is None and mask is None:
+            raise ValueError("give `edit_words` (words of the source prompt) or a `mask` of the edit region")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}")
+        guidance = self.default_guidance if guidance_scale is None else guidance_scale
+        frames, rows, cols = self.grid
+        tokens = frames * rows * cols
+        control = ConsistEditControl(pipe.transformer, tokens).install()
+        calls = {"in_step": 0}
+        cfg_in_batch = self.family == "CogVideoXPipeline" and guidance > 1.0
+
+        def count(module, args, kwargs):
+            control.mask_enabled = calls["in_step"] == 0  # Wan: the conditional call comes first
+            calls["in_step"] += 1
+
+        counter = pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
+        noise = self._noise(seed)
+        seconds = {"invert": 0.0, "mask": 0.0, "edit": 0.0}
+        common = dict(height=self.height, width=self.width, num_frames=self.num_frames, num_inference_steps=steps,
+                      guidance_scale=guidance, max_sequence_length=self.max_sequence_length)
+        keep_holder: dict[str, torch.Tensor] = {}
+
+        def step_end(pipeline, index, timestep, kwargs):
+            control.step, calls["in_step"] = index + 1, 0
+            latents = kwargs["latents"]
+            if "keep" in keep_holder and latents.shape[0] == 2:
+                keep = keep_holder["keep"].to(latents.dtype)
+                latents = torch.cat([latents[:1], keep * latents[:1] + (1 - keep) * latents[1:]])
+            return {"latents": latents}
+
+        try:
+            pipe.set_progress_bar_config(disable=not progress)
+            if mask is None:
+                start = time.perf_counter()
+                control.word_positions = token_positions(source_prompt, list(edit_words),
+                                                         [(pipe.tokenizer, 0, self.max_sequence_length)])
+                control.mode, control.mask_rows, control.step = "mask", [1] if cfg_in_batch else [0], 0
+                pipe(prompt=[source_prompt], latents=noise, output_type="latent", callback_on_step_end=step_end,
+                     **common)
+                edit_region = control.edit_mask(mask_threshold, frames=frames)
+                if not bool(edit_region.any()):
+                    raise ValueError("the edit words' attention marks no edit region; lower `mask_threshold` or give "
+                                     "a `mask`")
+                seconds["mask"] = time.perf_counter() - start
+            else:
+                edit_region = self._user_mask(mask)
+            start = time.perf_counter()
+            preserve = (~edit_region).to(noise.device, noise.dtype)
+            control.mode, control.preserve, control.alpha, control.steps, control.step = "edit", preserve, alpha, steps, 0
+            control.source_rows, control.target_rows = ([0, 2], [1, 3]) if cfg_in_batch else ([0], [1])
+            if blend_latents:
+                keep_holder["keep"] = self._keep(preserve)
+            calls["in_step"] = 0
+            video = pipe(prompt=[source_prompt, target_prompt], negative_prompt=["", ""],
+                         latents=torch.cat([noise, noise]), output_type="pt", callback_on_step_end=step_end,
+                         **common).frames
+            seconds["edit"] = time.perf_counter() - start
+        finally:
+            control.remove()
+            counter.remove()
+        video = torch.as_tensor(video).float()
+        return EditResult(source=video[0], target=video[1], latents=torch.empty(0), source_latents=torch.empty(0),
+                          edit_region=edit_region.view(frames, rows, cols).cpu(), seconds=seconds)

@@ -23,7 +23,31 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["FLOW_FAMILIES", "FlowModel"]
+__all__ = ["FLOW_FAMILIES", "FlowModel", "token_positions"]
+
+
+def token_positions(prompt: str, words: list[str], tokenizers: list[tuple[Any, int, int]]) -> list[int]:
+    """Text-sequence positions of the tokens spelling ``words`` in ``prompt``.
+
+    ``tokenizers``: ``(tokenizer, offset, max_length)`` per text encoder whose tokens follow each
+    other in the transformer's text sequence.
+    """
+    spans = []
+    lowered = prompt.lower()
+    for word in words:
+        start = lowered.find(word.lower())
+        if not word or start < 0:
+            raise ValueError(f"edit word {word!r} is not in the prompt {prompt!r}")
+        spans.append((start, start + len(word)))
+    positions = []
+    for tokenizer, offset, length in tokenizers:
+        encoded = tokenizer(prompt, return_offsets_mapping=True, truncation=True, max_length=length)
+        for index, (a, b) in enumerate(encoded["offset_mapping"]):
+            if b > a and any(a < end and b > begin for begin, end in spans):
+                positions.append(offset + index)
+    if not positions:
+        raise ValueError(f"no token of {words} found in the tokenised prompt {prompt!r}")
+    return positions
 
 FLOW_FAMILIES = ("StableDiffusion3Pipeline", "FluxPipeline")
 
@@ -95,25 +119,10 @@ class FlowModel:
 
         SD3: CLIP tokens at their index, T5 tokens at ``77 + index``; Flux: T5 tokens.
         """
-        spans = []
-        lowered = prompt.lower()
-        for word in words:
-            start = lowered.find(word.lower())
-            if not word or start < 0:
-                raise ValueError(f"edit word {word!r} is not in the prompt {prompt!r}")
-            spans.append((start, start + len(word)))
         pipe = self.pipe
         tokenizers = ([(pipe.tokenizer, 0, 77), (pipe.tokenizer_3, 77, self.max_sequence_length)]
                       if self.family == "StableDiffusion3Pipeline" else [(pipe.tokenizer_2, 0, self.max_sequence_length)])
-        positions = []
-        for tokenizer, offset, length in tokenizers:
-            encoded = tokenizer(prompt, return_offsets_mapping=True, truncation=True, max_length=length)
-            for index, (a, b) in enumerate(encoded["offset_mapping"]):
-                if b > a and any(a < end and b > begin for begin, end in spans):
-                    positions.append(offset + index)
-        if not positions:
-            raise ValueError(f"no token of {words} found in the tokenised prompt {prompt!r}")
-        return positions
+        return token_positions(prompt, words, tokenizers)
 
     # --- images ----------------------------------------------------------------------------------
     def noise(self, seed: int = 0, batch: int = 1) -> torch.Tensor:
