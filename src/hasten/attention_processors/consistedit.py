@@ -82,6 +82,8 @@ class ConsistEditControl:
         self.target_rows: list[int] = [1]
         self.cache: FeatureCache | None = None
         self.replay = False
+        self.record_preserved: torch.Tensor | None = None  # region-only recording: preserved token indices
+        self.record_levels: dict[float, int] = {}
         self.word_positions: list[int] = []
         self.mask_rows: list[int] = [0]
         self._mask_sum: torch.Tensor | None = None
@@ -110,6 +112,19 @@ class ConsistEditControl:
         self._handles = []
 
     # --- hooks --------------------------------------------------------------------------------------
+    def _record_rows(self, kind: str) -> torch.Tensor | None:
+        """Region-only recording: the image tokens the edit will read from the source at this noise level.
+
+        V is read in the preserved region only; Q and K on every token while ``step < alpha * steps``.
+        ``record_levels`` maps each noise level to its denoising step; None records everything.
+        """
+        if self.record_preserved is None:
+            return None
+        step = self.record_levels.get(round(self.sigma, 6))
+        if kind in ("q", "k") and step is not None and step < int(self.alpha * self.steps):
+            return None
+        return self.record_preserved
+
     def _image(self, output: torch.Tensor) -> slice:
         return slice(output.shape[1] - self.image_tokens, None) if self.text_first else slice(None)
 
@@ -119,7 +134,7 @@ class ConsistEditControl:
         image = self._image(output)
         key = (round(self.sigma, 6), layer, kind)
         if self.mode == "record":
-            self.cache.put(key, output[self.source_rows, image])
+            self.cache.put(key, output[self.source_rows, image], rows=self._record_rows(kind))
             return None
         if self.mode == "mask":
             if self.cross_layers or not self.mask_enabled:
@@ -131,8 +146,12 @@ class ConsistEditControl:
         out = output.clone()
         features = out[:, image]
         if self.replay and self.cache is not None and key in self.cache:
-            recorded, _ = self.cache.get(key, device=out.device)
-            features[self.source_rows] = recorded.to(out.dtype)
+            recorded, rows = self.cache.get(key, device=out.device)
+            for source in self.source_rows:
+                if rows is None:
+                    features[source] = recorded[0].to(out.dtype)
+                else:
+                    features[source, rows] = recorded[0].to(out.dtype)
         if self.preserve is not None:
             everything = kind in ("q", "k") and self.step < int(self.alpha * self.steps)
             keep = torch.ones_like(self.preserve) if everything else self.preserve

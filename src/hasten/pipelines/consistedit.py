@@ -160,6 +160,7 @@ class ConsistEditPipeline:
         mask_threshold: float = 0.1,
         blend_latents: bool = True,
         cache: FeatureCacheConfig | None = None,
+        region_only: bool = False,
         progress: bool = True,
     ) -> EditResult:
         """Edit: the source prompt's image into the target prompt's, keeping what the mask preserves.
@@ -190,6 +191,10 @@ class ConsistEditPipeline:
             Keep the target's preserved region on the source's latent (see the module docstring).
         cache : FeatureCacheConfig, optional
             How the source features are stored in real mode (default bfloat16 in RAM).
+        region_only : bool, default False
+            Real mode with a user ``mask``: record only what the edit reads back (V in the preserved
+            region; Q and K of every token only in the first ``alpha`` of the steps). The source
+            branch then reconstructs the preserved region from its features and computes the rest.
         """
         if self.video is not None:
             if image is not None or latents is not None:
@@ -226,6 +231,10 @@ class ConsistEditPipeline:
                 # the conditional row is recorded (inversion runs at guidance 1, so it is the only row)
                 control.mode, control.cache = "record", feature_cache
                 control.source_rows = [1] if model.uses_cfg else [0]
+                if region_only and user_edit is not None:  # only what the edit will read back
+                    control.record_preserved = (~user_edit).nonzero()[:, 0]
+                    control.record_levels = {round(float(s), 6): i for i, s in enumerate(sigmas[:-1])}
+                    control.alpha, control.steps = alpha, num_inference_steps
 
                 def observed(x, sigma):
                     control.sigma = sigma
