@@ -105,5 +105,25 @@ def test_video_families_synthetic_invariants(kind):
     words = editor.edit("a red car driving", "a blue car driving", edit_words=["red"], num_inference_steps=2,
                         progress=False)
     assert words.edit_region.shape == (3, 5, 7) and bool(words.edit_region.any())
-    with pytest.raises(ValueError, match="real"):
-        editor.edit("a", "b", mask=np.ones((80, 112)), image=np.zeros((80, 112, 3), np.uint8), progress=False)
+    if kind == "cogvideox":
+        with pytest.raises(ValueError, match="real"):
+            editor.edit("a", "b", mask=np.ones((80, 112)), image=np.zeros((9, 80, 112, 3), np.uint8), progress=False)
+
+
+def test_wan_real_video_round_trip_keeps_the_preserved_region():
+    from hasten.tiny.motion import panned
+
+    editor = ConsistEditPipeline.from_pipe(hasten.tiny.pipeline("wan"))
+    frames, _ = panned(frames=9, size=(80, 112), step=(2, 0))
+    mask = np.zeros((80, 112))
+    mask[16:64, 32:80] = 1
+    out = editor.edit("a photo of an astronaut", "a photo of a robot", mask=mask, image=frames,
+                      num_inference_steps=STEPS, progress=False)
+    assert out.target.shape == (9, 3, 80, 112) and out.edit_region.shape == (3, 5, 7)
+    model = editor.model
+    reference = model.decode(model.encode_image(frames))[0]
+    keep = torch.ones(80, 112, dtype=torch.bool)
+    keep[8:72, 24:88] = False
+    assert _psnr(out.target[:, :, keep], reference[:, :, keep]) > 25
+    with pytest.raises(ValueError, match="9 frames"):
+        editor.edit("a", "b", mask=mask, image=frames[:5], progress=False)

@@ -49,7 +49,7 @@ from ..attention_processors.feature_cache import FeatureCache, FeatureCacheConfi
 from .flow_models import FlowModel, token_positions
 from .inversion import SOLVERS, invert, regenerate
 
-__all__ = ["ConsistEditPipeline", "EditResult"]
+__all__ = ["ConsistEditPipeline", "EditResult", "grid_mask"]
 
 
 @dataclass
@@ -104,7 +104,11 @@ class ConsistEditPipeline:
         from .. import tiny
 
         if type(pipe).__name__ in _VIDEO_FAMILIES:
-            return cls(video=_VideoEditor(pipe, height, width, num_frames, max_sequence_length))
+            video = _VideoEditor(pipe, height, width, num_frames, max_sequence_length)
+            model = None
+            if type(pipe).__name__ == "WanPipeline":  # flow matching: real videos can be inverted
+                model = FlowModel(pipe, video.height, video.width, max_sequence_length, video.num_frames)
+            return cls(model=model, video=video)
         if height is None or width is None:
             default = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}.get(type(pipe).__name__)
             size = tiny.default_size(default) if default and pipe.transformer.config.num_layers <= 2 else \
@@ -113,33 +117,15 @@ class ConsistEditPipeline:
         return cls(FlowModel(pipe, height, width, max_sequence_length))
 
     # --- masks ------------------------------------------------------------------------------------------
-    def _mask_from_image(self, mask: Any) -> torch.Tensor:
-        """A user mask (PIL / array / tensor, white or True = edit) on the token grid, as edit flags."""
-        rows, cols = self.model.grid
-        array = np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else
-                           (mask.cpu().numpy() if isinstance(mask, torch.Tensor) else mask), dtype=np.float32)
-        if array.ndim == 3:
-            array = array.mean(-1)
-        if array.ndim != 2:
-            raise ValueError(f"`mask` must be a 2-D image, got shape {array.shape}")
-        if array.max() > 1:
-            array = array / 255.0
-        height, width = self.model.height, self.model.width
-        if array.shape not in ((height, width), (rows, cols)):
-            raise ValueError(f"`mask` is {array.shape[1]} x {array.shape[0]}; expected the image size "
-                             f"{width} x {height} or the token grid {cols} x {rows}")
-        tensor = torch.from_numpy(array)[None, None]
-        grid = torch.nn.functional.adaptive_avg_pool2d(tensor, (rows, cols))[0, 0]
-        return grid > 0.5
-
     def _latent_keep(self, preserve: torch.Tensor) -> torch.Tensor:
-        """The preserve mask in the latent layout (packed tokens for Flux, patch pixels for SD3)."""
+        """The preserve mask in the latent layout (packed tokens for Flux, patch pixels for SD3 / Wan)."""
         model = self.model
         if model.family == "FluxPipeline":
             return preserve[None, :, None]
-        rows, cols = model.grid
+        if model.family == "WanPipeline":
+            return _patch_keep(preserve, model.grid, "WanPipeline")
         patch = model.pipe.transformer.config.patch_size
-        grid = preserve.view(rows, cols).repeat_interleave(patch, 0).repeat_interleave(patch, 1)
+        grid = preserve.view(*model.grid).repeat_interleave(patch, 0).repeat_interleave(patch, 1)
         return grid[None, None]
 
     # --- the edit ------------------------------------------------------------------------------------------
@@ -196,10 +182,10 @@ class ConsistEditPipeline:
             region; Q and K of every token only in the first ``alpha`` of the steps). The source
             branch then reconstructs the preserved region from its features and computes the rest.
         """
-        if self.video is not None:
-            if image is not None or latents is not None:
-                raise ValueError(f"real (inverted) video editing is not available for {self.video.family}: "
-                                 "give a `seed` (synthetic mode)")
+        if self.video is not None and (image is not None or latents is not None) and self.model is None:
+            raise ValueError(f"real (inverted) video editing is not available for {self.video.family} (it samples "
+                             "with DDIM, not flow matching): give a `seed` (synthetic mode)")
+        if self.video is not None and image is None and latents is None:
             return self.video.edit(source_prompt, target_prompt, edit_words, mask, 1.0 if alpha is None else alpha,
                                    seed, num_inference_steps, guidance_scale, mask_threshold, blend_latents, progress)
         model = self.model
@@ -216,10 +202,10 @@ class ConsistEditPipeline:
         if guidance_scale is None:
             guidance_scale = 1.0 if real else (7.0 if model.family == "StableDiffusion3Pipeline" else 3.5)
         word_positions = model.text_token_positions(source_prompt, list(edit_words)) if mask is None else []
-        user_edit = self._mask_from_image(mask).flatten() if mask is not None else None
+        user_edit = grid_mask(mask, model.grid, model.height, model.width) if mask is not None else None
 
-        rows, cols = model.grid
-        control = ConsistEditControl(model.pipe.transformer, rows * cols).install()
+        control = ConsistEditControl(model.pipe.transformer, model.tokens).install()
+        frames = model.grid[0] if len(model.grid) == 3 else 1
         feature_cache = FeatureCache(cache or FeatureCacheConfig()) if real else None
         sigmas = model.sigmas(num_inference_steps)
         seconds = {"invert": 0.0, "mask": 0.0, "edit": 0.0}
@@ -257,7 +243,7 @@ class ConsistEditPipeline:
                     return model.velocity(x, sigma, source_cond)
 
                 regenerate(masked, noise, sigmas, solver, progress)
-                edit_region = control.edit_mask(mask_threshold)
+                edit_region = control.edit_mask(mask_threshold, frames=frames)
                 seconds["mask"] = time.perf_counter() - start
             else:
                 edit_region = user_edit.to(model.device)
@@ -290,7 +276,7 @@ class ConsistEditPipeline:
                 feature_cache.close()
         images = model.decode(x)
         return EditResult(source=images[0], target=images[1], latents=x[1:2], source_latents=x[0:1],
-                          edit_region=edit_region.view(rows, cols).cpu(), seconds=seconds, cache_bytes=cache_bytes)
+                          edit_region=edit_region.view(*model.grid).cpu(), seconds=seconds, cache_bytes=cache_bytes)
 
     @torch.no_grad()
     def generate(self, prompt: str, seed: int = 0, num_inference_steps: int = 28,
@@ -303,6 +289,34 @@ class ConsistEditPipeline:
         x = regenerate(lambda x, s: model.velocity(x, s, cond), model.noise(seed), model.sigmas(num_inference_steps),
                        "euler")
         return model.decode(x)[0]
+
+
+def grid_mask(mask: Any, grid: tuple[int, ...], height: int, width: int) -> torch.Tensor:
+    """A user mask (PIL / array / tensor; white or True = edit; image- or token-grid-sized, videos
+    optionally with frames first) -> edit flags over the tokens, in their order."""
+    if isinstance(mask, Image.Image):
+        mask = mask.convert("L")
+    array = torch.as_tensor(np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask, dtype=np.float32))
+    if array.dim() == 3 and array.shape[-1] in (3, 4) and len(grid) == 2:
+        array = array[..., :3].mean(-1)
+    if array.numel() and array.max() > 1:
+        array = array / 255.0
+    if array.dim() == 2:
+        array = array[None]
+    frames, rows, cols = (1, *grid) if len(grid) == 2 else grid
+    if array.dim() != 3 or tuple(array.shape[1:]) not in ((height, width), (rows, cols)) or \
+            (len(grid) == 2 and array.shape[0] != 1):
+        raise ValueError(f"`mask` is {tuple(array.shape)}; expected the image size ({height}, {width}) or the token "
+                         f"grid ({rows}, {cols})" + (", optionally with frames first" if len(grid) == 3 else ""))
+    pooled = torch.nn.functional.adaptive_avg_pool3d(array[None, None], (frames, rows, cols))[0, 0]
+    return (pooled > 0.5).flatten()
+
+
+def _patch_keep(preserve: torch.Tensor, grid: tuple[int, int, int], family: str) -> torch.Tensor:
+    """Video preserve flags in the latent layout (2 x 2 spatial patches): CogVideoX (B, F, C, H, W), Wan (B, C, F, H, W)."""
+    frames, rows, cols = grid
+    pixels = preserve.view(frames, rows, cols).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    return pixels[None, :, None] if family == "CogVideoXPipeline" else pixels[None, None]
 
 
 _VIDEO_FAMILIES = {"CogVideoXPipeline": ((480, 720, 49), 6.0), "WanPipeline": ((480, 832, 81), 5.0)}
@@ -349,24 +363,6 @@ class _VideoEditor:
                                            "cpu", generator)
         return latents.to(pipe.transformer.device, dtype)
 
-    def _keep(self, preserve: torch.Tensor) -> torch.Tensor:
-        frames, rows, cols = self.grid
-        grid = preserve.view(frames, rows, cols).repeat_interleave(2, 1).repeat_interleave(2, 2)
-        return grid[None, :, None] if self.family == "CogVideoXPipeline" else grid[None, None]
-
-    def _user_mask(self, mask: Any) -> torch.Tensor:
-        frames, rows, cols = self.grid
-        array = torch.as_tensor(np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else mask,
-                                           dtype=np.float32))
-        if array.max() > 1:
-            array = array / 255.0
-        if array.dim() == 2:
-            array = array[None]
-        if array.dim() != 3 or array.shape[1:] not in ((self.height, self.width), (rows, cols)):
-            raise ValueError(f"`mask` is {tuple(array.shape)}; expected (height, width) = ({self.height}, {self.width}) "
-                             f"or the token grid ({rows}, {cols}), optionally with frames first")
-        pooled = torch.nn.functional.adaptive_avg_pool3d(array[None, None], (frames, rows, cols))[0, 0]
-        return (pooled > 0.5).flatten()
 
     @torch.no_grad()
     def edit(self, source_prompt, target_prompt, edit_words, mask, alpha, seed, steps, guidance_scale,
@@ -417,13 +413,13 @@ class _VideoEditor:
                                      "a `mask`")
                 seconds["mask"] = time.perf_counter() - start
             else:
-                edit_region = self._user_mask(mask)
+                edit_region = grid_mask(mask, self.grid, self.height, self.width)
             start = time.perf_counter()
             preserve = (~edit_region).to(noise.device, noise.dtype)
             control.mode, control.preserve, control.alpha, control.steps, control.step = "edit", preserve, alpha, steps, 0
             control.source_rows, control.target_rows = ([0, 2], [1, 3]) if cfg_in_batch else ([0], [1])
             if blend_latents:
-                keep_holder["keep"] = self._keep(preserve)
+                keep_holder["keep"] = _patch_keep(preserve, self.grid, self.family)
             calls["in_step"] = 0
             video = pipe(prompt=[source_prompt, target_prompt], negative_prompt=["", ""],
                          latents=torch.cat([noise, noise]), output_type="pt", callback_on_step_end=step_end,

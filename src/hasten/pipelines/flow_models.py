@@ -49,7 +49,7 @@ def token_positions(prompt: str, words: list[str], tokenizers: list[tuple[Any, i
         raise ValueError(f"no token of {words} found in the tokenised prompt {prompt!r}")
     return positions
 
-FLOW_FAMILIES = ("StableDiffusion3Pipeline", "FluxPipeline")
+FLOW_FAMILIES = ("StableDiffusion3Pipeline", "FluxPipeline", "WanPipeline")
 
 
 @dataclass
@@ -72,16 +72,24 @@ class FlowModel:
     True
     """
 
-    def __init__(self, pipe: Any, height: int, width: int, max_sequence_length: int = 64):
+    def __init__(self, pipe: Any, height: int, width: int, max_sequence_length: int = 64, num_frames: int = 1):
         family = type(pipe).__name__
         if family not in FLOW_FAMILIES:
             raise ValueError(f"editing supports {', '.join(FLOW_FAMILIES)}; got {family}")
         self.pipe, self.family = pipe, family
-        factor = pipe.vae_scale_factor * (2 if family == "FluxPipeline" else pipe.transformer.config.patch_size)
+        if family == "WanPipeline":
+            factor = pipe.vae_scale_factor_spatial * 2
+            if (num_frames - 1) % pipe.vae_scale_factor_temporal:
+                raise ValueError(f"`num_frames` must be {pipe.vae_scale_factor_temporal} k + 1, got {num_frames}")
+        else:
+            factor = pipe.vae_scale_factor * (2 if family == "FluxPipeline" else pipe.transformer.config.patch_size)
         if height % factor or width % factor:
             raise ValueError(f"`height` and `width` must be multiples of {factor} for this {family}; got {height} x {width}")
         self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
-        self.grid = (height // factor, width // factor)
+        self.num_frames = num_frames
+        self.grid: tuple[int, ...] = (height // factor, width // factor)
+        if family == "WanPipeline":
+            self.grid = ((num_frames - 1) // pipe.vae_scale_factor_temporal + 1, *self.grid)
         self.guidance_scale = 1.0
 
     @property
@@ -94,8 +102,13 @@ class FlowModel:
 
     @property
     def uses_cfg(self) -> bool:
-        """Whether guidance runs as a batched unconditional pass (SD3) rather than an embedding (Flux)."""
-        return self.family == "StableDiffusion3Pipeline" and self.guidance_scale > 1.0
+        """Whether guidance runs as a batched unconditional pass (SD3, Wan) rather than an embedding (Flux)."""
+        return self.family != "FluxPipeline" and self.guidance_scale > 1.0
+
+    @property
+    def tokens(self) -> int:
+        """Image (video) tokens per sample."""
+        return int(np.prod(self.grid))
 
     # --- prompts ---------------------------------------------------------------------------------
     def encode(self, prompts: list[str], guidance_scale: float, negative_prompt: str = "") -> _Conditioning:
@@ -109,6 +122,13 @@ class FlowModel:
                 negative_prompt_3=[negative_prompt] * len(prompts), max_sequence_length=self.max_sequence_length)
             if self.uses_cfg:
                 embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
+        elif self.family == "WanPipeline":
+            embeds, negative = pipe.encode_prompt(prompts, negative_prompt=[negative_prompt] * len(prompts),
+                                                  do_classifier_free_guidance=self.uses_cfg,
+                                                  max_sequence_length=self.max_sequence_length, device=device)
+            if self.uses_cfg:
+                embeds = torch.cat([negative, embeds])
+            pooled = embeds[:, 0]  # unused by Wan
         else:
             embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, device=device,
                                                    max_sequence_length=self.max_sequence_length)
@@ -120,14 +140,24 @@ class FlowModel:
         SD3: CLIP tokens at their index, T5 tokens at ``77 + index``; Flux: T5 tokens.
         """
         pipe = self.pipe
-        tokenizers = ([(pipe.tokenizer, 0, 77), (pipe.tokenizer_3, 77, self.max_sequence_length)]
-                      if self.family == "StableDiffusion3Pipeline" else [(pipe.tokenizer_2, 0, self.max_sequence_length)])
+        if self.family == "StableDiffusion3Pipeline":
+            tokenizers = [(pipe.tokenizer, 0, 77), (pipe.tokenizer_3, 77, self.max_sequence_length)]
+        elif self.family == "WanPipeline":
+            tokenizers = [(pipe.tokenizer, 0, self.max_sequence_length)]
+        else:
+            tokenizers = [(pipe.tokenizer_2, 0, self.max_sequence_length)]
         return token_positions(prompt, words, tokenizers)
 
     # --- images ----------------------------------------------------------------------------------
     def noise(self, seed: int = 0, batch: int = 1) -> torch.Tensor:
-        """Initial noise in the transformer's latent layout (packed for Flux)."""
+        """Initial noise in the transformer's latent layout (packed for Flux, (B, C, F, H, W) for Wan)."""
         pipe = self.pipe
+        if self.family == "WanPipeline":
+            generator = torch.Generator().manual_seed(seed)
+            frames, rows, cols = self.grid
+            latents = torch.randn(batch, pipe.transformer.config.in_channels, frames, rows * 2, cols * 2,
+                                  generator=generator)
+            return latents.to(self.device, self.dtype)
         channels = pipe.transformer.config.in_channels // (4 if self.family == "FluxPipeline" else 1)
         h, w = self.height // pipe.vae_scale_factor, self.width // pipe.vae_scale_factor
         generator = torch.Generator().manual_seed(seed)
@@ -136,8 +166,13 @@ class FlowModel:
 
     @torch.no_grad()
     def encode_image(self, image: Any) -> torch.Tensor:
-        """A PIL image / (H, W, 3) uint8 array -> clean latents (1, ...), resized to the model's size."""
+        """A PIL image / (H, W, 3) uint8 array -> clean latents (1, ...), resized to the model's size.
+
+        Wan: a video, (T, H, W, 3) uint8 with ``num_frames`` frames.
+        """
         pipe = self.pipe
+        if self.family == "WanPipeline":
+            return self._encode_video(image)
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
         pixels = pipe.image_processor.preprocess(image, height=self.height, width=self.width)
@@ -147,10 +182,32 @@ class FlowModel:
         latents = (latents - (config.shift_factor or 0.0)) * config.scaling_factor
         return self._pack(latents.to(self.dtype))
 
+    def _encode_video(self, frames: Any) -> torch.Tensor:
+        pipe = self.pipe
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[0] != self.num_frames or frames.shape[-1] != 3:
+            raise ValueError(f"`image` must be a video of {self.num_frames} frames, (T, H, W, 3) uint8; got "
+                             f"{frames.shape}")
+        video = pipe.video_processor.preprocess_video([Image.fromarray(f) for f in frames], height=self.height,
+                                                      width=self.width).to(self.device, pipe.vae.dtype)
+        latents = pipe.vae.encode(video).latent_dist.mean
+        mean, std = self._wan_stats(latents)
+        return ((latents - mean) / std).to(self.dtype)
+
+    def _wan_stats(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.pipe.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        return mean, std
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images (B, 3, H, W) in [0, 1], float32."""
+        """Latents -> images (B, 3, H, W) in [0, 1], float32; Wan: videos (B, F, 3, H, W)."""
         pipe = self.pipe
+        if self.family == "WanPipeline":
+            mean, std = self._wan_stats(latents)
+            video = pipe.vae.decode((latents * std + mean).to(pipe.vae.dtype), return_dict=False)[0]
+            return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
         latents = self._unpack(latents)
         config = pipe.vae.config
         latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
@@ -176,11 +233,12 @@ class FlowModel:
         batch = latents.shape[0]
         if batch != len(cond.prompts):
             raise ValueError(f"{batch} latents for {len(cond.prompts)} prompts")
-        if self.family == "StableDiffusion3Pipeline":
+        if self.family in ("StableDiffusion3Pipeline", "WanPipeline"):
             x = torch.cat([latents, latents]) if self.uses_cfg else latents
             timestep = torch.full((x.shape[0],), sigma * 1000.0, device=self.device, dtype=self.dtype)
+            extra = {"pooled_projections": cond.pooled} if self.family == "StableDiffusion3Pipeline" else {}
             out = pipe.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.embeds,
-                                   pooled_projections=cond.pooled, return_dict=False)[0]
+                                   return_dict=False, **extra)[0]
             if self.uses_cfg:
                 uncond, conditional = out.chunk(2)
                 out = uncond + self.guidance_scale * (conditional - uncond)
@@ -203,7 +261,7 @@ class FlowModel:
         if getattr(scheduler.config, "use_dynamic_shifting", False):
             from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-            tokens = self.grid[0] * self.grid[1]
+            tokens = self.tokens
             mu = calculate_shift(tokens, scheduler.config.get("base_image_seq_len", 256),
                                  scheduler.config.get("max_image_seq_len", 4096),
                                  scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.15))
