@@ -15,7 +15,7 @@ def register(commands) -> None:
     vlm = commands.add_parser("vlm", help="VLM visual-token pruning: ask a question, or evaluate methods",
                               description="Visual-token pruning for transformers VLMs (LLaVA, LLaVA-Next, "
                               "Qwen2-VL, Qwen2.5-VL).")
-    sub = vlm.add_subparsers(dest="vlm_command", required=True, metavar="{ask,eval}")
+    sub = vlm.add_subparsers(dest="vlm_command", required=True, metavar="{ask,eval,train-draft}")
     from ..token_pruning.evaluate import METHODS, TINY
 
     models = ", ".join(TINY)
@@ -28,8 +28,28 @@ def register(commands) -> None:
     ask.add_argument("--prune", choices=("none",) + METHODS, default="none", help="pruning method (default none)")
     ask.add_argument("--budget", type=fraction, default=0.2, help="fraction of visual tokens kept (default 0.2)")
     ask.add_argument("--max-new-tokens", type=positive, default=32)
+    ask.add_argument("--speculative", type=Path, metavar="DRAFT_DIR",
+                     help="decode speculatively with this SpecVLM draft (lossless: the same answer, fewer target passes)")
     ask.add_argument("--device", default=None)
     ask.set_defaults(run=run_ask)
+
+    train = sub.add_parser("train-draft", help="distil a SpecVLM draft from the model on (image, prompt) pairs",
+                           description="Online-logit distillation of a SpecVLM draft (one decoder layer over the "
+                           "target's features, sharing its embeddings and head) from the target, on the fly. "
+                           "Checkpoints every --checkpoint-every steps in --out; re-running resumes.")
+    train.add_argument("--model", default="tiny-llava", help=f"{models} or a hub id")
+    train.add_argument("--data", type=Path, default=None,
+                       help="JSONL ({\"image\", \"prompt\"} per line) or a folder of images (+ .txt prompts); "
+                       "default: scikit-image's photos")
+    train.add_argument("--out", type=Path, required=True)
+    train.add_argument("--steps", type=positive, default=1000)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--compressor", default="pool",
+                       choices=("none", "pool", "conv", "random", "saliency", "resampler", "text", "gate"))
+    train.add_argument("--checkpoint-every", type=positive, default=100)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default=None)
+    train.set_defaults(run=run_train_draft)
 
     ev = sub.add_parser("eval", help="every method x budget against the unpruned model (fidelity and speed)",
                         description="Fidelity (top-1 agreement under teacher forcing, mean KL, greedy exact "
@@ -70,6 +90,18 @@ def run_ask(args: argparse.Namespace) -> int:
             raise ValueError(f"cannot read --image {args.image}: {error}") from None
     inputs = processor(images=[image], text=[chat_prompt(processor, args.question)], return_tensors="pt")
     inputs = inputs.to(model.device)
+    if args.speculative is not None:
+        from ..token_pruning.specvlm import DraftModel, speculative_generate
+
+        if args.prune != "none":
+            raise ValueError("--speculative decodes the unpruned target losslessly; it does not combine with --prune")
+        output, stats = speculative_generate(model, inputs, DraftModel.from_pretrained(args.speculative, model),
+                                             max_new_tokens=args.max_new_tokens)
+        print(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        print(f"[speculative] {stats.new_tokens} tokens in {stats.target_forwards} target passes "
+              f"({stats.mean_accepted:.2f} tokens per verification), draft saw {stats.compressed_visual[1]}/"
+              f"{stats.compressed_visual[0]} visual tokens")
+        return 0
     method = None if args.prune == "none" else make_method(args.prune, args.budget)
     with torch.no_grad():
         if method is None:
@@ -83,6 +115,22 @@ def run_ask(args: argparse.Namespace) -> int:
         s = method.stats
         print(f"[{args.prune} budget {args.budget}] visual tokens {s.visual_tokens_kept[0]}/{s.visual_tokens_in[0]}, "
               f"prefill {s.prefill_tokens}/{s.prompt_tokens} tokens, KV cache {s.kv_cache_bytes / 1024:.1f} KiB")
+    return 0
+
+
+def run_train_draft(args: argparse.Namespace) -> int:
+    from ..token_pruning.evaluate import load_vlm, sample_images
+    from ..token_pruning.specvlm import DraftModel, load_pairs, train_draft
+
+    model, processor = load_vlm(args.model, args.device)
+    pairs = load_pairs(args.data) if args.data is not None else sample_images()
+    checkpoint = args.out / "checkpoint" / "state.pt"
+    draft = DraftModel.for_target(model, compressor=args.compressor, seed=args.seed)
+    if checkpoint.exists():
+        print(f"resuming from {checkpoint}")
+    losses = train_draft(model, processor, pairs, draft, steps=args.steps, out=args.out, lr=args.lr, seed=args.seed,
+                         checkpoint_every=args.checkpoint_every)
+    print(f"draft saved to {args.out} ({len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f})")
     return 0
 
 
