@@ -14,6 +14,7 @@ from hasten.cli import main
 from hasten.tiny.vlms import chat_prompt
 from hasten.token_pruning.evaluate import sample_images
 from hasten.token_pruning.specvlm import PRIMITIVES, DraftModel, ElasticCompressor, speculative_generate, train_draft
+from hasten.token_pruning.specvlm.tree import DraftTree, TreeConfig
 
 
 def _image(seed: int) -> Image.Image:
@@ -28,11 +29,34 @@ def test_greedy_speculative_output_is_the_targets(kind, compressor):
                        return_tensors="pt")
     reference = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     draft = DraftModel.for_target(model, compressor=compressor)
-    for depth in (1, 4):
-        out, stats = speculative_generate(model, inputs, draft, max_new_tokens=12, depth=depth)
-        assert torch.equal(out, reference), (kind, compressor, depth)
+    for depth, tree in ((1, None), (4, None), (None, TreeConfig(top_k=3, total=10, depth=3))):
+        out, stats = speculative_generate(model, inputs, draft, max_new_tokens=12, depth=depth or 5, tree=tree)
+        assert torch.equal(out, reference), (kind, compressor, depth, tree)
         assert stats.new_tokens == reference.shape[1] - inputs["input_ids"].shape[1]
         assert stats.target_forwards == len(stats.accepted) + 1  # the prefill + one per round
+
+
+def test_hand_built_tree_mask_positions_selection_and_acceptance():
+    tree = DraftTree.rooted(7)  # 0: root
+    a = tree.add(0, 1, -0.1)  # 1
+    b = tree.add(0, 2, -0.5)  # 2
+    c = tree.add(a, 3, -0.2)  # 3: a's child
+    d = tree.add(c, 4, -0.9)  # 4: c's child
+    tree.add(b, 5, -3.0)      # 5: b's child, the worst
+    mask = tree.mask()
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0],
+                             [1, 1, 0, 1, 0, 0], [1, 1, 0, 1, 1, 0], [1, 0, 1, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+    assert tree.depths().tolist() == [0, 1, 1, 2, 3, 2]
+    kept = tree.select(3)  # the best 3 by score: a (-0.1), c (-0.2), b (-0.5)
+    assert kept.tokens == [7, 1, 2, 3] and kept.parents == [-1, 0, 0, 1]
+    # the target's greedy token after each node: root -> 1, node a -> 3, node c -> 9 (no such child)
+    assert tree.accept([1, 3, 0, 9, 0, 0]) == [0, a, c]
+    assert tree.accept([2, 0, 6, 0, 0, 0]) == [0, b]
+    assert tree.accept([8, 0, 0, 0, 0, 0]) == [0]
+    assert d == 4
+    with pytest.raises(ValueError, match="top_k"):
+        TreeConfig(top_k=0)
 
 
 def test_training_raises_the_accepted_length_and_resumes(tmp_path):

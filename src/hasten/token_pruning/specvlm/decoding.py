@@ -14,9 +14,14 @@ model:
    round yields 1 to ``depth + 1`` tokens). The target cache is cropped to the accepted tokens;
    the draft re-reads the accepted tokens with the target's TRUE features.
 
+With ``tree=TreeConfig()`` the draft grows EAGLE-2's dynamic tree instead of a chain (top-k 10,
+60 tokens, depth 7: :mod:`.tree`), and the target verifies the whole tree in one forward with a
+tree attention mask and tree positions; the accepted path's entries are kept in the target
+cache, the rest dropped.
+
 The output is exactly the target's greedy output (tested token for token against
-``model.generate``). Batch size 1; a dynamic draft tree and sampling with the
-speculative-sampling rule are not in this release.
+``model.generate``, chain and tree). Batch size 1; sampling with the speculative-sampling rule
+is not in this release.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 
 from ..adapters import adapter_for
 from .draft import DraftModel
+from .tree import DraftTree, TreeConfig
 
 __all__ = ["SpecStats", "draft_inputs", "speculative_generate"]
 
@@ -99,10 +105,76 @@ def draft_inputs(model: Any, draft: DraftModel, input_ids: torch.Tensor, feature
     return torch.cat(feature_parts)[None], torch.cat(embed_parts)[None], (seen, kept)
 
 
+def _grow_tree(draft: DraftModel, draft_cache, root_token: int, root_feature: torch.Tensor, config: TreeConfig,
+               stats: SpecStats) -> DraftTree:
+    """EAGLE-2's dynamic tree from the root's predicted feature (see :mod:`.tree`)."""
+    tree = DraftTree.rooted(root_token)
+    prefix = draft_cache.get_seq_length()
+    features = {0: root_feature[0, -1]}  # node -> its predicted feature (the draft output for its input)
+    slots: dict[int, int] = {}  # node -> its entry in the draft cache (nodes that were expanded)
+    frontier = [0]
+    for level in range(config.depth):
+        candidates = []
+        for node in frontier:
+            log_probs = torch.log_softmax(draft.logits(features[node]).float(), -1)
+            top = log_probs.topk(config.top_k)
+            for log_prob, token in zip(top.values.tolist(), top.indices.tolist()):
+                candidates.append((tree.scores[node] + log_prob, node, token))
+        candidates.sort(key=lambda c: -c[0])
+        added = [tree.add(parent, token, score) for score, parent, token in candidates]
+        frontier = added[: config.top_k]
+        if level == config.depth - 1:
+            break
+        # the draft reads each frontier node (parent's feature + its token), attending the prompt and its ancestors
+        cached = draft_cache.get_seq_length()
+        allowed = torch.zeros(len(frontier), cached + len(frontier), dtype=torch.bool)
+        allowed[:, :prefix] = True
+        for row, node in enumerate(frontier):
+            for ancestor in tree.ancestors(node)[1:-1]:  # not itself (added below), not the root (in the prefix)
+                allowed[row, slots[ancestor]] = True
+            allowed[row, cached + row] = True
+        parent_features = torch.stack([features[tree.parents[n]] for n in frontier])[None]
+        tokens = torch.tensor([[tree.tokens[n] for n in frontier]], device=parent_features.device)
+        positions = torch.tensor([prefix - 1 + tree.depth(n) for n in frontier])
+        out = draft(parent_features, tokens, draft_cache, positions=positions, allowed=allowed)
+        stats.draft_forwards += 1
+        for row, node in enumerate(frontier):
+            features[node], slots[node] = out[0, row], cached + row
+    return tree.select(config.total)
+
+
+def _verify_tree(model: Any, cache, tree: DraftTree, mrope: bool):
+    """One target forward over the tree (tree mask, tree positions); keeps the cache's prompt only."""
+    past = cache.get_seq_length()
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    size = len(tree.tokens)
+    allowed = torch.cat([torch.ones(size, past, dtype=torch.bool), tree.mask()], 1)
+    mask = torch.zeros(1, 1, size, past + size, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    positions = (past + tree.depths())[None].to(device)
+    if mrope:  # Qwen: a text token's three mRoPE rows are its position shifted by the image's rope delta
+        positions = (positions + model.model.rope_deltas.to(device)).expand(3, -1, -1)
+    ids = torch.tensor([tree.tokens], device=device)
+    return model(input_ids=ids, past_key_values=cache, attention_mask=mask.to(device), position_ids=positions,
+                 use_cache=True, output_hidden_states=True)
+
+
+def _keep_path(cache, past: int, path: list[int]) -> None:
+    """Keep the prompt and the accepted tree nodes (in path order) in every layer of the target cache."""
+    for layer in cache.layers:
+        index = torch.tensor(path, device=layer.keys.device) + past
+        layer.keys = torch.cat([layer.keys[..., :past, :], layer.keys[..., index, :]], -2)
+        layer.values = torch.cat([layer.values[..., :past, :], layer.values[..., index, :]], -2)
+
+
 @torch.no_grad()
 def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_tokens: int = 64, depth: int = 5,
-                         eos_token_id: int | None = None) -> tuple[torch.Tensor, SpecStats]:
+                         eos_token_id: int | None = None, tree: TreeConfig | None = None) -> tuple[torch.Tensor, SpecStats]:
     """Greedy speculative generation: ``(sequences (1, prompt + new), stats)``.
+
+    ``depth`` is the chain length per round; with ``tree`` (e.g. ``TreeConfig()``: top-k 10, 60
+    tokens, depth 7) the draft grows a dynamic tree instead and the target verifies all of it in
+    one forward with a tree attention mask.
 
     Examples
     --------
@@ -143,7 +215,33 @@ def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_to
     predicted = draft(features, None, draft_cache, start=0, next_embeds=next_embeds)[:, -1:]
     stats.draft_forwards += 1
     generated: list[int] = []
-    while len(generated) < max_new_tokens:
+    mrope = adapter_for(model).mrope
+    while tree is not None and len(generated) < max_new_tokens:
+        before = draft_cache.get_seq_length()
+        grown = _grow_tree(draft, draft_cache, int(pending), predicted, tree, stats)
+        past = cache.get_seq_length()
+        verified = _verify_tree(model, cache, grown, mrope)
+        stats.target_forwards += 1
+        choices = verified.logits[0].argmax(-1).tolist()
+        path = grown.accept(choices)
+        _keep_path(cache, past, path)
+        stats.accepted.append(len(path) - 1)
+        committed = [grown.tokens[n] for n in path]
+        generated.extend(committed)
+        pending = torch.tensor([choices[path[-1]]], device=input_ids.device)
+        if eos & set(committed) or len(generated) >= max_new_tokens:
+            break
+        if len(generated) == max_new_tokens - 1 or int(pending) in eos:
+            generated.append(int(pending))
+            break
+        extra = draft_cache.get_seq_length() - before
+        if extra:
+            draft_cache.crop(-extra)
+        true_features = verified.hidden_states[-1][:, path]
+        next_tokens = torch.tensor([[*committed[1:], int(pending)]], device=input_ids.device)
+        predicted = draft(true_features, next_tokens, draft_cache, start=draft_cache.get_seq_length())[:, -1:]
+        stats.draft_forwards += 1
+    while tree is None and len(generated) < max_new_tokens:
         budget = max_new_tokens - len(generated)
         steps = min(depth, budget - 1)
         proposals, feature, before = [], predicted, draft_cache.get_seq_length()

@@ -122,20 +122,28 @@ class DraftModel(nn.Module):
         return self._target["head"](features)
 
     def forward(self, features: torch.Tensor, next_tokens: torch.Tensor, cache=None, start: int = 0,
-                next_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted next features ``(B, T, H)`` from features ``(B, T, H)`` and the next tokens ``(B, T)``."""
+                next_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted next features ``(B, T, H)`` from features ``(B, T, H)`` and the next tokens ``(B, T)``.
+
+        By default the ``T`` inputs sit at positions ``start ..`` and attend causally (all cached
+        entries visible); a draft tree passes its own ``positions`` ``(T,)`` and ``allowed``
+        ``(T, cached + T)`` mask.
+        """
         if not self._target:
             raise ValueError("bind() the draft to its target model first")
         embeds = next_embeds if next_embeds is not None else self._target["embed"](next_tokens)
         x = self.fuse(torch.cat([features.to(self.fuse.weight.dtype), embeds.to(self.fuse.weight.dtype)], -1))
-        positions = torch.arange(start, start + x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+        if positions is None:
+            positions = torch.arange(start, start + x.shape[1], device=x.device)
+        positions = positions.to(x.device)[None].expand(x.shape[0], -1)
         cos_sin = self.rotary(x, positions)
         mask = None
-        if x.shape[1] > 1:  # causal over the new tokens, everything cached before them visible
-            total = start + x.shape[1]
-            allowed = torch.arange(total, device=x.device)[None] <= positions[0][:, None]
+        if allowed is None and x.shape[1] > 1:  # causal over the new tokens, everything cached before them visible
+            allowed = torch.arange(start + x.shape[1], device=x.device)[None] <= positions[0][:, None]
+        if allowed is not None:
             mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
-                ~allowed, torch.finfo(x.dtype).min)[None, None]
+                ~allowed.to(x.device), torch.finfo(x.dtype).min)[None, None]
         out = self.layer(x, attention_mask=mask, position_ids=positions, past_key_values=cache,
                          position_embeddings=cos_sin, use_cache=cache is not None)
         return out[0] if isinstance(out, tuple) else out
