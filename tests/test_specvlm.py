@@ -130,3 +130,41 @@ def test_cli_train_draft_then_ask(tmp_path, capsys):
     assert "draft saved" in capsys.readouterr().out
     assert main(["vlm", "ask", "--speculative", str(tmp_path / "draft"), "--max-new-tokens", "8"]) == 0
     assert "target passes" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_speculative_sampling_follows_the_targets_distribution():
+    """Two sampled tokens (top-k 4): the joint frequencies of speculative sampling match the target's
+    exact distribution (chi-square), with an untrained draft whose proposals are often rejected."""
+    from scipy.stats import chisquare
+
+    from hasten.token_pruning.specvlm import Sampling
+
+    model, processor = tiny.vlm("llava", dtype=torch.float64)
+    inputs = processor(images=[_image(3)], text=[chat_prompt(processor, "What is it?")], return_tensors="pt")
+    warp = Sampling(temperature=1.0, top_k=4)
+    with torch.no_grad():
+        first = warp.probs(model(**inputs).logits[0, -1])
+        exact = {}
+        for t1 in first.nonzero()[:, 0].tolist():
+            ids = torch.cat([inputs["input_ids"], torch.tensor([[t1]])], 1)
+            forced = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids))
+            second = warp.probs(model(**forced).logits[0, -1])
+            for t2 in second.nonzero()[:, 0].tolist():
+                exact[(t1, t2)] = float(first[t1] * second[t2])
+    draft = DraftModel.for_target(model)
+    counts = dict.fromkeys(exact, 0)
+    runs = 1200
+    accepted = []
+    for seed in range(runs):
+        out, stats = speculative_generate(model, inputs, draft, max_new_tokens=2, depth=3,
+                                          sampling=Sampling(temperature=1.0, top_k=4, seed=seed))
+        counts[tuple(out[0, -2:].tolist())] += 1
+        accepted += stats.accepted
+    keys = sorted(exact)
+    observed = np.array([counts[k] for k in keys])
+    expected = np.array([exact[k] for k in keys]) * runs
+    assert observed.sum() == runs
+    assert chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
+    with pytest.raises(ValueError, match="greedy"):
+        speculative_generate(model, inputs, draft, tree=TreeConfig(), sampling=warp)

@@ -8,10 +8,10 @@
 """
 
 from .compressor import PRIMITIVES, ElasticCompressor
-from .decoding import SpecStats, speculative_generate
+from .decoding import Sampling, SpecStats, speculative_generate
 from .draft import DraftConfig, DraftModel
 from .train import load_pairs, train_draft
 from .tree import DraftTree, TreeConfig
 
-__all__ = ["PRIMITIVES", "DraftConfig", "DraftModel", "DraftTree", "ElasticCompressor", "SpecStats", "TreeConfig",
-           "load_pairs", "speculative_generate", "train_draft"]
+__all__ = ["PRIMITIVES", "DraftConfig", "DraftModel", "DraftTree", "ElasticCompressor", "Sampling", "SpecStats",
+           "TreeConfig", "load_pairs", "speculative_generate", "train_draft"]

@@ -105,6 +105,56 @@ def draft_inputs(model: Any, draft: DraftModel, input_ids: torch.Tensor, feature
     return torch.cat(feature_parts)[None], torch.cat(embed_parts)[None], (seen, kept)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings, applied like ``generate()``'s warpers: temperature, then top-k, then top-p."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"`temperature` must be > 0, got {self.temperature!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p!r}")
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(..., vocab)`` logits -> the sampling distribution (float64)."""
+        scores = logits.double() / self.temperature
+        if self.top_k is not None and self.top_k < scores.shape[-1]:
+            kth = scores.topk(self.top_k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1:
+            ordered, order = scores.sort(dim=-1)
+            cumulative = ordered.softmax(-1).cumsum(-1)
+            remove = cumulative <= 1 - self.top_p
+            remove[..., -1] = False
+            scores = scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+        return scores.softmax(-1)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    return int(torch.multinomial(probs.cpu().float(), 1, generator=generator))
+
+
+def _accept_sampled(proposals, draft_probs, target_probs, generator):
+    """Speculative sampling: (accepted count, a tensor whose entry ``accepted`` is the next token)."""
+    choices = torch.zeros(len(proposals) + 1, dtype=torch.long)
+    for index, token in enumerate(proposals):
+        token = int(token)
+        p, q = target_probs[index].cpu(), draft_probs[index].cpu()
+        if float(torch.rand((), generator=generator, dtype=torch.float64)) < min(1.0, float(p[token] / q[token])):
+            continue
+        residual = (p - q).clamp_min(0)
+        total = float(residual.sum())
+        choices[index] = _draw(residual / total if total > 0 else p, generator)
+        return index, choices
+    choices[len(proposals)] = _draw(target_probs[len(proposals)].cpu(), generator)
+    return len(proposals), choices
+
+
 def _grow_tree(draft: DraftModel, draft_cache, root_token: int, root_feature: torch.Tensor, config: TreeConfig,
                stats: SpecStats) -> DraftTree:
     """EAGLE-2's dynamic tree from the root's predicted feature (see :mod:`.tree`)."""
@@ -169,8 +219,15 @@ def _keep_path(cache, past: int, path: list[int]) -> None:
 
 @torch.no_grad()
 def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_tokens: int = 64, depth: int = 5,
-                         eos_token_id: int | None = None, tree: TreeConfig | None = None) -> tuple[torch.Tensor, SpecStats]:
-    """Greedy speculative generation: ``(sequences (1, prompt + new), stats)``.
+                         eos_token_id: int | None = None, tree: TreeConfig | None = None,
+                         sampling: Sampling | None = None) -> tuple[torch.Tensor, SpecStats]:
+    """Speculative generation: ``(sequences (1, prompt + new), stats)``; greedy unless ``sampling``.
+
+    With ``sampling`` (chain drafting), the draft samples its proposals from its own
+    distribution ``q`` and each is accepted with probability ``min(1, p/q)`` under the target's
+    distribution ``p`` (same warpers as ``generate()``); at the first rejection the token is
+    drawn from ``norm(max(0, p - q))``. The output then follows the target's sampling
+    distribution exactly (speculative sampling).
 
     ``depth`` is the chain length per round; with ``tree`` (e.g. ``TreeConfig()``: top-k 10, 60
     tokens, depth 7) the draft grows a dynamic tree instead and the target verifies all of it in
@@ -195,6 +252,9 @@ def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_to
         raise ValueError(f"speculative decoding runs batch size 1; got {input_ids.shape[0]} prompts")
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise ValueError(f"`depth` must be a positive int, got {depth!r}")
+    if sampling is not None and tree is not None:
+        raise ValueError("tree drafting is greedy in this release: use chain drafting (tree=None) to sample")
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling is not None else None
     if eos_token_id is None:
         eos_token_id = getattr(model.generation_config, "eos_token_id", None)
     eos = set(eos_token_id if isinstance(eos_token_id, list) else [] if eos_token_id is None else [eos_token_id])
@@ -208,7 +268,10 @@ def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_to
         capture.remove()
     stats.target_forwards += 1
     cache = out.past_key_values
-    pending = out.logits[:, -1].argmax(-1)  # (1,)
+    if sampling is None:
+        pending = out.logits[:, -1].argmax(-1)  # (1,)
+    else:
+        pending = torch.tensor([_draw(sampling.probs(out.logits[0, -1]), generator)], device=input_ids.device)
     features, next_embeds, stats.compressed_visual = draft_inputs(model, draft, input_ids, out.hidden_states[-1],
                                                                    embeds, pending)
     draft_cache = DynamicCache()
@@ -245,8 +308,14 @@ def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_to
         budget = max_new_tokens - len(generated)
         steps = min(depth, budget - 1)
         proposals, feature, before = [], predicted, draft_cache.get_seq_length()
+        draft_probs = []
         for _ in range(steps):  # 2. draft
-            token = draft.logits(feature[:, -1]).argmax(-1)
+            logits = draft.logits(feature[:, -1])
+            if sampling is None:
+                token = logits.argmax(-1)
+            else:
+                draft_probs.append(sampling.probs(logits[0]))
+                token = torch.tensor([_draw(draft_probs[-1], generator)], device=input_ids.device)
             proposals.append(token)
             if len(proposals) < steps:
                 feature = draft(feature, token.view(1, 1), draft_cache, start=draft_cache.get_seq_length())
@@ -254,10 +323,13 @@ def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_to
         candidate = torch.cat([pending.view(1, 1), *(p.view(1, 1) for p in proposals)], 1)
         verified = model(input_ids=candidate, past_key_values=cache, use_cache=True, output_hidden_states=True)
         stats.target_forwards += 1
-        choices = verified.logits[0].argmax(-1)  # the target's token after each candidate
-        accepted = 0
-        while accepted < len(proposals) and int(proposals[accepted]) == int(choices[accepted]):
-            accepted += 1
+        if sampling is None:
+            choices = verified.logits[0].argmax(-1)  # the target's token after each candidate
+            accepted = 0
+            while accepted < len(proposals) and int(proposals[accepted]) == int(choices[accepted]):
+                accepted += 1
+        else:
+            accepted, choices = _accept_sampled(proposals, draft_probs, sampling.probs(verified.logits[0]), generator)
         stats.accepted.append(accepted)
         committed = candidate[0, : accepted + 1].tolist()
         rejected = candidate.shape[1] - (accepted + 1)
