@@ -65,11 +65,34 @@ def draw_kept(image: np.ndarray, kept: torch.Tensor, grid: tuple[int, int] | Non
     return (shown * factor).clip(0, 255).astype(np.uint8)
 
 
+SPECULATIVE = "speculative (SpecVLM)"
+
+
 class VLMRun:
     """The app's Run button on the loaded model."""
 
-    def __init__(self, model, processor, name: str):
-        self.model, self.processor, self.name = model, processor, name
+    def __init__(self, model, processor, name: str, draft=None):
+        self.model, self.processor, self.name, self.draft = model, processor, name, draft
+
+    def _speculative(self, image: np.ndarray, inputs) -> tuple[str, np.ndarray, str]:
+        """Lossless speculative decoding with the loaded draft, timed against plain generate()."""
+        from hasten.token_pruning.specvlm import speculative_generate
+
+        if self.draft is None:
+            raise gr.Error("no SpecVLM draft is loaded: start the app with --draft DIR (hasten vlm train-draft)")
+        start = time.perf_counter()
+        with torch.no_grad():
+            plain = self.model.generate(**inputs, max_new_tokens=24, do_sample=False)
+        plain_seconds = time.perf_counter() - start
+        output, stats = speculative_generate(self.model, inputs, self.draft, max_new_tokens=24)
+        same = "identical to" if torch.equal(output, plain) else "DIFFERENT from"
+        answer = self.processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        report = (f"**speculative**: {stats.mean_accepted:.2f} tokens per target pass (accepted length), "
+                  f"{stats.target_forwards} target passes for {stats.new_tokens} tokens, {stats.seconds:.2f} s vs "
+                  f"{plain_seconds:.2f} s plain: **{plain_seconds / max(stats.seconds, 1e-9):.2f}x**; output {same} "
+                  f"greedy generate(). The draft saw {stats.compressed_visual[1]}/{stats.compressed_visual[0]} "
+                  "visual tokens; the target saw them all.")
+        return answer.strip() or "(empty answer)", draw_kept(image, torch.ones(0, dtype=torch.bool), None), report
 
     def _grid(self, inputs, count: int) -> tuple[int, int] | None:
         if "image_grid_thw" in inputs:  # Qwen: merged patch grid
@@ -90,6 +113,8 @@ class VLMRun:
             inputs = self.processor(images=[Image.fromarray(image).convert("RGB")],
                                     text=[chat_prompt(self.processor, question or "What is in the picture?")],
                                     return_tensors="pt").to(self.model.device)
+            if method_name == SPECULATIVE:
+                return self._speculative(image, inputs)
             method = None if method_name == "none" else make_method(method_name, float(budget or 0))
             start = time.perf_counter()
             with torch.no_grad():
@@ -121,14 +146,21 @@ class VLMRun:
         return answer.strip() or "(empty answer)", draw_kept(image, kept, grid), stats
 
 
-def build_demo(model: str = "tiny-llava", device: str | None = None, dtype: str | torch.dtype | None = None) -> gr.Blocks:
+def build_demo(model: str = "tiny-llava", device: str | None = None, dtype: str | torch.dtype | None = None,
+               draft: str | None = None) -> gr.Blocks:
     """The VLM pruning app for ``model`` (``tiny-llava``, ``tiny-qwen2-vl``, ... or a hub id), loaded once.
 
-    ``dtype`` is accepted for the shared launcher flags (bfloat16 on CUDA, float32 on CPU).
+    ``dtype`` is accepted for the shared launcher flags (bfloat16 on CUDA, float32 on CPU). With
+    ``draft`` (a folder from ``hasten vlm train-draft``) the method list gains speculative decoding.
     """
     loaded, processor = load_vlm(model, device)
-    run = VLMRun(loaded, processor, model)
-    methods = ["none", *supported_methods(loaded)]
+    draft_model = None
+    if draft is not None:
+        from hasten.token_pruning.specvlm import DraftModel
+
+        draft_model = DraftModel.from_pretrained(draft, loaded)
+    run = VLMRun(loaded, processor, model, draft_model)
+    methods = ["none", *supported_methods(loaded)] + ([SPECULATIVE] if draft_model is not None else [])
     with gr.Blocks(title="hasten · VLM token pruning") as demo:
         gr.Markdown(f"# VLM visual-token pruning\n`{model}` ({type(loaded).__name__}) on `{loaded.device}`. "
                     "Dropped visual tokens are darkened on the model's token grid.")
@@ -156,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     """``hasten app vlm``: parse the common app flags, build the demo and serve it until stopped."""
     parser = argparse.ArgumentParser(prog="hasten app vlm", description="Gradio app: VLM visual-token pruning.")
     add_common_args(parser, default_model="tiny-llava")
+    parser.add_argument("--draft", default=None, help="a SpecVLM draft folder (hasten vlm train-draft): adds "
+                        "speculative decoding to the methods")
     args = parser.parse_args(argv)
-    demo = build_demo(args.model, device=args.device, dtype=args.dtype)
+    demo = build_demo(args.model, device=args.device, dtype=args.dtype, draft=args.draft)
     launch(demo, host=args.host, port=args.port, share=args.share)
     return 0
 

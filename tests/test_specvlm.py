@@ -168,3 +168,17 @@ def test_speculative_sampling_follows_the_targets_distribution():
     assert chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
     with pytest.raises(ValueError, match="greedy"):
         speculative_generate(model, inputs, draft, tree=TreeConfig(), sampling=warp)
+
+
+def test_specvlm_object_defaults_to_the_tree_and_checks_its_compressor(tmp_path):
+    from hasten.token_pruning.specvlm import SpecVLM
+
+    model, processor = tiny.vlm("qwen2-vl", dtype=torch.float64)
+    inputs = processor(images=[_image(5)], text=[chat_prompt(processor, "What?")], return_tensors="pt")
+    reference = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    DraftModel.for_target(model).save_pretrained(tmp_path / "draft")
+    spec = SpecVLM(str(tmp_path / "draft"), compressor="saliency")
+    assert torch.equal(spec.generate(model, inputs, max_new_tokens=10), reference)
+    assert spec.tree == TreeConfig() and spec.stats.compressed_visual[1] == spec.stats.compressed_visual[0] // 4
+    with pytest.raises(ValueError, match="compressor"):
+        SpecVLM(str(tmp_path / "draft"), compressor="zoom").generate(model, inputs)

@@ -44,3 +44,19 @@ def test_overlay_darkens_dropped_tokens_and_errors():
         run(None, "What?", "pool", 0.25)
     with pytest.raises(gr.Error, match="budget"):
         run(image, "What?", "random", 0.0)
+
+
+def test_speculative_decoding_reports_accepted_length_and_speedup(tmp_path):
+    from apps.vlm_app import SPECULATIVE
+    from hasten import tiny
+    from hasten.token_pruning.evaluate import sample_images
+    from hasten.token_pruning.specvlm import DraftModel, train_draft
+
+    model, processor = tiny.vlm("llava")
+    draft = DraftModel.for_target(model)
+    train_draft(model, processor, sample_images(), draft, steps=30, out=tmp_path / "draft", progress=False)
+    run = VLMRun(model, processor, "tiny-llava", DraftModel.from_pretrained(tmp_path / "draft", model))
+    answer, overlay, report = run(np.asarray(sample_images()[0][0]), "What is in the picture?", SPECULATIVE, 0.2)
+    assert "tokens per target pass" in report and "identical to" in report and "x**" in report, report
+    with pytest.raises(gr.Error, match="draft"):
+        VLMRun(model, processor, "tiny-llava")(np.asarray(sample_images()[0][0]), "What?", SPECULATIVE, 0.2)

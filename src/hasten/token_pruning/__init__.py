@@ -17,6 +17,8 @@ Methods (each a dataclass of its paper's knobs, used the same way)::
   tokens scored by recent attention, the current screenshot's saliency and the earlier
   screenshots' redundancy (GUI agents).
 - :class:`RandomKeep`, :class:`SpatialPool` — baselines.
+- :mod:`.specvlm` — SpecVLM lossless speculative decoding (a draft over the target's features,
+  an elastic visual compressor for the draft, online distillation).
 
 Supported models: LLaVA, LLaVA-Next, Qwen2-VL, Qwen2.5-VL (see :mod:`.adapters`), with SDPA or
 eager attention, batch size > 1 with left padding, and ``generate()`` options unchanged.

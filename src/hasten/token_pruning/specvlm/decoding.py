@@ -36,7 +36,7 @@ from ..adapters import adapter_for
 from .draft import DraftModel
 from .tree import DraftTree, TreeConfig
 
-__all__ = ["SpecStats", "draft_inputs", "speculative_generate"]
+__all__ = ["Sampling", "SpecStats", "SpecVLM", "draft_inputs", "speculative_generate"]
 
 
 @dataclass
@@ -360,3 +360,60 @@ def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_to
     stats.seconds = time.perf_counter() - start_time
     sequence = torch.cat([input_ids, torch.tensor([generated], dtype=input_ids.dtype, device=input_ids.device)], 1)
     return sequence, stats
+
+
+@dataclass
+class SpecVLM:
+    """SpecVLM as one object: a draft, its drafting shape and its compressor, and the last call's stats.
+
+    A ``generate`` helper rather than ``with ...apply(model)``: ``model.generate()`` owns the
+    cache and the one-token step, so it cannot host draft-and-verify rounds.
+
+    Parameters
+    ----------
+    draft : DraftModel or str
+        A draft, or a folder saved by ``save_pretrained`` / ``hasten vlm train-draft``.
+    tree : TreeConfig or None, default TreeConfig()
+        The dynamic draft tree (paper: top-k 10, 60 tokens, depth 7); None drafts a chain.
+    depth : int, default 5
+        Chain length per round (when ``tree`` is None, or when sampling).
+    compressor : str, optional
+        Overrides the draft's visual compressor ("pool", "resampler", "text", "gate", ...).
+
+    Examples
+    --------
+    >>> import hasten.tiny
+    >>> from hasten.tiny.vlms import chat_prompt
+    >>> from PIL import Image
+    >>> model, processor = hasten.tiny.vlm("llava")
+    >>> inputs = processor(images=[Image.new("RGB", (32, 32))], text=[chat_prompt(processor, "Hi?")],
+    ...                    return_tensors="pt")
+    >>> spec = SpecVLM(DraftModel.for_target(model))
+    >>> out = spec.generate(model, inputs, max_new_tokens=8)
+    >>> spec.stats.target_forwards <= 9
+    True
+    """
+
+    draft: Any
+    tree: TreeConfig | None = field(default_factory=TreeConfig)
+    depth: int = 5
+    compressor: str | None = None
+
+    def __post_init__(self) -> None:
+        self.stats: SpecStats | None = None
+
+    def generate(self, model: Any, inputs: dict, max_new_tokens: int = 64, sampling: Sampling | None = None,
+                 eos_token_id: int | None = None) -> torch.Tensor:
+        """``(1, prompt + new)`` tokens: the target's own greedy (or sampled) output, with fewer target passes."""
+        draft = self.draft if isinstance(self.draft, DraftModel) else DraftModel.from_pretrained(self.draft, model)
+        draft.bind(model)
+        if self.compressor is not None:
+            from .compressor import CHOICES
+
+            if self.compressor not in CHOICES:
+                raise ValueError(f"`compressor` must be one of {CHOICES}, got {self.compressor!r}")
+            draft.compressor.mode = self.compressor
+        tree = None if sampling is not None else self.tree
+        sequences, self.stats = speculative_generate(model, inputs, draft, max_new_tokens, self.depth, eos_token_id,
+                                                     tree, sampling)
+        return sequences
