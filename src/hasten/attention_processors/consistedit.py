@@ -15,6 +15,10 @@ runs unchanged (SDPA), so both branches use numerically identical attention. Hoo
 projections (not a processor class) finds the layers on current diffusers whatever the
 processor is called (the official code lost Flux when diffusers renamed its attention class).
 
+The same hooks serve VoxHammer / KV-Edit-style masked K/V replay
+(:mod:`hasten.pipelines.masked_kv`): ``record_kinds = {"k", "v"}`` during inversion, replayed
+into the preserved tokens while editing (``preserve = None``: no source branch to copy from).
+
 Two more modes share the hooks:
 
 - ``"record"`` / replay: the source branch's image Q/K/V per (noise level, layer) go into a
@@ -84,6 +88,7 @@ class ConsistEditControl:
         self.replay = False
         self.record_preserved: torch.Tensor | None = None  # region-only recording: preserved token indices
         self.record_levels: dict[float, int] = {}
+        self.record_kinds = {"q", "k", "v"}
         self.word_positions: list[int] = []
         self.mask_rows: list[int] = [0]
         self._mask_sum: torch.Tensor | None = None
@@ -134,7 +139,8 @@ class ConsistEditControl:
         image = self._image(output)
         key = (round(self.sigma, 6), layer, kind)
         if self.mode == "record":
-            self.cache.put(key, output[self.source_rows, image], rows=self._record_rows(kind))
+            if kind in self.record_kinds:
+                self.cache.put(key, output[self.source_rows, image], rows=self._record_rows(kind))
             return None
         if self.mode == "mask":
             if self.cross_layers or not self.mask_enabled:

@@ -15,6 +15,7 @@ _LAZY = {
     "remove_grat": ".grat",
     "ConsistEditPipeline": ".consistedit",
     "LatentWarpPipeline": ".latentwarp",
+    "MaskedKVEditPipeline": ".masked_kv",
     "SJDConfig": ".sjd",
     "SJDPipeline": ".sjd",
 }
