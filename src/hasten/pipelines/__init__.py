@@ -16,6 +16,7 @@ _LAZY = {
     "ConsistEditPipeline": ".consistedit",
     "LatentWarpPipeline": ".latentwarp",
     "MaskedKVEditPipeline": ".masked_kv",
+    "VoxelEditPipeline": ".voxhammer",
     "SJDConfig": ".sjd",
     "SJDPipeline": ".sjd",
 }

@@ -1,0 +1,52 @@
+"""Tiny TRELLIS-format sparse-structure models (random weights), saved and loaded like the released ones.
+
+``hasten.tiny.trellis.models()`` -> ``{"flow": ..., "encoder": ..., "decoder": ...}``: a 8^3 x 4
+latent flow DiT (2 blocks, 32 channels, condition tokens of 16 channels) and a 3-D conv VAE for
+32^3 occupancy, written under ``$HASTEN_HOME/tiny/trellis-v1/ckpts`` in TRELLIS's
+``{name}.json`` + ``{name}.safetensors`` layout and read back through
+:func:`hasten.models.trellis.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ._store import saved_folder, seeded
+
+__all__ = ["CONFIGS", "COND_CHANNELS", "models"]
+
+COND_CHANNELS = 16
+CONFIGS = {
+    "ss_flow": ("SparseStructureFlowModel", dict(resolution=8, in_channels=4, out_channels=4, model_channels=32,
+                                                 cond_channels=COND_CHANNELS, num_blocks=2, num_heads=2, mlp_ratio=2,
+                                                 patch_size=1, pe_mode="ape", qk_rms_norm=True)),
+    "ss_enc": ("SparseStructureEncoder", dict(in_channels=1, latent_channels=4, num_res_blocks=1, channels=[8, 16, 16],
+                                              num_res_blocks_middle=1)),
+    "ss_dec": ("SparseStructureDecoder", dict(out_channels=1, latent_channels=4, num_res_blocks=1, channels=[16, 16, 8],
+                                              num_res_blocks_middle=1)),
+}
+_SEED = 7
+
+
+def _save(folder: Path) -> None:
+    from ..models.trellis import MODELS, save_pretrained
+
+    for index, (name, (cls, args)) in enumerate(CONFIGS.items()):
+        with seeded(_SEED + index):
+            model = MODELS[cls](**args)
+            for parameter in model.parameters():  # TRELLIS zero-initialises gates and outputs: give them values
+                if parameter.dim() > 1 and float(parameter.detach().abs().sum()) == 0:
+                    torch.nn.init.normal_(parameter, std=0.02)
+        save_pretrained(model, folder / "ckpts" / name, args)
+    (folder / "ckpts" / "done").write_text("ok")
+
+
+def models() -> dict[str, torch.nn.Module]:
+    """The tiny flow model, encoder and decoder, loaded from their TRELLIS-format checkpoints."""
+    from ..models.trellis import from_pretrained
+
+    folder = saved_folder("trellis-v1", "ckpts/done", _save)
+    return {"flow": from_pretrained(folder / "ckpts" / "ss_flow"), "encoder": from_pretrained(folder / "ckpts" / "ss_enc"),
+            "decoder": from_pretrained(folder / "ckpts" / "ss_dec")}

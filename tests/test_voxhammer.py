@@ -1,0 +1,117 @@
+"""TRELLIS-format sparse-structure models and VoxHammer voxel editing on the tiny set."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import hasten.tiny.trellis as tt
+from hasten.attention_processors.feature_cache import FeatureCacheConfig
+from hasten.models import trellis
+from hasten.pipelines.voxhammer import VoxelEditPipeline, box_mask, occupancy_to_mesh, save_ply
+
+
+@pytest.fixture(scope="module")
+def editor():
+    parts = tt.models()
+    return VoxelEditPipeline(parts["flow"], parts["encoder"], parts["decoder"])
+
+
+def _source() -> np.ndarray:
+    grid = np.zeros((32, 32, 32), bool)
+    grid[8:24, 8:24, 8:24] = True
+    grid[12:20, 12:20, 24:28] = True
+    return grid
+
+
+def _cond(seed: int = 0) -> torch.Tensor:
+    return torch.randn(1, 4, tt.COND_CHANNELS, generator=torch.Generator().manual_seed(seed))
+
+
+def test_trellis_checkpoint_layout_round_trip_and_errors(tmp_path):
+    name, args = tt.CONFIGS["ss_flow"]
+    model = trellis.MODELS[name](**args)
+    keys = set(model.state_dict())
+    assert {"pos_emb", "t_embedder.mlp.0.weight", "input_layer.weight", "blocks.0.self_attn.to_qkv.weight",
+            "blocks.0.self_attn.q_rms_norm.gamma", "blocks.0.cross_attn.to_kv.weight", "blocks.0.norm2.weight",
+            "blocks.0.mlp.mlp.0.weight", "blocks.0.adaLN_modulation.1.weight", "out_layer.weight"} <= keys
+    path = trellis.save_pretrained(model, tmp_path / "ss_flow", args)
+    assert json.loads((tmp_path / "ss_flow.json").read_text())["name"] == "SparseStructureFlowModel"
+    loaded = trellis.from_pretrained(path)
+    x, t, c = torch.randn(1, 4, 8, 8, 8), torch.tensor([500.0]), _cond()
+    torch.testing.assert_close(loaded(x, t, c), model.eval()(x, t, c))
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(f"{path}.safetensors")
+    state["blocks.0.extra.weight"] = torch.zeros(1)
+    del state["out_layer.bias"]
+    save_file(state, f"{path}.safetensors")
+    with pytest.raises(ValueError, match="missing.*out_layer.bias.*unexpected.*extra"):
+        trellis.from_pretrained(path)
+    (tmp_path / "other.json").write_text(json.dumps({"name": "StructuredLatentFlowModel", "args": {}}))
+    save_file({}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not implemented"):
+        trellis.from_pretrained(tmp_path / "other")
+    with pytest.raises(FileNotFoundError):
+        trellis.from_pretrained(tmp_path / "missing")
+
+
+def test_voxels_outside_the_edit_region_are_the_source(editor):
+    source = _source()
+    mask = box_mask(32, [(16, 0, 0, 32, 32, 32)])
+    out = editor.edit(source, mask, _cond(1), num_inference_steps=5, progress=False)
+    assert np.array_equal(out.occupancy[~mask], source[~mask])
+    assert out.edit_cells.float().mean() == 0.5 and out.cache_bytes > 0
+    vertices, faces = out.mesh()
+    assert len(vertices) and len(faces) and vertices.min() >= 0 and vertices.max() <= 1
+
+
+def test_empty_and_full_edit_regions_are_documented_behaviour(editor):
+    source = _source()
+    nothing = editor.edit(source, np.zeros_like(source), _cond(), num_inference_steps=3, progress=False)
+    assert np.array_equal(nothing.occupancy, source) and nothing.cache_bytes == 0
+    everything = editor.edit(source, np.ones_like(source), _cond(), num_inference_steps=3, progress=False)
+    assert everything.occupancy.shape == source.shape and bool(everything.edit_cells.all())
+    with pytest.raises(ValueError, match="leaves"):
+        box_mask(32, [(20, 0, 0, 40, 8, 8)])
+    with pytest.raises(ValueError, match="empty"):
+        box_mask(32, [(4, 4, 4, 4, 8, 8)])
+    with pytest.raises(ValueError, match="edit_mask"):
+        editor.edit(source, np.zeros((16, 16, 16), bool), _cond(), progress=False)
+
+
+def test_cache_modes_bytes_and_results(editor):
+    source = _source()
+    mask = box_mask(32, [(0, 0, 16, 32, 32, 32)])
+    outs = {name: editor.edit(source, mask, _cond(2), num_inference_steps=4, cache=config, progress=False)
+            for name, config in (("fp32", FeatureCacheConfig(dtype="float32")), ("bf16", FeatureCacheConfig()),
+                                 ("int8", FeatureCacheConfig(quantize=True)))}
+    flow = editor.flow
+    channels = flow.blocks[0].self_attn.channels
+    preserved = int((~outs["fp32"].edit_cells).sum())
+    # the inversion's midpoint evaluations (at each step's start and middle, going up); CFG (batch 2)
+    # for t in [0.5, 1]; K and V of the preserved cells, fp32
+    ascending = VoxelEditPipeline.sigmas(4).flip(0)
+    rows = 0
+    for a, b in zip(ascending[:-1], ascending[1:]):
+        for level in (float(a), float(a + (b - a) / 2)):
+            rows += 2 if 0.5 <= level <= 1.0 else 1
+    assert outs["fp32"].cache_bytes == rows * len(flow.blocks) * preserved * 2 * channels * 4
+    assert outs["bf16"].cache_bytes * 2 == outs["fp32"].cache_bytes
+    assert outs["int8"].cache_bytes < outs["fp32"].cache_bytes / 3
+    naive = rows * len(flow.blocks) * flow.tokens * 3 * channels * 4  # fp32 Q/K/V of every cell
+    assert naive / outs["bf16"].cache_bytes >= 4
+    for name in ("bf16", "int8"):
+        assert np.array_equal(outs[name].occupancy[~mask], source[~mask])
+        agreement = (outs[name].occupancy[mask] == outs["fp32"].occupancy[mask]).mean()
+        assert agreement > 0.95, (name, agreement)
+
+
+def test_ply_export(tmp_path):
+    vertices, faces = occupancy_to_mesh(_source())
+    path = save_ply(tmp_path / "mesh.ply", vertices, faces)
+    data = path.read_bytes()
+    assert data.startswith(b"ply\nformat binary_little_endian 1.0\n") and f"element face {len(faces)}".encode() in data
