@@ -115,3 +115,29 @@ def test_ply_export(tmp_path):
     path = save_ply(tmp_path / "mesh.ply", vertices, faces)
     data = path.read_bytes()
     assert data.startswith(b"ply\nformat binary_little_endian 1.0\n") and f"element face {len(faces)}".encode() in data
+
+
+def test_conditioners_and_cli(tmp_path, capsys):
+    import trimesh
+    from PIL import Image
+
+    from hasten.cli import main
+
+    conditioner = tt.conditioner()
+    assert conditioner.text("a chair with tall legs").shape == (1, 77, tt.COND_CHANNELS)
+    assert conditioner.image(Image.new("RGB", (40, 30), "red")).shape[-1] == tt.COND_CHANNELS
+    trimesh.creation.box(extents=(1.0, 0.6, 0.8)).export(tmp_path / "box.obj")
+    assert main(["edit3d", "--mesh", str(tmp_path / "box.obj"), "--box", "16", "0", "0", "32", "32", "32",
+                 "--prompt", "a rounded top", "--steps", "3", "--out", str(tmp_path / "out.glb")]) == 0
+    assert "inside the edit boxes" in capsys.readouterr().out
+    assert len(trimesh.load(tmp_path / "out.glb", force="mesh").vertices) > 0
+    np.save(tmp_path / "grid.npy", _source())
+    Image.new("RGB", (40, 30), "blue").save(tmp_path / "cond.png")
+    assert main(["edit3d", "--occupancy", str(tmp_path / "grid.npy"), "--box", "0", "0", "16", "32", "32", "32",
+                 "--image", str(tmp_path / "cond.png"), "--steps", "3", "--out", str(tmp_path / "out.npy")]) == 0
+    edited = np.load(tmp_path / "out.npy")
+    mask = box_mask(32, [(0, 0, 16, 32, 32, 32)])
+    assert np.array_equal(edited[~mask], _source()[~mask])
+    assert main(["edit3d", "--occupancy", str(tmp_path / "grid.npy"), "--box", "0", "0", "16", "40", "32", "32",
+                 "--prompt", "x", "--out", str(tmp_path / "bad.npy")]) == 2
+    assert "leaves" in capsys.readouterr().err

@@ -205,3 +205,48 @@ class VoxelEditPipeline:
             features.close()
         out = np.where(edit_mask, decoded, occupancy)  # every voxel outside the edit region is the source's
         return VoxelEditResult(out, x, cells, seconds, cache_bytes)
+
+
+class VoxelConditioner:
+    """Condition tokens for TRELLIS's sparse-structure flow: CLIP text or DINOv2 (with registers) images.
+
+    TRELLIS conditions its text models on CLIP ViT-L/14's last hidden states (77 tokens) and its
+    image model on layer-normalised DINOv2-with-registers ViT-L/14 patch features (518 px).
+    ``from_pretrained`` loads them from the hub; ``hasten.tiny.trellis.conditioner()`` gives tiny
+    random ones whose width matches the tiny flow model.
+    """
+
+    def __init__(self, text_encoder: Any = None, tokenizer: Any = None, image_encoder: Any = None,
+                 image_size: int = 518):
+        self.text_encoder, self.tokenizer, self.image_encoder = text_encoder, tokenizer, image_encoder
+        self.image_size = image_size
+
+    @classmethod
+    def from_pretrained(cls, text: str | None = "openai/clip-vit-large-patch14",
+                        image: str | None = "facebook/dinov2-with-registers-large") -> "VoxelConditioner":
+        from transformers import AutoModel, AutoTokenizer, CLIPTextModel
+
+        return cls(CLIPTextModel.from_pretrained(text) if text else None,
+                   AutoTokenizer.from_pretrained(text) if text else None,
+                   AutoModel.from_pretrained(image) if image else None)
+
+    @torch.no_grad()
+    def text(self, prompt: str) -> torch.Tensor:
+        if self.text_encoder is None:
+            raise ValueError("this conditioner has no text encoder; give an image condition")
+        ids = self.tokenizer([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        return self.text_encoder(input_ids=ids["input_ids"].to(self.text_encoder.device)).last_hidden_state
+
+    @torch.no_grad()
+    def image(self, image: Any) -> torch.Tensor:
+        if self.image_encoder is None:
+            raise ValueError("this conditioner has no image encoder; give a text condition")
+        from PIL import Image
+
+        picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+        size = self.image_size
+        array = np.asarray(picture.convert("RGB").resize((size, size), Image.BICUBIC), np.float32) / 255
+        mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+        pixels = torch.from_numpy((array - mean) / std).permute(2, 0, 1)[None].to(self.image_encoder.device)
+        features = self.image_encoder(pixel_values=pixels).last_hidden_state
+        return torch.nn.functional.layer_norm(features, features.shape[-1:])

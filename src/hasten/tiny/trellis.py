@@ -50,3 +50,23 @@ def models() -> dict[str, torch.nn.Module]:
     folder = saved_folder("trellis-v1", "ckpts/done", _save)
     return {"flow": from_pretrained(folder / "ckpts" / "ss_flow"), "encoder": from_pretrained(folder / "ckpts" / "ss_enc"),
             "decoder": from_pretrained(folder / "ckpts" / "ss_dec")}
+
+
+def conditioner():
+    """Tiny random CLIP-text and DINOv2-with-registers encoders whose width is the tiny flow's ``COND_CHANNELS``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from ..pipelines.voxhammer import VoxelConditioner
+    from .tokenizers import clip_tokenizer
+
+    tokenizer = clip_tokenizer()
+    with seeded(_SEED + 10):
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=COND_CHANNELS,
+                                            intermediate_size=2 * COND_CHANNELS, num_hidden_layers=1,
+                                            num_attention_heads=2, max_position_embeddings=77,
+                                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                            pad_token_id=tokenizer.pad_token_id)).eval()
+        image = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+            hidden_size=COND_CHANNELS, num_hidden_layers=1, num_attention_heads=2, intermediate_size=2 * COND_CHANNELS,
+            image_size=28, patch_size=14, num_register_tokens=4)).eval()
+    return VoxelConditioner(text, tokenizer, image, image_size=28)
