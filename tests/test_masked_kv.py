@@ -1,4 +1,4 @@
-"""Masked K/V replay editing (VoxHammer / KV-Edit) on tiny SD3, Flux and Wan."""
+"""Masked K/V replay editing (VoxHammer / KV-Edit) on tiny SD3, Flux, Wan and HunyuanVideo."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ def _case(kind):
     model = editor.model
     mask = np.zeros((model.height, model.width))
     mask[model.height // 4: 3 * model.height // 4, model.width // 4: 3 * model.width // 4] = 1
-    source = panned(frames=9, size=(80, 112))[0] if kind == "wan" else photo("chelsea")
+    source = panned(frames=9, size=(80, 112))[0] if kind in ("wan", "hunyuan-video") else photo("chelsea")
     return editor, mask, source
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux", "wan"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "wan", "hunyuan-video"])
 def test_preserved_region_is_the_source_and_no_edit_is_the_source(kind):
     editor, mask, source = _case(kind)
     model = editor.model

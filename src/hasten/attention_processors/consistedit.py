@@ -53,10 +53,12 @@ def edit_layers(transformer: Any) -> tuple[list[Any], bool, list[Any]]:
         return [block.attn for block in transformer.single_transformer_blocks], True, []
     if name == "CogVideoXTransformer3DModel":
         return [block.attn1 for block in transformer.transformer_blocks], True, []
+    if name == "HunyuanVideoTransformer3DModel":  # the dual-stream blocks: image Q/K/V from to_q/k/v alone
+        return [block.attn for block in transformer.transformer_blocks], False, []
     if name == "WanTransformer3DModel":
         return [block.attn1 for block in transformer.blocks], False, [block.attn2 for block in transformer.blocks]
-    raise ValueError("ConsistEdit supports SD3Transformer2DModel, FluxTransformer2DModel, CogVideoXTransformer3DModel "
-                     f"and WanTransformer3DModel; got {name}")
+    raise ValueError("ConsistEdit supports SD3Transformer2DModel, FluxTransformer2DModel, CogVideoXTransformer3DModel, "
+                     f"WanTransformer3DModel and HunyuanVideoTransformer3DModel; got {name}")
 
 
 def _heads(x: torch.Tensor, norm: Any, heads: int) -> torch.Tensor:

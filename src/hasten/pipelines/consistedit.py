@@ -122,7 +122,7 @@ class ConsistEditPipeline:
         model = self.model
         if model.family == "FluxPipeline":
             return preserve[None, :, None]
-        if model.family == "WanPipeline":
+        if model.family in ("WanPipeline", "HunyuanVideoPipeline"):  # (B, C, F, H, W) latents
             return _patch_keep(preserve, model.grid, "WanPipeline")
         patch = model.pipe.transformer.config.patch_size
         grid = preserve.view(*model.grid).repeat_interleave(patch, 0).repeat_interleave(patch, 1)

@@ -49,7 +49,8 @@ def token_positions(prompt: str, words: list[str], tokenizers: list[tuple[Any, i
         raise ValueError(f"no token of {words} found in the tokenised prompt {prompt!r}")
     return positions
 
-FLOW_FAMILIES = ("StableDiffusion3Pipeline", "FluxPipeline", "WanPipeline")
+FLOW_FAMILIES = ("StableDiffusion3Pipeline", "FluxPipeline", "WanPipeline", "HunyuanVideoPipeline")
+_VIDEO = ("WanPipeline", "HunyuanVideoPipeline")
 
 
 @dataclass
@@ -57,6 +58,7 @@ class _Conditioning:
     embeds: torch.Tensor
     pooled: torch.Tensor
     prompts: list[str]
+    mask: torch.Tensor | None = None
 
 
 class FlowModel:
@@ -77,7 +79,7 @@ class FlowModel:
         if family not in FLOW_FAMILIES:
             raise ValueError(f"editing supports {', '.join(FLOW_FAMILIES)}; got {family}")
         self.pipe, self.family = pipe, family
-        if family == "WanPipeline":
+        if family in _VIDEO:
             factor = pipe.vae_scale_factor_spatial * 2
             if (num_frames - 1) % pipe.vae_scale_factor_temporal:
                 raise ValueError(f"`num_frames` must be {pipe.vae_scale_factor_temporal} k + 1, got {num_frames}")
@@ -88,7 +90,7 @@ class FlowModel:
         self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
         self.num_frames = num_frames
         self.grid: tuple[int, ...] = (height // factor, width // factor)
-        if family == "WanPipeline":
+        if family in _VIDEO:
             self.grid = ((num_frames - 1) // pipe.vae_scale_factor_temporal + 1, *self.grid)
         self.guidance_scale = 1.0
 
@@ -103,7 +105,7 @@ class FlowModel:
     @property
     def uses_cfg(self) -> bool:
         """Whether guidance runs as a batched unconditional pass (SD3, Wan) rather than an embedding (Flux)."""
-        return self.family != "FluxPipeline" and self.guidance_scale > 1.0
+        return self.family not in ("FluxPipeline", "HunyuanVideoPipeline") and self.guidance_scale > 1.0
 
     @property
     def tokens(self) -> int:
@@ -129,6 +131,10 @@ class FlowModel:
             if self.uses_cfg:
                 embeds = torch.cat([negative, embeds])
             pooled = embeds[:, 0]  # unused by Wan
+        elif self.family == "HunyuanVideoPipeline":  # guidance is an embedding, as in Flux-dev
+            embeds, pooled, mask = pipe.encode_prompt(prompts, prompts, device=device,
+                                                      max_sequence_length=self.max_sequence_length)
+            return _Conditioning(embeds, pooled, list(prompts), mask)
         else:
             embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, device=device,
                                                    max_sequence_length=self.max_sequence_length)
@@ -142,7 +148,7 @@ class FlowModel:
         pipe = self.pipe
         if self.family == "StableDiffusion3Pipeline":
             tokenizers = [(pipe.tokenizer, 0, 77), (pipe.tokenizer_3, 77, self.max_sequence_length)]
-        elif self.family == "WanPipeline":
+        elif self.family in _VIDEO:  # Hunyuan: the word positions of the LLaMA prompt after its template
             tokenizers = [(pipe.tokenizer, 0, self.max_sequence_length)]
         else:
             tokenizers = [(pipe.tokenizer_2, 0, self.max_sequence_length)]
@@ -152,7 +158,7 @@ class FlowModel:
     def noise(self, seed: int = 0, batch: int = 1) -> torch.Tensor:
         """Initial noise in the transformer's latent layout (packed for Flux, (B, C, F, H, W) for Wan)."""
         pipe = self.pipe
-        if self.family == "WanPipeline":
+        if self.family in _VIDEO:
             generator = torch.Generator().manual_seed(seed)
             frames, rows, cols = self.grid
             latents = torch.randn(batch, pipe.transformer.config.in_channels, frames, rows * 2, cols * 2,
@@ -171,7 +177,7 @@ class FlowModel:
         Wan: a video, (T, H, W, 3) uint8 with ``num_frames`` frames.
         """
         pipe = self.pipe
-        if self.family == "WanPipeline":
+        if self.family in _VIDEO:
             return self._encode_video(image)
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
@@ -191,6 +197,8 @@ class FlowModel:
         video = pipe.video_processor.preprocess_video([Image.fromarray(f) for f in frames], height=self.height,
                                                       width=self.width).to(self.device, pipe.vae.dtype)
         latents = pipe.vae.encode(video).latent_dist.mean
+        if self.family == "HunyuanVideoPipeline":
+            return (latents * pipe.vae.config.scaling_factor).to(self.dtype)
         mean, std = self._wan_stats(latents)
         return ((latents - mean) / std).to(self.dtype)
 
@@ -204,9 +212,13 @@ class FlowModel:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images (B, 3, H, W) in [0, 1], float32; Wan: videos (B, F, 3, H, W)."""
         pipe = self.pipe
-        if self.family == "WanPipeline":
-            mean, std = self._wan_stats(latents)
-            video = pipe.vae.decode((latents * std + mean).to(pipe.vae.dtype), return_dict=False)[0]
+        if self.family in _VIDEO:
+            if self.family == "HunyuanVideoPipeline":
+                latents = latents / pipe.vae.config.scaling_factor
+            else:
+                mean, std = self._wan_stats(latents)
+                latents = latents * std + mean
+            video = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
             return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
         latents = self._unpack(latents)
         config = pipe.vae.config
@@ -243,6 +255,12 @@ class FlowModel:
                 uncond, conditional = out.chunk(2)
                 out = uncond + self.guidance_scale * (conditional - uncond)
             return out
+        if self.family == "HunyuanVideoPipeline":
+            timestep = torch.full((batch,), sigma * 1000.0, device=self.device, dtype=self.dtype)
+            guidance = torch.full((batch,), self.guidance_scale * 1000.0, device=self.device, dtype=self.dtype)
+            return pipe.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=cond.embeds,
+                                    encoder_attention_mask=cond.mask, pooled_projections=cond.pooled,
+                                    guidance=guidance, return_dict=False)[0]
         h, w = self.height // pipe.vae_scale_factor, self.width // pipe.vae_scale_factor
         image_ids = pipe._prepare_latent_image_ids(batch, h // 2, w // 2, self.device, self.dtype)
         text_ids = torch.zeros(cond.embeds.shape[1], 3, device=self.device, dtype=self.dtype)

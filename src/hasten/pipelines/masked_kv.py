@@ -12,7 +12,7 @@ denoises from the inverted noise with the target prompt, and:
 - at the end the preserved region is the source latent, exactly.
 
 Works on the flow-matching families of :class:`~hasten.pipelines.flow_models.FlowModel`: SD3,
-Flux (images) and Wan (videos). Mask semantics: an all-zero edit mask returns the source
+Flux (images), Wan and HunyuanVideo (videos; its dual-stream blocks replay). Mask semantics: an all-zero edit mask returns the source
 (nothing to edit); a mask covering everything is a plain regeneration from the inverted noise
 (no token to preserve). Both are documented behaviour, not errors.
 
@@ -73,7 +73,15 @@ class MaskedKVEditPipeline:
     @classmethod
     def from_pipe(cls, pipe: Any, height: int | None = None, width: int | None = None, num_frames: int | None = None,
                   max_sequence_length: int = 77) -> "MaskedKVEditPipeline":
-        """Wrap an SD3, Flux or Wan pipeline (sizes default as for :class:`ConsistEditPipeline`)."""
+        """Wrap an SD3, Flux, Wan or HunyuanVideo pipeline (sizes default as for :class:`ConsistEditPipeline`;
+        HunyuanVideo: the tiny model's, else 544 x 960 x 61 frames)."""
+        if type(pipe).__name__ == "HunyuanVideoPipeline":
+            from .. import tiny
+
+            small = tiny.default_size("hunyuan-video") if sum(
+                p.numel() for p in pipe.transformer.parameters()) < 10**7 else {}
+            return cls(FlowModel(pipe, height or small.get("height", 544), width or small.get("width", 960),
+                                 max_sequence_length, num_frames or small.get("num_frames", 61)))
         editor = ConsistEditPipeline.from_pipe(pipe, height, width, max_sequence_length, num_frames)
         if editor.model is None:
             raise ValueError(f"masked K/V editing needs a flow-matching model (SD3, Flux, Wan); got {type(pipe).__name__}")
@@ -138,7 +146,8 @@ class MaskedKVEditPipeline:
 
             start = time.perf_counter()
             if guidance_scale is None:
-                guidance_scale = {"StableDiffusion3Pipeline": 7.0, "FluxPipeline": 3.5}.get(model.family, 5.0)
+                guidance_scale = {"StableDiffusion3Pipeline": 7.0, "FluxPipeline": 3.5,
+                                  "HunyuanVideoPipeline": 6.0}.get(model.family, 5.0)
             target = model.encode([prompt], guidance_scale)
             control.mode, control.replay, control.preserve = "edit", True, None
             control.source_rows = [0, 1] if model.uses_cfg else [0]  # every row gets the source's K/V
