@@ -133,9 +133,12 @@ def test_cli_train_draft_then_ask(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_speculative_sampling_follows_the_targets_distribution():
-    """Two sampled tokens (top-k 4): the joint frequencies of speculative sampling match the target's
-    exact distribution (chi-square), with an untrained draft whose proposals are often rejected."""
+@pytest.mark.parametrize("tree", [None, TreeConfig(top_k=3, total=8, depth=2)], ids=["chain", "tree"])
+def test_speculative_sampling_follows_the_targets_distribution(tree):
+    """Two sampled tokens (top-k 4): the joint frequencies of speculative sampling (chain: rejection
+    against the draft's q; tree: point-mass children) match the target's exact distribution
+    (chi-square), with an untrained draft whose proposals are rejected (its top tokens are not the
+    random target's): the acceptance rules themselves are exercised by the two tests below."""
     from scipy.stats import chisquare
 
     from hasten.token_pruning.specvlm import Sampling
@@ -155,19 +158,53 @@ def test_speculative_sampling_follows_the_targets_distribution():
     draft = DraftModel.for_target(model)
     counts = dict.fromkeys(exact, 0)
     runs = 1200
-    accepted = []
     for seed in range(runs):
-        out, stats = speculative_generate(model, inputs, draft, max_new_tokens=2, depth=3,
+        out, _ = speculative_generate(model, inputs, draft, max_new_tokens=2, depth=3, tree=tree,
                                           sampling=Sampling(temperature=1.0, top_k=4, seed=seed))
         counts[tuple(out[0, -2:].tolist())] += 1
-        accepted += stats.accepted
     keys = sorted(exact)
     observed = np.array([counts[k] for k in keys])
     expected = np.array([exact[k] for k in keys]) * runs
     assert observed.sum() == runs
     assert chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
-    with pytest.raises(ValueError, match="greedy"):
-        speculative_generate(model, inputs, draft, tree=TreeConfig(), sampling=warp)
+
+
+def test_chain_speculative_sampling_rule_gives_the_targets_distribution():
+    """One proposal drawn from q, accepted with min(1, p/q), else redrawn from norm(max(0, p - q)):
+    the emitted token follows p (chi-square), and proposals are accepted at the rate sum(min(p, q))."""
+    from scipy.stats import chisquare
+
+    from hasten.token_pruning.specvlm.decoding import _accept_sampled
+
+    p = torch.tensor([0.5, 0.2, 0.2, 0.1, 0.0], dtype=torch.float64)
+    q = torch.tensor([0.1, 0.4, 0.1, 0.2, 0.2], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    counts, accepted, runs = np.zeros(5), 0, 6000
+    for _ in range(runs):
+        proposal = torch.multinomial(q.float(), 1, generator=generator)
+        count, choices = _accept_sampled([proposal], [q], torch.stack([p, p]), generator)
+        token = int(proposal) if count == 1 else int(choices[0])
+        counts[token] += 1
+        accepted += count
+    assert counts[4] == 0
+    assert chisquare(counts[:4], p[:4].numpy() * runs).pvalue > 1e-3
+    assert abs(accepted / runs - float(torch.minimum(p, q).sum())) < 0.03
+
+
+def test_tree_sampling_acceptance_rule_on_a_hand_built_tree():
+    """Point-mass acceptance: a child holding all of the target's mass is always accepted; a child with
+    none never is, and the token then comes from the renormalised rest."""
+    tree = DraftTree.rooted(0)
+    first = tree.add(0, 1, -0.1)
+    tree.add(0, 2, -0.2)
+    tree.add(first, 3, -0.3)
+    probs = torch.zeros(4, 5, dtype=torch.float64)
+    probs[0, 1] = 1.0            # root: all mass on token 1 -> child `first`
+    probs[1, [3, 4]] = 0.0
+    probs[1, 4] = 1.0            # after `first`: token 4, not the drafted 3 -> drawn from the residual
+    probs[2:, 0] = 1.0
+    for seed in range(20):
+        assert tree.accept_sampled(probs, torch.Generator().manual_seed(seed)) == ([0, first], 4)
 
 
 def test_specvlm_object_defaults_to_the_tree_and_checks_its_compressor(tmp_path):

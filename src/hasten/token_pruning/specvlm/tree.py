@@ -7,8 +7,18 @@ children form the next frontier, for ``depth`` levels. The ``total`` best-scorin
 then verified (scores only fall along a path, so a kept node's ancestors are kept too).
 
 The target verifies all of them in ONE forward: node ``i`` attends the prompt and its
-ancestors (itself included), at position ``prompt_length + depth(i)``. Acceptance walks down
-from the root, always to the child whose token equals the target's greedy choice.
+ancestors (itself included), at position ``prompt_length + depth(i)``. Greedy acceptance walks
+down from the root, always to the child whose token equals the target's greedy choice.
+
+Sampled acceptance (:meth:`DraftTree.accept_sampled`) treats each child as a point-mass
+proposal, tried best-scored first: child ``x`` is accepted with probability ``r(x)`` under the
+target's residual distribution ``r`` (initially the target's ``p`` at that node); on rejection
+``r(x)`` is zeroed and ``r`` renormalised. When no child is accepted the next token is drawn
+from ``r``. Every token therefore leaves each node with exactly the target's probability
+(it is sequential sampling from ``p``), so the output follows the target's sampling
+distribution. EAGLE's recursive rejection sampling instead divides by the draft's ``q``, which
+is exact only when the children are sampled from ``q``; EAGLE-2's children are the top-k, so
+the point-mass rule is the lossless one here.
 """
 
 from __future__ import annotations
@@ -100,3 +110,23 @@ class DraftTree:
             if child is None:
                 return path
             path.append(child)
+
+    def accept_sampled(self, probs: torch.Tensor, generator: torch.Generator) -> tuple[list[int], int]:
+        """Speculative sampling on the tree: ``(accepted path, root first; the token drawn after it)``.
+
+        ``probs`` ``(nodes, vocab)``: the target's sampling distribution after each node.
+        """
+        children: dict[int, list[int]] = {}
+        for node in range(1, len(self.tokens)):
+            children.setdefault(self.parents[node], []).append(node)
+        path = [0]
+        while True:
+            residual = probs[path[-1]].double().cpu().clone()
+            for child in sorted(children.get(path[-1], []), key=lambda n: -self.scores[n]):
+                token = self.tokens[child]
+                if float(torch.rand((), generator=generator, dtype=torch.float64)) < float(residual[token] / residual.sum()):
+                    path.append(child)
+                    break
+                residual[token] = 0.0
+            else:
+                return path, int(torch.multinomial(residual.float(), 1, generator=generator))
