@@ -15,8 +15,15 @@ box mask, in one process:
 Then the same photos and box with masked K/V replay (VoxHammer / KV-Edit style,
 :mod:`hasten.pipelines.masked_kv`): the recorded K/V are the preserved tokens' only.
 
+VoxHammer in 3-D runs on the tiny TRELLIS set, or with ``--trellis trellis-image-large`` on
+TRELLIS-image-large's sparse-structure architecture (1024 channels, 24 blocks, a 16^3 x 8 latent,
+1374 DINOv2 condition tokens; random weights, bf16) at the paper's 25 steps, where the cache
+sizes and the peak GPU memory (``torch.cuda.max_memory_allocated`` above the loaded models) are
+those a user meets; voxel agreement there says nothing about edit quality.
+
     python benchmarks/editing.py                                         # tiny SD3 and Flux, CPU
     python benchmarks/editing.py --model black-forest-labs/FLUX.1-dev --size 1024x1024 --steps 28 --device cuda
+    python benchmarks/editing.py --model --trellis trellis-image-large --steps 25 --device cuda   # 3-D only
 """
 
 from __future__ import annotations
@@ -56,7 +63,9 @@ def _scores(edit: torch.Tensor, reference: torch.Tensor, keep: np.ndarray) -> tu
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", default=["tiny-sd3", "tiny-flux"])
+    parser.add_argument("--model", nargs="*", default=["tiny-sd3", "tiny-flux"], help="2-D models (none: 3-D only)")
+    parser.add_argument("--trellis", choices=["tiny", "trellis-image-large"], default="tiny",
+                        help="the TRELLIS sparse-structure models of the VoxHammer rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", default=None, help="HxW (default: the model's)")
     parser.add_argument("--steps", type=int, default=12)
@@ -109,54 +118,96 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{label:30s} {psnr:7.2f} {ssim:6.3f} {per_step / 2**10:9.1f} {naive_per_step / per_step:7.2f}x "
                   f"{seconds:7.2f} {seconds / plain:7.2f}x")
         _masked_kv(name, pipe, size, args.steps, mask, keep, plain, naive_per_step, rows)
-    _voxels(args.steps, rows)
+    _voxels(args.trellis, args.steps, torch.device(args.device), rows)
     if args.json:
         for row in rows:
             print(json.dumps(row))
 
 
-def _voxels(steps: int, rows: list) -> None:
-    """VoxHammer on the tiny TRELLIS set: cache bytes vs naive, time vs plain sampling, voxel agreement."""
+# TRELLIS-image-large's sparse-structure checkpoints (ckpts/ss_*_16l8_fp16.json), random weights here
+TRELLIS_IMAGE_LARGE = {
+    "flow": ("SparseStructureFlowModel", dict(resolution=16, in_channels=8, out_channels=8, model_channels=1024,
+                                              cond_channels=1024, num_blocks=24, num_heads=16, mlp_ratio=4, patch_size=1,
+                                              pe_mode="ape", qk_rms_norm=True, use_fp16=True)),
+    "encoder": ("SparseStructureEncoder", dict(in_channels=1, latent_channels=8, num_res_blocks=2, num_res_blocks_middle=2,
+                                               channels=[32, 128, 512], use_fp16=True)),
+    "decoder": ("SparseStructureDecoder", dict(out_channels=1, latent_channels=8, num_res_blocks=2, num_res_blocks_middle=2,
+                                               channels=[512, 128, 32], use_fp16=True)),
+}
+DINOV2_TOKENS = 1374  # DINOv2-L/14 with 4 registers at 518 px: 37 x 37 patches + CLS + 4 registers
+
+
+def _voxels(which: str, steps: int, device: torch.device, rows: list) -> None:
+    """VoxHammer on TRELLIS sparse-structure models: cache bytes and peak memory vs naive, time vs plain
+    sampling, voxel agreement."""
     import hasten.tiny.trellis as tt
     from hasten.pipelines.inversion import regenerate
     from hasten.pipelines.voxhammer import VoxelEditPipeline, box_mask
 
-    parts = tt.models()
+    if which == "tiny":
+        parts, tokens, width = tt.models(), 4, tt.COND_CHANNELS
+    else:
+        parts = {key: tt.random_model(cls, args, seed) for seed, (key, (cls, args)) in enumerate(TRELLIS_IMAGE_LARGE.items())}
+        tokens, width = DINOV2_TOKENS, TRELLIS_IMAGE_LARGE["flow"][1]["cond_channels"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    parts = {key: part.to(device, dtype).eval() for key, part in parts.items()}
     editor = VoxelEditPipeline(parts["flow"], parts["encoder"], parts["decoder"])
     flow = editor.flow
     resolution = flow.resolution * 4
     source = np.zeros((resolution,) * 3, bool)
     source[resolution // 4: 3 * resolution // 4, resolution // 4: 3 * resolution // 4, resolution // 4: resolution // 2] = True
     mask = box_mask(resolution, [(0, 0, resolution // 2, resolution, resolution, resolution)])
-    cond = torch.randn(1, 4, tt.COND_CHANNELS, generator=torch.Generator().manual_seed(0))
+    cond = torch.randn(1, tokens, width, generator=torch.Generator().manual_seed(0))
     sigmas = VoxelEditPipeline.sigmas(steps)
-    start = time.perf_counter()
-    regenerate(lambda x, s: editor._velocity(x, s, cond, 6.0, (0.5, 1.0)),
-               torch.randn(1, flow.in_channels, *[flow.resolution] * 3), sigmas, "midpoint")
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        regenerate(lambda x, s: editor._velocity(x, s, cond.to(device, dtype), 6.0, (0.5, 1.0)),
+                   torch.randn(1, flow.in_channels, *[flow.resolution] * 3, device=device, dtype=dtype), sigmas[:3],
+                   "midpoint")  # warm-up
+        synchronize()
+        start = time.perf_counter()
+        regenerate(lambda x, s: editor._velocity(x, s, cond.to(device, dtype), 6.0, (0.5, 1.0)),
+                   torch.randn(1, flow.in_channels, *[flow.resolution] * 3, device=device, dtype=dtype), sigmas,
+                   "midpoint")
+        synchronize()
     plain = time.perf_counter() - start
     channels = flow.blocks[0].self_attn.channels
     evaluations = 2 * steps * 1.5  # midpoint, CFG (2 rows) on about half of them
     naive = evaluations * len(flow.blocks) * flow.tokens * 3 * channels * 4
-    print(f"\n## tiny TRELLIS sparse structure ({resolution}^3 grid, {flow.tokens} latent cells), VoxHammer; "
-          f"naive fp32 cache ~{naive / steps / 2**10:.1f} KiB per step")
-    print(f"{'cache':30s} {'outside IoU':>11s} {'inside vs fp32':>14s} {'KiB/step':>9s} {'vs naive':>8s} {'edit s':>7s} "
-          f"{'vs plain':>8s}")
+    name = "tiny TRELLIS" if which == "tiny" else f"{which} architecture (random weights, {str(dtype)[6:]})"
+    print(f"\n## {name} sparse structure ({resolution}^3 grid, {flow.tokens} latent cells, {len(flow.blocks)} blocks x "
+          f"{channels} channels, {tokens} condition tokens), VoxHammer, {steps} steps; naive fp32 cache "
+          f"~{naive / steps / 2**20:.1f} MiB per step, {naive / 2**30:.2f} GiB in all")
+    print(f"{'cache':10s} {'outside IoU':>11s} {'inside vs fp32':>14s} {'MiB/step':>9s} {'vs naive':>8s} {'peak MiB':>9s} "
+          f"{'edit s':>7s} {'vs plain':>8s}")
     reference = None
     for label, config in (("fp32", FeatureCacheConfig(dtype="float32")), ("bf16", FeatureCacheConfig()),
                           ("int8", FeatureCacheConfig(quantize=True))):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            resident = torch.cuda.memory_allocated(device)
+        synchronize()
         start = time.perf_counter()
         out = editor.edit(source, mask, cond, num_inference_steps=steps, cache=config, progress=False)
+        synchronize()
         seconds = time.perf_counter() - start
+        peak = (torch.cuda.max_memory_allocated(device) - resident) if device.type == "cuda" else None
         reference = out.occupancy if reference is None else reference
         outside = (out.occupancy & source)[~mask].sum() / max((out.occupancy | source)[~mask].sum(), 1)
         inside = float((out.occupancy[mask] == reference[mask]).mean())
         per_step = out.cache_bytes / steps
-        rows.append(dict(model="tiny-trellis", method="voxhammer", cache=label, outside_iou=round(float(outside), 4),
+        rows.append(dict(model=f"{which}-trellis", method="voxhammer", cache=label, outside_iou=round(float(outside), 4),
                          inside_agreement_vs_fp32=round(inside, 4), bytes_per_step=round(per_step),
-                         smaller_than_naive=round(naive / steps / per_step, 2), edit_seconds=round(seconds, 3),
+                         smaller_than_naive=round(naive / steps / per_step, 2),
+                         peak_bytes_above_models=peak, naive_total_bytes=round(naive), edit_seconds=round(seconds, 3),
                          vs_plain=round(seconds / plain, 2)))
-        print(f"{label:30s} {outside:11.4f} {inside:14.4f} {per_step / 2**10:9.1f} {naive / steps / per_step:7.2f}x "
-              f"{seconds:7.2f} {seconds / plain:7.2f}x")
+        print(f"{label:10s} {outside:11.4f} {inside:14.4f} {per_step / 2**20:9.2f} {naive / steps / per_step:7.2f}x "
+              f"{'-' if peak is None else f'{peak / 2**20:.0f}':>9s} {seconds:7.2f} {seconds / plain:7.2f}x")
 
 
 def _masked_kv(name, pipe, size, steps, mask, keep, plain, naive_per_step, rows) -> None:

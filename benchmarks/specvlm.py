@@ -7,8 +7,16 @@ on (2x2 pooling) and off (every visual token). Every output is checked equal to 
 Random weights make acceptance depend on how repetitive the random target is: read the
 mechanics (passes per token, overhead per pass), not the paper's numbers.
 
+``--arch llava-1.5-7b`` builds LLaVA-1.5-7B's architecture (CLIP ViT-L/14-336 + a 7B Llama, 576
+visual tokens) with random weights in bf16 and adds what transfers to a trained model: the time
+of one plain decoding step and of one speculative round (draft + ONE verification forward), so
+the decode speedup at the paper's accepted lengths (3.59 EagleVLM, 3.67 SpecVLM, LLaVA-1.5-7B,
+1 epoch) is ``tau * step / round``. In bf16 the multi-token verification may round differently
+from one-token decoding, so outputs are compared, not asserted, off float32.
+
     python benchmarks/specvlm.py                                    # tiny LLaVA, CPU
     python benchmarks/specvlm.py --model llava-hf/llava-1.5-7b-hf --device cuda --train-steps 2000
+    python benchmarks/specvlm.py --arch llava-1.5-7b --device cuda --train-steps 200
 """
 
 from __future__ import annotations
@@ -22,25 +30,63 @@ import torch
 
 from common import machine
 
+from hasten import tiny
 from hasten.tiny.vlms import chat_prompt
 from hasten.token_pruning.evaluate import load_vlm, sample_images
 from hasten.token_pruning.specvlm import DraftModel, speculative_generate, train_draft
 from hasten.token_pruning.specvlm.tree import TreeConfig
 
 
+PAPER_ACCEPTED = {"EagleVLM": 3.59, "SpecVLM": 3.67}  # LLaVA-1.5-7B, temperature 0, 1 epoch (arXiv 2509.11815)
+
+
+def llava_1_5_7b(device: str):
+    """LLaVA-1.5-7B's architecture (config values of llava-hf/llava-1.5-7b-hf), random weights, bf16, with a
+    336-px processor around the tiny LLaVA's tokenizer."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    _, small = tiny.vlm("llava")
+    tokenizer = small.tokenizer
+    text = dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    vision = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config.eos_token_id = None  # random weights: time a fixed number of tokens
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    processor = LlavaProcessor(image_processor, tokenizer, patch_size=14, num_additional_image_tokens=1,
+                               vision_feature_select_strategy="default", chat_template=small.chat_template)
+    return model, processor
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llava")
+    parser.add_argument("--arch", choices=["llava-1.5-7b"], help="full-size architecture, random weights (GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    model, processor = load_vlm(args.model, args.device)
+    if args.arch:
+        model, processor = llava_1_5_7b(args.device)
+    else:
+        model, processor = load_vlm(args.model, args.device)
+    exact = next(model.parameters()).dtype in (torch.float32, torch.float64)
     samples = sample_images()
-    print(f"# SpecVLM | {machine(torch.device(args.device))} | {args.model} | {args.max_new_tokens} new tokens, "
-          f"draft distilled for {args.train_steps} steps")
+    print(f"# SpecVLM | {machine(torch.device(args.device))} | {args.arch or args.model} | {args.max_new_tokens} new "
+          f"tokens, draft distilled for {args.train_steps} steps")
     prompts = [processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt").to(model.device)
                for image, question in samples]
     references = [model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False) for inputs in prompts]
@@ -57,29 +103,47 @@ def main(argv: list[str] | None = None) -> None:
             times.append(time.perf_counter() - start)
         return result, statistics.median(times[1:])
 
+    with torch.no_grad():
+        prefill = statistics.mean(timed(lambda inputs=inputs: model(**inputs))[1] for inputs in prompts)
     plain = [timed(lambda inputs=inputs: model.generate(**inputs, max_new_tokens=args.max_new_tokens,
                                                         do_sample=False))[1] for inputs in prompts]
+    step = (statistics.mean(plain) - prefill) / (args.max_new_tokens - 1)  # one plain decoding step
     rows = [dict(setting="generate()", compressor="-", tokens_per_pass=1.0, passes_per_token=1.0,
-                 seconds=round(statistics.mean(plain), 4), speedup=1.0)]
+                 seconds=round(statistics.mean(plain), 4), speedup=1.0, identical=1.0, round_ms=round(1e3 * step, 2))]
     for compressor in ("pool", "none"):
         draft = DraftModel.for_target(model, compressor=compressor)
-        train_draft(model, processor, samples, draft, steps=args.train_steps, progress=False)
+        if args.train_steps:
+            train_draft(model, processor, samples, draft, steps=args.train_steps, progress=False)
         for setting, tree in (("chain (depth 5)", None), ("tree (10 / 60 / 7)", TreeConfig())):
-            accepted, passes, seconds = [], [], []
+            accepted, passes, seconds, rounds, identical = [], [], [], [], []
             for inputs, reference in zip(prompts, references):
                 (out, stats), took = timed(lambda inputs=inputs: speculative_generate(
                     model, inputs, draft, max_new_tokens=args.max_new_tokens, tree=tree))
-                assert torch.equal(out, reference), "speculative output differs from the target's"
+                if exact:
+                    assert torch.equal(out, reference), "speculative output differs from the target's"
+                identical.append(float(torch.equal(out, reference)))
                 accepted.append(stats.mean_accepted)
                 passes.append(stats.target_forwards_per_token)
                 seconds.append(took)
+                rounds.append((took - prefill) / len(stats.accepted))  # draft + one verification, per round
             rows.append(dict(setting=setting, compressor=compressor, tokens_per_pass=round(statistics.mean(accepted), 3),
                              passes_per_token=round(statistics.mean(passes), 3), seconds=round(statistics.mean(seconds), 4),
-                             speedup=round(statistics.mean(plain) / statistics.mean(seconds), 3)))
-    print(f"\n{'setting':20s} {'compressor':10s} {'tokens/pass':>11s} {'passes/token':>12s} {'seconds':>8s} {'speedup':>8s}")
+                             speedup=round(statistics.mean(plain) / statistics.mean(seconds), 3),
+                             identical=round(statistics.mean(identical), 2),
+                             round_ms=round(1e3 * statistics.mean(rounds), 2)))
+    print(f"\n{'setting':20s} {'compressor':10s} {'tokens/pass':>11s} {'passes/token':>12s} {'seconds':>8s} {'speedup':>8s} "
+          f"{'identical':>9s} {'ms/round':>8s}")
     for row in rows:
         print(f"{row['setting']:20s} {row['compressor']:10s} {row['tokens_per_pass']:11.2f} {row['passes_per_token']:12.3f} "
-              f"{row['seconds']:8.3f} {row['speedup']:7.2f}x")
+              f"{row['seconds']:8.3f} {row['speedup']:7.2f}x {row['identical']:9.2f} {row['round_ms']:8.2f}")
+    print(f"(prefill {1e3 * prefill:.1f} ms; 'ms/round' of generate() is one plain decoding step; 'identical': share of "
+          f"prompts whose output equals generate()'s)")
+    print("\nDecode speedup at the paper's accepted lengths, tau * (plain step) / (measured round):")
+    for row in rows[1:]:
+        projected = {name: round(tau * step * 1e3 / row["round_ms"], 2) for name, tau in PAPER_ACCEPTED.items()}
+        row["projected_decode_speedup"] = projected
+        print(f"  {row['setting']:20s} {row['compressor']:6s} " + "  ".join(f"{k} tau={PAPER_ACCEPTED[k]}: {v:.2f}x"
+                                                                            for k, v in projected.items()))
     if args.json:
         for row in rows:
             print(json.dumps(row))

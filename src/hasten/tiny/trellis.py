@@ -15,7 +15,7 @@ import torch
 
 from ._store import saved_folder, seeded
 
-__all__ = ["CONFIGS", "COND_CHANNELS", "models"]
+__all__ = ["CONFIGS", "COND_CHANNELS", "models", "random_model"]
 
 COND_CHANNELS = 16
 CONFIGS = {
@@ -30,16 +30,24 @@ CONFIGS = {
 _SEED = 7
 
 
+def random_model(name: str, args: dict, seed: int) -> torch.nn.Module:
+    """A TRELLIS model class ``name`` built from ``args`` with random weights; the gates and outputs
+    TRELLIS initialises to zero get small random values too, so every block contributes."""
+    from ..models.trellis import MODELS
+
+    with seeded(seed):
+        model = MODELS[name](**args)
+        for parameter in model.parameters():
+            if parameter.dim() > 1 and float(parameter.detach().abs().sum()) == 0:
+                torch.nn.init.normal_(parameter, std=0.02)
+    return model
+
+
 def _save(folder: Path) -> None:
-    from ..models.trellis import MODELS, save_pretrained
+    from ..models.trellis import save_pretrained
 
     for index, (name, (cls, args)) in enumerate(CONFIGS.items()):
-        with seeded(_SEED + index):
-            model = MODELS[cls](**args)
-            for parameter in model.parameters():  # TRELLIS zero-initialises gates and outputs: give them values
-                if parameter.dim() > 1 and float(parameter.detach().abs().sum()) == 0:
-                    torch.nn.init.normal_(parameter, std=0.02)
-        save_pretrained(model, folder / "ckpts" / name, args)
+        save_pretrained(random_model(cls, args, _SEED + index), folder / "ckpts" / name, args)
     (folder / "ckpts" / "done").write_text("ok")
 
 

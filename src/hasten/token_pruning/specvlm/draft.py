@@ -106,7 +106,7 @@ class DraftModel(nn.Module):
             draft.fuse.weight[:, hidden:] *= 0.1
             draft.fuse.weight[:, :hidden] = torch.eye(hidden)
             draft.fuse.bias.zero_()
-        return draft.to(next(model.parameters()).dtype)
+        return draft.to(**_placement(model))
 
     def bind(self, model: Any) -> "DraftModel":
         """Use ``model``'s embeddings and LM head (checked against the draft's config)."""
@@ -176,7 +176,13 @@ class DraftModel(nn.Module):
         if missing or unexpected:
             raise ValueError(f"the draft checkpoint in {folder} does not match its config (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
-        return draft.to(next(target.parameters()).dtype)
+        return draft.to(**_placement(target))
+
+
+def _placement(model: Any) -> dict:
+    """The target's device and dtype: the draft lives beside it."""
+    parameter = next(model.parameters())
+    return dict(device=parameter.device, dtype=parameter.dtype)
 
 
 def _language_model(model: Any):
