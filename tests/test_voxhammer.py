@@ -59,6 +59,18 @@ def test_trellis_checkpoint_layout_round_trip_and_errors(tmp_path):
         trellis.from_pretrained(tmp_path / "missing")
 
 
+def test_half_precision_models_keep_float32_norms(tmp_path):
+    """TRELLIS's checkpoints run in half precision: loaded with dtype=bfloat16 the models run (norms in
+    float32 over half-precision parameters), close to float32, and an edit keeps the outside voxels."""
+    parts, full = tt.models(torch.bfloat16), tt.models()
+    x, t, c = torch.randn(1, 4, 8, 8, 8), torch.tensor([500.0]), _cond()
+    torch.testing.assert_close(parts["flow"](x.bfloat16(), t, c).float(), full["flow"](x, t, c), atol=0.1, rtol=0.1)
+    source, mask = _source(), box_mask(32, [(16, 0, 0, 32, 32, 32)])
+    out = VoxelEditPipeline(parts["flow"], parts["encoder"], parts["decoder"]).edit(source, mask, _cond(1),
+                                                                                   num_inference_steps=3, progress=False)
+    assert np.array_equal(out.occupancy[~mask], source[~mask])
+
+
 def test_voxels_outside_the_edit_region_are_the_source(editor):
     source = _source()
     mask = box_mask(32, [(16, 0, 0, 32, 32, 32)])

@@ -51,13 +51,13 @@ def _save(folder: Path) -> None:
     (folder / "ckpts" / "done").write_text("ok")
 
 
-def models() -> dict[str, torch.nn.Module]:
+def models(dtype: torch.dtype = torch.float32) -> dict[str, torch.nn.Module]:
     """The tiny flow model, encoder and decoder, loaded from their TRELLIS-format checkpoints."""
     from ..models.trellis import from_pretrained
 
-    folder = saved_folder("trellis-v1", "ckpts/done", _save)
-    return {"flow": from_pretrained(folder / "ckpts" / "ss_flow"), "encoder": from_pretrained(folder / "ckpts" / "ss_enc"),
-            "decoder": from_pretrained(folder / "ckpts" / "ss_dec")}
+    folder = saved_folder("trellis-v1", "ckpts/done", _save) / "ckpts"
+    return {key: from_pretrained(folder / name, dtype) for key, name in
+            (("flow", "ss_flow"), ("encoder", "ss_enc"), ("decoder", "ss_dec"))}
 
 
 def conditioner():

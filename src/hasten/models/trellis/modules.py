@@ -18,10 +18,13 @@ __all__ = ["AbsolutePositionEmbedder", "FeedForwardNet", "LayerNorm32", "Modulat
 
 
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in float32."""
+    """LayerNorm computed in float32, whatever the dtype of the input and of its own parameters (a model
+    cast to bf16 / fp16, as TRELLIS's ``use_fp16`` checkpoints run, keeps float32 statistics)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type(x.dtype)
 
 
 class ChannelLayerNorm32(LayerNorm32):
