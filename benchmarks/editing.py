@@ -182,11 +182,15 @@ def _voxels(which: str, steps: int, device: torch.device, rows: list) -> None:
     print(f"\n## {name} sparse structure ({resolution}^3 grid, {flow.tokens} latent cells, {len(flow.blocks)} blocks x "
           f"{channels} channels, {tokens} condition tokens), VoxHammer, {steps} steps; naive fp32 cache "
           f"~{naive / steps / 2**20:.1f} MiB per step, {naive / 2**30:.2f} GiB in all")
-    print(f"{'cache':10s} {'outside IoU':>11s} {'inside vs fp32':>14s} {'MiB/step':>9s} {'vs naive':>8s} {'peak MiB':>9s} "
+    print(f"{'cache':14s} {'outside IoU':>11s} {'inside vs fp32':>14s} {'MiB/step':>9s} {'vs naive':>8s} {'peak MiB':>9s} "
           f"{'edit s':>7s} {'vs plain':>8s}")
     reference = None
-    for label, config in (("fp32", FeatureCacheConfig(dtype="float32")), ("bf16", FeatureCacheConfig()),
-                          ("int8", FeatureCacheConfig(quantize=True))):
+    settings = [("fp32", FeatureCacheConfig(dtype="float32")), ("bf16", FeatureCacheConfig()),
+                ("int8", FeatureCacheConfig(quantize=True))]
+    if device.type == "cuda":
+        settings += [("bf16, on GPU", FeatureCacheConfig(device=str(device))),
+                     ("int8, on GPU", FeatureCacheConfig(quantize=True, device=str(device)))]
+    for label, config in settings:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -206,7 +210,7 @@ def _voxels(which: str, steps: int, device: torch.device, rows: list) -> None:
                          smaller_than_naive=round(naive / steps / per_step, 2),
                          peak_bytes_above_models=peak, naive_total_bytes=round(naive), edit_seconds=round(seconds, 3),
                          vs_plain=round(seconds / plain, 2)))
-        print(f"{label:10s} {outside:11.4f} {inside:14.4f} {per_step / 2**20:9.2f} {naive / steps / per_step:7.2f}x "
+        print(f"{label:14s} {outside:11.4f} {inside:14.4f} {per_step / 2**20:9.2f} {naive / steps / per_step:7.2f}x "
               f"{'-' if peak is None else f'{peak / 2**20:.0f}':>9s} {seconds:7.2f} {seconds / plain:7.2f}x")
 
 

@@ -14,6 +14,10 @@ the bytes it holds. Storage is chosen by :class:`FeatureCacheConfig`:
     region-only storage: :meth:`FeatureCache.put` keeps only the token rows that will be replayed
     (``rows``: their indices on the token axis, -2); :meth:`FeatureCache.get` returns them and
     their indices.
+``device``
+    where entries live: "cpu" (default: GPU memory stays free for the model) or the model's GPU
+    (no host copies: faster, when the cache fits). Entries are converted or quantised on the
+    device that produced them and travel in their storage form.
 ``spill_dir``
     every entry goes to its own safetensors file there (RAM holds only the index); the files are
     deleted by :meth:`FeatureCache.close` (or leaving the ``with`` block).
@@ -88,7 +92,7 @@ class FeatureCache:
         if rows is not None:
             rows = rows.to(tensor.device).long()
             tensor = tensor.index_select(-2, rows)
-        tensor = tensor.detach().to(self.config.device)
+        tensor = tensor.detach()  # converted or quantised where it is (the GPU), then moved: less to copy
         entry: dict[str, Any] = {"shape": shape, "dtype": tensor.dtype, "rows": None if rows is None else rows.cpu()}
         if self.config.quantize:
             group = min(128, tensor.shape[-1])
@@ -100,6 +104,7 @@ class FeatureCache:
                                       dtype=quantized.dtype)
         else:
             parts = {"value": tensor.to(_DTYPES[self.config.dtype])}
+        parts = {name: part.to(self.config.device) for name, part in parts.items()}
         entry["nbytes"] = sum(t.numel() * t.element_size() for t in parts.values())
         if self._folder is not None:
             from safetensors.torch import save_file
@@ -123,6 +128,8 @@ class FeatureCache:
             parts = load_file(str(entry["path"]))
         else:
             parts = entry["parts"]
+        if device is not None:  # moved in storage form, restored where it is used
+            parts = {name: part.to(device) for name, part in parts.items()}
         if "quantized" in entry:
             q = entry["quantized"]
             value = QuantizedKV(parts["packed"], parts["scale"], parts["zero"], q["bits"], q["layout"], q["group"],
@@ -131,7 +138,6 @@ class FeatureCache:
             value = parts["value"].to(entry["dtype"])
         rows = entry["rows"]
         if device is not None:
-            value = value.to(device)
             rows = None if rows is None else rows.to(device)
         return value, rows
 
