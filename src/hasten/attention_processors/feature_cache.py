@@ -104,7 +104,7 @@ class FeatureCache:
                                       dtype=quantized.dtype)
         else:
             parts = {"value": tensor.to(_DTYPES[self.config.dtype])}
-        parts = {name: self._store(part) for name, part in parts.items()}
+        parts = {name: part.to(self.config.device) for name, part in parts.items()}
         entry["nbytes"] = sum(t.numel() * t.element_size() for t in parts.values())
         if self._folder is not None:
             from safetensors.torch import save_file
@@ -119,14 +119,6 @@ class FeatureCache:
             old["path"].unlink(missing_ok=True)
         self._entries[key] = entry
 
-    def _store(self, part: torch.Tensor) -> torch.Tensor:
-        """``part`` on the storage device. GPU -> host copies go to pinned memory without blocking (several
-        times faster than pageable copies, and the GPU keeps computing); reading back is ordered after
-        them on the same stream. Spilled entries are written to disk at once, so they copy blocking."""
-        if part.is_cuda and torch.device(self.config.device).type == "cpu" and self._folder is None:
-            return torch.empty(part.shape, dtype=part.dtype, pin_memory=True).copy_(part, non_blocking=True)
-        return part.to(self.config.device)
-
     def get(self, key: Hashable, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stored tensor (in its original dtype) and the token rows it covers (None: all of them)."""
         entry = self._entries[key]
@@ -137,7 +129,7 @@ class FeatureCache:
         else:
             parts = entry["parts"]
         if device is not None:  # moved in storage form, restored where it is used
-            parts = {name: part.to(device, non_blocking=True) for name, part in parts.items()}
+            parts = {name: part.to(device) for name, part in parts.items()}
         if "quantized" in entry:
             q = entry["quantized"]
             value = QuantizedKV(parts["packed"], parts["scale"], parts["zero"], q["bits"], q["layout"], q["group"],
