@@ -150,6 +150,49 @@ def test_conditioners_and_cli(tmp_path, capsys):
     edited = np.load(tmp_path / "out.npy")
     mask = box_mask(32, [(0, 0, 16, 32, 32, 32)])
     assert np.array_equal(edited[~mask], _source()[~mask])
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "render.png")
+    area = np.zeros((30, 40), np.uint8)
+    area[:15] = 255
+    Image.fromarray(area).save(tmp_path / "area.png")
+    assert main(["edit3d", "--occupancy", str(tmp_path / "grid.npy"), "--box", "0", "0", "16", "32", "32", "32",
+                 "--image", str(tmp_path / "cond.png"), "--source-image", str(tmp_path / "render.png"),
+                 "--image-mask", str(tmp_path / "area.png"), "--steps", "3", "--out", str(tmp_path / "out2.npy")]) == 0
+    assert np.array_equal(np.load(tmp_path / "out2.npy")[~mask], _source()[~mask])
+    assert main(["edit3d", "--occupancy", str(tmp_path / "grid.npy"), "--box", "0", "0", "16", "32", "32", "32",
+                 "--image", str(tmp_path / "cond.png"), "--image-mask", str(tmp_path / "area.png"),
+                 "--out", str(tmp_path / "bad.npy")]) == 2
+    assert "needs --source-image" in capsys.readouterr().err
     assert main(["edit3d", "--occupancy", str(tmp_path / "grid.npy"), "--box", "0", "0", "16", "40", "32", "32",
                  "--prompt", "x", "--out", str(tmp_path / "bad.npy")]) == 2
     assert "leaves" in capsys.readouterr().err
+
+
+def test_preserved_condition_patches_take_the_sources_condition(editor):
+    """Condition tokens marked preserved carry the source's cross-attention K/V: with every token preserved
+    the edit equals the edit under the source condition; the patch mask follows the edited pixels."""
+    from PIL import Image
+
+    conditioner = tt.conditioner()  # 28 px, patch 14: 2 x 2 patches after CLS + 4 registers
+    source_image, edited_image = Image.new("RGB", (28, 28), "red"), Image.new("RGB", (28, 28), "blue")
+    source_cond, cond = conditioner.image(source_image), conditioner.image(edited_image)
+    edited = np.zeros((100, 100))
+    edited[:40, :40] = 1  # the top-left quadrant of the condition image was edited
+    preserved = conditioner.preserved_patches(edited)
+    assert preserved.tolist() == [False] * 5 + [False, True, True, True] and len(preserved) == cond.shape[1]
+    source, mask = _source(), box_mask(32, [(16, 0, 0, 32, 32, 32)])
+    everything = torch.ones(cond.shape[1], dtype=torch.bool)
+    replayed = editor.edit(source, mask, cond, source_cond=source_cond, preserved_condition=everything,
+                           num_inference_steps=3, progress=False)
+    reference = editor.edit(source, mask, source_cond, source_cond=source_cond, num_inference_steps=3, progress=False)
+    torch.testing.assert_close(replayed.latent, reference.latent, rtol=0, atol=0)
+    partial = editor.edit(source, mask, cond, source_cond=source_cond, preserved_condition=preserved,
+                          num_inference_steps=3, progress=False)
+    assert not torch.equal(partial.latent, reference.latent)
+    assert np.array_equal(partial.occupancy[~mask], source[~mask])
+    with pytest.raises(ValueError, match="source_cond"):
+        editor.edit(source, mask, cond, preserved_condition=preserved, num_inference_steps=3, progress=False)
+    with pytest.raises(ValueError, match="one per condition token"):
+        editor.edit(source, mask, cond, source_cond=source_cond, preserved_condition=preserved[:3],
+                    num_inference_steps=3, progress=False)
+    with pytest.raises(ValueError, match="edited"):
+        conditioner.preserved_patches(np.zeros(5))

@@ -25,6 +25,11 @@ def register(commands) -> None:
     condition = parser.add_mutually_exclusive_group(required=True)
     condition.add_argument("--image", type=Path, help="image condition (DINOv2 features)")
     condition.add_argument("--prompt", help="text condition (CLIP features)")
+    parser.add_argument("--source-image", type=Path,
+                        help="with --image: a render of the source; it conditions the inversion")
+    parser.add_argument("--image-mask", type=Path,
+                        help="with --source-image: the edited area of --image (nonzero pixels); the condition patches "
+                        "outside it keep the source's cross-attention K/V")
     parser.add_argument("--model", default="tiny-trellis",
                         help="tiny-trellis, or a TRELLIS folder holding ckpts/ss_flow_*, ss_enc_*, ss_dec_* (.json + .safetensors)")
     parser.add_argument("--steps", type=positive, default=25, help="inversion / editing steps (VoxHammer: 25)")
@@ -91,17 +96,27 @@ def run(args: argparse.Namespace) -> int:
             if occupancy.shape != (resolution,) * 3:
                 raise ValueError(f"--occupancy is {occupancy.shape}; this model edits {resolution}^3 grids")
         mask = box_mask(resolution, args.box)
+        source_cond = preserved = None
+        if (args.source_image or args.image_mask) and args.image is None:
+            raise ValueError("--source-image and --image-mask go with an image condition (--image)")
+        if args.image_mask is not None and args.source_image is None:
+            raise ValueError("--image-mask needs --source-image (the source's condition patches to keep)")
         if args.image is not None:
             from PIL import Image
 
             cond = conditioner.image(Image.open(args.image))
+            if args.source_image is not None:
+                source_cond = conditioner.image(Image.open(args.source_image))
+            if args.image_mask is not None:
+                preserved = conditioner.preserved_patches(np.asarray(Image.open(args.image_mask).convert("L")))
         else:
             cond = conditioner.text(args.prompt)
         if cond.shape[-1] != flow.blocks[0].cross_attn.to_kv.in_features:
             raise ValueError(f"the condition has {cond.shape[-1]} channels; the flow model expects "
                              f"{flow.blocks[0].cross_attn.to_kv.in_features} (an image model needs --image, a text "
                              "model --prompt)")
-        out = VoxelEditPipeline(flow, encoder, decoder).edit(occupancy, mask, cond, num_inference_steps=args.steps)
+        out = VoxelEditPipeline(flow, encoder, decoder).edit(occupancy, mask, cond, source_cond=source_cond,
+                                                             num_inference_steps=args.steps, preserved_condition=preserved)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"hasten edit3d: {error}", file=sys.stderr)
         return 2

@@ -22,8 +22,10 @@ regenerates the whole asset from the inverted noise (both documented, never a cr
 second TRELLIS stage (structured latents: appearance, Gaussians, meshes with texture) is out of
 scope: the output is geometry (occupancy, and a mesh by marching cubes).
 
-The condition encoders (DINOv2-with-registers for images, CLIP for text) and mesh input are
-not wired in this release: pass condition tokens and occupancy grids.
+Conditions come from :class:`VoxelConditioner` (DINOv2-with-registers for images, CLIP for
+text). With an image condition, the condition patches outside the image's edited area can keep
+the source's cross-attention K/V (``preserved_condition``). Meshes are voxelised by
+``hasten edit3d`` (trimesh).
 """
 
 from __future__ import annotations
@@ -136,11 +138,20 @@ class VoxelEditPipeline:
     def edit(self, occupancy: np.ndarray, edit_mask: np.ndarray, cond: torch.Tensor,
              source_cond: torch.Tensor | None = None, num_inference_steps: int = 25, rescale_t: float = 3.0,
              invert_guidance: float = 5.0, edit_guidance: float = 6.0, cfg_interval: tuple[float, float] = (0.5, 1.0),
-             cache: FeatureCacheConfig | None = None, progress: bool = True) -> VoxelEditResult:
+             cache: FeatureCacheConfig | None = None, progress: bool = True,
+             preserved_condition: torch.Tensor | None = None) -> VoxelEditResult:
         """Edit the ``edit_mask`` region of ``occupancy`` toward ``cond`` (see the module docstring).
 
         ``source_cond`` (default: ``cond``) conditions the inversion; guidance strengths and the
         CFG interval are VoxHammer's stage-1 defaults.
+
+        ``preserved_condition`` ``(N,)`` bool marks the condition tokens whose cross-attention K/V
+        come from the source (VoxHammer: the unmasked patches of the edited image, e.g. from
+        :meth:`VoxelConditioner.preserved_patches`); it needs ``source_cond`` of ``cond``'s shape.
+        TRELLIS's cross-attention K/V are a per-token function of the condition alone
+        (``to_kv(context)``, the same at every step), so the source's K/V of a token are exactly
+        those of the source's token: they are replayed by taking those tokens from ``source_cond``,
+        with nothing to record.
         """
         flow = self.flow
         resolution = occupancy.shape[0]
@@ -163,6 +174,15 @@ class VoxelEditPipeline:
         preserved = (~edit).nonzero()[:, 0]
         keep = (~cells).to(device, dtype)[None, None]  # 1 on preserved cells
         cond = cond.to(device, dtype)
+        if preserved_condition is not None:
+            if source_cond is None or source_cond.shape != cond.shape:
+                raise ValueError("`preserved_condition` replays the source's condition K/V: give `source_cond` of "
+                                 f"`cond`'s shape {tuple(cond.shape)}")
+            preserved_condition = torch.as_tensor(preserved_condition, dtype=torch.bool)
+            if preserved_condition.shape != (cond.shape[1],):
+                raise ValueError(f"`preserved_condition` must be ({cond.shape[1]},) bool (one per condition token), "
+                                 f"got {tuple(preserved_condition.shape)}")
+            cond = torch.where(preserved_condition.to(device)[None, :, None], source_cond.to(device, dtype), cond)
         source_cond = cond if source_cond is None else source_cond.to(device, dtype)
         sigmas = self.sigmas(num_inference_steps, rescale_t)
         features = FeatureCache(cache or FeatureCacheConfig())
@@ -229,6 +249,25 @@ class VoxelConditioner:
         return cls(CLIPTextModel.from_pretrained(text) if text else None,
                    AutoTokenizer.from_pretrained(text) if text else None,
                    AutoModel.from_pretrained(image) if image else None)
+
+    def preserved_patches(self, edited: np.ndarray) -> torch.Tensor:
+        """``(N,)`` bool over the image condition's tokens: True for the patches with no edited pixel.
+
+        ``edited`` ``(H, W)``: nonzero where the condition image was edited (any size; resized to
+        the encoder's input). The class and register tokens summarise the whole image, so they are
+        never preserved. Pass the result as ``VoxelEditPipeline.edit(preserved_condition=...)``.
+        """
+        if self.image_encoder is None:
+            raise ValueError("this conditioner has no image encoder")
+        edited = np.asarray(edited)
+        if edited.ndim != 2 or not edited.size:
+            raise ValueError(f"`edited` must be an (H, W) mask, got shape {edited.shape}")
+        config = self.image_encoder.config
+        side = self.image_size // config.patch_size
+        grid = torch.nn.functional.adaptive_max_pool2d(torch.from_numpy((edited != 0).astype(np.float32))[None, None],
+                                                       (side, side))[0, 0] > 0
+        prefix = torch.zeros(1 + getattr(config, "num_register_tokens", 0), dtype=torch.bool)
+        return torch.cat([prefix, ~grid.flatten()])
 
     @torch.no_grad()
     def text(self, prompt: str) -> torch.Tensor:
