@@ -164,16 +164,17 @@ def _voxels(which: str, steps: int, device: torch.device, rows: list) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    with torch.no_grad():
-        regenerate(lambda x, s: editor._velocity(x, s, cond.to(device, dtype), 6.0, (0.5, 1.0)),
-                   torch.randn(1, flow.in_channels, *[flow.resolution] * 3, device=device, dtype=dtype), sigmas[:3],
-                   "midpoint")  # warm-up
+    tokens_on_device = cond.to(device, dtype)
+    noise = torch.randn(1, flow.in_channels, *[flow.resolution] * 3, device=device, dtype=dtype)
+
+    def sample(levels):  # plain sampling: the same solver and CFG interval, no inversion, no cache
+        with torch.no_grad():
+            regenerate(lambda x, s: editor._velocity(x, s, tokens_on_device, 6.0, (0.5, 1.0)), noise, levels, "midpoint")
         synchronize()
-        start = time.perf_counter()
-        regenerate(lambda x, s: editor._velocity(x, s, cond.to(device, dtype), 6.0, (0.5, 1.0)),
-                   torch.randn(1, flow.in_channels, *[flow.resolution] * 3, device=device, dtype=dtype), sigmas,
-                   "midpoint")
-        synchronize()
+
+    sample(sigmas[:3])  # warm-up
+    start = time.perf_counter()
+    sample(sigmas)
     plain = time.perf_counter() - start
     channels = flow.blocks[0].self_attn.channels
     evaluations = 2 * steps * 1.5  # midpoint, CFG (2 rows) on about half of them

@@ -219,6 +219,65 @@ def _keep_path(cache, past: int, path: list[int]) -> None:
         layer.values = torch.cat([layer.values[..., :past, :], layer.values[..., index, :]], -2)
 
 
+def _chain_round(model, draft, cache, draft_cache, pending, predicted, steps, sampling, generator, stats):
+    """Draft ``steps`` tokens in a chain, verify them with the pending token in one target forward.
+
+    Returns the committed tokens (the pending one and the accepted proposals), the target's token
+    after them, and the target's features of the committed tokens; the rejected entries are
+    cropped from the target cache.
+    """
+    proposals, draft_probs, feature = [], [], predicted
+    for _ in range(steps):
+        logits = draft.logits(feature[:, -1])
+        if sampling is None:
+            token = logits.argmax(-1)
+        else:
+            draft_probs.append(sampling.probs(logits[0]))
+            token = torch.tensor([_draw(draft_probs[-1], generator)], device=pending.device)
+        proposals.append(token)
+        if len(proposals) < steps:
+            feature = draft(feature, token.view(1, 1), draft_cache, start=draft_cache.get_seq_length())
+            stats.draft_forwards += 1
+    candidate = torch.cat([pending.view(1, 1), *(p.view(1, 1) for p in proposals)], 1)
+    verified = model(input_ids=candidate, past_key_values=cache, use_cache=True, output_hidden_states=True)
+    stats.target_forwards += 1
+    tokens = candidate[0].tolist()
+    if sampling is None:
+        choices = verified.logits[0].argmax(-1).tolist()  # the target's token after each candidate
+        accepted = 0
+        while accepted < len(proposals) and tokens[accepted + 1] == choices[accepted]:
+            accepted += 1
+        following = choices[accepted]
+    else:
+        accepted, choices = _accept_sampled(proposals, draft_probs, sampling.probs(verified.logits[0]), generator)
+        following = int(choices[accepted])
+    stats.accepted.append(accepted)
+    rejected = len(tokens) - (accepted + 1)
+    if rejected:
+        cache.crop(-rejected)
+    return tokens[: accepted + 1], following, verified.hidden_states[-1][:, : accepted + 1]
+
+
+def _tree_round(model, draft, cache, draft_cache, pending, predicted, config, mrope, sampling, generator, stats):
+    """Grow a draft tree, verify it in one target forward, keep the accepted path in the target cache.
+
+    Returns what :func:`_chain_round` returns.
+    """
+    grown = _grow_tree(draft, draft_cache, int(pending), predicted, config, stats)
+    past = cache.get_seq_length()
+    verified = _verify_tree(model, cache, grown, mrope)
+    stats.target_forwards += 1
+    if sampling is None:
+        choices = verified.logits[0].argmax(-1).tolist()
+        path = grown.accept(choices)
+        following = choices[path[-1]]
+    else:
+        path, following = grown.accept_sampled(sampling.probs(verified.logits[0]), generator)
+    _keep_path(cache, past, path)
+    stats.accepted.append(len(path) - 1)
+    return [grown.tokens[n] for n in path], following, verified.hidden_states[-1][:, path]
+
+
 @torch.no_grad()
 def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_tokens: int = 64, depth: int = 5,
                          eos_token_id: int | None = None, tree: TreeConfig | None = None,
@@ -280,79 +339,27 @@ def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_to
     stats.draft_forwards += 1
     generated: list[int] = []
     mrope = adapter_for(model).mrope
-    while tree is not None and len(generated) < max_new_tokens:
+    while len(generated) < max_new_tokens:
         before = draft_cache.get_seq_length()
-        grown = _grow_tree(draft, draft_cache, int(pending), predicted, tree, stats)
-        past = cache.get_seq_length()
-        verified = _verify_tree(model, cache, grown, mrope)
-        stats.target_forwards += 1
-        if sampling is None:
-            choices = verified.logits[0].argmax(-1).tolist()
-            path = grown.accept(choices)
-            following = choices[path[-1]]
+        if tree is None:
+            steps = min(depth, max_new_tokens - len(generated) - 1)
+            committed, following, true_features = _chain_round(model, draft, cache, draft_cache, pending, predicted,
+                                                               steps, sampling, generator, stats)
         else:
-            path, following = grown.accept_sampled(sampling.probs(verified.logits[0]), generator)
-        _keep_path(cache, past, path)
-        stats.accepted.append(len(path) - 1)
-        committed = [grown.tokens[n] for n in path]
+            committed, following, true_features = _tree_round(model, draft, cache, draft_cache, pending, predicted,
+                                                              tree, mrope, sampling, generator, stats)
         generated.extend(committed)
+        if eos & set(committed) or len(generated) >= max_new_tokens:
+            break
+        if len(generated) == max_new_tokens - 1 or following in eos:
+            generated.append(following)
+            break
+        # the draft forgets its proposals and re-reads the accepted tokens with the target's true features
+        extra = draft_cache.get_seq_length() - before
+        if extra:
+            draft_cache.crop(-extra)
         pending = torch.tensor([following], device=input_ids.device)
-        if eos & set(committed) or len(generated) >= max_new_tokens:
-            break
-        if len(generated) == max_new_tokens - 1 or int(pending) in eos:
-            generated.append(int(pending))
-            break
-        extra = draft_cache.get_seq_length() - before
-        if extra:
-            draft_cache.crop(-extra)
-        true_features = verified.hidden_states[-1][:, path]
-        next_tokens = torch.tensor([[*committed[1:], int(pending)]], device=input_ids.device)
-        predicted = draft(true_features, next_tokens, draft_cache, start=draft_cache.get_seq_length())[:, -1:]
-        stats.draft_forwards += 1
-    while tree is None and len(generated) < max_new_tokens:
-        budget = max_new_tokens - len(generated)
-        steps = min(depth, budget - 1)
-        proposals, feature, before = [], predicted, draft_cache.get_seq_length()
-        draft_probs = []
-        for _ in range(steps):  # 2. draft
-            logits = draft.logits(feature[:, -1])
-            if sampling is None:
-                token = logits.argmax(-1)
-            else:
-                draft_probs.append(sampling.probs(logits[0]))
-                token = torch.tensor([_draw(draft_probs[-1], generator)], device=input_ids.device)
-            proposals.append(token)
-            if len(proposals) < steps:
-                feature = draft(feature, token.view(1, 1), draft_cache, start=draft_cache.get_seq_length())
-                stats.draft_forwards += 1
-        candidate = torch.cat([pending.view(1, 1), *(p.view(1, 1) for p in proposals)], 1)
-        verified = model(input_ids=candidate, past_key_values=cache, use_cache=True, output_hidden_states=True)
-        stats.target_forwards += 1
-        if sampling is None:
-            choices = verified.logits[0].argmax(-1)  # the target's token after each candidate
-            accepted = 0
-            while accepted < len(proposals) and int(proposals[accepted]) == int(choices[accepted]):
-                accepted += 1
-        else:
-            accepted, choices = _accept_sampled(proposals, draft_probs, sampling.probs(verified.logits[0]), generator)
-        stats.accepted.append(accepted)
-        committed = candidate[0, : accepted + 1].tolist()
-        rejected = candidate.shape[1] - (accepted + 1)
-        if rejected:
-            cache.crop(-rejected)
-        generated.extend(committed)
-        pending = choices[accepted].view(1)
-        if eos & set(committed) or len(generated) >= max_new_tokens:
-            break
-        if len(generated) == max_new_tokens - 1 or int(pending) in eos:
-            generated.append(int(pending))
-            break
-        # 3. the draft re-reads the accepted tokens with the target's true features
-        extra = draft_cache.get_seq_length() - before
-        if extra:
-            draft_cache.crop(-extra)
-        true_features = verified.hidden_states[-1][:, : accepted + 1]
-        next_tokens = torch.cat([candidate[:, 1: accepted + 1], pending.view(1, 1)], 1)
+        next_tokens = torch.tensor([[*committed[1:], following]], device=input_ids.device)
         predicted = draft(true_features, next_tokens, draft_cache, start=draft_cache.get_seq_length())[:, -1:]
         stats.draft_forwards += 1
     generated = generated[:max_new_tokens]
