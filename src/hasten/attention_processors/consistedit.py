@@ -151,8 +151,8 @@ class ConsistEditControl:
             if self.text_first and kind == "k":  # Flux single / CogVideoX blocks: text and image keys are here
                 self._accumulate(attn, self._pending.pop((layer, "q")), output, None)
             return None
-        out = output.clone()
-        features = out[:, image]
+        out = output.clone() if output.requires_grad else output  # a fresh projection: edited in place
+        features = out[:, image]  # a view: writes land in ``out``
         if self.replay and self.cache is not None and key in self.cache:
             recorded, rows = self.cache.get(key, device=out.device)
             for source in self.source_rows:
@@ -166,7 +166,6 @@ class ConsistEditControl:
             keep = keep.to(out.device, out.dtype)[:, None]
             for source, target in zip(self.source_rows, self.target_rows):
                 features[target] = keep * features[source] + (1 - keep) * features[target]
-        out[:, image] = features
         return out
 
     def _cross(self, module, args, output, layer: int, kind: str, attn: Any = None):

@@ -50,6 +50,6 @@ class KVReplay:
         if key not in self.cache:
             return None
         recorded, rows = self.cache.get(key, device=output.device)
-        out = output.clone()
+        out = output.clone() if output.requires_grad else output  # a fresh projection: edited in place
         out[:, rows, channels:] = recorded.to(out.dtype)
         return out
