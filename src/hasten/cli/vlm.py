@@ -41,13 +41,13 @@ def register(commands) -> None:
     train.add_argument("--data", type=Path, default=None,
                        help="JSONL ({\"image\", \"prompt\"} per line) or a folder of images (+ .txt prompts); "
                        "default: scikit-image's photos")
-    train.add_argument("--out", type=Path, required=True)
-    train.add_argument("--steps", type=positive, default=1000)
-    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--out", type=Path, required=True, help="folder for the draft and its checkpoints")
+    train.add_argument("--steps", type=positive, default=1000, help="training steps, one (image, prompt) pair each (default 1000)")
+    train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     train.add_argument("--compressor", default="pool",
                        choices=("none", "pool", "conv", "random", "saliency", "resampler", "text", "gate"))
-    train.add_argument("--checkpoint-every", type=positive, default=100)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint-every", type=positive, default=100, help="steps between checkpoints (default 100)")
+    train.add_argument("--seed", type=int, default=0, help="seeds the draft's initialisation and the data order")
     train.add_argument("--device", default=None)
     train.set_defaults(run=run_train_draft)
 
