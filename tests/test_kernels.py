@@ -114,19 +114,25 @@ def test_measured_density_equals_counted_tiles(monkeypatch):
     assert flex_tiles / layout.num_tiles**2 == pytest.approx(layout.density)
 
 
+@pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("text_first", [True, False])
-@pytest.mark.parametrize("backend", ["reference", "flex"])
-def test_grouped_attention_in_model_order(text_first, backend):
-    """gather -> kernel -> scatter equals dense SDPA with the GRAT mask written in model order."""
+@pytest.mark.parametrize("backend", ["reference", "flex", "triton"])
+def test_grouped_attention_in_model_order(text_first, backend, masked, monkeypatch):
+    """gather -> kernel -> scatter equals dense SDPA with the GRAT mask written in model order, at
+    batch 2 with and without a key padding mask (without one, the layout's (1, S) key mask is
+    broadcast over the batch: every backend must accept it)."""
     from hasten.kernels import grouped_attention
 
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     layout = group_layout((4, 5, 3), (2, 2, 2), num_text=6, text_first=text_first, pattern="cross")
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, 2, layout.seq_len, 16) for _ in range(3))
     padding = torch.ones(2, layout.seq_len, dtype=torch.bool)
     text = torch.arange(6) if text_first else torch.arange(layout.seq_len - 6, layout.seq_len)
-    padding[1, text[-2:]] = False  # two padded text tokens in sample 1
-    out = grouped_attention(q, k, v, layout, key_padding=padding, backend=backend)
+    if masked:
+        padding[1, text[-2:]] = False  # two padded text tokens in sample 1
+    out = grouped_attention(q, k, v, layout, key_padding=padding if masked else None, backend=backend)
 
     # The same mask built independently in model order: text queries see all, image queries see all
     # text and the image tokens whose group shares a (t, h, w) group coordinate with theirs.

@@ -96,7 +96,8 @@ def _block_sparse_attention_op(
     scale: float,
     backend: str,
 ) -> torch.Tensor:
-    if backend == "triton":
+    if backend == "triton":  # the kernel reads one mask row per batch row: broadcast (1, S) as a view
+        key_valid = key_valid.expand(q.shape[0], -1)
         return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, key_valid, tile, scale)
     if backend == "flex":
         return flex_block_sparse_attention(
