@@ -38,6 +38,7 @@ import torch
 from common import machine
 
 from hasten.tiny.gui import trajectory
+from hasten.transformers_conventions import cache_keyword, output_cache
 from hasten.tiny.vlms import chat_prompt
 from hasten.token_pruning import GUIKV, ZipVL
 from hasten.token_pruning.evaluate import TINY, load_vlm, sample_images
@@ -91,7 +92,7 @@ def _run(model, inputs, tokens: int, make_cache, method, continuation=None, repe
     with context, torch.no_grad():
         def generate(new, force=None):
             cache = make_cache()
-            kwargs = dict(past_key_values=cache) if cache is not None else {}
+            kwargs = {cache_keyword(model): cache} if cache is not None else {}
             if force is not None:
                 kwargs["logits_processor"] = LogitsProcessorList([_Force(force, inputs["input_ids"].shape[1])])
             out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
@@ -100,7 +101,7 @@ def _run(model, inputs, tokens: int, make_cache, method, continuation=None, repe
 
         greedy = generate(tokens)
         forced = generate(tokens, continuation if continuation is not None else greedy.sequences[:, -tokens:])
-        stored = _stored_bytes(forced.past_key_values)
+        stored = _stored_bytes(output_cache(forced))
 
         def seconds(new):
             times = []

@@ -30,6 +30,7 @@ from common import machine, median_ms, print_json
 
 from hasten import tiny
 from hasten.pipelines.sjd import INIT_STRATEGIES, SJDConfig, SJDPipeline
+from hasten.transformers_conventions import cache_keyword
 
 PROMPTS = ["a red fox in the snow", "an old lighthouse on a cliff", "a bowl of fresh fruit"]
 
@@ -97,13 +98,13 @@ def pass_timing(model, processor, device, window: int) -> list[dict]:
         cache = DynamicCache()
         prefix = torch.cat([embeds, adapter.embed(torch.zeros(2, context, dtype=torch.long, device=device))], 1)
         with torch.no_grad():
-            lm(inputs_embeds=prefix, past_key_values=cache, use_cache=True)
+            lm(inputs_embeds=prefix, **{cache_keyword(lm): cache}, use_cache=True)
         for new in (1, 1 + window):
             step = adapter.embed(torch.zeros(2, new, dtype=torch.long, device=device))
 
             def one_pass():
                 with torch.no_grad():
-                    hidden = lm(inputs_embeds=step, past_key_values=cache, use_cache=True).last_hidden_state
+                    hidden = lm(inputs_embeds=step, **{cache_keyword(lm): cache}, use_cache=True).last_hidden_state
                     adapter.image_logits(hidden)
                 cache.crop(-new)
 

@@ -13,6 +13,7 @@ from hasten.tiny.vlms import chat_prompt
 from hasten.token_pruning import ZipVL
 from hasten.token_pruning.kv_cache import MixedPrecisionConfig, MixedPrecisionLayer, mixed_precision_cache
 from hasten.token_pruning.scoring import mass_count, normalized_probe_attention, probe_queries
+from hasten.transformers_conventions import cache_keyword, output_cache
 
 
 def _image(seed: int, height: int = 48, width: int = 64) -> Image.Image:
@@ -69,7 +70,7 @@ def test_all_16_bit_cache_reproduces_the_full_cache():
     inputs = _inputs(processor, [_image(0)], ["What is it?"])
     reference = _generate(model, inputs)
     cache = mixed_precision_cache(MixedPrecisionConfig(high_bits=16, low_bits=16, residual=0, recompress_every=2))
-    out = _generate(model, inputs, past_key_values=cache)
+    out = _generate(model, inputs, **{cache_keyword(model): cache})
     assert torch.equal(out.sequences, reference.sequences)
     for a, b in zip(out.logits, reference.logits):
         assert torch.equal(a, b)
@@ -82,8 +83,8 @@ def test_generate_runs_with_the_mixed_cache(kind):
     inputs = _inputs(processor, [_image(1)], ["What is it?"])
     full = _generate(model, inputs)
     cache = mixed_precision_cache(MixedPrecisionConfig(residual=2, recompress_every=2, group=8))
-    out = _generate(model, inputs, past_key_values=cache)
-    full_bytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in full.past_key_values.layers)
+    out = _generate(model, inputs, **{cache_keyword(model): cache})
+    full_bytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in output_cache(full).layers)
     assert out.sequences.shape == full.sequences.shape
     assert sum(layer.nbytes for layer in cache.layers) < full_bytes / 3  # 4-bit codes + scales vs fp32
 

@@ -12,6 +12,7 @@ from scipy import stats as scipy_stats
 from hasten import tiny
 from hasten.pipelines import SJDConfig, SJDPipeline
 from hasten.tiny.ar_image import janus_config
+from hasten.transformers_conventions import cache_keyword
 
 SIGNIFICANCE = 0.001  # chi-square tests reject "same distribution" only below this p-value
 
@@ -89,7 +90,7 @@ def test_cache_after_rejections_equals_autoregressive_cache(pipe):
     reference = DynamicCache()
     with torch.no_grad():
         adapter.language_model(inputs_embeds=inputs, attention_mask=full_mask, position_ids=positions,
-                               past_key_values=reference, use_cache=True)
+                               **{cache_keyword(adapter.language_model): reference}, use_cache=True)
     assert out.cache.get_seq_length() == reference.get_seq_length()
     for ours, theirs in zip(out.cache.layers, reference.layers):
         torch.testing.assert_close(ours.keys, theirs.keys, rtol=0, atol=1e-9)

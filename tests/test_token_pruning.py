@@ -10,6 +10,7 @@ from PIL import Image
 from hasten import tiny
 from hasten.tiny.vlms import chat_prompt
 from hasten.token_pruning import HiRED, MustDrop, RandomKeep, SpatialPool
+from hasten.transformers_conventions import output_cache
 
 
 def _image(seed: int, height: int = 48, width: int = 64) -> Image.Image:
@@ -495,7 +496,7 @@ def test_mustdrop_compacted_cache_equals_masking(kind):
 def _full_cache_bytes(model, inputs):
     """Bytes per prompt token of the unpruned cache."""
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, use_cache=True))
     from hasten.token_pruning.core import cache_bytes
 
     return cache_bytes(cache) / inputs["input_ids"].shape[1]

@@ -45,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from ..transformers_conventions import cache_keyword
 from .sjd_adapters import ARImageAdapter, ImageLayout, adapter_for
 
 __all__ = ["INIT_STRATEGIES", "SJDConfig", "SJDOutput", "SJDPipeline", "SJDStats"]
@@ -333,9 +334,10 @@ class _Decoder:
         rows = embeds.shape[0]
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache()
+        cache_arg = cache_keyword(lm)
         stats = SJDStats()
         lm(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-           past_key_values=cache, use_cache=True)
+           **{cache_arg: cache}, use_cache=True)
         stats.forwards += 1
         pending = embeds[:, -1:]
         last_position = positions[:, -1:]
@@ -365,7 +367,7 @@ class _Decoder:
             step_mask = torch.cat([mask, mask.new_ones(rows, width)], 1)
             cached = cache.get_seq_length()
             hidden = lm(inputs_embeds=inputs, attention_mask=step_mask, position_ids=step_positions,
-                        past_key_values=cache, use_cache=True).last_hidden_state
+                        **{cache_arg: cache}, use_cache=True).last_hidden_state
             stats.forwards += 1
             q = self._distributions(hidden)  # (width + 1, V): q[k] is for span position n + k
             if self.init_mode == "sample":

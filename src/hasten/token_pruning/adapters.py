@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..transformers_conventions import cache_keyword, patch_point_error
+
 __all__ = ["ADAPTERS", "VLMAdapter", "adapter_for"]
 
 
@@ -53,6 +55,26 @@ class VLMAdapter:
 
     def image_token_id(self, model) -> int:
         return int(model.config.image_token_id)
+
+    def check_hook_points(self, model) -> str:
+        """Check, at attach time, every model internal the pruning hooks rely on; returns the keyword
+        the language model takes its KV cache under (:func:`~hasten.transformers_conventions.cache_keyword`).
+
+        Raises :class:`~hasten.transformers_conventions.PatchPointError` naming the model class and
+        the transformers version when one is gone (a transformers release moved it), instead of
+        letting the hooks find nothing and prune nothing.
+        """
+        try:
+            language_model, vision_tower = self.language_model(model), self.vision_tower(model)
+        except AttributeError as error:
+            raise patch_point_error(model, f"the language model or vision tower is not where the adapter looks "
+                                           f"({error})") from None
+        for owner, name in ((language_model, "layers"), (language_model, "config"), (vision_tower, "forward")):
+            if getattr(owner, name, None) is None:
+                raise patch_point_error(model, f"`{type(owner).__name__}` has no `{name}`")
+        if getattr(model.config, "image_token_id", None) is None:
+            raise patch_point_error(model, "the config has no `image_token_id` (where the visual tokens are)")
+        return cache_keyword(language_model)
 
 
 def _raster(rows: int, cols: int, vision_row: int, device) -> torch.Tensor:

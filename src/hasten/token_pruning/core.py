@@ -33,10 +33,11 @@ import functools
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 
+from ..transformers_conventions import cache_of, output_cache, patch_point_error
 from .adapters import VLMAdapter, adapter_for
 
 __all__ = ["ImageTokens", "PruningStats", "TokenPruner", "cache_bytes", "gather_plan", "renumbered"]
@@ -203,6 +204,10 @@ class TokenPruner:
     budget: float = 1.0
     renumber: bool = False
 
+    #: Whether ``budget < 1`` drops visual tokens (False: a method that keeps them all, e.g. at
+    #: lower precision).
+    drops_visual_tokens: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0.0 < self.budget <= 1.0:
             raise ValueError(f"`budget` must be in (0, 1], got {self.budget!r}")
@@ -216,8 +221,7 @@ class TokenPruner:
     # --- what a method provides -----------------------------------------------------------------
     def kept_count(self, image: ImageTokens) -> int:
         """How many of the image's tokens to keep: ``max(1, floor(budget * n))``."""
-        n = len(image.positions)
-        return n if self.budget >= 1.0 else max(1, int(self.budget * n))
+        return self.kept_count_for(len(image.positions))
 
     def select(self, image: ImageTokens) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Before the LLM: indices (into ``image.positions``, ascending) to keep, and optional new
@@ -236,7 +240,15 @@ class TokenPruner:
         if self.renumber and adapter.mrope:
             raise ValueError(f"`renumber=True` is not defined for {adapter.model_class}: a visual token's mRoPE "
                              "position is its (row, column) in the image; use renumber=False")
+        self._cache_keyword = adapter.check_hook_points(model)
+        # Whether the vision tower ran since the last prefill: images were given, so the prefill
+        # must find image tokens (a moved hook point would otherwise prune nothing, silently).
+        self._vision_ran = False
+        self._guard_handles = [adapter.vision_tower(model).register_forward_hook(self._note_vision)]
         return adapter
+
+    def _note_vision(self, module, args, output) -> None:
+        self._vision_ran = True
 
     def attach(self, model) -> "TokenPruner":
         """Install the hooks on ``model`` (a supported transformers VLM); see :meth:`apply`."""
@@ -254,9 +266,9 @@ class TokenPruner:
 
     def detach(self) -> None:
         """Remove every hook; the model is exactly as before :meth:`attach`."""
-        for handle in self._handles:
+        for handle in (*self._handles, *getattr(self, "_guard_handles", ())):
             handle.remove()
-        self._handles, self._model, self._state = [], None, {}
+        self._handles, self._guard_handles, self._model, self._state = [], [], None, {}
 
     def _record_encoder_inputs(self, model, adapter: VLMAdapter) -> list[Any]:
         """Record the adapter's ``encoder_inputs`` (e.g. LLaVA-Next's ``image_sizes``) from
@@ -294,7 +306,7 @@ class TokenPruner:
 
     def _prune(self, module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         cached = cache.get_seq_length() if cache is not None else 0
         if embeds is None:
             raise ValueError("token pruning needs the VLM to call its language model with `inputs_embeds`")
@@ -316,8 +328,14 @@ class TokenPruner:
             raise ValueError("token pruning needs a 2-D attention mask (got precomputed 4-D masks)")
         positions = kwargs.get("position_ids")
         device = input_ids.device
+        image_mask = input_ids == self._adapter.image_token_id(self._model)
+        vision_ran, self._vision_ran = self._vision_ran, False
+        if vision_ran and not bool(image_mask.any()):
+            raise patch_point_error(self._model, f"{type(self).__name__}: the vision tower ran but no image token "
+                                                 f"(id {self._adapter.image_token_id(self._model)}) reached the "
+                                                 "language model's prefill")
         return dict(
-            image_mask=input_ids == self._adapter.image_token_id(self._model),
+            image_mask=image_mask,
             mask=mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=device),
             # what the language model would use without them: 0 .. length-1
             positions=positions if positions is not None else torch.arange(length, device=device).expand(batch, -1),
@@ -393,7 +411,25 @@ class TokenPruner:
         if start is None or self.stats is None:
             return
         self.stats.stage_seconds["prefill"] = time.perf_counter() - start
-        self.stats.kv_cache_bytes = cache_bytes(getattr(output, "past_key_values", None) or kwargs.get("past_key_values"))
+        self.stats.kv_cache_bytes = cache_bytes(output_cache(output, kwargs))
+        self._check_pruned()
+
+    def _check_pruned(self) -> None:
+        """After a prefill with ``budget < 1``: raise if no visual token was dropped although the
+        budget says some must be (a hook that found nothing to act on), instead of reporting it."""
+        stats = self.stats
+        if self.budget >= 1.0 or not self.drops_visual_tokens or sum(stats.visual_tokens_kept) < sum(
+                stats.visual_tokens_in):
+            return
+        binding = [n for n in stats.visual_tokens_in if n and self.kept_count_for(n) < n]
+        if binding:
+            raise patch_point_error(self._model, f"{type(self).__name__}(budget={self.budget}) kept all "
+                                                 f"{sum(stats.visual_tokens_in)} visual tokens: its pruning hooks "
+                                                 "never acted")
+
+    def kept_count_for(self, n: int) -> int:
+        """How many of an image's ``n`` visual tokens the budget keeps: ``max(1, floor(budget * n))``."""
+        return n if self.budget >= 1.0 else max(1, int(self.budget * n))
 
     # --- helpers ----------------------------------------------------------------------------------
     def _images(self, image_mask: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor | None,

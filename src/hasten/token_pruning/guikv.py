@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..transformers_conventions import cache_of, output_cache, patch_point_error
 from .core import PruningStats, TokenPruner
 from .scoring import AttentionHook, QueryAttention, subspace_residuals, z_saliency
 
@@ -127,7 +128,7 @@ class GUIKV(TokenPruner):
     # --- hooks ---------------------------------------------------------------------------------------
     def _llm_inputs(self, module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         cached = cache.get_seq_length() if cache is not None else 0
         if cached:
             if "prefill" in self._state:
@@ -156,7 +157,7 @@ class GUIKV(TokenPruner):
 
     def _compress(self, module, args, kwargs, output):
         state = self._state
-        cache = getattr(output, "past_key_values", None) or kwargs.get("past_key_values")
+        cache = output_cache(output, kwargs)
         if state.get("collecting") and cache is not None:
             state["collecting"] = False
             self._recorder.active = False
@@ -201,7 +202,11 @@ class GUIKV(TokenPruner):
         if not screenshots:
             return torch.zeros(kv_heads, 0)
         state = self._state
-        attention = self._recorder.scores[index][row].mean(1)  # (heads, keys)
+        recorded = self._recorder.scores.get(index)
+        if recorded is None:
+            raise patch_point_error(self._model, f"GUI-KV: decoder layer {index}'s attention did not go through "
+                                                 "transformers' attention-function registry")
+        attention = recorded[row].mean(1)  # (heads, keys)
         heads = attention.shape[0]
         attention = attention.view(kv_heads, heads // kv_heads, -1).mean(1)
         pooled = torch.nn.functional.avg_pool1d(attention[:, None], self.pool, stride=1, padding=self.pool // 2,

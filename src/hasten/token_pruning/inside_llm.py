@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..transformers_conventions import cache_of, output_cache, patch_point_error
 from .core import ImageTokens, PruningStats, TokenPruner, cache_bytes, gather_plan, renumbered
 from .scoring import QueryAttention
 
@@ -97,7 +98,7 @@ class LLMLayerPruner(TokenPruner):
     # --- the language model's inputs --------------------------------------------------------------
     def _llm_inputs(self, module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         cached = cache.get_seq_length() if cache is not None else 0
         if cached == 0:
             return args, self._start_prefill(kwargs, embeds)
@@ -212,7 +213,11 @@ class LLMLayerPruner(TokenPruner):
         protected = None
         if llm["protected"] is not None:
             protected = llm["protected"].gather(1, previous["columns"]) & previous["real"]
-        scores = self._recorder.scores.pop(layer)
+        scores = self._recorder.scores.pop(layer, None)
+        if scores is None:
+            raise patch_point_error(self._model, f"{type(self).__name__}: decoder layer {layer}'s attention did not go "
+                                                 "through transformers' attention-function registry "
+                                                 "(`config._attn_implementation`), so it could not be scored")
         keep = ~image & previous["real"]
         for tokens in self._images(image, hidden, None, None, layouts=False):
             if protected is not None:
@@ -267,7 +272,7 @@ class LLMLayerPruner(TokenPruner):
     # --- after the prefill -------------------------------------------------------------------------
     def _finish_prefill(self, module, args, kwargs, output):
         llm = self._state.get("llm")
-        cache = getattr(output, "past_key_values", None) or kwargs.get("past_key_values")
+        cache = output_cache(output, kwargs)
         if llm is not None and llm["plans"] and "step" not in llm and "compacted" not in llm:
             self._recorder.active = False
             if self.compacts_cache() and cache is not None:

@@ -24,8 +24,9 @@ dequantises in registers, or its torch reference) and merge the partial results 
 memory saved is the stored bytes, reported exactly by :meth:`MixedPrecisionLayer.nbytes`
 (codes, scales, zero points and the residual).
 
-Use it through :func:`mixed_precision_cache` (a fresh cache for ``generate(past_key_values=...)``)
-or :func:`install_mixed_precision` (swap the layers of the cache ``generate()`` created, from a
+Use it through :func:`mixed_precision_cache` (a fresh cache to pass to ``generate()``: as ``cache=``
+from transformers 5.24, ``past_key_values=`` before; :func:`hasten.transformers_conventions.cache_keyword`
+says which) or :func:`install_mixed_precision` (swap the layers of the cache ``generate()`` created, from a
 pruning method's hook).
 """
 
@@ -232,12 +233,13 @@ class MixedPrecisionLayer(DynamicLayer):
             return self.keys, self.values
         rows_k, rows_v = [], []
         heads, dim = self.keys.shape[1], self.keys.shape[-1]
+        dtype = self.keys.dtype  # the residual's: cache layers have no `dtype` attribute from transformers 5.24
         for row in self._rows:
-            keys = torch.empty(heads, self._prefix, dim, dtype=self.dtype, device=self.device)
+            keys = torch.empty(heads, self._prefix, dim, dtype=dtype, device=self.keys.device)
             values = torch.empty_like(keys)
             for slots, segment in row:
                 k, v = segment.read()
-                keys[:, slots], values[:, slots] = k.to(self.dtype), v.to(self.dtype)
+                keys[:, slots], values[:, slots] = k.to(dtype), v.to(dtype)
             rows_k.append(keys)
             rows_v.append(values)
         return (torch.cat([torch.stack(rows_k), self.keys], -2), torch.cat([torch.stack(rows_v), self.values], -2))
@@ -260,7 +262,8 @@ class MixedPrecisionLayer(DynamicLayer):
 
 
 def mixed_precision_cache(config: MixedPrecisionConfig | None = None, num_layers: int | None = None) -> Cache:
-    """A cache of :class:`MixedPrecisionLayer` for ``generate(past_key_values=...)``.
+    """A cache of :class:`MixedPrecisionLayer` to pass to ``generate()`` (under
+    :func:`~hasten.transformers_conventions.cache_keyword`: ``cache`` from transformers 5.24).
 
     Examples
     --------
@@ -268,7 +271,8 @@ def mixed_precision_cache(config: MixedPrecisionConfig | None = None, num_layers
     >>> model, processor = hasten.tiny.vlm("llava")
     >>> ids = processor.tokenizer(["USER: hi ASSISTANT:"], return_tensors="pt")
     >>> cache = mixed_precision_cache(MixedPrecisionConfig(residual=0))
-    >>> _ = model.generate(**ids, past_key_values=cache, max_new_tokens=2)
+    >>> from hasten.transformers_conventions import cache_keyword
+    >>> _ = model.generate(**ids, **{cache_keyword(model): cache}, max_new_tokens=2)
     >>> cache.get_seq_length() > 0
     True
     """

@@ -103,9 +103,17 @@ class AttentionHook:
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        from ..transformers_conventions import PatchPointError, transformers_version
+
         original = config._attn_implementation
         if getattr(config, "_hasten_recorder", None) is not None:
             raise ValueError("another hasten method already hooks attention on this model")
+        registered = original in ALL_ATTENTION_FUNCTIONS and original in ALL_MASK_ATTENTION_FUNCTIONS
+        if original != "eager" and not registered:
+            raise PatchPointError(f"attention implementation {original!r} is not in transformers "
+                                  f"{transformers_version()}'s attention-function registries, which hasten wraps")
         name = f"{_RECORDING}_{original}"  # masks are built exactly as for the original implementation
         AttentionInterface.register(name, _wrapped_attention)
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
+from ..transformers_conventions import cache_of, patch_point_error
 from .core import PruningStats, TokenPruner
 from .kv_cache import MixedPrecisionConfig, install_mixed_precision, mixed_precision_cache
 from .scoring import AttentionHook, mass_count, normalized_probe_attention, probe_queries
@@ -76,6 +78,8 @@ class ZipVL(TokenPruner):
 
     budget: float = 1.0
     tau: float = 0.975
+
+    drops_visual_tokens: ClassVar[bool] = False  # every token stays, important ones at higher precision
     probe_fraction: float = 0.05
     cache: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
     sparse_prefill: bool = True
@@ -113,7 +117,7 @@ class ZipVL(TokenPruner):
         super().detach()
 
     def _llm_inputs(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             return args, kwargs
         prompt = self._prompt(kwargs, kwargs.get("inputs_embeds"))
@@ -126,7 +130,7 @@ class ZipVL(TokenPruner):
         cache_layers = None
         use_cache = kwargs.get("use_cache")
         if cache is None and (use_cache if use_cache is not None else module.config.use_cache):
-            cache = kwargs["past_key_values"] = mixed_precision_cache(self.cache, layers)  # plain forward calls
+            cache = kwargs[self._cache_keyword] = mixed_precision_cache(self.cache, layers)  # plain forward calls
         if cache is not None:
             cache_layers = install_mixed_precision(cache, layers, self.cache)
             for layer in cache_layers:
@@ -135,6 +139,16 @@ class ZipVL(TokenPruner):
                            probes=probe_queries(prompt["mask"].bool(), self.probe_fraction, self.seed),
                            prefill_start=time.perf_counter())
         return args, kwargs
+
+    def _check_pruned(self) -> None:
+        """Every decoder layer's prefill attention must have come through the hook (else its
+        cache was never compressed: a moved attention patch point, not a result)."""
+        scored = self._state.get("scored_layers", set())
+        layers = len(self._language_model.layers)
+        if len(scored) < layers:
+            raise patch_point_error(self._model, f"ZipVL: the prefill attention of layers "
+                                                 f"{sorted(set(range(layers)) - scored)} did not go through "
+                                                 "transformers' attention-function registry")
 
     def important(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
         """``(batch, length)`` flags of one layer's important tokens (see the module docstring)."""
@@ -174,6 +188,7 @@ class _ZipVLAttention(AttentionHook):
         flags = state["valid"] if everything else method.important(query, key, scaling)
         real = state["valid"].sum(1).clamp_min(1)
         method.stats.layer_important[layer] = float((flags.sum(1) / real).mean())
+        state.setdefault("scored_layers", set()).add(layer)
         if state["cache_layers"] is not None:
             important = flags | ~state["valid"]  # pad slots: whatever is cheapest to read back exactly
             state["cache_layers"][layer].compress(important)

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ...transformers_conventions import cache_keyword, output_cache
 from ..adapters import adapter_for
 from .draft import DraftModel
 from .tree import DraftTree, TreeConfig
@@ -207,7 +208,7 @@ def _verify_tree(model: Any, cache, tree: DraftTree, mrope: bool):
     if mrope:  # Qwen: a text token's three mRoPE rows are its position shifted by the image's rope delta
         positions = (positions + model.model.rope_deltas.to(device)).expand(3, -1, -1)
     ids = torch.tensor([tree.tokens], device=device)
-    return model(input_ids=ids, past_key_values=cache, attention_mask=mask.to(device), position_ids=positions,
+    return model(input_ids=ids, **{cache_keyword(model): cache}, attention_mask=mask.to(device), position_ids=positions,
                  use_cache=True, output_hidden_states=True)
 
 
@@ -239,7 +240,7 @@ def _chain_round(model, draft, cache, draft_cache, pending, predicted, steps, sa
             feature = draft(feature, token.view(1, 1), draft_cache, start=draft_cache.get_seq_length())
             stats.draft_forwards += 1
     candidate = torch.cat([pending.view(1, 1), *(p.view(1, 1) for p in proposals)], 1)
-    verified = model(input_ids=candidate, past_key_values=cache, use_cache=True, output_hidden_states=True)
+    verified = model(input_ids=candidate, **{cache_keyword(model): cache}, use_cache=True, output_hidden_states=True)
     stats.target_forwards += 1
     tokens = candidate[0].tolist()
     if sampling is None:
@@ -327,7 +328,7 @@ def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_to
     finally:
         capture.remove()
     stats.target_forwards += 1
-    cache = out.past_key_values
+    cache = output_cache(out)
     if sampling is None:
         pending = out.logits[:, -1].argmax(-1)  # (1,)
     else:

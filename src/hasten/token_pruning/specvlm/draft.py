@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...transformers_conventions import cache_keyword
 from .compressor import ElasticCompressor
 
 __all__ = ["DraftConfig", "DraftModel"]
@@ -144,7 +145,7 @@ class DraftModel(nn.Module):
         if allowed is not None:
             mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
                 ~allowed.to(x.device), torch.finfo(x.dtype).min)[None, None]
-        out = self.layer(x, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        out = self.layer(x, attention_mask=mask, position_ids=positions, **{cache_keyword(self.layer): cache},
                          position_embeddings=cos_sin, use_cache=cache is not None)
         return out[0] if isinstance(out, tuple) else out
 
