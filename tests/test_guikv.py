@@ -60,10 +60,12 @@ def test_decoding_equals_per_head_masking_of_the_dropped_tokens(kind):
     with method.apply(model):
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
-        kept = [slots[0] for slots in method._state["kept"]]  # per layer (kv_heads, slots)
-    n = method.stats.visual_tokens_in[0]
-    assert method.stats.visual_tokens_kept == [int(0.3 * n)]
+    kept = [slots[0] for slots in method.stats.kv_kept_positions]  # per layer (kv_heads, slots)
     length = inputs["input_ids"].shape[1]
+    # the reference's budget: int(L * budget) entries per head over ALL prompt tokens, window included
+    assert all(tuple(slots.shape) == (slots.shape[0], int(0.3 * length)) for slots in kept)
+    assert all(bool((slots[:, -method.window:] == torch.arange(length - method.window, length)).all())
+               for slots in kept), "the last `window` prompt tokens are always kept"
     full = dict(inputs)
     full["input_ids"] = out.sequences[:, :-1]
     full["attention_mask"] = torch.ones_like(full["input_ids"])
@@ -126,7 +128,58 @@ def test_one_screenshot_and_full_budget():
         assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), reference)
     with GUIKV(budget=0.5).apply(model) as method:  # no earlier screenshot: no temporal term
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    assert method.stats.visual_tokens_kept == [method.stats.visual_tokens_in[0] // 2]
+    length = inputs["input_ids"].shape[1]
+    assert all(slots.shape[-1] == int(0.5 * length) for slots in method.stats.kv_kept_positions)
+
+
+def _reference_kept(model, inputs, budget: float, alpha: float, window: int = 8, pool: int = 5,
+                    temperature: float = 3.5) -> list[torch.Tensor]:
+    """GUI-KV's selection for ONE screenshot (no temporal term), written from the reference's rule on
+    the unpruned model's own eager attention weights and its layers' input_layernorm outputs:
+    per query head, the attention of the last `window` queries SUMMED over them; averaged over
+    the query heads of each KV head (hasten's grouped-query choice); keys before the window only;
+    average-pooled (width 5, zero padding counted); plus alpha * softmax(z(norm) / T) on the
+    screenshot; top (int(L * budget) - window) per head, plus the window."""
+    layers = model.model.language_model.layers
+    norms = {}
+    handles = [layer.input_layernorm.register_forward_hook(
+        lambda module, args, output, index=index: norms.__setitem__(index, output[0].float().norm(dim=-1)))
+        for index, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            attentions = model(**inputs, output_attentions=True).attentions
+    finally:
+        for handle in handles:
+            handle.remove()
+    length = inputs["input_ids"].shape[1]
+    image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+    capacity = int(length * budget)
+    kv_heads = model.config.text_config.num_key_value_heads
+    kept = []
+    for index, attention in enumerate(attentions):
+        base = attention[0, :, -window:, :length - window].float().sum(1)  # (heads, prefix)
+        base = base.view(kv_heads, -1, base.shape[-1]).mean(1)
+        scores = torch.nn.functional.avg_pool1d(base[:, None], pool, stride=1, padding=pool // 2)[:, 0]
+        z = norms[index][image]
+        z = (z - z.mean()) / z.std()
+        scores[:, image] += alpha * torch.softmax(z / temperature, 0)
+        top = scores.topk(capacity - window, dim=-1).indices
+        window_positions = torch.arange(length - window, length).expand(kv_heads, -1)
+        kept.append(torch.cat([top, window_positions], -1).sort(-1).values)
+    return kept
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2.5-vl"])
+@pytest.mark.parametrize("alpha", [0.0, 2.0])
+def test_kept_entries_equal_the_reference_rule_on_eager_attention(kind, alpha):
+    model, processor = tiny.vlm(kind, dtype=torch.float64, attn_implementation="eager")
+    shots, _ = trajectory(steps=1, size=(48, 40), seed=3)
+    inputs = _inputs(processor, shots, 1)
+    expected = _reference_kept(model, inputs, budget=0.3, alpha=alpha)
+    with GUIKV(budget=0.3, alpha=alpha).apply(model) as method:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    for layer, (ours, theirs) in enumerate(zip(method.stats.kv_kept_positions, expected)):
+        assert torch.equal(ours[0], theirs), f"layer {layer}"
 
 
 @pytest.mark.parametrize("kwargs, name", [(dict(budget=0.0), "budget"), (dict(window=0), "window"),

@@ -114,6 +114,10 @@ class PruningStats:
     layer_important : list of float
         KV-cache methods (ZipVL): per decoder layer, the mean fraction of tokens kept at high
         precision (and attended in a sparse prefill).
+    kv_kept_positions : list of LongTensor
+        Cache-compressing methods (GUI-KV): per decoder layer, ``(batch, kv_heads, slots)`` prompt
+        positions each head's cache keeps after the prefill (ascending; ``-1`` on the pad slots of
+        shorter rows).
     """
 
     visual_tokens_in: list[int] = field(default_factory=list)
@@ -125,6 +129,7 @@ class PruningStats:
     visual_kept_mask: list[torch.Tensor] = field(default_factory=list)
     layer_tokens: list[int] = field(default_factory=list)
     layer_important: list[float] = field(default_factory=list)
+    kv_kept_positions: list[torch.Tensor] = field(default_factory=list)
 
     def record_kept(self, keep: torch.Tensor, image_mask: torch.Tensor) -> None:
         """Fill the kept counts and masks from (batch, length) keep and image-token masks."""

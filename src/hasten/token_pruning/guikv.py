@@ -1,30 +1,39 @@
 """GUI-KV: KV-cache compression for GUI agents with many screenshots (Salesforce, 2025).
 
-After the prefill, every layer's cache keeps the same number of visual tokens per head,
-``floor(budget * n)`` of a sample's ``n`` visual tokens (a uniform budget; text is always kept).
-Each layer scores the visual tokens per KV head:
+After the prefill, every layer's cache keeps ``int(L * budget)`` of a sample's ``L`` prompt
+tokens per head (the official code's uniform ``max_capacity_prompt``): the last ``window`` (8)
+prompt tokens always, and the best-scored of the tokens before them, text and visual alike
+(text competes for the same budget). Each layer scores those tokens per KV head:
 
-1. Base: SnapKV-style attention of the last ``window`` (8) prompt queries, averaged over them
-   and over the query heads of the KV head, then average-pooled along the sequence (width
-   ``pool`` = 5).
-2. Spatial saliency, on the current (last) screenshot only: the L2 norm of each token's hidden
-   state entering the layer, z-scored over the screenshot, ``softmax(z / temperature)``
-   (temperature 3.5), times ``alpha``, added to the base score.
+1. Base: SnapKV-style attention of the last ``window`` prompt queries, SUMMED over them (as the
+   reference does), then average-pooled along the sequence (width ``pool`` = 5, zero padding
+   counted, as ``F.avg_pool1d``'s default).
+2. Spatial saliency, on the current (last) screenshot only: the L2 norm of each token's input
+   to the attention (the layer's ``input_layernorm`` output), z-scored over the screenshot,
+   ``softmax(z / temperature)`` (temperature 3.5), times ``alpha``, added to the base score.
 3. Temporal redundancy, per KV head: a QR decomposition of the current screenshot's keys gives a
    basis of rank <= ``rank`` (32); each earlier-screenshot token's residual is the distance of
-   its key to that subspace, and the ``1 - budget`` fraction of earlier tokens with the smallest
-   residuals (the most redundant) score 0.
+   its key to that subspace, and the ``1 - int(L * budget) / L`` fraction of earlier tokens with
+   the smallest residuals (the most redundant) score 0.
 
-Then each head keeps its top visual tokens, so a head's cache holds its own choice of tokens
-(the same count in every head, which keeps one tensor per layer). Decoding attends the
-compressed cache at every layer; positions continue from the original prompt.
+Then each head keeps its top tokens, so a head's cache holds its own choice (the same count in
+every head, which keeps one tensor per layer; :attr:`PruningStats.kv_kept_positions` lists them).
+Decoding attends the compressed cache at every layer; positions continue from the original prompt.
 
-Choices where the paper and its code leave room (documented on the fields): ``alpha`` is 2.0,
-the released code's value (the paper's text says 0.5), because the code is what produced the
-reported numbers; the temporal term uses the keys BEFORE RoPE, so that the same content at a
-later position counts as redundant (after RoPE, position alone makes a repeated screenshot look
-new); screenshots are the images of a sample in order, the last one is current. With one
-screenshot there is no temporal term.
+Where hasten differs from the released code, deliberately:
+
+- Grouped-query attention: the reference repeats each KV head for its query heads
+  (``repeat_kv``) and selects per query head, so its cache grows to one copy per query head;
+  hasten scores per KV head (the base score averaged over the group's query heads) and keeps
+  one cache per KV head, as the model stores it: the cache stays ``num_key_value_heads`` wide.
+- The temporal term uses the keys BEFORE RoPE, so that the same content at a later position
+  counts as redundant (after RoPE, position alone makes a repeated screenshot look new).
+- ``alpha`` is 2.0, the released code's value (the paper's text says 0.5), because the code is
+  what produced the reported numbers.
+- A budget smaller than the window keeps the window (the reference asserts instead).
+
+Screenshots are the images of a sample in order, the last one is current. With one screenshot
+there is no temporal term.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -50,8 +60,8 @@ class GUIKV(TokenPruner):
     Parameters
     ----------
     budget : float, default 0.2
-        Fraction of each sample's visual tokens every layer and head keeps (the paper reports
-        near-full accuracy at 10-20%).
+        Fraction of each sample's prompt tokens every layer and head keeps, ``int(L * budget)``
+        entries, the window included (the paper reports near-full accuracy at 10-20%).
     window : int, default 8
         Last prompt queries whose attention is the base score (SnapKV).
     pool : int, default 5
@@ -74,12 +84,15 @@ class GUIKV(TokenPruner):
     ...                    return_tensors="pt")
     >>> with GUIKV(budget=0.25).apply(model) as pruner:
     ...     _ = model.generate(**inputs, max_new_tokens=2)
-    >>> pruner.stats.visual_tokens_kept
-    [12]
+    >>> inputs["input_ids"].shape[1], pruner.stats.kv_kept_positions[0].shape  # (batch, kv_heads, int(L * budget))
+    (71, torch.Size([1, 2, 17]))
     """
 
     budget: float = 0.2
     window: int = 8
+
+    # The budget is over every prompt token (text competes), so a head may keep all visual tokens.
+    drops_visual_tokens: ClassVar[bool] = False
     pool: int = 5
     alpha: float = 2.0
     temperature: float = 3.5
@@ -105,6 +118,10 @@ class GUIKV(TokenPruner):
         language_model = adapter.language_model(model)
         self._language_model = language_model
         layers = language_model.layers
+        missing = [index for index, layer in enumerate(layers) if getattr(layer, "input_layernorm", None) is None]
+        if missing:
+            raise patch_point_error(model, f"GUI-KV: decoder layers {missing} have no `input_layernorm` (the "
+                                           "attention's input, whose norm is the spatial saliency)")
         self._recorder = QueryAttention(list(range(len(layers))))
         self._recorder.per_head = True
         self._recorder.install(language_model.config)
@@ -114,8 +131,8 @@ class GUIKV(TokenPruner):
             language_model.register_forward_hook(self._compress, with_kwargs=True),
         ]
         for index, layer in enumerate(layers):
-            self._handles.append(layer.register_forward_pre_hook(functools.partial(self._norms, index=index),
-                                                                 with_kwargs=True))
+            self._handles.append(layer.input_layernorm.register_forward_hook(functools.partial(self._norms,
+                                                                                                index=index)))
             self._handles.append(layer.self_attn.k_proj.register_forward_hook(functools.partial(self._keys,
                                                                                                index=index)))
         return self
@@ -146,10 +163,9 @@ class GUIKV(TokenPruner):
         self._recorder.active = self.budget < 1.0
         return args, kwargs
 
-    def _norms(self, module, args, kwargs, index: int):
-        if self._state.get("collecting"):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self._state["norms"][index] = hidden.float().norm(dim=-1)
+    def _norms(self, module, args, output, index: int):
+        if self._state.get("collecting"):  # the attention's input: after the layer's input_layernorm
+            self._state["norms"][index] = output.float().norm(dim=-1)
 
     def _keys(self, module, args, output, index: int):
         if self._state.get("collecting"):
@@ -167,62 +183,89 @@ class GUIKV(TokenPruner):
         self._measure(module, args, kwargs, output)
 
     # --- the compression -----------------------------------------------------------------------------
+    def capacity(self, length: int) -> int:
+        """Cache entries each head keeps of a ``length``-token prompt: ``int(length * budget)`` (the
+        reference's ``max_capacity_prompt``), never fewer than the ``window`` tokens always kept."""
+        return min(length, max(int(length * self.budget), self.window))
+
     def _compress_cache(self, cache) -> None:
         state = self._state
         image_mask, valid = state["image_mask"], state["valid"]
         images = self._images(image_mask, torch.zeros(*image_mask.shape, 1, device=image_mask.device), None,
                               layouts=False)
         screenshots = [[image.positions for image in images if image.sample == row] for row in range(len(valid))]
-        visual = image_mask.sum(1)
-        keep_counts = [max(1, int(self.budget * int(n))) if int(n) else 0 for n in visual]
-        text = valid & ~image_mask
-        lengths = [int(text[row].sum()) + keep_counts[row] for row in range(len(valid))]
+        prompts = [valid[row].nonzero()[:, 0] for row in range(len(valid))]  # each row's prompt positions
+        lengths = [self.capacity(len(prompt)) for prompt in prompts]
         width = max(lengths)
         kept_per_layer = []
         for index, layer in enumerate(cache.layers):
             kv_heads, head_dim = layer.keys.shape[1], layer.keys.shape[-1]
             slots = torch.zeros(len(valid), kv_heads, width, dtype=torch.long, device=layer.keys.device)
-            for row in range(len(valid)):
-                scores = self._scores(index, row, screenshots[row], kv_heads, head_dim)  # (kv_heads, visual)
-                visual_positions = torch.cat(screenshots[row]) if screenshots[row] else slots.new_zeros(0)
-                top = scores.topk(keep_counts[row], dim=-1).indices if keep_counts[row] else scores.new_zeros(
-                    kv_heads, 0, dtype=torch.long)
-                kept = torch.cat([text[row].nonzero()[:, 0].expand(kv_heads, -1), visual_positions[top]], -1)
+            for row, prompt in enumerate(prompts):
+                prompt = prompt.to(slots.device)
+                prefix, window = prompt[:-self.window], prompt[-self.window:]
+                scores = self._scores(index, row, prefix, screenshots[row], kv_heads, head_dim,
+                                      lengths[row] / len(prompt))  # (kv_heads, len(prefix))
+                top = scores.topk(lengths[row] - len(window), dim=-1).indices
+                kept = torch.cat([prefix[top], window.expand(kv_heads, -1)], -1)
                 slots[row, :, width - kept.shape[1]:] = kept.sort(-1).values
             index_ = slots[..., None]
             layer.keys = layer.keys.gather(2, index_.expand(-1, -1, -1, head_dim))
             layer.values = layer.values.gather(2, index_.expand(-1, -1, -1, layer.values.shape[-1]))
-            kept_per_layer.append(slots)
-        self._plan_decoding(lengths, width, kept_per_layer[0])
-        state["kept"] = kept_per_layer  # per layer (batch, kv_heads, slots): prompt positions in the cache
-        self.stats.visual_tokens_kept = keep_counts
+            real = torch.arange(width, device=slots.device) >= width - torch.tensor(lengths, device=slots.device)[:, None]
+            kept_per_layer.append(torch.where(real[:, None], slots, -1))
+        self._plan_decoding(lengths, width, kept_per_layer[0].clamp_min(0))
+        self.stats.kv_kept_positions = [kept.cpu() for kept in kept_per_layer]
+        self.stats.visual_tokens_kept = [self._visual_kept(image_mask[row], [kept[row] for kept in kept_per_layer])
+                                         for row in range(len(valid))]
 
-    def _scores(self, index: int, row: int, screenshots: list[torch.Tensor], kv_heads: int, head_dim: int):
-        """(kv_heads, visual tokens of the sample) scores at layer ``index``, screenshots in order."""
-        if not screenshots:
-            return torch.zeros(kv_heads, 0)
+    @staticmethod
+    def _visual_kept(image_mask: torch.Tensor, kept: list[torch.Tensor]) -> int:
+        """Visual entries one sample's cache keeps, averaged over layers and heads (each head keeps
+        its own choice; text competes for the same budget)."""
+        counts = []
+        for slots in kept:  # (kv_heads, width) prompt positions, -1 on pad slots
+            flags = (slots >= 0) & image_mask.to(slots.device)[slots.clamp_min(0)]
+            counts.append(flags.sum(-1).float().mean())
+        return round(float(torch.stack(counts).mean()))
+
+    def _scores(self, index: int, row: int, prefix: torch.Tensor, screenshots: list[torch.Tensor], kv_heads: int,
+                head_dim: int, kept_ratio: float) -> torch.Tensor:
+        """(kv_heads, len(prefix)) scores at layer ``index`` of the prompt tokens before the window."""
         state = self._state
         recorded = self._recorder.scores.get(index)
         if recorded is None:
             raise patch_point_error(self._model, f"GUI-KV: decoder layer {index}'s attention did not go through "
                                                  "transformers' attention-function registry")
-        attention = recorded[row].mean(1)  # (heads, keys)
+        attention = recorded[row].float().sum(1)  # (heads, keys): summed over the window queries
         heads = attention.shape[0]
-        attention = attention.view(kv_heads, heads // kv_heads, -1).mean(1)
-        pooled = torch.nn.functional.avg_pool1d(attention[:, None], self.pool, stride=1, padding=self.pool // 2,
-                                                count_include_pad=False)[:, 0]
-        positions = torch.cat(screenshots).to(pooled.device)
-        scores = pooled[:, positions].clone()
-        current = screenshots[-1].to(pooled.device)
-        start = len(positions) - len(current)
-        scores[:, start:] += self.alpha * z_saliency(state["norms"][index][row, current], self.temperature)
-        if start:  # temporal redundancy of the earlier screenshots
+        attention = attention.view(kv_heads, heads // kv_heads, -1).mean(1)[:, prefix.to(attention.device)]
+        scores = torch.nn.functional.avg_pool1d(attention[:, None], self.pool, stride=1,
+                                                padding=self.pool // 2)[:, 0, :len(prefix)]
+        if not screenshots:
+            return scores
+        where = torch.full((int(prefix.max()) + 1 if len(prefix) else 1,), -1, dtype=torch.long,
+                           device=scores.device)
+        where[prefix.to(scores.device)] = torch.arange(len(prefix), device=scores.device)
+
+        def columns(positions: torch.Tensor) -> torch.Tensor:  # index into the prefix, -1 where not in it
+            positions = positions.to(scores.device)
+            inside = positions < len(where)
+            return torch.where(inside, where[positions.clamp_max(len(where) - 1)], -1)
+
+        current = screenshots[-1].to(scores.device)
+        saliency = self.alpha * z_saliency(state["norms"][index][row, current], self.temperature).to(scores.device)
+        target = columns(current)
+        scores[:, target[target >= 0]] += saliency[target >= 0]
+        earlier = torch.cat(screenshots[:-1]).to(scores.device) if len(screenshots) > 1 else None
+        if earlier is not None:  # temporal redundancy of the earlier screenshots
             keys = state["keys"][index][row].view(-1, kv_heads, head_dim).transpose(0, 1)  # (kv, len, dim)
-            residual = subspace_residuals(keys[:, current], keys[:, positions[:start]], self.rank)
-            redundant = math.floor((1 - self.budget) * start)
+            residual = subspace_residuals(keys[:, current], keys[:, earlier], self.rank)
+            redundant = int((1.0 - kept_ratio) * len(earlier))
             if redundant:
-                zero = residual.topk(redundant, dim=-1, largest=False).indices
-                scores[:, :start].scatter_(1, zero, 0.0)
+                zero = columns(earlier)[residual.topk(redundant, dim=-1, largest=False).indices]  # (kv, redundant)
+                for head in range(kv_heads):
+                    scores[head, zero[head][zero[head] >= 0]] = 0.0
             self._state.setdefault("residuals", {})[(index, row)] = residual
         return scores
 
