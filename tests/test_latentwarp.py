@@ -7,6 +7,8 @@ import pytest
 
 import hasten.tiny
 from hasten.pipelines import LatentWarpPipeline
+from hasten.pipelines import latentwarp
+from hasten.pipelines.latentwarp import warped_steps
 from hasten.tiny.motion import panned
 
 
@@ -65,7 +67,68 @@ def test_controlnet_on_canny_edges_runs():
     assert out.frames.shape == (2, 40, 56, 3)
 
 
+def _count_warps(monkeypatch) -> list[int]:
+    """Count the pipeline's latent warps (one backward_warp call per warped step and frame)."""
+    calls = []
+    original = latentwarp.backward_warp
+
+    def counting(image, flow, *args, **kwargs):
+        calls.append(1)
+        return original(image, flow, *args, **kwargs)
+
+    monkeypatch.setattr(latentwarp, "backward_warp", counting)
+    return calls
+
+
+@pytest.mark.parametrize("strength, expected", [(1.0, 16), (0.75, 11)])
+def test_paper_warp_schedule_warps_the_first_16_of_20_steps(warp_pipe, monkeypatch, strength, expected):
+    """LatentWarp Sec. 5.1: 20 steps, the first 16 warped. The window is counted on the full schedule:
+    at strength 0.75 the run starts at step 6 of 20, so steps 6-16 (11 of 15) are warped."""
+    assert warped_steps(20, strength) == expected
+    calls = _count_warps(monkeypatch)
+    frames, _ = panned(frames=3, size=(40, 56))
+    out = warp_pipe(video=frames, prompt="x", num_inference_steps=20, strength=strength, cross_frame=False,
+                    progress=False)
+    assert out.warped_steps == expected
+    assert len(calls) == 2 * expected  # frames 1 and 2, each warped at `expected` steps
+
+
+def test_former_run_window_is_an_option(warp_pipe, monkeypatch):
+    """hasten's former rule: warp_end counted on the steps run, 0.3 of 15 -> 4 (4.5 rounds to even)."""
+    assert warped_steps(20, 0.75, 0.3, "run") == 4
+    assert warped_steps(20, 0.75, 0.3, "schedule") == 1  # the first 6 of 20 steps, 5 of them skipped by img2img
+    calls = _count_warps(monkeypatch)
+    frames, _ = panned(frames=2, size=(40, 56))
+    out = warp_pipe(video=frames, prompt="x", num_inference_steps=20, warp_end=0.3, warp_window="run",
+                    cross_frame=False, progress=False)
+    assert out.warped_steps == 4 and len(calls) == 4
+
+
+def test_default_occlusion_is_the_papers_warped_difference(warp_pipe):
+    """LatentWarp Eq. 6 by default (|warp(I_{i-1}) - I_i| > 0.05 on the source frames); forward-backward
+    consistency (hasten's former rule) as the option. A patch appears on a still camera: the paper's
+    mask flags it."""
+    from hasten.video import flow_pair, occlusion_mask
+    from hasten.video.flow import warped_difference_mask
+
+    frames, _ = panned(frames=2, size=(64, 96), step=(2, 0))
+    frames = frames.copy()
+    frames[1, 16:40, 24:56] = (255, 0, 255)
+    kwargs = dict(prompt="x", num_inference_steps=2, cross_frame=False, progress=False)
+    paper = warp_pipe(video=frames, **kwargs)
+    former = warp_pipe(video=frames, occlusion="forward-backward", **kwargs)
+    to_previous, to_current = flow_pair(frames[0], frames[1])
+    assert np.array_equal(paper.occlusions[0], warped_difference_mask(frames[0], frames[1], to_previous))
+    assert np.array_equal(former.occlusions[0], occlusion_mask(to_previous, to_current))
+    assert not np.array_equal(paper.occlusions[0], former.occlusions[0])
+    assert bool(paper.occlusions[0][20:36, 28:52].all())
+    assert float(warp_pipe(video=frames, occlusion_threshold=1.0, **kwargs).occlusions[0][20:36, 28:52].mean()) == 0
+
+
 @pytest.mark.parametrize("kwargs, name", [(dict(strength=0.0), "strength"), (dict(warp_end=1.5), "warp_end"),
+                                          (dict(warp_window="steps"), "warp_window"),
+                                          (dict(occlusion="fb"), "occlusion"),
+                                          (dict(occlusion_threshold=-0.1), "occlusion_threshold"),
                                           (dict(num_inference_steps=0), "num_inference_steps"),
                                           (dict(height=36), "height"), (dict(video=[]), "video")])
 def test_bad_arguments_name_themselves(warp_pipe, kwargs, name):

@@ -9,6 +9,7 @@ import torch
 from hasten.tiny.motion import panned, zoomed
 from hasten.video import (backward_warp, flow_pair, occlusion_mask, optical_flow, read_video, resize_flow,
                           warp_error, write_video)
+from hasten.video.flow import warped_difference_mask
 
 
 def _tensor(frame: np.ndarray) -> torch.Tensor:
@@ -60,6 +61,26 @@ def test_occlusion_marks_the_disoccluded_strip():
     occluded = occlusion_mask(to_previous, to_current)
     assert bool(occluded[:, -3:].all()), "content entering on the right has no source"
     assert float(occluded[:, 16:-16].mean()) < 0.1
+
+
+def test_warped_difference_mask_marks_the_disoccluded_strip_and_unexplained_content():
+    """LatentWarp's Eq. 6 on a 4-px pan: the strip entering on the right has no source, and a patch
+    pasted into the current frame differs from the warped previous frame; elsewhere the warp
+    matches. The forward-backward rule, given the exact (consistent) flows, flags no patch."""
+    frames, flows = panned(frames=2, size=(128, 192), step=(4, 0))
+    current = frames[1].copy()
+    current[40:72, 60:100] = (0, 255, 0)
+    mask = warped_difference_mask(frames[0], current, flows[0])
+    assert bool(mask[:, -4:].all()), "content entering on the right has no source"
+    assert bool(mask[40:72, 60:100].all()), "pasted content is not explained by the flow"
+    outside = np.ones_like(mask)
+    outside[:, -4:] = outside[40:72, 60:100] = False
+    assert float(mask[outside].mean()) < 0.01
+    consistent = occlusion_mask(flows[0], -flows[0])
+    assert not bool(consistent[40:72, 60:100].any())
+    assert int(warped_difference_mask(frames[0], current, flows[0], threshold=1.0)[40:72, 60:100].sum()) == 0
+    with pytest.raises(ValueError, match="threshold"):
+        warped_difference_mask(frames[0], current, flows[0], threshold=-1)
 
 
 def test_resize_flow_scales_the_vectors():

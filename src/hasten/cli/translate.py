@@ -28,7 +28,14 @@ def register(commands) -> None:
     parser.add_argument("--strength", type=fraction, default=0.75, help="img2img strength (default 0.75)")
     parser.add_argument("--steps", type=positive, default=20, help="denoising steps (default 20)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    parser.add_argument("--warp-end", type=float, default=0.3, help="fraction of steps with latent warping (0.3)")
+    parser.add_argument("--warp-end", type=float, default=0.8,
+                        help="fraction of the denoising schedule with latent warping (0.8: LatentWarp's 16 of 20 steps)")
+    parser.add_argument("--warp-window", choices=("schedule", "run"), default="schedule",
+                        help="--warp-end counts the full schedule (schedule, the paper's) or the img2img steps run "
+                        "(run, hasten's former rule, formerly with --warp-end 0.3)")
+    parser.add_argument("--occlusion", choices=("warped-difference", "forward-backward"), default="warped-difference",
+                        help="occlusion mask: the warped source frames' difference (LatentWarp's Eq. 6, default) or "
+                        "forward-backward flow consistency")
     parser.add_argument("--no-warp", action="store_true", help="no latent warping")
     parser.add_argument("--no-cross-frame", action="store_true", help="no cross-frame attention")
     parser.add_argument("--height", type=positive, help="working height, a multiple of 8 (default: the video's)")
@@ -48,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from ..jobs import Job, find_videos, jobs_from_file, run_jobs
 
     options = {"strength": args.strength, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
-               "warp_end": args.warp_end, "warp": not args.no_warp, "cross_frame": not args.no_cross_frame,
+               "warp_end": args.warp_end, "warp_window": args.warp_window, "occlusion": args.occlusion,
+               "warp": not args.no_warp, "cross_frame": not args.no_cross_frame,
                "negative_prompt": args.negative_prompt, "seed": args.seed}
     for name in ("height", "width", "max_frames"):
         if getattr(args, name) is not None:

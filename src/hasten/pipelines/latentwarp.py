@@ -3,20 +3,32 @@
 Each frame is translated with Stable Diffusion img2img (optionally with a ControlNet on the
 frame's Canny edges), from the SAME initial noise. Two things tie the frames together:
 
-- **Latent warping** (LatentWarp): during the first ``warp_end`` of the denoising steps, the
+- **Latent warping** (LatentWarp): during the first ``warp_end`` of the denoising schedule, the
   previous frame's latent at the same step is warped onto the current frame along the SOURCE
   video's optical flow (OpenCV DIS, resized to the latent grid) and replaces the current latent
-  wherever the flow is trustworthy (forward-backward consistent, not leaving the frame). The
-  paper's choice, followed here: the noisy latent at the same timestep, not the predicted
-  ``x0`` (which rerender-a-video warps), because it constrains the queries of every later
-  attention layer at that step directly.
+  wherever the occlusion mask trusts it. The paper's choice, followed here: the noisy latent at
+  the same timestep, not the predicted ``x0`` (which rerender-a-video warps), because it
+  constrains the queries of every later attention layer at that step directly.
 - **Cross-frame attention** (:mod:`hasten.attention_processors.cross_frame`): self-attention
   keys and values come from the first and the previous frame.
 
-``warp_end`` defaults to 0.3: the window of rerender-a-video's shape-aware fusion, the nearest
-open implementation (the paper states "early steps" without a number). The default scheduler
-is DDIM (deterministic, as the video-editing literature uses); ``scheduler="keep"`` keeps the
-pipeline's own.
+The paper's rules are the defaults (Bao et al., arXiv 2311.00353):
+
+- **Warp schedule** (Sec. 5.1): 20 DDIM steps, latents warped in the first 16 (``warp_end =
+  0.8``). The window is counted on the full ``num_inference_steps`` schedule, so it covers the
+  same timesteps (noise levels) whatever the img2img ``strength``: 20 steps at strength 1.0 warp
+  16 of 20, at strength 0.75 (the run starts at step 6 of 20) 11 of 15.
+  ``warp_window="run"`` counts ``warp_end`` on the steps actually run instead (hasten's former
+  rule, with its former ``warp_end = 0.3``, rerender-a-video's shape-aware-fusion window: 4 of
+  15 steps at strength 0.75).
+- **Occlusion mask** (Sec. 4.2, Eq. 6): a pixel is occluded where the previous SOURCE frame,
+  warped onto the current one, differs from it by more than ``occlusion_threshold``
+  (:func:`hasten.video.flow.warped_difference_mask`). ``occlusion="forward-backward"`` uses
+  forward-backward flow consistency instead (hasten's former rule, rerender-a-video's; it costs a
+  second optical flow per frame pair).
+
+The default scheduler is DDIM (deterministic, as the paper and the video-editing literature
+use); ``scheduler="keep"`` keeps the pipeline's own.
 
 Usage::
 
@@ -40,9 +52,35 @@ import torch
 from tqdm.auto import tqdm
 
 from ..attention_processors.cross_frame import apply_cross_frame, remove_cross_frame
-from ..video.flow import backward_warp, flow_pair, occlusion_mask, resize_flow, warp_error
+from ..video.flow import (backward_warp, flow_pair, occlusion_mask, optical_flow, resize_flow, warp_error,
+                          warped_difference_mask)
 
-__all__ = ["LatentWarpOutput", "LatentWarpPipeline", "canny_map"]
+__all__ = ["OCCLUSION_RULES", "WARP_WINDOWS", "LatentWarpOutput", "LatentWarpPipeline", "canny_map", "warped_steps"]
+
+OCCLUSION_RULES = ("warped-difference", "forward-backward")
+WARP_WINDOWS = ("schedule", "run")
+
+
+def warped_steps(num_inference_steps: int, strength: float, warp_end: float = 0.8, warp_window: str = "schedule") -> int:
+    """How many of the denoising steps run for a frame get the warped latent.
+
+    The img2img run skips the first ``num_inference_steps - int(num_inference_steps * strength)``
+    steps of the schedule. ``warp_window="schedule"`` (LatentWarp, Sec. 5.1: the first 16 of 20
+    steps): the steps of the full schedule before ``round(warp_end * num_inference_steps)`` that
+    the run reaches. ``"run"``: ``round(warp_end * steps run)`` (hasten's former rule).
+
+    Examples
+    --------
+    >>> warped_steps(20, 1.0), warped_steps(20, 0.75), warped_steps(20, 0.75, 0.3, "run")
+    (16, 11, 4)
+    """
+    if warp_window not in WARP_WINDOWS:
+        raise ValueError(f"`warp_window` must be one of {WARP_WINDOWS}, got {warp_window!r}")
+    begin = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+    run = num_inference_steps - begin
+    if warp_window == "run":
+        return int(round(warp_end * run))
+    return max(0, min(int(round(warp_end * num_inference_steps)) - begin, run))
 
 
 @dataclass
@@ -55,12 +93,14 @@ class LatentWarpOutput:
     flows : list of ndarray (H, W, 2)
         Per frame ``t >= 1``, the source video's flow from frame ``t`` to ``t - 1``.
     occlusions : list of ndarray (H, W) bool
-        Where that flow is not trusted.
+        Where that flow is not trusted (by the ``occlusion`` rule used).
     seconds : dict
         Wall time of ``flow`` (optical flow + occlusion), ``warp`` (latent warping) and
         ``denoise`` (everything else).
     warp_error : float
         Occlusion-masked warp error of the output along the source flow (0-1 scale).
+    warped_steps : int
+        Denoising steps per frame (after the first) that received the warped latent.
     """
 
     frames: np.ndarray
@@ -68,6 +108,7 @@ class LatentWarpOutput:
     occlusions: list[np.ndarray] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     warp_error: float = 0.0
+    warped_steps: int = 0
 
 
 def canny_map(frame: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
@@ -147,9 +188,12 @@ class LatentWarpPipeline:
         num_inference_steps: int = 20,
         guidance_scale: float = 7.5,
         warp: bool = True,
-        warp_end: float = 0.3,
+        warp_end: float = 0.8,
+        warp_window: str = "schedule",
         cross_frame: bool = True,
         flow_preset: str = "medium",
+        occlusion: str = "warped-difference",
+        occlusion_threshold: float = 0.05,
         occlusion_alpha: float = 0.01,
         occlusion_beta: float = 0.5,
         controlnet_conditioning_scale: float = 1.0,
@@ -171,14 +215,30 @@ class LatentWarpPipeline:
         guidance_scale : float, default 7.5
         warp : bool, default True
             Latent warping (off: cross-frame attention alone, or plain per-frame translation).
-        warp_end : float, default 0.3
-            Fraction of the denoising steps (from the first) during which latents are warped.
+        warp_end : float, default 0.8
+            Fraction of the denoising schedule (from its first step) during which latents are
+            warped. LatentWarp (Sec. 5.1): the first 16 of 20 steps.
+        warp_window : {"schedule", "run"}, default "schedule"
+            What ``warp_end`` is a fraction of: the full ``num_inference_steps`` schedule (the
+            paper's: the same timesteps at any ``strength``; see :func:`warped_steps`) or the
+            steps the img2img run takes (hasten's former rule).
         cross_frame : bool, default True
             First + previous frame keys/values in self-attention.
         flow_preset : {"ultrafast", "fast", "medium"}, default "medium"
             OpenCV DIS preset.
+        occlusion : {"warped-difference", "forward-backward"}, default "warped-difference"
+            Where the warped latent is not used. LatentWarp (Eq. 6): where the previous source
+            frame warped onto the current one differs from it by more than
+            ``occlusion_threshold`` (:func:`hasten.video.flow.warped_difference_mask`).
+            ``"forward-backward"``: where the forward and backward flows disagree
+            (:func:`hasten.video.occlusion_mask`, rerender-a-video's rule; hasten's former
+            default; one more optical flow per frame pair). Both also mask pixels whose source
+            leaves the frame.
+        occlusion_threshold : float, default 0.05
+            The warped-difference rule's threshold, mean absolute RGB difference on a 0-1 scale
+            (the paper gives no value; see :func:`hasten.video.flow.warped_difference_mask`).
         occlusion_alpha, occlusion_beta : float, default 0.01, 0.5
-            Forward-backward consistency constants (see :func:`hasten.video.occlusion_mask`).
+            Forward-backward consistency constants (``occlusion="forward-backward"`` only).
         controlnet_conditioning_scale : float, default 1.0
             With a ControlNet: the weight of its residuals (its input: each frame's Canny edges).
         height, width : int, optional
@@ -195,6 +255,13 @@ class LatentWarpPipeline:
             raise ValueError(f"`strength` must be in (0, 1], got {strength!r}")
         if not 0.0 <= warp_end <= 1.0:
             raise ValueError(f"`warp_end` must be in [0, 1], got {warp_end!r}")
+        if warp_window not in WARP_WINDOWS:
+            raise ValueError(f"`warp_window` must be one of {WARP_WINDOWS}, got {warp_window!r}")
+        if occlusion not in OCCLUSION_RULES:
+            raise ValueError(f"`occlusion` must be one of {OCCLUSION_RULES}, got {occlusion!r}")
+        if isinstance(occlusion_threshold, bool) or not isinstance(occlusion_threshold, (int, float)) \
+                or not occlusion_threshold >= 0:
+            raise ValueError(f"`occlusion_threshold` must be a non-negative number, got {occlusion_threshold!r}")
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}")
         height = height or frames.shape[1] // 8 * 8
@@ -209,9 +276,14 @@ class LatentWarpPipeline:
         start = time.perf_counter()
         flows, occlusions = [], []
         for index in range(1, len(frames)):
-            to_previous, to_current = flow_pair(frames[index - 1], frames[index], flow_preset)
+            if occlusion == "forward-backward":
+                to_previous, to_current = flow_pair(frames[index - 1], frames[index], flow_preset)
+                occluded = occlusion_mask(to_previous, to_current, occlusion_alpha, occlusion_beta)
+            else:
+                to_previous = optical_flow(frames[index], frames[index - 1], flow_preset)
+                occluded = warped_difference_mask(frames[index - 1], frames[index], to_previous, occlusion_threshold)
             flows.append(to_previous)
-            occlusions.append(occlusion_mask(to_previous, to_current, occlusion_alpha, occlusion_beta))
+            occlusions.append(occluded)
         seconds["flow"] = time.perf_counter() - start
 
         guided = guidance_scale > 1.0
@@ -233,7 +305,9 @@ class LatentWarpPipeline:
                 timesteps = self._timesteps(num_inference_steps, strength)
                 latents = pipe.scheduler.add_noise(source.to(noise.dtype), noise, timesteps[:1])
                 control = self._control(frames[index], guided) if self.controlnet is not None else None
-                warp_steps = int(round(warp_end * len(timesteps))) if warp and index > 0 else 0
+                order = getattr(pipe.scheduler, "order", 1)  # timesteps per step (2 for Heun-like schedulers)
+                warp_steps = (order * warped_steps(num_inference_steps, strength, warp_end, warp_window)
+                              if warp and index > 0 else 0)
                 if warp_steps:
                     keep, flow = self._latent_flow(flows[index - 1], occlusions[index - 1], latent_size, device)
                 current_steps = []
@@ -258,7 +332,8 @@ class LatentWarpPipeline:
         seconds["denoise"] = time.perf_counter() - start - seconds["flow"] - seconds["warp"]
         out_frames = (np.stack(outputs) * 255).round().clip(0, 255).astype(np.uint8)
         error = warp_error(out_frames, flows, occlusions) if len(out_frames) > 1 else 0.0
-        return LatentWarpOutput(out_frames, flows, occlusions, seconds, error)
+        count = warped_steps(num_inference_steps, strength, warp_end, warp_window) if warp and len(frames) > 1 else 0
+        return LatentWarpOutput(out_frames, flows, occlusions, seconds, error, count)
 
     # --- steps ---------------------------------------------------------------------------------------
     def _timesteps(self, steps: int, strength: float) -> torch.Tensor:
