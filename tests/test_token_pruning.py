@@ -396,7 +396,9 @@ def test_llava_next_layout_follows_the_models_own_packing():
 
 # --- MustDrop ------------------------------------------------------------------------------------
 
-def test_mustdrop_merges_similar_windows_and_spares_the_key_set():
+def test_mustdrop_merges_similar_windows_then_picks_the_key_set_on_the_merged_tokens():
+    """The released code merges first (blind to the key set), then marks the key set on the merged
+    sequence: a window of high-norm tokens merges, and the merged token is a key token."""
     from hasten.token_pruning.core import ImageTokens
 
     side = 6  # 2 x 2 windows of 3 x 3
@@ -404,29 +406,47 @@ def test_mustdrop_merges_similar_windows_and_spares_the_key_set():
     embeds = torch.randn(side * side, 16, generator=generator)
     grid = embeds.view(side, side, -1)
     grid[:3, :3] = torch.randn(16, generator=generator) + 0.01 * torch.randn(3, 3, 16, generator=generator)
-    grid[3:, 3:] = torch.randn(16, generator=generator) * 5  # constant, and the largest norms: the key set
+    grid[3:, 3:] = torch.randn(16, generator=generator) * 5  # constant, and the largest norms
     layout = torch.stack([torch.zeros(side * side, dtype=torch.long),
                           torch.arange(side * side) // side, torch.arange(side * side) % side], 1)
-    method = MustDrop(budget=0.5, key_fraction=0.05)  # ceil(0.05 * 36) = 2 key tokens
+    method = MustDrop(budget=0.5, key_fraction=0.1)  # ceil(0.1 * 20 merged tokens) = 2 key tokens
     method._cls = None  # no CLS (as on Qwen): the key set by L2 norm
     image = ImageTokens(sample=0, positions=torch.arange(side * side), embeds=embeds, layout=layout, index=0)
     kept, replaced = method.select(image)
-    window = [r * side + c for r in range(3) for c in range(3)]
-    assert len(kept) == side * side - 8, "only the top-left window merges"
-    assert 0 in kept.tolist() and not set(window[1:]) & set(kept.tolist())
-    torch.testing.assert_close(replaced[kept.tolist().index(0)], embeds[window].mean(0))
-    key = [r * side + c for r in range(3, 6) for c in range(3, 6)]
-    assert set(key) <= set(kept.tolist()), "a window holding a key token never merges"
+    top_left = [r * side + c for r in range(3) for c in range(3)]
+    bottom_right = [r * side + c for r in range(3, 6) for c in range(3, 6)]
+    assert len(kept) == side * side - 16, "both similar windows merge, the high-norm one too"
+    assert {0, 21} <= set(kept.tolist()) and not set(top_left[1:] + bottom_right[1:]) & set(kept.tolist())
+    torch.testing.assert_close(replaced[kept.tolist().index(0)], embeds[top_left].mean(0))
+    (_, key), = method._state["key_set"]
+    norms = replaced.norm(dim=-1)
+    assert 21 in key.tolist(), "the merged high-norm window is a key token"
+    assert set(key.tolist()) == set(kept[norms.topk(2).indices].tolist())
 
 
-def test_mustdrop_never_drops_the_key_set():
+def _last_layer_cls_attention(model, inputs) -> torch.Tensor:
+    """The vision tower's last-layer CLS attention to each patch (mean over heads), from its own eager
+    attention weights."""
+    tower = model.model.vision_tower
+    implementation = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            attentions = tower(inputs["pixel_values"], output_attentions=True).attentions
+    finally:
+        tower.config._attn_implementation = implementation
+    return attentions[-1][0, :, 0, 1:].mean(0)
+
+
+def test_mustdrop_key_set_is_the_last_vit_layer_cls_top_and_is_never_dropped():
     model, processor = tiny.vlm("llava")
     inputs = _inputs(processor, [_image(12)], ["What is this?"])
     method = MustDrop(budget=0.1, key_fraction=0.25, layers=(1,))
     with method.apply(model), torch.no_grad():
         model(**inputs)
-        cls = method._cls.scores[method._feature_layer][0]
-    key = cls.topk(16).indices  # ceil(0.25 * 64)
+    assert method.stats.visual_tokens_in == [64]
+    # no window merges on this random model: the key set is the top ceil(0.25 * 64) = 16 patches
+    key = _last_layer_cls_attention(model, inputs).topk(16).indices
     kept = method.stats.visual_kept_mask[0]
     assert bool(kept[key].all())
     assert method.stats.visual_tokens_kept == [16], "budget 6 < key set 16: the key set alone stays"
@@ -454,14 +474,16 @@ def _masked_layers(model, inputs, allowed_at):
             handle.remove()
 
 
+@pytest.mark.parametrize("policy", ["official", "all_layers"])
 @pytest.mark.parametrize("kind", ["llava", "qwen2-vl"])
-def test_mustdrop_compacted_cache_equals_masking(kind):
-    """No merges, an open filter and the budget cap at layer 1: prompt tokens after layer 1 and every
-    generated token at EVERY layer see only the survivors (the compacted cache)."""
+def test_mustdrop_compacted_cache_equals_masking(kind, policy):
+    """No merges, an open filter and the budget cap at layer 1: prompt tokens after layer 1 see only
+    the survivors; generated tokens see only the survivors at layer 1 and after, and before it the
+    whole prompt ("official", the released code) or the survivors too ("all_layers")."""
     model, processor = tiny.vlm(kind, dtype=torch.float64)
     inputs = _inputs(processor, [_image(13)], ["Describe the picture."])
     method = MustDrop(budget=0.3, merge_threshold=1.0, key_fraction=0.0, layers=(1,), global_threshold=0.0,
-                      individual_threshold=0.0)
+                      individual_threshold=0.0, decode_cache=policy)
     with method.apply(model):
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
@@ -471,7 +493,10 @@ def test_mustdrop_compacted_cache_equals_masking(kind):
     image_id = model.config.image_token_id
     kept = inputs["input_ids"][0] != image_id
     kept[inputs["input_ids"][0] == image_id] = method.stats.visual_kept_mask[0]
-    assert method.stats.kv_cache_bytes == _full_cache_bytes(model, inputs) * int(kept.sum())  # every layer
+    layers = len(model.model.language_model.layers)
+    full_layers = 1 if policy == "official" else 0  # layer 0, before the filter layer
+    per_layer = _full_cache_bytes(model, inputs) / layers
+    assert method.stats.kv_cache_bytes == per_layer * (full_layers * length + (layers - full_layers) * int(kept.sum()))
     generated = out.sequences[:, length:]
     full = dict(inputs)
     full["input_ids"] = out.sequences[:, :-1]
@@ -483,7 +508,9 @@ def test_mustdrop_compacted_cache_equals_masking(kind):
 
     def allowed_at(index, size):
         causal = torch.ones(size, size, dtype=torch.bool).tril()
-        if index <= 1:  # early layers: the prompt sees the whole prompt, generated tokens the survivors
+        if index == 0 and policy == "official":  # before the filter layer: everything, always
+            return causal
+        if index <= 1:  # up to the filter layer: the prompt sees the whole prompt, generated tokens the survivors
             rows = torch.arange(size)[:, None] < length
             return causal & (rows | visible[None, :size])
         return causal & visible[None, :size]
@@ -550,3 +577,41 @@ def test_renumber_gives_consecutive_positions():
     n = method.stats.prefill_tokens
     assert prefill[0].tolist() == list(range(n))
     assert [int(step[0, -1]) for step in steps] == [n, n + 1]
+
+
+def test_mustdrop_filter_keeps_the_dual_attention_rule_of_eager_attention():
+    """Without the budget cap (the released code) and without merges, the tokens kept at the filter
+    layer are exactly those the dual-attention rule keeps on the unpruned model's own eager
+    attention at that layer: head-averaged attention of the text after the image; dropped when its
+    share of the total is below the global threshold AND its peak below the individual one."""
+    model, processor = tiny.vlm("llava", dtype=torch.float64, attn_implementation="eager")
+    inputs = _inputs(processor, [_image(16)], ["Which colour is the object in the picture?"])
+    image = inputs["input_ids"][0] == model.config.image_token_id
+    with torch.no_grad():
+        attention = model(**inputs, output_attentions=True).attentions[1][0].mean(0)  # layer 1, (q, k)
+    after = image.long().cumsum(0) > 0
+    text = (~image & after).nonzero()[:, 0]
+    rows = attention[text][:, image]
+    share = rows.sum(0) / rows.sum()
+    peak = rows.amax(0)
+    global_threshold, individual_threshold = float(share.median()), float(peak.quantile(0.75))
+    expected = (share >= global_threshold) | (peak >= individual_threshold)
+    assert 0 < int(expected.sum()) < len(expected), "the planted thresholds split the tokens"
+    method = MustDrop(budget=0.5, merge_threshold=1.0, key_fraction=0.0, layers=(1,), cap_budget=False,
+                      global_threshold=global_threshold, individual_threshold=individual_threshold)
+    with method.apply(model), torch.no_grad():
+        model(**inputs)
+    assert torch.equal(method.stats.visual_kept_mask[0], expected)
+
+
+def test_mustdrop_without_the_cap_may_keep_everything():
+    """cap_budget=False: the budget only picks the thresholds; an open filter keeps every token."""
+    model, processor = tiny.vlm("llava")
+    inputs = _inputs(processor, [_image(17)], ["What is this?"])
+    method = MustDrop(budget=0.3, merge_threshold=1.0, layers=(1,), cap_budget=False, global_threshold=0.0,
+                      individual_threshold=0.0)
+    with method.apply(model), torch.no_grad():
+        model(**inputs)
+    assert method.stats.visual_tokens_kept == method.stats.visual_tokens_in
+    with pytest.raises(ValueError, match="decode_cache"):
+        MustDrop(decode_cache="compact")

@@ -44,7 +44,7 @@ class LLMLayerPruner(TokenPruner):
     A subclass provides :meth:`pruning_layers` and :meth:`select_in_llm`, and may set
     ``scored_by = "text"`` (score by every text token's attention instead of the last one's),
     ``prunes_before_llm = True`` (also run :meth:`select` before the LLM) and override
-    :meth:`compacts_cache`.
+    :meth:`decode_cache_policy`.
     """
 
     scored_by: ClassVar[str] = "last"
@@ -60,9 +60,15 @@ class LLMLayerPruner(TokenPruner):
         """Indices (into ``image.positions``, ascending) to keep after pruning layer number ``stage``."""
         raise NotImplementedError
 
-    def compacts_cache(self) -> bool:
-        """Whether every layer's cache keeps only the final survivors after the prefill."""
-        return False
+    def decode_cache_policy(self) -> str:
+        """What each layer's cache keeps once the prefill is done:
+
+        ``"per_layer"`` (default): the tokens that reached the layer; ``"all_layers"``: every
+        layer only the final survivors (the prompt is one short sequence for decoding);
+        ``"official"``: layers from the first pruning layer on only the final survivors, earlier
+        layers the whole prompt (MustDrop's released code).
+        """
+        return "per_layer"
 
     # --- attach / detach -------------------------------------------------------------------------
     def attach(self, model) -> "LLMLayerPruner":
@@ -84,7 +90,7 @@ class LLMLayerPruner(TokenPruner):
             language_model.register_forward_pre_hook(self._llm_inputs, with_kwargs=True),
             language_model.register_forward_hook(self._finish_prefill, with_kwargs=True),
             *(layer.register_forward_pre_hook(functools.partial(self._layer_inputs, index=index), with_kwargs=True)
-              for index, layer in enumerate(layers) if stage_of[index] > 0),
+              for index, layer in enumerate(layers) if stage_of[index] > 0 or index == pruning[0]),
             *(self._hook_vision(model, adapter) if self.prunes_before_llm else []),
             *(self._record_encoder_inputs(model, adapter) if self.prunes_before_llm else []),
         ]
@@ -147,6 +153,9 @@ class LLMLayerPruner(TokenPruner):
 
     @staticmethod
     def _text_rows(image_mask: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
+        """The text tokens that score visual tokens (``scored_by = "text"``). MustDrop's released
+        code takes the text after the image; the tokens before it cannot attend it (causal), so
+        every non-image token gives the same scores."""
         return [(valid[b] & ~image_mask[b]).nonzero()[:, 0] for b in range(image_mask.shape[0])]
 
     # --- every decoder layer after the first pruning layer ---------------------------------------
@@ -155,6 +164,10 @@ class LLMLayerPruner(TokenPruner):
         if llm is None:
             return args, kwargs
         stage = self._stage_of[index]
+        if stage == 0:  # the first pruning layer: decoding over the survivors only under the "official" policy
+            if "step" not in llm or not llm.get("first_pruning_layer_final"):
+                return args, kwargs
+            stage = 1
         hidden = args[0] if args else kwargs["hidden_states"]
         if "step" not in llm and stage > len(llm["plans"]):  # prefill: this layer follows a pruning layer
             hidden = self._drop(hidden, stage)
@@ -275,18 +288,21 @@ class LLMLayerPruner(TokenPruner):
         cache = output_cache(output, kwargs)
         if llm is not None and llm["plans"] and "step" not in llm and "compacted" not in llm:
             self._recorder.active = False
-            if self.compacts_cache() and cache is not None:
+            policy = self.decode_cache_policy()
+            if policy == "all_layers" and cache is not None:
                 self._compact(cache)
-            llm["compacted"] = self.compacts_cache()
+            elif policy == "official" and cache is not None:
+                self._compact_pruned_layers(cache)
+            llm["compacted"] = policy == "all_layers"
         self._measure(module, args, kwargs, output)
 
-    def _compact(self, cache) -> None:
-        """Keep only the final survivors in every layer's cache; decoding then sees one short prompt."""
+    def _keep_final(self, cache, from_layer: int) -> None:
+        """Cut the cache of every layer from ``from_layer`` on to the final survivors."""
         llm = self._state["llm"]
         final = llm["plans"][-1]
         for index, layer in enumerate(getattr(cache, "layers", [])):
             stage = self._stage_of.get(index, 0)
-            if stage == len(llm["plans"]):
+            if index < from_layer or stage == len(llm["plans"]):
                 continue
             if stage == 0:
                 relative = final["columns"]
@@ -299,6 +315,22 @@ class LLMLayerPruner(TokenPruner):
             index_ = relative[:, None, :, None]
             layer.keys = layer.keys.gather(2, index_.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1]))
             layer.values = layer.values.gather(2, index_.expand(-1, layer.values.shape[1], -1, layer.values.shape[-1]))
+
+    def _compact_pruned_layers(self, cache) -> None:
+        """``"official"`` policy: the layers from the first pruning layer on keep only the final
+        survivors, the earlier layers the whole prompt; decoding gives each the mask (and,
+        renumbering, the positions) of what its cache holds."""
+        self._keep_final(cache, from_layer=self._pruning[0])
+        llm = self._state["llm"]
+        llm["plans"] = [llm["plans"][-1]] * len(llm["plans"])
+        llm["first_pruning_layer_final"] = True
+
+    def _compact(self, cache) -> None:
+        """``"all_layers"`` policy: only the final survivors in every layer's cache; decoding then
+        sees one short prompt."""
+        llm = self._state["llm"]
+        final = llm["plans"][-1]
+        self._keep_final(cache, from_layer=0)
         # the LLM-level plan: generate()'s prompt -> the compacted cache
         before = self._state.get("prefill")
         columns, real = final["columns"], final["real"]

@@ -1,19 +1,21 @@
 """MustDrop: multi-stage vision token dropping (Liu et al., 2024, arXiv 2411.10803).
 
-Three stages over a token's whole life:
+Three stages over a token's whole life, as the released code (liuting20/MustDrop) runs them:
 
 1. Vision (before the LLM): each image's patch grid is tiled with ``window x window`` windows
    (3 x 3); a window whose tokens have a mean pairwise cosine similarity >= ``merge_threshold``
-   (0.8) becomes one token, the mean of its tokens, at its top-left token's position. A "key
-   set" of the ``key_fraction`` (8%) tokens with the highest CLS attention at the vision
-   tower's feature layer is never merged and never dropped.
+   (0.8) becomes one token, the mean of its tokens, at its top-left token's position. Then, on
+   the merged sequence, a "key set" of the ``ceil(key_fraction * N)`` (8%) tokens with the
+   highest CLS attention at the vision tower's LAST layer is marked never-droppable (a merged
+   token can be a key token: the merge ignores the key set).
 2. Prefill: at LLM ``layers`` (2, 6, 10, 14) every text token's attention to each visual token
    is recorded (head-averaged). A visual token is dropped when BOTH its share of the total
    text-to-visual attention is below ``global_threshold`` AND the largest attention any single
    text token gives it is below ``individual_threshold`` (the dual-attention filter).
-3. Decoding: every layer's KV cache keeps only the tokens that survived the last filter layer
-   (the paper's output-aware cache policy), so decoding attends to the short prompt at every
-   layer.
+3. Decoding (``decode_cache="official"``, the paper's output-aware cache policy): the layers
+   from the first filter layer on keep only the tokens that survived the last filter layer;
+   the layers before it keep the whole prompt. Each layer's decoding step attends what its
+   cache holds.
 
 Choices where transformers or hasten's API leave the paper's letter:
 
@@ -21,12 +23,15 @@ Choices where transformers or hasten's API leave the paper's letter:
   after its layer 0: transformers' VLMs place exactly one feature per image placeholder, so
   the tower cannot shorten its own sequence without a forked model file. The windows are the
   same (the patch grid of each image or anyres partition; LLaVA-Next's row newlines are never
-  merged), the similarity is measured on the tokens the LLM sees.
-- ``budget`` is a cap. The paper tunes its thresholds to land near a target count (192, 128,
-  64 of 576); hasten uses the paper's thresholds for the nearest target and, at the last filter
-  layer, drops the lowest-attention survivors until at most ``max(floor(budget * n), key set)``
-  of each image's ``n`` visual tokens remain, so every image meets the budget.
-- Qwen2-VL has no CLS token: its key set is the tokens with the largest hidden-state L2 norm.
+  merged), the similarity is measured on the tokens the LLM sees. The tower therefore runs
+  unmerged: a merged token's key-set score is the last-layer CLS attention its window's
+  patches receive together.
+- ``budget`` is a cap by default (``cap_budget=True``, hasten's addition). The paper tunes its
+  thresholds to land near a target count (192, 128, 64 of 576); hasten uses the paper's
+  thresholds for the nearest target and, at the last filter layer, drops the lowest-attention
+  survivors until at most ``max(floor(budget * n), key set)`` of each image's ``n`` visual
+  tokens remain, so every image meets the budget. ``cap_budget=False`` is the released code.
+- Qwen2-VL has no CLS token: its key set is the merged tokens with the largest L2 norm.
 - Positions are kept (``renumber=False``); the paper renumbers (``renumber=True``, LLaVA only):
   see :class:`~hasten.token_pruning.TokenPruner`.
 - Filter layers the model does not have (a tiny LLM) are skipped with a one-time warning.
@@ -48,6 +53,7 @@ __all__ = ["MustDrop"]
 
 # (target visual tokens of 576, global threshold, individual threshold): the paper's settings.
 _THRESHOLDS = ((192, 0.001, 0.001), (128, 0.0012, 0.001), (64, 0.011, 0.01))
+_DECODE_CACHES = ("official", "all_layers", "per_layer")
 
 
 @dataclass
@@ -70,8 +76,17 @@ class MustDrop(LLMLayerPruner):
     global_threshold, individual_threshold : float, optional
         The dual-attention filter's thresholds; by default the paper's values for the target
         count nearest ``budget * 576``: 0.001 / 0.001 (192), 0.0012 / 0.001 (128), 0.011 / 0.01 (64).
-    compact_cache : bool, default True
-        The paper's decoding policy: every layer's cache keeps only the final survivors.
+    decode_cache : {"official", "all_layers", "per_layer"}, default "official"
+        What the caches keep for decoding (the paper's "output-aware" policy). ``"official"``, as
+        the released code: the layers from the first filter layer on keep only the final
+        survivors, the earlier layers the whole prompt. ``"all_layers"``: every layer keeps only
+        the survivors (the smallest cache). ``"per_layer"``: each layer keeps what reached it.
+    cap_budget : bool, default True
+        hasten's addition: at the last filter layer, drop the lowest-attention survivors until at
+        most ``max(floor(budget * n), key set)`` of each image's ``n`` visual tokens remain, so
+        every image meets ``budget`` whatever the thresholds let through (methods compare at one
+        budget). The released code has no cap (``cap_budget=False``): there ``budget`` only picks
+        the thresholds.
 
     Examples
     --------
@@ -94,7 +109,8 @@ class MustDrop(LLMLayerPruner):
     layers: tuple[int, ...] = (2, 6, 10, 14)
     global_threshold: float | None = None
     individual_threshold: float | None = None
-    compact_cache: bool = True
+    decode_cache: str = "official"
+    cap_budget: bool = True
 
     scored_by = "text"
     prunes_before_llm = True
@@ -119,17 +135,18 @@ class MustDrop(LLMLayerPruner):
         for name in ("global_threshold", "individual_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)!r}")
+        if self.decode_cache not in _DECODE_CACHES:
+            raise ValueError(f"`decode_cache` must be one of {_DECODE_CACHES}, got {self.decode_cache!r}")
+        if not isinstance(self.cap_budget, bool):
+            raise ValueError(f"`cap_budget` must be True or False, got {self.cap_budget!r}")
 
     # --- stage 1: merge windows, mark the key set ---------------------------------------------------
     def _hook_vision(self, model, adapter):
         self._cls = None
-        if adapter.has_cls:
-            layer = model.config.vision_feature_layer
-            if not isinstance(layer, int):
-                raise ValueError("MustDrop needs a single `vision_feature_layer`")
+        if adapter.has_cls:  # the key set: CLS attention of the vision tower's LAST layer (released code)
             tower = adapter.vision_tower(model)
-            self._feature_layer = (layer % (len(encoder_layers_of(tower)) + 1)) - 1
-            self._cls = CLSAttention(tower, [self._feature_layer])
+            self._key_layer = len(encoder_layers_of(tower)) - 1
+            self._cls = CLSAttention(tower, [self._key_layer])
             return self._cls.handles
         return []
 
@@ -140,14 +157,8 @@ class MustDrop(LLMLayerPruner):
             raise ValueError("MustDrop needs each image's patch layout (LLaVA, LLaVA-Next with `image_sizes`, Qwen2-VL)")
         layout = image.layout.to(device)
         patch = layout[:, 0] >= 0
-        key = torch.zeros(n, dtype=torch.bool, device=device)
-        count = math.ceil(self.key_fraction * int(patch.sum()))
-        if count:
-            saliency = self._key_scores(image, layout).masked_fill(~patch, float("-inf"))
-            key[saliency.topk(count).indices] = True
-        self._state.setdefault("key_set", []).append((image.sample, image.positions[key]))
 
-        # windows: (vision row, patch row // w, patch col // w); non-patch tokens are their own
+        # 1. merge: windows of (vision row, patch row // w, patch col // w); non-patch tokens are their own
         side = self.window
         window_key = torch.stack([layout[:, 0], layout[:, 1] // side, layout[:, 2] // side], 1)
         window_key[~patch] = torch.stack([torch.full_like(layout[~patch, 0], -1),
@@ -159,8 +170,7 @@ class MustDrop(LLMLayerPruner):
         total = torch.zeros(windows, unit.shape[-1], device=device).index_add_(0, window, unit)
         # mean pairwise cosine over i != j: (|sum of unit vectors|^2 - m) / (m (m - 1))
         similarity = (total.pow(2).sum(-1) - size) / (size * (size - 1)).clamp_min(1)
-        has_key = torch.zeros(windows, device=device).index_add_(0, window, key.float()) > 0
-        merged = (size >= 2) & (similarity >= self.merge_threshold) & ~has_key
+        merged = (size >= 2) & (similarity >= self.merge_threshold)
         token_merged = merged[window]
         first = torch.full((windows,), n, dtype=torch.long, device=device).scatter_reduce_(
             0, window, torch.arange(n, device=device), "amin")
@@ -169,18 +179,36 @@ class MustDrop(LLMLayerPruner):
         embeds = image.embeds.float()
         means = torch.zeros(windows, embeds.shape[-1], device=device).index_add_(0, window, embeds) / size[:, None]
         replaced = torch.where(token_merged[kept, None], means[window[kept]], embeds[kept])
+
+        # 2. the key set, on the merged sequence: its top ceil(key_fraction * patches) tokens
+        kept_patch = patch[kept]
+        count = math.ceil(self.key_fraction * int(kept_patch.sum()))
+        if count:
+            scores = self._key_scores(image, layout, window, token_merged, replaced, kept)
+            key = scores.masked_fill(~kept_patch, float("-inf")).topk(count).indices
+            self._state.setdefault("key_set", []).append((image.sample, image.positions[kept[key].to(
+                image.positions.device)]))
         self._state.setdefault("originals", {})[image.index] = n
         return kept.to(image.positions.device), replaced
 
-    def _key_scores(self, image: ImageTokens, layout: torch.Tensor) -> torch.Tensor:
-        """CLS attention of each token's patch (LLaVA, LLaVA-Next), else its L2 norm (Qwen)."""
+    def _key_scores(self, image: ImageTokens, layout: torch.Tensor, window: torch.Tensor,
+                    token_merged: torch.Tensor, replaced: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Key-set scores of the merged tokens ``kept``.
+
+        LLaVA / LLaVA-Next: CLS attention at the vision tower's last layer (heads summed: the
+        same ranking as the released code's mean). hasten's tower runs unmerged, so a merged
+        window scores the attention its members receive together, the mass the released code's
+        merged token would draw. Qwen (no CLS): the L2 norm of the merged token.
+        """
         if self._cls is None:
-            return l2_saliency(image.embeds)
-        scores = self._cls.scores[self._feature_layer]  # (vision rows, patches)
+            return l2_saliency(replaced)
+        scores = self._cls.scores[self._key_layer]  # (vision rows, patches)
         side = int(round(scores.shape[1] ** 0.5))
         patch = layout[:, 0] >= 0
         flat = (layout[:, 0].clamp_min(0), (layout[:, 1] * side + layout[:, 2]).clamp_min(0))
-        return torch.where(patch, scores.to(layout.device)[flat], 0.0)
+        per_token = torch.where(patch, scores.to(layout.device)[flat], 0.0)
+        per_window = torch.zeros(int(window.max()) + 1, device=layout.device).index_add_(0, window, per_token)
+        return torch.where(token_merged[kept], per_window[window[kept]], per_token[kept])
 
     def _protected(self, prompt: dict) -> torch.Tensor:
         """The key set, as flags over the LLM input (after stage 1)."""
@@ -209,7 +237,7 @@ class MustDrop(LLMLayerPruner):
         protected = image.protected if image.protected is not None else torch.zeros_like(received, dtype=torch.bool)
         protected = protected.to(received.device)
         keep = (share >= self.global_threshold) | (peak >= self.individual_threshold) | protected
-        if stage == len(self._pruning):  # the budget, per image, at the last filter layer
+        if self.cap_budget and stage == len(self._pruning):  # the budget, per image, at the last filter layer
             original = self._state.get("originals", {}).get(image.index, len(received))
             cap = max(int(self.budget * original), int(protected.sum()), 1)
             if int(keep.sum()) > cap:
@@ -220,5 +248,9 @@ class MustDrop(LLMLayerPruner):
             keep[share.argmax()] = True
         return keep.nonzero()[:, 0]
 
-    def compacts_cache(self) -> bool:
-        return self.compact_cache
+    def decode_cache_policy(self) -> str:
+        return self.decode_cache
+
+    def kept_count_for(self, n: int) -> int:
+        """Without the cap, ``budget`` only picks the thresholds: nothing must be dropped."""
+        return super().kept_count_for(n) if self.cap_budget else n
