@@ -13,8 +13,11 @@ unchanged) that stores, per batch row:
   nobody flagged is compressed at the first decoding step.
 
 Which prompt tokens are important is told by :meth:`MixedPrecisionLayer.compress` (ZipVL does it
-right after the layer's prefill attention); tokens compressed without a verdict (decoded
-tokens, or a cache nobody flags) go to ``high_bits``. 16 bits means "not quantised": with
+right after the layer's prefill attention). Decoded tokens are compressed without a verdict (at
+``high_bits``) unless a method sets ``layer.defer_decoded``: the layer then only announces the
+tokens due (:attr:`MixedPrecisionLayer.due`) and the method compresses them with its own verdict
+after the step's attention (ZipVL splits each block of generated tokens by the current query's
+attention). A cache nobody flags is compressed at ``high_bits``. 16 bits means "not quantised": with
 ``high_bits = low_bits = 16`` the cache holds exactly what a ``DynamicCache`` would.
 
 Attention reads the dequantised tensors (as transformers' quantised caches do), unless a
@@ -56,7 +59,8 @@ class MixedPrecisionConfig:
     low_bits : {2, 4, 8, 16}, default 2
         The rest (ZipVL: 2-bit).
     residual : int, default 32
-        Most recent tokens kept in full precision.
+        Most recent tokens kept in full precision after each compression (:class:`ZipVL` uses 0:
+        the paper compresses each block of ``recompress_every`` generated tokens whole).
     recompress_every : int, default 100
         Generated tokens between compressions of the residual window (ZipVL: 100).
     group : int, default 32
@@ -147,6 +151,9 @@ class MixedPrecisionLayer(DynamicLayer):
         self._prefix = 0  # tokens in the compressed prefix (the same count in every row)
         self._updates = 0
         self.fused = False  # set by a method whose attention hook calls decode_attention
+        self.defer_decoded = False  # set by a method that compresses decoded tokens itself (see `due`)
+        self.due = 0  # with defer_decoded: the oldest residual tokens due for compression at this step
+        self.last_lse = None  # (batch, heads) log-sum-exp of the last decode_attention call, over every key
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -160,7 +167,10 @@ class MixedPrecisionLayer(DynamicLayer):
             return self.keys, self.values  # the prefill: a method may flag its tokens (compress) before the next step
         due = self.config.residual + (self.config.recompress_every if self._prefix else 0)
         if self.keys.shape[-2] >= max(due, 1):  # no verdict on the prompt: compressed at the first step
-            self.compress(None, self.keys.shape[-2] - self.config.residual)
+            if self.defer_decoded and self._prefix:
+                self.due = self.keys.shape[-2] - self.config.residual  # the method compresses after attention
+            else:
+                self.compress(None, self.keys.shape[-2] - self.config.residual)
         if self.reads_fused(key_states.shape[-2]):
             return self.keys, self.values  # the residual window: decode_attention adds the compressed prefix
         return self._read()
@@ -186,7 +196,7 @@ class MixedPrecisionLayer(DynamicLayer):
         fused = None
         if backend == "triton" or (backend == "auto" and query.is_cuda):
             from ..kernels.triton_kv_quant import triton_partial_attention as fused
-        outputs = []
+        outputs, lses = [], []
         for row, segments in enumerate(self._rows):
             valid = _key_valid(mask, row, self._prefix + keys.shape[-2], query.device)
             q = query[row, :, -1]
@@ -202,6 +212,8 @@ class MixedPrecisionLayer(DynamicLayer):
             parts.append(partial_attention(q, keys[row], values[row], scaling,
                                            None if valid is None else valid[self._prefix:]))
             outputs.append(merge_partials(parts))
+            lses.append(torch.logsumexp(torch.stack([lse for _, lse in parts]), 0))
+        self.last_lse = torch.stack(lses)  # (batch, heads): the softmax normaliser over every key
         return torch.stack(outputs)[:, None].to(query.dtype)
 
     def compress(self, important: torch.Tensor | None, count: int | None = None) -> None:
@@ -210,6 +222,7 @@ class MixedPrecisionLayer(DynamicLayer):
         ``important``: ``(batch, count)`` bool, True -> ``high_bits``; None: all ``high_bits``.
         """
         count = self.keys.shape[-2] if count is None else count
+        self.due = 0
         if count <= 0:
             return
         batch = self.keys.shape[0]
@@ -253,6 +266,7 @@ class MixedPrecisionLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.cumulative_length, self._rows, self._prefix, self._updates = 0, [], 0, 0
+        self.due, self.last_lse = 0, None
 
     @property
     def nbytes(self) -> int:

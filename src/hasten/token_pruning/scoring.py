@@ -8,9 +8,10 @@
   key at chosen LLM layers, recomputed from the exact queries and keys the layer uses (after
   RoPE) through a registered transformers attention function that wraps the model's own one.
 - :func:`l2_saliency`: the L2 norm of each token's hidden state.
-- :func:`probe_queries`, :func:`normalized_probe_attention`, :func:`mass_count`: ZipCache's
-  probe queries and normalised scores, and the attention-mass rule that gives ZipVL its
-  dynamic token count.
+- :func:`probe_queries`, :func:`probe_attention`, :func:`normalized_probe_attention`,
+  :func:`mass_count`: ZipVL's probe queries (64 recent + 64 random, or ZipCache's 5% + 5%), their
+  attention's column sums and ZipCache-normalised scores, and the attention-mass rule that gives
+  ZipVL its dynamic token count.
 - :func:`z_saliency`, :func:`subspace_residuals`: GUI-KV's spatial saliency and temporal
   redundancy.
 - :class:`AttentionHook`: the registered attention function all of the in-LLM scores (and
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 __all__ = ["AttentionHook", "CLSAttention", "QueryAttention", "encoder_layers_of", "l2_saliency", "mass_count",
-           "normalized_probe_attention", "probe_queries", "subspace_residuals", "z_saliency"]
+           "normalized_probe_attention", "probe_attention", "probe_queries", "subspace_residuals", "z_saliency"]
 
 _RECORDING = "hasten_record"  # the registered attention function name
 
@@ -193,9 +194,14 @@ class QueryAttention(AttentionHook):
         return torch.softmax(logits, dim=-1)
 
 
-def probe_queries(valid: torch.Tensor, fraction: float = 0.05, seed: int = 0) -> list[torch.Tensor]:
-    """ZipCache's probe queries per sample: the last ``fraction`` of the valid positions plus a
-    random ``fraction`` of the others (at least one of each where possible), ascending.
+def probe_queries(valid: torch.Tensor, fraction: float | None = None, seed: int = 0, recent: int = 64,
+                  random: int = 64) -> list[torch.Tensor]:
+    """Probe queries per sample: the most recent valid positions plus randomly drawn earlier ones, ascending.
+
+    By default ``recent`` (64) recent and ``random`` (64) random probes (ZipVL, arXiv
+    2410.08584), fewer where the sample is shorter (all of its tokens below 128). With
+    ``fraction`` set, ZipCache's rule instead: the last ``fraction`` of the valid positions plus a
+    random ``fraction`` of the others, at least one of each where possible.
 
     ``valid``: ``(batch, length)`` bool, the real (unpadded) tokens.
     """
@@ -203,21 +209,27 @@ def probe_queries(valid: torch.Tensor, fraction: float = 0.05, seed: int = 0) ->
     generator = torch.Generator().manual_seed(seed)
     for row in valid:
         positions = row.nonzero()[:, 0]
-        count = max(1, int(round(fraction * len(positions))))
-        recent, rest = positions[-count:], positions[:-count]
-        drawn = rest[torch.randperm(len(rest), generator=generator)[: min(count, len(rest))].to(rest.device)]
-        probes.append(torch.cat([drawn, recent]).sort().values)
+        if fraction is not None:
+            count = max(1, int(round(fraction * len(positions))))
+            recent_count, random_count = count, count
+        else:
+            recent_count, random_count = recent, random
+        recent_count = min(recent_count, len(positions))
+        chosen, rest = positions[len(positions) - recent_count:], positions[:len(positions) - recent_count]
+        drawn = rest[torch.randperm(len(rest), generator=generator)[: min(random_count, len(rest))].to(rest.device)]
+        probes.append(torch.cat([drawn, chosen]).sort().values)
     return probes
 
 
-def normalized_probe_attention(query: torch.Tensor, key: torch.Tensor, probes: torch.Tensor, scaling: float,
-                               key_valid: torch.Tensor) -> torch.Tensor:
-    """ZipCache-normalised attention of one sample's keys from its probe queries, head-averaged.
+def probe_attention(query: torch.Tensor, key: torch.Tensor, probes: torch.Tensor, scaling: float,
+                    key_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample's probe attention, head-averaged: each key's column sum and how many probes see it.
 
     ``query`` ``(heads, length, dim)``, ``key`` ``(kv_heads, length, dim)`` (after RoPE),
-    ``probes`` ascending positions, ``key_valid`` ``(length,)``. Returns ``(length,)``: each
-    key's attention summed over the probes that can see it (causally), divided by how many can:
-    early tokens are not favoured merely for being visible to more queries.
+    ``probes`` ascending positions, ``key_valid`` ``(length,)``. Each probe's causal softmax
+    over the valid keys is averaged over heads (a row still sums to 1). Returns ``(length,)``
+    column sums (ZipVL Eq. 6's accumulated scores: they total the number of probes) and
+    ``(length,)`` counts of the probes that can see each key (Eq. 7's normaliser).
     """
     heads, kv_heads = query.shape[0], key.shape[0]
     keys = (key.repeat_interleave(heads // kv_heads, 0) if heads != kv_heads else key).float()
@@ -225,12 +237,27 @@ def normalized_probe_attention(query: torch.Tensor, key: torch.Tensor, probes: t
     length = key.shape[1]
     visible = (torch.arange(length, device=key.device)[None] <= probes[:, None]) & key_valid[None]
     attention = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1).mean(0)  # (probes, length)
-    seen = visible.sum(0).clamp_min(1)
-    return attention.sum(0) / seen
+    return attention.sum(0), visible.sum(0)
+
+
+def normalized_probe_attention(query: torch.Tensor, key: torch.Tensor, probes: torch.Tensor, scaling: float,
+                               key_valid: torch.Tensor) -> torch.Tensor:
+    """ZipCache-normalised attention of one sample's keys from its probe queries, head-averaged.
+
+    Arguments as :func:`probe_attention`. Returns ``(length,)``: each key's attention summed over
+    the probes that can see it (causally), divided by how many can (ZipVL Eq. 7): early tokens
+    are not favoured merely for being visible to more queries.
+    """
+    sums, seen = probe_attention(query, key, probes, scaling, key_valid)
+    return sums / seen.clamp_min(1)
 
 
 def mass_count(scores: torch.Tensor, tau: float) -> int:
-    """The fewest top scores that hold a fraction ``tau`` of their total (ZipVL's dynamic count)."""
+    """The fewest top scores that hold a fraction ``tau`` of their total (ZipVL's dynamic count, Eq. 6).
+
+    On the un-normalised column sums of an attention matrix whose rows sum to 1 the total is the
+    number of rows ``n``, so this is Eq. 6's "smallest p whose sorted sums reach tau * n".
+    """
     if tau >= 1.0:
         return len(scores)
     ordered = scores.sort(descending=True).values
