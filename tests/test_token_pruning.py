@@ -138,6 +138,15 @@ def test_kept_counts_follow_the_budget_and_only_visual_tokens_go(vlm):
         n = stats.visual_tokens_in[0]
         if isinstance(method, SpatialPool):
             assert stats.visual_tokens_kept[0] <= 0.25 * n
+        elif isinstance(method, HiRED) and kind == "llava-next":  # over (k + 1) partitions of patches
+            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+            vision = model.config.vision_config
+            partitions = image_size_to_num_patches(image_size=inputs["image_sizes"][0].tolist(),
+                                                   grid_pinpoints=model.config.image_grid_pinpoints,
+                                                   patch_size=vision.image_size)
+            side = vision.image_size // vision.patch_size
+            assert stats.visual_tokens_kept[0] == int(0.25 * partitions * side * side)
         else:
             assert stats.visual_tokens_kept[0] == max(1, int(0.25 * n))
         dropped = _dropped_positions(method, inputs, model)
@@ -357,11 +366,11 @@ def test_hired_gives_more_budget_to_the_sub_image_with_planted_content():
     layer0 = torch.full((5, side * side), 0.01)
     layer0[0].view(side, side)[2:, 2:] = 1.0  # bottom-right of the full image
     feature = torch.rand(5, side * side, generator=torch.Generator().manual_seed(0))
-    method = HiRED(budget=0.25)  # 22 of 88 tokens: 11 to the full image, 11 to the sub-images
+    method = HiRED(budget=0.25)  # int(0.25 * 5 * 16) = 20 tokens: 10 to the full image, 10 to the sub-images
     method._cls, method._feature_layer = _PlantedCLS({0: layer0, 2: feature}), 2
     image = ImageTokens(sample=0, positions=torch.arange(n), embeds=torch.zeros(n, 8), layout=layout, index=0)
     kept, _ = method.select(image)
-    budget = int(0.25 * n)
+    budget = int(0.25 * 5 * side * side)  # the official budget: (k + 1) partitions of side^2 patches
     assert len(kept) == budget and len(set(kept.tolist())) == budget
     partition_of = layout[kept, 0]
     per_partition = [int((partition_of == p).sum()) for p in range(5)]
@@ -615,3 +624,45 @@ def test_mustdrop_without_the_cap_may_keep_everything():
     assert method.stats.visual_tokens_kept == method.stats.visual_tokens_in
     with pytest.raises(ValueError, match="decode_cache"):
         MustDrop(decode_cache="compact")
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2-vl"])
+def test_fastv_keeps_the_top_of_the_last_tokens_eager_attention(kind):
+    """FastV's rule, written independently: at layer K the visual tokens with the largest
+    head-averaged attention from the last prompt token, read from the unpruned model's own eager
+    attention weights."""
+    from hasten.token_pruning import FastV
+
+    model, processor = tiny.vlm(kind, dtype=torch.float64, attn_implementation="eager")
+    inputs = _inputs(processor, [_image(18)], ["What is in the picture?"])
+    image = inputs["input_ids"][0] == model.config.image_token_id
+    with torch.no_grad():
+        attention = model(**inputs, output_attentions=True).attentions[1][0, :, -1].mean(0)  # layer 1, last query
+    n = int(image.sum())
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[attention[image].topk(int(0.25 * n)).indices] = True
+    method = FastV(budget=0.25, layer=1)
+    with method.apply(model), torch.no_grad():
+        model(**inputs)
+    assert torch.equal(method.stats.visual_kept_mask[0], expected)
+
+
+def test_hired_llava_next_budget_counts_full_partitions_of_patches():
+    """The official budget on LLaVA-Next: int(rate * (k + 1) * P) over the (k + 1) partitions of P
+    patches, not over the LLM-side tokens (which add row newlines and lose unpadded rows)."""
+    model, processor = tiny.vlm("llava-next")
+    inputs = _inputs(processor, [_image(19, 48, 96)], ["What?"])
+    method = HiRED(budget=0.2)
+    with method.apply(model), torch.no_grad():
+        model(**inputs)
+    config = model.config
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    count = image_size_to_num_patches(image_size=inputs["image_sizes"][0].tolist(),
+                                      grid_pinpoints=config.image_grid_pinpoints,
+                                      patch_size=config.vision_config.image_size)
+    assert count > 1, "an anyres image: the full image and sub-images"
+    n = method.stats.visual_tokens_in[0]
+    assert method.stats.visual_tokens_kept == [int(0.2 * count * side * side)]
+    assert method.stats.visual_tokens_kept != [int(0.2 * n)], "the LLM-side count would differ here"

@@ -3,14 +3,21 @@
 Before the LLM, each image partition keeps its tokens with the highest CLS attention at the
 vision tower's feature layer (the layer LLaVA uses, 22 of CLIP-L/336), summed over heads.
 
-With several partitions (LLaVA-Next anyres: the full image, then k sub-images), the budget
-``B = floor(budget * n)`` of an image's ``n`` tokens is split: ``floor(alpha * B)`` to the full
-image, the rest to the sub-images in proportion to their content score, the layer-0 CLS
+With several partitions (LLaVA-Next anyres: the full image, then k sub-images), the budget is
+the official code's ``B = int(budget * (k + 1) * P)`` over the ``P`` patches of a full
+partition (576 for CLIP-L/336), not over the tokens the LLM sees (those add row newlines and
+lose the rows anyres unpadding crops). It is split: ``floor(alpha * B)`` to the full image, the rest to the sub-images in proportion to their content score, the layer-0 CLS
 attention of the full image summed over the full-image patches that cover each sub-image
 (the paper's rule; its public code counts top layer-0 tokens per region instead). Rounding
 remainders go to the largest fractional shares, and a partition that has fewer tokens than its
 share (anyres unpadding crops sub-images) passes the rest on, so every image keeps exactly
-``B`` tokens. LLaVA-Next's row-newline tokens carry no patch and are dropped first.
+``B`` tokens (all of its patches, when unpadding left fewer than ``B``). LLaVA-Next's
+row-newline tokens carry no patch and are dropped first.
+
+The sub-image grid is read in row-major order (rows of sub-images, as transformers packs
+them). The official code maps sub-images to full-image regions with the grid transposed
+(columns for rows); hasten keeps the correct orientation, so on a non-square grid its content
+scores go to the sub-images they describe.
 
 Qwen2-VL / Qwen2.5-VL variant: their vision towers have no CLS token and one native-resolution
 partition, so there is no budget split, and each token is scored by its L2 norm at the LLM
@@ -80,9 +87,9 @@ class HiRED(TokenPruner):
     def select(self, image: ImageTokens):
         n, budget = len(image.positions), self.kept_count(image)
         device = image.embeds.device
-        if budget >= n:
-            return torch.arange(n, device=device), None
         if self._cls is None:  # Qwen: no CLS token, one partition
+            if budget >= n:
+                return torch.arange(n, device=device), None
             return l2_saliency(image.embeds).topk(budget).indices.sort().values, None
         if image.layout is None:
             raise ValueError("HiRED needs each image's patch layout (LLaVA; LLaVA-Next with `image_sizes`)")
@@ -93,6 +100,10 @@ class HiRED(TokenPruner):
         flat = layout[:, 1].clamp_min(0) * side + layout[:, 2].clamp_min(0)
         scores = torch.where(patch, feature[layout[:, 0].clamp_min(0), flat], float("-inf"))
         partitions = layout[patch, 0].unique()  # ascending: the full image first
+        if len(partitions) > 1 and self.budget < 1.0:  # anyres: the official budget, over (k + 1) partitions
+            budget = min(int(self.budget * len(partitions) * side * side), int(patch.sum()))
+        if budget >= n:
+            return torch.arange(n, device=device), None
         shares = self._partition_budgets(budget, layout, patch, partitions, side)
         kept = [scores.masked_fill(layout[:, 0] != row, float("-inf")).topk(count).indices
                 for row, count in zip(partitions.tolist(), shares) if count]
