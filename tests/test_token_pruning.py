@@ -69,27 +69,17 @@ def _masked_reference(model, inputs, dropped: torch.Tensor, kind: str):
 
 
 def _dropped_positions(method, inputs, model):
-    """Which prompt positions the method dropped (recorded from its kept columns)."""
-    columns, real = method._state_after["columns"], method._state_after["real"]
-    kept = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
-    for row in range(kept.shape[0]):
-        kept[row, columns[row][real[row]]] = True
-    return ~kept
+    """Which prompt positions the method dropped, from its public stats (one flag per visual token)."""
+    image = inputs["input_ids"] == model.config.image_token_id
+    dropped = torch.zeros_like(image)
+    for row, kept in enumerate(method.stats.visual_kept_mask):
+        dropped[row, image[row].nonzero()[:, 0][~kept]] = True
+    return dropped
 
 
-@pytest.fixture(autouse=True)
-def _keep_prefill_state(monkeypatch):
-    """Let tests see the kept columns of the last prefill (the core keeps them while attached)."""
-    from hasten.token_pruning import core
-
-    original = core.TokenPruner._prefill
-
-    def prefill(self, kwargs, embeds):
-        out = original(self, kwargs, embeds)
-        self._state_after = dict(self._state["prefill"])
-        return out
-
-    monkeypatch.setattr(core.TokenPruner, "_prefill", prefill)
+def _kept_positions(method, inputs, model, row: int = 0):
+    """The prompt positions the method kept in sample ``row`` (ascending)."""
+    return (~_dropped_positions(method, inputs, model)[row]).nonzero()[:, 0]
 
 
 def test_pruning_equals_masking_with_original_positions(vlm):
@@ -194,7 +184,7 @@ def test_qwen_kept_tokens_keep_their_mrope_positions():
             model(**inputs)
         finally:
             handle.remove()
-    columns = method._state_after["columns"][0]
+    columns = _kept_positions(method, inputs, model)
     torch.testing.assert_close(seen["positions"][-3:, 0], original[-3:, 0, columns])
 
 
@@ -206,7 +196,7 @@ def test_spatial_pool_merges_windows_at_top_left_positions():
         model(**inputs)
     assert method.stats.visual_tokens_kept == [16]
     image_positions = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
-    kept = method._state_after["columns"][0]
+    kept = _kept_positions(method, inputs, model)
     kept_image = kept[torch.isin(kept, image_positions)] - image_positions[0]
     assert kept_image.tolist() == [r * 8 + c for r in range(0, 8, 2) for c in range(0, 8, 2)]
 
@@ -223,7 +213,7 @@ def test_hired_keeps_the_top_cls_attention_patches():
     with method.apply(model), torch.no_grad():
         model(**inputs)
     image_positions = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
-    kept = method._state_after["columns"][0]
+    kept = _kept_positions(method, inputs, model)
     kept_image = (kept[torch.isin(kept, image_positions)] - image_positions[0]).sort().values
     expected = cls_attention.topk(16).indices.sort().values
     assert torch.equal(kept_image, expected)
@@ -298,7 +288,7 @@ def test_fastv_equals_masking_the_dropped_tokens_after_its_layer(vlm):
     with method.apply(model):
         with torch.no_grad():
             pruned = model(**inputs).logits
-        columns = method._state["llm"]["plans"][0]["columns"][0]
+        columns = _kept_positions(method, inputs, model)
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
     n = method.stats.visual_tokens_in[0]
