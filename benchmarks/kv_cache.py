@@ -5,12 +5,26 @@ Part 1 (one photo and a question, max_new_tokens decoded):
 - transformers' QuantizedCache (quanto backend, 4 and 2 bits; needs `pip install optimum-quanto`,
   skipped with a note otherwise);
 - hasten's mixed-precision cache with no importance verdict (every token at 4 bits);
-- ZipVL at its defaults (tau 0.975, important tokens 4-bit, the rest 2-bit, sparse prefill).
+- ZipVL with the paper's rules (its defaults: tau 0.975, 64 + 64 probes, p counted on the probe
+  attention's column sums, attention among the important tokens only, important tokens 4-bit and
+  the rest 2-bit, each block of 100 generated tokens split the same way);
+- ZipVL with the paper's rules but hasten's former sparse prefill (every query over the important
+  keys, ``sparse_prefill="keys"``): the two prefill rules side by side;
+- ZipVL with hasten's former rules (p counted on normalised scores, 5% + 5% probes, every query over
+  the important keys, generated tokens all 4-bit behind a 32-token full-precision window).
+
+For each ZipVL row: the mean important fraction over layers and the prefill's attention FLOPs as
+a share of the dense causal attention's (``ZipVL.prefill_flops()``; probe scoring not included,
+printed separately in the JSON rows).
 
 Part 2 (a GUI-agent trajectory of --steps synthetic screenshots, hasten.tiny.gui): full cache
 vs GUI-KV at --budget.
 
-Part 3 (no model): the bytes the mixed-precision cache stores for one layer of a full-size
+Part 3 (no model): prefill attention pairs of one layer of a full-size prompt (--prompt-tokens)
+at several important fractions, for the paper's sparse prefill (important x important), the
+former rule (every query x important keys) and dense attention, counted causally.
+
+Part 4 (no model): the bytes the mixed-precision cache stores for one layer of a full-size
 geometry (--geometry, default Qwen2.5-VL-7B: 4 KV heads x 128 dims) after a --prompt-token
 prefill, at several important fractions: the storage ratio depends only on the geometry and
 that fraction, and random weights give ZipVL's mass rule a near-uniform attention (~97%
@@ -20,6 +34,8 @@ Bytes are what each cache stores after decoding (codes, scales, zero points and 
 windows), also as a ratio to a 16-bit cache of the same tokens. Fidelity: top-1 agreement and
 mean KL(full || compressed) with the full cache's greedy continuation forced through each
 cache's decoding path, and greedy exact match. Random weights make fidelity a mechanics check.
+
+Defaults decode 128 tokens, so the block of 100 generated tokens is compressed once.
 
     python benchmarks/kv_cache.py                                    # tiny Qwen2.5-VL, CPU
     python benchmarks/kv_cache.py --model Qwen/Qwen2.5-VL-7B-Instruct --device cuda
@@ -43,6 +59,12 @@ from hasten.tiny.vlms import chat_prompt
 from hasten.token_pruning import GUIKV, ZipVL
 from hasten.token_pruning.evaluate import TINY, load_vlm, sample_images
 from hasten.token_pruning.kv_cache import MixedPrecisionConfig, mixed_precision_cache
+
+
+def zipvl_former() -> ZipVL:
+    """ZipVL with hasten's rules before issue 25 (each now an option)."""
+    return ZipVL(count_scores="normalized", probe_fraction=0.05, sparse_prefill="keys", split_generated=False,
+                 cache=MixedPrecisionConfig(residual=32))
 
 
 def _stored_bytes(cache) -> int:
@@ -84,10 +106,14 @@ class _Force:
         return torch.full_like(scores, float("-inf")).scatter_(1, self.continuation[:, step:step + 1], 0.0)
 
 
-def _run(model, inputs, tokens: int, make_cache, method, continuation=None, repeats: int = 3):
+REPEATS = 3  # timed generate() calls per measurement (median), after a warm-up; --repeats
+
+
+def _run(model, inputs, tokens: int, make_cache, method, continuation=None, repeats: int | None = None):
     """(sequences, raw logits of forced decoding, bytes, decode tokens/s) for one cache setup."""
     from transformers import LogitsProcessorList
 
+    repeats = REPEATS if repeats is None else repeats
     context = method.apply(model) if method is not None else contextlib.nullcontext()
     with context, torch.no_grad():
         def generate(new, force=None):
@@ -133,7 +159,8 @@ def _compare(name, model, inputs, setups, tokens, rows, json_lines):
     total_tokens = reference_sequences.shape[1] - 1  # cached after the last step
     sixteen = _sixteen_bit(model, total_tokens)
     print(f"\n## {name}: {inputs['input_ids'].shape[1]} prompt tokens + {tokens} decoded")
-    print(f"{'cache':28s} {'KV KiB':>9s} {'vs 16-bit':>9s} {'top1':>6s} {'KL':>9s} {'exact':>6s} {'dec tok/s':>9s}")
+    print(f"{'cache':28s} {'KV KiB':>9s} {'vs 16-bit':>9s} {'top1':>6s} {'KL':>9s} {'exact':>6s} {'dec tok/s':>9s} "
+          f"{'important':>9s} {'attn FLOPs':>10s}")
     for label, make_cache, method in setups:
         try:
             sequences, logits, stored, decode = _run(model, inputs, tokens, make_cache, method, continuation)
@@ -146,10 +173,19 @@ def _compare(name, model, inputs, setups, tokens, rows, json_lines):
         kl = float(torch.nn.functional.kl_div(logits.log_softmax(-1), reference_logits.log_softmax(-1),
                                               log_target=True, reduction="none").sum(-1).mean())
         exact = float(torch.equal(sequences, reference_sequences))
+        row = dict(part=name, cache=label, kv_bytes=stored, vs_16bit=round(stored / sixteen, 4),
+                   top1=round(top1, 4), kl=round(kl, 5), exact=exact, decode_tokens_per_s=round(decode, 1))
+        extra = ""
+        if isinstance(method, ZipVL):
+            flops = method.prefill_flops()
+            important = statistics.mean(method.stats.layer_important)
+            row.update(important=round(important, 4), prefill_attention_flops=flops["sparse"],
+                       dense_attention_flops=flops["dense"], probe_flops=flops["probes"],
+                       flops_vs_dense=round(flops["sparse"] / flops["dense"], 4))
+            extra = f" {important:9.3f} {flops['sparse'] / flops['dense']:10.3f}"
         print(f"{label:28s} {stored / 1024:9.1f} {stored / sixteen:9.3f} {top1:6.3f} {kl:9.2e} {exact:6.2f} "
-              f"{decode:9.1f}")
-        rows.append(dict(part=name, cache=label, kv_bytes=stored, vs_16bit=round(stored / sixteen, 4),
-                         top1=round(top1, 4), kl=round(kl, 5), exact=exact, decode_tokens_per_s=round(decode, 1)))
+              f"{decode:9.1f}{extra}")
+        rows.append(row)
     if json_lines:
         for row in rows:
             print(json.dumps(row))
@@ -159,15 +195,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-qwen2.5-vl", help=f"{', '.join(TINY)} or a hub id")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="screenshots in the GUI trajectory")
     parser.add_argument("--budget", type=float, default=0.2, help="GUI-KV budget")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--kv-heads", type=int, default=4, help="part 3 geometry (Qwen2.5-VL-7B: 4)")
     parser.add_argument("--head-dim", type=int, default=128, help="part 3 geometry (Qwen2.5-VL-7B: 128)")
     parser.add_argument("--prompt-tokens", type=int, default=2048, help="part 3 prefill length")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generate() calls per decode-speed measurement")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    global REPEATS
+    REPEATS = args.repeats
     print(f"# KV-cache compression | {machine(torch.device(args.device))} | model {args.model} | {args.dtype}")
     model, processor = load_vlm(args.model, args.device)
     model.to(getattr(torch, args.dtype))
@@ -190,7 +229,9 @@ def main(argv: list[str] | None = None) -> None:
         ("QuantizedCache quanto 4-bit", quantized(4), None),
         ("QuantizedCache quanto 2-bit", quantized(2), None),
         ("hasten mixed, all 4-bit", lambda: mixed_precision_cache(MixedPrecisionConfig(), layers), None),
-        ("ZipVL defaults (4/2-bit)", lambda: None, ZipVL()),
+        ("ZipVL paper rules (default)", lambda: None, ZipVL()),
+        ("ZipVL paper, keys prefill", lambda: None, ZipVL(sparse_prefill="keys")),
+        ("ZipVL former rules", lambda: None, zipvl_former()),
     ]
     rows: list[dict] = []
     _compare("one photo", model, inputs, setups, args.max_new_tokens, rows, False)
@@ -200,10 +241,31 @@ def main(argv: list[str] | None = None) -> None:
     gui_inputs = processor(images=shots, text=[prompt], return_tensors="pt").to(model.device)
     gui_setups = [("full (DynamicCache)", lambda: None, None),
                   (f"GUI-KV budget {args.budget}", lambda: None, GUIKV(budget=args.budget)),
-                  ("ZipVL defaults (4/2-bit)", lambda: None, ZipVL())]
+                  ("ZipVL paper rules (default)", lambda: None, ZipVL()),
+                  ("ZipVL paper, keys prefill", lambda: None, ZipVL(sparse_prefill="keys")),
+                  ("ZipVL former rules", lambda: None, zipvl_former())]
     _compare(f"GUI trajectory, {args.steps} screenshots", model, gui_inputs, gui_setups, args.max_new_tokens, rows,
              args.json)
+    _prefill_pairs(args.prompt_tokens)
     _geometry(args.kv_heads, args.head_dim, args.prompt_tokens)
+
+
+def _prefill_pairs(tokens: int) -> None:
+    """Causal query-key pairs of one layer's prefill per important fraction, for each sparse-prefill rule."""
+    print(f"\n## prefill attention pairs of one layer, {tokens}-token prompt (random important set, causal count)")
+    print(f"{'important':>9s} {'Q[T]K[T] (paper)':>17s} {'all Q x K[T]':>13s} {'dense':>12s} {'paper/dense':>11s} "
+          f"{'keys/dense':>10s}")
+    generator = torch.Generator().manual_seed(0)
+    dense = tokens * (tokens + 1) // 2
+    for fraction in (1.0, 0.71, 0.56, 0.43, 0.367):
+        flags = torch.rand(tokens, generator=generator) < fraction
+        flags[0] = True
+        p = int(flags.sum())
+        paper = p * (p + 1) // 2
+        keys = int(flags.long().cumsum(0).sum())  # query i sees the important keys j <= i
+        print(f"{fraction:9.3f} {paper:17d} {keys:13d} {dense:12d} {paper / dense:11.3f} {keys / dense:10.3f}")
+        print(json.dumps(dict(part="prefill pairs", tokens=tokens, important=round(p / tokens, 4), paper_pairs=paper,
+                              keys_pairs=keys, dense_pairs=dense)))
 
 
 def _geometry(kv_heads: int, head_dim: int, tokens: int) -> None:
