@@ -247,3 +247,46 @@ def test_cli_compare_writes_both_images(tmp_path, capsys):
     assert (tmp_path / "fox-sjd.png").is_file() and (tmp_path / "fox-ar.png").is_file()
     with pytest.raises(SystemExit):
         main(["t2i-ar", "--window", "0"])
+
+
+@pytest.mark.parametrize("init", ["repeat_horizontal", "sample_horizontal", "repeat_vertical"])
+def test_spatial_prior_drafts_follow_new_neighbours(init):
+    """A window of new slots on one row: every slot's prior comes from the last known token to its
+    left (the official repeat_horizon copies it into EVERY new slot), not only the first slot's."""
+    from hasten.pipelines.sjd import _Decoder
+    from hasten.pipelines.sjd_adapters import ImageLayout
+
+    pipe = SJDPipeline(*tiny.ar_image_model("janus"))
+    vocab = len(pipe.adapter.vocab_ids)
+    layout = ImageLayout(rows=4, cols=8, length=32, row_stride=8)
+    decoder = _Decoder(pipe.adapter, layout, SJDConfig(init=init), 1.0, lambda ids, logits: logits, False,
+                       torch.Generator().manual_seed(0))
+    span_idx = torch.full((32,), -1, dtype=torch.long)
+    span_idx[:10] = torch.arange(10) + 3  # row 0 and the first two tokens of row 1 are known
+    known = torch.zeros(vocab)
+    known[5] = 1.0
+    dists = {9: known, 2: known}  # the last distribution of span position 9 (and 2, above 10)
+    indices, probs = decoder._fresh_drafts(10, 6, span_idx, dists)  # row 1, columns 2-7
+    if init == "repeat_horizontal":
+        assert indices.tolist() == [12] * 6, "span position 9's token, copied into every new slot"
+        assert bool((probs.argmax(-1) == 12).all()) and bool((probs.max(-1).values == 1).all())
+    elif init == "sample_horizontal":
+        assert indices.tolist() == [5] * 6, "every slot drawn from position 9's distribution"
+    else:  # the upper neighbours (row 0) are all known
+        assert indices.tolist() == (torch.arange(2, 8) + 3).tolist()
+    # a whole new row with no known left neighbour: one random root, copied along the row
+    indices, probs = _Decoder(pipe.adapter, layout, SJDConfig(init="repeat_horizontal"), 1.0,
+                              lambda ids, logits: logits, False, torch.Generator().manual_seed(1))._fresh_drafts(
+        16, 8, span_idx, {})
+    assert len(set(indices.tolist())) == 1
+    assert float(probs[0].max()) < 1 and bool((probs[1:].max(-1).values == 1).all()), \
+        "the root is a uniform draw, the rest point masses on it"
+
+
+def test_greedy_is_honoured_with_sjd(pipe):
+    """`greedy=True` on the call means argmax decoding whether or not SJD runs."""
+    sjd = pipe("a cat", sjd=SJDConfig(window=4), greedy=True, guidance_scale=2.0, seed=5)
+    ar = pipe("a cat", sjd=None, greedy=True, guidance_scale=2.0)
+    assert torch.equal(sjd.tokens, ar.tokens)
+    with pytest.raises(ValueError, match="grouped"):
+        pipe("a cat", sjd=SJDConfig(grouped=True), greedy=True)

@@ -60,7 +60,10 @@ class SJDConfig:
     Parameters
     ----------
     window : int, default 16
-        Draft tokens verified per forward pass (the paper's and official code's ``L``).
+        Draft tokens verified per forward pass, besides the pending token every pass also feeds:
+        a pass runs ``window + 1`` tokens. The official code's ``max_num_new_tokens`` counts the
+        pending token too (its default 16 is the pending token + 15 drafts): ``window=15``
+        reproduces the official setting.
     init : str, default "random"
         How a new window slot gets its draft: ``"random"`` (uniform over the image vocabulary,
         the paper's default), ``"sample_horizontal"`` / ``"sample_vertical"`` (drawn from the last
@@ -183,7 +186,8 @@ class SJDPipeline:
         temperature, top_k, top_p
             Applied after CFG (top-k defaults to the family's official value: Emu3 2048).
         greedy : bool
-            For ``sjd=None``: argmax decoding. With SJD use ``SJDConfig(greedy=True)``.
+            Argmax decoding, for AR (``sjd=None``) and SJD alike (SJD's output is then identical to
+            greedy AR's). ``SJDConfig(greedy=True)`` asks for the same.
         height, width : int, optional
             Emu3: output size in pixels (multiples of its spatial factor 8). Janus: fixed grid.
         seed : int, optional
@@ -194,7 +198,11 @@ class SJDPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("`prompt` is empty")
-        greedy = sjd.greedy if sjd is not None else greedy
+        if not isinstance(greedy, bool):
+            raise ValueError(f"`greedy` must be True or False, got {greedy!r}")
+        if greedy and sjd is not None and sjd.grouped:
+            raise ValueError("`greedy=True` with grouped (GSD) acceptance: grouped acceptance is for sampling")
+        greedy = greedy or (sjd is not None and sjd.greedy)
         scale = self.adapter.default_guidance_scale if guidance_scale is None else float(guidance_scale)
         if scale < 1.0:
             raise ValueError(f"`guidance_scale` must be >= 1 (1 disables CFG), got {scale}")
@@ -284,22 +292,38 @@ class _Decoder:
 
     # --- drafts ----------------------------------------------------------------------------------
     def _fresh_drafts(self, start: int, count: int, span_idx: torch.Tensor, dists: dict[int, torch.Tensor]):
-        """Drafts for span positions ``start .. start+count-1`` by the configured init strategy."""
+        """Drafts for span positions ``start .. start+count-1`` by the configured init strategy.
+
+        A spatial prior reads each slot's neighbour (left or upper). Where that neighbour is
+        itself one of the new slots, the slot follows the chain back to the new slot whose
+        neighbour is known (its *root*), as the official code does: ``repeat_*`` copies the
+        root's draft into every slot of the chain (the known neighbour's token, or the root's
+        random draw), ``sample_*`` draws every slot of the chain from the known neighbour's last
+        distribution (uniform where there is none).
+        """
         positions = range(start, start + count)
         uniform = torch.full((self.vocab_size,), 1.0 / self.vocab_size, device=self.device)
-        neighbours = [self.layout.neighbour(p, self.init_direction) if self.init_direction else None
-                      for p in positions]
+        roots, known = list(range(count)), [None] * count  # per slot: its chain's root slot, root's neighbour
+        if self.init_direction:
+            for slot, position in enumerate(positions):
+                neighbour = self.layout.neighbour(position, self.init_direction)
+                if neighbour is not None and neighbour >= start:  # a new slot too: same chain
+                    roots[slot] = roots[neighbour - start]
+                else:
+                    known[slot] = neighbour
+        sources = [known[root] for root in roots]  # the known neighbour each slot's chain starts from
         if self.init_mode == "sample":
-            probs = torch.stack([dists.get(nb, uniform) if nb is not None else uniform for nb in neighbours])
+            probs = torch.stack([dists.get(source, uniform) if source is not None else uniform for source in sources])
             indices = self._draw(probs)
         else:
             probs = uniform.expand(count, -1)
             indices = torch.randint(self.vocab_size, (count,), generator=self.generator, device=self.device)
         if self.init_mode == "repeat":
-            known = torch.tensor([nb is not None for nb in neighbours], device=self.device)
-            nb_idx = span_idx[torch.tensor([nb if nb is not None else 0 for nb in neighbours], device=self.device)]
-            repeat = known & (nb_idx >= 0)
-            indices = torch.where(repeat, nb_idx, indices)
+            source_idx = span_idx[torch.tensor([s if s is not None else 0 for s in sources], device=self.device)]
+            copies = torch.tensor([s is not None for s in sources], device=self.device) & (source_idx >= 0)
+            root_idx = indices[torch.tensor(roots, device=self.device)]  # a chain without a known token: the root's draw
+            indices = torch.where(copies, source_idx, root_idx)
+            repeat = copies | (torch.tensor(roots, device=self.device) != torch.arange(count, device=self.device))
             point = torch.nn.functional.one_hot(indices, self.vocab_size).to(uniform.dtype)
             probs = torch.where(repeat[:, None], point, probs)
         fixed = self.fixed_ids[start:start + count] >= 0
