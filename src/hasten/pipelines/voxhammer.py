@@ -121,11 +121,13 @@ class VoxelEditPipeline:
 
     def _velocity(self, x: torch.Tensor, sigma: float, cond: torch.Tensor, guidance: float,
                   interval: tuple[float, float]) -> torch.Tensor:
+        """TRELLIS's guided velocity ``(1 + g) * cond - g * uncond`` (its ``cfg_strength`` g: 0 is the
+        conditional model alone), inside the CFG ``interval`` of noise levels."""
         t = torch.full((1,), sigma * 1000.0, device=x.device)
-        if guidance != 1.0 and interval[0] <= sigma <= interval[1]:  # CFG as one batch [uncond, cond]
+        if guidance != 0.0 and interval[0] <= sigma <= interval[1]:  # CFG as one batch [uncond, cond]
             both = self.flow(torch.cat([x, x]), t.expand(2), torch.cat([torch.zeros_like(cond), cond]))
             uncond, conditional = both.chunk(2)
-            return uncond + guidance * (conditional - uncond)
+            return conditional + guidance * (conditional - uncond)
         return self.flow(x, t, cond)
 
     @staticmethod
@@ -143,7 +145,8 @@ class VoxelEditPipeline:
         """Edit the ``edit_mask`` region of ``occupancy`` toward ``cond`` (see the module docstring).
 
         ``source_cond`` (default: ``cond``) conditions the inversion; guidance strengths and the
-        CFG interval are VoxHammer's stage-1 defaults.
+        CFG interval are VoxHammer's stage-1 defaults, in TRELLIS's form: strength ``g`` gives
+        ``(1 + g) * cond - g * uncond`` (so 5 is a plain CFG scale of 6).
 
         ``preserved_condition`` ``(N,)`` bool marks the condition tokens whose cross-attention K/V
         come from the source (VoxHammer: the unmasked patches of the edited image, e.g. from
