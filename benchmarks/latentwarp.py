@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
             overhead = out.seconds["flow"] + out.seconds["warp"] if options["warp"] else 0.0
             error = warp_error(out.frames, source_flows, reference_masks)
             true_error = warp_error(out.frames, true_flows, true_masks)
-            occluded = float(sum(mask.mean() for mask in out.occlusions) / len(out.occlusions)) if options["warp"] else 0.0
+            occluded = (float(sum(mask.mean() for mask in out.occlusions) / len(out.occlusions))
+                        if options["warp"] else 0.0)
             row = dict(video=name, mode=mode, warp_error=round(error, 5), true_flow_error=round(true_error, 5),
                        occluded=round(occluded, 4), warped_steps=out.warped_steps,
                        fps=round(len(frames) / seconds, 2), flow_warp_seconds=round(overhead, 4),

@@ -337,7 +337,8 @@ def test_zipvl_defaults_shrink_the_cache_below_a_third_of_16_bit():
 
 @pytest.mark.parametrize("kwargs, name", [(dict(tau=0.0), "tau"), (dict(tau=1.5), "tau"),
                                           (dict(budget=0.0), "budget"), (dict(probe_fraction=0.9), "probe_fraction"),
-                                          (dict(probe_recent=0), "probe_recent"), (dict(probe_random=-1), "probe_random"),
+                                          (dict(probe_recent=0), "probe_recent"),
+                                          (dict(probe_random=-1), "probe_random"),
                                           (dict(count_scores="raw"), "count_scores"),
                                           (dict(sparse_prefill=True), "sparse_prefill"),
                                           (dict(split_generated="yes"), "split_generated"),

@@ -29,7 +29,8 @@ def register(commands) -> None:
     parser.add_argument("--steps", type=positive, default=20, help="denoising steps (default 20)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--warp-end", type=float, default=0.8,
-                        help="fraction of the denoising schedule with latent warping (0.8: LatentWarp's 16 of 20 steps)")
+                        help="fraction of the denoising schedule with latent warping "
+                        "(0.8: LatentWarp's 16 of 20 steps)")
     parser.add_argument("--warp-window", choices=("schedule", "run"), default="schedule",
                         help="--warp-end counts the full schedule (schedule, the paper's) or the img2img steps run "
                         "(run, hasten's former rule, formerly with --warp-end 0.3)")

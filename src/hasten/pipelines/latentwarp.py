@@ -61,7 +61,8 @@ OCCLUSION_RULES = ("warped-difference", "forward-backward")
 WARP_WINDOWS = ("schedule", "run")
 
 
-def warped_steps(num_inference_steps: int, strength: float, warp_end: float = 0.8, warp_window: str = "schedule") -> int:
+def warped_steps(num_inference_steps: int, strength: float, warp_end: float = 0.8,
+                 warp_window: str = "schedule") -> int:
     """How many of the denoising steps run for a frame get the warped latent.
 
     The img2img run skips the first ``num_inference_steps - int(num_inference_steps * strength)``
