@@ -220,6 +220,8 @@ class TokenPruner:
             raise ValueError(f"`renumber` must be True or False, got {self.renumber!r}")
         self.stats: PruningStats | None = None
         self._model = None
+        self._language_model = None
+        self._attention = None
         self._handles: list[Any] = []
         self._state: dict[str, Any] = {}
 
@@ -233,9 +235,28 @@ class TokenPruner:
         embeddings for them."""
         raise NotImplementedError
 
+    # --- what a method may hook (the base owns attaching, detaching and the stats) ----------------
     def _hook_vision(self, model, adapter: VLMAdapter) -> list[Any]:
         """Hooks a method installs inside the vision tower (e.g. to record CLS attention)."""
         return []
+
+    def _attention_hook(self, language_model) -> Any:
+        """An :class:`~hasten.token_pruning.scoring.AttentionHook` to install on the language
+        model's attention calls (in-LLM scoring, sparse prefill), or None."""
+        return None
+
+    def _extra_hooks(self, model, adapter: VLMAdapter, language_model) -> list[Any]:
+        """Every other hook the method needs; by default the before-the-LLM stage's: the vision
+        tower (:meth:`_hook_vision`) and the encoder inputs the layouts read."""
+        return [*self._hook_vision(model, adapter), *self._record_encoder_inputs(model, adapter)]
+
+    def _before_llm(self, module, args, kwargs):
+        """The language model's forward pre-hook: by default the before-the-LLM stage."""
+        return self._prune(module, args, kwargs)
+
+    def _after_llm(self, module, args, kwargs, output):
+        """The language model's forward hook: by default the prefill's stats."""
+        self._measure(module, args, kwargs, output)
 
     # --- attach / detach ------------------------------------------------------------------------
     def _check_model(self, model) -> VLMAdapter:
@@ -246,34 +267,51 @@ class TokenPruner:
             raise ValueError(f"`renumber=True` is not defined for {adapter.model_class}: a visual token's mRoPE "
                              "position is its (row, column) in the image; use renumber=False")
         self._cache_keyword = adapter.check_hook_points(model)
-        # Whether the vision tower ran since the last prefill: images were given, so the prefill
-        # must find image tokens (a moved hook point would otherwise prune nothing, silently).
-        self._vision_ran = False
-        self._guard_handles = [adapter.vision_tower(model).register_forward_hook(self._note_vision)]
         return adapter
 
     def _note_vision(self, module, args, output) -> None:
         self._vision_ran = True
 
     def attach(self, model) -> "TokenPruner":
-        """Install the hooks on ``model`` (a supported transformers VLM); see :meth:`apply`."""
+        """Install the hooks on ``model`` (a supported transformers VLM); see :meth:`apply`.
+
+        Every hook goes through here: the call recorder on the VLM, the language model's pre- and
+        post-hooks (:meth:`_before_llm`, :meth:`_after_llm`), the method's attention hook and its
+        other hooks. A failure part-way removes what was installed.
+        """
         adapter = self._check_model(model)
-        self._adapter, self._model = adapter, model
         language_model = adapter.language_model(model)
-        self._handles = [
-            model.register_forward_pre_hook(self._record_inputs, with_kwargs=True),
-            language_model.register_forward_pre_hook(self._prune, with_kwargs=True),
-            language_model.register_forward_hook(self._measure, with_kwargs=True),
-            *self._hook_vision(model, adapter),
-            *self._record_encoder_inputs(model, adapter),
-        ]
+        self._adapter, self._model, self._language_model = adapter, model, language_model
+        # Whether the vision tower ran since the last prefill: images were given, so the prefill
+        # must find image tokens (a moved hook point would otherwise prune nothing, silently).
+        self._vision_ran = False
+        self._attention = None
+        self._handles = []
+        try:
+            self._handles += [
+                adapter.vision_tower(model).register_forward_hook(self._note_vision),
+                model.register_forward_pre_hook(self._record_inputs, with_kwargs=True),
+                language_model.register_forward_pre_hook(self._before_llm, with_kwargs=True),
+                language_model.register_forward_hook(self._after_llm, with_kwargs=True),
+            ]
+            self._handles += self._extra_hooks(model, adapter, language_model)
+            attention = self._attention_hook(language_model)
+            if attention is not None:
+                attention.install(language_model.config)
+                self._attention = attention
+        except BaseException:
+            self.detach()
+            raise
         return self
 
     def detach(self) -> None:
         """Remove every hook; the model is exactly as before :meth:`attach`."""
-        for handle in (*self._handles, *getattr(self, "_guard_handles", ())):
+        if getattr(self, "_attention", None) is not None:
+            self._attention.remove(self._language_model.config)
+            self._attention = None
+        for handle in self._handles:
             handle.remove()
-        self._handles, self._guard_handles, self._model, self._state = [], [], None, {}
+        self._handles, self._model, self._language_model, self._state = [], None, None, {}
 
     def _record_encoder_inputs(self, model, adapter: VLMAdapter) -> list[Any]:
         """Record the adapter's ``encoder_inputs`` (e.g. LLaVA-Next's ``image_sizes``) from
@@ -347,6 +385,15 @@ class TokenPruner:
             call=call["kwargs"] if call else {},
             length=length,
         )
+
+    def _full_prompt_stats(self, prompt: dict) -> PruningStats:
+        """Stats of a prefill that runs the whole prompt (nothing dropped before the LLM): every
+        layer sees ``length`` tokens and every visual token is kept so far."""
+        length, image_mask = prompt["length"], prompt["image_mask"]
+        stats = PruningStats(visual_tokens_in=image_mask.sum(1).tolist(), prompt_tokens=length, prefill_tokens=length,
+                             layer_tokens=[length] * len(self._language_model.layers))
+        stats.record_kept(torch.ones_like(image_mask), image_mask)
+        return stats
 
     def _prefill(self, kwargs: dict, embeds: torch.Tensor) -> dict:
         """Stage 1: gather the kept tokens of every image before the language model runs."""

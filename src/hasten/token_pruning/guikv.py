@@ -39,7 +39,6 @@ there is no temporal term.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -47,8 +46,8 @@ from typing import ClassVar
 import torch
 
 from ..transformers_conventions import cache_of, output_cache, patch_point_error
-from .core import PruningStats, TokenPruner
-from .scoring import AttentionHook, QueryAttention, subspace_residuals, z_saliency
+from .core import TokenPruner
+from .scoring import QueryAttention, subspace_residuals, z_saliency
 
 __all__ = ["GUIKV"]
 
@@ -111,12 +110,8 @@ class GUIKV(TokenPruner):
         if self.renumber:
             raise ValueError("GUI-KV compresses the cache after the prefill: `renumber` does not apply")
 
-    # --- attach --------------------------------------------------------------------------------------
-    def attach(self, model) -> "GUIKV":
-        adapter = self._check_model(model)
-        self._adapter, self._model = adapter, model
-        language_model = adapter.language_model(model)
-        self._language_model = language_model
+    # --- hooks -------------------------------------------------------------------------------------
+    def _extra_hooks(self, model, adapter, language_model) -> list:
         layers = language_model.layers
         missing = [index for index, layer in enumerate(layers) if getattr(layer, "input_layernorm", None) is None]
         if missing:
@@ -124,25 +119,22 @@ class GUIKV(TokenPruner):
                                            "attention's input, whose norm is the spatial saliency)")
         self._recorder = QueryAttention(list(range(len(layers))))
         self._recorder.per_head = True
-        self._recorder.install(language_model.config)
-        self._handles = [
-            model.register_forward_pre_hook(self._record_inputs, with_kwargs=True),
-            language_model.register_forward_pre_hook(self._llm_inputs, with_kwargs=True),
-            language_model.register_forward_hook(self._compress, with_kwargs=True),
-        ]
+        handles = []
         for index, layer in enumerate(layers):
-            self._handles.append(layer.input_layernorm.register_forward_hook(functools.partial(self._norms,
-                                                                                                index=index)))
-            self._handles.append(layer.self_attn.k_proj.register_forward_hook(functools.partial(self._keys,
-                                                                                               index=index)))
-        return self
+            handles.append(layer.input_layernorm.register_forward_hook(functools.partial(self._norms, index=index)))
+            handles.append(layer.self_attn.k_proj.register_forward_hook(functools.partial(self._keys, index=index)))
+        return handles
 
-    def detach(self) -> None:
-        if self._model is not None:
-            AttentionHook.remove(self._language_model.config)
-        super().detach()
+    def _attention_hook(self, language_model):
+        return self._recorder
 
-    # --- hooks ---------------------------------------------------------------------------------------
+    def _before_llm(self, module, args, kwargs):
+        return self._llm_inputs(module, args, kwargs)
+
+    def _after_llm(self, module, args, kwargs, output):
+        self._compress(module, args, kwargs, output)
+
+    # --- the language model's inputs and outputs ---------------------------------------------------
     def _llm_inputs(self, module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
         cache = cache_of(kwargs)
@@ -152,10 +144,7 @@ class GUIKV(TokenPruner):
                 kwargs = self._decode(kwargs, embeds, cached)
             return args, kwargs
         prompt = self._prompt(kwargs, embeds)
-        length = prompt["length"]
-        self.stats = PruningStats(visual_tokens_in=prompt["image_mask"].sum(1).tolist(), prompt_tokens=length,
-                                  prefill_tokens=length, layer_tokens=[length] * len(module.layers))
-        self.stats.record_kept(torch.ones_like(prompt["image_mask"]), prompt["image_mask"])
+        self.stats = self._full_prompt_stats(prompt)
         valid = prompt["mask"].bool()
         self._state = dict(prompt, valid=valid, norms={}, keys={}, prefill_start=time.perf_counter(),
                            collecting=self.budget < 1.0)

@@ -26,12 +26,12 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from ..transformers_conventions import cache_of, output_cache, patch_point_error
-from .core import ImageTokens, PruningStats, TokenPruner, cache_bytes, gather_plan, renumbered
+from .core import ImageTokens, TokenPruner, gather_plan, renumbered
 from .scoring import QueryAttention
 
 __all__ = ["LLMLayerPruner"]
@@ -70,36 +70,31 @@ class LLMLayerPruner(TokenPruner):
         """
         return "per_layer"
 
-    # --- attach / detach -------------------------------------------------------------------------
-    def attach(self, model) -> "LLMLayerPruner":
-        adapter = self._check_model(model)
-        language_model = adapter.language_model(model)
+    # --- hooks ----------------------------------------------------------------------------------------
+    def _extra_hooks(self, model, adapter, language_model) -> list:
         layers = language_model.layers
         pruning = self.pruning_layers(len(layers))
         if not pruning or any(not 0 <= layer < len(layers) - 1 for layer in pruning) or sorted(set(pruning)) != pruning:
             raise ValueError(f"pruning layers must be ascending and in [0, {len(layers) - 2}] for this "
                              f"{len(layers)}-layer LLM, got {pruning!r}")
-        self._adapter, self._model, self._language_model = adapter, model, language_model
         self._pruning = pruning
         self._recorder = QueryAttention(pruning)
-        self._recorder.install(language_model.config)
         stage_of = {index: sum(layer < index for layer in pruning) for index in range(len(layers))}
         self._stage_of = stage_of
-        self._handles = [
-            model.register_forward_pre_hook(self._record_inputs, with_kwargs=True),
-            language_model.register_forward_pre_hook(self._llm_inputs, with_kwargs=True),
-            language_model.register_forward_hook(self._finish_prefill, with_kwargs=True),
+        return [
             *(layer.register_forward_pre_hook(functools.partial(self._layer_inputs, index=index), with_kwargs=True)
               for index, layer in enumerate(layers) if stage_of[index] > 0 or index == pruning[0]),
-            *(self._hook_vision(model, adapter) if self.prunes_before_llm else []),
-            *(self._record_encoder_inputs(model, adapter) if self.prunes_before_llm else []),
+            *(super()._extra_hooks(model, adapter, language_model) if self.prunes_before_llm else []),
         ]
-        return self
 
-    def detach(self) -> None:
-        if self._model is not None:
-            QueryAttention.remove(self._language_model.config)
-        super().detach()
+    def _attention_hook(self, language_model):
+        return self._recorder
+
+    def _before_llm(self, module, args, kwargs):
+        return self._llm_inputs(module, args, kwargs)
+
+    def _after_llm(self, module, args, kwargs, output):
+        self._finish_prefill(module, args, kwargs, output)
 
     # --- the language model's inputs --------------------------------------------------------------
     def _llm_inputs(self, module, args, kwargs):
@@ -131,11 +126,7 @@ class LLMLayerPruner(TokenPruner):
                           length=kwargs["inputs_embeds"].shape[1])
         else:
             prompt = self._prompt(kwargs, kwargs.get("inputs_embeds"))
-            length = prompt["length"]
-            self.stats = PruningStats(visual_tokens_in=prompt["image_mask"].sum(1).tolist(), prompt_tokens=length,
-                                      prefill_tokens=length,
-                                      layer_tokens=[length] * len(self._language_model.layers))
-            self.stats.record_kept(torch.ones_like(prompt["image_mask"]), prompt["image_mask"])
+            self.stats = self._full_prompt_stats(prompt)
         self._state["prefill_start"] = time.perf_counter()
         if self.budget >= 1.0:
             self._recorder.active = False

@@ -57,7 +57,7 @@ from typing import ClassVar
 import torch
 
 from ..transformers_conventions import cache_of, patch_point_error
-from .core import PruningStats, TokenPruner
+from .core import TokenPruner
 from .kv_cache import MixedPrecisionConfig, install_mixed_precision, mixed_precision_cache
 from .scoring import AttentionHook, mass_count, probe_attention, probe_queries
 
@@ -201,35 +201,22 @@ class ZipVL(TokenPruner):
             raise ValueError("ZipVL drops no token: `renumber` does not apply")
         self.attention: dict[str, list[int]] = {}
 
-    def attach(self, model) -> "ZipVL":
-        adapter = self._check_model(model)
-        self._adapter, self._model = adapter, model
-        language_model = adapter.language_model(model)
-        self._language_model = language_model
-        self._hook = _ZipVLAttention(self)
-        self._hook.install(language_model.config)
-        self._handles = [
-            model.register_forward_pre_hook(self._record_inputs, with_kwargs=True),
-            language_model.register_forward_pre_hook(self._llm_inputs, with_kwargs=True),
-            language_model.register_forward_hook(self._measure, with_kwargs=True),
-        ]
-        return self
+    def _extra_hooks(self, model, adapter, language_model) -> list:
+        return []  # no layout needed: every token is scored inside the LLM
 
-    def detach(self) -> None:
-        if self._model is not None:
-            AttentionHook.remove(self._language_model.config)
-        super().detach()
+    def _attention_hook(self, language_model):
+        return _ZipVLAttention(self)
+
+    def _before_llm(self, module, args, kwargs):
+        return self._llm_inputs(module, args, kwargs)
 
     def _llm_inputs(self, module, args, kwargs):
         cache = cache_of(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             return args, kwargs
         prompt = self._prompt(kwargs, kwargs.get("inputs_embeds"))
-        length = prompt["length"]
         layers = len(module.layers)
-        self.stats = PruningStats(visual_tokens_in=prompt["image_mask"].sum(1).tolist(), prompt_tokens=length,
-                                  prefill_tokens=length, layer_tokens=[length] * layers)
-        self.stats.record_kept(torch.ones_like(prompt["image_mask"]), prompt["image_mask"])
+        self.stats = self._full_prompt_stats(prompt)
         self.stats.layer_important = [1.0] * layers
         self.attention = {name: [0] * layers for name in ("pairs", "dense_pairs", "probe_pairs", "head_width")}
         cache_layers = None
