@@ -10,7 +10,7 @@ more coherent). Without an upload it uses a panned photo.
 Examples
 --------
 >>> demo = build_demo("tiny-sd15")
->>> video, report = demo(None, "a watercolor painting", 0.75, 4, 0.3, True, True, api_name="run")
+>>> video, report = demo(None, "a watercolor painting", 0.75, 4, 0.8, True, True, api_name="run")
 >>> video.endswith(".webm") and "warp error" in report
 True
 """
@@ -119,7 +119,8 @@ def build_demo(model: str = "tiny-sd15", device: str | None = None,
                     strength = gr.Slider(0.1, 1.0, value=0.75, step=0.05, label="Strength", elem_id="strength")
                     steps = gr.Number(label="Steps", value=20 if not model.startswith("tiny") else 8, precision=0,
                                       elem_id="steps")
-                    warp_end = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="Warp during the first",
+                    warp_end = gr.Slider(0.0, 1.0, value=0.8, step=0.05,
+                                         label="Warp during the first (of the full schedule; paper: 0.8)",
                                          elem_id="warp-end")
                 with gr.Row():
                     cross = gr.Checkbox(label="Cross-frame attention", value=True, elem_id="cross-frame")
