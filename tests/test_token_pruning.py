@@ -440,7 +440,7 @@ def _last_layer_cls_attention(model, inputs) -> torch.Tensor:
 def test_mustdrop_key_set_is_the_last_vit_layer_cls_top_and_is_never_dropped():
     model, processor = tiny.vlm("llava")
     inputs = _inputs(processor, [_image(12)], ["What is this?"])
-    method = MustDrop(budget=0.1, key_fraction=0.25, layers=(1,))
+    method = MustDrop(budget=0.1, key_fraction=0.25, layers=(1,), cap_budget=True)
     with method.apply(model), torch.no_grad():
         model(**inputs)
     assert method.stats.visual_tokens_in == [64]
@@ -482,7 +482,7 @@ def test_mustdrop_compacted_cache_equals_masking(kind, policy):
     model, processor = tiny.vlm(kind, dtype=torch.float64)
     inputs = _inputs(processor, [_image(13)], ["Describe the picture."])
     method = MustDrop(budget=0.3, merge_threshold=1.0, key_fraction=0.0, layers=(1,), global_threshold=0.0,
-                      individual_threshold=0.0, decode_cache=policy)
+                      individual_threshold=0.0, decode_cache=policy, cap_budget=True)
     with method.apply(model):
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
@@ -531,7 +531,8 @@ def _full_cache_bytes(model, inputs):
 def test_mustdrop_batch_of_two_matches_each_alone():
     model, processor = tiny.vlm("llava", dtype=torch.float64)
     images, questions = [_image(14), _image(15, 40, 40)], ["What is in the picture?", "Describe it in detail."]
-    make = lambda: MustDrop(budget=0.3, layers=(1, 2), global_threshold=0.01, individual_threshold=0.05)  # noqa: E731
+    make = lambda: MustDrop(budget=0.3, layers=(1, 2), global_threshold=0.01, individual_threshold=0.05,  # noqa: E731
+                            cap_budget=True)
     with make().apply(model) as method:
         batch = _inputs(processor, images, questions)
         together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
@@ -596,7 +597,7 @@ def test_mustdrop_filter_keeps_the_dual_attention_rule_of_eager_attention():
     global_threshold, individual_threshold = float(share.median()), float(peak.quantile(0.75))
     expected = (share >= global_threshold) | (peak >= individual_threshold)
     assert 0 < int(expected.sum()) < len(expected), "the planted thresholds split the tokens"
-    method = MustDrop(budget=0.5, merge_threshold=1.0, key_fraction=0.0, layers=(1,), cap_budget=False,
+    method = MustDrop(budget=0.5, merge_threshold=1.0, key_fraction=0.0, layers=(1,),
                       global_threshold=global_threshold, individual_threshold=individual_threshold)
     with method.apply(model), torch.no_grad():
         model(**inputs)
@@ -604,11 +605,11 @@ def test_mustdrop_filter_keeps_the_dual_attention_rule_of_eager_attention():
 
 
 def test_mustdrop_without_the_cap_may_keep_everything():
-    """cap_budget=False: the budget only picks the thresholds; an open filter keeps every token."""
+    """By default (the released code) the budget only picks the thresholds; an open filter keeps
+    every token."""
     model, processor = tiny.vlm("llava")
     inputs = _inputs(processor, [_image(17)], ["What is this?"])
-    method = MustDrop(budget=0.3, merge_threshold=1.0, layers=(1,), cap_budget=False, global_threshold=0.0,
-                      individual_threshold=0.0)
+    method = MustDrop(budget=0.3, merge_threshold=1.0, layers=(1,), global_threshold=0.0, individual_threshold=0.0)
     with method.apply(model), torch.no_grad():
         model(**inputs)
     assert method.stats.visual_tokens_kept == method.stats.visual_tokens_in

@@ -51,12 +51,16 @@ def make_method(name: str, budget: float) -> TokenPruner:
     """The pruning method ``name`` (one of :data:`METHODS`) at ``budget``, with its paper defaults.
 
     MustDrop's filter layers (2, 6, 10, 14) that a small LLM does not have are skipped (it warns
-    once, at attach). ZipVL's ``budget`` caps its important fraction per layer (its mass rule,
+    once, at attach); methods are compared at one budget, so MustDrop runs with its budget cap
+    (``cap_budget=True``; the released code has none, and there ``budget`` only picks the
+    thresholds). ZipVL's ``budget`` caps its important fraction per layer (its mass rule,
     tau = 0.975, applies at every budget; nothing is dropped, the cache is quantised).
     """
     methods = _methods()
     if name not in methods:
         raise ValueError(f"unknown pruning method {name!r}; choose one of {', '.join(METHODS)}")
+    if name == "mustdrop":
+        return methods[name](budget=budget, cap_budget=True)
     return methods[name](budget=budget)
 
 

@@ -26,11 +26,11 @@ Choices where transformers or hasten's API leave the paper's letter:
   merged), the similarity is measured on the tokens the LLM sees. The tower therefore runs
   unmerged: a merged token's key-set score is the last-layer CLS attention its window's
   patches receive together.
-- ``budget`` is a cap by default (``cap_budget=True``, hasten's addition). The paper tunes its
-  thresholds to land near a target count (192, 128, 64 of 576); hasten uses the paper's
-  thresholds for the nearest target and, at the last filter layer, drops the lowest-attention
-  survivors until at most ``max(floor(budget * n), key set)`` of each image's ``n`` visual
-  tokens remain, so every image meets the budget. ``cap_budget=False`` is the released code.
+- The paper tunes its thresholds to land near a target count (192, 128, 64 of 576): ``budget``
+  picks the paper's thresholds for the nearest target, as the released code. With
+  ``cap_budget=True`` (hasten's option) it is also a cap: at the last filter layer the
+  lowest-attention survivors are dropped until at most ``max(floor(budget * n), key set)`` of
+  each image's ``n`` visual tokens remain, so every image meets the budget.
 - Qwen2-VL has no CLS token: its key set is the merged tokens with the largest L2 norm.
 - Positions are kept (``renumber=False``); the paper renumbers (``renumber=True``, LLaVA only):
   see :class:`~hasten.token_pruning.TokenPruner`.
@@ -81,12 +81,12 @@ class MustDrop(LLMLayerPruner):
         the released code: the layers from the first filter layer on keep only the final
         survivors, the earlier layers the whole prompt. ``"all_layers"``: every layer keeps only
         the survivors (the smallest cache). ``"per_layer"``: each layer keeps what reached it.
-    cap_budget : bool, default True
-        hasten's addition: at the last filter layer, drop the lowest-attention survivors until at
-        most ``max(floor(budget * n), key set)`` of each image's ``n`` visual tokens remain, so
-        every image meets ``budget`` whatever the thresholds let through (methods compare at one
-        budget). The released code has no cap (``cap_budget=False``): there ``budget`` only picks
-        the thresholds.
+    cap_budget : bool, default False
+        False, as the released code: ``budget`` only picks the paper's thresholds for the nearest
+        target count, and the thresholds decide how many tokens survive. True (hasten's option,
+        what ``hasten vlm eval`` uses to compare methods at one budget): at the last filter
+        layer, drop the lowest-attention survivors until at most ``max(floor(budget * n), key
+        set)`` of each image's ``n`` visual tokens remain, so every image meets ``budget``.
 
     Examples
     --------
@@ -96,7 +96,7 @@ class MustDrop(LLMLayerPruner):
     >>> model, processor = hasten.tiny.vlm("llava")
     >>> inputs = processor(images=[Image.new("RGB", (32, 32))], text=[chat_prompt(processor, "Hi?")],
     ...                    return_tensors="pt")
-    >>> with MustDrop(budget=0.25, layers=(1,)).apply(model) as pruner:
+    >>> with MustDrop(budget=0.25, layers=(1,), cap_budget=True).apply(model) as pruner:
     ...     _ = model.generate(**inputs, max_new_tokens=2)
     >>> pruner.stats.visual_tokens_in, pruner.stats.visual_tokens_kept[0] <= 16
     ([64], True)
@@ -110,7 +110,7 @@ class MustDrop(LLMLayerPruner):
     global_threshold: float | None = None
     individual_threshold: float | None = None
     decode_cache: str = "official"
-    cap_budget: bool = True
+    cap_budget: bool = False
 
     scored_by = "text"
     prunes_before_llm = True
