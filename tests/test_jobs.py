@@ -129,3 +129,108 @@ def test_ray_backend_gives_the_same_manifest(tmp_path):
     assert summary(local) == summary(remote)
     for name in ("clip0.mp4", "clip1.mp4", "clip2.mp4"):
         assert read_video(remote / name).frames.shape == read_video(local / name).frames.shape
+
+
+def _translate(*args: str, cwd: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "hasten.cli", "translate", *args, "--prompt", "a painting", *FAST]
+    return subprocess.Popen(command, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_spelled_differently_translate_each_video_once(tmp_path):
+    """Two real processes on one output folder (``out/`` and its absolute path), then a third spelling."""
+    inputs = _videos(tmp_path / "in", 2, frames=2)
+    first = _translate("in", "--output", "out/", cwd=tmp_path)
+    second = _translate(str(tmp_path / "in"), "--output", str(tmp_path / "out"), cwd=tmp_path)
+    results = [(process.wait(timeout=300), *process.communicate()) for process in (first, second)]
+    codes = sorted(code for code, _, _ in results)
+    assert codes in ([0, 0], [0, 2]), results
+    for code, _, err in results:
+        if code == 2:  # the loser stops at once with one clear line, and translates nothing
+            assert "another `hasten translate` run is using this folder" in err and "--output" in err
+            assert "Traceback" not in err
+    manifest = tmp_path / "out" / MANIFEST_NAME
+    assert sorted(_done(manifest)) == sorted(str(p) for p in inputs), "every video done exactly once"
+    # a third spelling of the same work (./in/../in/clip0.avi, out/./) resumes it: nothing is redone
+    third = _translate("./in/../in/clip0.avi", str(tmp_path / "in" / "clip1.avi"), "--output", "out/./",
+                       cwd=tmp_path)
+    assert third.wait(timeout=300) == 0
+    assert "0 translated, 2 already done" in third.communicate()[0]
+    assert len(Manifest(manifest).records()) == 2
+
+
+def test_a_second_run_on_a_locked_folder_fails_at_once(tmp_path):
+    _videos(tmp_path / "in", 1, frames=2)
+    out = tmp_path / "out"
+    with Manifest(out / MANIFEST_NAME).lock():  # another run holds the folder (a real process below)
+        start = time.perf_counter()
+        process = _translate(str(tmp_path / "in"), "--output", str(out), cwd=tmp_path)
+        code = process.wait(timeout=120)
+        _, err = process.communicate()
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("hasten")]
+    assert len(lines) == 1 and "another `hasten translate` run" in lines[0] and str(out) in lines[0]
+    assert "Traceback" not in err and "Loading" not in err, "stops before loading the model"
+    assert not list(out.glob("*.mp4")) and time.perf_counter() - start < 60
+    # the lock goes with its holder: the same command now runs
+    assert main(["translate", str(tmp_path / "in"), "--output", str(out), "--prompt", "a painting", *FAST]) == 0
+
+
+def test_resume_matches_any_spelling_of_the_paths(tmp_path, monkeypatch, capsys):
+    source = _videos(tmp_path / "in", 1, frames=2)[0]
+    monkeypatch.chdir(tmp_path)
+    assert main(["translate", "in/", "--output", "out/", "--prompt", "a painting", *FAST]) == 0
+    capsys.readouterr()
+    assert main(["translate", str(source), "--output", str(tmp_path / "out"), "--prompt", "a painting",
+                 *FAST]) == 0
+    assert "0 translated, 1 already done" in capsys.readouterr().out
+    record = Manifest(tmp_path / "out" / MANIFEST_NAME).records()[0]
+    assert record["input"] == str(source.resolve()) and record["output"] == str((tmp_path / "out/clip0.mp4").resolve())
+    # the same video named twice (a folder and its file) is one job, not "several jobs write the same output"
+    assert main(["translate", "in", "in/clip0.avi", "--output", "out", "--prompt", "a painting", *FAST]) == 0
+
+
+def test_a_torn_last_manifest_line_is_repaired_before_the_next_append(tmp_path):
+    manifest = Manifest(tmp_path / MANIFEST_NAME)
+    manifest.append({"output": "a.mp4", "status": "done"})
+    with open(manifest.path, "ab") as file:  # a crash mid-write
+        file.write(b'{"output": "b.mp4", "stat')
+    manifest.append({"output": "c.mp4", "status": "done"})
+    assert [r["output"] for r in manifest.records()] == ["a.mp4", "c.mp4"]
+    assert manifest.path.read_text().count("\n") == 2 and manifest.path.read_text().endswith("\n")
+    with open(manifest.path, "ab") as file:  # a complete record whose newline was lost is kept
+        file.write(b'{"output": "d.mp4", "status": "done"}')
+    manifest.append({"output": "e.mp4", "status": "failed"})
+    assert [r["output"] for r in manifest.records()] == ["a.mp4", "c.mp4", "d.mp4", "e.mp4"]
+
+
+def test_outputs_respect_the_umask(tmp_path):
+    source = _videos(tmp_path / "in", 1, frames=2)[0]
+    previous = os.umask(0o022)
+    try:
+        job = Job(source, tmp_path / "out" / "clip0.mp4", "a painting", {"num_inference_steps": 2})
+        assert run_jobs([job], tmp_path / "out", progress=False, audio=False).done
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out" / "clip0.mp4").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "out" / MANIFEST_NAME).stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--output", "{file}"], "--output {file} is a file; give a folder"),
+    (["--output", "/proc/hasten-out"], "--output /proc/hasten-out: cannot write in /proc"),
+    (["--output", "{tmp}/o", "--model", "{tmp}"], "this folder is not a diffusers pipeline (no model_index.json)"),
+    (["--output", "{tmp}/o", "--model", "nobody/no-such-model"], "--model nobody/no-such-model: not a local folder"),
+    (["--output", "{tmp}/o", "--device", "cuda:7"], "--device cuda:7"),
+])
+def test_bad_output_model_or_device_fail_before_anything_runs(tmp_path, capsys, argv, message):
+    _videos(tmp_path / "in", 1, frames=2)
+    (tmp_path / "file").write_text("x")
+    fill = {"file": str(tmp_path / "file"), "tmp": str(tmp_path)}
+    argv = [a.format(**fill) for a in argv]
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["translate", str(tmp_path / "in"), "--prompt", "a painting", *argv, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.format(**fill) in err and err.startswith("hasten translate: ")
+    assert sorted(tmp_path.rglob("*")) == before, "nothing created"

@@ -16,12 +16,15 @@ def register(commands) -> None:
         description="Translate each input video with a prompt (LatentWarp on Stable Diffusion 1.5). Outputs go to "
         "--output as <input name>.mp4, each written atomically, with a manifest (manifest.jsonl) of every attempt. "
         "Re-running skips videos already done with the same settings, redoes those whose settings changed, and "
-        "retries failed ones with --retry-failed. Exits 1 if any video failed.",
+        "retries failed ones with --retry-failed; input and output paths are normalised, so `out/` and `$PWD/out` "
+        "resume the same work. One run per output folder: a second run on the same --output stops at once with "
+        "exit code 2 (it does not wait). Exits 1 if any video failed.",
     )
     parser.add_argument("inputs", nargs="*", type=Path, help="video files or folders of videos")
     parser.add_argument("--jobs", type=Path, help="JSONL file, one job per line: "
                         '{"input": ..., "prompt": ..., "output"?: ..., "options"?: {...}}')
-    parser.add_argument("--output", type=Path, required=True, help="output folder (holds the manifest)")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="output folder (holds the manifest; locked while a run uses it)")
     parser.add_argument("--prompt", help="prompt for every input (required without --jobs)")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--model", default="tiny-sd15", help="tiny-sd15 or a Stable Diffusion 1.x/2.x model id/folder")
@@ -54,7 +57,17 @@ def register(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..jobs import Job, find_videos, jobs_from_file, run_jobs
+    from ..pipelines.loading import check_device, pipeline_source
+    from ._common import check_output_folder
 
+    try:  # everything that can be checked before a model loads or a folder is created
+        check_output_folder(args.output, "--output")
+        check_device(args.device)
+        source = pipeline_source(args.model)
+    except ValueError as error:
+        print(f"hasten translate: {error}", file=sys.stderr)
+        return 2
+    model = args.model if source is None or not Path(args.model).is_dir() else str(Path(args.model).resolve())
     options = {"strength": args.strength, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
                "warp_end": args.warp_end, "warp_window": args.warp_window, "occlusion": args.occlusion,
                "warp": not args.no_warp, "cross_frame": not args.no_cross_frame,
@@ -64,7 +77,14 @@ def run(args: argparse.Namespace) -> int:
             options[name] = getattr(args, name)
     jobs = []
     if args.jobs is not None:
-        jobs += jobs_from_file(args.jobs, args.output, options, args.model)
+        try:
+            jobs += jobs_from_file(args.jobs, args.output, options, model)
+        except ValueError as error:  # names the file and line
+            print(f"hasten translate: {error}", file=sys.stderr)
+            return 2
+        except OSError as error:
+            print(f"hasten translate: --jobs {args.jobs}: {error.strerror or error}", file=sys.stderr)
+            return 2
     if args.inputs:
         if not args.prompt:
             print("hasten translate: --prompt is required for inputs given on the command line", file=sys.stderr)
@@ -74,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         except FileNotFoundError as error:
             print(f"hasten translate: {error}", file=sys.stderr)
             return 2
-        jobs += [Job(video, args.output / f"{video.stem}.mp4", args.prompt, options, args.model) for video in videos]
+        jobs += [Job(video, args.output / f"{video.stem}.mp4", args.prompt, options, model) for video in videos]
     if not jobs:
         print("hasten translate: nothing to translate (give INPUT... or --jobs)", file=sys.stderr)
         return 2

@@ -3,7 +3,10 @@
 :func:`run_jobs` plans the batch (skip what is done with the same settings, skip what failed
 unless ``retry_failed``, clear temporary files a crash left), runs the rest on a backend, and
 records every attempt in the manifest as it finishes. Each worker loads the model once
-(:class:`Translator`), not once per video.
+(:class:`Translator`), not once per video. The run holds a lock on the output folder's manifest
+from planning to the last record: a second run on the same folder (even spelled differently)
+fails at once with :class:`~hasten.jobs.manifest.OutputLocked` instead of redoing the same
+videos. Outputs get the permissions of any new file (``0o666`` less the umask).
 
 - ``"local"``: this process, an overall bar (videos) and a per-video bar (frames).
 - ``"ray"``: one actor per GPU of the cluster (or one per CPU slot, up to the number of videos,
@@ -13,6 +16,7 @@ records every attempt in the manifest as it finishes. Each worker loads the mode
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +24,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from .manifest import Job, Manifest
+from .manifest import Job, Manifest, normal_path
 
 __all__ = ["BACKENDS", "Summary", "Translator", "plan", "run_jobs"]
 
@@ -57,6 +61,7 @@ class Translator:
             write_video(out.frames, job.output, fps=video.fps)
             if audio:
                 copy_audio(job.input, job.output)
+            _respect_umask(job.output)
             record.update(status="done", error=None, frames=len(out.frames), warp_error=round(out.warp_error, 5),
                           seconds={**{k: round(v, 3) for k, v in out.seconds.items()},
                                    "total": round(time.perf_counter() - start, 3)})
@@ -64,6 +69,13 @@ class Translator:
             record.update(status="failed", error=f"{type(error).__name__}: {error}",
                           seconds={"total": round(time.perf_counter() - start, 3)})
         return record
+
+
+def _respect_umask(path: Path) -> None:
+    """Give ``path`` (written through a private temporary file, mode 0600) the mode of a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 @dataclass
@@ -94,7 +106,7 @@ def plan(jobs: list[Job], manifest: Manifest, retry_failed: bool = False) -> tup
     latest = manifest.latest()
     summary, todo = Summary(), []
     for job in jobs:
-        record = latest.get(str(job.output))
+        record = latest.get(str(normal_path(job.output)))
         same = record is not None and record.get("settings_hash") == job.settings_hash()
         if same and record["status"] == "done" and job.output.exists():
             summary.skipped.append(str(job.output))
@@ -132,9 +144,17 @@ def run_jobs(jobs: list[Job], output_dir: str | Path, backend: str = "local", re
     """
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
-    output_dir = Path(output_dir)
+    output_dir = normal_path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"`output_dir` {output_dir} is a file; give a folder (it holds the outputs and the manifest)")
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(output_dir / MANIFEST_NAME)
+    with manifest.lock():
+        return _run_locked(jobs, manifest, backend, retry_failed, device, dtype, ray_address, audio, progress)
+
+
+def _run_locked(jobs: list[Job], manifest: Manifest, backend: str, retry_failed: bool, device: str | None,
+                dtype: str | None, ray_address: str | None, audio: bool, progress: bool) -> Summary:
     todo, summary = plan(jobs, manifest, retry_failed)
     _clear_temporaries(todo)
     if not todo:
