@@ -32,8 +32,9 @@ def register(commands) -> None:
     parser.add_argument("--steps", type=positive, default=28)
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--solver", choices=("uni", "euler", "midpoint"), default="uni", help="inversion solver")
-    parser.add_argument("--height", type=positive)
-    parser.add_argument("--width", type=positive)
+    parser.add_argument("--height", type=positive, help="working height (default: with --image and --mask, the "
+                        "image's, rounded down to the model's multiple; else the model's)")
+    parser.add_argument("--width", type=positive, help="working width (default: as --height)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16",
                         help="storage of the recorded source features (real mode)")
@@ -42,7 +43,9 @@ def register(commands) -> None:
     parser.add_argument("--no-blend", action="store_true", help="attention control only (the paper's), no latent blend")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
-    parser.add_argument("--out", type=Path, default=Path("outputs/edit.png"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output .png/.jpg/.jpeg (.mp4/.avi with --video); the source goes beside it as "
+                        "<out>-source (default outputs/edit.png, with --video outputs/edit.mp4)")
     parser.set_defaults(run=run)
 
 
@@ -51,24 +54,46 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from ..attention_processors.feature_cache import FeatureCacheConfig
-    from ..pipelines.consistedit import ConsistEditPipeline
-    from ..pipelines.loading import load_pipeline
+    from ..pipelines.consistedit import ConsistEditPipeline, grid_mask
+    from ..pipelines.loading import check_device, load_pipeline, pipeline_source
     from ..video import save_media
+    from ._common import IMAGE_SUFFIXES, VIDEO_SUFFIXES, check_output_file
 
     if (args.edit_words is None) == (args.mask is None):
         print("hasten edit: give exactly one of --edit-words and --mask", file=sys.stderr)
         return 2
+    if args.out is None:
+        args.out = Path("outputs/edit.mp4" if args.video else "outputs/edit.png")
     try:
+        check_output_file(args.out, "--out", VIDEO_SUFFIXES if args.video else IMAGE_SUFFIXES)
+        check_device(args.device)
+        pipeline_source(args.model)
         image = Image.open(args.image).convert("RGB") if args.image else None
         mask = np.asarray(Image.open(args.mask).convert("L")) if args.mask else None
-    except OSError as error:
+        if mask is not None and not mask.any():
+            raise ValueError(f"--mask {args.mask} is all black: nothing to edit (white = the edit region, "
+                             "black = kept)")
+    except (OSError, ValueError) as error:
         print(f"hasten edit: {error}", file=sys.stderr)
         return 2
     pipe = load_pipeline(args.model, args.dtype, args.device)
+    height, width = args.height, args.width
+    if image is not None and mask is not None and not args.video:
+        # a mask drawn on the input image fits it: work at the image's size (the model's multiple)
+        patch = 2 if type(pipe).__name__ == "FluxPipeline" else getattr(pipe.transformer.config, "patch_size", 2)
+        multiple = pipe.vae_scale_factor * patch
+        height = height or max(multiple, image.height // multiple * multiple)
+        width = width or max(multiple, image.width // multiple * multiple)
+        if mask.shape == (image.height, image.width) and mask.shape != (height, width):
+            mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
     try:
-        editor = ConsistEditPipeline.from_pipe(pipe, height=args.height, width=args.width)
+        editor = ConsistEditPipeline.from_pipe(pipe, height=height, width=width)
         if args.video != (editor.video is not None):
             raise ValueError(f"--video needs a CogVideoX or Wan model, and a {type(pipe).__name__} needs no --video")
+        if mask is not None and editor.video is None and not grid_mask(mask, editor.model.grid, editor.model.height,
+                                                                       editor.model.width).any():
+            raise ValueError(f"--mask {args.mask}: its white area covers no whole token at {editor.model.height}x"
+                             f"{editor.model.width} (half of a token's pixels must be white); nothing would be edited")
         out = editor.edit(args.source_prompt, args.target_prompt, edit_words=args.edit_words, mask=mask,
                           alpha=args.alpha, image=image, seed=args.seed, num_inference_steps=args.steps,
                           guidance_scale=args.guidance, solver=args.solver, blend_latents=not args.no_blend,

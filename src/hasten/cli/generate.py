@@ -13,6 +13,7 @@ from ..kernels import BACKENDS
 from ..pipelines.grat import GratConfig, apply_grat, compare_grat, grat_state
 from ..pipelines.loading import DTYPES, load_pipeline
 from ..video import save_media
+from ._common import check_output_file
 from ._types import positive, size
 
 VIDEO_PIPELINES = ("HunyuanVideoPipeline", "WanPipeline", "CogVideoXPipeline")
@@ -45,8 +46,8 @@ def register(commands) -> None:
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                      help="weights dtype (default: float32 for tiny models and CPU, bfloat16 on CUDA)")
     gen.add_argument("--out", type=Path, default=Path("outputs/hasten.png"),
-                     help="output file; with --compare, -dense and -grat are added to its name "
-                     "(videos are written as .mp4)")
+                     help="output file, .png/.jpg/.jpeg (or .mp4/.avi); with --compare, -dense and -grat are added "
+                     "to its name (videos are written as .mp4 unless it ends in .avi); a folder is an error")
     gen.add_argument("--compare", action="store_true", help="run dense and GRAT with the same seed and compare")
 
     gen.set_defaults(run=generate)
@@ -78,8 +79,25 @@ def _with_suffix(path: Path, tag: str) -> Path:
     return path.with_name(f"{path.stem}-{tag}{path.suffix}")
 
 
+def _sparsity_note(density: float, bound: float, group, pattern: str) -> str | None:
+    """Why GRAT cannot speed attention up at this size, or None when it can."""
+    notes = []
+    if density >= 0.999:
+        notes.append(f"GRAT cannot be sparse at this size: with group {group} the {pattern} pattern reaches every "
+                     "kernel tile of this short sequence (density 100%), so it computes what dense attention does "
+                     "plus its own overhead; a larger --height/--width (a latent grid several groups across) or a "
+                     "smaller --group-size lets it skip tiles")
+    if bound < 1.0:
+        notes.append(f"the attention bound {bound:.2f}x is below 1x: padding the tokens to whole groups and kernel "
+                     "tiles adds more work than the skipped tiles save at this size")
+    return ("note: " + "; ".join(notes)) if notes else None
+
+
 def generate(args: argparse.Namespace) -> int:
     config = _config(args)
+    check_output_file(args.out, "--out")
+    if args.compare and args.grat == "off":
+        raise ValueError("--compare compares dense with GRAT: choose --grat cross or block")
     pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
     kwargs = _call_kwargs(args, pipe)
     print(f"model {args.model} ({type(pipe).__name__}) on {pipe.device}; "
@@ -96,6 +114,9 @@ def generate(args: argparse.Namespace) -> int:
         print(f"speedup: {result.speedup:.2f}x (attention bound {result.bound:.2f}x at density "
               f"{result.density:.1%})")
         print(f"PSNR(dense, grat): {result.psnr:.2f} dB")
+        note = _sparsity_note(result.density, result.bound, result.config.group_size, result.config.pattern)
+        if note:
+            print(note)
         print(f"saved {dense_path} and {grat_path}")
         return 0
     if args.grat != "off":
@@ -109,6 +130,9 @@ def generate(args: argparse.Namespace) -> int:
     if state is not None and state.layouts:
         layout = max(state.layouts.values(), key=lambda layout: layout.seq_len)
         print(f"attention density {layout.density:.1%} (attention bound {layout.bound:.2f}x)")
+        note = _sparsity_note(layout.density, layout.bound, layout.group, layout.pattern)
+        if note:
+            print(note)
     path = save_media(output[0].float().clamp(0, 1), args.out)
     print(f"{seconds:.3f} s; saved {path}")
     return 0
