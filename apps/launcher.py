@@ -17,8 +17,10 @@ output into what ``gr.Image`` shows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
+import sys
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a local demo
@@ -77,6 +79,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+GRADIO_SHARE_HINT = "set `share=True` in `launch()`"
+SHARE_HINT = "run the app with --share (e.g. `hasten app NAME --share`; needs internet)"
+
+
+class _ShareHintStream:
+    """``sys.stdout`` with Gradio's "set `share=True` in `launch()`" hint replaced by the ``--share`` flag."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(text.replace(GRADIO_SHARE_HINT, SHARE_HINT))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
            **kwargs: Any) -> Any:
     """Serve ``demo`` on ``host:port``; extra keywords go to :meth:`gradio.Blocks.launch`.
@@ -108,7 +127,9 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None,
     """
     if port is not None and not 0 < port < 65536:
         raise ValueError(f"`port` must be in 1..65535 or None, got {port!r}")
-    return demo.launch(server_name=host, server_port=port, share=share, **kwargs)
+    # Gradio tells a user to edit `launch()`; our users pass --share on the command line instead
+    with contextlib.redirect_stdout(_ShareHintStream(sys.stdout)):
+        return demo.launch(server_name=host, server_port=port, share=share, **kwargs)
 
 
 def to_image(output: torch.Tensor, min_side: int = 1) -> np.ndarray:

@@ -11,6 +11,7 @@ Importing hasten adds ``enable_grat()`` / ``disable_grat()`` to every
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from diffusers import DiffusionPipeline
@@ -48,3 +49,14 @@ def disable_grat(pipe_or_transformer: Any) -> None:
 
 DiffusionPipeline.enable_grat = enable_grat  # type: ignore[attr-defined]
 DiffusionPipeline.disable_grat = disable_grat  # type: ignore[attr-defined]
+
+
+# Subpackages reachable as attributes after a plain ``import hasten`` (``hasten.tiny.pipeline(...)``),
+# imported on first use so that ``import hasten`` stays as light as it is.
+_LAZY_SUBMODULES = ("tiny",)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

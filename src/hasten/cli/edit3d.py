@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ._types import positive
 
+OUT_SUFFIXES = (".ply", ".obj", ".glb", ".stl", ".npy")
+
 
 def register(commands) -> None:
     parser = commands.add_parser(
@@ -15,7 +17,7 @@ def register(commands) -> None:
         help="training-free local 3-D editing (VoxHammer on TRELLIS's sparse-structure models)",
         description="Edit the inside of one or more boxes of a shape (a mesh, voxelised, or a .npy occupancy grid) "
         "toward an image or text condition; everything outside the boxes stays exactly as it was. Writes a mesh "
-        "(.ply/.obj/.glb, marching cubes) or the occupancy (.npy).",
+        "(.ply/.obj/.glb/.stl, marching cubes) or the occupancy (.npy).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--mesh", type=Path, help="source mesh (OBJ/PLY/GLB/... via trimesh), fitted to the grid")
@@ -33,7 +35,7 @@ def register(commands) -> None:
     parser.add_argument("--model", default="tiny-trellis",
                         help="tiny-trellis, or a TRELLIS folder holding ckpts/ss_flow_*, ss_enc_*, ss_dec_* (.json + .safetensors)")
     parser.add_argument("--steps", type=positive, default=25, help="inversion / editing steps (VoxHammer: 25)")
-    parser.add_argument("--out", type=Path, required=True, help="output .ply / .obj / .glb / .npy")
+    parser.add_argument("--out", type=Path, required=True, help="output .ply / .obj / .glb / .stl / .npy")
     parser.set_defaults(run=run)
 
 
@@ -46,16 +48,24 @@ def _load(model: str):
 
         parts = tiny_trellis.models()
         return parts["flow"], parts["encoder"], parts["decoder"], tiny_trellis.conditioner()
+    if not Path(model).is_dir():
+        raise ValueError(f"--model {model}: not tiny-trellis and not a folder; give tiny-trellis or a TRELLIS folder "
+                         "holding ckpts/ss_flow_*, ss_enc_*, ss_dec_* (.json + .safetensors)")
     folder = Path(model) / "ckpts"
     found = {}
     for prefix in ("ss_flow", "ss_enc", "ss_dec"):
         matches = sorted(folder.glob(f"{prefix}*.json"))
         if not matches:
-            raise ValueError(f"{folder} has no {prefix}*.json checkpoint")
+            raise ValueError(f"--model {model}: {folder} has no {prefix}*.json checkpoint (a TRELLIS folder holds "
+                             "ckpts/ss_flow_*, ss_enc_*, ss_dec_*)")
         found[prefix] = trellis.from_pretrained(matches[0].with_suffix(""))
+    from ..pipelines.loading import resolve_model
     from ..pipelines.voxhammer import VoxelConditioner
 
-    return found["ss_flow"], found["ss_enc"], found["ss_dec"], VoxelConditioner.from_pretrained()
+    # the condition encoders come from the Hub: say at once when one is neither cached nor reachable
+    text = resolve_model("openai/clip-vit-large-patch14", "transformers", "the text condition encoder")
+    image = resolve_model("facebook/dinov2-with-registers-large", "transformers", "the image condition encoder")
+    return found["ss_flow"], found["ss_enc"], found["ss_dec"], VoxelConditioner.from_pretrained(text, image)
 
 
 def voxelize(path: Path, resolution: int):
@@ -66,9 +76,16 @@ def voxelize(path: Path, resolution: int):
         import trimesh
     except ImportError as error:  # pragma: no cover - trimesh is a dependency
         raise ValueError("mesh input needs trimesh (pip install trimesh)") from error
-    mesh = trimesh.load(path, force="mesh")
-    if mesh.is_empty:
-        raise ValueError(f"{path} holds no triangles")
+    if not Path(path).is_file():
+        raise ValueError(f"--mesh {path} does not exist")
+    try:
+        mesh = trimesh.load(path, force="mesh")
+    except Exception as error:  # noqa: BLE001 - trimesh raises many kinds on a bad file
+        detail = error.args[0] % error.args[1:] if len(error.args) > 1 and isinstance(error.args[0], str) \
+            and "%" in error.args[0] else (str(error) or type(error).__name__)
+        raise ValueError(f"--mesh {path}: not a mesh trimesh can read ({detail})") from None
+    if not isinstance(mesh, trimesh.Trimesh) or mesh.is_empty or not len(mesh.faces):
+        raise ValueError(f"--mesh {path} holds no triangles")
     mesh.apply_translation(-mesh.bounds.mean(0))
     mesh.apply_scale((resolution - 2) / max(float(mesh.extents.max()), 1e-9))
     grid = mesh.voxelized(pitch=1.0).fill()
@@ -86,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..pipelines.voxhammer import VoxelEditPipeline, box_mask, occupancy_to_mesh
 
+    from ._common import check_output_file
+
     try:
+        check_output_file(args.out, "--out", OUT_SUFFIXES)
         flow, encoder, decoder, conditioner = _load(args.model)
         resolution = flow.resolution * 4  # TRELLIS: a 16^3 latent for a 64^3 grid
         if args.mesh is not None:
@@ -95,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
             occupancy = np.load(args.occupancy).astype(bool)
             if occupancy.shape != (resolution,) * 3:
                 raise ValueError(f"--occupancy is {occupancy.shape}; this model edits {resolution}^3 grids")
-        mask = box_mask(resolution, args.box)
+        try:
+            mask = box_mask(resolution, args.box)
+        except ValueError as error:
+            raise ValueError(f"--box: {error} (voxel coordinates, end-exclusive, each in 0..{resolution})") from None
         source_cond = preserved = None
         if (args.source_image or args.image_mask) and args.image is None:
             raise ValueError("--source-image and --image-mask go with an image condition (--image)")

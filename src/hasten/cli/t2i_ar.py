@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ._types import positive
+from ._types import finite, fraction, positive, positive_float
 
 TINY = {"tiny-janus": "janus", "tiny-emu3": "emu3"}
 
@@ -31,17 +31,17 @@ def register(commands) -> None:
                      choices=("random", "sample_horizontal", "sample_vertical", "repeat_horizontal",
                               "repeat_vertical"), help="initialisation of new draft tokens (default random)")
     cmd.add_argument("--greedy", action="store_true", help="argmax decoding (SJD: plain Jacobi, identical to AR)")
-    cmd.add_argument("--guidance-scale", type=float, default=None,
+    cmd.add_argument("--guidance-scale", type=finite, default=None,
                      help="CFG weight (default: Janus 5.0, Emu3 3.0; 1 disables CFG)")
-    cmd.add_argument("--temperature", type=float, default=1.0)
+    cmd.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, > 0 (default 1)")
     cmd.add_argument("--top-k", type=positive, default=None, help="default: Emu3 2048, Janus none")
-    cmd.add_argument("--top-p", type=float, default=None)
+    cmd.add_argument("--top-p", type=fraction, default=None, help="nucleus sampling mass in (0, 1]")
     cmd.add_argument("--height", type=positive, help="Emu3: output height in pixels (multiple of 8)")
     cmd.add_argument("--width", type=positive, help="Emu3: output width in pixels (multiple of 8)")
     cmd.add_argument("--seed", type=int, default=0)
     cmd.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     cmd.add_argument("--out", type=Path, default=Path("outputs/t2i-ar.png"),
-                     help="output image (with --compare, -sjd and -ar are added to its name)")
+                     help="output image, .png/.jpg/.jpeg (with --compare, -sjd and -ar are added to its name)")
     cmd.set_defaults(run=run)
 
 
@@ -56,9 +56,11 @@ def _load(model: str, device: str | None):
 def run(args: argparse.Namespace) -> int:
     from ..pipelines.sjd import SJDConfig, SJDPipeline
     from ..video import save_media
+    from ._common import IMAGE_SUFFIXES, check_output_file
 
     if args.compare and args.no_sjd:
         raise ValueError("--compare runs both SJD and AR: drop --no-sjd")
+    check_output_file(args.out, "--out", IMAGE_SUFFIXES)
     pipe = SJDPipeline(*_load(args.model, args.device))
     config = SJDConfig(window=args.window, init=args.init, greedy=args.greedy)
     call = dict(guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,

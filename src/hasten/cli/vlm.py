@@ -118,12 +118,52 @@ def run_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_training_data(data: Path, argument: str = "--data") -> None:
+    """A clear ``ValueError`` (naming the file, and the line of a JSONL file) for training data
+    :func:`~hasten.token_pruning.specvlm.load_pairs` cannot read; nothing is loaded."""
+    if not data.exists():
+        raise ValueError(f"{argument} {data} does not exist; give a JSONL file ({{\"image\", \"prompt\"}} per line) "
+                         "or a folder of images")
+    if data.is_dir():
+        return
+    try:
+        lines = data.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{argument} {data}: cannot read it as a JSONL text file ({error})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{argument} {data}:{number}: not JSON ({error.msg}); each line is {{\"image\": ..., "
+                             "\"prompt\": ...}") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or "prompt" not in entry:
+            raise ValueError(f"{argument} {data}:{number}: each line needs \"image\" (a path) and \"prompt\"")
+        image = Path(entry["image"])
+        image = image if image.is_absolute() else data.parent / image
+        if not image.is_file():
+            raise ValueError(f"{argument} {data}:{number}: image {image} does not exist (relative paths are read from "
+                             f"{data.parent})")
+
+
 def run_train_draft(args: argparse.Namespace) -> int:
+    from ..pipelines.loading import check_device
     from ..token_pruning.evaluate import load_vlm, sample_images
     from ..token_pruning.specvlm import DraftModel, load_pairs, train_draft
+    from ._common import check_output_folder
 
+    check_output_folder(args.out, "--out")
+    check_device(args.device)
+    if args.data is not None:
+        check_training_data(args.data)
+        try:
+            pairs = load_pairs(args.data)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--data {args.data}: {error}") from None
+    else:
+        pairs = sample_images()
     model, processor = load_vlm(args.model, args.device)
-    pairs = load_pairs(args.data) if args.data is not None else sample_images()
     checkpoint = args.out / "checkpoint" / "state.pt"
     draft = DraftModel.for_target(model, compressor=args.compressor, seed=args.seed)
     if checkpoint.exists():
