@@ -29,7 +29,7 @@ import gradio as gr  # noqa: E402  (after the analytics switch)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hasten.pipelines.loading import DTYPES  # noqa: E402
+from hasten.pipelines.loading import DTYPES, check_device  # noqa: E402
 from hasten.video import to_uint8  # noqa: E402
 
 __all__ = ["add_common_args", "free_port", "launch", "to_image"]
@@ -60,10 +60,18 @@ def add_common_args(parser: argparse.ArgumentParser, *, default_model: str = "ti
     parser.add_argument("--port", type=int, default=None,
                         help="port to serve on (default: the first free port from 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--device", type=_device, default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weights dtype (default: float32 for tiny models and CPU, bfloat16 on CUDA)")
     return parser
+
+
+def _device(text: str) -> str:
+    """``--device``: checked against this machine when parsed (``--device cuda`` without CUDA is an error)."""
+    try:
+        return check_device(text, argument="--device")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--device ")) from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
