@@ -1,5 +1,6 @@
 """The `hasten` command: generate (plain and --compare), errors, help."""
 
+import os
 import subprocess
 import sys
 
@@ -11,14 +12,20 @@ from hasten.cli import main
 
 def test_generate_compare_on_tiny_default(tmp_path, capsys):
     out = tmp_path / "demo.png"
-    assert main(["generate", "--compare", "--steps", "2", "--group-size", "2", "--backend", "reference",
-                 "--out", str(out)]) == 0
+    previous = os.umask(0o022)
+    try:
+        assert main(["generate", "--compare", "--steps", "2", "--group-size", "2", "--backend", "reference",
+                     "--out", str(out)]) == 0
+    finally:
+        os.umask(previous)
     printed = capsys.readouterr().out
     for word in ("dense:", "grat:", "speedup:", "PSNR(dense, grat):", "attention bound"):
         assert word in printed
+    assert "cannot be sparse" not in printed  # small groups: GRAT skips tiles here
     dense, grat = tmp_path / "demo-dense.png", tmp_path / "demo-grat.png"
     assert cv2.imread(str(dense)).shape == cv2.imread(str(grat)).shape
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+    assert {path.stat().st_mode & 0o777 for path in (dense, grat)} == {0o644}, "outputs respect the umask"
 
 
 def test_generate_video_writes_mp4(tmp_path, capsys):

@@ -71,10 +71,10 @@ def check_output_folder(path: str | os.PathLike, argument: str = "--output") -> 
 
     Examples
     --------
-    >>> check_output_folder("/proc/x/y")
+    >>> check_output_folder("/dev/null")
     Traceback (most recent call last):
     ...
-    ValueError: --output /proc/x/y: cannot write in /proc (No such file or directory); choose a writable location
+    ValueError: --output /dev/null is a file; give a folder (it is created if missing)
     """
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():

@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from ..attention_processors.feature_cache import FeatureCacheConfig
+    from ..jobs.manifest import respect_umask
     from ..pipelines.consistedit import ConsistEditPipeline, grid_mask
     from ..pipelines.loading import check_device, load_pipeline, pipeline_source
     from ..video import save_media
@@ -102,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"hasten edit: {error}", file=sys.stderr)
         return 2
-    target = save_media(out.target, args.out)
-    source = save_media(out.source, args.out.with_name(f"{args.out.stem}-source{args.out.suffix}"))
+    target = respect_umask(save_media(out.target, args.out))
+    source = respect_umask(save_media(out.source, args.out.with_name(f"{args.out.stem}-source{args.out.suffix}")))
     region = out.edit_region.float().mean().item()
     print(f"wrote {target} (edit) and {source} (source); edit region {region:.0%} of the tokens; "
           + ", ".join(f"{k} {v:.2f} s" for k, v in out.seconds.items() if v)

@@ -13,6 +13,7 @@ from ..kernels import BACKENDS
 from ..pipelines.grat import GratConfig, apply_grat, compare_grat, grat_state
 from ..pipelines.loading import DTYPES, load_pipeline
 from ..video import save_media
+from ..jobs.manifest import respect_umask
 from ._common import check_output_file
 from ._types import positive, size
 
@@ -106,8 +107,8 @@ def generate(args: argparse.Namespace) -> int:
         if args.grat == "off":
             raise ValueError("--compare compares dense with GRAT: choose --grat cross or block")
         result = compare_grat(pipe, config, seed=args.seed, **kwargs)
-        dense_path = save_media(result.dense[0], _with_suffix(args.out, "dense"))
-        grat_path = save_media(result.grat[0], _with_suffix(args.out, "grat"))
+        dense_path = respect_umask(save_media(result.dense[0], _with_suffix(args.out, "dense")))
+        grat_path = respect_umask(save_media(result.grat[0], _with_suffix(args.out, "grat")))
         print(f"group {result.config.group_size} pattern {result.config.pattern}")
         print(f"dense: {result.dense_seconds:.3f} s")
         print(f"grat:  {result.grat_seconds:.3f} s")
@@ -133,6 +134,6 @@ def generate(args: argparse.Namespace) -> int:
         note = _sparsity_note(layout.density, layout.bound, layout.group, layout.pattern)
         if note:
             print(note)
-    path = save_media(output[0].float().clamp(0, 1), args.out)
+    path = respect_umask(save_media(output[0].float().clamp(0, 1), args.out))
     print(f"{seconds:.3f} s; saved {path}")
     return 0

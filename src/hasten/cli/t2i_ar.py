@@ -55,6 +55,7 @@ def _load(model: str, device: str | None):
 
 def run(args: argparse.Namespace) -> int:
     from ..pipelines.sjd import SJDConfig, SJDPipeline
+    from ..jobs.manifest import respect_umask
     from ..video import save_media
     from ._common import IMAGE_SUFFIXES, check_output_file
 
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         out = pipe(args.prompt, sjd=sjd, greedy=args.greedy, **call)
         seconds = time.perf_counter() - start
         path = args.out if not args.compare else args.out.with_name(f"{args.out.stem}-{name}{args.out.suffix}")
-        save_media(out.images[0], path)
+        respect_umask(save_media(out.images[0], path))
         results[name] = (out.stats.forwards, seconds)
         print(f"{name.upper():3s}: {out.stats.tokens} tokens in {out.stats.forwards} forward passes "
               f"({out.stats.tokens_per_forward:.2f} tokens/pass), {seconds:.2f} s; saved {path}")

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VIDEO_SUFFIXES", "Job", "Manifest", "OutputLocked", "find_videos", "jobs_from_file", "normal_path"]
+__all__ = ["VIDEO_SUFFIXES", "Job", "Manifest", "OutputLocked", "find_videos", "jobs_from_file", "normal_path",
+           "respect_umask"]
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
@@ -45,6 +46,15 @@ def normal_path(path: str | os.PathLike) -> Path:
     True
     """
     return Path(path).expanduser().resolve()
+
+
+def respect_umask(path: str | os.PathLike) -> Path:
+    """Give ``path`` the mode of a newly created file (``0o666`` less the umask): files written through
+    a private temporary file and renamed (``tempfile.mkstemp``) are 0600 otherwise."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return Path(path)
 
 
 class OutputLocked(ValueError):

@@ -16,7 +16,6 @@ videos. Outputs get the permissions of any new file (``0o666`` less the umask).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from .manifest import Job, Manifest, normal_path
+from .manifest import Job, Manifest, normal_path, respect_umask
 
 __all__ = ["BACKENDS", "Summary", "Translator", "plan", "run_jobs"]
 
@@ -61,7 +60,7 @@ class Translator:
             write_video(out.frames, job.output, fps=video.fps)
             if audio:
                 copy_audio(job.input, job.output)
-            _respect_umask(job.output)
+            respect_umask(job.output)
             record.update(status="done", error=None, frames=len(out.frames), warp_error=round(out.warp_error, 5),
                           seconds={**{k: round(v, 3) for k, v in out.seconds.items()},
                                    "total": round(time.perf_counter() - start, 3)})
@@ -69,13 +68,6 @@ class Translator:
             record.update(status="failed", error=f"{type(error).__name__}: {error}",
                           seconds={"total": round(time.perf_counter() - start, 3)})
         return record
-
-
-def _respect_umask(path: Path) -> None:
-    """Give ``path`` (written through a private temporary file, mode 0600) the mode of a new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 @dataclass
