@@ -211,7 +211,6 @@ def _dense_backends():
 
 def grat_attention_section(section: Section, settings: Settings) -> None:
     import grat_attention
-    import torch
 
     if settings.smoke:
         # Tiny image and video shapes with the same text placement as the real ones; head dim 16.
@@ -399,7 +398,7 @@ def kv_decode_section(section: Section, settings: Settings) -> None:
     warmup, repeats = (0, 1) if settings.smoke else (3, 20)
     dtype = torch.bfloat16
     scaling = dim ** -0.5
-    lines = [f"| context | heads / KV heads / dim | cache | ms | vs bf16 SDPA | bytes read | vs bf16 |",
+    lines = ["| context | heads / KV heads / dim | cache | ms | vs bf16 SDPA | bytes read | vs bf16 |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for context in contexts:
         generator = torch.Generator(device=device).manual_seed(0)

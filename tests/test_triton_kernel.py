@@ -273,3 +273,92 @@ def test_launch_config_table():
             for dt in (torch.float32, torch.float16, torch.bfloat16):
                 bm, bn, _, _ = tbs._launch_config(tile, D, dt)
                 assert tile % bm == 0 and tile % bn == 0 and bm >= 16 and bn >= 16
+
+
+# --------------------------------------------------------------------------- fused gather / scatter
+
+def _shuffled_rows(S, tile, pad, seed=0):
+    """A random slot order of S rows plus ``pad`` padding slots (-1) spread over the tiles."""
+    g = torch.Generator().manual_seed(seed)
+    L = S + pad
+    assert L % tile == 0
+    slots = torch.full((L,), -1, dtype=torch.int64)
+    real_slots = torch.randperm(L, generator=g)[:S].sort().values
+    slots[real_slots] = torch.randperm(S, generator=g)
+    return slots
+
+
+@pytest.mark.parametrize(
+    "dtype,atol,layout_bsd",
+    [(torch.float32, 2e-5, False), (torch.float32, 2e-5, True), (torch.float16, 2e-3, True),
+     (torch.bfloat16, 2e-2, False)],
+)
+def test_rows_gather_and_scatter_in_the_kernel(dtype, atol, layout_bsd):
+    """Reading q/k/v through ``rows`` and writing the output through it equals gathering copies,
+    running the kernel in slot order and scattering back; padding slots write nothing."""
+    B, H, S, D, tile = 2, 2, 53, 16, 16
+    rows = _shuffled_rows(S, tile, pad=11)
+    T = rows.shape[0] // tile
+    kv_indices, kv_counts = make_layout(T, seed=3)
+    kv_counts[2] = 1  # every query tile has a key tile, so padding rows would have outputs to leak
+    kv_indices[2, 0] = 0
+    g = torch.Generator().manual_seed(1)
+    if layout_bsd:  # (B, S, H, D) storage read through a transposed view
+        q, k, v = (torch.randn(B, S, H, D, generator=g).to(dtype).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = make_inputs(B, H, S, D, dtype, seed=1)
+    key_valid = (rows >= 0)[None].repeat(B, 1)
+    key_valid[1, 5:9] = False  # a caller's key mask on top of the padding
+
+    out = triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, key_valid, tile, rows=rows)
+    assert out.shape == q.shape and out.stride() == q.stride()
+
+    gather = rows.clamp(min=0)
+    in_slots = [x.index_select(2, gather) for x in (q, k, v)]
+    slot_out = triton_block_sparse_attention(*in_slots, kv_indices, kv_counts, key_valid, tile)
+    scatter = torch.empty(S, dtype=torch.int64)
+    scatter[rows[rows >= 0]] = (rows >= 0).nonzero()[:, 0]
+    torch.testing.assert_close(out, slot_out.index_select(2, scatter), atol=atol, rtol=atol)
+    expected = dense_reference(*in_slots, kv_indices, kv_counts, key_valid, tile).index_select(2, scatter)
+    torch.testing.assert_close(out.double(), expected, atol=atol * 5, rtol=atol * 5)
+
+
+def test_rows_tile_counter_and_sub_blocks():
+    """The gather path keeps sub-blocking (tile 64 split into 64 x 32 fp32 blocks) and the counter."""
+    B, H, S, D, tile = 1, 2, 100, 32, 64
+    rows = _shuffled_rows(S, tile, pad=28, seed=2)
+    T = rows.shape[0] // tile
+    kv_indices = torch.tensor([[0, 1], [1, 0]], dtype=torch.int32)
+    kv_counts = torch.tensor([2, 1], dtype=torch.int32)
+    q, k, v = make_inputs(B, H, S, D, torch.float32, seed=4)
+    key_valid = (rows >= 0)[None]
+    counter = torch.zeros(1, dtype=torch.int32)
+    out = triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, key_valid, tile, tile_counter=counter,
+                                        rows=rows)
+    assert counter.item() == B * H * 3 and T == 2
+    gather = rows.clamp(min=0)
+    expected = dense_reference(*(x.index_select(2, gather) for x in (q, k, v)), kv_indices, kv_counts, key_valid,
+                               tile)
+    scatter = torch.empty(S, dtype=torch.int64)
+    scatter[rows[rows >= 0]] = (rows >= 0).nonzero()[:, 0]
+    torch.testing.assert_close(out.double(), expected.index_select(2, scatter), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "rows,match",
+    [
+        (torch.arange(32).float(), "rows must be a 1-D int32/int64"),
+        (torch.arange(32)[None], "rows must be a 1-D int32/int64"),
+        (torch.arange(40), "not a multiple of tile"),
+        (torch.cat([torch.arange(31), torch.tensor([-2])]), "exactly once"),
+        (torch.cat([torch.arange(31), torch.tensor([0])]), "exactly once"),
+        (torch.cat([torch.arange(30), torch.tensor([-1, 33])]), "exactly once"),
+    ],
+)
+def test_rows_validation(rows, match):
+    q, k, v = make_inputs(1, 1, 32, 16, torch.float32)
+    kv_indices = torch.tensor([[0, 1], [0, 1]], dtype=torch.int32)
+    kv_counts = torch.tensor([2, 2], dtype=torch.int32)
+    key_valid = torch.ones(1, rows.shape[-1], dtype=torch.bool)
+    with pytest.raises(ValueError, match=match):
+        triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, key_valid, 16, rows=rows)

@@ -13,7 +13,8 @@ Three backends share one contract (:func:`block_sparse_attention`):
 ``"auto"``
     Triton on CUDA, the reference everywhere else (CPU, MPS).
 
-The call goes through the custom op ``hasten::block_sparse_attention`` so that
+The call goes through the custom op ``hasten::block_sparse_attention`` (and the fused grouped
+call through ``hasten::grouped_block_sparse_attention``) so that
 ``torch.compile`` of a model treats it as one opaque node (no graph breaks, no recompiles).
 """
 
@@ -111,6 +112,29 @@ def _(q, k, v, kv_indices, kv_counts, key_valid, static_valid, tile, scale, back
     return torch.empty_like(q)
 
 
+@torch.library.custom_op("hasten::grouped_block_sparse_attention", mutates_args=())
+def _grouped_triton_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    key_valid: torch.Tensor,
+    tile: int,
+    scale: float,
+) -> torch.Tensor:
+    """The Triton kernel reading q/k/v in model order through ``rows`` and writing its output back
+    through it: gather, block-sparse attention and scatter in one launch."""
+    key_valid = key_valid.expand(q.shape[0], -1)
+    return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, key_valid, tile, scale, rows=rows)
+
+
+@_grouped_triton_op.register_fake
+def _(q, k, v, rows, kv_indices, kv_counts, key_valid, tile, scale):
+    return torch.empty_like(q)
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -172,9 +196,13 @@ def grouped_attention(
 ) -> torch.Tensor:
     """Grouped block-sparse attention over a sequence in the model's own token order.
 
-    Gathers q/k/v into the layout's kernel order (text, then each group contiguous and
-    tile-padded), runs :func:`block_sparse_attention`, and scatters the result back (padding
-    rows dropped).
+    The attention runs in the layout's kernel order (text, then each group contiguous and
+    tile-padded); the result comes back in model order (padding rows dropped). With the
+    ``"triton"`` backend (``"auto"`` on CUDA) that is one kernel launch (custom op
+    ``hasten::grouped_block_sparse_attention``): the kernel loads query, key and value rows
+    through the layout's gather index and stores each output row at its model position, so no
+    permuted copy of q/k/v or of the output is made. The other backends gather q/k/v with
+    ``index_select``, run :func:`block_sparse_attention` and scatter the result back.
 
     Parameters
     ----------
@@ -196,6 +224,19 @@ def grouped_attention(
     if query.shape[-2] != layout.seq_len:
         raise ValueError(f"query has {query.shape[-2]} tokens but the layout is for {layout.seq_len}")
     index = layout.gather_index
+    if resolve_backend(backend, query.device) == "triton":
+        if query.dim() != 4 or key.shape != query.shape or value.shape != query.shape:
+            raise ValueError(
+                f"query, key, value must share one (batch, heads, seq, dim) shape; got {tuple(query.shape)}, "
+                f"{tuple(key.shape)}, {tuple(value.shape)}"
+            )
+        key_valid = layout.key_valid[None]
+        if key_padding is not None:
+            key_valid = key_valid & key_padding.index_select(1, index)  # a bool mask: (batch, kernel_len)
+        rows = torch.where(layout.key_valid, index, -1)  # model row of each slot, -1 on padding slots
+        scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+        return _grouped_triton_op(query, key, value, rows, layout.kv_indices, layout.kv_counts, key_valid,
+                                  layout.tile, scale)
     if key_padding is None:
         key_valid, static_valid = layout.key_valid[None], layout.key_valid
     else:

@@ -36,6 +36,22 @@ Layout contract
 * Output: ``(B, H, S, D)`` in q's dtype, allocated with ``torch.empty_like(q)`` (so it keeps
   q's memory layout, e.g. a ``(B, S, H, D)``-backed view stays one).
 
+Fused gather and scatter (``rows``)
+-----------------------------------
+GRAT's kernel order (each group contiguous and tile-padded) is a permutation of the model's
+token order plus padding slots.  With ``rows`` (``(L,)`` int32/int64, ``L`` a multiple of
+``tile``), q, k and v stay in the caller's order ``(B, H, S, D)`` and slot ``s`` of the kernel
+order is row ``rows[s]`` of them, or a padding slot when ``rows[s] == -1``; the non-negative
+entries must name each of the ``S`` rows exactly once (checked on the host for CPU tensors
+only).  ``kv_indices``, ``kv_counts`` and ``key_valid`` (then ``(B, L)``, False on padding
+slots) describe slots and tiles of ``L // tile``.  Every program loads its query rows and each
+key/value block through ``rows`` (one small int32 load per block, then row-wise gathered
+loads; padding slots read row 0, and their keys must be masked in ``key_valid``) and stores
+each output row at its own model position; padding slots store nothing.  The output is
+``(B, H, S, D)`` in the caller's order, ``torch.empty_like(q)``.  The result equals gathering
+copies with ``index_select``, running the kernel in slot order and scattering back, without
+the three copies in and one copy out.  Row offsets are computed in int64.
+
 Launch configuration
 --------------------
 Grid ``(T * (tile // BLOCK_M), B * H)``: consecutive programs share one ``(b, h)``, so that
@@ -121,7 +137,7 @@ def triton_available() -> bool:
 if triton is not None:
 
     def _block_sparse_attn_fwd(
-        Q, K, V, O, KV_IDX, KV_CNT, KEY_VALID, TILE_FULL, COUNTER,
+        Q, K, V, O, KV_IDX, KV_CNT, KEY_VALID, TILE_FULL, COUNTER, ROWS,
         stride_qb, stride_qh, stride_qs, stride_qd,
         stride_kb, stride_kh, stride_ks, stride_kd,
         stride_vb, stride_vh, stride_vs, stride_vd,
@@ -137,6 +153,7 @@ if triton is not None:
         HAS_COUNTER: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
+        GATHER: tl.constexpr,
     ):
         SUB_M: tl.constexpr = TILE // BLOCK_M
         SUB_N: tl.constexpr = TILE // BLOCK_N
@@ -162,7 +179,15 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
 
-        q_ptrs = q_base + start_m * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
+        if GATHER:
+            # Slot -> row of the caller's (model-order) tensors; padding slots hold -1: they read
+            # row 0 (their keys are masked by KEY_VALID, their outputs are never stored).
+            q_rows = tl.load(ROWS + start_m + offs_m)
+            q_live = q_rows >= 0
+            q_off = tl.maximum(q_rows, 0).to(tl.int64) * stride_qs
+            q_ptrs = q_base + q_off[:, None] + offs_d[None, :] * stride_qd
+        else:
+            q_ptrs = q_base + start_m * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs)
         if UPCAST_DOT:
             q = q.to(tl.float32)
@@ -178,8 +203,13 @@ if triton is not None:
             kv_tile = tl.load(idx_row + (step // SUB_N) * stride_idx_m)
             start_n = kv_tile.to(tl.int64) * TILE + (step % SUB_N) * BLOCK_N
 
-            k_ptrs = k_base + start_n * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
-            v_ptrs = v_base + start_n * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+            if GATHER:
+                kv_rows = tl.maximum(tl.load(ROWS + start_n + offs_n), 0).to(tl.int64)
+                k_ptrs = k_base + kv_rows[:, None] * stride_ks + offs_d[None, :] * stride_kd
+                v_ptrs = v_base + kv_rows[:, None] * stride_vs + offs_d[None, :] * stride_vd
+            else:
+                k_ptrs = k_base + start_n * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
+                v_ptrs = v_base + start_n * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
             if UPCAST_DOT:
@@ -206,8 +236,13 @@ if triton is not None:
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
-        o_ptrs = o_base + start_m * stride_os + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, out.to(O.dtype.element_ty))
+        if GATHER:  # scatter: each real slot writes its own row of the caller's order
+            o_off = tl.maximum(q_rows, 0).to(tl.int64) * stride_os
+            o_ptrs = o_base + o_off[:, None] + offs_d[None, :] * stride_od
+            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_live[:, None])
+        else:
+            o_ptrs = o_base + start_m * stride_os + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+            tl.store(o_ptrs, out.to(O.dtype.element_ty))
 
         if HAS_COUNTER:
             tl.atomic_add(COUNTER, count.to(COUNTER.dtype.element_ty), mask=m_sub == 0)
@@ -244,11 +279,13 @@ def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
-def _validate(q, k, v, kv_indices, kv_counts, key_valid, tile, tile_counter, interpret):
+def _validate(q, k, v, kv_indices, kv_counts, key_valid, tile, tile_counter, interpret, rows=None):
     for name, t in (("q", q), ("k", k), ("v", v), ("kv_indices", kv_indices),
                     ("kv_counts", kv_counts), ("key_valid", key_valid)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if rows is not None and not isinstance(rows, torch.Tensor):
+        raise ValueError(f"rows must be a torch.Tensor or None, got {type(rows).__name__}")
     if tile_counter is not None and not isinstance(tile_counter, torch.Tensor):
         raise ValueError(f"tile_counter must be a torch.Tensor or None, got {type(tile_counter).__name__}")
 
@@ -268,9 +305,17 @@ def _validate(q, k, v, kv_indices, kv_counts, key_valid, tile, tile_counter, int
         raise ValueError(f"head dim D={D} (last dim of q) must be a power of two in [16, 256]")
     if isinstance(tile, bool) or not isinstance(tile, int) or tile not in SUPPORTED_TILES:
         raise ValueError(f"tile={tile!r} must be one of {SUPPORTED_TILES}")
-    if S % tile != 0:
-        raise ValueError(f"sequence length S={S} of q must be divisible by tile={tile}")
-    T = S // tile
+    if rows is None:
+        L = S
+        if S % tile != 0:
+            raise ValueError(f"sequence length S={S} of q must be divisible by tile={tile}")
+    else:
+        if rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"rows must be a 1-D int32/int64 tensor, got {rows.dtype} {tuple(rows.shape)}")
+        L = rows.shape[0]
+        if L % tile != 0:
+            raise ValueError(f"rows has {L} slots, not a multiple of tile={tile}")
+    T = L // tile
 
     if kv_indices.dim() != 2 or kv_indices.shape[0] != T:
         raise ValueError(f"kv_indices must have shape (T, M) with T = S // tile = {T}, got {tuple(kv_indices.shape)}")
@@ -280,8 +325,9 @@ def _validate(q, k, v, kv_indices, kv_counts, key_valid, tile, tile_counter, int
         raise ValueError(f"kv_counts must have shape (T,) = ({T},), got {tuple(kv_counts.shape)}")
     if kv_counts.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"kv_counts must be int32 (or int64), got {kv_counts.dtype}")
-    if key_valid.dim() != 2 or tuple(key_valid.shape) != (B, S):
-        raise ValueError(f"key_valid must have shape (B, S) = ({B}, {S}), got {tuple(key_valid.shape)}")
+    if key_valid.dim() != 2 or tuple(key_valid.shape) != (B, L):
+        what = "(B, S)" if rows is None else "(B, len(rows))"
+        raise ValueError(f"key_valid must have shape {what} = ({B}, {L}), got {tuple(key_valid.shape)}")
     if key_valid.dtype != torch.bool:
         raise ValueError(f"key_valid must be a bool tensor, got {key_valid.dtype}")
     if tile_counter is not None:
@@ -296,6 +342,8 @@ def _validate(q, k, v, kv_indices, kv_counts, key_valid, tile, tile_counter, int
     named = [("k", k), ("v", v), ("kv_indices", kv_indices), ("kv_counts", kv_counts), ("key_valid", key_valid)]
     if tile_counter is not None:
         named.append(("tile_counter", tile_counter))
+    if rows is not None:
+        named.append(("rows", rows))
     for name, t in named:
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but q is on {device}: all tensors must be on one device")
@@ -314,6 +362,11 @@ def _validate(q, k, v, kv_indices, kv_counts, key_valid, tile, tile_counter, int
             listed = kv_indices[used]
             if listed.numel() and (int(listed.min()) < 0 or int(listed.max()) >= T):
                 raise ValueError(f"kv_indices entries (within kv_counts) must lie in [0, T={T})")
+        if rows is not None:
+            real = rows[rows >= 0]
+            if int((rows < -1).sum()) or real.numel() != S or not torch.equal(
+                    real.sort().values, torch.arange(S, dtype=real.dtype)):
+                raise ValueError(f"rows must name each of q's S={S} rows exactly once, -1 on padding slots")
 
 
 def triton_block_sparse_attention(
@@ -326,6 +379,7 @@ def triton_block_sparse_attention(
     tile: int,
     scale: float | None = None,
     tile_counter: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention forward; see the module docstring for the full contract.
 
@@ -338,6 +392,9 @@ def triton_block_sparse_attention(
         scale: score scale, default ``1 / sqrt(D)``.
         tile_counter: optional one-element int32/int64 tensor, incremented by
             ``B * H * kv_counts.sum()``.
+        rows: optional ``(L,)`` int32/int64 gather index (see "Fused gather and scatter" in the
+            module docstring): q/k/v/out are then in the caller's order, the tiles, ``kv_indices``
+            and ``key_valid`` (``(B, L)``) in slot order, ``T = L // tile``.
 
     Returns:
         ``(B, H, S, D)`` tensor in q's dtype; rows without any valid key are zero.
@@ -345,10 +402,10 @@ def triton_block_sparse_attention(
     if triton is None:
         raise RuntimeError(f"triton is not available: {_TRITON_IMPORT_ERROR!r}")
     interpret = _interpret_enabled()
-    _validate(q, k, v, kv_indices, kv_counts, key_valid, tile, tile_counter, interpret)
+    _validate(q, k, v, kv_indices, kv_counts, key_valid, tile, tile_counter, interpret, rows)
 
     B, H, S, D = q.shape
-    T = S // tile
+    T = (S if rows is None else rows.shape[0]) // tile
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     scale = float(scale)
@@ -371,6 +428,8 @@ def triton_block_sparse_attention(
     upcast = bool(interpret and q.dtype == torch.bfloat16)
     has_counter = tile_counter is not None
     counter = tile_counter if has_counter else kv_counts  # dummy pointer, never touched
+    gather = rows is not None
+    rows = rows.to(torch.int32).contiguous() if gather else kv_counts  # dummy pointer when not gathering
 
     # One flag per (batch, key tile): 1 when every key of the tile is valid (no mask needed).
     tile_full = key_valid.reshape(key_valid.shape[0], T, tile).all(dim=-1).to(torch.int8)
@@ -378,14 +437,14 @@ def triton_block_sparse_attention(
     kernel = _get_kernel(interpret)
     grid = (T * (tile // block_m), B * H)
     args = (
-        q, k, v, out, kv_indices, kv_counts, key_valid, tile_full, counter,
+        q, k, v, out, kv_indices, kv_counts, key_valid, tile_full, counter, rows,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *kv_indices.stride(), *key_valid.stride(), *tile_full.stride(),
         H, M, scale * _LOG2E,
     )
     meta = dict(
         TILE=tile, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D,
-        HAS_COUNTER=has_counter, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast,
+        HAS_COUNTER=has_counter, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast, GATHER=gather,
         num_warps=num_warps, num_stages=num_stages,
     )
     if q.device.type == "cuda":
