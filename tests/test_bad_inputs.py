@@ -256,3 +256,18 @@ def test_bad_inputs_in_a_real_process_print_one_line_and_no_traceback(tmp_path):
         assert result.returncode == 2 and len(lines) == 1 and word in lines[0], result.stderr
         assert "Traceback" not in result.stderr and time.perf_counter() - start < 60
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_edit3d_writes_its_output_whole_with_the_umask(tmp_path, capsys):
+    occupancy = np.zeros((32, 32, 32), bool)
+    occupancy[8:24, 8:24, 8:24] = True
+    np.save(tmp_path / "shape.npy", occupancy)
+    previous = os.umask(0o022)
+    try:
+        assert main(["edit3d", "--occupancy", str(tmp_path / "shape.npy"), "--box", "16", "0", "0", "32", "32", "32",
+                     "--prompt", "a chair", "--steps", "1", "--out", str(tmp_path / "new" / "o.npy")]) == 0
+    finally:
+        os.umask(previous)
+    out = tmp_path / "new" / "o.npy"
+    assert np.load(out).shape == (32, 32, 32) and out.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in out.parent.iterdir()] == ["o.npy"], "no temporary file left"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -98,10 +99,39 @@ def voxelize(path: Path, resolution: int):
     return out
 
 
+def _write(path: Path, occupancy) -> None:
+    """The occupancy (.npy) or its marching-cubes mesh, written to a temporary file beside ``path`` and
+    renamed, so a failure never leaves half a file; the mode of a new file (umask respected)."""
+    import tempfile
+
+    import numpy as np
+
+    from ..jobs.manifest import respect_umask
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
+    os.close(descriptor)
+    tmp = Path(name)
+    try:
+        if path.suffix.lower() == ".npy":
+            np.save(tmp, occupancy)
+        else:
+            import trimesh
+
+            from ..pipelines.voxhammer import occupancy_to_mesh
+
+            vertices, faces = occupancy_to_mesh(occupancy)
+            trimesh.Trimesh(vertices, faces).export(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    respect_umask(path)
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..pipelines.voxhammer import VoxelEditPipeline, box_mask, occupancy_to_mesh
+    from ..pipelines.voxhammer import VoxelEditPipeline, box_mask
 
     from ._common import check_output_file
 
@@ -143,14 +173,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"hasten edit3d: {error}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.out.suffix.lower() == ".npy":
-        np.save(args.out, out.occupancy)
-    else:
-        import trimesh
-
-        vertices, faces = occupancy_to_mesh(out.occupancy)
-        trimesh.Trimesh(vertices, faces).export(args.out)
+    _write(args.out, out.occupancy)
     changed = int((out.occupancy != occupancy).sum())
     print(f"wrote {args.out}: {int(out.occupancy.sum())} occupied voxels of {resolution}^3, {changed} changed, all inside "
           f"the edit boxes; source K/V {out.cache_bytes / 2**20:.2f} MiB; "
