@@ -70,3 +70,59 @@ def test_app_subcommand_loads_the_app(capsys):
         main(["app", "grat", "--help"])
     assert exit_info.value.code == 0
     assert "--model" in capsys.readouterr().out
+
+
+# README lines not run by test_readme_command_line_runs_as_written, each with the reason.
+README_NOT_RUN = {
+    "hasten generate --model black-forest-labs/FLUX.1-dev": "a full-size Hub model (no network in tests)",
+    "hasten app ": "serves until stopped (the apps have browser tests)",
+    "hasten vlm eval": "every method x budget: minutes on 2 cores (tests/test_vlm_cli.py runs a subset)",
+    "hasten vlm train-draft": "1000 training steps by default (tests/test_specvlm.py trains a few)",
+    "hasten vlm ask --speculative": "needs the trained draft of the line above",
+    "--backend ray": "starts a Ray cluster (tests/test_jobs.py runs the Ray backend)",
+}
+
+
+def _readme_commands() -> list[str]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("## Command line", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_readme_command_line_runs_as_written(tmp_path):
+    """Each line of the README's command-line block runs as written (in a folder holding the files it
+    names), or is listed in README_NOT_RUN with the reason."""
+    import shlex
+
+    import numpy as np
+    import trimesh
+    from PIL import Image
+
+    from hasten.tiny.motion import panned, photo
+    from hasten.video import write_video
+
+    Image.fromarray(photo("chelsea")).resize((64, 64)).save(tmp_path / "cat.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    trimesh.creation.box().export(tmp_path / "chair.glb")
+    (tmp_path / "videos").mkdir()
+    write_video(panned(frames=2, size=(40, 56))[0], tmp_path / "videos" / "clip.avi", fps=8)
+    commands = _readme_commands()
+    assert len(commands) > 10
+    ran = 0
+    for command in commands:
+        if any(key in command for key in README_NOT_RUN):
+            continue
+        argv = shlex.split(command)
+        assert argv[0] == "hasten", command
+        result = subprocess.run([sys.executable, "-m", "hasten.cli", *argv[1:]], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
+        ran += 1
+    assert ran >= 7
+    assert (tmp_path / "edited.glb").exists() and (tmp_path / "out" / "clip.mp4").exists()
+    assert (tmp_path / "outputs" / "edit.png").exists() and (tmp_path / "outputs" / "video.mp4").exists()
