@@ -271,3 +271,9 @@ def test_edit3d_writes_its_output_whole_with_the_umask(tmp_path, capsys):
     out = tmp_path / "new" / "o.npy"
     assert np.load(out).shape == (32, 32, 32) and out.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in out.parent.iterdir()] == ["o.npy"], "no temporary file left"
+
+
+def test_vlm_ask_checks_its_files_before_loading_the_model(tmp_path, capsys, no_compute):
+    _fails(["vlm", "ask", "--image", str(tmp_path / "missing.png")], capsys, f"--image {tmp_path / 'missing.png'}")
+    _fails(["vlm", "ask", "--speculative", str(tmp_path)], capsys, f"--speculative {tmp_path}",
+           "not a SpecVLM draft folder", "train-draft")

@@ -80,7 +80,12 @@ def run_ask(args: argparse.Namespace) -> int:
     from ..tiny.vlms import chat_prompt
     from ..token_pruning.evaluate import load_vlm, make_method, sample_images
 
-    model, processor = load_vlm(args.model, args.device)
+    if args.speculative is not None:
+        from ..token_pruning.specvlm.draft import CONFIG_NAME
+
+        if not (args.speculative / CONFIG_NAME).is_file():
+            raise ValueError(f"--speculative {args.speculative}: not a SpecVLM draft folder (no {CONFIG_NAME}); train "
+                             "one with `hasten vlm train-draft --out DIR`")
     if args.image is None:
         image = sample_images()[0][0]
     else:
@@ -88,6 +93,7 @@ def run_ask(args: argparse.Namespace) -> int:
             image = Image.open(args.image).convert("RGB")
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot read --image {args.image}: {error}") from None
+    model, processor = load_vlm(args.model, args.device)
     inputs = processor(images=[image], text=[chat_prompt(processor, args.question)], return_tensors="pt")
     inputs = inputs.to(model.device)
     if args.speculative is not None:
