@@ -98,6 +98,17 @@ def test_a_section_past_its_budget_is_interrupted():
     assert gpu_suite.run_section("none", 0.0, slow).skipped == "budget: no time left in the suite's total budget"
 
 
+def test_a_timeout_wrapped_by_library_code_still_counts_as_the_budget():
+    def wraps(section):
+        try:
+            time.sleep(5)
+        except gpu_suite.SectionTimeout as error:  # as the Triton interpreter does
+            raise RuntimeError(f"wrapped: {error!r}") from None
+
+    section = gpu_suite.run_section("wrapped", 0.3, wraps)
+    assert section.skipped == "budget: ran past its budget of 0 s (RuntimeError)"
+
+
 def test_write_section_records_the_skip(tmp_path):
     section = gpu_suite.Section("grat_attention", 10.0, text=["| a |"], skipped="budget: ran past its budget of 10 s")
     text = gpu_suite.write_section(tmp_path, section)
