@@ -40,8 +40,8 @@ Each section gets a budget in seconds (``SECTIONS``, and never more than what is
 total). A section that raises, or runs past its budget (a SIGALRM timer interrupts it), is
 recorded as a ``SKIPPED`` line with the reason; rows it measured before that are kept, and
 the following sections still run. Output, under ``--out`` (default
-``benchmarks/results/<gpu>-<date>/``): one ``<section>.txt`` per section (its table or skip
-line), ``suite.md`` (all of them), ``suite.jsonl`` (one JSON object per row, with
+``<--results-root>/<gpu>-<date>/``, root ``benchmarks/results``): one ``<section>.txt`` per
+section (its table or skip line), ``suite.md`` (all of them), ``suite.jsonl`` (one JSON object per row, with
 ``section``; skips as ``{"section": ..., "skipped": ...}``) and ``machine.json`` (GPU, library
 versions, date, command).
 
@@ -265,8 +265,8 @@ def _attention_table(by_key: dict, backends, settings: Settings) -> str:
     head = f"| shape | pattern | density | bound | {dense_name} ms |"
     rule = "| --- | --- | --- | --- | --- |"
     for backend in backends:
-        head += f" {backend} call ms | x | of bound | {backend} kernel ms | kernel x |"
-        rule += " --- | --- | --- | --- | --- |"
+        head += f" {backend} call ms | x | of bound | {backend} kernel ms | kernel x | of bound |"
+        rule += " --- | --- | --- | --- | --- | --- |"
     lines = [head, rule]
     for merged in by_key.values():
         dense_ms = statistics.median(merged["dense_ms"])
@@ -275,10 +275,11 @@ def _attention_table(by_key: dict, backends, settings: Settings) -> str:
         for backend in backends:
             row = merged.get(backend)
             if row is None:
-                line += " - | - | - | - | - |"
+                line += " - | - | - | - | - | - |"
                 continue
             line += (f" {row['grat_ms']:.2f} | {row['speedup']:.2f}x | {row['fraction_of_bound']:.0%} "
-                     f"| {row['kernel_ms']:.2f} | {row['kernel_speedup']:.2f}x |")
+                     f"| {row['kernel_ms']:.2f} | {row['kernel_speedup']:.2f}x "
+                     f"| {row['kernel_speedup'] / row['bound']:.0%} |")
         lines.append(line)
     lines.append("(call = the whole grouped call: Triton loads and stores through the group index; flex and the "
                  "reference gather and scatter copies. kernel = inputs already in group order. Each backend's "
@@ -598,15 +599,15 @@ def machine_info(settings: Settings, argv: list[str]) -> dict:
     return info
 
 
-def default_out(settings: Settings) -> pathlib.Path:
-    """``benchmarks/results/<gpu>-<date>/`` (a temporary folder for ``--smoke``)."""
-    if settings.smoke:
+def default_out(settings: Settings, root: pathlib.Path | None = None) -> pathlib.Path:
+    """``<root>/<gpu>-<date>/``, root ``benchmarks/results`` (a temporary folder for ``--smoke``)."""
+    if settings.smoke and root is None:
         return pathlib.Path(tempfile.mkdtemp(prefix="gpu_suite_smoke_"))
     import torch
 
     gpu = torch.cuda.get_device_name(torch.device(settings.device)) if settings.cuda else "cpu"
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    return HERE / "results" / f"{slug}-{time.strftime('%Y-%m-%d', time.gmtime())}"
+    return (root or HERE / "results") / f"{slug}-{time.strftime('%Y-%m-%d', time.gmtime())}"
 
 
 def write_section(out: pathlib.Path, section: Section) -> str:
@@ -624,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreted)")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="output folder (default: see above)")
+    parser.add_argument("--results-root", type=pathlib.Path, default=None,
+                        help="write <results-root>/<gpu>-<date>/ instead (e.g. a folder copied back from the GPU)")
     parser.add_argument("--sections", nargs="+", default=[name for name, _, _ in SECTIONS],
                         choices=[name for name, _, _ in SECTIONS])
     parser.add_argument("--device", default=None, help="default cuda, cpu for --smoke")
@@ -640,7 +643,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device {device}: no CUDA device here (use --smoke for the CPU run)")
     settings = Settings(smoke=args.smoke, device=device)
     total = args.total_budget or (SMOKE_BUDGET_S if args.smoke else TOTAL_BUDGET_S)
-    out = args.out or default_out(settings)
+    if args.out is not None and args.results_root is not None:
+        parser.error("give --out or --results-root, not both")
+    out = args.out or default_out(settings, args.results_root)
     out.mkdir(parents=True, exist_ok=True)
     info = machine_info(settings, argv)
     (out / "machine.json").write_text(json.dumps(info, indent=1) + "\n")
