@@ -10,9 +10,9 @@ Random weights throughout: speed does not depend on weights. Sections, in order:
     in that order (head dim 128, 24 heads; Flux: 512 text tokens first, 16x16 groups; video:
     720x1280x129f, a 33x45x80 latent grid, 256 text tokens last, 4x8x8 groups): the Triton
     kernel and compiled FlexAttention, each as the whole grouped call (``grouped_attention``)
-    and as the kernel alone on inputs already in group order, against dense SDPA restricted to cuDNN (then flash) in the same
-    process, with the layout's bound and the fraction of it reached. Rows come from
-    ``grat_attention.run``.
+    and as the kernel alone on inputs already in group order, against dense SDPA restricted to
+    cuDNN (then flash) in the same process, with the layout's bound and the fraction of it
+    reached. Rows come from ``grat_attention.run``.
 ``grat_pipeline``
     One transformer forward of the Flux-dev (2048², 4096²) and HunyuanVideo (544x960x61f)
     architectures, dense vs GRAT-X vs GRAT-B, with attention's measured share and the Amdahl
@@ -41,13 +41,16 @@ total). A section that raises, or runs past its budget (a SIGALRM timer interrup
 recorded as a ``SKIPPED`` line with the reason; rows it measured before that are kept, and
 the following sections still run. Output, under ``--out`` (default
 ``<--results-root>/<gpu>-<date>/``, root ``benchmarks/results``): one ``<section>.txt`` per
-section (its table or skip line), ``suite.md`` (all of them), ``suite.jsonl`` (one JSON object per row, with
-``section``; skips as ``{"section": ..., "skipped": ...}``) and ``machine.json`` (GPU, library
-versions, date, command).
+section (its table or skip line), ``suite.md`` (all of them), ``suite.jsonl`` (one JSON
+object per row, with ``section``; skips as ``{"section": ..., "skipped": ...}``) and
+``machine.json`` (GPU, library versions, date, command).
 
-``--smoke`` runs the same sections on tiny shapes on the CPU (tiny models from
-``hasten.tiny``, the Triton kernels under ``TRITON_INTERPRET=1`` on tiny shapes), writes to a
-temporary folder unless ``--out`` is given, and is what ``tests/test_gpu_suite.py`` runs.
+``--smoke`` runs the same section functions on tiny shapes on the CPU (tiny models from
+``hasten.tiny``, the Triton kernels under ``TRITON_INTERPRET=1`` on tiny shapes), with less of
+each: the reference backend stands in for compiled FlexAttention (whose CPU compile alone
+outlasts the smoke budget), one tiny VLM with one method per pruning stage at budget 0.2, one
+photo for SpecVLM, one context for the KV decode. It writes to a temporary folder unless
+``--out`` or ``--results-root`` is given, and is what ``tests/test_gpu_suite.py`` runs.
 """
 
 from __future__ import annotations
