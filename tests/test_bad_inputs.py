@@ -277,3 +277,14 @@ def test_vlm_ask_checks_its_files_before_loading_the_model(tmp_path, capsys, no_
     _fails(["vlm", "ask", "--image", str(tmp_path / "missing.png")], capsys, f"--image {tmp_path / 'missing.png'}")
     _fails(["vlm", "ask", "--speculative", str(tmp_path)], capsys, f"--speculative {tmp_path}",
            "not a SpecVLM draft folder", "train-draft")
+
+
+def test_a_broken_model_folder_is_one_line_naming_it(tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "FluxPipeline", "transformer": ["diffusers", "X"]}')
+    (broken / "config.json").write_text("{not json")
+    _fails(["generate", "--model", str(broken), "--out", str(tmp_path / "x.png")], capsys,
+           f"--model {broken}: cannot load it as a diffusers pipeline")
+    _fails(["vlm", "ask", "--model", str(broken)], capsys, f"--model {broken}: cannot load it as an image-text model")
+    assert not (tmp_path / "x.png").exists()

@@ -65,6 +65,11 @@ def check_device(device: str | None, argument: str = "--device") -> str:
     return device
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
 def _offline() -> bool:
     from huggingface_hub import constants
 
@@ -190,7 +195,11 @@ def load_pipeline(model: str, dtype: str | torch.dtype | None = None, device: st
         pipe = tiny.pipeline(tiny.MODEL_IDS[model], torch_dtype=dtype or torch.float32)
     else:
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+        except (OSError, ValueError, KeyError) as error:  # a broken folder or an incomplete download
+            raise ValueError(f"--model {model}: cannot load it as a diffusers pipeline from {source} "
+                             f"({_first_line(error)})") from None
     return pipe.to(device)
 
 
@@ -224,6 +233,10 @@ def load_transformers_model(model: str, tiny_models: dict, device: str | None = 
 
         source = resolve_model(model, "transformers", tiny_names=tuple(tiny_models))
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        loaded = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(source)
+        try:
+            loaded = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+            processor = AutoProcessor.from_pretrained(source)
+        except (OSError, ValueError, KeyError) as error:  # a broken folder, an incomplete download, another kind
+            raise ValueError(f"--model {model}: cannot load it as an image-text model from {source} "
+                             f"({_first_line(error)})") from None
     return loaded.to(device).eval(), processor
