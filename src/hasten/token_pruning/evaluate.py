@@ -129,6 +129,7 @@ def _forced_logits(model: Any, inputs: dict, continuation: torch.Tensor) -> torc
 
 
 _QUANTISED_CACHE = {"zipvl"}  # every token stays, at fewer bits: no visual/text split of the bytes
+_EVICTS_TEXT_TOO = {"guikv"}  # the budget spans every prompt token: the visual share is the kept count's
 
 
 @dataclass
@@ -246,8 +247,9 @@ def format_table(rows: Sequence[EvalRow], baseline: EvalRow | None = None) -> st
 
     ``vis KV x`` is the visual part of the KV cache relative to the unpruned one, from measured
     bytes: in the unpruned cache every token costs the same, which gives the text tokens' bytes;
-    the rest is visual (for in-LLM methods the early layers' full caches count). A quantised
-    cache (ZipVL) has no such split: ``-``.
+    the rest is visual (for in-LLM methods the early layers' full caches count). GUI-KV evicts text
+    too (its budget spans every prompt token), so there it is the visual entries kept (averaged
+    over layers and heads) over the visual tokens. A quantised cache (ZipVL) has no such split: ``-``.
     """
     head = (f"{'method':8s} {'budget':>6s} {'visual':>11s} {'prefill':>7s} {'top1':>6s} {'KL':>8s} {'exact':>6s} "
             f"{'prefill ms':>10s} {'x':>6s} {'bound':>6s} {'dec tok/s':>9s} {'KV KiB':>8s} {'KV x':>6s} {'vis KV x':>8s}")
@@ -256,6 +258,8 @@ def format_table(rows: Sequence[EvalRow], baseline: EvalRow | None = None) -> st
         base = baseline or row
         text_bytes = base.kv_bytes * (base.prefill_tokens - base.visual_in) / base.prefill_tokens
         visual_kv = (row.kv_bytes - text_bytes) / max(base.kv_bytes - text_bytes, 1e-9)
+        if row.method in _EVICTS_TEXT_TOO:
+            visual_kv = row.visual_kept / max(row.visual_in, 1e-9)
         visual_column = "       -" if row.method in _QUANTISED_CACHE else f"{visual_kv:8.3f}"
         lines.append(
             f"{row.method:8s} {row.budget:6.2f} {row.visual_kept:5.0f}/{row.visual_in:<5.0f} {row.prefill_tokens:7.0f} "
