@@ -40,7 +40,7 @@ import torch
 from ..transformers_conventions import cache_of, output_cache, patch_point_error
 from .adapters import VLMAdapter, adapter_for
 
-__all__ = ["ImageTokens", "PruningStats", "TokenPruner", "cache_bytes", "gather_plan", "renumbered"]
+__all__ = ["ImageTokens", "PromptPlan", "PruningStats", "TokenPruner", "cache_bytes", "gather_plan", "renumbered"]
 
 
 def gather_plan(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +135,43 @@ class PruningStats:
         """Fill the kept counts and masks from (batch, length) keep and image-token masks."""
         self.visual_tokens_kept = (keep & image_mask).sum(1).tolist()
         self.visual_kept_mask = [keep[row][image_mask[row]].cpu() for row in range(keep.shape[0])]
+
+
+@dataclass
+class PromptPlan:
+    """How the prefill rewrote the language model's prompt: which of ``generate()``'s prompt
+    columns the KV cache holds, so that every later decoding step can be rewritten to match.
+
+    Attributes
+    ----------
+    columns : LongTensor (batch, kept)
+        Original prompt positions held by the cache, ascending per row, left-padded.
+    real : BoolTensor (batch, kept)
+        False on the pad slots of shorter rows.
+    length : int
+        Length of ``generate()``'s prompt (before anything was dropped).
+    next_position : LongTensor (batch,)
+        The position where each row's text continues.
+    position_shape : torch.Size
+        Leading dimensions of the position ids (Qwen's mRoPE rows), ``()`` for plain 1-D positions.
+    image_mask : BoolTensor (batch, length), optional
+        Where the image tokens were (before-the-LLM stage only).
+    images : list of ImageTokens, optional
+        The images as the method saw them (before-the-LLM stage only).
+    """
+
+    columns: torch.Tensor
+    real: torch.Tensor
+    length: int
+    next_position: torch.Tensor
+    position_shape: torch.Size
+    image_mask: torch.Tensor | None = None
+    images: list["ImageTokens"] | None = None
+
+    @property
+    def dropped(self) -> int:
+        """Prompt columns the cache does not hold."""
+        return self.length - self.columns.shape[1]
 
 
 @dataclass
@@ -423,9 +460,8 @@ class TokenPruner:
             kwargs["position_ids"] = self._gather_positions(positions, gather, kwargs["attention_mask"])
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = torch.arange(new_length, device=embeds.device)
-        self._state["prefill"] = dict(
-            columns=gather, real=real, length=length, dropped=length - new_length,
-            next_position=self._last_positions(kwargs["position_ids"]) + 1,
+        self._state["prefill"] = PromptPlan(
+            columns=gather, real=real, length=length, next_position=self._last_positions(kwargs["position_ids"]) + 1,
             position_shape=kwargs["position_ids"].shape[:-2], image_mask=image_mask, images=images)
         stats.prefill_tokens = new_length
         stats.layer_tokens = [new_length] * len(self._adapter.language_model(self._model).layers)
@@ -436,23 +472,23 @@ class TokenPruner:
 
     def _decode(self, kwargs: dict, embeds: torch.Tensor, cached: int) -> dict:
         """A decoding step after a prefill whose prompt the cache holds only in part."""
-        prefill = self._state["prefill"]
+        prefill: PromptPlan = self._state["prefill"]
         new = embeds.shape[1]
         mask = kwargs.get("attention_mask")
-        step = cached - (prefill["length"] - prefill["dropped"])  # tokens generated before this call
+        step = cached - (prefill.length - prefill.dropped)  # tokens generated before this call
         if mask is None:  # all ones before pruning: the pad slots of shorter rows must stay masked
-            if not bool(prefill["real"].all()):
+            if not bool(prefill.real.all()):
                 ones = torch.ones(embeds.shape[0], step + new, dtype=torch.long, device=embeds.device)
-                kwargs["attention_mask"] = torch.cat([prefill["real"].long(), ones], 1)
+                kwargs["attention_mask"] = torch.cat([prefill.real.long(), ones], 1)
         elif not isinstance(mask, dict):
-            prompt = torch.where(prefill["real"], mask[:, : prefill["length"]].gather(1, prefill["columns"]), 0)
-            kwargs["attention_mask"] = torch.cat([prompt, mask[:, prefill["length"]:]], 1)
+            prompt = torch.where(prefill.real, mask[:, : prefill.length].gather(1, prefill.columns), 0)
+            kwargs["attention_mask"] = torch.cat([prompt, mask[:, prefill.length:]], 1)
         if kwargs.get("cache_position") is not None:  # older transformers pass it: the shorter cache's
             kwargs["cache_position"] = torch.arange(cached, cached + new, device=embeds.device)
-        base = prefill["next_position"] + step  # (batch,)
+        base = prefill.next_position + step  # (batch,)
         offsets = torch.arange(new, device=embeds.device)
         positions = base[:, None] + offsets[None]
-        positions = positions.expand(*prefill["position_shape"], *positions.shape).contiguous()
+        positions = positions.expand(*prefill.position_shape, *positions.shape).contiguous()
         if positions.dim() == 3 and positions.shape[0] == 4:  # Qwen's text row: index in the kept cache
             positions[0] = cached + offsets
         kwargs["position_ids"] = positions

@@ -46,7 +46,7 @@ from typing import ClassVar
 import torch
 
 from ..transformers_conventions import cache_of, output_cache, patch_point_error
-from .core import TokenPruner
+from .core import PromptPlan, TokenPruner
 from .scoring import QueryAttention, subspace_residuals, z_saliency
 
 __all__ = ["GUIKV"]
@@ -264,7 +264,7 @@ class GUIKV(TokenPruner):
         real = torch.arange(width, device=slots.device)[None] >= (width - torch.tensor(lengths, device=slots.device))[:, None]
         columns = torch.where(real, slots[:, 0], 0)  # any real column of the slot's row has mask 1
         positions = state["positions"]
-        self._state["prefill"] = dict(
-            columns=columns, real=real, length=state["length"], dropped=state["length"] - width,
-            next_position=self._last_positions(positions) + 1, position_shape=positions.shape[:-2])
+        self._state["prefill"] = PromptPlan(columns=columns, real=real, length=state["length"],
+                                            next_position=self._last_positions(positions) + 1,
+                                            position_shape=positions.shape[:-2])
         self.stats.prefill_tokens = state["length"]

@@ -31,10 +31,24 @@ from typing import ClassVar
 import torch
 
 from ..transformers_conventions import cache_of, output_cache, patch_point_error
-from .core import ImageTokens, TokenPruner, gather_plan, renumbered
+from .core import ImageTokens, PromptPlan, TokenPruner, gather_plan, renumbered
 from .scoring import QueryAttention
 
 __all__ = ["LLMLayerPruner"]
+
+
+@dataclass
+class LayerPlan:
+    """What the layers after one pruning layer hold: generate()'s prompt columns that reached them.
+
+    ``columns`` ``(batch, kept)`` ascending per row, left-padded; ``real`` False on pad slots;
+    with ``renumber``, the kept tokens' consecutive positions and where each row continues.
+    """
+
+    columns: torch.Tensor
+    real: torch.Tensor
+    renumbered: torch.Tensor | None = None
+    next_position: torch.Tensor | None = None
 
 
 @dataclass
@@ -121,7 +135,7 @@ class LLMLayerPruner(TokenPruner):
         if self.budget < 1.0 and self.prunes_before_llm:
             kwargs = self._prefill(kwargs, embeds)  # stage 1 (sets stats and the LLM-level plan)
             before = self._state["prefill"]
-            input_ids_mask = before["image_mask"].gather(1, before["columns"]) & before["real"]
+            input_ids_mask = before.image_mask.gather(1, before.columns) & before.real
             prompt = dict(image_mask=input_ids_mask, mask=kwargs["attention_mask"], positions=kwargs["position_ids"],
                           length=kwargs["inputs_embeds"].shape[1])
         else:
@@ -173,7 +187,7 @@ class LLMLayerPruner(TokenPruner):
             kwargs["attention_mask"] = self._prefill_mask(plan, hidden.dtype)
             self._positions(kwargs, hidden, plan, llm, decoding=None)
             if kwargs.get("cache_position") is not None:
-                kwargs["cache_position"] = torch.arange(plan["columns"].shape[1], device=hidden.device)
+                kwargs["cache_position"] = torch.arange(plan.columns.shape[1], device=hidden.device)
         else:
             step = llm["step"]
             kwargs["attention_mask"] = step["masks"][stage - 1]
@@ -185,15 +199,15 @@ class LLMLayerPruner(TokenPruner):
         """Position ids and cos/sin of the tokens this layer sees (original, or renumbered)."""
         if self.renumber:
             if decoding is None:
-                positions = plan["renumbered"]
+                positions = plan.renumbered
             else:
-                positions = plan["next_position"][:, None] + decoding["generated"] + torch.arange(
+                positions = plan.next_position[:, None] + decoding["generated"] + torch.arange(
                     decoding["queries"], device=hidden.device)[None]
             kwargs["position_ids"] = positions
             if kwargs.get("position_embeddings") is not None:
                 kwargs["position_embeddings"] = self._language_model.rotary_emb(hidden, positions)
             return
-        columns = plan["columns"]
+        columns = plan.columns
         cos_sin = kwargs.get("position_embeddings")
         if cos_sin is not None:
             kwargs["position_embeddings"] = tuple(self._gather_sequence(t, columns) for t in cos_sin)
@@ -212,17 +226,17 @@ class LLMLayerPruner(TokenPruner):
             previous = llm["plans"][-1]
         else:
             columns = torch.arange(length, device=hidden.device).expand(batch, -1)
-            previous = dict(columns=columns, real=torch.ones_like(columns, dtype=torch.bool))
-        image = llm["image_mask"].gather(1, previous["columns"]) & previous["real"]
+            previous = LayerPlan(columns=columns, real=torch.ones_like(columns, dtype=torch.bool))
+        image = llm["image_mask"].gather(1, previous.columns) & previous.real
         protected = None
         if llm["protected"] is not None:
-            protected = llm["protected"].gather(1, previous["columns"]) & previous["real"]
+            protected = llm["protected"].gather(1, previous.columns) & previous.real
         scores = self._recorder.scores.pop(layer, None)
         if scores is None:
             raise patch_point_error(self._model, f"{type(self).__name__}: decoder layer {layer}'s attention did not go "
                                                  "through transformers' attention-function registry "
                                                  "(`config._attn_implementation`), so it could not be scored")
-        keep = ~image & previous["real"]
+        keep = ~image & previous.real
         for tokens in self._images(image, hidden, None, None, layouts=False):
             if protected is not None:
                 tokens.protected = protected[tokens.sample, tokens.positions]
@@ -237,12 +251,12 @@ class LLMLayerPruner(TokenPruner):
                 kept = (flags | protected[tokens.sample, tokens.positions].to(kept.device)).nonzero()[:, 0]
             keep[tokens.sample, tokens.positions[kept.to(tokens.positions.device)]] = True
         relative, real = gather_plan(keep)
-        columns = previous["columns"].gather(1, relative)
+        columns = previous.columns.gather(1, relative)
         valid = real & llm["mask"].gather(1, columns).bool()
-        plan = dict(columns=columns, real=real)
+        plan = LayerPlan(columns=columns, real=real)
         if self.renumber:
-            plan["renumbered"] = renumbered(valid)
-            plan["next_position"] = plan["renumbered"].amax(-1) + 1
+            plan.renumbered = renumbered(valid)
+            plan.next_position = plan.renumbered.amax(-1) + 1
         llm["plans"].append(plan)
         if self.scored_by == "text":
             self._recorder.rows = self._text_rows(llm["image_mask"].gather(1, columns) & real, valid)
@@ -257,20 +271,20 @@ class LLMLayerPruner(TokenPruner):
         """Kept tokens (as flags over the ORIGINAL prompt's visual tokens) and per-layer lengths."""
         llm = self._state["llm"]
         plan = llm["plans"][-1]
-        columns, real = plan["columns"], plan["real"]
+        columns, real = plan.columns, plan.real
         before = self._state.get("prefill")
         if before is not None:  # stage 1 ran: map back to the original prompt
-            image_mask = before["image_mask"]
-            columns, real = before["columns"].gather(1, columns), real & before["real"].gather(1, columns)
+            image_mask = before.image_mask
+            columns, real = before.columns.gather(1, columns), real & before.real.gather(1, columns)
         else:
             image_mask = llm["image_mask"]
         keep = ~image_mask
         for row in range(keep.shape[0]):
             keep[row, columns[row][real[row]]] = True
         self.stats.record_kept(keep, image_mask)
-        self.stats.prefill_tokens = plan["columns"].shape[1]
+        self.stats.prefill_tokens = plan.columns.shape[1]
         self.stats.layer_tokens = [llm["length"] if self._stage_of[i] == 0 else
-                                   llm["plans"][min(self._stage_of[i], len(llm["plans"])) - 1]["columns"].shape[1]
+                                   llm["plans"][min(self._stage_of[i], len(llm["plans"])) - 1].columns.shape[1]
                                    for i in range(len(self._stage_of))]
 
     # --- after the prefill -------------------------------------------------------------------------
@@ -296,13 +310,13 @@ class LLMLayerPruner(TokenPruner):
             if index < from_layer or stage == len(llm["plans"]):
                 continue
             if stage == 0:
-                relative = final["columns"]
+                relative = final.columns
             else:  # where each final column sits in this layer's shorter cache
                 plan = llm["plans"][stage - 1]
-                columns = torch.where(plan["real"], plan["columns"], llm["length"])  # pad slots: a spare column
+                columns = torch.where(plan.real, plan.columns, llm["length"])  # pad slots: a spare column
                 where = torch.zeros(columns.shape[0], llm["length"] + 1, dtype=torch.long, device=columns.device)
                 where.scatter_(1, columns, torch.arange(columns.shape[1], device=columns.device).expand_as(columns))
-                relative = where.gather(1, final["columns"])
+                relative = where.gather(1, final.columns)
             index_ = relative[:, None, :, None]
             layer.keys = layer.keys.gather(2, index_.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1]))
             layer.values = layer.values.gather(2, index_.expand(-1, layer.values.shape[1], -1, layer.values.shape[-1]))
@@ -324,28 +338,28 @@ class LLMLayerPruner(TokenPruner):
         self._keep_final(cache, from_layer=0)
         # the LLM-level plan: generate()'s prompt -> the compacted cache
         before = self._state.get("prefill")
-        columns, real = final["columns"], final["real"]
+        columns, real = final.columns, final.real
         positions = llm["positions"]
         if before is not None:
-            columns, real = before["columns"].gather(1, columns), real & before["real"].gather(1, columns)
-            length, position_shape = before["length"], before["position_shape"]
+            columns, real = before.columns.gather(1, columns), real & before.real.gather(1, columns)
+            length, position_shape = before.length, before.position_shape
         else:
             length, position_shape = llm["length"], positions.shape[:-2]
         if self.renumber:
-            next_position = final["next_position"]
+            next_position = final.next_position
         else:
-            gathered = positions.gather(-1, final["columns"].expand(*positions.shape[:-2], *final["columns"].shape)
-                                        if positions.dim() > 2 else final["columns"])
+            gathered = positions.gather(-1, final.columns.expand(*positions.shape[:-2], *final.columns.shape)
+                                        if positions.dim() > 2 else final.columns)
             next_position = self._last_positions(gathered) + 1
-        self._state["prefill"] = dict(columns=columns, real=real, length=length, dropped=length - columns.shape[1],
-                                      next_position=next_position, position_shape=position_shape)
+        self._state["prefill"] = PromptPlan(columns=columns, real=real, length=length, next_position=next_position,
+                                            position_shape=position_shape)
         # from now on the LLM-level rewrite is the whole story: no per-layer plans
-        self._state["llm"] = dict(length=final["columns"].shape[1], plans=[], compacted=True)
+        self._state["llm"] = dict(length=final.columns.shape[1], plans=[], compacted=True)
 
     # --- masks -----------------------------------------------------------------------------------
     def _prefill_mask(self, plan: dict, dtype) -> torch.Tensor:
         """Additive (batch, 1, n, n) causal mask over the kept tokens (pad slots see only themselves)."""
-        columns, real = plan["columns"], plan["real"]
+        columns, real = plan.columns, plan.real
         valid = real & self._state["llm"]["mask"].gather(1, columns).bool()
         n = columns.shape[1]
         causal = torch.ones(n, n, dtype=torch.bool, device=columns.device).tril()
@@ -359,7 +373,7 @@ class LLMLayerPruner(TokenPruner):
         ``mask`` is the LLM's 2-D mask over its prompt + generated tokens (or None: all ones);
         ``cached`` the length of the first layer's cache, which holds the whole LLM prompt.
         """
-        columns, real = plan["columns"], plan["real"]
+        columns, real = plan.columns, plan.real
         llm = self._state["llm"]
         length = llm["length"]
         generated = cached - length + queries  # generated tokens, this step's included

@@ -213,10 +213,10 @@ class MustDrop(LLMLayerPruner):
     def _protected(self, prompt: dict) -> torch.Tensor:
         """The key set, as flags over the LLM input (after stage 1)."""
         before = self._state["prefill"]
-        flags = torch.zeros_like(before["image_mask"])
+        flags = torch.zeros_like(before.image_mask)
         for sample, positions in self._state.pop("key_set", []):
             flags[sample, positions] = True
-        return flags.gather(1, before["columns"]) & before["real"]
+        return flags.gather(1, before.columns) & before.real
 
     # --- stage 2: the dual-attention filter ----------------------------------------------------------
     def pruning_layers(self, num_layers: int) -> list[int]:
