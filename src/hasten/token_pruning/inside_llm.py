@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -49,6 +49,28 @@ class LayerPlan:
     real: torch.Tensor
     renumbered: torch.Tensor | None = None
     next_position: torch.Tensor | None = None
+
+
+@dataclass
+class LLMPass:
+    """One call's in-LLM state: the prompt the language model received and what each pruning
+    stage kept (``plans``), then, while decoding, the current step.
+
+    ``step`` holds the decoding step's ``generated`` count, ``queries`` and one additive mask
+    per stage; ``compacted`` is None until the prefill ends, then whether every layer's cache was
+    cut to the survivors (``"all_layers"``); ``first_pruning_layer_final``: the first pruning
+    layer's cache too holds only the survivors (``"official"``).
+    """
+
+    length: int
+    plans: list[LayerPlan] = field(default_factory=list)
+    image_mask: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    protected: torch.Tensor | None = None
+    step: dict | None = None
+    compacted: bool | None = None
+    first_pruning_layer_final: bool = False
 
 
 @dataclass
@@ -126,8 +148,8 @@ class LLMLayerPruner(TokenPruner):
         if isinstance(mask, dict):
             raise ValueError("token pruning needs a 2-D attention mask (got precomputed 4-D masks)")
         queries = embeds.shape[1]
-        llm["step"] = dict(generated=cached - llm["length"], queries=queries,
-                           masks=[self._decode_mask(plan, mask, cached, queries, embeds.dtype) for plan in llm["plans"]])
+        llm.step = dict(generated=cached - llm.length, queries=queries,
+                        masks=[self._decode_mask(plan, mask, cached, queries, embeds.dtype) for plan in llm.plans])
         return args, kwargs
 
     def _start_prefill(self, kwargs: dict, embeds: torch.Tensor) -> dict:
@@ -146,7 +168,8 @@ class LLMLayerPruner(TokenPruner):
             self._recorder.active = False
             return kwargs  # nothing to drop: the exact unpruned model
         prompt.pop("call", None)
-        self._state["llm"] = dict(prompt, plans=[], protected=self._protected(prompt))
+        self._state["llm"] = LLMPass(length=prompt["length"], image_mask=prompt["image_mask"], mask=prompt["mask"],
+                                     positions=prompt["positions"], protected=self._protected(prompt))
         valid = prompt["mask"].bool()
         self._recorder.rows = self._text_rows(prompt["image_mask"], valid) if self.scored_by == "text" else None
         self._recorder.active = True
@@ -170,32 +193,33 @@ class LLMLayerPruner(TokenPruner):
             return args, kwargs
         stage = self._stage_of[index]
         if stage == 0:  # the first pruning layer: decoding over the survivors only under the "official" policy
-            if "step" not in llm or not llm.get("first_pruning_layer_final"):
+            if llm.step is None or not llm.first_pruning_layer_final:
                 return args, kwargs
             stage = 1
         hidden = args[0] if args else kwargs["hidden_states"]
-        if "step" not in llm and stage > len(llm["plans"]):  # prefill: this layer follows a pruning layer
+        if llm.step is None and stage > len(llm.plans):  # prefill: this layer follows a pruning layer
             hidden = self._drop(hidden, stage)
             if args:
                 args = (hidden, *args[1:])
             else:
                 kwargs["hidden_states"] = hidden
-        if stage > len(llm["plans"]):  # compacted after the prefill: nothing per layer
+        if stage > len(llm.plans):  # compacted after the prefill: nothing per layer
             return args, kwargs
-        plan = llm["plans"][stage - 1]
-        if "step" not in llm:
+        plan = llm.plans[stage - 1]
+        if llm.step is None:
             kwargs["attention_mask"] = self._prefill_mask(plan, hidden.dtype)
             self._positions(kwargs, hidden, plan, llm, decoding=None)
             if kwargs.get("cache_position") is not None:
                 kwargs["cache_position"] = torch.arange(plan.columns.shape[1], device=hidden.device)
         else:
-            step = llm["step"]
+            step = llm.step
             kwargs["attention_mask"] = step["masks"][stage - 1]
             if self.renumber:
                 self._positions(kwargs, hidden, plan, llm, decoding=step)
         return args, kwargs
 
-    def _positions(self, kwargs: dict, hidden: torch.Tensor, plan: dict, llm: dict, decoding: dict | None) -> None:
+    def _positions(self, kwargs: dict, hidden: torch.Tensor, plan: LayerPlan, llm: LLMPass,
+                   decoding: dict | None) -> None:
         """Position ids and cos/sin of the tokens this layer sees (original, or renumbered)."""
         if self.renumber:
             if decoding is None:
@@ -212,7 +236,7 @@ class LLMLayerPruner(TokenPruner):
         if cos_sin is not None:
             kwargs["position_embeddings"] = tuple(self._gather_sequence(t, columns) for t in cos_sin)
         positions = kwargs.get("position_ids")
-        if positions is not None and positions.shape[-1] == llm["length"]:
+        if positions is not None and positions.shape[-1] == llm.length:
             index = columns.expand(*positions.shape[:-2], *columns.shape) if positions.dim() > 2 else columns
             kwargs["position_ids"] = positions.gather(-1, index)
 
@@ -222,15 +246,15 @@ class LLMLayerPruner(TokenPruner):
         llm = self._state["llm"]
         layer = self._pruning[stage - 1]
         batch, length = hidden.shape[:2]
-        if llm["plans"]:
-            previous = llm["plans"][-1]
+        if llm.plans:
+            previous = llm.plans[-1]
         else:
             columns = torch.arange(length, device=hidden.device).expand(batch, -1)
             previous = LayerPlan(columns=columns, real=torch.ones_like(columns, dtype=torch.bool))
-        image = llm["image_mask"].gather(1, previous.columns) & previous.real
+        image = llm.image_mask.gather(1, previous.columns) & previous.real
         protected = None
-        if llm["protected"] is not None:
-            protected = llm["protected"].gather(1, previous.columns) & previous.real
+        if llm.protected is not None:
+            protected = llm.protected.gather(1, previous.columns) & previous.real
         scores = self._recorder.scores.pop(layer, None)
         if scores is None:
             raise patch_point_error(self._model, f"{type(self).__name__}: decoder layer {layer}'s attention did not go "
@@ -252,14 +276,14 @@ class LLMLayerPruner(TokenPruner):
             keep[tokens.sample, tokens.positions[kept.to(tokens.positions.device)]] = True
         relative, real = gather_plan(keep)
         columns = previous.columns.gather(1, relative)
-        valid = real & llm["mask"].gather(1, columns).bool()
+        valid = real & llm.mask.gather(1, columns).bool()
         plan = LayerPlan(columns=columns, real=real)
         if self.renumber:
             plan.renumbered = renumbered(valid)
             plan.next_position = plan.renumbered.amax(-1) + 1
-        llm["plans"].append(plan)
+        llm.plans.append(plan)
         if self.scored_by == "text":
-            self._recorder.rows = self._text_rows(llm["image_mask"].gather(1, columns) & real, valid)
+            self._recorder.rows = self._text_rows(llm.image_mask.gather(1, columns) & real, valid)
         if stage == len(self._pruning):
             self._recorder.active = False
         self._record_stats(stage)
@@ -270,51 +294,51 @@ class LLMLayerPruner(TokenPruner):
     def _record_stats(self, stage: int) -> None:
         """Kept tokens (as flags over the ORIGINAL prompt's visual tokens) and per-layer lengths."""
         llm = self._state["llm"]
-        plan = llm["plans"][-1]
+        plan = llm.plans[-1]
         columns, real = plan.columns, plan.real
         before = self._state.get("prefill")
         if before is not None:  # stage 1 ran: map back to the original prompt
             image_mask = before.image_mask
             columns, real = before.columns.gather(1, columns), real & before.real.gather(1, columns)
         else:
-            image_mask = llm["image_mask"]
+            image_mask = llm.image_mask
         keep = ~image_mask
         for row in range(keep.shape[0]):
             keep[row, columns[row][real[row]]] = True
         self.stats.record_kept(keep, image_mask)
         self.stats.prefill_tokens = plan.columns.shape[1]
-        self.stats.layer_tokens = [llm["length"] if self._stage_of[i] == 0 else
-                                   llm["plans"][min(self._stage_of[i], len(llm["plans"])) - 1].columns.shape[1]
+        self.stats.layer_tokens = [llm.length if self._stage_of[i] == 0 else
+                                   llm.plans[min(self._stage_of[i], len(llm.plans)) - 1].columns.shape[1]
                                    for i in range(len(self._stage_of))]
 
     # --- after the prefill -------------------------------------------------------------------------
     def _finish_prefill(self, module, args, kwargs, output):
         llm = self._state.get("llm")
         cache = output_cache(output, kwargs)
-        if llm is not None and llm["plans"] and "step" not in llm and "compacted" not in llm:
+        if llm is not None and llm.plans and llm.step is None and llm.compacted is None:
             self._recorder.active = False
             policy = self.decode_cache_policy()
             if policy == "all_layers" and cache is not None:
                 self._compact(cache)
             elif policy == "official" and cache is not None:
                 self._compact_pruned_layers(cache)
-            llm["compacted"] = policy == "all_layers"
+            llm.compacted = policy == "all_layers"
         self._measure(module, args, kwargs, output)
 
     def _keep_final(self, cache, from_layer: int) -> None:
         """Cut the cache of every layer from ``from_layer`` on to the final survivors."""
         llm = self._state["llm"]
-        final = llm["plans"][-1]
+        final = llm.plans[-1]
         for index, layer in enumerate(getattr(cache, "layers", [])):
             stage = self._stage_of.get(index, 0)
-            if index < from_layer or stage == len(llm["plans"]):
+            if index < from_layer or stage == len(llm.plans):
                 continue
             if stage == 0:
                 relative = final.columns
             else:  # where each final column sits in this layer's shorter cache
-                plan = llm["plans"][stage - 1]
-                columns = torch.where(plan.real, plan.columns, llm["length"])  # pad slots: a spare column
-                where = torch.zeros(columns.shape[0], llm["length"] + 1, dtype=torch.long, device=columns.device)
+                plan = llm.plans[stage - 1]
+                columns = torch.where(plan.real, plan.columns, llm.length)  # pad slots: a spare column
+                where = torch.zeros(columns.shape[0], llm.length + 1, dtype=torch.long, device=columns.device)
                 where.scatter_(1, columns, torch.arange(columns.shape[1], device=columns.device).expand_as(columns))
                 relative = where.gather(1, final.columns)
             index_ = relative[:, None, :, None]
@@ -327,24 +351,24 @@ class LLMLayerPruner(TokenPruner):
         renumbering, the positions) of what its cache holds."""
         self._keep_final(cache, from_layer=self._pruning[0])
         llm = self._state["llm"]
-        llm["plans"] = [llm["plans"][-1]] * len(llm["plans"])
-        llm["first_pruning_layer_final"] = True
+        llm.plans = [llm.plans[-1]] * len(llm.plans)
+        llm.first_pruning_layer_final = True
 
     def _compact(self, cache) -> None:
         """``"all_layers"`` policy: only the final survivors in every layer's cache; decoding then
         sees one short prompt."""
         llm = self._state["llm"]
-        final = llm["plans"][-1]
+        final = llm.plans[-1]
         self._keep_final(cache, from_layer=0)
         # the LLM-level plan: generate()'s prompt -> the compacted cache
         before = self._state.get("prefill")
         columns, real = final.columns, final.real
-        positions = llm["positions"]
+        positions = llm.positions
         if before is not None:
             columns, real = before.columns.gather(1, columns), real & before.real.gather(1, columns)
             length, position_shape = before.length, before.position_shape
         else:
-            length, position_shape = llm["length"], positions.shape[:-2]
+            length, position_shape = llm.length, positions.shape[:-2]
         if self.renumber:
             next_position = final.next_position
         else:
@@ -354,13 +378,13 @@ class LLMLayerPruner(TokenPruner):
         self._state["prefill"] = PromptPlan(columns=columns, real=real, length=length, next_position=next_position,
                                             position_shape=position_shape)
         # from now on the LLM-level rewrite is the whole story: no per-layer plans
-        self._state["llm"] = dict(length=final.columns.shape[1], plans=[], compacted=True)
+        self._state["llm"] = LLMPass(length=final.columns.shape[1], compacted=True)
 
     # --- masks -----------------------------------------------------------------------------------
     def _prefill_mask(self, plan: dict, dtype) -> torch.Tensor:
         """Additive (batch, 1, n, n) causal mask over the kept tokens (pad slots see only themselves)."""
         columns, real = plan.columns, plan.real
-        valid = real & self._state["llm"]["mask"].gather(1, columns).bool()
+        valid = real & self._state["llm"].mask.gather(1, columns).bool()
         n = columns.shape[1]
         causal = torch.ones(n, n, dtype=torch.bool, device=columns.device).tril()
         allowed = causal & valid[:, None, :]
@@ -375,9 +399,9 @@ class LLMLayerPruner(TokenPruner):
         """
         columns, real = plan.columns, plan.real
         llm = self._state["llm"]
-        length = llm["length"]
+        length = llm.length
         generated = cached - length + queries  # generated tokens, this step's included
-        prompt = real & llm["mask"].gather(1, columns).bool()
+        prompt = real & llm.mask.gather(1, columns).bool()
         if mask is None:
             later = torch.ones(columns.shape[0], generated, dtype=torch.bool, device=columns.device)
         else:
