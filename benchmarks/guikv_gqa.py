@@ -28,9 +28,18 @@ from hasten.token_pruning import GUIKV
 
 
 def official_sets(model, inputs, budget: float, alpha: float = 2.0, window: int = 8, pool: int = 5,
-                  temperature: float = 3.5) -> list[torch.Tensor]:
-    """Per layer ``(heads, capacity)`` kept positions by the official per-query-head rule (one
-    screenshot: no temporal term)."""
+                  temperature: float = 3.5, per_kv_head: bool = False) -> list[torch.Tensor]:
+    """Per layer, the kept positions by GUI-KV's official rule for ONE screenshot (no temporal
+    term), written from the reference on the unpruned model's own eager attention weights and its
+    layers' input_layernorm outputs: the attention of the last ``window`` queries SUMMED over them,
+    keys before the window only, average-pooled (width ``pool``, zero padding counted), plus
+    ``alpha * softmax(z(norm) / temperature)`` on the screenshot; the top ``int(L * budget) -
+    window`` plus the window.
+
+    ``(heads, capacity)`` per query head (the official code); with ``per_kv_head`` the scores are
+    first averaged over each KV head's query heads, giving ``(kv_heads, capacity)`` sorted: hasten's
+    grouped-query rule, which tests/test_guikv.py checks GUIKV against.
+    """
     layers = model.model.language_model.layers
     norms = {}
     handles = [layer.input_layernorm.register_forward_hook(
@@ -45,15 +54,19 @@ def official_sets(model, inputs, budget: float, alpha: float = 2.0, window: int 
     length = inputs["input_ids"].shape[1]
     image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
     capacity = int(length * budget)
+    kv_heads = model.config.text_config.num_key_value_heads
     kept = []
     for index, attention in enumerate(attentions):
         scores = attention[0, :, -window:, :length - window].float().sum(1)  # (heads, prefix)
+        if per_kv_head:
+            scores = scores.view(kv_heads, -1, scores.shape[-1]).mean(1)
         scores = torch.nn.functional.avg_pool1d(scores[:, None], pool, stride=1, padding=pool // 2)[:, 0]
         z = norms[index][image]
         scores[:, image] += alpha * torch.softmax((z - z.mean()) / z.std() / temperature, 0)
         top = scores.topk(capacity - window, dim=-1).indices
         window_positions = torch.arange(length - window, length).expand(scores.shape[0], -1)
-        kept.append(torch.cat([top, window_positions], -1))
+        selected = torch.cat([top, window_positions], -1)
+        kept.append(selected.sort(-1).values if per_kv_head else selected)
     return kept
 
 

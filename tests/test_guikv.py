@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +13,9 @@ from hasten.tiny.gui import GUIState, render, trajectory
 from hasten.tiny.vlms import chat_prompt
 from hasten.token_pruning import GUIKV
 from hasten.token_pruning.scoring import subspace_residuals, z_saliency
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from guikv_gqa import official_sets  # noqa: E402  (the reference rule, shared with the GQA benchmark)
 
 
 def test_trajectory_changes_little_between_steps():
@@ -132,50 +138,13 @@ def test_one_screenshot_and_full_budget():
     assert all(slots.shape[-1] == int(0.5 * length) for slots in method.stats.kv_kept_positions)
 
 
-def _reference_kept(model, inputs, budget: float, alpha: float, window: int = 8, pool: int = 5,
-                    temperature: float = 3.5) -> list[torch.Tensor]:
-    """GUI-KV's selection for ONE screenshot (no temporal term), written from the reference's rule on
-    the unpruned model's own eager attention weights and its layers' input_layernorm outputs:
-    per query head, the attention of the last `window` queries SUMMED over them; averaged over
-    the query heads of each KV head (hasten's grouped-query choice); keys before the window only;
-    average-pooled (width 5, zero padding counted); plus alpha * softmax(z(norm) / T) on the
-    screenshot; top (int(L * budget) - window) per head, plus the window."""
-    layers = model.model.language_model.layers
-    norms = {}
-    handles = [layer.input_layernorm.register_forward_hook(
-        lambda module, args, output, index=index: norms.__setitem__(index, output[0].float().norm(dim=-1)))
-        for index, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            attentions = model(**inputs, output_attentions=True).attentions
-    finally:
-        for handle in handles:
-            handle.remove()
-    length = inputs["input_ids"].shape[1]
-    image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
-    capacity = int(length * budget)
-    kv_heads = model.config.text_config.num_key_value_heads
-    kept = []
-    for index, attention in enumerate(attentions):
-        base = attention[0, :, -window:, :length - window].float().sum(1)  # (heads, prefix)
-        base = base.view(kv_heads, -1, base.shape[-1]).mean(1)
-        scores = torch.nn.functional.avg_pool1d(base[:, None], pool, stride=1, padding=pool // 2)[:, 0]
-        z = norms[index][image]
-        z = (z - z.mean()) / z.std()
-        scores[:, image] += alpha * torch.softmax(z / temperature, 0)
-        top = scores.topk(capacity - window, dim=-1).indices
-        window_positions = torch.arange(length - window, length).expand(kv_heads, -1)
-        kept.append(torch.cat([top, window_positions], -1).sort(-1).values)
-    return kept
-
-
 @pytest.mark.parametrize("kind", ["llava", "qwen2.5-vl"])
 @pytest.mark.parametrize("alpha", [0.0, 2.0])
 def test_kept_entries_equal_the_reference_rule_on_eager_attention(kind, alpha):
     model, processor = tiny.vlm(kind, dtype=torch.float64, attn_implementation="eager")
     shots, _ = trajectory(steps=1, size=(48, 40), seed=3)
     inputs = _inputs(processor, shots, 1)
-    expected = _reference_kept(model, inputs, budget=0.3, alpha=alpha)
+    expected = official_sets(model, inputs, budget=0.3, alpha=alpha, per_kv_head=True)
     with GUIKV(budget=0.3, alpha=alpha).apply(model) as method:
         model.generate(**inputs, max_new_tokens=1, do_sample=False)
     for layer, (ours, theirs) in enumerate(zip(method.stats.kv_kept_positions, expected)):

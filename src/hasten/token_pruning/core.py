@@ -287,10 +287,6 @@ class TokenPruner:
         tower (:meth:`_hook_vision`) and the encoder inputs the layouts read."""
         return [*self._hook_vision(model, adapter), *self._record_encoder_inputs(model, adapter)]
 
-    def _before_llm(self, module, args, kwargs):
-        """The language model's forward pre-hook: by default the before-the-LLM stage."""
-        return self._prune(module, args, kwargs)
-
     def _after_llm(self, module, args, kwargs, output):
         """The language model's forward hook: by default the prefill's stats."""
         self._measure(module, args, kwargs, output)
@@ -384,7 +380,8 @@ class TokenPruner:
         encoder = {k: v for k, v in self._state.pop("encoder", {}).items() if v is not None}
         self._state["call"] = {"input_ids": input_ids, "kwargs": {**encoder, **kwargs}}
 
-    def _prune(self, module, args, kwargs):
+    def _before_llm(self, module, args, kwargs):
+        """The language model's forward pre-hook: by default the before-the-LLM stage."""
         embeds = kwargs.get("inputs_embeds")
         cache = cache_of(kwargs)
         cached = cache.get_seq_length() if cache is not None else 0

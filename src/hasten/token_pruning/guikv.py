@@ -128,14 +128,8 @@ class GUIKV(TokenPruner):
     def _attention_hook(self, language_model):
         return self._recorder
 
-    def _before_llm(self, module, args, kwargs):
-        return self._llm_inputs(module, args, kwargs)
-
-    def _after_llm(self, module, args, kwargs, output):
-        self._compress(module, args, kwargs, output)
-
     # --- the language model's inputs and outputs ---------------------------------------------------
-    def _llm_inputs(self, module, args, kwargs):
+    def _before_llm(self, module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
         cache = cache_of(kwargs)
         cached = cache.get_seq_length() if cache is not None else 0
@@ -160,7 +154,7 @@ class GUIKV(TokenPruner):
         if self._state.get("collecting"):
             self._state["keys"][index] = output  # (batch, length, kv_heads * head_dim), before RoPE
 
-    def _compress(self, module, args, kwargs, output):
+    def _after_llm(self, module, args, kwargs, output):
         state = self._state
         cache = output_cache(output, kwargs)
         if state.get("collecting") and cache is not None:
@@ -203,7 +197,7 @@ class GUIKV(TokenPruner):
             layer.values = layer.values.gather(2, index_.expand(-1, -1, -1, layer.values.shape[-1]))
             real = torch.arange(width, device=slots.device) >= width - torch.tensor(lengths, device=slots.device)[:, None]
             kept_per_layer.append(torch.where(real[:, None], slots, -1))
-        self._plan_decoding(lengths, width, kept_per_layer[0].clamp_min(0))
+        self._plan_decoding(kept_per_layer[0])
         self.stats.kv_kept_positions = [kept.cpu() for kept in kept_per_layer]
         self.stats.visual_tokens_kept = [self._visual_kept(image_mask[row], [kept[row] for kept in kept_per_layer])
                                          for row in range(len(valid))]
@@ -220,7 +214,11 @@ class GUIKV(TokenPruner):
 
     def _scores(self, index: int, row: int, prefix: torch.Tensor, screenshots: list[torch.Tensor], kv_heads: int,
                 head_dim: int, kept_ratio: float) -> torch.Tensor:
-        """(kv_heads, len(prefix)) scores at layer ``index`` of the prompt tokens before the window."""
+        """(kv_heads, len(prefix)) scores at layer ``index`` of the prompt tokens before the window.
+
+        Computed over the whole row, with the base score zero outside the prefix, so that the
+        pooling's zero padding at the prefix's edges is the reference's (it pools the prefix alone).
+        """
         state = self._state
         recorded = self._recorder.scores.get(index)
         if recorded is None:
@@ -228,41 +226,34 @@ class GUIKV(TokenPruner):
                                                  "transformers' attention-function registry")
         attention = recorded[row].float().sum(1)  # (heads, keys): summed over the window queries
         heads = attention.shape[0]
-        attention = attention.view(kv_heads, heads // kv_heads, -1).mean(1)[:, prefix.to(attention.device)]
-        scores = torch.nn.functional.avg_pool1d(attention[:, None], self.pool, stride=1,
-                                                padding=self.pool // 2)[:, 0, :len(prefix)]
-        if not screenshots:
-            return scores
-        where = torch.full((int(prefix.max()) + 1 if len(prefix) else 1,), -1, dtype=torch.long,
-                           device=scores.device)
-        where[prefix.to(scores.device)] = torch.arange(len(prefix), device=scores.device)
-
-        def columns(positions: torch.Tensor) -> torch.Tensor:  # index into the prefix, -1 where not in it
-            positions = positions.to(scores.device)
-            inside = positions < len(where)
-            return torch.where(inside, where[positions.clamp_max(len(where) - 1)], -1)
-
-        current = screenshots[-1].to(scores.device)
-        saliency = self.alpha * z_saliency(state["norms"][index][row, current], self.temperature).to(scores.device)
-        target = columns(current)
-        scores[:, target[target >= 0]] += saliency[target >= 0]
-        earlier = torch.cat(screenshots[:-1]).to(scores.device) if len(screenshots) > 1 else None
-        if earlier is not None:  # temporal redundancy of the earlier screenshots
+        attention = attention.view(kv_heads, heads // kv_heads, -1).mean(1)
+        prefix = prefix.to(attention.device)
+        base = torch.zeros_like(attention)
+        base[:, prefix] = attention[:, prefix]
+        scores = torch.nn.functional.avg_pool1d(base[:, None], self.pool, stride=1,
+                                                padding=self.pool // 2)[:, 0, :base.shape[-1]]
+        if screenshots:
+            current = screenshots[-1].to(scores.device)
+            scores[:, current] += self.alpha * z_saliency(state["norms"][index][row, current],
+                                                          self.temperature).to(scores.device)
+        if len(screenshots) > 1:  # temporal redundancy of the earlier screenshots
+            earlier = torch.cat(screenshots[:-1]).to(scores.device)
             keys = state["keys"][index][row].view(-1, kv_heads, head_dim).transpose(0, 1)  # (kv, len, dim)
             residual = subspace_residuals(keys[:, current], keys[:, earlier], self.rank)
             redundant = int((1.0 - kept_ratio) * len(earlier))
             if redundant:
-                zero = columns(earlier)[residual.topk(redundant, dim=-1, largest=False).indices]  # (kv, redundant)
-                for head in range(kv_heads):
-                    scores[head, zero[head][zero[head] >= 0]] = 0.0
-            self._state.setdefault("residuals", {})[(index, row)] = residual
-        return scores
+                zero = earlier[residual.topk(redundant, dim=-1, largest=False).indices]  # (kv, redundant)
+                scores.scatter_(1, zero, 0.0)
+        return scores[:, prefix]
 
-    def _plan_decoding(self, lengths: list[int], width: int, slots: torch.Tensor) -> None:
-        """The LLM-level rewrite of every decoding step: generate()'s prompt -> the compressed cache."""
+    def _plan_decoding(self, kept: torch.Tensor) -> None:
+        """The LLM-level rewrite of every decoding step: generate()'s prompt -> the compressed cache.
+
+        ``kept`` ``(batch, kv_heads, slots)``: one layer's kept positions, -1 on pad slots (every
+        head keeps the same count, so any head's real columns have mask 1)."""
         state = self._state
-        real = torch.arange(width, device=slots.device)[None] >= (width - torch.tensor(lengths, device=slots.device))[:, None]
-        columns = torch.where(real, slots[:, 0], 0)  # any real column of the slot's row has mask 1
+        real = kept[:, 0] >= 0
+        columns = kept[:, 0].clamp_min(0)
         positions = state["positions"]
         self._state["prefill"] = PromptPlan(columns=columns, real=real, length=state["length"],
                                             next_position=self._last_positions(positions) + 1,

@@ -126,14 +126,8 @@ class LLMLayerPruner(TokenPruner):
     def _attention_hook(self, language_model):
         return self._recorder
 
-    def _before_llm(self, module, args, kwargs):
-        return self._llm_inputs(module, args, kwargs)
-
-    def _after_llm(self, module, args, kwargs, output):
-        self._finish_prefill(module, args, kwargs, output)
-
     # --- the language model's inputs --------------------------------------------------------------
-    def _llm_inputs(self, module, args, kwargs):
+    def _before_llm(self, module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
         cache = cache_of(kwargs)
         cached = cache.get_seq_length() if cache is not None else 0
@@ -312,7 +306,7 @@ class LLMLayerPruner(TokenPruner):
                                    for i in range(len(self._stage_of))]
 
     # --- after the prefill -------------------------------------------------------------------------
-    def _finish_prefill(self, module, args, kwargs, output):
+    def _after_llm(self, module, args, kwargs, output):
         llm = self._state.get("llm")
         cache = output_cache(output, kwargs)
         if llm is not None and llm.plans and llm.step is None and llm.compacted is None:

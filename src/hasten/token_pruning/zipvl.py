@@ -208,9 +208,6 @@ class ZipVL(TokenPruner):
         return _ZipVLAttention(self)
 
     def _before_llm(self, module, args, kwargs):
-        return self._llm_inputs(module, args, kwargs)
-
-    def _llm_inputs(self, module, args, kwargs):
         cache = cache_of(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             return args, kwargs
