@@ -63,12 +63,16 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return backend
 
 
-def _validate(q, k, v, kv_indices, kv_counts, key_valid, tile):
+def _validate_qkv(q, k, v):
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
             f"q, k, v must share one (batch, heads, seq, dim) shape; got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
+
+
+def _validate(q, k, v, kv_indices, kv_counts, key_valid, tile):
+    _validate_qkv(q, k, v)
     if tile not in TILE_SIZES:
         raise ValueError(f"`tile` must be one of {TILE_SIZES}, got {tile}")
     batch, _, seq, _ = q.shape
@@ -225,18 +229,13 @@ def grouped_attention(
         raise ValueError(f"query has {query.shape[-2]} tokens but the layout is for {layout.seq_len}")
     index = layout.gather_index
     if resolve_backend(backend, query.device) == "triton":
-        if query.dim() != 4 or key.shape != query.shape or value.shape != query.shape:
-            raise ValueError(
-                f"query, key, value must share one (batch, heads, seq, dim) shape; got {tuple(query.shape)}, "
-                f"{tuple(key.shape)}, {tuple(value.shape)}"
-            )
+        _validate_qkv(query, key, value)
         key_valid = layout.key_valid[None]
         if key_padding is not None:
             key_valid = key_valid & key_padding.index_select(1, index)  # a bool mask: (batch, kernel_len)
-        rows = torch.where(layout.key_valid, index, -1)  # model row of each slot, -1 on padding slots
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-        return _grouped_triton_op(query, key, value, rows, layout.kv_indices, layout.kv_counts, key_valid,
-                                  layout.tile, scale)
+        return _grouped_triton_op(query, key, value, layout.gather_rows, layout.kv_indices, layout.kv_counts,
+                                  key_valid, layout.tile, scale)
     if key_padding is None:
         key_valid, static_valid = layout.key_valid[None], layout.key_valid
     else:

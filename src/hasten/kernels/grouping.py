@@ -99,6 +99,9 @@ class GroupLayout:
         Tokens in kernel order, padding included (a multiple of ``tile``).
     gather_index : LongTensor (kernel_len,)
         Model position of each kernel slot (padding points at position 0; it is masked).
+    gather_rows : LongTensor (kernel_len,)
+        ``gather_index`` with ``-1`` on padding slots: the rows the fused Triton kernel loads and
+        stores through (padding slots load nothing and store nothing).
     scatter_index : LongTensor (seq_len,)
         Kernel slot of each model position.
     key_valid : BoolTensor (kernel_len,)
@@ -124,6 +127,7 @@ class GroupLayout:
     text_slots: int
     group_grid: tuple[int, int, int]
     gather_index: torch.Tensor
+    gather_rows: torch.Tensor
     scatter_index: torch.Tensor
     key_valid: torch.Tensor
     image_key_valid: torch.Tensor
@@ -160,7 +164,8 @@ class GroupLayout:
         if key not in self._device_cache:
             moved = {
                 name: getattr(self, name).to(device)
-                for name in ("gather_index", "scatter_index", "key_valid", "image_key_valid", "kv_indices", "kv_counts")
+                for name in ("gather_index", "gather_rows", "scatter_index", "key_valid", "image_key_valid", "kv_indices",
+                             "kv_counts")
             }
             fields = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "_device_cache"}
             fields.update(moved)
@@ -298,6 +303,7 @@ def group_layout(
         text_slots=text_slots,
         group_grid=group_grid,
         gather_index=gather_index,
+        gather_rows=torch.where(key_valid, gather_index, -1),
         scatter_index=scatter_index,
         key_valid=key_valid,
         image_key_valid=image_key_valid,

@@ -321,9 +321,10 @@ class _Decoder:
         if self.init_mode == "repeat":
             source_idx = span_idx[torch.tensor([s if s is not None else 0 for s in sources], device=self.device)]
             copies = torch.tensor([s is not None for s in sources], device=self.device) & (source_idx >= 0)
-            root_idx = indices[torch.tensor(roots, device=self.device)]  # a chain without a known token: the root's draw
+            roots_t = torch.tensor(roots, device=self.device)
+            root_idx = indices[roots_t]  # a chain without a known token: the root's draw
             indices = torch.where(copies, source_idx, root_idx)
-            repeat = copies | (torch.tensor(roots, device=self.device) != torch.arange(count, device=self.device))
+            repeat = copies | (roots_t != torch.arange(count, device=self.device))
             point = torch.nn.functional.one_hot(indices, self.vocab_size).to(uniform.dtype)
             probs = torch.where(repeat[:, None], point, probs)
         fixed = self.fixed_ids[start:start + count] >= 0
