@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..attention_processors.feature_cache import FeatureCacheConfig
     from ..jobs.manifest import respect_umask
     from ..pipelines.consistedit import ConsistEditPipeline, grid_mask
+    from ..pipelines.flow_models import pixel_multiple
     from ..pipelines.loading import check_device, load_pipeline, pipeline_source
     from ..video import save_media
     from ._common import IMAGE_SUFFIXES, VIDEO_SUFFIXES, check_output_file
@@ -81,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
     height, width = args.height, args.width
     if image is not None and mask is not None and not args.video:
         # a mask drawn on the input image fits it: work at the image's size (the model's multiple)
-        patch = 2 if type(pipe).__name__ == "FluxPipeline" else getattr(pipe.transformer.config, "patch_size", 2)
-        multiple = pipe.vae_scale_factor * patch
+        multiple = pixel_multiple(pipe)
         height = height or max(multiple, image.height // multiple * multiple)
         width = width or max(multiple, image.width // multiple * multiple)
         if mask.shape == (image.height, image.width) and mask.shape != (height, width):

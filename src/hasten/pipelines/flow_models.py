@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["FLOW_FAMILIES", "FlowModel", "token_positions"]
+__all__ = ["FLOW_FAMILIES", "FlowModel", "pixel_multiple", "token_positions"]
 
 
 def token_positions(prompt: str, words: list[str], tokenizers: list[tuple[Any, int, int]]) -> list[int]:
@@ -61,6 +61,13 @@ class _Conditioning:
     mask: torch.Tensor | None = None
 
 
+def pixel_multiple(pipe: Any) -> int:
+    """Pixels per latent token side of an editing pipeline: heights and widths are multiples of it."""
+    if type(pipe).__name__ in _VIDEO:
+        return pipe.vae_scale_factor_spatial * 2
+    return pipe.vae_scale_factor * (2 if type(pipe).__name__ == "FluxPipeline" else pipe.transformer.config.patch_size)
+
+
 class FlowModel:
     """A diffusers SD3 or Flux pipeline at a fixed image size, as a velocity field.
 
@@ -79,12 +86,9 @@ class FlowModel:
         if family not in FLOW_FAMILIES:
             raise ValueError(f"editing supports {', '.join(FLOW_FAMILIES)}; got {family}")
         self.pipe, self.family = pipe, family
-        if family in _VIDEO:
-            factor = pipe.vae_scale_factor_spatial * 2
-            if (num_frames - 1) % pipe.vae_scale_factor_temporal:
-                raise ValueError(f"`num_frames` must be {pipe.vae_scale_factor_temporal} k + 1, got {num_frames}")
-        else:
-            factor = pipe.vae_scale_factor * (2 if family == "FluxPipeline" else pipe.transformer.config.patch_size)
+        factor = pixel_multiple(pipe)
+        if family in _VIDEO and (num_frames - 1) % pipe.vae_scale_factor_temporal:
+            raise ValueError(f"`num_frames` must be {pipe.vae_scale_factor_temporal} k + 1, got {num_frames}")
         if height % factor or width % factor:
             raise ValueError(f"`height` and `width` must be multiples of {factor} for this {family}; got {height} x {width}")
         self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
