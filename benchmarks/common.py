@@ -37,3 +37,15 @@ def machine(device: torch.device) -> str:
 def print_json(rows: list[dict]) -> None:
     for row in rows:
         print(json.dumps(row))
+
+
+def build_model(model_class: type, config, device, dtype: torch.dtype):
+    """``model_class(config)`` in eval mode, created directly on ``device`` in ``dtype`` (random
+    weights; a full-size architecture never materialises in float32 on the host)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return model_class(config).eval()
+    finally:
+        torch.set_default_dtype(default)

@@ -361,6 +361,7 @@ def qwen2_5_vl_7b(device: str):
     with the tiny Qwen2.5-VL's tokenizer and an image processor of the released patch geometry
     (14-px patches, 2x2 merge) capped at 448x448 pixels (256 visual tokens)."""
     import torch
+    from common import build_model
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -380,13 +381,7 @@ def qwen2_5_vl_7b(device: str):
     vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2, window_size=112, out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31])
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(default)
+    model = build_model(Qwen2_5_VLForConditionalGeneration, config, device, torch.bfloat16)
     model.generation_config.eos_token_id = None  # random weights: time a fixed number of tokens
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=448 * 448, patch_size=14,
                                                temporal_patch_size=2, merge_size=2)

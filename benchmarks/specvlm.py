@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from common import machine
+from common import build_model, machine
 
 from hasten import tiny
 from hasten.tiny.vlms import chat_prompt
@@ -56,13 +56,7 @@ def llava_1_5_7b(device: str, dtype: torch.dtype = torch.bfloat16):
                   num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                          vision_feature_layer=-2, vision_feature_select_strategy="default")
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(default)
+    model = build_model(LlavaForConditionalGeneration, config, device, dtype)
     model.generation_config.eos_token_id = None  # random weights: time a fixed number of tokens
     image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     processor = LlavaProcessor(image_processor, tokenizer, patch_size=14, num_additional_image_tokens=1,

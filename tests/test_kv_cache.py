@@ -238,13 +238,12 @@ def test_prefill_attends_the_important_pairs_only():
     assert ZipVL().sparse_prefill == "important"
 
 
-def test_zipvl_sparse_prefill_is_attention_among_the_important_tokens():
-    """With 16-bit storage, ZipVL's prefill logits equal the model run with every layer's attention
-    masked to important queries x important keys (causal) and the other rows' attention output
-    zeroed before o_proj: Algorithm 1's Attention(Q[T], K[T], V[T]), gathered exactly."""
+def _zipvl_prefill_recording_flags(**kwargs):
+    """A 16-bit ZipVL prefill on the tiny LLaVA (tau 0.6, ``kwargs`` for ZipVL) that records each
+    layer's important-token flags: (model, inputs, prefill logits, {layer: flags})."""
     model, processor = tiny.vlm("llava", dtype=torch.float64)
     inputs = _inputs(processor, [_image(4)], ["What is it?"])
-    method = ZipVL(tau=0.6, cache=MixedPrecisionConfig(high_bits=16, low_bits=16))
+    method = ZipVL(tau=0.6, cache=MixedPrecisionConfig(high_bits=16, low_bits=16), **kwargs)
     recorded = {}
     original = method.important
 
@@ -257,6 +256,14 @@ def test_zipvl_sparse_prefill_is_attention_among_the_important_tokens():
     with method.apply(model), torch.no_grad():
         pruned = model(**inputs).logits
     assert 0.0 < min(method.stats.layer_important) < 1.0
+    return model, inputs, pruned, recorded
+
+
+def test_zipvl_sparse_prefill_is_attention_among_the_important_tokens():
+    """With 16-bit storage, ZipVL's prefill logits equal the model run with every layer's attention
+    masked to important queries x important keys (causal) and the other rows' attention output
+    zeroed before o_proj: Algorithm 1's Attention(Q[T], K[T], V[T]), gathered exactly."""
+    model, inputs, pruned, recorded = _zipvl_prefill_recording_flags()
     layers = model.model.language_model.layers
 
     def mask_hook(index):
@@ -289,21 +296,7 @@ def test_zipvl_sparse_prefill_is_attention_among_the_important_tokens():
 def test_zipvl_sparse_prefill_keys_equals_masking_the_unimportant_keys():
     """hasten's former rule (sparse_prefill="keys"), with 16-bit storage: the prefill logits equal
     attention that masks every layer's unimportant keys (the flags it recorded) for every query."""
-    model, processor = tiny.vlm("llava", dtype=torch.float64)
-    inputs = _inputs(processor, [_image(4)], ["What is it?"])
-    method = ZipVL(tau=0.6, cache=MixedPrecisionConfig(high_bits=16, low_bits=16), sparse_prefill="keys")
-    recorded = {}
-    original = method.important
-
-    def important(query, key, scaling):
-        flags = original(query, key, scaling)
-        recorded[len(recorded)] = flags
-        return flags
-
-    method.important = important
-    with method.apply(model), torch.no_grad():
-        pruned = model(**inputs).logits
-    assert 0.0 < min(method.stats.layer_important) < 1.0
+    model, inputs, pruned, recorded = _zipvl_prefill_recording_flags(sparse_prefill="keys")
     layers = model.model.language_model.layers
 
     def hook_for(index):
