@@ -1,0 +1,149 @@
+"""The procedural scene generator: determinism, held-out split, ground truth matches pixels, video motion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hasten.tiny import scenes
+
+
+def test_same_seed_same_scene_and_pixels_different_seeds_differ():
+    a = scenes.sample_scene(123, 48, 64, textures=True)
+    b = scenes.sample_scene(123, 48, 64, textures=True)
+    assert a == b and a.caption == b.caption
+    assert np.array_equal(a.render(), b.render())
+    captions = {scenes.sample_scene(seed).caption for seed in range(40)}
+    assert len(captions) > 30
+
+
+def test_held_out_range_is_disjoint_from_training():
+    train, held = scenes.TRAIN_SEEDS, scenes.HELD_OUT_SEEDS
+    assert train.stop <= held.start and len(held) >= 10_000
+    assert not scenes.is_held_out(train[-1]) and scenes.is_held_out(held[0])
+
+
+def test_vocabulary_covers_the_documented_ranges():
+    assert len(scenes.SHAPES) >= 6 and len(scenes.COLOURS) >= 8 and len(scenes.SIZES) >= 2
+    assert len(scenes.POSITIONS) == 9
+    counts = [len(scenes.sample_scene(seed).objects) for seed in range(200)]
+    assert set(counts) == {1, 2, 3, 4}
+    words = set(scenes.vocabulary())
+    for seed in range(50):
+        assert set(scenes.sample_scene(seed, textures=True).caption_with_background.split()) <= words
+
+
+def test_caption_states_every_object():
+    scene = scenes.sample_scene(9, num_objects=3)
+    assert scene.caption.count(" and ") == 2
+    for obj in scene.objects:
+        assert f"{obj.colour} {obj.shape}" in scene.caption
+        assert obj.position in scene.caption
+        assert obj.phrase in scene.caption
+    small = next(obj for seed in range(100) for obj in scenes.sample_scene(seed).objects if obj.size == "small")
+    assert small.phrase.startswith("a small ")
+
+
+@pytest.mark.parametrize("height,width", [(96, 96), (72, 120)])
+def test_object_colour_is_at_its_centre_and_position_in_its_cell(height, width):
+    checked = 0
+    for seed in range(60):
+        scene = scenes.sample_scene(seed, height, width, textures=True)
+        image = scene.render()
+        for obj in scene.objects:
+            x, y = obj.probe()
+            assert tuple(int(v) for v in image[y, x]) == obj.rgb, (seed, obj)
+            row, column = divmod(scenes.POSITIONS.index(obj.position), 3)
+            cx, cy = obj.centre
+            assert column * width / 3 <= cx < (column + 1) * width / 3
+            assert row * height / 3 <= cy < (row + 1) * height / 3
+            # The colour is drawn inside the bounding box and nowhere else in the cell's neighbourhood.
+            x0, y0, x1, y1 = obj.bbox
+            match = np.all(image == np.array(obj.rgb, np.uint8), axis=2)
+            assert match[y0:y1, x0:x1].sum() > 0
+            checked += 1
+    assert checked > 100
+
+
+def test_objects_sit_on_the_background_colour():
+    scene = scenes.sample_scene(5, 64, 64)
+    assert scene.background in scenes.BACKGROUNDS
+    image = scene.render()
+    assert tuple(int(v) for v in image[0, 0]) == scenes.BACKGROUNDS[scene.background] or any(
+        obj.bbox[0] == 0 and obj.bbox[1] == 0 for obj in scene.objects)
+
+
+def test_rendering_is_anti_aliased_and_scales():
+    scene = scenes.sample_scene(1, 96, 96, num_objects=1, sizes=("large",))
+    image = scene.render().astype(int)
+    obj = scene.objects[0]
+    background = np.array(scenes.BACKGROUNDS[scene.background])
+    x0, y0, x1, y1 = obj.bbox
+    box = image[y0:y1, x0:x1]
+    inside = np.all(box == obj.rgb, axis=2)
+    outside = np.all(box == background, axis=2)
+    assert (~inside & ~outside).any()  # edge pixels are blends, not one of the two colours
+    # The same seed at a larger size is the same scene, scaled.
+    large = scenes.sample_scene(1, 192, 192, num_objects=1, sizes=("large",)).objects[0]
+    assert (large.shape, large.colour, large.position) == (obj.shape, obj.colour, obj.position)
+    assert large.centre == pytest.approx((2 * obj.centre[0], 2 * obj.centre[1]))
+
+
+def test_batch_returns_tensors_and_cell_labels_agree():
+    out = scenes.batch([scenes.HELD_OUT_SEEDS[0], scenes.HELD_OUT_SEEDS[1]], 32, 48)
+    assert out.images.shape == (2, 3, 32, 48) and out.images.dtype == torch.float32
+    assert 0.0 <= float(out.images.min()) and float(out.images.max()) <= 1.0
+    assert out.captions == [scene.caption for scene in out.scenes]
+    labels = scenes.cell_labels(out.scenes[0])
+    assert int((labels["shape"] > 0).sum()) == len(out.scenes[0].objects)
+    for obj in out.scenes[0].objects:
+        assert scenes.SHAPES[int(labels["shape"][obj.cell]) - 1] == obj.shape
+        assert tuple(scenes.COLOURS)[int(labels["colour"][obj.cell]) - 1] == obj.colour
+
+
+def test_pan_video_moves_by_the_stated_displacement():
+    for seed in range(6):
+        video = scenes.sample_video(seed, 40, 48, 5, motion="pan", textures=True)
+        assert video.frames.shape == (5, 40, 48, 3)
+        for t in range(4):
+            dx, dy = (int(v) for v in video.background_displacement[t])
+            assert (dx, dy) != (0, 0)
+            a, b = video.frames[t].astype(int), video.frames[t + 1].astype(int)
+            # frame t+1 at (y + dy, x + dx) shows what frame t showed at (y, x).
+            ys = slice(max(0, -dy), 40 - max(0, dy))
+            xs = slice(max(0, -dx), 48 - max(0, dx))
+            moved = b[ys.start + dy:ys.stop + dy, xs.start + dx:xs.stop + dx]
+            assert np.array_equal(moved, a[ys, xs])
+            assert not np.array_equal(a, b)
+
+
+def test_moving_objects_move_by_the_stated_displacement():
+    for seed in range(6):
+        video = scenes.sample_video(seed, 64, 64, 4, motion="objects")
+        assert not video.background_displacement.any()
+        for index, obj in enumerate(video.scene.objects):
+            total = video.displacement[:, index].sum(axis=0)
+            x, y = obj.probe()
+            x2, y2 = x + int(total[0]), y + int(total[1])
+            if 0 <= x2 < 64 and 0 <= y2 < 64 and not any(
+                    other is not obj and other.bbox[0] - 2 <= x2 < other.bbox[2] + 2
+                    and other.bbox[1] - 2 <= y2 < other.bbox[3] + 2 for other in video.scene.objects):
+                assert tuple(int(v) for v in video.frames[-1][y2, x2]) == obj.rgb
+        # Turning the motion off gives a still video: the frames differ only because objects moved.
+        assert not np.array_equal(video.frames[0], video.frames[-1])
+
+
+def test_bad_arguments_name_themselves():
+    with pytest.raises(ValueError, match="`seed`"):
+        scenes.sample_scene(-1)
+    with pytest.raises(ValueError, match="`height`"):
+        scenes.sample_scene(0, 4, 64)
+    with pytest.raises(ValueError, match="`jitter`"):
+        scenes.sample_scene(0, jitter=0.6)
+    with pytest.raises(ValueError, match="`sizes`"):
+        scenes.sample_scene(0, sizes=("huge",))
+    with pytest.raises(ValueError, match="`motion`"):
+        scenes.sample_video(0, motion="zoom")
+    with pytest.raises(ValueError, match="`frames`"):
+        scenes.sample_video(0, frames=1)
