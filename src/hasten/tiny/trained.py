@@ -45,6 +45,8 @@ __all__ = ["REGISTRY", "WEIGHTS", "is_shipped", "load", "load_checkpoint", "path
 REGISTRY: dict[str, str] = {
     "flux": "hasten.tiny.micro_diffusion:train_flux",
     "classifier": "hasten.tiny.classifier:train_classifier",
+    "janus-vq": "hasten.tiny.micro_janus:train_vq",
+    "janus": "hasten.tiny.micro_janus:train_janus",
 }
 """Micro-world name -> ``"module:function"`` that trains it (imported only when used)."""
 
