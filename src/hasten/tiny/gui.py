@@ -15,12 +15,13 @@ Examples
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
-__all__ = ["GUIState", "render", "trajectory"]
+__all__ = ["GUIState", "render", "states", "trajectory"]
 
 _WORDS = ("open", "file", "save", "search", "report", "agent", "click", "hello", "submit", "invoice")
 
@@ -94,14 +95,31 @@ def _act(state: GUIState, rng: random.Random) -> str:
     return "toggle checkbox"
 
 
-def trajectory(steps: int = 5, size: tuple[int, int] = (224, 160), seed: int = 0) -> tuple[list[Image.Image], list[str]]:
-    """``steps`` screenshots of one agent episode and the ``steps - 1`` actions between them."""
+def _episode(steps: int, seed: int) -> tuple[list[GUIState], list[str]]:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be a positive int, got {steps!r}")
     rng = random.Random(seed)
     state = GUIState()
-    shots, actions = [render(state, size)], []
+    seen, actions = [copy.deepcopy(state)], []
     for _ in range(steps - 1):
         actions.append(_act(state, rng))
-        shots.append(render(state, size))
-    return shots, actions
+        seen.append(copy.deepcopy(state))
+    return seen, actions
+
+
+def states(steps: int = 5, seed: int = 0) -> list[GUIState]:
+    """The ``steps`` screen states of the episode :func:`trajectory` renders for ``seed``
+    (ground truth for questions about any screenshot).
+
+    Examples
+    --------
+    >>> [s.menu_open for s in states(3, seed=0)] == [s.menu_open for s in states(3, seed=0)]
+    True
+    """
+    return _episode(steps, seed)[0]
+
+
+def trajectory(steps: int = 5, size: tuple[int, int] = (224, 160), seed: int = 0) -> tuple[list[Image.Image], list[str]]:
+    """``steps`` screenshots of one agent episode and the ``steps - 1`` actions between them."""
+    seen, actions = _episode(steps, seed)
+    return [render(state, size) for state in seen], actions

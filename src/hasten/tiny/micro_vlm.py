@@ -1,0 +1,297 @@
+"""Trained tiny VLMs of the micro-world: LLaVA on scene questions, Qwen2.5-VL on scenes and GUI
+trajectories (the GUI-KV target), with their training command and held-out accuracy.
+
+The models are the real transformers classes (``LlavaForConditionalGeneration`` with a CLIP
+vision tower and a Llama decoder; ``Qwen2_5_VLForConditionalGeneration`` with mRoPE and windowed
+vision blocks) at tiny sizes, trained end to end from seeded initialisations on
+:mod:`hasten.tiny.vqa` (loss on the answer tokens and the end-of-sequence token only). Their
+weights ship in the package (``hasten/tiny/weights/<name>/``, ``save_pretrained`` format, with
+the processor) and load with ``from_pretrained``.
+
+=================  ============================================  ===============================
+name               model, images                                 trained on
+=================  ============================================  ===============================
+``llava``          LLaVA, CLIP 36 px / patch 4: 81 visual tokens  scene questions (5 types)
+``qwen2.5-vl``     Qwen2.5-VL, patch 4 + 2 x 2 merge: 36 tokens   scene questions (48 px) and
+                   per 48 px scene, 48 per 64 x 48 screenshot     3-screenshot GUI questions
+=================  ============================================  ===============================
+
+Training is one seeded, resumable command per model (``hasten tiny train llava``,
+``hasten tiny train qwen2.5-vl``; registered in :data:`hasten.tiny.trained.REGISTRY`): one torch
+thread, a checkpoint every 50 steps (model, optimiser, schedule, step); ``--resume`` continues
+from it and reaches the same weights as an uninterrupted run.
+
+The scenes here are :mod:`hasten.tiny.vqa`'s own (a 3 x 3 grid, distinct shapes per scene, a
+pixel-font code label), not :mod:`hasten.tiny.scenes`: see that module for why.
+
+Examples
+--------
+>>> model, processor = load("llava")
+>>> answer(model, processor, held_out("scene", 1, kinds=["color"])[0])  # doctest: +SKIP
+'red'
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import random
+from typing import Any, Sequence
+
+import torch
+
+from .vqa import HELD_OUT_SEED, VQASample, gui_sample, held_out, scene_sample
+
+__all__ = ["MICRO_VLMS", "accuracy", "answer", "build", "held_out_set", "load", "load_folder", "prompts", "scene_size",
+           "train", "train_llava", "train_qwen25_vl", "weights_path"]
+
+MICRO_VLMS: tuple[str, ...] = ("llava", "qwen2.5-vl")
+"""The trained tiny VLMs."""
+
+_SCENE_SIZE = {"llava": 36, "qwen2.5-vl": 48}
+_DEFAULT_STEPS = {"llava": (2500, 32), "qwen2.5-vl": (1200, 24)}  # (steps, batch size)
+_SEED = 20
+
+
+def weights_path(name: str) -> pathlib.Path:
+    """The shipped folder of the trained ``name`` (``hasten/tiny/weights/<name>``)."""
+    from .trained import path
+
+    _check(name)
+    return path(name)
+
+
+def _check(name: str) -> None:
+    if name not in MICRO_VLMS:
+        raise ValueError(f"`name` must be one of {', '.join(MICRO_VLMS)}; got {name!r}")
+
+
+def scene_size(name: str) -> int:
+    """The scene canvas side ``name`` was trained on (pixels)."""
+    _check(name)
+    return _SCENE_SIZE[name]
+
+
+def build(name: str, seed: int = _SEED) -> tuple[Any, Any]:
+    """A freshly initialised (seeded) ``name`` model in its micro-world configuration, and its processor."""
+    _check(name)
+    from ._store import seeded
+    from .vlms import _LLAVA_TEMPLATE, _QWEN_TEMPLATE, _QWEN_TOKENS, _llava_tokenizer, _image_only_processor_class
+    from .tokenizers import llama_tokenizer
+
+    text = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=2048)
+    if name == "llava":
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+        tokenizer = _llava_tokenizer()
+        size = _SCENE_SIZE[name]
+        vision = dict(model_type="clip_vision_model", hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, image_size=size, patch_size=4, projection_dim=48)
+        config = LlavaConfig(vision_config=vision, text_config=dict(
+            text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-2, vision_feature_select_strategy="default")
+        processor = LlavaProcessor(CLIPImageProcessor(size={"shortest_edge": size},
+                                                      crop_size={"height": size, "width": size}),
+                                   tokenizer, patch_size=4, num_additional_image_tokens=1,
+                                   vision_feature_select_strategy="default", chat_template=_LLAVA_TEMPLATE)
+        cls = LlavaForConditionalGeneration
+    else:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        tokenizer = llama_tokenizer(padding_side="left",
+                                    extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+        tokenizer.add_tokens(_QWEN_TOKENS, special_tokens=True)
+        tokenizer.chat_template = _QWEN_TEMPLATE
+        ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in (
+            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+        vision = dict(depth=3, hidden_size=48, intermediate_size=96, num_heads=4, patch_size=4, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=16, out_hidden_size=64, fullatt_block_indexes=[2])
+        config = Qwen2_5_VLConfig(text_config=dict(
+            text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
+            vision_config=vision, **ids)
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4,
+                                                   temporal_patch_size=2, merge_size=2)
+        processor = _image_only_processor_class()(image_processor, tokenizer, chat_template=_QWEN_TEMPLATE)
+        cls = Qwen2_5_VLForConditionalGeneration
+    with seeded(seed):
+        model = cls(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, processor
+
+
+def load_folder(folder: str | pathlib.Path, *, dtype: torch.dtype = torch.float32,
+                attn_implementation: str = "sdpa") -> tuple[Any, Any]:
+    """A micro-world VLM saved in ``folder`` (by :func:`train`) and its processor, via ``from_pretrained``."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    folder = pathlib.Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} holds no saved model (no config.json); train it with `hasten tiny train`")
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+    if model.config.model_type.startswith("qwen"):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        from .vlms import _image_only_processor_class
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        processor = _image_only_processor_class()(Qwen2VLImageProcessorPil.from_pretrained(folder), tokenizer,
+                                                  chat_template=tokenizer.chat_template)
+    else:
+        processor = AutoProcessor.from_pretrained(folder)
+    return model.eval(), processor
+
+
+def load(name: str, **options) -> tuple[Any, Any]:
+    """The shipped trained ``name`` (:data:`MICRO_VLMS`) and its processor, loaded with ``from_pretrained``."""
+    return load_folder(weights_path(name), **options)
+
+
+def prompts(processor: Any, batch: Sequence[VQASample]) -> list[str]:
+    """The chat prompt of each sample (one image placeholder per image), ready for the answer."""
+    from .vlms import chat_prompt
+
+    return [chat_prompt(processor, sample.question, images=len(sample.images)) for sample in batch]
+
+
+def _inputs(processor: Any, batch: Sequence[VQASample], texts: Sequence[str]) -> Any:
+    images = [image for sample in batch for image in sample.images]
+    return processor(images=images, text=list(texts), return_tensors="pt", padding=True)
+
+
+def _training_batch(processor: Any, batch: Sequence[VQASample]) -> tuple[Any, torch.Tensor]:
+    """Inputs of prompt + answer + EOS (left padded), and labels that are -100 except the answer and EOS."""
+    tokenizer = processor.tokenizer
+    texts = [prompt + " " + sample.answer + tokenizer.eos_token for prompt, sample in zip(prompts(processor, batch), batch)]
+    inputs = _inputs(processor, batch, texts)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    for row, sample in enumerate(batch):
+        target = tokenizer(" " + sample.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        tail = inputs["input_ids"][row, -len(target):]
+        if tail.tolist() != target:
+            raise RuntimeError(f"answer {sample.answer!r} does not tokenise the same after the prompt: "
+                               f"{tail.tolist()} vs {target}")
+        labels[row, -len(target):] = tail
+    return inputs, labels
+
+
+def _train_sample(name: str, seed: int) -> VQASample:
+    rng = random.Random(seed)
+    if name == "qwen2.5-vl" and rng.random() < 0.5:
+        return gui_sample(seed)
+    return scene_sample(seed, size=_SCENE_SIZE[name])
+
+
+def train(name: str, out: str | pathlib.Path, *, steps: int | None = None, batch_size: int | None = None,
+          lr: float = 2e-3, seed: int = 0, resume: bool = False, checkpoint_every: int = 50,
+          progress: bool = True) -> pathlib.Path:
+    """Train ``name`` from its seeded initialisation on :mod:`hasten.tiny.vqa`; save it in ``out / "model"``.
+
+    One torch thread. The model is initialised from seed ``20 + seed``; step ``s`` draws the
+    training samples of seeds ``(20 + seed) * 10**7 + s * batch_size + i`` (all below
+    :data:`~hasten.tiny.vqa.HELD_OUT_SEED`). AdamW (weight decay 0.01) with a 100-step linear
+    warm-up and cosine decay, gradients clipped at 1; the loss is the cross-entropy of the answer
+    tokens and the end-of-sequence token only. Defaults: LLaVA 2500 steps of 32 samples, Qwen2.5-VL
+    1200 steps of 24 (half scenes, half GUI trajectories). ``out`` keeps a checkpoint (model,
+    optimiser, schedule, step) every ``checkpoint_every`` steps; ``resume=True`` continues from it
+    and gives the same weights as an uninterrupted run. Returns ``out / "model"``.
+    """
+    _check(name)
+    from tqdm.auto import tqdm
+
+    from .trained import load_checkpoint, save_checkpoint
+
+    steps = steps if steps is not None else _DEFAULT_STEPS[name][0]
+    batch_size = batch_size if batch_size is not None else _DEFAULT_STEPS[name][1]
+    for argument, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{argument}` must be a positive int, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
+    base_seed = _SEED + seed
+    if base_seed * 10**7 + steps * batch_size >= HELD_OUT_SEED:
+        raise ValueError("`seed`/`steps`/`batch_size` would draw held-out seeds; use a smaller seed")
+    torch.set_num_threads(1)
+    out = pathlib.Path(out)
+    model, processor = build(name, base_seed)
+    model.train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / 100)
+                                                 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    start = 0
+    state = load_checkpoint(out) if resume else None
+    if resume and state is None:
+        raise ValueError(f"`resume`: no checkpoint in {out}")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        schedule.load_state_dict(state["schedule"])
+        start = int(state["step"])
+    for step in tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc=f"train {name}"):
+        batch = [_train_sample(name, base_seed * 10**7 + step * batch_size + i) for i in range(batch_size)]
+        inputs, labels = _training_batch(processor, batch)
+        logits = model(**inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        schedule.step()
+        if progress and step % 50 == 0:
+            tqdm.write(f"step {step} loss {float(loss):.4f}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            save_checkpoint(out, {"model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                                  "schedule": schedule.state_dict(), "step": step + 1})
+    model.eval()
+    model.save_pretrained(out / "model")
+    processor.save_pretrained(out / "model")
+    return out / "model"
+
+
+def train_llava(out: pathlib.Path, *, steps: int | None = None, seed: int = 0, resume: bool = False,
+                progress: bool = True) -> pathlib.Path:
+    """``hasten tiny train llava``: :func:`train` of the micro-world LLaVA (registry signature)."""
+    return train("llava", out, steps=steps, seed=seed, resume=resume, progress=progress)
+
+
+def train_qwen25_vl(out: pathlib.Path, *, steps: int | None = None, seed: int = 0, resume: bool = False,
+                    progress: bool = True) -> pathlib.Path:
+    """``hasten tiny train qwen2.5-vl``: :func:`train` of the micro-world Qwen2.5-VL (registry signature)."""
+    return train("qwen2.5-vl", out, steps=steps, seed=seed, resume=resume, progress=progress)
+
+
+@torch.no_grad()
+def answer(model: Any, processor: Any, batch: Sequence[VQASample] | VQASample, max_new_tokens: int = 4) -> Any:
+    """Greedy answers (stripped strings) of ``model`` to ``batch`` (one sample -> one string)."""
+    single = isinstance(batch, VQASample)
+    batch = [batch] if single else list(batch)
+    inputs = _inputs(processor, batch, prompts(processor, batch)).to(model.device)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    texts = [text.strip() for text in processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:],
+                                                                       skip_special_tokens=True)]
+    return texts[0] if single else texts
+
+
+def accuracy(model: Any, processor: Any, samples: Sequence[VQASample], batch_size: int = 32) -> dict[str, float]:
+    """Exact-match accuracy of greedy answers on ``samples``, per question type and ``"all"``."""
+    correct: dict[str, list[bool]] = {}
+    for begin in range(0, len(samples), batch_size):
+        chunk = samples[begin:begin + batch_size]
+        for sample, text in zip(chunk, answer(model, processor, chunk)):
+            correct.setdefault(sample.kind, []).append(text == sample.answer)
+    result = {kind: sum(flags) / len(flags) for kind, flags in correct.items()}
+    result["all"] = sum(sum(flags) for flags in correct.values()) / max(1, len(samples))
+    return result
+
+
+def held_out_set(name: str, count: int) -> list[VQASample]:
+    """The held-out evaluation set of ``name``: scenes (and GUI questions for Qwen2.5-VL), types balanced."""
+    _check(name)
+    scenes = held_out("scene", count if name == "llava" else count // 2, size=_SCENE_SIZE[name])
+    return scenes if name == "llava" else scenes + held_out("gui", count - count // 2)
