@@ -47,6 +47,8 @@ REGISTRY: dict[str, str] = {
     "classifier": "hasten.tiny.classifier:train_classifier",
     "janus-vq": "hasten.tiny.micro_janus:train_vq",
     "janus": "hasten.tiny.micro_janus:train_janus",
+    "llava": "hasten.tiny.micro_vlm:train_llava",
+    "qwen2.5-vl": "hasten.tiny.micro_vlm:train_qwen25_vl",
 }
 """Micro-world name -> ``"module:function"`` that trains it (imported only when used)."""
 
