@@ -49,7 +49,7 @@ MICRO_VLMS: tuple[str, ...] = ("llava", "qwen2.5-vl")
 """The trained tiny VLMs."""
 
 _SCENE_SIZE = {"llava": 36, "qwen2.5-vl": 48}
-_DEFAULT_STEPS = {"llava": (2500, 32), "qwen2.5-vl": (1200, 24)}  # (steps, batch size)
+_DEFAULT_STEPS = {"llava": (2500, 32), "qwen2.5-vl": (600, 24)}  # (steps, batch size)
 _SEED = 20
 
 
@@ -198,7 +198,7 @@ def train(name: str, out: str | pathlib.Path, *, steps: int | None = None, batch
     :data:`~hasten.tiny.vqa.HELD_OUT_SEED`). AdamW (weight decay 0.01) with a 100-step linear
     warm-up and cosine decay, gradients clipped at 1; the loss is the cross-entropy of the answer
     tokens and the end-of-sequence token only. Defaults: LLaVA 2500 steps of 32 samples, Qwen2.5-VL
-    1200 steps of 24 (half scenes, half GUI trajectories). ``out`` keeps a checkpoint (model,
+    600 steps of 24 (half scenes, half GUI trajectories). ``out`` keeps a checkpoint (model,
     optimiser, schedule, step) every ``checkpoint_every`` steps; ``resume=True`` continues from it
     and gives the same weights as an uninterrupted run. Returns ``out / "model"``.
     """
