@@ -34,8 +34,8 @@ from common import build_model, machine
 from hasten import tiny
 from hasten.tiny.vlms import chat_prompt
 from hasten.token_pruning.evaluate import load_vlm, sample_images
-from hasten.token_pruning.specvlm import DraftModel, speculative_generate, train_draft
-from hasten.token_pruning.specvlm.tree import TreeConfig
+from hasten.speculative.specvlm import DraftModel, speculative_generate, train_draft
+from hasten.speculative.specvlm.tree import TreeConfig
 
 
 PAPER_ACCEPTED = {"EagleVLM": 3.59, "SpecVLM": 3.67}  # LLaVA-1.5-7B, temperature 0, 1 epoch (arXiv 2509.11815)

@@ -50,7 +50,7 @@ def test_speculative_decoding_reports_accepted_length_and_speedup(tmp_path):
     from apps.vlm_app import SPECULATIVE
     from hasten import tiny
     from hasten.token_pruning.evaluate import sample_images
-    from hasten.token_pruning.specvlm import DraftModel, train_draft
+    from hasten.speculative.specvlm import DraftModel, train_draft
 
     model, processor = tiny.vlm("llava")
     draft = DraftModel.for_target(model)

@@ -17,8 +17,8 @@ Methods (each a dataclass of its paper's knobs, used the same way)::
   tokens scored by recent attention, the current screenshot's saliency and the earlier
   screenshots' redundancy (GUI agents).
 - :class:`RandomKeep`, :class:`SpatialPool` — baselines.
-- :mod:`.specvlm` — SpecVLM lossless speculative decoding (a draft over the target's features,
-  an elastic visual compressor for the draft, online distillation).
+- SpecVLM (speculative decoding, prunes nothing) moved to :mod:`hasten.speculative`;
+  ``hasten.token_pruning.SpecVLM`` still imports, with a ``DeprecationWarning``, for one release.
 
 Supported models: LLaVA, LLaVA-Next, Qwen2-VL, Qwen2.5-VL (see :mod:`.adapters`), with SDPA or
 eager attention, batch size > 1 with left padding, and ``generate()`` options unchanged.
@@ -35,3 +35,15 @@ from .zipvl import ZipVL
 
 __all__ = ["FastV", "GUIKV", "HiRED", "ImageTokens", "LLMLayerPruner", "MustDrop", "PruningStats", "RandomKeep", "SpatialPool",
            "TokenPruner", "ZipVL"]
+
+
+def __getattr__(name: str):
+    if name == "SpecVLM":  # moved to hasten.speculative (deprecated here for one release)
+        import warnings
+
+        warnings.warn("hasten.token_pruning.SpecVLM moved to hasten.speculative.SpecVLM; the old name is removed in "
+                      "the next release", DeprecationWarning, stacklevel=2)
+        from ..speculative.specvlm import SpecVLM
+
+        return SpecVLM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,19 +1,28 @@
-"""SpecVLM: lossless speculative decoding for VLMs with an EAGLE-style draft and an elastic visual compressor.
+"""Deprecated location of SpecVLM: it moved to :mod:`hasten.speculative.specvlm` (it prunes nothing).
 
-    from hasten.token_pruning.specvlm import DraftModel, SpecVLM, speculative_generate, train_draft
-    draft = DraftModel.for_target(model)                     # or DraftModel.from_pretrained(folder, model)
-    train_draft(model, processor, pairs, draft, steps=2000, out="draft/")
-    sequences, stats = speculative_generate(model, inputs, draft, max_new_tokens=64)
-    stats.mean_accepted, stats.target_forwards_per_token
-    spec = SpecVLM(draft)                                    # the same as one object (dynamic tree by default)
-    sequences = spec.generate(model, inputs, max_new_tokens=64); spec.stats
+Importing this package (or ``hasten.token_pruning.SpecVLM``) keeps working for one release and
+emits a :class:`DeprecationWarning`; its submodules (``.tree``, ``.draft``, ...) are the new
+package's own modules.
+
+Examples
+--------
+>>> import warnings
+>>> with warnings.catch_warnings():
+...     warnings.simplefilter("ignore", DeprecationWarning)
+...     from hasten.token_pruning.specvlm import SpecVLM
+>>> SpecVLM.__module__
+'hasten.speculative.specvlm.decoding'
 """
 
-from .compressor import PRIMITIVES, ElasticCompressor
-from .decoding import Sampling, SpecStats, SpecVLM, speculative_generate
-from .draft import DraftConfig, DraftModel
-from .train import load_pairs, train_draft
-from .tree import DraftTree, TreeConfig
+import sys
+import warnings
 
-__all__ = ["PRIMITIVES", "DraftConfig", "DraftModel", "DraftTree", "ElasticCompressor", "Sampling", "SpecStats",
-           "SpecVLM", "TreeConfig", "load_pairs", "speculative_generate", "train_draft"]
+from ...speculative import specvlm as _new
+from ...speculative.specvlm import *  # noqa: F401,F403 - the re-exported public names
+from ...speculative.specvlm import __all__  # noqa: F401
+
+warnings.warn("hasten.token_pruning.specvlm moved to hasten.speculative.specvlm (import SpecVLM from "
+              "hasten.speculative); the old path is removed in the next release", DeprecationWarning, stacklevel=2)
+
+for _name in ("compressor", "decoding", "draft", "train", "tree"):
+    sys.modules[f"{__name__}.{_name}"] = getattr(_new, _name)

@@ -116,7 +116,7 @@ def train_draft(model: Any, processor: Any, pairs: Sequence[tuple[Any, str]], dr
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be a positive int, got {steps!r}")
-    from ..adapters import adapter_for
+    from ...token_pruning.adapters import adapter_for
 
     draft.bind(model)
     draft._target["language_model"] = adapter_for(model).language_model(model)

@@ -129,7 +129,7 @@ class DraftModel(nn.Module):
 
         By default the ``T`` inputs sit at positions ``start ..`` and attend causally (all cached
         entries visible); a draft tree passes its own ``positions`` ``(T,)`` and ``allowed``
-        ``(T, cached + T)`` mask.
+        ``(T, cached + T)`` mask, a padded batch a per-row ``allowed`` ``(B, T, cached + T)``.
         """
         if not self._target:
             raise ValueError("bind() the draft to its target model first")
@@ -142,9 +142,10 @@ class DraftModel(nn.Module):
         mask = None
         if allowed is None and x.shape[1] > 1:  # causal over the new tokens, everything cached before them visible
             allowed = torch.arange(start + x.shape[1], device=x.device)[None] <= positions[0][:, None]
-        if allowed is not None:
+        if allowed is not None:  # (T, K) for every row, or (B, T, K) per row (padded batches)
             mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
-                ~allowed.to(x.device), torch.finfo(x.dtype).min)[None, None]
+                ~allowed.to(x.device), torch.finfo(x.dtype).min)
+            mask = mask[None, None] if mask.dim() == 2 else mask[:, None]
         out = self.layer(x, attention_mask=mask, position_ids=positions, **{cache_keyword(self.layer): cache},
                          position_embeddings=cos_sin, use_cache=cache is not None)
         return out[0] if isinstance(out, tuple) else out
@@ -187,6 +188,6 @@ def _placement(model: Any) -> dict:
 
 
 def _language_model(model: Any):
-    from ..adapters import adapter_for
+    from ...token_pruning.adapters import adapter_for
 
     return adapter_for(model).language_model(model)
