@@ -147,3 +147,17 @@ def test_bad_arguments_name_themselves():
         scenes.sample_video(0, motion="zoom")
     with pytest.raises(ValueError, match="`frames`"):
         scenes.sample_video(0, frames=1)
+
+
+def test_scene_from_caption_reads_back_every_generated_caption():
+    for seed in range(80):
+        scene = scenes.sample_scene(seed, 60, 72)
+        for caption in (scene.caption, scene.caption_with_background):
+            parsed = scenes.scene_from_caption(caption, 60, 72)
+            assert [(o.shape, o.colour, o.size, o.position) for o in parsed.objects] == \
+                [(o.shape, o.colour, o.size, o.position) for o in scene.objects]
+        assert scenes.scene_from_caption(scene.caption_with_background, 60, 72).background == scene.background
+    with pytest.raises(ValueError, match="`caption`"):
+        scenes.scene_from_caption("a lighthouse on a cliff")
+    with pytest.raises(ValueError, match="two objects"):
+        scenes.scene_from_caption("a red circle at the top and a blue star at the top")

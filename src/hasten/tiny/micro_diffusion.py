@@ -3,7 +3,9 @@
 ``hasten tiny train flux`` (:func:`train_flux`) trains, on one seeded, resumable run:
 
 1. a small ``AutoencoderKL`` (2 levels: 2x down-sampling, 4 latent channels, like FLUX.1's VAE
-   without quant convs) on rendered scenes, reconstruction + a small KL term; then its latent
+   without quant convs; no mid-block attention, so it is purely convolutional: trained on 32 x 32
+   crops, it decodes any canvas size the same way, and its cost stays linear in the pixels) on
+   rendered scenes, reconstruction + a small KL term; then its latent
    ``shift_factor`` / ``scaling_factor`` are measured on training scenes, as FLUX.1 ships them;
 2. a ``FluxTransformer2DModel`` (2 double-stream + 2 single-stream blocks, 4 heads of 32, RoPE
    axes 8/12/12) with rectified flow (``x_t = (1 - s) x_0 + s noise``, target ``noise - x_0``, the
@@ -112,7 +114,7 @@ def build_pipeline(seed: int = 0):
             in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
             latent_channels=4, norm_num_groups=8, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
-            shift_factor=0.0, scaling_factor=1.0)
+            shift_factor=0.0, scaling_factor=1.0, mid_block_add_attention=False)
     with seeded(seed + 1):
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,

@@ -51,6 +51,7 @@ import torch
 __all__ = [
     "BACKGROUNDS", "COLOURS", "HELD_OUT_SEEDS", "POSITIONS", "SHAPES", "SIZES", "TRAIN_SEEDS", "Scene",
     "SceneBatch", "SceneObject", "SceneVideo", "batch", "cell_labels", "is_held_out", "render", "sample_scene",
+    "scene_from_caption",
     "sample_video", "texture_names", "vocabulary",
 ]
 
@@ -539,6 +540,65 @@ def cell_labels(scene: Scene) -> dict[str, torch.Tensor]:
         out["colour"][obj.cell] = tuple(COLOURS).index(obj.colour) + 1
         out["size"][obj.cell] = tuple(SIZES).index(obj.size) + 1
     return out
+
+
+def scene_from_caption(caption: str, height: int = 64, width: int = 64, background: str = "black") -> Scene:
+    """The ground truth a caption asks for: each object at its cell's centre (no jitter).
+
+    Accepts what :attr:`Scene.caption` and :attr:`Scene.caption_with_background` write (objects
+    joined by ``" and "``, each ``"a [small] <colour> <shape> at the <position>"`` or ``"... in
+    the centre"``, optionally ending in ``" on a <background> background"``), so any prompt in the
+    micro-world's language can be judged by :func:`hasten.tiny.classifier.prompt_accuracy`.
+
+    Raises
+    ------
+    ValueError
+        If ``caption`` is not in that language (the message names the phrase), or two objects
+        share a cell.
+
+    Examples
+    --------
+    >>> scene = scene_from_caption("a red circle at the top left and a small blue square at the bottom")
+    >>> [(obj.colour, obj.shape, obj.size, obj.position) for obj in scene.objects]
+    [('red', 'circle', 'large', 'top left'), ('blue', 'square', 'small', 'bottom')]
+    >>> scene_from_caption(scene.caption) == scene
+    True
+    """
+    _check_size(height, width)
+    text = " ".join(str(caption).lower().split())
+    if " on a " in text and text.endswith(" background"):
+        text, _, rest = text.partition(" on a ")
+        background = rest.removesuffix(" background")
+        if background not in BACKGROUNDS:
+            raise ValueError(f"`caption`: unknown background {background!r}; expected one of {tuple(BACKGROUNDS)}")
+    elif background not in BACKGROUNDS:
+        raise ValueError(f"`background` must be one of {tuple(BACKGROUNDS)}; got {background!r}")
+    cell_h, cell_w = height / 3.0, width / 3.0
+    objects, used = [], set()
+    for phrase in text.split(" and "):
+        words = phrase.split()
+        size = "large"
+        if words[:2] == ["a", "small"]:
+            size, words = "small", ["a", *words[2:]]
+        if len(words) < 5 or words[0] != "a" or words[1] not in COLOURS or words[2] not in SHAPES:
+            raise ValueError(f"`caption`: cannot read {phrase!r}; expected 'a [small] <colour> <shape> at the "
+                             f"<position>' with colours {tuple(COLOURS)} and shapes {SHAPES}")
+        place = " ".join(words[3:])
+        position = "centre" if place == "in the centre" else place.removeprefix("at the ")
+        if position not in POSITIONS or (position != "centre" and not place.startswith("at the ")):
+            raise ValueError(f"`caption`: unknown position in {phrase!r}; expected 'at the <position>' with "
+                             f"positions {POSITIONS} ('in the centre' for the middle)")
+        cell = POSITIONS.index(position)
+        if cell in used:
+            raise ValueError(f"`caption`: two objects at the {position}; each cell holds one object")
+        used.add(cell)
+        row, column = divmod(cell, 3)
+        cx, cy = (column + 0.5) * cell_w, (row + 0.5) * cell_h
+        radius = SIZES[size] * min(cell_h, cell_w)
+        bbox = (max(0, int(math.floor(cx - radius))), max(0, int(math.floor(cy - radius))),
+                min(width, int(math.ceil(cx + radius)) + 1), min(height, int(math.ceil(cy + radius)) + 1))
+        objects.append(SceneObject(words[2], words[1], size, position, (cx, cy), radius, bbox))
+    return Scene(-1, int(height), int(width), background, tuple(objects))
 
 
 def vocabulary() -> list[str]:
