@@ -34,7 +34,7 @@ from PIL import Image  # noqa: E402
 
 from apps.launcher import add_common_args, launch, to_image  # noqa: E402
 from hasten.pipelines.consistedit import ConsistEditPipeline  # noqa: E402
-from hasten.pipelines.loading import load_pipeline  # noqa: E402
+from hasten.pipelines.loading import load_pipeline, working_size  # noqa: E402
 
 __all__ = ["EditRun", "build_demo", "main"]
 
@@ -106,7 +106,7 @@ class EditRun:
 def build_demo(model: str = "tiny-flux", device: str | None = None,
                dtype: str | torch.dtype | None = None) -> gr.Blocks:
     """The editing app for ``model`` (``tiny-flux``, ``tiny-sd3`` or an SD3 / Flux id), loaded once."""
-    editor = ConsistEditPipeline.from_pipe(load_pipeline(model, dtype, device))
+    editor = ConsistEditPipeline.from_pipe(load_pipeline(model, dtype, device), **working_size(model))
     if editor.video is not None:
         raise ValueError("the editing app edits images: use an SD3 or Flux model (videos: `hasten edit --video`)")
     run = EditRun(editor, model)

@@ -41,7 +41,7 @@ from common import machine
 from hasten.attention_processors.consistedit import edit_layers
 from hasten.attention_processors.feature_cache import FeatureCacheConfig
 from hasten.pipelines.consistedit import ConsistEditPipeline
-from hasten.pipelines.loading import load_pipeline
+from hasten.pipelines.loading import load_pipeline, working_size
 from hasten.tiny.motion import photo
 
 SETTINGS = {
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trellis", choices=["tiny", "trellis-image-large"], default="tiny",
                         help="the TRELLIS sparse-structure models of the VoxHammer rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", default=None, help="HxW (default: the model's)")
+    parser.add_argument("--size", default=None, help="HxW (default: a tiny model's own, else the pipeline's)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in args.model:
         pipe = load_pipeline(name, None, args.device)
-        size = dict(zip(("height", "width"), (int(v) for v in args.size.split("x")))) if args.size else {}
+        size = dict(zip(("height", "width"), (int(v) for v in args.size.split("x")))) if args.size else \
+            working_size(name)
         editor = ConsistEditPipeline.from_pipe(pipe, **size)
         model = editor.model
         height, width = model.height, model.width

@@ -15,7 +15,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module", params=["sd3", "flux"])
 def editor(request):
-    return ConsistEditPipeline.from_pipe(hasten.tiny.pipeline(request.param))
+    return ConsistEditPipeline.from_pipe(hasten.tiny.pipeline(request.param), **hasten.tiny.default_size(request.param))
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -63,7 +63,7 @@ def test_multi_round_editing_does_not_drift(editor):
                         progress=False)
     second = editor.edit("a blue car", "a green car", mask=mask, latents=first.latents, num_inference_steps=STEPS,
                          progress=False)
-    keep = editor._latent_keep((~first.edit_region.flatten()).to(first.latents.dtype)).bool()
+    keep = editor.model.latent_keep((~first.edit_region.flatten()).to(first.latents.dtype)).bool()
     keep = keep.expand_as(first.latents)
     assert torch.equal(second.latents[keep], first.latents[keep])
 
@@ -91,7 +91,7 @@ def test_unsupported_model_class():
 @pytest.mark.parametrize("kind", ["cogvideox", "wan"])
 def test_video_families_synthetic_invariants(kind):
     pipe = hasten.tiny.pipeline(kind)
-    editor = ConsistEditPipeline.from_pipe(pipe)
+    editor = ConsistEditPipeline.from_pipe(pipe, **hasten.tiny.default_size(kind), max_sequence_length=77)
     kept = editor.edit("a red car driving", "a blue car driving", mask=np.zeros((80, 112)), num_inference_steps=3,
                        progress=False)
     assert kept.target.shape == (9, 3, 80, 112)
@@ -113,7 +113,7 @@ def test_video_families_synthetic_invariants(kind):
 def test_wan_real_video_round_trip_keeps_the_preserved_region():
     from hasten.tiny.motion import panned
 
-    editor = ConsistEditPipeline.from_pipe(hasten.tiny.pipeline("wan"))
+    editor = ConsistEditPipeline.from_pipe(hasten.tiny.pipeline("wan"), **hasten.tiny.default_size("wan"))
     frames, _ = panned(frames=9, size=(80, 112), step=(2, 0))
     mask = np.zeros((80, 112))
     mask[16:64, 32:80] = 1

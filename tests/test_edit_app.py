@@ -49,7 +49,7 @@ def test_upload_paint_and_edit(tmp_path):
 
 @pytest.fixture(scope="module")
 def run():
-    return EditRun(ConsistEditPipeline.from_pipe(hasten.tiny.pipeline("sd3")), "tiny-sd3")
+    return EditRun(ConsistEditPipeline.from_pipe(hasten.tiny.pipeline("sd3"), **hasten.tiny.default_size("sd3")), "tiny-sd3")
 
 
 def test_painted_strokes_are_the_edit_region(run):

@@ -15,7 +15,7 @@ STEPS = 5
 
 
 def _case(kind):
-    editor = MaskedKVEditPipeline.from_pipe(hasten.tiny.pipeline(kind))
+    editor = MaskedKVEditPipeline.from_pipe(hasten.tiny.pipeline(kind), **hasten.tiny.default_size(kind))
     model = editor.model
     mask = np.zeros((model.height, model.width))
     mask[model.height // 4: 3 * model.height // 4, model.width // 4: 3 * model.width // 4] = 1
@@ -29,7 +29,7 @@ def test_preserved_region_is_the_source_and_no_edit_is_the_source(kind):
     model = editor.model
     x0 = model.encode_image(source)
     out = editor.edit(source, mask, "a photo of a dog", num_inference_steps=STEPS, progress=False)
-    keep = editor._keep((~out.edit_region.flatten().to(model.device)).to(model.dtype)).bool().expand_as(x0)
+    keep = editor.model.latent_keep((~out.edit_region.flatten().to(model.device)).to(model.dtype)).bool().expand_as(x0)
     assert torch.equal(out.latents[keep], x0[keep])
     assert not torch.equal(out.latents[~keep], x0[~keep]), "the edit region was regenerated"
     nothing = editor.edit(source, np.zeros_like(mask), "a photo of a dog", num_inference_steps=STEPS, progress=False)

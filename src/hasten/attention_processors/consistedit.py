@@ -15,20 +15,23 @@ runs unchanged (SDPA), so both branches use numerically identical attention. Hoo
 projections (not a processor class) finds the layers on current diffusers whatever the
 processor is called (the official code lost Flux when diffusers renamed its attention class).
 
-The same hooks serve VoxHammer / KV-Edit-style masked K/V replay
-(:mod:`hasten.pipelines.masked_kv`): ``record_kinds = {"k", "v"}`` during inversion, replayed
-into the preserved tokens while editing (``preserve = None``: no source branch to copy from).
+Masked K/V replay (:mod:`hasten.pipelines.masked_kv`) uses the same layers and image tokens
+(:func:`image_projection_sites`) with :class:`~hasten.attention_processors.feature_replay.FeatureReplay`
+alone.
 
 Two more modes share the hooks:
 
-- ``"record"`` / replay: the source branch's image Q/K/V per (noise level, layer) go into a
-  :class:`~hasten.attention_processors.feature_cache.FeatureCache` during inversion, and are put
-  back into the source rows while editing (``replay``);
+- ``"record"`` / replay: the source branch's image Q/K/V per (noise level, layer) are recorded
+  during inversion and put back into the source rows while editing (``replay``), through the
+  one record/replay mechanism (:class:`~hasten.attention_processors.feature_replay.FeatureReplay`
+  over a bounded :class:`~hasten.attention_processors.feature_cache.FeatureCache`);
 - ``"mask"``: the attention of the source's image queries to the edit words' text tokens is
   accumulated (averaged over heads, summed over the words' tokens, averaged over layers and
   steps); :meth:`ConsistEditControl.edit_mask` min-max normalises it and thresholds it. The map
-  uses the attention logits before Flux's rotary embedding (a coarse map that is thresholded
-  at 0.1).
+  is the attention the model computes: Q/K after the layer's norms and rotary embedding (Flux on
+  every token, CogVideoX / HunyuanVideo on image tokens), softmaxed over every key (SD3, Flux)
+  or the text keys only (CogVideoX, as the reference; Wan's cross-attention)
+  (:data:`hasten.adapters.EDIT_LAYOUTS`).
 """
 
 from __future__ import annotations
@@ -38,27 +41,33 @@ from typing import Any
 
 import torch
 
-from .feature_cache import FeatureCache
+from ..adapters import edit_layout
+from .feature_replay import FeatureReplay, ProjectionSite
 
-__all__ = ["ConsistEditControl", "edit_layers"]
+__all__ = ["ConsistEditControl", "edit_layers", "image_projection_sites"]
 
 
 def edit_layers(transformer: Any) -> tuple[list[Any], bool, list[Any]]:
     """The attention modules ConsistEdit controls, whether their sequence is ``[text, image]``, and
-    the cross-attention modules the edit-word mask reads (Wan; the others attend text jointly)."""
-    name = type(transformer).__name__
-    if name == "SD3Transformer2DModel":
-        return [block.attn for block in transformer.transformer_blocks], False, []
-    if name == "FluxTransformer2DModel":
-        return [block.attn for block in transformer.single_transformer_blocks], True, []
-    if name == "CogVideoXTransformer3DModel":
-        return [block.attn1 for block in transformer.transformer_blocks], True, []
-    if name == "HunyuanVideoTransformer3DModel":  # the dual-stream blocks: image Q/K/V from to_q/k/v alone
-        return [block.attn for block in transformer.transformer_blocks], False, []
-    if name == "WanTransformer3DModel":
-        return [block.attn1 for block in transformer.blocks], False, [block.attn2 for block in transformer.blocks]
-    raise ValueError("ConsistEdit supports SD3Transformer2DModel, FluxTransformer2DModel, CogVideoXTransformer3DModel, "
-                     f"WanTransformer3DModel and HunyuanVideoTransformer3DModel; got {name}")
+    the cross-attention modules the edit-word mask reads (Wan); see :data:`hasten.adapters.EDIT_LAYOUTS`."""
+    layout = edit_layout(transformer)
+    layers, cross = layout.modules(transformer)
+    return layers, layout.text_first, cross
+
+
+def image_projection_sites(transformer: Any, image_tokens: int, kinds: tuple[str, ...] = ("k", "v")) -> list[ProjectionSite]:
+    """The image-token features of the ``to_q`` / ``to_k`` / ``to_v`` projections (``kinds``) of the layers
+    ConsistEdit controls, as :class:`~hasten.attention_processors.feature_replay.ProjectionSite` s (for
+    masked K/V replay: the same layers, text tokens never touched)."""
+    layout = edit_layout(transformer)
+    layers, _ = layout.modules(transformer)
+
+    def image(output: torch.Tensor) -> torch.Tensor:
+        return output[:, output.shape[1] - image_tokens:]
+
+    select = image if layout.text_first else (lambda output: output)
+    return [ProjectionSite(index, kind, getattr(attn, f"to_{kind}"), select)
+            for index, attn in enumerate(layers) for kind in kinds]
 
 
 def _heads(x: torch.Tensor, norm: Any, heads: int) -> torch.Tensor:
@@ -77,7 +86,10 @@ class ConsistEditControl:
     """State and hooks of one ConsistEdit run (see the module docstring)."""
 
     def __init__(self, transformer: Any, image_tokens: int):
-        self.layers, self.text_first, self.cross_layers = edit_layers(transformer)
+        self.layout = edit_layout(transformer)
+        self.layers, self.cross_layers = self.layout.modules(transformer)
+        self.text_first = self.layout.text_first
+        self._rotary: dict[int, Any] = {}  # layer -> the rotary embedding its processor applies (mask pass)
         self.mask_enabled = True  # False on calls whose rows are not the conditional ones (Wan's uncond call)
         self.image_tokens = image_tokens
         self.mode = "off"
@@ -86,7 +98,7 @@ class ConsistEditControl:
         self.preserve: torch.Tensor | None = None  # (image tokens,) 1 = keep the source
         self.source_rows: list[int] = [0]
         self.target_rows: list[int] = [1]
-        self.cache: FeatureCache | None = None
+        self.features: FeatureReplay | None = None  # record / replay of the source's features (real mode)
         self.replay = False
         self.record_preserved: torch.Tensor | None = None  # region-only recording: preserved token indices
         self.record_levels: dict[float, int] = {}
@@ -101,6 +113,9 @@ class ConsistEditControl:
     # --- install ------------------------------------------------------------------------------------
     def install(self) -> "ConsistEditControl":
         for index, attn in enumerate(self.layers):
+            if self.layout.rope != "none":
+                self._handles.append(attn.register_forward_pre_hook(
+                    functools.partial(self._rotary_embedding, layer=index), with_kwargs=True))
             for kind, name in (("q", "to_q"), ("k", "to_k"), ("v", "to_v")):
                 self._handles.append(getattr(attn, name).register_forward_hook(
                     functools.partial(self._projection, layer=index, kind=kind, attn=attn)))
@@ -119,6 +134,11 @@ class ConsistEditControl:
         self._handles = []
 
     # --- hooks --------------------------------------------------------------------------------------
+    def _rotary_embedding(self, module, args, kwargs, layer: int):
+        if self.mode == "mask":
+            self._rotary[layer] = kwargs.get("image_rotary_emb")
+        return None
+
     def _record_rows(self, kind: str) -> torch.Tensor | None:
         """Region-only recording: the image tokens the edit will read from the source at this noise level.
 
@@ -139,27 +159,23 @@ class ConsistEditControl:
         if self.mode == "off":
             return None
         image = self._image(output)
-        key = (round(self.sigma, 6), layer, kind)
         if self.mode == "record":
             if kind in self.record_kinds:
-                self.cache.put(key, output[self.source_rows, image], rows=self._record_rows(kind))
+                self.features.sigma, self.features.batch_rows = self.sigma, self.source_rows
+                self.features.record(layer, kind, output[:, image].detach(), rows=self._record_rows(kind))
             return None
         if self.mode == "mask":
             if self.cross_layers or not self.mask_enabled:
                 return None
             self._pending[(layer, kind)] = output
             if self.text_first and kind == "k":  # Flux single / CogVideoX blocks: text and image keys are here
-                self._accumulate(attn, self._pending.pop((layer, "q")), output, None)
+                self._accumulate(attn, self._pending.pop((layer, "q")), output, None, layer=layer)
             return None
         out = output.clone() if output.requires_grad else output  # a fresh projection: edited in place
         features = out[:, image]  # a view: writes land in ``out``
-        if self.replay and self.cache is not None and key in self.cache:
-            recorded, rows = self.cache.get(key, device=out.device)
-            for source in self.source_rows:
-                if rows is None:
-                    features[source] = recorded[0].to(out.dtype)
-                else:
-                    features[source, rows] = recorded[0].to(out.dtype)
+        if self.replay and self.features is not None:  # the source rows get the inverted source's features back
+            self.features.sigma, self.features.batch_rows = self.sigma, self.source_rows
+            self.features.replay(layer, kind, features)
         if self.preserve is not None:
             everything = kind in ("q", "k") and self.step < int(self.alpha * self.steps)
             keep = torch.ones_like(self.preserve) if everything else self.preserve
@@ -180,27 +196,46 @@ class ConsistEditControl:
     def _text_keys(self, module, args, output, layer: int, attn: Any):
         if self.mode == "mask":  # SD3 joint blocks: image keys came from to_k, text keys are these
             query = self._pending.pop((layer, "q"))
-            self._accumulate(attn, query, self._pending.pop((layer, "k")), output)
+            self._accumulate(attn, query, self._pending.pop((layer, "k")), output, layer=layer)
         return None
 
     # --- the mask ---------------------------------------------------------------------------------------
+    def _rope(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """``x`` (batch, tokens, heads, dim) from ``to_q`` / ``to_k`` with the rotary embedding its processor
+        applies (:attr:`EditLayout.rope`): to every token, or to the image tokens only."""
+        embedding = self._rotary.get(layer)
+        if self.layout.rope == "none" or embedding is None:
+            return x
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if self.layout.rope == "all" or not self.text_first:  # every token, or image-only projections
+            return apply_rotary_emb(x, embedding, sequence_dim=1)
+        text = x.shape[1] - self.image_tokens
+        return torch.cat([x[:, :text], apply_rotary_emb(x[:, text:], embedding, sequence_dim=1)], dim=1)
+
     @torch.no_grad()
     def _accumulate(self, attn: Any, query: torch.Tensor, keys: torch.Tensor, text_keys: torch.Tensor | None,
-                    keys_are_text: bool = False) -> None:
-        """Add one layer's image-query attention to the edit words (source rows, heads averaged)."""
+                    keys_are_text: bool = False, layer: int | None = None) -> None:
+        """Add one layer's image-query attention to the edit words (source rows, heads averaged), with the
+        rotary embedding and over the keys the model's (and the reference's) attention uses."""
         heads = attn.heads
         rows = self.mask_rows
-        q = _heads(query[rows], getattr(attn, "norm_q", None), heads)
-        k = _heads(keys[rows], getattr(attn, "norm_k", None), heads)
-        if text_keys is not None:  # SD3: keys = [image, text]
-            k = torch.cat([k, _heads(text_keys[rows], getattr(attn, "norm_added_k", None), heads)], dim=1)
+        q = _heads(query[rows].float(), getattr(attn, "norm_q", None), heads)
+        k = _heads(keys[rows].float(), getattr(attn, "norm_k", None), heads)
+        if not keys_are_text:
+            q, k = self._rope(q, layer), self._rope(k, layer)
+        if text_keys is not None:  # SD3 / HunyuanVideo: keys = [image, text]
+            k = torch.cat([k, _heads(text_keys[rows].float(), getattr(attn, "norm_added_k", None), heads)], dim=1)
             columns = [self.image_tokens + p for p in self.word_positions]
         else:  # Flux / CogVideoX: keys = [text, image]; Wan's cross-attention: keys = text
             columns = list(self.word_positions)
-        q = q[:, self._image(query)] if self.text_first and not keys_are_text else q
+        if self.text_first and not keys_are_text:
+            q = q[:, self._image(query)]
+            if self.layout.word_keys == "text":  # CogVideoX: normalised over the text keys only
+                k = k[:, : k.shape[1] - self.image_tokens]
         total = None
         for chunk in q.split(1024, dim=1):  # bounded memory on large images
-            logits = torch.einsum("bqhd,bkhd->bhqk", chunk.float(), k.float()) * q.shape[-1] ** -0.5
+            logits = torch.einsum("bqhd,bkhd->bhqk", chunk, k) * q.shape[-1] ** -0.5
             share = torch.softmax(logits, -1)[..., columns].sum(-1).mean(1).mean(0)  # (queries,)
             total = share if total is None else torch.cat([total, share])
         self._mask_sum = total if self._mask_sum is None else self._mask_sum + total

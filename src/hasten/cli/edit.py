@@ -36,6 +36,9 @@ def register(commands) -> None:
                         "image's, rounded down to the model's multiple; else the model's)")
     parser.add_argument("--width", type=positive, help="working width (default: as --height)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-sequence-length", type=positive, default=None,
+                        help="text tokens of the T5 / LLM encoder (default: the pipeline's own: SD3 256, Flux 512, "
+                        "CogVideoX 226, Wan 512)")
     parser.add_argument("--cache-dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16",
                         help="storage of the recorded source features (real mode)")
     parser.add_argument("--cache-int8", action="store_true", help="store the source features as int8")
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from ..jobs.manifest import respect_umask
     from ..pipelines.consistedit import ConsistEditPipeline, grid_mask
     from ..pipelines.flow_models import pixel_multiple
-    from ..pipelines.loading import check_device, load_pipeline, pipeline_source
+    from ..pipelines.loading import check_device, load_pipeline, pipeline_source, working_size
     from ..video import save_media
     from ._common import IMAGE_SUFFIXES, VIDEO_SUFFIXES, check_output_file
 
@@ -87,8 +90,11 @@ def run(args: argparse.Namespace) -> int:
         width = width or max(multiple, image.width // multiple * multiple)
         if mask.shape == (image.height, image.width) and mask.shape != (height, width):
             mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
+    size = working_size(args.model)  # an embedded tiny model's own size; else the pipeline's defaults
+    height, width, frames = height or size.get("height"), width or size.get("width"), size.get("num_frames")
     try:
-        editor = ConsistEditPipeline.from_pipe(pipe, height=height, width=width)
+        editor = ConsistEditPipeline.from_pipe(pipe, height=height, width=width, num_frames=frames,
+                                               max_sequence_length=args.max_sequence_length)
         if args.video != (editor.video is not None):
             raise ValueError(f"--video needs a CogVideoX or Wan model, and a {type(pipe).__name__} needs no --video")
         if mask is not None and editor.video is None and not grid_mask(mask, editor.model.grid, editor.model.height,

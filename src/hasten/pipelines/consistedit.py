@@ -46,7 +46,9 @@ from tqdm.auto import tqdm
 
 from ..attention_processors.consistedit import ConsistEditControl
 from ..attention_processors.feature_cache import FeatureCache, FeatureCacheConfig
-from .flow_models import FlowModel, token_positions
+from ..attention_processors.feature_replay import FeatureReplay
+from ..adapters import pipeline_defaults
+from .flow_models import FlowModel, token_positions, video_latent_keep
 from .inversion import SOLVERS, invert, regenerate
 
 __all__ = ["ConsistEditPipeline", "EditResult", "grid_mask"]
@@ -86,7 +88,7 @@ class ConsistEditPipeline:
     Examples
     --------
     >>> import hasten.tiny
-    >>> editor = ConsistEditPipeline.from_pipe(hasten.tiny.pipeline("flux"))
+    >>> editor = ConsistEditPipeline.from_pipe(hasten.tiny.pipeline("flux"), height=36, width=52)
     >>> out = editor.edit("a red car", "a blue car", edit_words=["red"], num_inference_steps=4, progress=False)
     >>> out.target.shape, out.edit_region.dtype
     (torch.Size([3, 36, 52]), torch.bool)
@@ -97,36 +99,18 @@ class ConsistEditPipeline:
 
     @classmethod
     def from_pipe(cls, pipe: Any, height: int | None = None, width: int | None = None,
-                  max_sequence_length: int = 77, num_frames: int | None = None) -> "ConsistEditPipeline":
+                  max_sequence_length: int | None = None, num_frames: int | None = None) -> "ConsistEditPipeline":
         """Wrap a diffusers ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``CogVideoXPipeline`` or
-        ``WanPipeline``. Sizes default to the tiny models' own, else 1024 x 1024 (images), 480 x 720 x
-        49 frames (CogVideoX) and 480 x 832 x 81 frames (Wan)."""
-        from .. import tiny
-
+        ``WanPipeline``. Sizes, frames and ``max_sequence_length`` default to the pipeline's own
+        ``__call__`` defaults (:func:`hasten.adapters.pipeline_defaults`; e.g. Flux 512 text tokens,
+        SD3 256, CogVideoX 226), whatever the model's size: pass them for small models."""
         if type(pipe).__name__ in _VIDEO_FAMILIES:
             video = _VideoEditor(pipe, height, width, num_frames, max_sequence_length)
             model = None
             if type(pipe).__name__ == "WanPipeline":  # flow matching: real videos can be inverted
-                model = FlowModel(pipe, video.height, video.width, max_sequence_length, video.num_frames)
+                model = FlowModel(pipe, video.height, video.width, video.max_sequence_length, video.num_frames)
             return cls(model=model, video=video)
-        if height is None or width is None:
-            default = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}.get(type(pipe).__name__)
-            size = tiny.default_size(default) if default and pipe.transformer.config.num_layers <= 2 else \
-                {"height": 1024, "width": 1024}
-            height, width = height or size["height"], width or size["width"]
         return cls(FlowModel(pipe, height, width, max_sequence_length))
-
-    # --- masks ------------------------------------------------------------------------------------------
-    def _latent_keep(self, preserve: torch.Tensor) -> torch.Tensor:
-        """The preserve mask in the latent layout (packed tokens for Flux, patch pixels for SD3 / Wan)."""
-        model = self.model
-        if model.family == "FluxPipeline":
-            return preserve[None, :, None]
-        if model.family in ("WanPipeline", "HunyuanVideoPipeline"):  # (B, C, F, H, W) latents
-            return _patch_keep(preserve, model.grid, "WanPipeline")
-        patch = model.pipe.transformer.config.patch_size
-        grid = preserve.view(*model.grid).repeat_interleave(patch, 0).repeat_interleave(patch, 1)
-        return grid[None, None]
 
     # --- the edit ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -215,7 +199,7 @@ class ConsistEditPipeline:
                 start = time.perf_counter()
                 x0 = latents.to(model.device, model.dtype) if latents is not None else model.encode_image(image)
                 # the conditional row is recorded (inversion runs at guidance 1, so it is the only row)
-                control.mode, control.cache = "record", feature_cache
+                control.mode, control.features = "record", FeatureReplay(feature_cache)
                 control.source_rows = [1] if model.uses_cfg else [0]
                 if region_only and user_edit is not None:  # only what the edit will read back
                     control.record_preserved = (~user_edit).nonzero()[:, 0]
@@ -257,7 +241,7 @@ class ConsistEditPipeline:
             control.mode, control.preserve, control.alpha = "edit", preserve, alpha
             control.steps, control.replay = num_inference_steps, real
             control.source_rows, control.target_rows = ([0, 2], [1, 3]) if model.uses_cfg else ([0], [1])
-            keep = self._latent_keep(preserve)
+            keep = model.latent_keep(preserve)
             x = torch.cat([noise, noise])
             levels = [float(s) for s in sigmas]
             for index, (sigma, following) in enumerate(tqdm(list(zip(levels[:-1], levels[1:])), desc="editing",
@@ -312,14 +296,7 @@ def grid_mask(mask: Any, grid: tuple[int, ...], height: int, width: int) -> torc
     return (pooled > 0.5).flatten()
 
 
-def _patch_keep(preserve: torch.Tensor, grid: tuple[int, int, int], family: str) -> torch.Tensor:
-    """Video preserve flags in the latent layout (2 x 2 spatial patches): CogVideoX (B, F, C, H, W), Wan (B, C, F, H, W)."""
-    frames, rows, cols = grid
-    pixels = preserve.view(frames, rows, cols).repeat_interleave(2, 1).repeat_interleave(2, 2)
-    return pixels[None, :, None] if family == "CogVideoXPipeline" else pixels[None, None]
-
-
-_VIDEO_FAMILIES = {"CogVideoXPipeline": ((480, 720, 49), 6.0), "WanPipeline": ((480, 832, 81), 5.0)}
+_VIDEO_FAMILIES = {"CogVideoXPipeline": 6.0, "WanPipeline": 5.0}  # the pipelines' default guidance scales
 
 
 class _VideoEditor:
@@ -332,16 +309,12 @@ class _VideoEditor:
 
     def __init__(self, pipe: Any, height: int | None, width: int | None, num_frames: int | None,
                  max_sequence_length: int):
-        from .. import tiny
-
         self.pipe, self.family = pipe, type(pipe).__name__
-        (full_h, full_w, full_f), self.default_guidance = _VIDEO_FAMILIES[self.family]
-        tiny_kind = {"CogVideoXPipeline": "cogvideox", "WanPipeline": "wan"}[self.family]
-        small = tiny.default_size(tiny_kind) if sum(p.numel() for p in pipe.transformer.parameters()) < 10**7 else {}
-        self.height = height or small.get("height", full_h)
-        self.width = width or small.get("width", full_w)
-        self.num_frames = num_frames or small.get("num_frames", full_f)
-        self.max_sequence_length = max_sequence_length
+        self.default_guidance = _VIDEO_FAMILIES[self.family]
+        defaults = pipeline_defaults(pipe)  # the pipeline's own __call__ defaults
+        self.height, self.width = height or defaults["height"], width or defaults["width"]
+        self.num_frames = num_frames or defaults["num_frames"]
+        self.max_sequence_length = max_sequence_length or defaults["max_sequence_length"]
         spatial = pipe.vae_scale_factor_spatial * 2
         if self.height % spatial or self.width % spatial:
             raise ValueError(f"`height` and `width` must be multiples of {spatial}, got {self.height} x {self.width}")
@@ -419,7 +392,7 @@ class _VideoEditor:
             control.mode, control.preserve, control.alpha, control.steps, control.step = "edit", preserve, alpha, steps, 0
             control.source_rows, control.target_rows = ([0, 2], [1, 3]) if cfg_in_batch else ([0], [1])
             if blend_latents:
-                keep_holder["keep"] = _patch_keep(preserve, self.grid, self.family)
+                keep_holder["keep"] = video_latent_keep(preserve, self.grid, self.family)
             calls["in_step"] = 0
             video = pipe(prompt=[source_prompt, target_prompt], negative_prompt=["", ""],
                          latents=torch.cat([noise, noise]), output_type="pt", callback_on_step_end=step_end,

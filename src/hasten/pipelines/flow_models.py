@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["FLOW_FAMILIES", "FlowModel", "pixel_multiple", "token_positions"]
+from ..adapters import pipeline_defaults, pipeline_sigmas
+
+__all__ = ["FLOW_FAMILIES", "FlowModel", "pixel_multiple", "token_positions", "video_latent_keep"]
 
 
 def token_positions(prompt: str, words: list[str], tokenizers: list[tuple[Any, int, int]]) -> list[int]:
@@ -59,6 +61,8 @@ class _Conditioning:
     pooled: torch.Tensor
     prompts: list[str]
     mask: torch.Tensor | None = None
+    guidance_scale: float = 1.0
+    cfg: bool = False  # guidance runs as a batched unconditional pass (the unconditional rows come first)
 
 
 def pixel_multiple(pipe: Any) -> int:
@@ -68,8 +72,20 @@ def pixel_multiple(pipe: Any) -> int:
     return pipe.vae_scale_factor * (2 if type(pipe).__name__ == "FluxPipeline" else pipe.transformer.config.patch_size)
 
 
+def video_latent_keep(preserve: torch.Tensor, grid: tuple[int, ...], family: str) -> torch.Tensor:
+    """Video preserve flags in the latent layout (2 x 2 spatial patches): CogVideoX (B, F, C, H, W), else
+    (B, C, F, H, W) (Wan, HunyuanVideo)."""
+    frames, rows, cols = grid
+    pixels = preserve.view(frames, rows, cols).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    return pixels[None, :, None] if family == "CogVideoXPipeline" else pixels[None, None]
+
+
 class FlowModel:
-    """A diffusers SD3 or Flux pipeline at a fixed image size, as a velocity field.
+    """A diffusers flow-matching pipeline (SD3, Flux, Wan, HunyuanVideo) at a fixed size, as a velocity field.
+
+    ``height``, ``width``, ``num_frames`` and ``max_sequence_length`` default to what the pipeline's own
+    ``__call__`` uses (:func:`hasten.adapters.pipeline_defaults`: Flux 512 text tokens, SD3 256, Wan 512,
+    HunyuanVideo 256), whatever the model's size; the noise schedule is the pipeline's scheduler's.
 
     Examples
     --------
@@ -81,11 +97,16 @@ class FlowModel:
     True
     """
 
-    def __init__(self, pipe: Any, height: int, width: int, max_sequence_length: int = 64, num_frames: int = 1):
+    def __init__(self, pipe: Any, height: int | None = None, width: int | None = None,
+                 max_sequence_length: int | None = None, num_frames: int | None = None):
         family = type(pipe).__name__
         if family not in FLOW_FAMILIES:
             raise ValueError(f"editing supports {', '.join(FLOW_FAMILIES)}; got {family}")
         self.pipe, self.family = pipe, family
+        defaults = pipeline_defaults(pipe)  # what the pipeline's own __call__ would use
+        height, width = height or defaults["height"], width or defaults["width"]
+        max_sequence_length = max_sequence_length or defaults["max_sequence_length"]
+        num_frames = num_frames or defaults.get("num_frames", 1)
         factor = pixel_multiple(pipe)
         if family in _VIDEO and (num_frames - 1) % pipe.vae_scale_factor_temporal:
             raise ValueError(f"`num_frames` must be {pipe.vae_scale_factor_temporal} k + 1, got {num_frames}")
@@ -138,11 +159,11 @@ class FlowModel:
         elif self.family == "HunyuanVideoPipeline":  # guidance is an embedding, as in Flux-dev
             embeds, pooled, mask = pipe.encode_prompt(prompts, prompts, device=device,
                                                       max_sequence_length=self.max_sequence_length)
-            return _Conditioning(embeds, pooled, list(prompts), mask)
+            return _Conditioning(embeds, pooled, list(prompts), mask, self.guidance_scale, False)
         else:
             embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, device=device,
                                                    max_sequence_length=self.max_sequence_length)
-        return _Conditioning(embeds, pooled, list(prompts))
+        return _Conditioning(embeds, pooled, list(prompts), None, self.guidance_scale, self.uses_cfg)
 
     def text_token_positions(self, prompt: str, words: list[str]) -> list[int]:
         """Positions, in the transformer's text sequence, of the tokens that spell ``words`` in ``prompt``.
@@ -230,6 +251,17 @@ class FlowModel:
         images = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
+    def latent_keep(self, preserve: torch.Tensor) -> torch.Tensor:
+        """Per-token preserve flags ``(tokens,)`` in the latent layout, to blend latents with: packed tokens
+        for Flux, patch pixels for SD3, ``(1, 1, F, H, W)`` patch pixels for the video families."""
+        if self.family == "FluxPipeline":
+            return preserve[None, :, None]
+        if self.family in _VIDEO:
+            return video_latent_keep(preserve, self.grid, self.family)
+        patch = self.pipe.transformer.config.patch_size
+        grid = preserve.view(*self.grid).repeat_interleave(patch, 0).repeat_interleave(patch, 1)
+        return grid[None, None]
+
     def _pack(self, latents: torch.Tensor) -> torch.Tensor:
         if self.family != "FluxPipeline":
             return latents
@@ -250,18 +282,18 @@ class FlowModel:
         if batch != len(cond.prompts):
             raise ValueError(f"{batch} latents for {len(cond.prompts)} prompts")
         if self.family in ("StableDiffusion3Pipeline", "WanPipeline"):
-            x = torch.cat([latents, latents]) if self.uses_cfg else latents
+            x = torch.cat([latents, latents]) if cond.cfg else latents
             timestep = torch.full((x.shape[0],), sigma * 1000.0, device=self.device, dtype=self.dtype)
             extra = {"pooled_projections": cond.pooled} if self.family == "StableDiffusion3Pipeline" else {}
             out = pipe.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.embeds,
                                    return_dict=False, **extra)[0]
-            if self.uses_cfg:
+            if cond.cfg:
                 uncond, conditional = out.chunk(2)
-                out = uncond + self.guidance_scale * (conditional - uncond)
+                out = uncond + cond.guidance_scale * (conditional - uncond)
             return out
         if self.family == "HunyuanVideoPipeline":
             timestep = torch.full((batch,), sigma * 1000.0, device=self.device, dtype=self.dtype)
-            guidance = torch.full((batch,), self.guidance_scale * 1000.0, device=self.device, dtype=self.dtype)
+            guidance = torch.full((batch,), cond.guidance_scale * 1000.0, device=self.device, dtype=self.dtype)
             return pipe.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=cond.embeds,
                                     encoder_attention_mask=cond.mask, pooled_projections=cond.pooled,
                                     guidance=guidance, return_dict=False)[0]
@@ -270,25 +302,13 @@ class FlowModel:
         text_ids = torch.zeros(cond.embeds.shape[1], 3, device=self.device, dtype=self.dtype)
         guidance = None
         if pipe.transformer.config.guidance_embeds:
-            guidance = torch.full((batch,), self.guidance_scale, device=self.device, dtype=torch.float32)
+            guidance = torch.full((batch,), cond.guidance_scale, device=self.device, dtype=torch.float32)
         timestep = torch.full((batch,), sigma, device=self.device, dtype=self.dtype)
         return pipe.transformer(hidden_states=latents, timestep=timestep, guidance=guidance,
                                 pooled_projections=cond.pooled, encoder_hidden_states=cond.embeds, txt_ids=text_ids,
                                 img_ids=image_ids, return_dict=False)[0]
 
     def sigmas(self, steps: int) -> torch.Tensor:
-        """``steps + 1`` noise levels from 1 down to 0, shifted like the pipeline's scheduler."""
-        scheduler = self.pipe.scheduler
-        sigmas = np.linspace(1.0, 1.0 / steps, steps)
-        if getattr(scheduler.config, "use_dynamic_shifting", False):
-            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-            tokens = self.tokens
-            mu = calculate_shift(tokens, scheduler.config.get("base_image_seq_len", 256),
-                                 scheduler.config.get("max_image_seq_len", 4096),
-                                 scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.15))
-            sigmas = np.exp(mu) / (np.exp(mu) + (1 / sigmas - 1))
-        else:
-            shift = getattr(scheduler.config, "shift", 1.0)
-            sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-        return torch.tensor([*sigmas, 0.0], dtype=torch.float64)
+        """``steps + 1`` noise levels from 1 down to 0: the pipeline's own scheduler's, for this image size
+        (:func:`hasten.adapters.pipeline_sigmas`)."""
+        return pipeline_sigmas(self.pipe, steps, self.tokens)

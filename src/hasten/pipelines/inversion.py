@@ -34,12 +34,15 @@ True
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["SOLVERS", "invert", "regenerate", "reconstruction_error"]
+if TYPE_CHECKING:
+    from ..attention_processors.feature_replay import FeatureReplay
+
+__all__ = ["SOLVERS", "invert", "invert_and_replay", "regenerate", "reconstruction_error"]
 
 SOLVERS = ("euler", "uni", "midpoint")
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
@@ -98,3 +101,66 @@ def reconstruction_error(original: torch.Tensor, rebuilt: torch.Tensor) -> float
     """Mean absolute difference relative to the mean absolute value of ``original``."""
     original, rebuilt = original.detach().float(), rebuilt.detach().float()
     return float((rebuilt - original).abs().mean() / original.abs().mean().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def invert_and_replay(source_velocity: Velocity, target_velocity: Velocity, latents: torch.Tensor,
+                      sigmas: torch.Tensor, keep: torch.Tensor, replay: "FeatureReplay",
+                      progress: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """Masked replay editing's loop (VoxHammer, KV-Edit): invert, then regenerate the unkept region.
+
+    1. Invert ``latents`` with the second-order midpoint solver under ``source_velocity``, with
+       ``replay`` recording (its ``sigma`` follows every evaluation) and the latent kept per level.
+    2. Denoise from the inverted noise under ``target_velocity`` with the same solver, ``replay``
+       replaying; after every step ``x <- keep * cached_x + (1 - keep) * x`` at the level reached.
+    3. The kept region is ``latents`` exactly: ``x <- keep * latents + (1 - keep) * x``.
+
+    ``keep`` broadcasts against ``latents`` (1 = preserve the source). Returns the edited latents
+    and the wall seconds of ``"invert"`` and ``"edit"``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hasten.attention_processors.feature_cache import FeatureCache
+    >>> from hasten.attention_processors.feature_replay import FeatureReplay
+    >>> x0, keep = torch.randn(1, 4), torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    >>> flow = lambda x, sigma: torch.ones_like(x)
+    >>> x, seconds = invert_and_replay(flow, flow, x0, torch.linspace(1, 0, 5, dtype=torch.float64), keep,
+    ...                                FeatureReplay(FeatureCache()))
+    >>> torch.equal(x[:, :2], x0[:, :2]), sorted(seconds)
+    (True, ['edit', 'invert'])
+    """
+    import time
+
+    levels = {round(float(s), 6) for s in sigmas}
+    cached: dict[float, torch.Tensor] = {}
+
+    def observed(velocity: Velocity, record_latents: bool) -> Velocity:
+        def call(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            replay.sigma = sigma
+            if record_latents and round(sigma, 6) in levels:
+                cached[round(sigma, 6)] = x
+            return velocity(x, sigma)
+
+        return call
+
+    start = time.perf_counter()
+    replay.mode = "record"
+    try:
+        noise = invert(observed(source_velocity, True), latents, sigmas, "midpoint", progress)
+        invert_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        replay.mode = "replay"
+        target = observed(target_velocity, False)
+        x = noise
+        steps = [(float(a), float(b)) for a, b in zip(sigmas[:-1], sigmas[1:])]
+        for sigma, following in tqdm(steps, desc="editing", disable=not progress):
+            middle = x + (following - sigma) / 2 * target(x, sigma)
+            x = x + (following - sigma) * target(middle, sigma + (following - sigma) / 2)
+            level = cached.get(round(following, 6), latents if following == 0.0 else None)
+            if level is not None:
+                x = keep * level + (1 - keep) * x
+        x = keep * latents + (1 - keep) * x
+    finally:
+        replay.mode = "off"
+    return x, {"invert": invert_seconds, "edit": time.perf_counter() - start}

@@ -166,6 +166,18 @@ def pipeline_source(model: str, argument: str = "--model") -> str | None:
     return resolve_model(model, "diffusers", argument, tiny_names=tuple(tiny.MODEL_IDS))
 
 
+def working_size(model: str) -> dict[str, int]:
+    """The size the CLI and apps work at for ``model`` when none is given: an embedded tiny model's own
+    (:func:`hasten.tiny.default_size`, known by its name), else ``{}`` (the pipeline's own defaults).
+
+    Examples
+    --------
+    >>> working_size("tiny-flux"), working_size("black-forest-labs/FLUX.1-dev")
+    ({'height': 36, 'width': 52}, {})
+    """
+    return dict(tiny.default_size(tiny.MODEL_IDS[model])) if tiny.is_tiny(model) else {}
+
+
 def load_pipeline(model: str, dtype: str | torch.dtype | None = None, device: str | None = None) -> DiffusionPipeline:
     """A ready diffusers pipeline for ``model``.
 

@@ -25,18 +25,17 @@ Usage::
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from ..attention_processors.consistedit import ConsistEditControl
+from ..attention_processors.consistedit import image_projection_sites
 from ..attention_processors.feature_cache import FeatureCache, FeatureCacheConfig
-from .consistedit import ConsistEditPipeline, grid_mask
+from ..attention_processors.feature_replay import FeatureReplay
+from .consistedit import grid_mask
 from .flow_models import FlowModel
-from .inversion import invert
+from .inversion import invert_and_replay
 
 __all__ = ["MaskedKVEditPipeline", "MaskedKVResult"]
 
@@ -60,7 +59,7 @@ class MaskedKVEditPipeline:
     --------
     >>> import numpy as np, hasten.tiny
     >>> from hasten.tiny.motion import photo
-    >>> editor = MaskedKVEditPipeline.from_pipe(hasten.tiny.pipeline("flux"))
+    >>> editor = MaskedKVEditPipeline.from_pipe(hasten.tiny.pipeline("flux"), height=36, width=52)
     >>> mask = np.zeros((36, 52)); mask[10:26, 16:36] = 1
     >>> out = editor.edit(photo("chelsea"), mask, "a photo of a dog", num_inference_steps=4, progress=False)
     >>> out.image.shape
@@ -72,23 +71,13 @@ class MaskedKVEditPipeline:
 
     @classmethod
     def from_pipe(cls, pipe: Any, height: int | None = None, width: int | None = None, num_frames: int | None = None,
-                  max_sequence_length: int = 77) -> "MaskedKVEditPipeline":
-        """Wrap an SD3, Flux, Wan or HunyuanVideo pipeline (sizes default as for :class:`ConsistEditPipeline`;
-        HunyuanVideo: the tiny model's, else 544 x 960 x 61 frames)."""
-        if type(pipe).__name__ == "HunyuanVideoPipeline":
-            from .. import tiny
-
-            small = tiny.default_size("hunyuan-video") if sum(
-                p.numel() for p in pipe.transformer.parameters()) < 10**7 else {}
-            return cls(FlowModel(pipe, height or small.get("height", 544), width or small.get("width", 960),
-                                 max_sequence_length, num_frames or small.get("num_frames", 61)))
-        editor = ConsistEditPipeline.from_pipe(pipe, height, width, max_sequence_length, num_frames)
-        if editor.model is None:
-            raise ValueError(f"masked K/V editing needs a flow-matching model (SD3, Flux, Wan); got {type(pipe).__name__}")
-        return cls(editor.model)
-
-    def _keep(self, preserve: torch.Tensor) -> torch.Tensor:
-        return ConsistEditPipeline(self.model)._latent_keep(preserve)
+                  max_sequence_length: int | None = None) -> "MaskedKVEditPipeline":
+        """Wrap an SD3, Flux, Wan or HunyuanVideo pipeline. Sizes, frames and ``max_sequence_length``
+        default to the pipeline's own ``__call__`` defaults (:func:`hasten.adapters.pipeline_defaults`)."""
+        if type(pipe).__name__ == "CogVideoXPipeline":
+            raise ValueError("masked K/V editing needs a flow-matching model (SD3, Flux, Wan, HunyuanVideo); got "
+                             "CogVideoXPipeline")
+        return cls(FlowModel(pipe, height, width, max_sequence_length, num_frames))
 
     @torch.no_grad()
     def edit(self, image: Any, mask: Any, prompt: str, source_prompt: str = "", num_inference_steps: int = 25,
@@ -120,56 +109,22 @@ class MaskedKVEditPipeline:
         x0 = model.encode_image(image)
         if not bool(edit_region.any()):  # nothing to edit: the source, exactly
             return MaskedKVResult(model.decode(x0)[0], x0, edit_region.view(*model.grid).cpu())
-        sigmas = model.sigmas(num_inference_steps)
-        levels = {round(float(s), 6) for s in sigmas}
-        control = ConsistEditControl(model.pipe.transformer, model.tokens).install()
+        if guidance_scale is None:
+            guidance_scale = {"StableDiffusion3Pipeline": 7.0, "FluxPipeline": 3.5,
+                              "HunyuanVideoPipeline": 6.0}.get(model.family, 5.0)
         features = FeatureCache(cache or FeatureCacheConfig())
-        latents: dict[float, torch.Tensor] = {}
-        seconds = {"invert": 0.0, "edit": 0.0}
+        replay = FeatureReplay(features, rows=(~edit_region).nonzero()[:, 0]).attach(
+            image_projection_sites(model.pipe.transformer, model.tokens, ("k", "v")))
         try:
-            start = time.perf_counter()
             source = model.encode([source_prompt], guidance_scale=1.0)
-            control.mode, control.cache, control.source_rows = "record", features, [0]
-            control.record_kinds = {"k", "v"}
-            control.record_preserved = (~edit_region).nonzero()[:, 0]
-            control.alpha, control.steps = 0.0, num_inference_steps
-
-            def recorded(x, sigma):
-                control.sigma = sigma
-                if round(sigma, 6) in levels:
-                    latents[round(sigma, 6)] = x
-                return model.velocity(x, sigma, source)
-
-            noise = invert(recorded, x0, sigmas, "midpoint", progress)
-            latents[round(float(sigmas[0]), 6)] = noise
-            seconds["invert"] = time.perf_counter() - start
-
-            start = time.perf_counter()
-            if guidance_scale is None:
-                guidance_scale = {"StableDiffusion3Pipeline": 7.0, "FluxPipeline": 3.5,
-                                  "HunyuanVideoPipeline": 6.0}.get(model.family, 5.0)
             target = model.encode([prompt], guidance_scale)
-            control.mode, control.replay, control.preserve = "edit", True, None
-            control.source_rows = [0, 1] if model.uses_cfg else [0]  # every row gets the source's K/V
-            keep = self._keep(preserve)
-            x = noise
-            steps = [(float(a), float(b)) for a, b in zip(sigmas[:-1], sigmas[1:])]
-            for index, (sigma, following) in enumerate(tqdm(steps, desc="editing", disable=not progress)):
-                control.step = index
-
-                def velocity(y, level):
-                    control.sigma = level
-                    return model.velocity(y, level, target)
-
-                middle = x + (following - sigma) / 2 * velocity(x, sigma)
-                x = x + (following - sigma) * velocity(middle, sigma + (following - sigma) / 2)
-                cached = latents.get(round(following, 6), x0 if following == 0.0 else None)
-                if cached is not None:
-                    x = keep * cached + (1 - keep) * x
-            x = keep * x0 + (1 - keep) * x  # the preserved region is the source, exactly
-            seconds["edit"] = time.perf_counter() - start
+            # every row of a CFG batch gets the source's K/V (the guidance-1 inversion's one row, broadcast)
+            x, seconds = invert_and_replay(lambda y, level: model.velocity(y, level, source),
+                                           lambda y, level: model.velocity(y, level, target),
+                                           x0, model.sigmas(num_inference_steps), model.latent_keep(preserve), replay,
+                                           progress)
         finally:
-            control.remove()
+            replay.detach()
             cache_bytes = features.nbytes
             features.close()
         return MaskedKVResult(model.decode(x)[0], x, edit_region.view(*model.grid).cpu(), seconds, cache_bytes)

@@ -8,7 +8,7 @@ DINOv2 features of an edited render, or text features; see below). Stage 1 of Vo
    1's :mod:`.inversion`), 25 steps, time rescaled by 3.0, classifier-free guidance only for
    ``t`` in [0.5, 1.0] (the paper's defaults). At every noise level the latent is kept, and the
    self-attention K/V of the PRESERVED latent cells are recorded
-   (:class:`~hasten.attention_processors.kv_replay.KVReplay` into a bounded
+   (:class:`~hasten.attention_processors.feature_replay.FeatureReplay` on the fused ``to_qkv`` into a bounded
    :class:`~hasten.attention_processors.feature_cache.FeatureCache`: region-only, bf16 by
    default, int8 / disk on request). VoxHammer's own code keeps every (t, order, cond, layer)
    K/V in fp32 on the CPU and grows ~1 GB per step.
@@ -40,8 +40,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..attention_processors.feature_cache import FeatureCache, FeatureCacheConfig
-from ..attention_processors.kv_replay import KVReplay
-from .inversion import invert
+from ..attention_processors.feature_replay import FeatureReplay, ProjectionSite
+from .inversion import invert_and_replay
 
 __all__ = ["VoxelEditPipeline", "VoxelEditResult", "box_mask", "occupancy_to_mesh", "save_ply"]
 
@@ -99,6 +99,11 @@ class VoxelEditResult:
 
     def mesh(self) -> tuple[np.ndarray, np.ndarray]:
         return occupancy_to_mesh(self.occupancy)
+
+
+def _keys_and_values(qkv: torch.Tensor) -> torch.Tensor:
+    """The K and V channels of a fused ``to_qkv`` output (a view)."""
+    return qkv[..., qkv.shape[-1] // 3:]
 
 
 class VoxelEditPipeline:
@@ -189,41 +194,19 @@ class VoxelEditPipeline:
         source_cond = cond if source_cond is None else source_cond.to(device, dtype)
         sigmas = self.sigmas(num_inference_steps, rescale_t)
         features = FeatureCache(cache or FeatureCacheConfig())
-        replay = KVReplay([block.self_attn for block in flow.blocks], features, preserved).install()
-        latents: dict[float, torch.Tensor] = {}
-        seconds = {"invert": 0.0, "edit": 0.0}
-        levels = {round(float(s), 6) for s in sigmas}
+        replay = FeatureReplay(features, rows=preserved).attach(
+            [ProjectionSite(index, "kv", block.self_attn.to_qkv, _keys_and_values)
+             for index, block in enumerate(flow.blocks)])
         try:
+            x, seconds = invert_and_replay(
+                lambda y, level: self._velocity(y, level, source_cond, invert_guidance, cfg_interval),
+                lambda y, level: self._velocity(y, level, cond, edit_guidance, cfg_interval),
+                x0, sigmas, keep, replay, progress)
             start = time.perf_counter()
-            replay.mode = "record"
-
-            def recorded(x, sigma):
-                replay.sigma = sigma
-                if round(sigma, 6) in levels:
-                    latents[round(sigma, 6)] = x
-                return self._velocity(x, sigma, source_cond, invert_guidance, cfg_interval)
-
-            noise = invert(recorded, x0, sigmas, "midpoint", progress)
-            seconds["invert"] = time.perf_counter() - start
-            start = time.perf_counter()
-            replay.mode = "replay"
-            x = noise
-            steps = [(float(a), float(b)) for a, b in zip(sigmas[:-1], sigmas[1:])]
-            for sigma, following in tqdm(steps, desc="editing", disable=not progress):
-                def velocity(y, level):
-                    replay.sigma = level
-                    return self._velocity(y, level, cond, edit_guidance, cfg_interval)
-
-                middle = x + (following - sigma) / 2 * velocity(x, sigma)
-                x = x + (following - sigma) * velocity(middle, sigma + (following - sigma) / 2)
-                cached = latents.get(round(following, 6), x0 if following == 0.0 else None)
-                if cached is not None:
-                    x = keep * cached + (1 - keep) * x
-            x = keep * x0 + (1 - keep) * x
             decoded = (self.decoder(x)[0, 0] > 0).cpu().numpy()
-            seconds["edit"] = time.perf_counter() - start
+            seconds["edit"] += time.perf_counter() - start
         finally:
-            replay.remove()
+            replay.detach()
             cache_bytes = features.nbytes
             features.close()
         out = np.where(edit_mask, decoded, occupancy)  # every voxel outside the edit region is the source's
