@@ -26,7 +26,8 @@ import torch
 
 from .core import TokenPruner
 
-__all__ = ["METHODS", "EvalRow", "evaluate", "format_table", "load_vlm", "make_method", "prefill_flops", "sample_images"]
+__all__ = ["METHODS", "TRAINED", "EvalRow", "TaskRow", "evaluate", "evaluate_task", "format_table", "format_task_table",
+           "load_vlm", "make_method", "prefill_flops", "sample_images", "task_samples"]
 
 
 def _methods() -> dict[str, type[TokenPruner]]:
@@ -45,6 +46,8 @@ METHODS = ("random", "pool", "hired", "fastv", "mustdrop", "zipvl", "guikv")
 """Method names accepted by :func:`make_method` (and ``hasten vlm --prune``)."""
 
 TINY = {f"tiny-{kind}": kind for kind in ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl")}
+TRAINED = {f"trained-{name}": name for name in ("llava", "qwen2.5-vl")}
+"""The micro-world VLMs trained on :mod:`hasten.tiny.vqa` (weights shipped; :mod:`hasten.tiny.micro_vlm`)."""
 
 
 def make_method(name: str, budget: float) -> TokenPruner:
@@ -65,11 +68,14 @@ def make_method(name: str, budget: float) -> TokenPruner:
 
 
 def load_vlm(model: str, device: str | None = None) -> tuple[Any, Any]:
-    """A tiny VLM (``tiny-llava``, ...) or a hub id / folder, with its processor, in eval mode."""
+    """A tiny VLM (``tiny-llava``, ... random weights; ``trained-llava``, ``trained-qwen2.5-vl``: the
+    micro-world models) or a hub id / folder, with its processor, in eval mode."""
     from .. import tiny
     from ..pipelines.loading import load_transformers_model
+    from ..tiny import micro_vlm
 
     loaders = {name: (lambda kind=kind: tiny.vlm(kind)) for name, kind in TINY.items()}
+    loaders.update({name: (lambda trained=trained: micro_vlm.load(trained)) for name, trained in TRAINED.items()})
     return load_transformers_model(model, loaders, device)
 
 
@@ -266,4 +272,117 @@ def format_table(rows: Sequence[EvalRow], baseline: EvalRow | None = None) -> st
             f"{row.top1_agreement:6.3f} {row.mean_kl:8.4f} {row.exact_match:6.2f} {row.prefill_ms:10.2f} "
             f"{base.prefill_ms / row.prefill_ms:5.2f}x {1 / row.flops_ratio:5.2f}x {row.decode_tokens_per_s:9.1f} "
             f"{row.kv_bytes / 1024:8.1f} {row.kv_bytes / base.kv_bytes:6.3f} {visual_column}")
+    return "\n".join(lines)
+
+
+def task_samples(model_name: str, count: int) -> list[Any]:
+    """The held-out micro-world questions of a ``trained-*`` model (:data:`TRAINED`), types balanced."""
+    from ..tiny import micro_vlm
+
+    if model_name not in TRAINED:
+        raise ValueError(f"task accuracy needs a trained micro-world model ({', '.join(TRAINED)}); got {model_name!r}")
+    return micro_vlm.held_out_set(TRAINED[model_name], count)
+
+
+@dataclass
+class TaskRow:
+    """One method at one budget on a question-answering task.
+
+    ``accuracy`` (and ``per_kind``, by question type): greedy answer equals the ground truth;
+    ``agreement``: equals the unpruned model's answer. ``visual_kept``/``visual_in``,
+    ``flops_ratio`` (prefill FLOPs with / without the method), ``kv_bytes`` (after the prefill)
+    and ``ms_per_answer`` (median batch-1 wall time of a whole greedy answer) are averaged over
+    the timing samples, each run alone so that no padding counts.
+    """
+
+    method: str
+    budget: float
+    accuracy: float
+    agreement: float
+    per_kind: dict[str, float]
+    visual_in: float
+    visual_kept: float
+    flops_ratio: float
+    kv_bytes: float
+    ms_per_answer: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else
+                    {kk: round(vv, 4) for kk, vv in v.items()} if isinstance(v, dict) else v)
+                for k, v in self.__dict__.items()}
+
+
+@torch.no_grad()
+def evaluate_task(model: Any, processor: Any, methods: Sequence[tuple[str, float]], samples: Sequence[Any],
+                  batch_size: int = 32, timing_samples: int = 6, max_new_tokens: int = 4,
+                  progress: bool = False) -> list[TaskRow]:
+    """Task accuracy, agreement with the unpruned model, and cost of each ``(method, budget)``.
+
+    ``samples`` are :class:`hasten.tiny.vqa.VQASample` (images, question, answer, kind). Answers
+    are greedy (``generate``), in left-padded batches of ``batch_size`` with the method attached.
+
+    Examples
+    --------
+    >>> from hasten.token_pruning.evaluate import evaluate_task, load_vlm, task_samples
+    >>> model, processor = load_vlm("trained-llava", "cpu")
+    >>> rows = evaluate_task(model, processor, [("random", 1.0)], task_samples("trained-llava", 10))
+    >>> rows[0].agreement
+    1.0
+    """
+    from tqdm.auto import tqdm
+
+    from ..tiny.micro_vlm import _inputs, answer, prompts
+
+    if not samples:
+        raise ValueError("`samples` is empty")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    device = model.device
+
+    def answers() -> list[str]:
+        return [text for begin in range(0, len(samples), batch_size)
+                for text in answer(model, processor, samples[begin:begin + batch_size], max_new_tokens)]
+
+    reference = answers()
+    timed = [_inputs(processor, [sample], prompts(processor, [sample])).to(device)
+             for sample in samples[:timing_samples]]
+    rows = []
+    for name, budget in tqdm(methods, disable=not progress, desc="methods x budgets"):
+        method = make_method(name, budget)
+        with method.apply(model):
+            got = answers()
+            cost = []
+            for inputs in timed:
+                seconds = _median_seconds(lambda: model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                                                 do_sample=False), device, 2)
+                model(**inputs)  # the prefill alone, for its stats
+                stats = method.stats
+                cost.append((sum(stats.visual_tokens_in), sum(stats.visual_tokens_kept),
+                             _flops_ratio(model.config, stats), stats.kv_cache_bytes, seconds * 1000))
+        per_kind: dict[str, list[bool]] = {}
+        for sample, text in zip(samples, got):
+            per_kind.setdefault(sample.kind, []).append(text == sample.answer)
+        column = lambda index: statistics.mean(c[index] for c in cost)  # noqa: E731
+        rows.append(TaskRow(
+            method=name, budget=budget,
+            accuracy=sum(text == sample.answer for sample, text in zip(samples, got)) / len(samples),
+            agreement=sum(a == b for a, b in zip(got, reference)) / len(samples),
+            per_kind={kind: sum(flags) / len(flags) for kind, flags in per_kind.items()},
+            visual_in=column(0), visual_kept=column(1), flops_ratio=column(2), kv_bytes=column(3),
+            ms_per_answer=column(4)))
+    return rows
+
+
+def format_task_table(rows: Sequence[TaskRow]) -> str:
+    """Accuracy (overall and per question type), agreement with unpruned, visual tokens, the
+    prefill-FLOPs bound (1 / ratio), KV KiB and ms per answer, one row per method x budget."""
+    kinds = list(rows[0].per_kind)
+    head = (f"{'method':8s} {'budget':>6s} {'acc':>6s} {'agree':>6s} " + " ".join(f"{k[:8]:>8s}" for k in kinds)
+            + f" {'visual':>9s} {'bound':>6s} {'KV KiB':>7s} {'ms/ans':>7s}")
+    lines = [head]
+    for row in rows:
+        lines.append(f"{row.method:8s} {row.budget:6.2f} {row.accuracy:6.3f} {row.agreement:6.3f} "
+                     + " ".join(f"{row.per_kind.get(k, float('nan')):8.3f}" for k in kinds)
+                     + f" {row.visual_kept:4.0f}/{row.visual_in:<4.0f} {1 / row.flops_ratio:5.2f}x "
+                     f"{row.kv_bytes / 1024:7.1f} {row.ms_per_answer:7.1f}")
     return "\n".join(lines)
