@@ -76,9 +76,43 @@ def test_voxels_outside_the_edit_region_are_the_source(editor):
     mask = box_mask(32, [(16, 0, 0, 32, 32, 32)])
     out = editor.edit(source, mask, _cond(1), num_inference_steps=5, progress=False)
     assert np.array_equal(out.occupancy[~mask], source[~mask])
-    assert out.edit_cells.float().mean() == 0.5 and out.cache_bytes > 0
+    assert torch.equal(out.edit_cells, torch.from_numpy(_reference_cells(source, mask, 8))) and out.cache_bytes > 0
     vertices, faces = out.mesh()
     assert len(vertices) and len(faces) and vertices.min() >= 0 and vertices.max() <= 1
+
+
+def _reference_cells(occupancy: np.ndarray, mask: np.ndarray, side: int) -> np.ndarray:
+    """The reference's rule, cell by cell: regenerated unless the cell holds an occupied voxel outside the mask."""
+    factor = occupancy.shape[0] // side
+    cells = np.ones((side,) * 3, bool)
+    for i in range(side):
+        for j in range(side):
+            for k in range(side):
+                block = np.s_[i * factor:(i + 1) * factor, j * factor:(j + 1) * factor, k * factor:(k + 1) * factor]
+                if (occupancy[block] & ~mask[block]).any():
+                    cells[i, j, k] = False
+    return cells
+
+
+def test_edit_cells_keep_exactly_the_cells_with_preserved_geometry():
+    """A 64^3 shell with a box edit (the issue's case): the reference regenerates every cell without a
+    preserved occupied voxel, empty space included, and keeps boundary cells that hold geometry."""
+    from hasten.pipelines.voxhammer import edit_cells
+
+    grid = np.indices((64, 64, 64)) - 31.5
+    radius = np.sqrt((grid ** 2).sum(0))
+    shell = (radius > 24) & (radius < 27)
+    mask = box_mask(64, [(30, 0, 0, 64, 30, 64)])
+    cells = edit_cells(shell, mask, 16)
+    assert np.array_equal(cells, _reference_cells(shell, mask, 16))
+    assert cells[8, 8, 8], "empty space inside the shell is free"
+    per_cell = (16, 4, 16, 4, 16, 4)
+    edited_geometry = (shell & mask).reshape(per_cell).any(axis=(1, 3, 5))
+    kept_geometry = (shell & ~mask).reshape(per_cell).any(axis=(1, 3, 5))
+    assert (edited_geometry & kept_geometry).any() and not cells[edited_geometry & kept_geometry].any(), \
+        "cells holding both edited and preserved geometry are kept"
+    touching = torch.from_numpy(mask).reshape(16, 4, 16, 4, 16, 4).any(5).any(3).any(1).numpy()
+    assert int(cells.sum()) > int(touching.sum()), "more cells than the box touches are free (empty space)"
 
 
 def test_empty_and_full_edit_regions_are_documented_behaviour(editor):
@@ -212,3 +246,74 @@ def test_guidance_is_trellis_cfg_strength():
     torch.testing.assert_close(pipe._velocity(x, 0.7, cond, 5.0, (0.5, 1.0)), torch.full_like(x, 6 * 3.0 - 5 * 1.0))
     assert pipe._velocity(x, 0.2, cond, 5.0, (0.5, 1.0)).eq(3.0).all(), "outside the CFG interval: conditional only"
     assert pipe._velocity(x, 0.7, cond, 0.0, (0.5, 1.0)).eq(3.0).all() and calls[-1] == 1
+
+
+def test_text_unconditional_input_is_the_empty_prompts_embedding(tmp_path, monkeypatch):
+    """TRELLIS's text models guide against CLIP(""), its image models against zeros."""
+    seen = []
+
+    def flow(x, t, cond):
+        seen.append(cond[: len(x) // 2].clone() if len(x) == 2 else None)
+        return torch.zeros_like(x)
+
+    pipe = VoxelEditPipeline(flow, None, None)
+    x, cond, empty = torch.zeros(1, 2), torch.ones(1, 4, 8), torch.full((1, 4, 8), 0.5)
+    pipe._velocity(x, 0.7, cond, 5.0, (0.5, 1.0))
+    assert not seen[-1].any(), "default (image models): zeros"
+    pipe._velocity(x, 0.7, cond, 5.0, (0.5, 1.0), uncond=empty)
+    assert torch.equal(seen[-1], empty)
+    from hasten.cli import main
+
+    calls = {}
+    original = VoxelEditPipeline.edit
+
+    def spy(self, *args, **kwargs):
+        calls.update(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VoxelEditPipeline, "edit", spy)
+    np.save(tmp_path / "grid.npy", _source())
+    assert main(["edit3d", "--occupancy", str(tmp_path / "grid.npy"), "--box", "0", "0", "16", "32", "32", "32",
+                 "--prompt", "a chair", "--steps", "2", "--out", str(tmp_path / "out.npy")]) == 0
+    torch.testing.assert_close(calls["uncond"], tt.conditioner().text(""))
+
+
+def test_image_condition_normalises_dinov2s_pre_norm_features():
+    """TRELLIS: layer_norm of the last block's output BEFORE DINOv2's own final norm."""
+    from PIL import Image
+
+    conditioner = tt.conditioner()
+    encoder = conditioner.image_encoder
+    with torch.no_grad():  # a non-trivial final norm, so pre- and post-norm features differ
+        encoder.layernorm.weight.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(0))
+        encoder.layernorm.bias.uniform_(-1.0, 1.0, generator=torch.Generator().manual_seed(1))
+    image = Image.new("RGB", (28, 28), "red")
+    features = conditioner.image(image)
+    size = conditioner.image_size
+    array = np.asarray(image.resize((size, size), Image.BICUBIC), np.float32) / 255
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    pixels = torch.from_numpy((array - mean) / std).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        out = encoder(pixel_values=pixels, output_hidden_states=True)
+    prenorm = out.hidden_states[-1]
+    torch.testing.assert_close(features, torch.nn.functional.layer_norm(prenorm, prenorm.shape[-1:]))
+    postnorm = torch.nn.functional.layer_norm(out.last_hidden_state, prenorm.shape[-1:])
+    assert not torch.allclose(features, postnorm, atol=1e-3)
+
+
+def test_mesh_voxelisation_is_trellis_surface_voxels_in_the_unit_cube_z_up(tmp_path):
+    import trimesh
+
+    from hasten.cli.edit3d import voxelize
+
+    trimesh.creation.icosphere(subdivisions=3).export(tmp_path / "sphere.obj")
+    sphere = voxelize(tmp_path / "sphere.obj", 64)
+    assert not sphere[32, 32, 32] and sphere[:, 32, 32].sum() == 2 * 1, "surface voxels, not a solid"
+    occupied = np.argwhere(sphere)
+    assert occupied.min() == 0 and occupied.max() == 63, "the largest extent fills the unit cube"
+    box = trimesh.creation.box(extents=(1.0, 2.0, 4.0))  # longest along z in the file's own axes
+    box.export(tmp_path / "box.ply")
+    box.export(tmp_path / "box.glb")
+    ply, glb = np.argwhere(voxelize(tmp_path / "box.ply", 64)), np.argwhere(voxelize(tmp_path / "box.glb", 64))
+    assert np.ptp(ply[:, 2]) == 63 and np.ptp(ply[:, 1]) < 40  # PLY: taken as z-up already
+    assert np.ptp(glb[:, 1]) == 63 and np.ptp(glb[:, 2]) < 40  # glTF y-up -> z-up: the file's z becomes -y

@@ -21,7 +21,8 @@ def register(commands) -> None:
         "(.ply/.obj/.glb/.stl, marching cubes) or the occupancy (.npy).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--mesh", type=Path, help="source mesh (OBJ/PLY/GLB/... via trimesh), fitted to the grid")
+    source.add_argument("--mesh", type=Path, help="source mesh (OBJ/PLY/GLB/... via trimesh): its surface "
+                        "voxels in the unit cube, z-up (glTF rotated from y-up), as TRELLIS voxelises")
     source.add_argument("--occupancy", type=Path, help="source occupancy grid, an R^3 boolean .npy")
     parser.add_argument("--box", type=int, nargs=6, action="append", required=True, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
                         help="edit box in voxel coordinates, end-exclusive (repeatable)")
@@ -70,11 +71,19 @@ def _load(model: str):
 
 
 def voxelize(path: Path, resolution: int):
-    """A mesh file -> an R^3 occupancy grid (the mesh centred and scaled into the grid, filled)."""
+    """A mesh file -> an R^3 occupancy grid of its SURFACE voxels, as TRELLIS voxelises its training meshes.
+
+    TRELLIS (``dataset_toolkits/voxelize.py``) normalises the mesh into the unit cube centred at the
+    origin (scaled by its largest extent), z-up, and marks every voxel of the ``[-0.5, 0.5]^3`` grid
+    that the surface passes through. glTF files (.glb / .gltf) are y-up, so they are rotated to z-up
+    first (+90 degrees about x, as Blender's importer does in TRELLIS's pipeline). Voxels are found
+    by subdividing the triangles below half a voxel and marking the voxel of every vertex.
+    """
     import numpy as np
 
     try:
         import trimesh
+        from trimesh.remesh import subdivide_to_size
     except ImportError as error:  # pragma: no cover - trimesh is a dependency
         raise ValueError("mesh input needs trimesh (pip install trimesh)") from error
     if not Path(path).is_file():
@@ -87,15 +96,16 @@ def voxelize(path: Path, resolution: int):
         raise ValueError(f"--mesh {path}: not a mesh trimesh can read ({detail})") from None
     if not isinstance(mesh, trimesh.Trimesh) or mesh.is_empty or not len(mesh.faces):
         raise ValueError(f"--mesh {path} holds no triangles")
-    mesh.apply_translation(-mesh.bounds.mean(0))
-    mesh.apply_scale((resolution - 2) / max(float(mesh.extents.max()), 1e-9))
-    grid = mesh.voxelized(pitch=1.0).fill()
-    matrix = grid.matrix
+    vertices = np.asarray(mesh.vertices, np.float64)
+    if Path(path).suffix.lower() in (".glb", ".gltf"):  # y-up -> z-up: (x, y, z) -> (x, -z, y)
+        vertices = np.stack([vertices[:, 0], -vertices[:, 2], vertices[:, 1]], axis=1)
+    low, high = vertices.min(0), vertices.max(0)
+    vertices = (vertices - (low + high) / 2) / max(float((high - low).max()), 1e-12)  # the unit cube
+    pitch = 1.0 / resolution
+    dense, _ = subdivide_to_size(vertices, np.asarray(mesh.faces), max_edge=pitch / 2, max_iter=64)
+    index = np.clip(np.floor((np.clip(dense, -0.5, 0.5) + 0.5) / pitch), 0, resolution - 1).astype(np.int64)
     out = np.zeros((resolution,) * 3, bool)
-    offset = [(resolution - s) // 2 for s in matrix.shape]
-    sizes = [min(s, resolution) for s in matrix.shape]
-    out[offset[0]:offset[0] + sizes[0], offset[1]:offset[1] + sizes[1], offset[2]:offset[2] + sizes[2]] = \
-        matrix[:sizes[0], :sizes[1], :sizes[2]]
+    out[index[:, 0], index[:, 1], index[:, 2]] = True
     return out
 
 
@@ -149,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
             mask = box_mask(resolution, args.box)
         except ValueError as error:
             raise ValueError(f"--box: {error} (voxel coordinates, end-exclusive, each in 0..{resolution})") from None
-        source_cond = preserved = None
+        source_cond = preserved = uncond = None
         if (args.source_image or args.image_mask) and args.image is None:
             raise ValueError("--source-image and --image-mask go with an image condition (--image)")
         if args.image_mask is not None and args.source_image is None:
@@ -164,12 +174,14 @@ def run(args: argparse.Namespace) -> int:
                 preserved = conditioner.preserved_patches(np.asarray(Image.open(args.image_mask).convert("L")))
         else:
             cond = conditioner.text(args.prompt)
+            uncond = conditioner.text("")  # TRELLIS's text models: the empty prompt's embedding
         if cond.shape[-1] != flow.blocks[0].cross_attn.to_kv.in_features:
             raise ValueError(f"the condition has {cond.shape[-1]} channels; the flow model expects "
                              f"{flow.blocks[0].cross_attn.to_kv.in_features} (an image model needs --image, a text "
                              "model --prompt)")
         out = VoxelEditPipeline(flow, encoder, decoder).edit(occupancy, mask, cond, source_cond=source_cond,
-                                                             num_inference_steps=args.steps, preserved_condition=preserved)
+                                                             num_inference_steps=args.steps, preserved_condition=preserved,
+                                                             uncond=uncond)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"hasten edit3d: {error}", file=sys.stderr)
         return 2

@@ -16,8 +16,8 @@ DINOv2 features of an edited render, or text features; see below). Stage 1 of Vo
    and after every step ``x <- x * M + cached_x * (1 - M)`` (``M`` = 1 on the edit region).
 3. Decode, and copy every voxel outside the edit region from the source, exactly.
 
-A latent cell belongs to the edit region when any of its voxels does (so preserved cells hold
-no edited voxel). An empty edit region returns the source; an edit region covering everything
+A latent cell is kept (replayed from the source) exactly when it holds a preserved occupied voxel,
+as in the reference (:func:`edit_cells`); empty space is free. An empty edit region returns the source; an edit region covering everything
 regenerates the whole asset from the inverted noise (both documented, never a crash). The
 second TRELLIS stage (structured latents: appearance, Gaussians, meshes with texture) is out of
 scope: the output is geometry (occupancy, and a mesh by marching cubes).
@@ -43,7 +43,8 @@ from ..attention_processors.feature_cache import FeatureCache, FeatureCacheConfi
 from ..attention_processors.feature_replay import FeatureReplay, ProjectionSite
 from .inversion import invert_and_replay
 
-__all__ = ["VoxelEditPipeline", "VoxelEditResult", "box_mask", "occupancy_to_mesh", "save_ply"]
+__all__ = ["VoxelConditioner", "VoxelEditPipeline", "VoxelEditResult", "box_mask", "edit_cells", "occupancy_to_mesh",
+           "save_ply"]
 
 
 def box_mask(resolution: int, boxes: Sequence[Sequence[int]]) -> np.ndarray:
@@ -87,6 +88,28 @@ def save_ply(path: str | Path, vertices: np.ndarray, faces: np.ndarray) -> Path:
     return path
 
 
+def edit_cells(occupancy: np.ndarray, edit_mask: np.ndarray, side: int) -> np.ndarray:
+    """VoxHammer's latent edit region: ``(side,)*3`` bool, True for the latent cells that are regenerated.
+
+    As the reference: a cell is KEPT (its latent replayed from the source) exactly when it holds a
+    preserved occupied voxel — an occupied voxel outside ``edit_mask``; every other cell (inside the
+    edit region, or empty space anywhere) is free to change. Voxels outside ``edit_mask`` are copied
+    from the source at the end in any case, so the freedom of empty cells only lets new geometry grow
+    into the edit box's surroundings in latent space without touching a preserved voxel.
+
+    Examples
+    --------
+    >>> occupancy = np.zeros((8, 8, 8), bool); occupancy[:4] = True   # geometry in the lower half
+    >>> cells = edit_cells(occupancy, box_mask(8, [(0, 0, 0, 2, 8, 8)]), side=4)
+    >>> bool(cells[0].all()), bool(cells[1].any()), bool(cells[2:].all())  # edited; kept (geometry); empty
+    (True, False, True)
+    """
+    resolution = occupancy.shape[0]
+    factor = resolution // side
+    preserved = (occupancy & ~edit_mask).reshape(side, factor, side, factor, side, factor)
+    return ~preserved.any(axis=(1, 3, 5))
+
+
 @dataclass
 class VoxelEditResult:
     """The edited occupancy (``R^3`` bool), its latent, the latent edit region and what it cost."""
@@ -125,12 +148,14 @@ class VoxelEditPipeline:
         self.flow, self.encoder, self.decoder = flow, encoder, decoder
 
     def _velocity(self, x: torch.Tensor, sigma: float, cond: torch.Tensor, guidance: float,
-                  interval: tuple[float, float]) -> torch.Tensor:
+                  interval: tuple[float, float], uncond: torch.Tensor | None = None) -> torch.Tensor:
         """TRELLIS's guided velocity ``(1 + g) * cond - g * uncond`` (its ``cfg_strength`` g: 0 is the
-        conditional model alone), inside the CFG ``interval`` of noise levels."""
+        conditional model alone), inside the CFG ``interval`` of noise levels; ``uncond`` defaults to
+        zeros (TRELLIS's image models)."""
         t = torch.full((1,), sigma * 1000.0, device=x.device)
         if guidance != 0.0 and interval[0] <= sigma <= interval[1]:  # CFG as one batch [uncond, cond]
-            both = self.flow(torch.cat([x, x]), t.expand(2), torch.cat([torch.zeros_like(cond), cond]))
+            uncond = torch.zeros_like(cond) if uncond is None else uncond.expand_as(cond)
+            both = self.flow(torch.cat([x, x]), t.expand(2), torch.cat([uncond, cond]))
             uncond, conditional = both.chunk(2)
             return conditional + guidance * (conditional - uncond)
         return self.flow(x, t, cond)
@@ -146,12 +171,16 @@ class VoxelEditPipeline:
              source_cond: torch.Tensor | None = None, num_inference_steps: int = 25, rescale_t: float = 3.0,
              invert_guidance: float = 5.0, edit_guidance: float = 6.0, cfg_interval: tuple[float, float] = (0.5, 1.0),
              cache: FeatureCacheConfig | None = None, progress: bool = True,
-             preserved_condition: torch.Tensor | None = None) -> VoxelEditResult:
+             preserved_condition: torch.Tensor | None = None, uncond: torch.Tensor | None = None) -> VoxelEditResult:
         """Edit the ``edit_mask`` region of ``occupancy`` toward ``cond`` (see the module docstring).
 
         ``source_cond`` (default: ``cond``) conditions the inversion; guidance strengths and the
         CFG interval are VoxHammer's stage-1 defaults, in TRELLIS's form: strength ``g`` gives
         ``(1 + g) * cond - g * uncond`` (so 5 is a plain CFG scale of 6).
+
+        ``uncond``: the unconditional condition of classifier-free guidance, as TRELLIS builds it:
+        zeros for image conditions (the default), the CLIP embedding of the empty prompt for text
+        conditions (``VoxelConditioner.text("")``; ``hasten edit3d --prompt`` passes it).
 
         ``preserved_condition`` ``(N,)`` bool marks the condition tokens whose cross-attention K/V
         come from the source (VoxHammer: the unmasked patches of the edited image, e.g. from
@@ -173,11 +202,11 @@ class VoxelEditPipeline:
         device = next(flow.parameters()).device
         dtype = next(flow.parameters()).dtype
         factor = resolution // side
-        cells = torch.from_numpy(edit_mask).reshape(side, factor, side, factor, side, factor).any(5).any(3).any(1)
+        cells = torch.from_numpy(edit_cells(occupancy, edit_mask, side))
         source_grid = torch.from_numpy(occupancy.astype(np.float32))[None, None].to(device, dtype)
         x0 = self.encoder(source_grid)
-        if not bool(cells.any()):
-            return VoxelEditResult(occupancy.copy(), x0, cells)
+        if not edit_mask.any():  # nothing to edit: the source, exactly
+            return VoxelEditResult(occupancy.copy(), x0, torch.zeros_like(cells))
         edit = cells.flatten().to(device)
         preserved = (~edit).nonzero()[:, 0]
         keep = (~cells).to(device, dtype)[None, None]  # 1 on preserved cells
@@ -192,6 +221,10 @@ class VoxelEditPipeline:
                                  f"got {tuple(preserved_condition.shape)}")
             cond = torch.where(preserved_condition.to(device)[None, :, None], source_cond.to(device, dtype), cond)
         source_cond = cond if source_cond is None else source_cond.to(device, dtype)
+        if uncond is not None:
+            uncond = uncond.to(device, dtype)
+            if uncond.shape[-1] != cond.shape[-1] or uncond.shape[0] != 1:
+                raise ValueError(f"`uncond` must be (1, N, {cond.shape[-1]}) like `cond`, got {tuple(uncond.shape)}")
         sigmas = self.sigmas(num_inference_steps, rescale_t)
         features = FeatureCache(cache or FeatureCacheConfig())
         replay = FeatureReplay(features, rows=preserved).attach(
@@ -199,8 +232,8 @@ class VoxelEditPipeline:
              for index, block in enumerate(flow.blocks)])
         try:
             x, seconds = invert_and_replay(
-                lambda y, level: self._velocity(y, level, source_cond, invert_guidance, cfg_interval),
-                lambda y, level: self._velocity(y, level, cond, edit_guidance, cfg_interval),
+                lambda y, level: self._velocity(y, level, source_cond, invert_guidance, cfg_interval, uncond),
+                lambda y, level: self._velocity(y, level, cond, edit_guidance, cfg_interval, uncond),
                 x0, sigmas, keep, replay, progress)
             start = time.perf_counter()
             decoded = (self.decoder(x)[0, 0] > 0).cpu().numpy()
@@ -216,8 +249,9 @@ class VoxelEditPipeline:
 class VoxelConditioner:
     """Condition tokens for TRELLIS's sparse-structure flow: CLIP text or DINOv2 (with registers) images.
 
-    TRELLIS conditions its text models on CLIP ViT-L/14's last hidden states (77 tokens) and its
-    image model on layer-normalised DINOv2-with-registers ViT-L/14 patch features (518 px).
+    TRELLIS conditions its text models on CLIP ViT-L/14's last hidden states (77 tokens; the
+    unconditional input is the embedding of ``""``) and its image model on the layer-normalised
+    pre-norm output of DINOv2-with-registers ViT-L/14's last block (518 px; unconditional: zeros).
     ``from_pretrained`` loads them from the hub; ``hasten.tiny.trellis.conditioner()`` gives tiny
     random ones whose width matches the tiny flow model.
     """
@@ -273,5 +307,7 @@ class VoxelConditioner:
         array = np.asarray(picture.convert("RGB").resize((size, size), Image.BICUBIC), np.float32) / 255
         mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
         pixels = torch.from_numpy((array - mean) / std).permute(2, 0, 1)[None].to(self.image_encoder.device)
-        features = self.image_encoder(pixel_values=pixels).last_hidden_state
+        # TRELLIS layer-normalises (no affine) the PRE-norm output of the last block, not the model's
+        # already-normalised last_hidden_state
+        features = self.image_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
         return torch.nn.functional.layer_norm(features, features.shape[-1:])
