@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import hasten.tiny
 from hasten.pipelines import LatentWarpPipeline
@@ -56,15 +57,34 @@ def test_from_pipe_keeps_the_callers_scheduler_and_removes_its_processors():
     assert all(type(a) is type(b) for a, b in zip(pipe.unet.attn_processors.values(), processors.values()))
 
 
-def test_controlnet_on_canny_edges_runs():
+def _live_controlnet(unet):
+    """A ControlNet whose zero-initialised convolutions are given seeded weights: it changes the UNet."""
     from diffusers import ControlNetModel
 
+    controlnet = ControlNetModel.from_unet(unet)
+    generator = torch.Generator().manual_seed(0)
+    zero_convs = [controlnet.controlnet_cond_embedding.conv_out, controlnet.controlnet_mid_block,
+                  *controlnet.controlnet_down_blocks]
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.3)
+    return controlnet
+
+
+def test_controlnet_guides_the_translation_by_the_canny_edges(monkeypatch):
     pipe = hasten.tiny.pipeline("sd15")
-    controlnet = ControlNetModel.from_unet(pipe.unet)
     frames, _ = panned(frames=2, size=(40, 56))
-    out = LatentWarpPipeline.from_pipe(pipe, controlnet=controlnet)(
-        video=frames, prompt="x", num_inference_steps=2, progress=False)
-    assert out.frames.shape == (2, 40, 56, 3)
+    assert all(latentwarp.canny_map(frame).any() for frame in frames), "the test video has edges to guide by"
+    common = dict(video=frames, prompt="x", num_inference_steps=2, progress=False)
+    plain = LatentWarpPipeline.from_pipe(pipe)(**common).frames
+    guided_pipe = LatentWarpPipeline.from_pipe(pipe, controlnet=_live_controlnet(pipe.unet))
+    guided = guided_pipe(**common).frames
+    assert guided.shape == (2, 40, 56, 3)
+    assert np.abs(guided.astype(int) - plain.astype(int)).max() > 0, "the ControlNet residuals reach the UNet"
+    assert np.array_equal(guided_pipe(controlnet_conditioning_scale=0.0, **common).frames, plain), \
+        "scale 0 switches the ControlNet off"
+    monkeypatch.setattr(latentwarp, "canny_map", lambda frame, *a, **k: np.zeros_like(frame))  # no edges
+    assert not np.array_equal(guided_pipe(**common).frames, guided), "the edges are what guides"
 
 
 def _count_warps(monkeypatch) -> list[int]:
