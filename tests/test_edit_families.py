@@ -85,3 +85,18 @@ def test_cli_max_sequence_length_flag(tmp_path, monkeypatch):
                  "--edit-words", "red", "--steps", "2", "--max-sequence-length", "48",
                  "--out", str(tmp_path / "e.png")]) == 0
     assert seen["max_sequence_length"] == 48 and (seen["height"], seen["width"]) == (36, 52)
+
+
+def test_per_call_size_and_generator():
+    editor = ConsistEditPipeline.from_pipe(hasten.tiny.pipeline("flux"), height=36, width=52, max_sequence_length=32)
+    mask = torch.zeros(44, 60)
+    mask[:, :30] = 1
+    common = dict(mask=mask, num_inference_steps=2, progress=False, height=44, width=60)
+    a = editor.edit("a red car", "a blue car", generator=torch.Generator().manual_seed(5), **common)
+    b = editor.edit("a red car", "a blue car", seed=5, **common)
+    c = editor.edit("a red car", "a blue car", generator=torch.Generator().manual_seed(6), **common)
+    assert a.target.shape == (3, 44, 60) and torch.equal(a.target, b.target) and not torch.equal(a.target, c.target)
+    assert (editor.model.height, editor.model.width) == (36, 52), "the editor's own size is unchanged"
+    video = ConsistEditPipeline.from_pipe(hasten.tiny.pipeline("cogvideox"), **hasten.tiny.default_size("cogvideox"))
+    with pytest.raises(ValueError, match="per-call"):
+        video.edit("a", "b", mask=torch.ones(80, 112), height=96)

@@ -132,6 +132,9 @@ class ConsistEditPipeline:
         cache: FeatureCacheConfig | None = None,
         region_only: bool = False,
         progress: bool = True,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> EditResult:
         """Edit: the source prompt's image into the target prompt's, keeping what the mask preserves.
 
@@ -161,18 +164,25 @@ class ConsistEditPipeline:
             Keep the target's preserved region on the source's latent (see the module docstring).
         cache : FeatureCacheConfig, optional
             How the source features are stored in real mode (default bfloat16 in RAM).
+        height, width : int, optional
+            This call's image size (images only; default: the size given to :meth:`from_pipe`).
+        generator : torch.Generator, optional
+            Synthetic mode: the noise is drawn from it (on the CPU) instead of from ``seed``.
         region_only : bool, default False
             Real mode with a user ``mask``: record only what the edit reads back (V in the preserved
             region; Q and K of every token only in the first ``alpha`` of the steps). The source
             branch then reconstructs the preserved region from its features and computes the rest.
         """
+        if self.video is not None and (height or width or generator is not None):
+            raise ValueError("per-call `height` / `width` / `generator` are for images; give video sizes to from_pipe() "
+                             "and the noise as `seed`")
         if self.video is not None and (image is not None or latents is not None) and self.model is None:
             raise ValueError(f"real (inverted) video editing is not available for {self.video.family} (it samples "
                              "with DDIM, not flow matching): give a `seed` (synthetic mode)")
         if self.video is not None and image is None and latents is None:
             return self.video.edit(source_prompt, target_prompt, edit_words, mask, 1.0 if alpha is None else alpha,
                                    seed, num_inference_steps, guidance_scale, mask_threshold, blend_latents, progress)
-        model = self.model
+        model = self.model.resized(height, width)
         real = image is not None or latents is not None
         if edit_words is None and mask is None:
             raise ValueError("give `edit_words` (words of the source prompt) or a `mask` of the edit region")
@@ -214,7 +224,7 @@ class ConsistEditPipeline:
                 control.mode = "off"
                 seconds["invert"] = time.perf_counter() - start
             else:
-                x0, noise = None, model.noise(seed)
+                x0, noise = None, model.noise(seed, generator=generator)
 
             if user_edit is None:  # the mask pass: the source branch alone, its word attention recorded
                 start = time.perf_counter()

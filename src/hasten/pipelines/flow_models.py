@@ -180,18 +180,18 @@ class FlowModel:
         return token_positions(prompt, words, tokenizers)
 
     # --- images ----------------------------------------------------------------------------------
-    def noise(self, seed: int = 0, batch: int = 1) -> torch.Tensor:
-        """Initial noise in the transformer's latent layout (packed for Flux, (B, C, F, H, W) for Wan)."""
+    def noise(self, seed: int = 0, batch: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Initial noise in the transformer's latent layout (packed for Flux, (B, C, F, H, W) for Wan), drawn
+        on the CPU from ``generator`` (default: a fresh one seeded with ``seed``), so it is device-independent."""
         pipe = self.pipe
+        generator = generator if generator is not None else torch.Generator().manual_seed(seed)
         if self.family in _VIDEO:
-            generator = torch.Generator().manual_seed(seed)
             frames, rows, cols = self.grid
             latents = torch.randn(batch, pipe.transformer.config.in_channels, frames, rows * 2, cols * 2,
                                   generator=generator)
             return latents.to(self.device, self.dtype)
         channels = pipe.transformer.config.in_channels // (4 if self.family == "FluxPipeline" else 1)
         h, w = self.height // pipe.vae_scale_factor, self.width // pipe.vae_scale_factor
-        generator = torch.Generator().manual_seed(seed)
         latents = torch.randn(batch, channels, h, w, generator=generator).to(self.device, self.dtype)
         return self._pack(latents)
 
@@ -250,6 +250,13 @@ class FlowModel:
         latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
         images = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def resized(self, height: int | None = None, width: int | None = None) -> "FlowModel":
+        """This model at another image size (the same pipeline; nothing is copied), or itself."""
+        if (height or self.height) == self.height and (width or self.width) == self.width:
+            return self
+        return FlowModel(self.pipe, height or self.height, width or self.width, self.max_sequence_length,
+                         self.num_frames)
 
     def latent_keep(self, preserve: torch.Tensor) -> torch.Tensor:
         """Per-token preserve flags ``(tokens,)`` in the latent layout, to blend latents with: packed tokens

@@ -82,7 +82,7 @@ class MaskedKVEditPipeline:
     @torch.no_grad()
     def edit(self, image: Any, mask: Any, prompt: str, source_prompt: str = "", num_inference_steps: int = 25,
              guidance_scale: float | None = None, cache: FeatureCacheConfig | None = None,
-             progress: bool = True) -> MaskedKVResult:
+             progress: bool = True, height: int | None = None, width: int | None = None) -> MaskedKVResult:
         """Regenerate the ``mask`` region (white / True = edit) of ``image`` with ``prompt``.
 
         Parameters
@@ -100,8 +100,10 @@ class MaskedKVEditPipeline:
             inversion runs at guidance 1.
         cache : FeatureCacheConfig, optional
             Storage of the recorded K/V (default bfloat16 in RAM).
+        height, width : int, optional
+            This call's image size (default: the size given to :meth:`from_pipe`).
         """
-        model = self.model
+        model = self.model.resized(height, width)
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}")
         edit_region = grid_mask(mask, model.grid, model.height, model.width).to(model.device)
