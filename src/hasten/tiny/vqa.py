@@ -117,9 +117,12 @@ class VQASample:
     truth: object = field(default=None, repr=False)
 
 
-def make_scene(rng: random.Random, with_code: bool | None = None) -> Scene:
-    """A random scene: 1-4 objects with distinct shapes in distinct cells, and maybe a code."""
-    count = rng.randint(1, 4)
+def make_scene(rng: random.Random, with_code: bool | None = None, max_objects: int = 4) -> Scene:
+    """A random scene: 1 to ``max_objects`` (<= 4) objects with distinct shapes in distinct cells,
+    and maybe a code."""
+    if isinstance(max_objects, bool) or not isinstance(max_objects, int) or not 1 <= max_objects <= len(SHAPES):
+        raise ValueError(f"`max_objects` must be an int in [1, {len(SHAPES)}], got {max_objects!r}")
+    count = rng.randint(1, max_objects)
     cells = rng.sample(range(9), count + 1)
     shapes = rng.sample(SHAPES, count)
     objects = tuple(SceneObject(shape, rng.choice(tuple(COLORS)), cell, rng.random() < 0.5)
@@ -188,8 +191,9 @@ def _relation(scene: Scene, rng: random.Random) -> tuple[str, SceneObject] | Non
     return rng.choice(options) if options else None
 
 
-def scene_sample(seed: int, kind: str | None = None, size: int = 36) -> VQASample:
-    """The scene question of ``seed`` (its type drawn from :data:`SCENE_QUESTIONS` unless ``kind``).
+def scene_sample(seed: int, kind: str | None = None, size: int = 36, max_objects: int = 4) -> VQASample:
+    """The scene question of ``seed`` (its type drawn from :data:`SCENE_QUESTIONS` unless ``kind``),
+    on a scene of 1 to ``max_objects`` objects (a relation needs 2).
 
     Examples
     --------
@@ -199,10 +203,13 @@ def scene_sample(seed: int, kind: str | None = None, size: int = 36) -> VQASampl
     """
     if kind is not None and kind not in SCENE_QUESTIONS:
         raise ValueError(f"`kind` must be one of {', '.join(SCENE_QUESTIONS)} or None; got {kind!r}")
+    if kind == "relation" and max_objects < 2:
+        raise ValueError("`max_objects` must be >= 2 for a relation question")
     rng = random.Random(seed)
-    kind = kind or rng.choice(SCENE_QUESTIONS)
+    kind = kind or rng.choice(SCENE_QUESTIONS if max_objects >= 2 else
+                              tuple(k for k in SCENE_QUESTIONS if k != "relation"))
     while True:  # redraw until the scene supports the question (a relation needs two neighbours)
-        scene = make_scene(rng, with_code=True if kind == "code" else None)
+        scene = make_scene(rng, with_code=True if kind == "code" else None, max_objects=max_objects)
         if kind == "color":
             obj = rng.choice(scene.objects)
             question, answer = f"What color is the shape at the {obj.place}?", obj.color
