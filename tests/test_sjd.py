@@ -59,12 +59,35 @@ def test_every_model_call_is_counted(pipe):
     handle = pipe.adapter.language_model.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
         out = pipe(["a fox", "a dog"], sjd=SJDConfig(window=8), seed=0)
+        assert out.stats.forwards == len(calls)
+        assert out.stats.forwards == sum(s.forwards for s in out.per_image)
+        length = pipe.adapter.layout(None, None).length
+        assert sum(out.stats.accepted_per_forward) == out.stats.tokens == 2 * length
+        assert out.images.shape[0] == 2
+        calls.clear()
+        batched = pipe(["a fox", "a dog", "a cat"], sjd=SJDConfig(window=8), seed=0, batch_size=2)
     finally:
         handle.remove()
-    assert out.stats.forwards == len(calls)
-    assert out.stats.forwards == sum(s.forwards for s in out.per_image)
-    assert sum(out.stats.accepted_per_forward) == out.stats.tokens == 2 * pipe.adapter.layout(None, None).length
-    assert out.images.shape[0] == 2
+    assert batched.stats.forwards == len(calls)  # two batches; an image's stats are its batch's
+    assert batched.per_image[0].forwards == batched.per_image[1].forwards
+    assert batched.stats.forwards == batched.per_image[0].forwards + batched.per_image[2].forwards
+    assert sum(batched.stats.accepted_per_forward) == batched.stats.tokens == 3 * length
+    assert batched.tokens.shape == (3, length) and batched.images.shape[0] == 3
+
+
+def test_batched_greedy_rows_equal_batch_one(pipe):
+    """Three prompts of different lengths (left-padded) in one batch: each row's tokens are the
+    batch-1 greedy tokens, and the batch advances by its shortest accepted run."""
+    prompts = ["a fox", "an old lighthouse on a cliff at night", "a cat"]
+    sjd = SJDConfig(greedy=True, window=6)
+    batched = pipe(prompts, sjd=sjd, guidance_scale=2.0, seed=0, batch_size=3, decode=False)
+    alone = pipe(prompts, sjd=sjd, guidance_scale=2.0, seed=0, batch_size=1, decode=False)
+    assert torch.equal(batched.tokens, alone.tokens)
+    assert batched.stats.forwards < len(prompts) * (pipe.adapter.layout(None, None).length + 1)
+    slowest = max(len(s.accepted_per_forward) for s in alone.per_image)
+    assert len(batched.per_image[0].accepted_per_forward) >= slowest  # shared advance: the slowest row bounds it
+    with pytest.raises(ValueError, match="batch_size"):
+        pipe("a fox", batch_size=0)
 
 
 def test_cache_after_rejections_equals_autoregressive_cache(pipe):
@@ -155,18 +178,88 @@ def test_sjd_sampling_matches_the_model_distribution(small_janus, init):
     exact = _exact_first_two(small_janus, "a red fox", scale, temperature)
     assert exact.max() < 0.9, "a near-deterministic joint would make the test toothless"
     out = small_janus(["a red fox"] * n, sjd=SJDConfig(window=4, init=init), guidance_scale=scale,
-                      temperature=temperature, seed=2024)
+                      temperature=temperature, seed=2024, batch_size=500, decode=False)
     first_two = (out.tokens[:, 0] * 4 + out.tokens[:, 1]).numpy()
-    rejections = sum(len(s.accepted_per_forward) > 1 for s in out.per_image)
-    assert rejections > n // 4, "too few rejections: the residual-resampling path would go untested"
+    assert len(out.per_image[0].accepted_per_forward) > 1, "no rejection: the residual path would go untested"
     assert _chi_square_p(first_two, exact) > SIGNIFICANCE
 
 
 def test_autoregressive_sampling_matches_the_same_exact_distribution(small_janus):
     scale, temperature = 2.0, 0.02
     exact = _exact_first_two(small_janus, "a red fox", scale, temperature)
-    out = small_janus(["a red fox"] * 600, sjd=None, guidance_scale=scale, temperature=temperature, seed=7)
+    out = small_janus(["a red fox"] * 600, sjd=None, guidance_scale=scale, temperature=temperature, seed=7,
+                      batch_size=300, decode=False)
     assert _chi_square_p((out.tokens[:, 0] * 4 + out.tokens[:, 1]).numpy(), exact) > SIGNIFICANCE
+
+
+@pytest.fixture(scope="module")
+def peaked_janus():
+    """A 2 x 2-token Janus with a 5-entry codebook whose image head is scaled up (x100): the whole
+    image has an exact joint of 5^4 cells that is far from uniform (max cell ~0.09 at temperature
+    0.8 and top-k 3, where 81 cells are possible)."""
+    from transformers import JanusForConditionalGeneration
+
+    _, processor = tiny.ar_image_model("janus")
+    torch.manual_seed(11)
+    model = JanusForConditionalGeneration(janus_config(processor.tokenizer, grid=2, codebook=5)).eval().double()
+    with torch.no_grad():
+        model.model.generation_head.vision_head.weight.mul_(100.0)
+    pipe = SJDPipeline(model, processor)
+    pipe.progress_bar = False
+    return pipe
+
+
+@torch.no_grad()
+def _exact_image_joint(pipe, prompt, scale, temperature, top_k):
+    """P(x0, x1, x2, x3) of the whole 2 x 2 image, by enumeration (every prefix in one forward per
+    step), with the warpers written out here, independently of hasten's Sampling."""
+    adapter, vocab = pipe.adapter, len(pipe.adapter.vocab_ids)
+    embeds, _ = adapter.encode_prompt(prompt, None, True, adapter.layout(None, None))
+    joint = {(): 1.0}
+    for step in range(4):
+        prefixes = list(joint)
+        ids = torch.tensor(prefixes, dtype=torch.long).reshape(len(prefixes), step)
+        inputs = torch.cat([embeds.repeat_interleave(len(prefixes), 0), adapter.embed(ids.repeat(2, 1))], 1)
+        logits = pipe.model.model.generation_head(adapter.language_model(inputs_embeds=inputs).last_hidden_state[:, -1])
+        cond, uncond = logits[:len(prefixes)], logits[len(prefixes):]
+        logits = (uncond + scale * (cond - uncond)) / temperature
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
+        probs = logits.softmax(-1)
+        joint = {p + (x,): joint[p] * float(probs[i, x]) for i, p in enumerate(prefixes) for x in range(vocab)
+                 if probs[i, x] > 0}
+    return joint
+
+
+def _joint_p_value(tokens: torch.Tensor, joint: dict) -> float:
+    cells = sorted(joint)
+    index = {cell: i for i, cell in enumerate(cells)}
+    samples = [index.get(tuple(row), -1) for row in tokens.tolist()]
+    assert -1 not in samples, "a sampled image lies outside the top-k support"
+    return _chi_square_p(np.array(samples), np.array([joint[c] for c in cells]))
+
+
+@pytest.mark.parametrize("init, window, batch_size, n", [("repeat_horizontal", 4, 1, 500), ("random", 2, 1000, 3000)],
+                         ids=["one-at-a-time", "batched"])
+def test_whole_image_sampling_is_lossless_at_moderate_temperature_with_top_k(peaked_janus, init, window, batch_size,
+                                                                             n):
+    """Every token of the image (not only the first two), temperature 0.8, top-k 3: SJD's joint
+    frequencies fit the exact joint (chi-square). With window 2, drafts re-drawn by the Jacobi
+    update are verified in later passes; batched, rows advance by the batch's shortest run. The
+    same samples reject the temperature-1 joint (the test can fail)."""
+    scale, temperature, top_k = 2.0, 0.8, 3
+    joint = _exact_image_joint(peaked_janus, "a red fox", scale, temperature, top_k)
+    assert max(joint.values()) > 0.08 and len(joint) == 81
+    out = peaked_janus(["a red fox"] * n, sjd=SJDConfig(window=window, init=init), guidance_scale=scale,
+                       temperature=temperature, top_k=top_k, seed=3, batch_size=batch_size, decode=False)
+    if batch_size == 1:
+        passes = [len(s.accepted_per_forward) for s in out.per_image]
+        assert 1 < np.mean(passes) < 4, "no multi-token acceptance, or no rejection: a path would go untested"
+    else:
+        assert len(out.per_image[0].accepted_per_forward) > 2, "re-drawn drafts never verified"
+    assert _joint_p_value(out.tokens, joint) > SIGNIFICANCE
+    if batch_size > 1:
+        wrong = _exact_image_joint(peaked_janus, "a red fox", scale, 1.0, top_k)
+        assert _joint_p_value(out.tokens, wrong) < SIGNIFICANCE, "the test cannot tell temperature 0.8 from 1.0"
 
 
 def test_grouped_acceptance_is_opt_in_and_runs(pipe):
@@ -255,31 +348,32 @@ def test_spatial_prior_drafts_follow_new_neighbours(init):
     left (the official repeat_horizon copies it into EVERY new slot), not only the first slot's."""
     from hasten.pipelines.sjd import _Decoder
     from hasten.pipelines.sjd_adapters import ImageLayout
+    from hasten.speculative import Sampling
 
     pipe = SJDPipeline(*tiny.ar_image_model("janus"))
     vocab = len(pipe.adapter.vocab_ids)
     layout = ImageLayout(rows=4, cols=8, length=32, row_stride=8)
-    decoder = _Decoder(pipe.adapter, layout, SJDConfig(init=init), 1.0, lambda ids, logits: logits, False,
-                       torch.Generator().manual_seed(0))
-    span_idx = torch.full((32,), -1, dtype=torch.long)
-    span_idx[:10] = torch.arange(10) + 3  # row 0 and the first two tokens of row 1 are known
-    known = torch.zeros(vocab)
-    known[5] = 1.0
+    decoder = _Decoder(pipe.adapter, layout, SJDConfig(init=init), 1.0, Sampling(), torch.Generator().manual_seed(0))
+    span_idx = torch.full((2, 32), -1, dtype=torch.long)  # two rows: the second one knows other tokens
+    span_idx[0, :10] = torch.arange(10) + 3  # row 0 and the first two tokens of row 1 are known
+    span_idx[1, :10] = torch.arange(10) + 20
+    known = torch.zeros(2, vocab)
+    known[0, 5] = known[1, 7] = 1.0
     dists = {9: known, 2: known}  # the last distribution of span position 9 (and 2, above 10)
     indices, probs = decoder._fresh_drafts(10, 6, span_idx, dists)  # row 1, columns 2-7
+    assert indices.shape == (2, 6) and probs.shape == (2, 6, vocab)
     if init == "repeat_horizontal":
-        assert indices.tolist() == [12] * 6, "span position 9's token, copied into every new slot"
-        assert bool((probs.argmax(-1) == 12).all()) and bool((probs.max(-1).values == 1).all())
+        assert indices.tolist() == [[12] * 6, [29] * 6], "span position 9's token, copied into every new slot"
+        assert bool((probs.argmax(-1) == indices).all()) and bool((probs.max(-1).values == 1).all())
     elif init == "sample_horizontal":
-        assert indices.tolist() == [5] * 6, "every slot drawn from position 9's distribution"
+        assert indices.tolist() == [[5] * 6, [7] * 6], "every slot drawn from position 9's distribution"
     else:  # the upper neighbours (row 0) are all known
-        assert indices.tolist() == (torch.arange(2, 8) + 3).tolist()
+        assert indices.tolist() == [(torch.arange(2, 8) + 3).tolist(), (torch.arange(2, 8) + 20).tolist()]
     # a whole new row with no known left neighbour: one random root, copied along the row
-    indices, probs = _Decoder(pipe.adapter, layout, SJDConfig(init="repeat_horizontal"), 1.0,
-                              lambda ids, logits: logits, False, torch.Generator().manual_seed(1))._fresh_drafts(
-        16, 8, span_idx, {})
-    assert len(set(indices.tolist())) == 1
-    assert float(probs[0].max()) < 1 and bool((probs[1:].max(-1).values == 1).all()), \
+    indices, probs = _Decoder(pipe.adapter, layout, SJDConfig(init="repeat_horizontal"), 1.0, Sampling(),
+                              torch.Generator().manual_seed(1))._fresh_drafts(16, 8, span_idx[:1], {})
+    assert len(set(indices[0].tolist())) == 1
+    assert float(probs[0, 0].max()) < 1 and bool((probs[0, 1:].max(-1).values == 1).all()), \
         "the root is a uniform draw, the rest point masses on it"
 
 

@@ -23,6 +23,14 @@ Greedy mode (:attr:`SJDConfig.greedy`) is plain Jacobi decoding: a draft is acce
 equals ``argmax q``; its token ids equal greedy AR decoding's. Grouped acceptance (GSD,
 :attr:`SJDConfig.grouped`) is lossy and off by default.
 
+Steps 2-4 are :func:`hasten.speculative.chain_verify` (the acceptance core SpecVLM shares), and
+the sampling settings are one :class:`hasten.speculative.Sampling`. Prompts decode in batches of
+``batch_size`` (left-padded, CFG rows doubled as one batch): every row's drafts are tested on
+their own and the batch advances by the shortest accepted run, as the official code does, so
+one KV cache keeps one length (each row stays exact: see :mod:`hasten.speculative.acceptance`).
+Drafts, their distributions, the tests and the draws stay on the model's device; a pass reads
+back one integer (the batch's advance).
+
 Examples
 --------
 >>> import hasten.tiny
@@ -38,13 +46,15 @@ True
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import DynamicCache
 
+from ..speculative.acceptance import chain_verify
+from ..speculative.sampling import Sampling, draw
 from ..transformers_conventions import cache_keyword
 from .sjd_adapters import ARImageAdapter, ImageLayout, adapter_for
 
@@ -101,7 +111,10 @@ class SJDConfig:
 
 @dataclass
 class SJDStats:
-    """What one image cost. ``forwards`` counts every language-model call, the prefill included."""
+    """What one image (or one call) cost. ``forwards`` counts every language-model call, the
+    prefill included; an image decoded in a batch shares its batch's calls, which its stats hold.
+    ``accepted_per_forward``: tokens emitted per decoding pass (per image; summed over the images
+    in a call's total)."""
 
     forwards: int = 0
     tokens: int = 0
@@ -117,9 +130,10 @@ class SJDStats:
 
 @dataclass
 class SJDOutput:
-    """Images ``(B, 3, H, W)`` in [0, 1], the span's sequence ids ``(B, length)`` and per-image stats."""
+    """Images ``(B, 3, H, W)`` in [0, 1] (None with ``decode=False``), the span's sequence ids
+    ``(B, length)`` and per-image stats."""
 
-    images: torch.Tensor
+    images: torch.Tensor | None
     tokens: torch.Tensor
     stats: SJDStats
     per_image: list[SJDStats]
@@ -167,6 +181,8 @@ class SJDPipeline:
         height: int | None = None,
         width: int | None = None,
         seed: int | None = None,
+        batch_size: int = 1,
+        decode: bool = True,
         return_cache: bool = False,
     ) -> SJDOutput:
         """Generate one image per prompt.
@@ -174,7 +190,7 @@ class SJDPipeline:
         Parameters
         ----------
         prompt : str or list of str
-            Prompts are decoded one after another (each with its own acceptance pattern).
+            Prompts, decoded ``batch_size`` at a time.
         sjd : SJDConfig or None
             ``None`` runs plain autoregressive decoding through the same loop.
         guidance_scale : float, optional
@@ -184,7 +200,8 @@ class SJDPipeline:
         negative_prompt : str, optional
             Unconditional prompt (Emu3 only; Janus masks the prompt instead).
         temperature, top_k, top_p
-            Applied after CFG (top-k defaults to the family's official value: Emu3 2048).
+            Applied after CFG (top-k defaults to the family's official value: Emu3 2048), as one
+            :class:`hasten.speculative.Sampling`.
         greedy : bool
             Argmax decoding, for AR (``sjd=None``) and SJD alike (SJD's output is then identical to
             greedy AR's). ``SJDConfig(greedy=True)`` asks for the same.
@@ -192,14 +209,22 @@ class SJDPipeline:
             Emu3: output size in pixels (multiples of its spatial factor 8). Janus: fixed grid.
         seed : int, optional
             Seeds every random draw (drafts, acceptance, sampling).
+        batch_size : int, default 1
+            Prompts decoded together (left-padded, one cache): each pass advances every row by the
+            batch's shortest accepted run, the official code's rule. Greedy outputs do not depend
+            on it; sampled ones follow the same distribution but use the random stream differently.
+        decode : bool, default True
+            Run the image decoder; ``False`` returns the tokens only (``images`` is None).
         return_cache : bool
-            Keep the last prompt's KV cache in the output (for inspection and tests).
+            Keep the last batch's KV cache in the output (for inspection and tests).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("`prompt` is empty")
         if not isinstance(greedy, bool):
             raise ValueError(f"`greedy` must be True or False, got {greedy!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
         if greedy and sjd is not None and sjd.grouped:
             raise ValueError("`greedy=True` with grouped (GSD) acceptance: grouped acceptance is for sampling")
         greedy = greedy or (sjd is not None and sjd.greedy)
@@ -208,91 +233,122 @@ class SJDPipeline:
             raise ValueError(f"`guidance_scale` must be >= 1 (1 disables CFG), got {scale}")
         if negative_prompt is not None and scale == 1.0:
             raise ValueError("`negative_prompt` needs CFG: pass `guidance_scale` > 1")
-        if temperature <= 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"`top_p` must be in (0, 1], got {top_p}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"`top_k` must be >= 1, got {top_k}")
         top_k = self.adapter.default_top_k if top_k is None else top_k
+        if top_k is not None and not isinstance(top_k, bool) and isinstance(top_k, int) \
+                and top_k >= len(self.adapter.vocab_ids):
+            top_k = None  # keeps every image token: no warper
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
         layout = self.adapter.layout(height, width)
-        warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
-        if top_k is not None and top_k < len(self.adapter.vocab_ids):
-            warpers.append(TopKLogitsWarper(top_k))
-        if top_p is not None and top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p))
         generator = torch.Generator(device=self.model.device)
         generator.manual_seed(torch.seed() if seed is None else seed)
-        decoder = _Decoder(self.adapter, layout, sjd, scale, warpers, greedy, generator)
+        decoder = _Decoder(self.adapter, layout, sjd, scale, sampling, generator)
 
-        ids, per_image, cache = [], [], None
-        for text in prompts:
+        ids, per_image, batches, cache = [], [], [], None
+        for first in range(0, len(prompts), batch_size):
+            chunk = prompts[first:first + batch_size]
             start = time.perf_counter()
-            embeds, mask = self.adapter.encode_prompt(text, negative_prompt, scale > 1.0, layout)
-            span, stats, cache = decoder.run(embeds, mask, self.progress_bar)
+            embeds, mask = self._encode(chunk, negative_prompt, scale > 1.0, layout)
+            span, stats, cache = decoder.run(embeds, mask, len(chunk), self.progress_bar)
             stats.seconds = time.perf_counter() - start
             ids.append(span)
-            per_image.append(stats)
-        tokens = torch.stack(ids)
-        images = self.adapter.decode(tokens, layout)
+            batches.append((stats, len(chunk)))
+            per_image += [replace(stats, accepted_per_forward=list(stats.accepted_per_forward)) for _ in chunk]
+        tokens = torch.cat(ids)
+        images = self.adapter.decode(tokens, layout) if decode else None
         total = SJDStats(
-            forwards=sum(s.forwards for s in per_image), tokens=sum(s.tokens for s in per_image),
-            accepted_per_forward=[n for s in per_image for n in s.accepted_per_forward],
-            seconds=sum(s.seconds for s in per_image),
+            forwards=sum(s.forwards for s, _ in batches), tokens=sum(s.tokens * n for s, n in batches),
+            accepted_per_forward=[k * n for s, n in batches for k in s.accepted_per_forward],
+            seconds=sum(s.seconds for s, _ in batches),
         )
         return SJDOutput(images=images, tokens=tokens, stats=total, per_image=per_image,
                          cache=cache if return_cache else None)
 
+    def _encode(self, prompts: list[str], negative_prompt: str | None, cfg: bool, layout: ImageLayout):
+        """Input embeddings ``(R, S, H)`` and mask ``(R, S)`` of a batch, left-padded: the conditional
+        rows of every prompt, then (with CFG) their unconditional rows."""
+        unique = {text: None for text in prompts}  # a repeated prompt is encoded once
+        for text in unique:
+            unique[text] = self.adapter.encode_prompt(text, negative_prompt, cfg, layout)
+        encoded = [unique[text] for text in prompts]
+        length = max(e.shape[1] for e, _ in encoded)
+        groups = encoded[0][0].shape[0]
+        embeds, masks = [], []
+        for group in range(groups):
+            for e, m in encoded:
+                pad = length - e.shape[1]
+                embeds.append(torch.cat([e.new_zeros(pad, e.shape[2]), e[group]]))
+                masks.append(torch.cat([m.new_zeros(pad), m[group]]))
+        return torch.stack(embeds), torch.stack(masks)
+
 
 class _Decoder:
-    """The decoding loop for one layout and one set of sampling settings.
+    """The decoding loop for one layout and one set of sampling settings, over a batch of rows.
 
     Drafts live on the model's device as vocabulary indices (``-1`` at fixed layout positions)
-    with the distributions they were drawn from, so one verification costs one small
-    device-to-host copy, whatever the window.
+    ``(rows, k)`` with the distributions they were drawn from ``(rows, k, V)``; the rows advance
+    together (by the shortest accepted run), so a pass reads back one integer.
     """
 
-    def __init__(self, adapter, layout: ImageLayout, sjd: SJDConfig | None, scale: float, warpers, greedy: bool,
+    def __init__(self, adapter, layout: ImageLayout, sjd: SJDConfig | None, scale: float, sampling: Sampling,
                  generator: torch.Generator):
         self.adapter, self.layout, self.sjd, self.scale = adapter, layout, sjd, scale
-        self.warpers, self.greedy, self.generator = warpers, greedy, generator
+        self.sampling, self.greedy, self.generator = sampling, sampling.greedy, generator
         self.vocab_ids = adapter.vocab_ids
-        self.vocab_list = self.vocab_ids.tolist()  # host copy: mapping emitted tokens costs no device sync
         self.device = self.vocab_ids.device
         self.vocab_size = len(self.vocab_ids)
+        self.dtype = torch.promote_types(next(adapter.model.parameters()).dtype, torch.float32)  # of distributions
         self.window = 0 if sjd is None else sjd.window
         fixed = torch.full((layout.length,), -1, dtype=torch.long)
         for position, token in layout.fixed.items():
             fixed[position] = token
         self.fixed_ids = fixed.to(self.device)
         self.init_mode, _, self.init_direction = (sjd.init if sjd else "random").partition("_")
+        self._plans: dict[tuple[int, int], tuple] = {}
 
     # --- distributions ---------------------------------------------------------------------------
-    def _distributions(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Processed image-token probabilities ``(n, V)`` for each input position."""
-        logits = self.adapter.image_logits(hidden).float()
+    def _distributions(self, hidden: torch.Tensor, rows: int) -> torch.Tensor:
+        """Processed image-token probabilities ``(rows, n, V)`` for each input position."""
+        logits = self.adapter.image_logits(hidden)
+        logits = logits.to(self.dtype)
         if self.scale != 1.0:
-            cond, uncond = logits[0], logits[1]
+            cond, uncond = logits[:rows], logits[rows:]
             logits = uncond + self.scale * (cond - uncond)
-        else:
-            logits = logits[0]
-        logits = self.warpers(None, logits)
-        return torch.softmax(logits, dim=-1)
+        return self.sampling.probs(logits)
 
     def _draw(self, probs: torch.Tensor) -> torch.Tensor:
-        """One index per row of ``probs`` (argmax when greedy), on the device."""
-        if self.greedy:
-            return probs.argmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+        """One index per distribution of ``probs`` (argmax when greedy), on the device."""
+        return draw(probs, self.generator, self.greedy)
 
-    def _sequence_ids(self, positions: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Sequence ids of span ``positions`` holding vocabulary ``indices`` (fixed tokens where fixed)."""
-        fixed = self.fixed_ids[positions]
+    def _sequence_ids(self, start: int, indices: torch.Tensor) -> torch.Tensor:
+        """Sequence ids ``(rows, k)`` of span positions ``start ..`` holding vocabulary ``indices``."""
+        fixed = self.fixed_ids[start:start + indices.shape[1]]
         return torch.where(fixed >= 0, fixed, self.vocab_ids[indices.clamp_min(0)])
 
     # --- drafts ----------------------------------------------------------------------------------
+    def _plan(self, start: int, count: int):
+        """Per new slot: its chain's root slot and the known neighbour the chain starts from (host
+        layout arithmetic, done once per (start, count) and kept as device tensors)."""
+        key = (start, count)
+        if key not in self._plans:
+            roots, known = list(range(count)), [None] * count
+            if self.init_direction:
+                for slot, position in enumerate(range(start, start + count)):
+                    neighbour = self.layout.neighbour(position, self.init_direction)
+                    if neighbour is not None and neighbour >= start:  # a new slot too: same chain
+                        roots[slot] = roots[neighbour - start]
+                    else:
+                        known[slot] = neighbour
+            sources = [known[root] for root in roots]
+            device = self.device
+            self._plans[key] = (sources, torch.tensor(roots, device=device),
+                                torch.tensor([s if s is not None else 0 for s in sources], device=device),
+                                torch.tensor([s is not None for s in sources], device=device),
+                                self.fixed_ids[start:start + count] >= 0)
+        return self._plans[key]
+
     def _fresh_drafts(self, start: int, count: int, span_idx: torch.Tensor, dists: dict[int, torch.Tensor]):
-        """Drafts for span positions ``start .. start+count-1`` by the configured init strategy.
+        """Drafts ``(rows, count)`` and their distributions ``(rows, count, V)`` for span positions
+        ``start .. start+count-1`` by the configured init strategy.
 
         A spatial prior reads each slot's neighbour (left or upper). Where that neighbour is
         itself one of the new slots, the slot follows the chain back to the new slot whose
@@ -301,62 +357,46 @@ class _Decoder:
         random draw), ``sample_*`` draws every slot of the chain from the known neighbour's last
         distribution (uniform where there is none).
         """
-        positions = range(start, start + count)
-        uniform = torch.full((self.vocab_size,), 1.0 / self.vocab_size, device=self.device)
-        roots, known = list(range(count)), [None] * count  # per slot: its chain's root slot, root's neighbour
-        if self.init_direction:
-            for slot, position in enumerate(positions):
-                neighbour = self.layout.neighbour(position, self.init_direction)
-                if neighbour is not None and neighbour >= start:  # a new slot too: same chain
-                    roots[slot] = roots[neighbour - start]
-                else:
-                    known[slot] = neighbour
-        sources = [known[root] for root in roots]  # the known neighbour each slot's chain starts from
+        rows = span_idx.shape[0]
+        sources, roots, source_pos, has_source, fixed = self._plan(start, count)
+        uniform = torch.full((rows, self.vocab_size), 1.0 / self.vocab_size, device=self.device, dtype=self.dtype)
         if self.init_mode == "sample":
-            probs = torch.stack([dists.get(source, uniform) if source is not None else uniform for source in sources])
+            probs = torch.stack([dists.get(s, uniform) if s is not None else uniform for s in sources], 1)
             indices = self._draw(probs)
         else:
-            probs = uniform.expand(count, -1)
-            indices = torch.randint(self.vocab_size, (count,), generator=self.generator, device=self.device)
+            probs = uniform[:, None].expand(rows, count, -1)
+            indices = torch.randint(self.vocab_size, (rows, count), generator=self.generator, device=self.device)
         if self.init_mode == "repeat":
-            source_idx = span_idx[torch.tensor([s if s is not None else 0 for s in sources], device=self.device)]
-            copies = torch.tensor([s is not None for s in sources], device=self.device) & (source_idx >= 0)
-            roots_t = torch.tensor(roots, device=self.device)
-            root_idx = indices[roots_t]  # a chain without a known token: the root's draw
-            indices = torch.where(copies, source_idx, root_idx)
-            repeat = copies | (roots_t != torch.arange(count, device=self.device))
+            source_idx = span_idx[:, source_pos]
+            copies = has_source & (source_idx >= 0)
+            indices = torch.where(copies, source_idx, indices[:, roots])  # a chain without a known token: the root's draw
+            repeat = copies | (roots != torch.arange(count, device=self.device))
             point = torch.nn.functional.one_hot(indices, self.vocab_size).to(uniform.dtype)
-            probs = torch.where(repeat[:, None], point, probs)
-        fixed = self.fixed_ids[start:start + count] >= 0
+            probs = torch.where(repeat[..., None], point, probs)
         return torch.where(fixed, -1, indices), torch.where(fixed[:, None], 0.0, probs)
 
-    def _group_accepts(self, index: int, p: torch.Tensor, q: torch.Tensor) -> bool:
-        order = torch.argsort(q, descending=True)
-        rank = int((order == index).nonzero())
-        lo, hi = max(0, rank - self.sjd.group_radius), rank + self.sjd.group_radius + 1
-        group = order[lo:hi]
-        group = group[(q[group] - q[index]).abs() < self.sjd.group_threshold]
-        ratio = q[group].sum() / p[group].sum().clamp_min(1e-30)
-        return bool(torch.rand((), generator=self.generator, device=q.device) < ratio)
-
-    def _verify(self, indices: torch.Tensor, probs: torch.Tensor, q: torch.Tensor) -> tuple[list[bool], list[int]]:
-        """Per draft: accepted?, and its vocabulary index (one device-to-host copy)."""
-        safe = indices.clamp_min(0)
-        q_draft = q.gather(1, safe[:, None])[:, 0]
-        if self.greedy:
-            ok = safe == q.argmax(-1)
-        else:
-            p_draft = probs.gather(1, safe[:, None])[:, 0]
-            r = torch.rand(len(indices), generator=self.generator, device=self.device)
-            ok = r * p_draft < q_draft  # r < q / p, and p > 0 for every drawn token
-        ok = ok | (indices < 0)
-        ok_list, index_list = torch.stack([ok.long(), indices]).tolist()
-        return [bool(v) for v in ok_list], index_list
+    def _group_accepts(self, drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """GSD's grouped test for every draft at once ``(rows, W)`` (LOSSY): accept with probability
+        ``q(G) / p(G)``, G = the tokens within ``group_radius`` ranks of the draft in sorted-``q``
+        order whose probability is within ``group_threshold`` of the draft's."""
+        radius, vocab = self.sjd.group_radius, q.shape[-1]
+        safe = drafts.clamp_min(0)
+        order = torch.argsort(q, dim=-1, descending=True)
+        rank = (order == safe[..., None]).long().argmax(-1)
+        window = rank[..., None] + torch.arange(-radius, radius + 1, device=q.device)
+        inside = (window >= 0) & (window < vocab)
+        members = order.gather(-1, window.clamp(0, vocab - 1))
+        q_members, p_members = q.gather(-1, members), p.gather(-1, members)
+        q_draft = q.gather(-1, safe[..., None])
+        group = inside & ((q_members - q_draft).abs() < self.sjd.group_threshold)
+        ratio = (q_members * group).sum(-1) / (p_members * group).sum(-1).clamp_min(1e-30)
+        return torch.rand(ratio.shape, generator=self.generator, device=q.device, dtype=ratio.dtype) < ratio
 
     # --- the loop --------------------------------------------------------------------------------
-    def run(self, embeds: torch.Tensor, mask: torch.Tensor, progress: bool):
+    def run(self, embeds: torch.Tensor, mask: torch.Tensor, rows: int, progress: bool):
+        """Decode the span of ``rows`` prompts; ``embeds``/``mask``: their (CFG-doubled) prompt rows."""
         layout, lm, device = self.layout, self.adapter.language_model, embeds.device
-        rows = embeds.shape[0]
+        groups = embeds.shape[0] // rows  # 2 with CFG (conditional rows, then unconditional)
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache()
         cache_arg = cache_keyword(lm)
@@ -368,84 +408,72 @@ class _Decoder:
         last_position = positions[:, -1:]
         mask = mask.clone()
 
-        span: list[int] = []  # emitted sequence ids
-        span_idx = torch.full((layout.length,), -1, dtype=torch.long, device=device)  # accepted/drafted indices
-        dists: dict[int, torch.Tensor] = {}  # latest q per position (only for "sample" inits)
-        draft_idx = torch.empty(0, dtype=torch.long, device=device)
-        draft_p = torch.empty(0, self.vocab_size, device=device)
-        bar = tqdm(total=layout.length, desc="SJD" if self.sjd else "AR", unit="tok", disable=not progress, leave=False)
-        while len(span) < layout.length:
-            n = len(span)
-            width = min(self.window, layout.length - n)
-            if len(draft_idx) < width:
-                more_idx, more_p = self._fresh_drafts(n + len(draft_idx), width - len(draft_idx), span_idx, dists)
-                draft_idx, draft_p = torch.cat([draft_idx, more_idx]), torch.cat([draft_p, more_p])
-                span_idx[n:n + width] = draft_idx[:width]
-            window_idx, window_p = draft_idx[:width], draft_p[:width]
-            window_positions = torch.arange(n, n + width, device=device)
+        length = layout.length
+        span_idx = torch.full((rows, length), -1, dtype=torch.long, device=device)  # accepted/drafted indices
+        dists: dict[int, torch.Tensor] = {}  # latest q (rows, V) per position (only for "sample" inits)
+        draft_idx = torch.empty(rows, 0, dtype=torch.long, device=device)
+        draft_p = torch.empty(rows, 0, self.vocab_size, device=device, dtype=self.dtype)
+        n = 0
+        bar = tqdm(total=length, desc="SJD" if self.sjd else "AR", unit="tok", disable=not progress, leave=False)
+        while n < length:
+            width = min(self.window, length - n)
+            if draft_idx.shape[1] < width:
+                more_idx, more_p = self._fresh_drafts(n + draft_idx.shape[1], width - draft_idx.shape[1], span_idx,
+                                                      dists)
+                draft_idx, draft_p = torch.cat([draft_idx, more_idx], 1), torch.cat([draft_p, more_p], 1)
+                span_idx[:, n:n + width] = draft_idx[:, :width]
+            window_idx, window_p = draft_idx[:, :width], draft_p[:, :width]
             if width:
-                ids = self._sequence_ids(window_positions, window_idx).expand(rows, -1)
+                ids = self._sequence_ids(n, window_idx).repeat(groups, 1)
                 inputs = torch.cat([pending, self.adapter.embed(ids)], 1)
             else:
                 inputs = pending
             step_positions = last_position + torch.arange(width + 1, device=device)
-            step_mask = torch.cat([mask, mask.new_ones(rows, width)], 1)
+            step_mask = torch.cat([mask, mask.new_ones(mask.shape[0], width)], 1)
             cached = cache.get_seq_length()
             hidden = lm(inputs_embeds=inputs, attention_mask=step_mask, position_ids=step_positions,
                         **{cache_arg: cache}, use_cache=True).last_hidden_state
             stats.forwards += 1
-            q = self._distributions(hidden)  # (width + 1, V): q[k] is for span position n + k
+            q = self._distributions(hidden, rows)  # (rows, width + 1, V): q[:, k] is for span position n + k
             if self.init_mode == "sample":
                 for k in range(width + 1):
-                    dists[n + k] = q[k]
-
-            ok, indices = self._verify(window_idx, window_p, q[:width]) if width else ([], [])
-            rejected = next((k for k, accepted in enumerate(ok) if not accepted), None)
-            while rejected is not None and self.sjd.grouped and \
-                    self._group_accepts(indices[rejected], window_p[rejected], q[rejected]):
-                rejected = next((k for k in range(rejected + 1, width) if not ok[k]), None)
-            accepted = width if rejected is None else rejected
-            emitted = [layout.fixed.get(n + k, None) for k in range(accepted)]
-            emitted = [f if f is not None else self.vocab_list[indices[k]] for k, f in enumerate(emitted)]
-            last = None
-            if rejected is not None:  # replacement from normalize(max(0, q - p))
-                residual = q[rejected] if self.greedy else (q[rejected] - window_p[rejected]).clamp_min(0)
-                total = residual.sum()
-                # q == p exactly leaves no residual; a draw from q is then exact (no host sync to check)
-                residual = torch.where(total > 0, residual / total.clamp_min(1e-30), q[rejected])
-                last = int(self._draw(residual[None])[0])
-            elif n + width < layout.length and layout.fixed.get(n + width) is None:  # all accepted: one more
-                last = int(self._draw(q[width:width + 1])[0])
-            if rejected is not None or n + width < layout.length:
-                position = n + len(emitted)
-                fixed = layout.fixed.get(position)
-                emitted.append(fixed if fixed is not None else self.vocab_list[last])
-                span_idx[position] = -1 if fixed is not None else last
+                    dists[n + k] = q[:, k]
+            grouped = self._group_accepts(window_idx, window_p, q[:, :width]) if self.sjd and self.sjd.grouped \
+                else None
+            verdict = chain_verify(window_idx, window_p, q, generator=self.generator, greedy=self.greedy,
+                                   forced=self.fixed_ids[n:n + width] >= 0, also_accept=grouped, shortest=True)
+            accepted = int(verdict.advance[0])  # the pass's one device-to-host read
+            emitted = accepted
+            if n + accepted < length:  # the replacement at the first rejection, or the extra token
+                fixed = n + accepted in layout.fixed
+                span_idx[:, n + accepted] = -1 if fixed else verdict.tokens
+                emitted += 1
 
             # Keep the KV of the pending token and of the accepted drafts; the last emitted token
             # (a replacement or the extra one) is not in the cache yet: it becomes the pending one.
             dropped = cache.get_seq_length() - (cached + 1 + accepted)
             if dropped:
                 cache.crop(-dropped)  # negative = entries to drop (every transformers 4.x/5.x)
-            span.extend(emitted)
-            mask = torch.cat([mask, mask.new_ones(rows, len(emitted))], 1)
-            last_position = last_position + len(emitted)
-            if len(span) < layout.length:
-                pending = self.adapter.embed(torch.tensor([[span[-1]]] * rows, device=device))
-            stats.accepted_per_forward.append(len(emitted))
-            bar.update(len(emitted))
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], emitted)], 1)
+            last_position = last_position + emitted
+            stats.accepted_per_forward.append(emitted)
+            bar.update(emitted)
+            start, n = n, n + emitted
+            if n < length:
+                last = self._sequence_ids(n - 1, span_idx[:, n - 1:n])
+                pending = self.adapter.embed(last.repeat(groups, 1))
 
-            # Jacobi update: drafts after the rejection are re-drawn from this pass's q.
-            if rejected is None:
-                draft_idx, draft_p = draft_idx[:0], draft_p[:0]
+            # Jacobi update: drafts after the shared advance are re-drawn from this pass's q.
+            if accepted == width:
+                draft_idx, draft_p = draft_idx[:, :0], draft_p[:, :0]
             else:
-                first, stop = n + rejected + 1, min(n + width + 1, layout.length)
-                rows_q = q[rejected + 1:rejected + 1 + (stop - first)]
-                redrawn = self._draw(rows_q) if len(rows_q) else rows_q.new_empty(0, dtype=torch.long)
+                first, stop = start + accepted + 1, min(start + width + 1, length)
+                rows_q = q[:, accepted + 1:accepted + 1 + (stop - first)]
+                redrawn = self._draw(rows_q)
                 fixed = self.fixed_ids[first:stop] >= 0
                 draft_idx = torch.where(fixed, -1, redrawn)
                 draft_p = torch.where(fixed[:, None], 0.0, rows_q)
-                span_idx[first:stop] = draft_idx
+                span_idx[:, first:stop] = draft_idx
         bar.close()
-        stats.tokens = len(span)
-        return torch.tensor(span, device=device), stats, cache
+        stats.tokens = length
+        return self._sequence_ids(0, span_idx), stats, cache

@@ -39,6 +39,7 @@ and the committed tokens).
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,7 +176,7 @@ def _verify_tree(model: Any, cache, tree: DraftTree, mrope: bool):
     positions = (past + tree.depths())[None]
     if mrope:  # Qwen: a text token's three mRoPE rows are its position shifted by the image's rope delta
         positions = (positions + model.model.rope_deltas.to(device)).expand(3, -1, -1)
-    return model(input_ids=tree.tokens[None], **{cache_keyword(model): cache}, attention_mask=mask,
+    return model(input_ids=tree.tokens[None], **{_cache_arg(model): cache}, attention_mask=mask,
                  position_ids=positions, use_cache=True, output_hidden_states=True)
 
 
@@ -185,6 +186,22 @@ def _keep_path(cache, past: int, path: torch.Tensor) -> None:
         index = path.to(layer.keys.device) + past
         layer.keys = torch.cat([layer.keys[..., :past, :], layer.keys[..., index, :]], -2)
         layer.values = torch.cat([layer.values[..., :past, :], layer.values[..., index, :]], -2)
+
+
+_CACHE_ARGS: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+def _cache_arg(model: Any) -> str:
+    """``cache_keyword(model)``, read once per model (inspect.signature costs host time per call)."""
+    if model not in _CACHE_ARGS:
+        _CACHE_ARGS[model] = cache_keyword(model)
+    return _CACHE_ARGS[model]
+
+
+def _scores(sampling: Sampling, logits: torch.Tensor) -> torch.Tensor:
+    """What acceptance compares: the processed distribution, or the logits themselves when greedy
+    (only their argmax is read then)."""
+    return logits if sampling.greedy else sampling.probs(logits)
 
 
 class _Batch:
@@ -227,7 +244,7 @@ def _chain_round(model, draft, cache, draft_cache, pending, predicted, steps, sa
     """
     proposals, draft_probs, feature = [], [], predicted
     for _ in range(steps):
-        probs = sampling.probs(draft.logits(feature[:, -1]))
+        probs = _scores(sampling, draft.logits(feature[:, -1]))
         draft_probs.append(probs)
         proposals.append(sampling.draw(probs, generator))
         if len(proposals) < steps:
@@ -237,10 +254,10 @@ def _chain_round(model, draft, cache, draft_cache, pending, predicted, steps, sa
     candidate = torch.cat([pending[:, None], *(p[:, None] for p in proposals)], 1)
     positions = batch.positions(candidate.shape[1], cache.get_seq_length())
     batch.grow(candidate.shape[1])
-    verified = model(input_ids=candidate, **{cache_keyword(model): cache}, attention_mask=batch.mask,
+    verified = model(input_ids=candidate, **{_cache_arg(model): cache}, attention_mask=batch.mask,
                      position_ids=positions, use_cache=True, output_hidden_states=True)
     stats.target_forwards += 1
-    target = sampling.probs(verified.logits)
+    target = _scores(sampling, verified.logits)
     drafted = torch.stack(draft_probs, 1) if steps else target[:, :0]
     verdict = chain_verify(candidate[:, 1:], drafted, target, generator=generator, greedy=sampling.greedy,
                            shortest=True)
@@ -266,7 +283,7 @@ def _tree_round(model, draft, cache, draft_cache, pending, predicted, config, mr
     past = cache.get_seq_length()
     verified = _verify_tree(model, cache, grown, mrope)
     stats.target_forwards += 1
-    choices = sampling.draw(sampling.probs(verified.logits[0]), generator)
+    choices = sampling.draw(_scores(sampling, verified.logits[0]), generator)
     path, length, following = tree_accept(grown.parents[None], grown.tokens[None], choices[None], config.depth)
     nodes = path[0].clamp_min(0)
     host = torch.cat([length, following, grown.tokens[nodes]]).tolist()  # the sync
@@ -363,7 +380,7 @@ def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_to
     cache = output_cache(out)
     mrope = adapter_for(model).mrope
     batch = _Batch(model, attention_mask, mrope)
-    pending = sampling.draw(sampling.probs(out.logits[:, -1]), generator)  # (B,)
+    pending = sampling.draw(_scores(sampling, out.logits[:, -1]), generator)  # (B,)
     features, next_embeds, allowed, stats.compressed_visual = _draft_prefill(
         model, draft, input_ids, attention_mask, out.hidden_states[-1], embeds, pending, batch)
     draft_cache = DynamicCache()

@@ -146,7 +146,9 @@ class DraftModel(nn.Module):
             mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
                 ~allowed.to(x.device), torch.finfo(x.dtype).min)
             mask = mask[None, None] if mask.dim() == 2 else mask[:, None]
-        out = self.layer(x, attention_mask=mask, position_ids=positions, **{cache_keyword(self.layer): cache},
+        if not hasattr(self, "_cache_arg"):
+            self._cache_arg = cache_keyword(self.layer)  # read once: inspect.signature costs host time per call
+        out = self.layer(x, attention_mask=mask, position_ids=positions, **{self._cache_arg: cache},
                          position_embeddings=cos_sin, use_cache=cache is not None)
         return out[0] if isinstance(out, tuple) else out
 
