@@ -14,7 +14,14 @@ vocab 102400, 24 x 24 image tokens from a 16384-entry codebook) with random weig
 device, and times one decoding pass at real shapes: AR (CFG batch 2, 1 new token) vs an SJD
 window (CFG batch 2, 1 + L new tokens), plus whole images.
 
+``--batch-sizes 1 4 8`` decodes 8 prompts in batches of each size (one cache per batch, the
+batch advancing by its shortest accepted run) with SJD and with AR, and reports seconds and
+passes per image. ``--host`` measures, per decoding pass, the host milliseconds outside the
+model's forwards and the device-to-host reads (``.item()``, ``.tolist()``, ``int(tensor)``, ...:
+each a sync on a GPU) with :class:`hasten.speculative.HostProfile`.
+
     python benchmarks/sjd.py --model tiny-janus tiny-emu3
+    python benchmarks/sjd.py --model tiny-janus tiny-emu3 --init random --batch-sizes 1 4 8 --host
     python benchmarks/sjd.py --arch janus-pro-1b --device cuda
 """
 
@@ -30,6 +37,7 @@ from common import machine, median_ms, print_json
 
 from hasten import tiny
 from hasten.pipelines.sjd import INIT_STRATEGIES, SJDConfig, SJDPipeline
+from hasten.speculative import HostProfile
 from hasten.transformers_conventions import cache_keyword
 
 PROMPTS = ["a red fox in the snow", "an old lighthouse on a cliff", "a bowl of fresh fruit"]
@@ -84,6 +92,62 @@ def run_pipeline(name: str, pipe: SJDPipeline, inits: list[str], window: int, re
     return rows
 
 
+BATCH_PROMPTS = PROMPTS + ["a green tree by a river", "a yellow taxi at night", "two cats on a sofa",
+                           "a mountain lake at dawn", "a snowy village street"]
+
+
+def run_batches(name: str, pipe: SJDPipeline, batch_sizes: list[int], window: int) -> list[dict]:
+    """8 prompts decoded in batches of each size, SJD (random init) and AR, tokens only."""
+    device = pipe.model.device
+    rows = []
+
+    def timed(config, batch_size):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = pipe(BATCH_PROMPTS, sjd=config, seed=0, batch_size=batch_size, decode=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - start
+
+    pipe(BATCH_PROMPTS[:2], sjd=SJDConfig(window=window), seed=0, batch_size=2, decode=False)  # warm-up
+    base = {}
+    for batch_size in batch_sizes:
+        ar, ar_s = timed(None, batch_size)
+        sjd, sjd_s = timed(SJDConfig(window=window), batch_size)
+        images = len(BATCH_PROMPTS)
+        base.setdefault("sjd", sjd_s)
+        rows.append(dict(model=name, batch=batch_size, images=images,
+                         sjd_passes_per_image=round(sjd.stats.forwards / images, 2),
+                         ar_passes_per_image=round(ar.stats.forwards / images, 2),
+                         sjd_s_per_image=round(sjd_s / images, 4), ar_s_per_image=round(ar_s / images, 4),
+                         speedup_vs_ar=round(ar_s / sjd_s, 2), sjd_vs_batch1=round(base["sjd"] / sjd_s, 2)))
+    return rows
+
+
+def host_overhead(name: str, pipe: SJDPipeline, window: int, repeats: int = 4) -> list[dict]:
+    """Host ms (outside the model's modules) and device reads per decoding pass, batch 1."""
+    modules = list(pipe.model.model.children()) + list(pipe.model.children())
+    rows = []
+    pipe(PROMPTS[0], sjd=SJDConfig(window=window), seed=0, decode=False)  # warm-up
+    for label, config in (("AR", None), ("SJD random", SJDConfig(window=window)),
+                          ("SJD repeat_horizontal", SJDConfig(window=window, init="repeat_horizontal"))):
+        host, syncs, model_ms, passes = [], [], [], []
+        for seed in range(repeats):
+            with HostProfile(modules) as profile:
+                out = pipe(PROMPTS[seed % len(PROMPTS)], sjd=config, seed=seed, decode=False)
+            count = len(out.stats.accepted_per_forward)
+            host.append(1e3 * profile.host_seconds / count)
+            syncs.append(profile.syncs / count)
+            model_ms.append(1e3 * profile.model_seconds / count)
+            passes.append(count)
+        rows.append(dict(model=name, decoding=label, passes=round(statistics.mean(passes), 1),
+                         host_ms_per_pass=round(statistics.median(host), 3),
+                         model_ms_per_pass=round(statistics.median(model_ms), 3),
+                         syncs_per_pass=round(statistics.mean(syncs), 2)))
+    return rows
+
+
 def pass_timing(model, processor, device, window: int) -> list[dict]:
     """One decoding pass at real shapes: AR (1 token) vs SJD (1 + window tokens), CFG batch 2."""
     from transformers import DynamicCache
@@ -122,8 +186,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="times each prompt is generated")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[],
+                        help="also decode 8 prompts in batches of these sizes (SJD random init and AR)")
+    parser.add_argument("--host", action="store_true", help="also measure host ms and device reads per pass")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--skip-inits", action="store_true", help="skip the per-init table")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(f"# SJD vs AR | {machine(device)}")
@@ -150,7 +221,12 @@ def main(argv: list[str] | None = None) -> None:
                 processor = AutoProcessor.from_pretrained(name)
             pipe = SJDPipeline(model.to(device), processor)
             pipe.progress_bar = False
-            rows += run_pipeline(name, pipe, args.init, args.window, args.repeats)
+            if not args.skip_inits:
+                rows += run_pipeline(name, pipe, args.init, args.window, args.repeats)
+            if args.batch_sizes:
+                rows += run_batches(name, pipe, args.batch_sizes, args.window)
+            if args.host:
+                rows += host_overhead(name, pipe, args.window)
     generation = [r for r in rows if "init" in r]
     print(f"{'model':14s} {'init':18s} {'tokens':>6s} {'AR passes':>9s} {'SJD passes':>10s} {'fewer':>6s} "
           f"{'tok/pass':>8s} {'AR s':>7s} {'SJD s':>7s} {'speedup':>7s}")
@@ -159,6 +235,21 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['pass_reduction']:5.2f}x {r['tokens_per_pass']:8.2f} {r['ar_s']:7.3f} {r['sjd_s']:7.3f} "
               f"{r['speedup']:6.2f}x")
     print("(random weights: acceptance rates are not evidence of quality or of a trained model's speedup)")
+    batches = [r for r in rows if "batch" in r]
+    if batches:
+        print(f"\n{'model':14s} {'batch':>5s} {'SJD passes/img':>14s} {'AR passes/img':>13s} {'SJD s/img':>9s} "
+              f"{'AR s/img':>8s} {'vs AR':>6s} {'vs batch 1':>10s}")
+        for r in batches:
+            print(f"{r['model']:14s} {r['batch']:5d} {r['sjd_passes_per_image']:14.2f} {r['ar_passes_per_image']:13.2f} "
+                  f"{r['sjd_s_per_image']:9.4f} {r['ar_s_per_image']:8.4f} {r['speedup_vs_ar']:5.2f}x "
+                  f"{r['sjd_vs_batch1']:9.2f}x")
+    host = [r for r in rows if "host_ms_per_pass" in r]
+    if host:
+        print(f"\n{'model':14s} {'decoding':22s} {'passes':>6s} {'host ms/pass':>12s} {'model ms/pass':>13s} "
+              f"{'reads/pass':>10s}")
+        for r in host:
+            print(f"{r['model']:14s} {r['decoding']:22s} {r['passes']:6.1f} {r['host_ms_per_pass']:12.3f} "
+                  f"{r['model_ms_per_pass']:13.3f} {r['syncs_per_pass']:10.2f}")
     if args.json:
         print_json(rows)
 

@@ -26,7 +26,8 @@ def register(commands) -> None:
     cmd.add_argument("--negative-prompt", default=None, help="unconditional prompt (Emu3 only)")
     cmd.add_argument("--no-sjd", action="store_true", help="plain autoregressive decoding")
     cmd.add_argument("--compare", action="store_true", help="run SJD and AR with the same seed, report both")
-    cmd.add_argument("--window", type=positive, default=16, help="SJD window length L (default 16)")
+    cmd.add_argument("--window", type=positive, default=16, help="SJD drafts per pass, besides the pending token (default 16; the official "
+                     "max_num_new_tokens=16 is --window 15)")
     cmd.add_argument("--init", default="random",
                      choices=("random", "sample_horizontal", "sample_vertical", "repeat_horizontal",
                               "repeat_vertical"), help="initialisation of new draft tokens (default random)")
