@@ -37,7 +37,10 @@ from common import machine, median_ms, print_json
 
 from hasten import tiny
 from hasten.pipelines.sjd import INIT_STRATEGIES, SJDConfig, SJDPipeline
-from hasten.speculative import HostProfile
+try:
+    from hasten.speculative import HostProfile
+except ImportError:  # measuring an older hasten commit (before/after): pass --profile-module
+    HostProfile = None
 from hasten.transformers_conventions import cache_keyword
 
 PROMPTS = ["a red fox in the snow", "an old lighthouse on a cliff", "a bowl of fresh fruit"]
@@ -125,21 +128,53 @@ def run_batches(name: str, pipe: SJDPipeline, batch_sizes: list[int], window: in
     return rows
 
 
-def host_overhead(name: str, pipe: SJDPipeline, window: int, repeats: int = 4) -> list[dict]:
-    """Host ms (outside the model's modules) and device reads per decoding pass, batch 1."""
-    modules = list(pipe.model.model.children()) + list(pipe.model.children())
+class LoopProfile:
+    """Host ms and device reads inside the decoding loop only (``_Decoder.run``: prompt encoding and
+    the image decoder excluded), the model's modules' forwards taken out. The same measurement
+    runs on older hasten commits (it needs only ``_Decoder.run`` and a HostProfile)."""
+
+    def __init__(self, pipe, profile_class):
+        import hasten.pipelines.sjd as sjd_module
+
+        self.module, self.profile_class = sjd_module, profile_class
+        self.modules = list(pipe.model.model.children()) + list(pipe.model.children())
+        self.host_s = self.model_s = 0.0
+        self.syncs = 0
+
+    def __enter__(self):
+        original = self.original = self.module._Decoder.run
+        loop = self
+
+        def run(decoder, *args, **kwargs):
+            with loop.profile_class(loop.modules) as profile:
+                result = original(decoder, *args, **kwargs)
+            loop.host_s += profile.host_seconds
+            loop.model_s += profile.model_seconds
+            loop.syncs += profile.syncs
+            return result
+
+        self.module._Decoder.run = run
+        return self
+
+    def __exit__(self, *exc):
+        self.module._Decoder.run = self.original
+
+
+def host_overhead(name: str, pipe: SJDPipeline, window: int, repeats: int = 4, profile_class=HostProfile) -> list[dict]:
+    """Host ms (outside the model's modules) and device reads per decoding pass, in the decoding
+    loop, batch 1."""
     rows = []
-    pipe(PROMPTS[0], sjd=SJDConfig(window=window), seed=0, decode=False)  # warm-up
+    pipe(PROMPTS[0], sjd=SJDConfig(window=window), seed=0)  # warm-up
     for label, config in (("AR", None), ("SJD random", SJDConfig(window=window)),
                           ("SJD repeat_horizontal", SJDConfig(window=window, init="repeat_horizontal"))):
         host, syncs, model_ms, passes = [], [], [], []
         for seed in range(repeats):
-            with HostProfile(modules) as profile:
-                out = pipe(PROMPTS[seed % len(PROMPTS)], sjd=config, seed=seed, decode=False)
+            with LoopProfile(pipe, profile_class) as loop:
+                out = pipe(PROMPTS[seed % len(PROMPTS)], sjd=config, seed=seed)
             count = len(out.stats.accepted_per_forward)
-            host.append(1e3 * profile.host_seconds / count)
-            syncs.append(profile.syncs / count)
-            model_ms.append(1e3 * profile.model_seconds / count)
+            host.append(1e3 * loop.host_s / count)
+            syncs.append(loop.syncs / count)
+            model_ms.append(1e3 * loop.model_s / count)
             passes.append(count)
         rows.append(dict(model=name, decoding=label, passes=round(statistics.mean(passes), 1),
                          host_ms_per_pass=round(statistics.median(host), 3),
@@ -189,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[],
                         help="also decode 8 prompts in batches of these sizes (SJD random init and AR)")
     parser.add_argument("--host", action="store_true", help="also measure host ms and device reads per pass")
+    parser.add_argument("--profile-module", default=None,
+                        help="import HostProfile from this module (to measure an older hasten commit with the "
+                        "same profiler, e.g. a copy of hasten/speculative/profiling.py)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--skip-inits", action="store_true", help="skip the per-init table")
     parser.add_argument("--json", action="store_true")
@@ -226,7 +264,12 @@ def main(argv: list[str] | None = None) -> None:
             if args.batch_sizes:
                 rows += run_batches(name, pipe, args.batch_sizes, args.window)
             if args.host:
-                rows += host_overhead(name, pipe, args.window)
+                profile_class = HostProfile
+                if args.profile_module:
+                    import importlib
+
+                    profile_class = importlib.import_module(args.profile_module).HostProfile
+                rows += host_overhead(name, pipe, args.window, profile_class=profile_class)
     generation = [r for r in rows if "init" in r]
     print(f"{'model':14s} {'init':18s} {'tokens':>6s} {'AR passes':>9s} {'SJD passes':>10s} {'fewer':>6s} "
           f"{'tok/pass':>8s} {'AR s':>7s} {'SJD s':>7s} {'speedup':>7s}")

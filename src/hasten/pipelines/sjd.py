@@ -29,7 +29,7 @@ the sampling settings are one :class:`hasten.speculative.Sampling`. Prompts deco
 their own and the batch advances by the shortest accepted run, as the official code does, so
 one KV cache keeps one length (each row stays exact: see :mod:`hasten.speculative.acceptance`).
 Drafts, their distributions, the tests and the draws stay on the model's device; a pass reads
-back one integer (the batch's advance).
+back one integer (the batch's advance; plain AR reads back nothing).
 
 Examples
 --------
@@ -440,13 +440,17 @@ class _Decoder:
                     dists[n + k] = q[:, k]
             grouped = self._group_accepts(window_idx, window_p, q[:, :width]) if self.sjd and self.sjd.grouped \
                 else None
-            verdict = chain_verify(window_idx, window_p, q, generator=self.generator, greedy=self.greedy,
-                                   forced=self.fixed_ids[n:n + width] >= 0, also_accept=grouped, shortest=True)
-            accepted = int(verdict.advance[0])  # the pass's one device-to-host read
+            if width:
+                verdict = chain_verify(window_idx, window_p, q, generator=self.generator, greedy=self.greedy,
+                                       forced=self.fixed_ids[n:n + width] >= 0, also_accept=grouped, shortest=True)
+                accepted = int(verdict.advance[0])  # the pass's one device-to-host read
+                tokens = verdict.tokens
+            else:  # AR: nothing to verify, nothing to read back
+                accepted, tokens = 0, None
             emitted = accepted
             if n + accepted < length:  # the replacement at the first rejection, or the extra token
                 fixed = n + accepted in layout.fixed
-                span_idx[:, n + accepted] = -1 if fixed else verdict.tokens
+                span_idx[:, n + accepted] = -1 if fixed else (tokens if tokens is not None else self._draw(q[:, 0]))
                 emitted += 1
 
             # Keep the KV of the pending token and of the accepted drafts; the last emitted token
