@@ -54,7 +54,7 @@ from . import scenes
 from ._store import home, seeded
 
 __all__ = [
-    "CODEBOOK", "GRID", "IMAGE_SIZE", "MAX_OBJECTS", "janus_micro_config", "load", "load_vq", "scene_images",
+    "AR_SCHEDULE_STEPS", "CODEBOOK", "GRID", "IMAGE_SIZE", "MAX_OBJECTS", "janus_micro_config", "load", "load_vq", "scene_images",
     "train_janus", "train_vq",
 ]
 
@@ -371,6 +371,11 @@ def _save_model(model, processor, folder: pathlib.Path) -> None:
     processor.save_pretrained(folder)
 
 
+AR_SCHEDULE_STEPS = 2500
+"""Horizon of the AR stage's cosine learning-rate schedule, fixed whatever ``steps`` is: a run of
+``steps`` steps is the first ``steps`` steps of one schedule, so it resumes and stops anywhere."""
+
+
 def train_janus(out: str | pathlib.Path, *, steps: int | None = None, seed: int = _SEED, resume: bool = False,
                 progress: bool = True, batch_size: int = 32, dataset_size: int = 40_000, uncond_rate: float = 0.1,
                 vq_folder: str | pathlib.Path | None = None, checkpoint_every: int = 100) -> pathlib.Path:
@@ -382,8 +387,8 @@ def train_janus(out: str | pathlib.Path, *, steps: int | None = None, seed: int 
         Run folder: the tokenised dataset, the checkpoint and, at the end, the whole
         ``JanusForConditionalGeneration`` with its ``JanusProcessor`` in ``out / "model"``.
     steps : int, optional
-        AdamW steps (default 2500; learning rate 2e-3, 100 warm-up steps, cosine decay to 10%,
-        weight decay 0.01, gradient norm clipped at 1).
+        AdamW steps (default 1500; learning rate 2e-3, 100 warm-up steps, then cosine decay towards
+        10% over :data:`AR_SCHEDULE_STEPS`, weight decay 0.01, gradient norm clipped at 1).
     seed : int, default 0
     resume : bool, default False
         Continue from the checkpoint in ``out``.
@@ -413,7 +418,7 @@ def train_janus(out: str | pathlib.Path, *, steps: int | None = None, seed: int 
 
     from . import trained
 
-    steps = 2500 if steps is None else steps
+    steps = 1500 if steps is None else steps
     _check_steps(steps)
     if not 0.0 <= uncond_rate < 1.0:
         raise ValueError(f"`uncond_rate` must be in [0, 1), got {uncond_rate!r}")
@@ -439,7 +444,7 @@ def train_janus(out: str | pathlib.Path, *, steps: int | None = None, seed: int 
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="janus", disable=not progress)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, steps, 2e-3, 100)
+            group["lr"] = _lr(step, AR_SCHEDULE_STEPS, 2e-3, 100)
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         rows = torch.randint(len(tokens), (batch_size,), generator=g)
         uncond = torch.rand(batch_size, generator=g) < uncond_rate
