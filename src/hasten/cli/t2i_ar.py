@@ -9,6 +9,9 @@ from pathlib import Path
 from ._types import finite, fraction, positive, positive_float
 
 TINY = {"tiny-janus": "janus", "tiny-emu3": "emu3"}
+TRAINED = "trained-janus"
+"""The micro Janus trained on hasten's scenes (:mod:`hasten.tiny.micro_janus`): the default model."""
+DEFAULT_PROMPT = "a red circle at the top left and a blue square at the bottom right"
 
 
 def register(commands) -> None:
@@ -19,10 +22,11 @@ def register(commands) -> None:
         "Jacobi Decoding (lossless: same distribution as plain sampling, fewer forward passes); --no-sjd runs "
         "plain autoregressive decoding through the same loop; --compare runs both with the same seed.",
     )
-    cmd.add_argument("--model", default="tiny-janus",
-                     help="tiny-janus, tiny-emu3 (embedded, random weights) or a Janus / Emu3 hub id or folder "
-                     "(default: tiny-janus)")
-    cmd.add_argument("--prompt", default="a red fox in the snow, highly detailed")
+    cmd.add_argument("--model", default=TRAINED,
+                     help=f"{TRAINED} (shipped, trained on captioned scenes: 'a red circle at the top left'), "
+                     f"tiny-janus, tiny-emu3 (embedded, random weights) or a Janus / Emu3 hub id or folder "
+                     f"(default: {TRAINED})")
+    cmd.add_argument("--prompt", default=DEFAULT_PROMPT)
     cmd.add_argument("--negative-prompt", default=None, help="unconditional prompt (Emu3 only)")
     cmd.add_argument("--no-sjd", action="store_true", help="plain autoregressive decoding")
     cmd.add_argument("--compare", action="store_true", help="run SJD and AR with the same seed, report both")
@@ -50,7 +54,10 @@ def _load(model: str, device: str | None):
     from .. import tiny
     from ..pipelines.loading import load_transformers_model
 
+    from ..tiny import micro_janus
+
     loaders = {name: (lambda kind=kind: tiny.ar_image_model(kind)) for name, kind in TINY.items()}
+    loaders[TRAINED] = micro_janus.load
     return load_transformers_model(model, loaders, device)
 
 
