@@ -49,10 +49,10 @@ MICRO_VLMS: tuple[str, ...] = ("llava", "qwen2.5-vl")
 """The trained tiny VLMs."""
 
 _SCENE_SIZE = {"llava": 36, "qwen2.5-vl": 48}
-_DEFAULT_STEPS = {"llava": (1500, 32), "qwen2.5-vl": (600, 24)}  # (steps, batch size)
+_DEFAULT_STEPS = {"llava": (1000, 32), "qwen2.5-vl": (400, 16)}  # (steps, batch size)
 _SEED = 20
 _LLAVA_PATCH = 4
-_WARM_FRACTION = {"llava": 0.2, "qwen2.5-vl": 0.0}  # curriculum: one-object scenes first
+_WARM_FRACTION = {"llava": 0.2, "qwen2.5-vl": 0.2}  # curriculum: one-object scenes first
 
 
 def weights_path(name: str) -> pathlib.Path:
@@ -123,11 +123,34 @@ def build(name: str, seed: int = _SEED) -> tuple[Any, Any]:
         cls = Qwen2_5_VLForConditionalGeneration
     with seeded(seed):
         model = cls(config)
-    if name == "llava":
-        _sincos_positions(model.model.vision_tower.embeddings.position_embedding.weight, size // _LLAVA_PATCH)
+        _content_first(model, name)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, processor
+
+
+def _content_first(model: Any, name: str) -> None:
+    """The micro-world initialisation (seeded, inside :func:`build`): patch embeddings N(0, 0.1)
+    instead of N(0, 0.02), the projector / merger with PyTorch's default Linear initialisation, and
+    (LLaVA) CLIP positions from a 2-D sin-cos table x 0.2.
+
+    Why: with the transformers defaults the image tokens leave the tower nearly identical (the
+    pre-LayerNorm sees a patch signal ~0.1 next to the same background everywhere), and the tiny
+    model sat at chance on every image question for 1,200 steps (measured; it learned only the
+    answer prior per question type). With content first, one-object colour questions reach 73%
+    held-out accuracy after 100 steps of 16.
+    """
+    if name == "llava":
+        embeddings = model.model.vision_tower.embeddings
+        patch, projector = embeddings.patch_embedding.weight, model.model.multi_modal_projector
+        _sincos_positions(embeddings.position_embedding.weight, _SCENE_SIZE[name] // _LLAVA_PATCH, 0.2)
+    else:
+        patch, projector = model.model.visual.patch_embed.proj.weight, model.model.visual.merger
+    with torch.no_grad():
+        patch.normal_(0.0, 0.1)
+    for module in projector.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.reset_parameters()
 
 
 def _sincos_positions(weight: torch.Tensor, side: int, amplitude: float = 0.5) -> None:
@@ -208,7 +231,7 @@ def _train_sample(name: str, seed: int, warm: bool = False) -> VQASample:
 
 
 def train(name: str, out: str | pathlib.Path, *, steps: int | None = None, batch_size: int | None = None,
-          lr: float = 2e-3, seed: int = 0, resume: bool = False, checkpoint_every: int = 50,
+          lr: float = 3e-3, seed: int = 0, resume: bool = False, checkpoint_every: int = 50,
           progress: bool = True) -> pathlib.Path:
     """Train ``name`` from its seeded initialisation on :mod:`hasten.tiny.vqa`; save it in ``out / "model"``.
 
@@ -216,9 +239,9 @@ def train(name: str, out: str | pathlib.Path, *, steps: int | None = None, batch
     training samples of seeds ``(20 + seed) * 10**7 + s * batch_size + i`` (all below
     :data:`~hasten.tiny.vqa.HELD_OUT_SEED`). AdamW (weight decay 0.01) with a 100-step linear
     warm-up and cosine decay, gradients clipped at 1; the loss is the cross-entropy of the answer
-    tokens and the end-of-sequence token only. Defaults: LLaVA 1500 steps of 32 samples (the first
+    tokens and the end-of-sequence token only. Defaults: LLaVA 1000 steps of 32 samples (the first
     20% on one-object scenes), Qwen2.5-VL
-    600 steps of 24 (half scenes, half GUI trajectories). ``out`` keeps a checkpoint (model,
+    400 steps of 16 (half scenes, half GUI trajectories). ``out`` keeps a checkpoint (model,
     optimiser, schedule, step) every ``checkpoint_every`` steps; ``resume=True`` continues from it
     and gives the same weights as an uninterrupted run. Returns ``out / "model"``.
     """
