@@ -1,6 +1,6 @@
 """Speculative Jacobi Decoding demo: one prompt by SJD and by plain AR decoding, side by side.
 
-Run it with ``hasten app sjd [--model tiny-janus] [--port 7860]`` or ``python apps/sjd_app.py``.
+Run it with ``hasten app sjd [--model trained-janus] [--port 7860]`` or ``python apps/sjd_app.py``.
 The model is loaded once, when the app is built. Every Run generates the prompt with SJD and
 (when "compare" is on) with plain autoregressive decoding through the same loop and seed, then
 shows both images with forward passes, tokens per pass and wall time.
@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from apps.launcher import add_common_args, launch, to_image  # noqa: E402
-from hasten.cli.t2i_ar import _load  # noqa: E402
+from hasten.cli.t2i_ar import DEFAULT_PROMPT, TRAINED, _load  # noqa: E402
 from hasten.pipelines.sjd import INIT_STRATEGIES, SJDConfig, SJDPipeline  # noqa: E402
 
 __all__ = ["SJDRun", "build_demo", "main"]
@@ -74,9 +74,10 @@ class SJDRun:
         return images["SJD"], images.get("AR"), report
 
 
-def build_demo(model: str = "tiny-janus", device: str | None = None,
+def build_demo(model: str = TRAINED, device: str | None = None,
                dtype: str | torch.dtype | None = None) -> gr.Blocks:
-    """The SJD app for ``model`` (``tiny-janus``, ``tiny-emu3`` or a Janus / Emu3 id), loaded once.
+    """The SJD app for ``model`` (``trained-janus``: the micro Janus trained on scenes; ``tiny-janus``,
+    ``tiny-emu3``: random weights; or a Janus / Emu3 id), loaded once.
 
     ``dtype`` is accepted for the shared launcher flags; the model loads in bfloat16 on CUDA and
     float32 on the CPU.
@@ -99,7 +100,7 @@ def build_demo(model: str = "tiny-janus", device: str | None = None,
         )
         with gr.Row():
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", value="a red fox in the snow, highly detailed", lines=2,
+                prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2,
                                     elem_id="prompt")
                 with gr.Row():
                     window = gr.Number(label="Window (draft tokens per pass)", value=16, precision=0,
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     """``hasten app sjd``: parse the common app flags, build the demo and serve it until stopped."""
     parser = argparse.ArgumentParser(prog="hasten app sjd",
                                      description="Gradio app: Speculative Jacobi Decoding vs autoregressive decoding.")
-    add_common_args(parser, default_model="tiny-janus")
+    add_common_args(parser, default_model=TRAINED)
     args = parser.parse_args(argv)
     demo = build_demo(args.model, device=args.device, dtype=args.dtype)
     launch(demo, host=args.host, port=args.port, share=args.share)
