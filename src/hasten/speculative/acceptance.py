@@ -60,7 +60,14 @@ class ChainVerdict:
 def residual(target: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:
     """``normalize(max(0, target - draft))`` over the last dim; ``target`` where that has no mass
     (``target == draft``: then the draft was accepted with probability one and a draw from
-    ``target`` is the exact replacement)."""
+    ``target`` is the exact replacement).
+
+    Examples
+    --------
+    >>> import torch
+    >>> residual(torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.6, 0.2])).tolist()
+    [1.0, 0.0, 0.0]
+    """
     rest = (target - draft).clamp_min(0)
     total = rest.sum(-1, keepdim=True)
     return torch.where(total > 0, rest / total.clamp_min(torch.finfo(rest.dtype).tiny), target)

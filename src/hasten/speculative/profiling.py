@@ -49,6 +49,15 @@ class HostProfile:
     by_method : collections.Counter
         The same, per method name.
     model_seconds, wall_seconds : float
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = torch.nn.Linear(2, 2)
+    >>> with HostProfile([layer]) as profile:
+    ...     total = float(layer(torch.ones(1, 2)).detach().sum())
+    >>> profile.syncs, profile.model_seconds <= profile.wall_seconds
+    (1, True)
     """
 
     def __init__(self, modules: Iterable[torch.nn.Module] = ()):
