@@ -76,7 +76,7 @@ class VLMRun:
 
     def _speculative(self, image: np.ndarray, inputs) -> tuple[str, np.ndarray, str]:
         """Lossless speculative decoding with the loaded draft, timed against plain generate()."""
-        from hasten.token_pruning.specvlm import speculative_generate
+        from hasten.speculative.specvlm import speculative_generate
 
         if self.draft is None:
             raise gr.Error("no SpecVLM draft is loaded: start the app with --draft DIR (hasten vlm train-draft)")
@@ -156,7 +156,7 @@ def build_demo(model: str = "tiny-llava", device: str | None = None, dtype: str 
     loaded, processor = load_vlm(model, device)
     draft_model = None
     if draft is not None:
-        from hasten.token_pruning.specvlm import DraftModel
+        from hasten.speculative.specvlm import DraftModel
 
         draft_model = DraftModel.from_pretrained(draft, loaded)
     run = VLMRun(loaded, processor, model, draft_model)

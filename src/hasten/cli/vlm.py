@@ -81,7 +81,7 @@ def run_ask(args: argparse.Namespace) -> int:
     from ..token_pruning.evaluate import load_vlm, make_method, sample_images
 
     if args.speculative is not None:
-        from ..token_pruning.specvlm.draft import CONFIG_NAME
+        from ..speculative.specvlm.draft import CONFIG_NAME
 
         if not (args.speculative / CONFIG_NAME).is_file():
             raise ValueError(f"--speculative {args.speculative}: not a SpecVLM draft folder (no {CONFIG_NAME}); train "
@@ -97,7 +97,7 @@ def run_ask(args: argparse.Namespace) -> int:
     inputs = processor(images=[image], text=[chat_prompt(processor, args.question)], return_tensors="pt")
     inputs = inputs.to(model.device)
     if args.speculative is not None:
-        from ..token_pruning.specvlm import DraftModel, speculative_generate
+        from ..speculative.specvlm import DraftModel, speculative_generate
 
         if args.prune != "none":
             raise ValueError("--speculative decodes the unpruned target losslessly; it does not combine with --prune")
@@ -126,7 +126,7 @@ def run_ask(args: argparse.Namespace) -> int:
 
 def check_training_data(data: Path, argument: str = "--data") -> None:
     """A clear ``ValueError`` (naming the file, and the line of a JSONL file) for training data
-    :func:`~hasten.token_pruning.specvlm.load_pairs` cannot read; nothing is loaded."""
+    :func:`~hasten.speculative.specvlm.load_pairs` cannot read; nothing is loaded."""
     if not data.exists():
         raise ValueError(f"{argument} {data} does not exist; give a JSONL file ({{\"image\", \"prompt\"}} per line) "
                          "or a folder of images")
@@ -156,7 +156,7 @@ def check_training_data(data: Path, argument: str = "--data") -> None:
 def run_train_draft(args: argparse.Namespace) -> int:
     from ..pipelines.loading import check_device
     from ..token_pruning.evaluate import load_vlm, sample_images
-    from ..token_pruning.specvlm import DraftModel, load_pairs, train_draft
+    from ..speculative.specvlm import DraftModel, load_pairs, train_draft
     from ._common import check_output_folder
 
     check_output_folder(args.out, "--out")
