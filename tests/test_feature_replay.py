@@ -167,3 +167,31 @@ def test_consistedit_copies_the_sources_values_into_the_preserved_target_tokens(
         assert torch.equal(v[1, preserved], v[0, preserved])  # target = source where preserved
     assert any(not torch.allclose(v[1, ~preserved], v[0, ~preserved]) for v in edit_calls)
     assert not torch.allclose(out.target, out.source, atol=1e-3)  # no paste hides anything: blending is off
+
+
+# --- cross-frame attention's per-frame features ------------------------------------------------------------
+def test_cross_frame_state_holds_at_most_three_frames_and_returns_first_and_previous():
+    from hasten.attention_processors.cross_frame import CrossFrameState
+
+    state = CrossFrameState()
+    per_frame = []
+    for frame in range(6):
+        state.begin_frame(frame)
+        for step in range(2):
+            state.step = step
+            hidden = torch.full((1, 4, 8), float(frame * 10 + step))
+            context = state.context("attn1", hidden)
+            if frame == 0:
+                assert context is None
+            elif frame == 1:
+                assert torch.equal(context, torch.full((1, 4, 8), float(step)))  # the first frame only
+            else:  # first frame, then the previous one, at the same step
+                assert torch.equal(context[:, :4], torch.full((1, 4, 8), float(step)))
+                assert torch.equal(context[:, 4:], torch.full((1, 4, 8), float((frame - 1) * 10 + step)))
+        per_frame.append(state.nbytes)
+        state.end_frame()
+    one_frame = 2 * 4 * 8 * 4  # two steps of (4, 8) float32
+    assert max(per_frame) == 3 * one_frame, "first + previous + current, never more"
+    small = CrossFrameState(cache=FeatureCacheConfig(dtype="bfloat16"))
+    small.context("attn1", torch.ones(1, 4, 8))
+    assert small.nbytes == 4 * 8 * 2
