@@ -7,20 +7,29 @@ Importing hasten adds ``enable_grat()`` / ``disable_grat()`` to every
     pipe.enable_grat()            # GRAT-X with the model family's default groups
     image = pipe(prompt).images[0]
     pipe.disable_grat()           # exact original attention processors again
+
+``import hasten`` is light: it imports neither torch, diffusers, transformers nor triton. The two
+methods are added to ``DiffusionPipeline`` at once if diffusers is already imported, else the
+moment diffusers defines ``DiffusionPipeline`` (an import hook on
+``diffusers.pipelines.pipeline_utils``); everything else loads on first use.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import importlib.abc
+import importlib.machinery
+import sys
+from typing import TYPE_CHECKING, Any
 
-from diffusers import DiffusionPipeline
-
-from .pipelines.grat import GratConfig, apply_grat, grat_state, remove_grat
+if TYPE_CHECKING:
+    from .pipelines.grat import GratConfig
 
 __version__ = "0.1.0"
 
 __all__ = ["GratConfig", "disable_grat", "enable_grat", "grat_state"]
+
+_PIPELINE_MODULE = "diffusers.pipelines.pipeline_utils"  # where DiffusionPipeline is defined
 
 
 def enable_grat(pipe_or_transformer: Any, config: GratConfig | None = None, **kwargs) -> GratConfig:
@@ -39,24 +48,57 @@ def enable_grat(pipe_or_transformer: Any, config: GratConfig | None = None, **kw
     'cross'
     >>> pipe.disable_grat()
     """
+    from .pipelines.grat import apply_grat
+
     return apply_grat(pipe_or_transformer, config, **kwargs)
 
 
 def disable_grat(pipe_or_transformer: Any) -> None:
     """Remove GRAT; the original attention processors (and outputs, bit for bit) come back."""
+    from .pipelines.grat import remove_grat
+
     remove_grat(pipe_or_transformer)
 
 
-DiffusionPipeline.enable_grat = enable_grat  # type: ignore[attr-defined]
-DiffusionPipeline.disable_grat = disable_grat  # type: ignore[attr-defined]
+def _add_methods(module: Any) -> None:
+    pipeline = module.DiffusionPipeline
+    pipeline.enable_grat = enable_grat
+    pipeline.disable_grat = disable_grat
 
 
-# Subpackages reachable as attributes after a plain ``import hasten`` (``hasten.tiny.pipeline(...)``),
-# imported on first use so that ``import hasten`` stays as light as it is.
+class _AddMethodsOnImport(importlib.abc.MetaPathFinder):
+    """Adds the methods right after diffusers executes the module that defines ``DiffusionPipeline``."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != _PIPELINE_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        original = spec.loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            original(module)
+            _add_methods(module)
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+if _PIPELINE_MODULE in sys.modules:
+    _add_methods(sys.modules[_PIPELINE_MODULE])
+elif not any(isinstance(finder, _AddMethodsOnImport) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _AddMethodsOnImport())
+
+
+# Reachable as attributes after a plain ``import hasten``, imported on first use.
 _LAZY_SUBMODULES = ("tiny",)
+_LAZY_NAMES = {"GratConfig": ".pipelines.grat", "grat_state": ".pipelines.grat"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,28 @@
+"""``import hasten`` is light, and ``pipe.enable_grat()`` still works whatever the import order."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+HEAVY = ("torch", "diffusers", "transformers", "triton")
+
+
+def _run(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+def test_import_hasten_imports_no_heavy_library():
+    loaded = _run(f"import sys, hasten; print([m for m in {HEAVY!r} if m in sys.modules])")
+    assert loaded == "[]"
+
+
+def test_enable_grat_is_added_whether_diffusers_comes_first_or_later():
+    after = _run("import hasten\nfrom diffusers import FluxPipeline\n"
+                 "print(FluxPipeline.enable_grat is hasten.enable_grat, FluxPipeline.disable_grat is hasten.disable_grat)")
+    before = _run("from diffusers import DiffusionPipeline\nimport hasten\n"
+                  "print(DiffusionPipeline.enable_grat is hasten.enable_grat)")
+    assert after == "True True" and before == "True"
+    assert _run("import hasten; print(hasten.GratConfig().pattern)") == "cross"
