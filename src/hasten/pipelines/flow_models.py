@@ -1,11 +1,12 @@
-"""Flow-matching text-to-image pipelines as one velocity field ``v(x, sigma | prompt)``.
+"""Flow-matching text-to-image / text-to-video pipelines as one velocity field ``v(x, sigma | prompt)``.
 
 Inversion and editing need to call a pipeline's transformer at any noise level, in any order,
 for a batch of prompts that share a forward pass. :class:`FlowModel` gives that for the
-diffusers flow-matching image pipelines (SD3, Flux): encode prompts once, encode / decode
+diffusers flow-matching pipelines (SD3, Flux; Wan, HunyuanVideo): encode prompts once, encode / decode
 images, and evaluate the velocity (``dx/dsigma``, so ``x(sigma) = (1 - sigma) x0 + sigma
 noise`` moves along it), with classifier-free guidance as one batched call when the family uses
-it (SD3) or the guidance embedding (Flux-dev).
+it (SD3, Wan) or the guidance embedding (Flux-dev, HunyuanVideo). Schedules, default sizes and text
+lengths are the pipeline's own (:mod:`hasten.adapters`).
 
 Batch layout inside the transformer (what attention processors see): the prompts in order,
 and with CFG the unconditional copies first: ``[uncond_0, ..., uncond_k-1, cond_0, ...]``.

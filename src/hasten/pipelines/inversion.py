@@ -17,9 +17,10 @@ A flow-matching model gives a velocity ``v(x, sigma) = dx/dsigma`` (``x(sigma) =
 ``"midpoint"``
     second-order midpoint rule (RF-Solver): the velocity at half a step. Two calls per step.
 
-Every evaluation can be observed (``on_velocity(sigma, x)`` before the call), so an attention
-feature cache can record what the model computed at each noise level (see
-:mod:`hasten.attention_processors.feature_cache`).
+The solvers call ``velocity(x, sigma)`` and nothing else, so a caller observes every evaluation by
+wrapping it (set the noise level a recording hook keys on, keep the latent);
+:func:`invert_and_replay` does exactly that for masked replay editing with
+:class:`~hasten.attention_processors.feature_replay.FeatureReplay`.
 
 Examples
 --------

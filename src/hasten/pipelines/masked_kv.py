@@ -1,7 +1,7 @@
 """Masked K/V replay editing (VoxHammer / KV-Edit): regenerate a region, replay everything else.
 
-The source image (or video) is inverted with the second-order midpoint solver (part 1's
-:mod:`.inversion`), recording at every noise level the latent and, per attention layer, the
+The source image (or video) is inverted with the second-order midpoint solver
+(:mod:`.inversion`), recording at every noise level the latent and, per attention layer, the
 keys and values of the PRESERVED tokens (:class:`~hasten.attention_processors.feature_cache.FeatureCache`:
 region-only by construction, bf16 by default, int8 and disk spill on request). Editing then
 denoises from the inverted noise with the target prompt, and:
