@@ -1,7 +1,9 @@
 """VLM token-pruning demo: image + question + method + budget -> answer, kept tokens, stats.
 
-Run it with ``hasten app vlm [--model tiny-llava] [--port 7860]`` or ``python apps/vlm_app.py``.
-The model is loaded once, when the app is built. Every Run answers the question with the chosen
+Run it with ``hasten app vlm [--model trained-llava] [--port 7860]`` or ``python apps/vlm_app.py``.
+The model is loaded once, when the app is built. The default is the micro-world LLaVA trained on
+:mod:`hasten.tiny.vqa` (weights shipped), opened on a generated held-out scene and its question,
+so the answer can be checked by eye; the random-weight ``tiny-*`` models and hub ids work too. Every Run answers the question with the chosen
 pruning method (``none`` for the unpruned model). It shows the answer and the image with the
 dropped visual tokens darkened on the model's token grid. LLaVA's grid covers the center crop
 its processor feeds the vision tower; Qwen's covers the whole image. It also shows the pruning
@@ -35,9 +37,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from apps.launcher import add_common_args, launch  # noqa: E402
-from hasten.cli.vlm import supported_methods  # noqa: E402
+from hasten.cli.vlm import DEFAULT_MODEL, default_question, supported_methods  # noqa: E402
 from hasten.tiny.vlms import chat_prompt  # noqa: E402
-from hasten.token_pruning.evaluate import load_vlm, make_method, sample_images  # noqa: E402
+from hasten.token_pruning.evaluate import load_vlm, make_method  # noqa: E402
 
 __all__ = ["VLMRun", "build_demo", "draw_kept", "main"]
 
@@ -56,7 +58,9 @@ def draw_kept(image: np.ndarray, kept: torch.Tensor, grid: tuple[int, int] | Non
     rows, cols = grid if grid is not None else (1, 1)
     height = DISPLAY_SIDE
     width = max(1, round(DISPLAY_SIDE * image.shape[1] / image.shape[0]))
-    shown = np.asarray(Image.fromarray(image).convert("RGB").resize((width, height)), dtype=np.float32)
+    small = image.shape[0] < height  # a tiny scene: show its pixels, not a blur
+    shown = np.asarray(Image.fromarray(image).convert("RGB").resize(
+        (width, height), Image.NEAREST if small else Image.BICUBIC), dtype=np.float32)
     if grid is None or len(kept) != rows * cols:
         return shown.astype(np.uint8)
     cells = kept.view(rows, cols).numpy().astype(np.float32)
@@ -146,9 +150,12 @@ class VLMRun:
         return answer.strip() or "(empty answer)", draw_kept(image, kept, grid), stats
 
 
-def build_demo(model: str = "tiny-llava", device: str | None = None, dtype: str | torch.dtype | None = None,
+def build_demo(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
                draft: str | None = None) -> gr.Blocks:
-    """The VLM pruning app for ``model`` (``tiny-llava``, ``tiny-qwen2-vl``, ... or a hub id), loaded once.
+    """The VLM pruning app for ``model`` (``trained-llava``, ``tiny-qwen2-vl``, ... or a hub id), loaded once.
+
+    It opens on :func:`hasten.cli.vlm.default_question`'s image and question (a held-out scene for
+    the trained models; its ground-truth answer is shown next to the model's).
 
     ``dtype`` is accepted for the shared launcher flags (bfloat16 on CUDA, float32 on CPU). With
     ``draft`` (a folder from ``hasten vlm train-draft``) the method list gains speculative decoding.
@@ -160,15 +167,18 @@ def build_demo(model: str = "tiny-llava", device: str | None = None, dtype: str 
 
         draft_model = DraftModel.from_pretrained(draft, loaded)
     run = VLMRun(loaded, processor, model, draft_model)
+    first_image, first_question, truth = default_question(model)
     methods = ["none", *supported_methods(loaded)] + ([SPECULATIVE] if draft_model is not None else [])
     with gr.Blocks(title="hasten · VLM token pruning") as demo:
         gr.Markdown(f"# VLM visual-token pruning\n`{model}` ({type(loaded).__name__}) on `{loaded.device}`. "
                     "Dropped visual tokens are darkened on the model's token grid.")
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(label="Image", type="numpy", value=np.asarray(sample_images()[0][0]),
-                                 elem_id="image")
-                question = gr.Textbox(label="Question", value="What is in the picture?", elem_id="question")
+                image = gr.Image(label="Image", type="numpy", value=np.asarray(first_image), elem_id="image")
+                question = gr.Textbox(label="Question", value=first_question, elem_id="question")
+                if truth is not None:
+                    gr.Markdown(f"Generated held-out scene: the right answer to this question is **{truth}**.",
+                                elem_id="truth")
                 default = "hired" if "hired" in methods else "fastv"  # a paper method, not a baseline
                 method = gr.Dropdown(methods, value=default, label="Method", elem_id="method")
                 budget = gr.Slider(0.05, 1.0, value=0.2, step=0.05, label="Budget (fraction of visual tokens kept)",
@@ -187,7 +197,7 @@ def build_demo(model: str = "tiny-llava", device: str | None = None, dtype: str 
 def main(argv: list[str] | None = None) -> int:
     """``hasten app vlm``: parse the common app flags, build the demo and serve it until stopped."""
     parser = argparse.ArgumentParser(prog="hasten app vlm", description="Gradio app: VLM visual-token pruning.")
-    add_common_args(parser, default_model="tiny-llava")
+    add_common_args(parser, default_model=DEFAULT_MODEL)
     parser.add_argument("--draft", default=None, help="a SpecVLM draft folder (hasten vlm train-draft): adds "
                         "speculative decoding to the methods")
     args = parser.parse_args(argv)

@@ -15,9 +15,12 @@ TIMEOUT_MS = 120_000
 
 @pytest.mark.browser
 def test_run_shows_answer_overlay_and_stats(tmp_path):
-    with running_app(build_demo, model="tiny-llava") as app, chromium_page() as page:
+    from hasten.cli.vlm import default_question
+
+    _, question, truth = default_question("trained-llava")
+    with running_app(build_demo) as app, chromium_page() as page:  # the default: the trained LLaVA on a scene
         page.goto(app.url)
-        page.locator("#question textarea").fill("What is the person wearing?")
+        assert page.locator("#question textarea").input_value() == question
         page.locator("#run").click()
         stats = page.locator("#stats")
         stats.filter(has_text="visual tokens").wait_for(timeout=TIMEOUT_MS)
@@ -27,8 +30,9 @@ def test_run_shows_answer_overlay_and_stats(tmp_path):
                                timeout=TIMEOUT_MS)
         assert overlay.evaluate("img => img.naturalHeight") == 384
         text = stats.inner_text()
-        assert "hired" in text and "12/64" in text, text  # default budget 0.2 of 64 tokens
-        assert page.locator("#answer textarea").input_value() != ""
+        assert "hired" in text and "16/81" in text, text  # default budget 0.2 of 81 tokens
+        assert page.locator("#answer textarea").input_value() == truth  # right at 20% of the tokens
+        assert truth in page.locator("#truth").inner_text()
         assert page.errors == []
         page.screenshot(path=tmp_path / "vlm_app.png", full_page=True)
 

@@ -42,3 +42,21 @@ def test_eval_prints_a_table(capsys):
                  "--max-new-tokens", "2", "--json"]) == 0
     out = capsys.readouterr().out
     assert "hired" in out and "top1" in out and '"method": "hired"' in out
+
+
+def test_ask_defaults_to_the_trained_llava_on_a_generated_scene(capsys):
+    from hasten.cli.vlm import default_question
+
+    assert main(["vlm", "ask", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    _, question, truth = default_question("trained-llava")
+    assert f"Q: {question}" in out and f"[ground truth: {truth} - right]" in out, out
+    assert main(["vlm", "ask", "--prune", "hired", "--budget", "0.5", "--max-new-tokens", "4"]) == 0
+    assert "visual tokens 40/81" in capsys.readouterr().out
+
+
+def test_eval_on_a_trained_model_prints_task_accuracy(capsys):
+    assert main(["vlm", "eval", "--model", "trained-llava", "--methods", "hired", "--budgets", "0.25",
+                 "--samples", "10", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "acc" in out and "agree" in out and "color" in out and "shape" in out and '"accuracy"' in out

@@ -9,6 +9,9 @@ from pathlib import Path
 from ._types import fraction, positive
 
 BUDGETS = (1.0, 0.5, 0.2, 0.1)
+TASK_BUDGETS = (1.0, 0.5, 0.25, 0.1, 0.05)
+"""Budgets of the accuracy-vs-budget tables on the trained micro-world models."""
+DEFAULT_MODEL = "trained-llava"
 
 
 def register(commands) -> None:
@@ -16,15 +19,19 @@ def register(commands) -> None:
                               description="Visual-token pruning for transformers VLMs (LLaVA, LLaVA-Next, "
                               "Qwen2-VL, Qwen2.5-VL).")
     sub = vlm.add_subparsers(dest="vlm_command", required=True, metavar="{ask,eval,train-draft}")
-    from ..token_pruning.evaluate import METHODS, TINY
+    from ..token_pruning.evaluate import METHODS, TINY, TRAINED
 
-    models = ", ".join(TINY)
+    models = ", ".join([*TRAINED, *TINY])
     ask = sub.add_parser("ask", help="answer a question about an image, optionally with pruning",
                          description="Answer a question about an image with a VLM, optionally pruning visual "
                          "tokens; prints the answer and the pruning stats.")
-    ask.add_argument("--image", type=Path, help="image file (default: scikit-image's astronaut photo)")
-    ask.add_argument("--question", default="What is in the picture?")
-    ask.add_argument("--model", default="tiny-llava", help=f"{models} (embedded, random weights) or a hub id")
+    ask.add_argument("--image", type=Path, help="image file (default: a generated held-out scene for the trained "
+                     "models, scikit-image's astronaut photo otherwise)")
+    ask.add_argument("--question", default=None, help="default: the generated scene's question (trained models), "
+                     "'What is in the picture?' otherwise")
+    ask.add_argument("--seed", type=int, default=0, help="which held-out scene (trained models, no --image; default 0)")
+    ask.add_argument("--model", default=DEFAULT_MODEL, help=f"{models} (trained-*: the micro-world models, shipped; "
+                     "tiny-*: random weights) or a hub id")
     ask.add_argument("--prune", choices=("none",) + METHODS, default="none", help="pruning method (default none)")
     ask.add_argument("--budget", type=fraction, default=0.2, help="fraction of visual tokens kept (default 0.2)")
     ask.add_argument("--max-new-tokens", type=positive, default=32)
@@ -51,14 +58,21 @@ def register(commands) -> None:
     train.add_argument("--device", default=None)
     train.set_defaults(run=run_train_draft)
 
-    ev = sub.add_parser("eval", help="every method x budget against the unpruned model (fidelity and speed)",
-                        description="Fidelity (top-1 agreement under teacher forcing, mean KL, greedy exact "
-                        "match) and speed (prefill, decode, KV bytes, FLOPs bound) of each method and budget "
-                        "against the unpruned model, on scikit-image photos.")
-    ev.add_argument("--model", default="tiny-llava", help=f"{models} or a hub id")
+    ev = sub.add_parser("eval", help="every method x budget: task accuracy (trained models) or fidelity and speed",
+                        description="On the trained micro-world models (trained-*): task accuracy on held-out "
+                        "questions (overall and per question type), agreement with the unpruned answers, visual "
+                        "tokens, prefill-FLOPs bound, KV bytes and time per answer, for each method and budget. "
+                        "On other models: fidelity (top-1 agreement under teacher forcing, mean KL, greedy exact "
+                        "match) and speed (prefill, decode, KV bytes, FLOPs bound) against the unpruned model, on "
+                        "scikit-image photos.")
+    ev.add_argument("--model", default=DEFAULT_MODEL, help=f"{models} or a hub id")
     ev.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                     help="default: every method the model supports")
-    ev.add_argument("--budgets", nargs="+", type=fraction, default=list(BUDGETS))
+    ev.add_argument("--budgets", nargs="+", type=fraction, default=None,
+                    help=f"default: {' '.join(map(str, TASK_BUDGETS))} (trained models), "
+                    f"{' '.join(map(str, BUDGETS))} otherwise")
+    ev.add_argument("--samples", type=positive, default=100,
+                    help="held-out questions per row (trained models; default 100)")
     ev.add_argument("--max-new-tokens", type=positive, default=16)
     ev.add_argument("--device", default=None)
     ev.add_argument("--json", action="store_true", help="also print one JSON line per row")
@@ -73,12 +87,34 @@ def supported_methods(model) -> list[str]:
     return methods
 
 
+def default_question(model: str, seed: int = 0):
+    """``(image, question, answer)``: for a trained micro-world model, held-out scene ``seed`` (a colour
+    question) at the model's canvas size; otherwise scikit-image's astronaut and a generic question
+    (answer ``None``).
+
+    Examples
+    --------
+    >>> image, question, answer = default_question("trained-llava")
+    >>> image.size, question.startswith("What color")
+    ((36, 36), True)
+    """
+    from ..token_pruning.evaluate import TRAINED, sample_images
+
+    if model not in TRAINED:
+        return sample_images()[0][0], "What is in the picture?", None
+    from ..tiny.micro_vlm import scene_size
+    from ..tiny.vqa import HELD_OUT_SEED, scene_sample
+
+    sample = scene_sample(HELD_OUT_SEED + seed, kind="color", size=scene_size(TRAINED[model]))
+    return sample.images[0], sample.question, sample.answer
+
+
 def run_ask(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
     from ..tiny.vlms import chat_prompt
-    from ..token_pruning.evaluate import load_vlm, make_method, sample_images
+    from ..token_pruning.evaluate import load_vlm, make_method
 
     if args.speculative is not None:
         from ..speculative.specvlm.draft import CONFIG_NAME
@@ -86,15 +122,18 @@ def run_ask(args: argparse.Namespace) -> int:
         if not (args.speculative / CONFIG_NAME).is_file():
             raise ValueError(f"--speculative {args.speculative}: not a SpecVLM draft folder (no {CONFIG_NAME}); train "
                              "one with `hasten vlm train-draft --out DIR`")
+    truth = None
     if args.image is None:
-        image = sample_images()[0][0]
+        image, question, truth = default_question(args.model, args.seed)
     else:
         try:
             image = Image.open(args.image).convert("RGB")
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot read --image {args.image}: {error}") from None
+        question = "What is in the picture?"
+    question = args.question or question
     model, processor = load_vlm(args.model, args.device)
-    inputs = processor(images=[image], text=[chat_prompt(processor, args.question)], return_tensors="pt")
+    inputs = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt")
     inputs = inputs.to(model.device)
     if args.speculative is not None:
         from ..speculative.specvlm import DraftModel, speculative_generate
@@ -116,7 +155,11 @@ def run_ask(args: argparse.Namespace) -> int:
             with method.apply(model):
                 output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     answer = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    if truth is not None and args.question is None:
+        print(f"Q: {question}")
     print(answer.strip())
+    if truth is not None and args.question is None:
+        print(f"[ground truth: {truth} - {'right' if answer.strip() == truth else 'wrong'}]")
     if method is not None:
         s = method.stats
         print(f"[{args.prune} budget {args.budget}] visual tokens {s.visual_tokens_kept[0]}/{s.visual_tokens_in[0]}, "
@@ -181,11 +224,23 @@ def run_train_draft(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..token_pruning.evaluate import evaluate, format_table, load_vlm, sample_images
+    from ..token_pruning.evaluate import (TRAINED, evaluate, evaluate_task, format_table, format_task_table, load_vlm,
+                                          sample_images, task_samples)
 
     model, processor = load_vlm(args.model, args.device)
     methods = args.methods or supported_methods(model)
-    pairs = [("random", 1.0)] + [(m, b) for m in methods for b in args.budgets if not (m == "random" and b == 1.0)]
+    trained = args.model in TRAINED
+    budgets = args.budgets or list(TASK_BUDGETS if trained else BUDGETS)
+    pairs = [("random", 1.0)] + [(m, b) for m in methods for b in budgets if not (m == "random" and b == 1.0)]
+    if trained:
+        rows = evaluate_task(model, processor, pairs, task_samples(args.model, args.samples), progress=True)
+        print(f"# {args.model} ({type(model).__name__}) on {model.device}; {args.samples} held-out questions; acc = "
+              "task accuracy, agree = same answer as unpruned, bound = 1 / prefill-FLOPs ratio")
+        print(format_task_table(rows))
+        if args.json:
+            for row in rows:
+                print(json.dumps(row.as_dict()))
+        return 0
     rows = evaluate(model, processor, pairs, sample_images(), max_new_tokens=args.max_new_tokens)
     print(f"# {args.model} ({type(model).__name__}) on {model.device}; fidelity vs the unpruned model; "
           "x = prefill speedup, bound = 1 / prefill-FLOPs ratio")
