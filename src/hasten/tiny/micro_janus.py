@@ -51,10 +51,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import scenes
-from ._store import home, seeded
+from ._store import seeded
 
 __all__ = [
-    "AR_SCHEDULE_STEPS", "CODEBOOK", "GRID", "IMAGE_SIZE", "MAX_OBJECTS", "janus_micro_config", "load", "load_vq", "scene_images",
+    "AR_SCHEDULE_STEPS", "CODEBOOK", "GRID", "IMAGE_SIZE", "MAX_OBJECTS", "VQ_SCHEDULE_STEPS", "janus_micro_config",
+    "load", "load_vq", "scene_images",
     "train_janus", "train_vq",
 ]
 
@@ -101,8 +102,8 @@ def janus_micro_config(tokenizer=None):
                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                 pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id)
-    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=IMAGE_SIZE // GRID,
-                  projection_dim=hidden, depth=1, num_image_tokens=GRID * GRID, mlp_ratio=2.0)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=IMAGE_SIZE,
+                  patch_size=IMAGE_SIZE // GRID, projection_dim=hidden, depth=1, num_image_tokens=GRID * GRID, mlp_ratio=2.0)
     # Three VQ levels (two 2x downsamplings): 32 x 32 pixels <-> 8 x 8 codes. JanusConfig sets the VQ grid
     # (num_patches) to image_size // patch_size of the vision config.
     vq = dict(embed_dim=8, num_embeddings=CODEBOOK, latent_channels=32, base_channels=32,
@@ -169,6 +170,10 @@ def _vq_codes(vq, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return latents, codes, index.view(latents.shape[0], -1)
 
 
+VQ_SCHEDULE_STEPS = 1000
+"""Horizon of the VQ stage's cosine learning-rate schedule and of its dead-code restarts (the first
+80%), fixed whatever ``steps`` is, so a run resumed to more steps equals an uninterrupted one."""
+
 FOREGROUND_WEIGHT = 10.0
 """Weight of object pixels in the VQ reconstruction loss (background pixels weigh 1)."""
 
@@ -193,7 +198,8 @@ def train_vq(out: str | pathlib.Path, *, steps: int | None = None, seed: int = _
         Run folder: the checkpoint (every ``checkpoint_every`` steps) and, at the end, the
         ``JanusVQVAE`` saved with ``save_pretrained`` in ``out / "model"``.
     steps : int, optional
-        AdamW steps (default 1000; learning rate 2e-3, 50 warm-up steps, cosine decay to 10%). The
+        AdamW steps (default 1000; learning rate 2e-3, 50 warm-up steps, cosine decay to 10% over
+        :data:`VQ_SCHEDULE_STEPS`). The
         loss: reconstruction (squared + 0.5 absolute error, object pixels weighted
         :data:`FOREGROUND_WEIGHT` times), codebook and 0.25 x commitment terms.
     seed : int, default 0
@@ -203,7 +209,6 @@ def train_vq(out: str | pathlib.Path, *, steps: int | None = None, seed: int = _
     progress : bool, default True
     batch_size : int, default 16
     checkpoint_every : int, default 100
-        A multiple of 50 (the dead-code restart period).
 
     Returns
     -------
@@ -213,7 +218,7 @@ def train_vq(out: str | pathlib.Path, *, steps: int | None = None, seed: int = _
     Examples
     --------
     >>> import tempfile
-    >>> model = train_vq(tempfile.mkdtemp(), steps=2, batch_size=2, checkpoint_every=50, progress=False)
+    >>> model = train_vq(tempfile.mkdtemp(), steps=2, batch_size=2, progress=False)
     >>> sorted(p.name for p in model.iterdir())
     ['config.json', 'model.safetensors']
     """
@@ -223,8 +228,6 @@ def train_vq(out: str | pathlib.Path, *, steps: int | None = None, seed: int = _
 
     steps = 1000 if steps is None else steps
     _check_steps(steps)
-    if checkpoint_every % 50:
-        raise ValueError(f"`checkpoint_every` must be a multiple of 50 (the code-restart period), got {checkpoint_every!r}")
     out = pathlib.Path(out)
     config = janus_micro_config().vq_config
     with seeded(seed):
@@ -237,14 +240,15 @@ def train_vq(out: str | pathlib.Path, *, steps: int | None = None, seed: int = _
         vq.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, log = state["step"], state["log"]
-    usage = torch.zeros(CODEBOOK)  # code use since the last restart (zero at every checkpoint)
+    usage = torch.zeros(CODEBOOK)  # code use since the last restart check
     restart = torch.Generator().manual_seed(seed + 1)
-    if state is not None and "restart_rng" in state:
+    if state is not None:
         restart.set_state(state["restart_rng"])
+        usage = state["usage"]
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="janus-vq", disable=not progress)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, steps, 2e-3, 50)
+            group["lr"] = _lr(step, VQ_SCHEDULE_STEPS, 2e-3, 50)
         pixels, drawn = scene_images(_seeds(seed, step, batch_size))
         latents, codes, index = _vq_codes(vq, pixels)
         usage += torch.bincount(index.flatten(), minlength=CODEBOOK)
@@ -258,7 +262,7 @@ def train_vq(out: str | pathlib.Path, *, steps: int | None = None, seed: int = _
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if (step + 1) % 50 == 0 and step + 1 < 0.8 * steps:  # restart dead codes from encoder outputs
+        if (step + 1) % 50 == 0 and step + 1 < 0.8 * VQ_SCHEDULE_STEPS:  # restart dead codes from encoder outputs
             dead = (usage == 0).nonzero().flatten()
             if len(dead):
                 flat = latents.detach().permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
@@ -270,7 +274,7 @@ def train_vq(out: str | pathlib.Path, *, steps: int | None = None, seed: int = _
         bar.set_postfix(rec=f"{log[-1][1]:.4f}", vq=f"{log[-1][2]:.4f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             trained.save_checkpoint(out, dict(model=vq.state_dict(), optimizer=optimizer.state_dict(), step=step + 1,
-                                              log=log, restart_rng=restart.get_state()))
+                                              log=log, restart_rng=restart.get_state(), usage=usage.clone()))
     bar.close()
     with torch.no_grad():  # unit-norm codebook: JanusVQVAE.encode's Euclidean argmin == cosine argmax
         vq.quantize.embedding.weight.copy_(F.normalize(vq.quantize.embedding.weight, dim=-1))
