@@ -189,3 +189,22 @@ def test_training_resumes_exactly(tmp_path, stage):
         train(tmp_path / "empty", steps=1, resume=True, **extra)
     with pytest.raises(ValueError, match="steps"):
         train(tmp_path / "bad", steps=0, **extra)
+
+
+def test_cli_defaults_to_the_trained_model(tmp_path, capsys):
+    """`hasten t2i-ar --compare` with no --model draws the default caption with the micro Janus:
+    red at the top left, blue at the bottom right, in both the SJD and the AR image."""
+    from PIL import Image
+
+    from hasten.cli import main
+    from hasten.cli.t2i_ar import DEFAULT_PROMPT, TRAINED
+
+    assert "red" in DEFAULT_PROMPT and "top left" in DEFAULT_PROMPT and "blue" in DEFAULT_PROMPT
+    assert main(["t2i-ar", "--compare", "--out", str(tmp_path / "scene.png")]) == 0
+    assert f"model {TRAINED} " in capsys.readouterr().out
+    for name in ("scene-sjd.png", "scene-ar.png"):
+        pixels = np.asarray(Image.open(tmp_path / name), dtype=float)
+        assert pixels.shape == (32, 32, 3)
+        top_left, bottom_right = pixels[:11, :11].reshape(-1, 3), pixels[-11:, -11:].reshape(-1, 3)
+        assert (top_left[:, 0] - top_left[:, 2]).max() > 60, name  # a red region
+        assert (bottom_right[:, 2] - bottom_right[:, 0]).max() > 40, name  # a blue region
