@@ -38,7 +38,7 @@ def run_on_ray(jobs: list[Job], model: str, device: str | None, dtype: str | Non
     @ray.remote
     class TranslatorActor:
         def __init__(self) -> None:
-            from .runner import Translator
+            from .translator import Translator
 
             self.translator = Translator(model, device, dtype)
 
