@@ -1,0 +1,214 @@
+"""GRAT fidelity beside speed on the trained FLUX micro-world: dense vs GRAT-X vs GRAT-B.
+
+For each canvas (the training size 64x64, and about 2x and 4x its area) the same held-out
+captions are generated from the same noise with dense attention and with each GRAT variant (and
+``dense_steps`` variants that keep the first steps dense). Per row:
+
+- ``acc``: prompt accuracy judged by the shipped attribute classifier (the fraction of requested
+  objects found with the right shape and colour in the right cell; :func:`prompt_accuracy`);
+- ``PSNR`` / ``SSIM`` against the dense images from the same noise;
+- wall time of the whole batched pipeline call (text encoders, transformer, VAE), the speedup
+  over dense, the attention bound (1/density, padding counted) and the Amdahl bound of the call
+  (attention's measured share ``a`` of the dense call: 1 / ((1 - a) + a / bound)).
+
+Before the table it prints the trained transformer's mean attention distance by layer (how far, in
+tokens, image queries look among image keys, weighted by attention; and the share of their
+attention that goes to text), at the training size and at 4x the area, against the distance a
+uniform attention would give: GRAT's premise is that this is small.
+
+    python benchmarks/grat_fidelity.py                       # the table in benchmarks/results/grat_fidelity-cpu.txt
+    python benchmarks/grat_fidelity.py --samples 4 --steps 8 --sizes 64  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from common import machine, print_json
+
+from hasten.pipelines.grat import GratConfig, apply_grat, grat_state, psnr, remove_grat
+from hasten.tiny import scenes, trained
+from hasten.tiny.classifier import evaluate, load_classifier
+from hasten.tiny.micro_diffusion import MAX_SEQUENCE_LENGTH
+
+
+class _AttentionTimer(TorchFunctionMode):
+    """Accumulates the wall time of every scaled_dot_product_attention call (CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = 0.0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+class _AttentionDistance(TorchFunctionMode):
+    """Per attention call: mean token distance of image->image attention and image->text share."""
+
+    def __init__(self, grid: tuple[int, int], text: int):
+        super().__init__()
+        self.grid, self.text, self.rows = grid, text, []
+        h, w = grid
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+        points = torch.stack([ys.flatten(), xs.flatten()], 1)
+        self.distance = torch.cdist(points, points)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.scaled_dot_product_attention and args is not None:
+            kwargs = kwargs or {}
+            query = args[0] if len(args) > 0 else kwargs["query"]
+            key = args[1] if len(args) > 1 else kwargs["key"]
+            scale = query.shape[-1] ** -0.5
+            probs = torch.softmax(query.float() @ key.float().transpose(-1, -2) * scale, dim=-1)
+            image = probs[..., self.text:, :]  # image queries
+            to_text = image[..., :self.text].sum(-1)
+            among_images = image[..., self.text:]
+            among_images = among_images / among_images.sum(-1, keepdim=True)
+            distance = (among_images * self.distance).sum(-1)
+            self.rows.append((float(distance.mean()), float(to_text.mean())))
+        return out
+
+
+def attention_locality(pipe, prompt: str, height: int, width: int, sigma: float = 0.6) -> list[tuple[float, float]]:
+    """(mean image->image attention distance in tokens, image->text attention share) per attention
+    layer, for one transformer call at noise level ``sigma`` on ``prompt``."""
+    from diffusers import FluxPipeline
+
+    generator = torch.Generator().manual_seed(0)
+    embeds, pooled, text_ids = pipe.encode_prompt(prompt, prompt_2=None, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    h, w = height // 2, width // 2
+    vae = pipe.vae
+    image = scenes.render(scenes.scene_from_caption(prompt, height, width))
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        latents = (vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+        packed = FluxPipeline._pack_latents(latents, 1, 4, h, w)
+        noisy = (1 - sigma) * packed + sigma * torch.randn(packed.shape, generator=generator)
+        recorder = _AttentionDistance((h // 2, w // 2), embeds.shape[1])
+        with recorder:
+            pipe.transformer(hidden_states=noisy, timestep=torch.tensor([sigma]), guidance=None,
+                             pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                             img_ids=FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32),
+                             return_dict=False)
+    return recorder.rows
+
+
+def _ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    from skimage.metrics import structural_similarity
+
+    values = [structural_similarity(x.permute(1, 2, 0).numpy(), y.permute(1, 2, 0).numpy(), channel_axis=2,
+                                    data_range=1.0) for x, y in zip(a, b)]
+    return float(np.mean(values))
+
+
+def _generate(pipe, prompts: list[str], seeds: list[int], size: int, steps: int) -> tuple[torch.Tensor, float]:
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    start = time.perf_counter()
+    images = pipe(prompts, height=size, width=size, num_inference_steps=steps, generator=generators,
+                  max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="pt").images
+    return images.float().clamp(0, 1), time.perf_counter() - start
+
+
+VARIANTS = (
+    ("dense", None),
+    ("GRAT-X", {"pattern": "cross"}),
+    ("GRAT-B", {"pattern": "block", "window": 1}),
+    ("GRAT-X dense_steps", {"pattern": "cross", "dense_steps": -1}),
+    ("GRAT-B dense_steps", {"pattern": "block", "window": 1, "dense_steps": -1}),
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="64,92,128", help="square canvas sides in pixels (multiples of 4)")
+    parser.add_argument("--samples", type=int, default=12, help="held-out captions per size")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--group", type=int, default=4, help="GRAT group side in tokens")
+    parser.add_argument("--dense-steps", type=int, default=4, help="dense steps of the dense_steps variants")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--folder", default=None, help="a trained flux folder (default: the shipped weights)")
+    parser.add_argument("--classifier", default=None, help="a trained classifier folder (default: the shipped one)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = [int(v) for v in args.sizes.split(",")]
+    pipe = trained.load("flux", args.folder)
+    pipe.set_progress_bar_config(disable=True)
+    classifier = load_classifier(args.classifier)
+    print(f"# GRAT fidelity on the trained FLUX micro-world | {machine(torch.device('cpu'))}")
+    print(f"# {args.samples} held-out captions per size, {args.steps} Euler steps, group {args.group}x{args.group} "
+          f"tokens, GRAT-B window 1, dense_steps variants keep the first {args.dense_steps} steps dense")
+
+    probe = scenes.sample_scene(scenes.HELD_OUT_SEEDS[-1], num_objects=3).caption
+    for side in (64, 128):
+        rows = attention_locality(pipe, probe, side, side)
+        grid = side // 4
+        uniform = float(torch.cdist(*(2 * [torch.stack(torch.meshgrid(
+            torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"),
+            -1).reshape(-1, 2)])).mean())
+        text = ", ".join(f"L{index}: {distance:.2f} ({share:.0%} text)" for index, (distance, share) in enumerate(rows))
+        print(f"# attention distance {side}x{side} ({grid}x{grid} tokens; uniform attention: {uniform:.2f}): {text}")
+
+    json_rows = []
+    header = f"{'size':>9} {'tokens':>6} {'variant':<20} {'acc':>6} {'PSNR':>6} {'SSIM':>6} {'seconds':>8} " \
+             f"{'speedup':>8} {'bound':>6} {'amdahl':>7}"
+    print(header)
+    for size in sizes:
+        test = [scenes.sample_scene(seed, size, size) for seed in scenes.HELD_OUT_SEEDS[:args.samples]]
+        prompts = [scene.caption for scene in test]
+        seeds = list(range(args.samples))
+        remove_grat(pipe)
+        _generate(pipe, prompts[:1], seeds[:1], size, 2)  # warm-up
+        timer = _AttentionTimer()
+        with timer:
+            dense, dense_seconds = _generate(pipe, prompts, seeds, size, args.steps)
+        share = timer.seconds / dense_seconds
+        for name, settings in VARIANTS:
+            if settings is None:
+                images, seconds, bound = dense, dense_seconds, 1.0
+            else:
+                settings = dict(settings)
+                if settings.get("dense_steps") == -1:
+                    settings["dense_steps"] = args.dense_steps
+                apply_grat(pipe, GratConfig(group_size=args.group, backend="reference", **settings))
+                try:
+                    _generate(pipe, prompts[:1], seeds[:1], size, 2)  # warm-up: layouts built
+                    images, seconds = _generate(pipe, prompts, seeds, size, args.steps)
+                    layout = max(grat_state(pipe).layouts.values(), key=lambda layout: layout.seq_len)
+                    bound = layout.bound
+                finally:
+                    remove_grat(pipe)
+            sparse_steps = max(0, args.steps - settings.get("dense_steps", 0)) if settings else 0
+            work = (1 - sparse_steps / args.steps) + (sparse_steps / args.steps) / bound if settings else 1.0
+            amdahl = 1.0 / ((1 - share) + share * work)
+            scores = evaluate(images, test, classifier)
+            row = {"size": f"{size}x{size}", "tokens": (size // 4) ** 2, "variant": name,
+                   "prompt_accuracy": round(scores["object"], 4), "scene_accuracy": round(scores["scene"], 4),
+                   "psnr": round(psnr(dense, images), 2) if settings else None,
+                   "ssim": round(_ssim(dense, images), 4) if settings else None, "seconds": round(seconds, 2),
+                   "speedup": round(dense_seconds / seconds, 3), "attention_bound": round(bound, 2),
+                   "amdahl_bound": round(amdahl, 3), "attention_share": round(share, 3)}
+            json_rows.append(row)
+            psnr_text = "-" if row["psnr"] is None else f"{row['psnr']:.1f}"
+            ssim_text = "-" if row["ssim"] is None else f"{row['ssim']:.3f}"
+            print(f"{row['size']:>9} {row['tokens']:>6} {name:<20} {scores['object']:>6.1%} {psnr_text:>6} "
+                  f"{ssim_text:>6} {seconds:>8.2f} {row['speedup']:>7.2f}x {bound:>6.2f} {amdahl:>6.2f}x", flush=True)
+    print_json(json_rows)
+
+
+if __name__ == "__main__":
+    main()
