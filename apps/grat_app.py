@@ -1,6 +1,10 @@
 """GRAT demo: one prompt, generated with dense attention and with GRAT, side by side and timed.
 
-Run it with ``hasten app grat [--model tiny-flux] [--port 7860]``, ``python apps/grat_app.py`` or
+The default model is ``micro-flux``, the FLUX micro-world trained on hasten's generated scenes
+(shipped with the package), so both images show real content, and the report adds the prompt
+accuracy of each, judged by the shipped attribute classifier.
+
+Run it with ``hasten app grat [--model micro-flux] [--port 7860]``, ``python apps/grat_app.py`` or
 ``python -m apps.grat_app`` (from the repository root). The pipeline is loaded once, when the
 app is built; every Run calls :func:`hasten.pipelines.grat.compare_grat` (one warm-up call of
 each variant, then one timed call each, same seed) and shows both images with the dense time,
@@ -32,8 +36,9 @@ from diffusers import DiffusionPipeline  # noqa: E402
 
 from apps.launcher import add_common_args, launch, to_image  # noqa: E402
 from hasten import tiny  # noqa: E402
+from hasten.cli.generate import (MICRO_DEFAULTS, MICRO_FLUX, MICRO_GROUP, MICRO_PROMPT,  # noqa: E402
+                                 load_model)
 from hasten.pipelines.grat import GratConfig, compare_grat  # noqa: E402
-from hasten.pipelines.loading import load_pipeline  # noqa: E402
 
 __all__ = ["GratRun", "build_demo", "main", "to_image"]
 
@@ -66,9 +71,10 @@ class GratRun:
         Its name, shown in the report.
     """
 
-    def __init__(self, pipe: DiffusionPipeline, model: str):
+    def __init__(self, pipe: DiffusionPipeline, model: str, call_kwargs: dict | None = None):
         self.pipe = pipe
         self.model = model
+        self.call_kwargs = dict(call_kwargs or {})
 
     def __call__(self, prompt: str, height: float | None, width: float | None, pattern: str,
                  group_size: float | None, window: float | None, steps: float | None,
@@ -81,7 +87,7 @@ class GratRun:
             size = {"height": _positive("height", height), "width": _positive("width", width)}
             num_steps, seed_value = _positive("steps", steps), _integer("seed", seed)
             result = compare_grat(self.pipe, config, seed=seed_value, prompt=prompt or "",
-                                  num_inference_steps=num_steps, **size)
+                                  num_inference_steps=num_steps, **size, **self.call_kwargs)
             dense = to_image(result.dense, DISPLAY_MIN_SIDE)
             grat = to_image(result.grat, DISPLAY_MIN_SIDE)
         except ValueError as error:
@@ -92,18 +98,34 @@ class GratRun:
                    + ". Times are one call each, after one warm-up call of each."
                    + (f" Shown enlarged {dense.shape[0] // size['height']}x (nearest-neighbour)."
                       if dense.shape[0] > size["height"] else ""))
-        return dense, grat, f"**{result.summary()}**\n\n{details}"
+        accuracy = self._accuracy(prompt or "", size, result) if self.model == MICRO_FLUX else ""
+        return dense, grat, f"**{result.summary()}**{accuracy}\n\n{details}"
+
+    @staticmethod
+    def _accuracy(prompt: str, size: dict, result) -> str:
+        """Prompt accuracy of both images by the shipped classifier, for prompts in the micro-world's language."""
+        from hasten.tiny import scenes
+        from hasten.tiny.classifier import evaluate
+
+        try:
+            scene = scenes.scene_from_caption(prompt, size["height"], size["width"])
+        except ValueError:
+            return " | prompt accuracy: not judged (the prompt is outside the micro-world's caption language)"
+        dense = evaluate(result.dense[:1], [scene])["object"]
+        grat = evaluate(result.grat[:1], [scene])["object"]
+        return f" | prompt accuracy (classifier): dense {dense:.0%}, GRAT {grat:.0%}"
 
 
-def build_demo(model: str = "tiny-flux", device: str | None = None,
+def build_demo(model: str = MICRO_FLUX, device: str | None = None,
                dtype: str | torch.dtype | None = None) -> gr.Blocks:
     """The GRAT comparison app for ``model`` (loaded here, once); launch it with :func:`apps.launcher.launch`.
 
     Parameters
     ----------
     model : str
-        ``"tiny-flux"``/``"tiny-sd3"`` (offline tiny models) or a diffusers model id / folder of a
-        diffusion-transformer image pipeline.
+        ``"micro-flux"`` (the trained micro-world, default), ``"tiny-flux"``/``"tiny-sd3"`` (offline
+        random-weight tiny models) or a diffusers model id / folder of a diffusion-transformer image
+        pipeline.
     device, dtype : optional
         As :func:`hasten.pipelines.loading.load_pipeline`.
 
@@ -118,7 +140,13 @@ def build_demo(model: str = "tiny-flux", device: str | None = None,
     ValueError: the GRAT app shows images: `model` must be an image model such as tiny-flux or tiny-sd3, got 'tiny-wan' ...
     """
     is_tiny = tiny.is_tiny(model)
-    if is_tiny:
+    call_kwargs: dict = {}
+    if model == MICRO_FLUX:
+        from hasten.tiny.micro_diffusion import MAX_SEQUENCE_LENGTH
+
+        size = {"height": MICRO_DEFAULTS["height"], "width": MICRO_DEFAULTS["width"]}
+        call_kwargs["max_sequence_length"] = MAX_SEQUENCE_LENGTH
+    elif is_tiny:
         size = tiny.default_size(tiny.MODEL_IDS[model])
         if "num_frames" in size:
             raise ValueError(
@@ -127,14 +155,17 @@ def build_demo(model: str = "tiny-flux", device: str | None = None,
             )
     else:
         size = {"height": FULL_SIZE, "width": FULL_SIZE}
-    pipe = load_pipeline(model, dtype=dtype, device=device)
+    pipe = load_model(model, dtype=dtype, device=device)
     if getattr(pipe, "transformer", None) is None:
         raise ValueError(
             f"GRAT needs a diffusion transformer: `model` {model!r} loads {type(pipe).__name__}, which has none "
             "(use a Flux or SD3 model, e.g. tiny-flux)"
         )
     pipe.set_progress_bar_config(disable=True)  # the app reports its own timings
-    run = GratRun(pipe, model)
+    run = GratRun(pipe, model, call_kwargs)
+    micro = model == MICRO_FLUX
+    group_default = MICRO_GROUP if micro else (TINY_GROUP if is_tiny else FULL_GROUP)
+    steps_default = MICRO_DEFAULTS["num_inference_steps"] if micro else (TINY_STEPS if is_tiny else FULL_STEPS)
 
     with gr.Blocks(title="hasten · GRAT") as demo:
         gr.Markdown(
@@ -145,7 +176,8 @@ def build_demo(model: str = "tiny-flux", device: str | None = None,
         )
         with gr.Row():
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", value="a lighthouse on a cliff at sunset, highly detailed",
+                prompt = gr.Textbox(label="Prompt", value=MICRO_PROMPT if micro else
+                                    "a lighthouse on a cliff at sunset, highly detailed",
                                     lines=2, elem_id="prompt")
                 with gr.Row():
                     height = gr.Number(label="Height", value=size["height"], precision=0, minimum=1, elem_id="height")
@@ -154,12 +186,12 @@ def build_demo(model: str = "tiny-flux", device: str | None = None,
                                    info="cross = GRAT-X, block = GRAT-B", elem_id="pattern")
                 with gr.Row():
                     group_size = gr.Number(label="Group size (latent tokens per side)",
-                                           value=TINY_GROUP if is_tiny else FULL_GROUP, precision=0,
+                                           value=group_default, precision=0,
                                            elem_id="group-size")
                     window = gr.Number(label="Window (groups per side, block only)", value=1, precision=0,
                                        elem_id="window")
                 with gr.Row():
-                    steps = gr.Number(label="Steps", value=TINY_STEPS if is_tiny else FULL_STEPS, precision=0,
+                    steps = gr.Number(label="Steps", value=steps_default, precision=0,
                                       elem_id="steps")
                     seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
                 button = gr.Button("Run", variant="primary", elem_id="run")
@@ -190,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="hasten app grat",
         description="Gradio app: one prompt with dense attention and with GRAT, side by side and timed.",
     )
-    add_common_args(parser)
+    add_common_args(parser, default_model=MICRO_FLUX)
     args = parser.parse_args(argv)
     demo = build_demo(args.model, device=args.device, dtype=args.dtype)
     launch(demo, host=args.host, port=args.port, share=args.share)

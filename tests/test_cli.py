@@ -10,12 +10,28 @@ import pytest
 from hasten.cli import main
 
 
-def test_generate_compare_on_tiny_default(tmp_path, capsys):
+def test_generate_compare_default_is_the_trained_micro_flux(tmp_path, capsys):
+    """`make demo`'s command on the shipped micro-world (small size and few steps here): both
+    images, the side-by-side picture, speedup with its bound, PSNR and prompt accuracy."""
+    out = tmp_path / "demo.png"
+    assert main(["generate", "--compare", "--steps", "3", "--height", "64", "--width", "64", "--group-size", "4",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "model micro-flux (FluxPipeline)" in printed
+    for word in ("speedup:", "attention bound", "PSNR(dense, grat):", "prompt accuracy (classifier, 2 objects): dense"):
+        assert word in printed, printed
+    side = cv2.imread(str(tmp_path / "demo-side.png"))
+    dense = cv2.imread(str(tmp_path / "demo-dense.png"))
+    assert dense.shape == (64, 64, 3) and side.shape == (64, 3 * 64 + 8, 3)
+    assert side[:, :64].tolist() == dense.tolist()
+
+
+def test_generate_compare_on_tiny_flux(tmp_path, capsys):
     out = tmp_path / "demo.png"
     previous = os.umask(0o022)
     try:
-        assert main(["generate", "--compare", "--steps", "2", "--group-size", "2", "--backend", "reference",
-                     "--out", str(out)]) == 0
+        assert main(["generate", "--model", "tiny-flux", "--compare", "--steps", "2", "--group-size", "2",
+                     "--backend", "reference", "--out", str(out)]) == 0
     finally:
         os.umask(previous)
     printed = capsys.readouterr().out

@@ -1,4 +1,11 @@
-"""``hasten generate``: run a diffusers pipeline, optionally with GRAT, or compare dense vs GRAT."""
+"""``hasten generate``: run a diffusers pipeline, optionally with GRAT, or compare dense vs GRAT.
+
+The default model is ``micro-flux``, the FLUX micro-world trained on hasten's generated scenes and
+shipped with the package (:mod:`hasten.tiny.micro_diffusion`): prompts in its language ("a red circle
+at the top left and a small blue square at the bottom right") give recognisable images, and
+``--compare`` also judges both outputs with the shipped attribute classifier (prompt accuracy) and
+saves a side-by-side picture (dense | GRAT | difference x4).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +26,16 @@ from ._types import positive, size
 
 VIDEO_PIPELINES = ("HunyuanVideoPipeline", "WanPipeline", "CogVideoXPipeline")
 
+MICRO_FLUX = "micro-flux"
+"""``--model`` name of the trained FLUX micro-world (:func:`hasten.tiny.trained.load` ``("flux")``)."""
+
+# The micro-world's defaults: a canvas where GRAT's sparsity pays for itself on a 2-core CPU (see
+# benchmarks/results/grat_fidelity-cpu.txt), 20 Euler steps, the trained text length, 8x8-token groups.
+MICRO_DEFAULTS = {"height": 192, "width": 192, "num_inference_steps": 20}
+MICRO_GROUP = 8
+MICRO_PROMPT = "a red circle at the top left and a small blue square at the bottom right"
+DEFAULT_PROMPT = "a lighthouse on a cliff at sunset, highly detailed"
+
 
 def register(commands) -> None:
     gen = commands.add_parser(
@@ -27,19 +44,23 @@ def register(commands) -> None:
         description="Generate an image or video. With --compare, run dense and GRAT with the same seed and "
         "report both times, the speedup (with the attention bound: 1/density, padding counted) and the PSNR between them.",
     )
-    gen.add_argument("--model", default="tiny-flux",
-                     help=f"embedded tiny model ({', '.join(tiny.MODEL_IDS)}) or any diffusers model id / "
-                     "local folder (default: tiny-flux)")
-    gen.add_argument("--prompt", default="a lighthouse on a cliff at sunset, highly detailed")
+    gen.add_argument("--model", default=MICRO_FLUX,
+                     help=f"{MICRO_FLUX} (the trained FLUX micro-world, shipped), an embedded random-weight tiny "
+                     f"model ({', '.join(tiny.MODEL_IDS)}) or any diffusers model id / local folder "
+                     f"(default: {MICRO_FLUX})")
+    gen.add_argument("--prompt", default=None,
+                     help=f"the prompt (default for {MICRO_FLUX}: {MICRO_PROMPT!r}; otherwise {DEFAULT_PROMPT!r})")
     gen.add_argument("--height", type=positive, help="output height (default: the model's default)")
     gen.add_argument("--width", type=positive, help="output width (default: the model's default)")
     gen.add_argument("--frames", type=positive, help="number of frames (video models)")
-    gen.add_argument("--steps", type=positive, default=None, help="denoising steps (default: 4 tiny, 28 otherwise)")
+    gen.add_argument("--steps", type=positive, default=None,
+                     help=f"denoising steps (default: 20 {MICRO_FLUX}, 4 tiny, 28 otherwise)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--grat", choices=("off", "cross", "block"), default="cross",
                      help="GRAT pattern: cross (GRAT-X), block (GRAT-B) or off (dense)")
     gen.add_argument("--group-size", type=size, default=None,
-                     help="group size in latent tokens: N, HxW or TxHxW (default: the model family's)")
+                     help=f"group size in latent tokens: N, HxW or TxHxW (default: {MICRO_GROUP} for {MICRO_FLUX}, "
+                     "else the model family's)")
     gen.add_argument("--window", type=size, default=(1,), help="GRAT-B window in groups per side (default 1)")
     gen.add_argument("--dense-steps", type=int, default=0, help="first N steps use dense attention")
     gen.add_argument("--backend", choices=BACKENDS, default="auto", help="attention kernel backend")
@@ -54,9 +75,38 @@ def register(commands) -> None:
     gen.set_defaults(run=generate)
 
 
+def _prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    return MICRO_PROMPT if args.model == MICRO_FLUX else DEFAULT_PROMPT
+
+
+def load_model(model: str, dtype: str | None = None, device: str | None = None):
+    """The pipeline ``--model`` names: the trained micro-flux, a tiny model, or a diffusers id / folder."""
+    args = argparse.Namespace(model=model, dtype=dtype, device=device)
+    return _load(args)
+
+
+def _load(args: argparse.Namespace):
+    if args.model != MICRO_FLUX:
+        return load_pipeline(args.model, dtype=args.dtype, device=args.device)
+    from ..pipelines.loading import check_device
+    from ..tiny import trained
+
+    device = check_device(args.device)
+    if not trained.is_shipped("flux"):
+        raise ValueError(f"--model {MICRO_FLUX}: no trained weights in {trained.path('flux')}; "
+                         "train them with `hasten tiny train flux`")
+    return trained.load("flux", dtype=DTYPES[args.dtype] if args.dtype else torch.float32).to(device)
+
+
 def _call_kwargs(args: argparse.Namespace, pipe) -> dict:
-    kwargs: dict = {"prompt": args.prompt}
-    if tiny.is_tiny(args.model):
+    kwargs: dict = {"prompt": _prompt(args)}
+    if args.model == MICRO_FLUX:
+        from ..tiny.micro_diffusion import MAX_SEQUENCE_LENGTH
+
+        kwargs.update(MICRO_DEFAULTS, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    elif tiny.is_tiny(args.model):
         kwargs.update(tiny.default_size(tiny.MODEL_IDS[args.model]))
     for name, value in (("height", args.height), ("width", args.width), ("num_frames", args.frames)):
         if value is not None:
@@ -65,15 +115,49 @@ def _call_kwargs(args: argparse.Namespace, pipe) -> dict:
         if args.frames is not None:
             raise ValueError(f"--frames is for video models; {type(pipe).__name__} makes images")
         kwargs.pop("num_frames")
-    kwargs["num_inference_steps"] = args.steps or (4 if tiny.is_tiny(args.model) else 28)
+    if args.steps is not None or "num_inference_steps" not in kwargs:
+        kwargs["num_inference_steps"] = args.steps or (4 if tiny.is_tiny(args.model) else 28)
     return kwargs
 
 
 def _config(args: argparse.Namespace) -> GratConfig:
     window = args.window[0] if len(args.window) == 1 else args.window
     group = None if args.group_size is None else (args.group_size[0] if len(args.group_size) == 1 else args.group_size)
+    if group is None and args.model == MICRO_FLUX:
+        group = MICRO_GROUP
     return GratConfig(pattern=args.grat if args.grat != "off" else "cross", group_size=group, window=window,
                       dense_steps=args.dense_steps, backend=args.backend)
+
+
+def side_by_side(dense: torch.Tensor, grat: torch.Tensor, gap: int = 4) -> torch.Tensor:
+    """``dense | GRAT | |dense - GRAT| x 4`` as one ``(3, H, 3 W + 2 gap)`` image in [0, 1] (white gaps).
+
+    Examples
+    --------
+    >>> side_by_side(torch.zeros(3, 8, 8), torch.ones(3, 8, 8)).shape
+    torch.Size([3, 8, 32])
+    """
+    if dense.shape != grat.shape or dense.dim() != 3:
+        raise ValueError(f"`dense` and `grat` must be (3, H, W) images of one shape; got {tuple(dense.shape)} "
+                         f"and {tuple(grat.shape)}")
+    white = torch.ones(3, dense.shape[1], gap)
+    difference = ((dense - grat).abs() * 4).clamp(0, 1)
+    return torch.cat([dense, white, grat, white, difference], dim=2)
+
+
+def _print_prompt_accuracy(kwargs: dict, **outputs: torch.Tensor) -> None:
+    """Prompt accuracy of both outputs by the shipped classifier, when the prompt is in the micro-world's language."""
+    from ..tiny import scenes
+    from ..tiny.classifier import evaluate
+
+    try:
+        scene = scenes.scene_from_caption(kwargs["prompt"], kwargs["height"], kwargs["width"])
+    except ValueError as error:
+        print(f"prompt accuracy: not judged ({error})")
+        return
+    scores = ", ".join(f"{name} {evaluate(images[:1], [scene])['object']:.0%}" for name, images in outputs.items())
+    count = len(scene.objects)
+    print(f"prompt accuracy (classifier, {count} object{'s' * (count > 1)}): {scores}")
 
 
 def _with_suffix(path: Path, tag: str) -> Path:
@@ -99,7 +183,7 @@ def generate(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out")
     if args.compare and args.grat == "off":
         raise ValueError("--compare compares dense with GRAT: choose --grat cross or block")
-    pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
+    pipe = _load(args)
     kwargs = _call_kwargs(args, pipe)
     print(f"model {args.model} ({type(pipe).__name__}) on {pipe.device}; "
           + ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "prompt"))
@@ -115,10 +199,17 @@ def generate(args: argparse.Namespace) -> int:
         print(f"speedup: {result.speedup:.2f}x (attention bound {result.bound:.2f}x at density "
               f"{result.density:.1%})")
         print(f"PSNR(dense, grat): {result.psnr:.2f} dB")
+        if args.model == MICRO_FLUX:
+            _print_prompt_accuracy(kwargs, dense=result.dense, grat=result.grat)
         note = _sparsity_note(result.density, result.bound, result.config.group_size, result.config.pattern)
         if note:
             print(note)
-        print(f"saved {dense_path} and {grat_path}")
+        if result.dense.dim() == 4:  # images: the side-by-side picture too
+            side_path = respect_umask(save_media(side_by_side(result.dense[0], result.grat[0]),
+                                                 _with_suffix(args.out, "side")))
+            print(f"saved {dense_path}, {grat_path} and {side_path} (dense | GRAT | difference x4)")
+        else:
+            print(f"saved {dense_path} and {grat_path}")
         return 0
     if args.grat != "off":
         resolved = apply_grat(pipe, config)
@@ -134,6 +225,8 @@ def generate(args: argparse.Namespace) -> int:
         note = _sparsity_note(layout.density, layout.bound, layout.group, layout.pattern)
         if note:
             print(note)
+    if args.model == MICRO_FLUX:
+        _print_prompt_accuracy(kwargs, output=output.float().clamp(0, 1))
     path = respect_umask(save_media(output[0].float().clamp(0, 1), args.out))
     print(f"{seconds:.3f} s; saved {path}")
     return 0
