@@ -33,7 +33,7 @@ browser:
 
 # Tiny Flux at 256x256: a 64x64 latent grid, big enough for 16x16 groups to be sparse.
 demo: $(STAMP)
-	$(VENV)/bin/hasten generate --compare --height 256 --width 256
+	$(VENV)/bin/hasten generate --compare   # the trained FLUX micro-world: dense | GRAT | difference in outputs/hasten-side.png
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests
