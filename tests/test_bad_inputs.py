@@ -236,7 +236,7 @@ def test_gradio_share_hint_names_the_cli_flag(capsys):
 
 
 def test_generate_compare_says_why_grat_is_dense_at_this_size(tmp_path, capsys):
-    assert main(["generate", "--compare", "--steps", "1", "--backend", "reference", "--out",
+    assert main(["generate", "--model", "tiny-flux", "--compare", "--steps", "1", "--backend", "reference", "--out",
                  str(tmp_path / "x.png")]) == 0
     printed = capsys.readouterr().out
     assert "density 100.0%" in printed and "GRAT cannot be sparse at this size" in printed
