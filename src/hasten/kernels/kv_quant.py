@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validation import check_positive_int
+
 __all__ = ["BITS", "LAYOUTS", "QuantizedKV", "dequantize_rows", "merge_partials", "packed_bytes", "partial_attention",
            "quantize_rows"]
 
@@ -160,8 +162,7 @@ class QuantizedKV:
         _check_bits(bits)
         if layout not in LAYOUTS:
             raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}")
-        if isinstance(group, bool) or not isinstance(group, int) or group <= 0:
-            raise ValueError(f"`group` must be a positive int, got {group!r}")
+        check_positive_int(group, "group")
         tokens, dim = x.shape[-2], x.shape[-1]
         factor = None
         if layout == "channel":

@@ -50,6 +50,7 @@ from ..attention_processors.feature_replay import FeatureReplay
 from ..adapters import pipeline_defaults
 from .flow_models import FlowModel, token_positions, video_latent_keep
 from .inversion import SOLVERS, invert, regenerate
+from .._validation import check_positive_int
 
 __all__ = ["ConsistEditPipeline", "EditResult", "grid_mask"]
 
@@ -188,8 +189,7 @@ class ConsistEditPipeline:
             raise ValueError("give `edit_words` (words of the source prompt) or a `mask` of the edit region")
         if solver not in SOLVERS:
             raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}")
+        check_positive_int(num_inference_steps, "num_inference_steps")
         alpha = (0.1 if real else 1.0) if alpha is None else float(alpha)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}")

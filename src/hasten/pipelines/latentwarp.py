@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._validation import check_positive_int
 from ..attention_processors.cross_frame import apply_cross_frame, remove_cross_frame
 from ..video.flow import (backward_warp, flow_pair, occlusion_mask, optical_flow, resize_flow, warp_error,
                           warped_difference_mask)
@@ -263,8 +264,7 @@ class LatentWarpPipeline:
         if isinstance(occlusion_threshold, bool) or not isinstance(occlusion_threshold, (int, float)) \
                 or not occlusion_threshold >= 0:
             raise ValueError(f"`occlusion_threshold` must be a non-negative number, got {occlusion_threshold!r}")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}")
+        check_positive_int(num_inference_steps, "num_inference_steps")
         height = height or frames.shape[1] // 8 * 8
         width = width or frames.shape[2] // 8 * 8
         if height % 8 or width % 8 or height < 8 or width < 8:

@@ -36,6 +36,7 @@ from ..attention_processors.feature_replay import FeatureReplay
 from .consistedit import grid_mask
 from .flow_models import FlowModel
 from .inversion import invert_and_replay
+from .._validation import check_positive_int
 
 __all__ = ["MaskedKVEditPipeline", "MaskedKVResult"]
 
@@ -104,8 +105,7 @@ class MaskedKVEditPipeline:
             This call's image size (default: the size given to :meth:`from_pipe`).
         """
         model = self.model.resized(height, width)
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}")
+        check_positive_int(num_inference_steps, "num_inference_steps")
         edit_region = grid_mask(mask, model.grid, model.height, model.width).to(model.device)
         preserve = (~edit_region).to(model.dtype)
         x0 = model.encode_image(image)

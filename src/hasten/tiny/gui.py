@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
+from .._validation import check_positive_int
+
 __all__ = ["GUIState", "render", "states", "trajectory"]
 
 _WORDS = ("open", "file", "save", "search", "report", "agent", "click", "hello", "submit", "invoice")
@@ -96,8 +98,7 @@ def _act(state: GUIState, rng: random.Random) -> str:
 
 
 def _episode(steps: int, seed: int) -> tuple[list[GUIState], list[str]]:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`steps` must be a positive int, got {steps!r}")
+    check_positive_int(steps, "steps")
     rng = random.Random(seed)
     state = GUIState()
     seen, actions = [copy.deepcopy(state)], []

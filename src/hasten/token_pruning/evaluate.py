@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from .core import TokenPruner
+from .._validation import check_positive_int
 
 __all__ = ["METHODS", "TRAINED", "EvalRow", "TaskRow", "evaluate", "evaluate_task", "format_table", "format_task_table",
            "load_vlm", "make_method", "prefill_flops", "sample_images", "task_samples"]
@@ -335,8 +336,7 @@ def evaluate_task(model: Any, processor: Any, methods: Sequence[tuple[str, float
 
     if not samples:
         raise ValueError("`samples` is empty")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    check_positive_int(batch_size, "batch_size")
     device = model.device
 
     def answers() -> list[str]:

@@ -48,6 +48,7 @@ import torch
 from ..transformers_conventions import cache_of, output_cache, patch_point_error
 from .core import PromptPlan, TokenPruner
 from .scoring import QueryAttention, subspace_residuals, z_saliency
+from .._validation import check_positive_int
 
 __all__ = ["GUIKV"]
 
@@ -101,8 +102,7 @@ class GUIKV(TokenPruner):
         super().__post_init__()
         for name in ("window", "pool", "rank"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+            check_positive_int(value, name)
         if self.alpha < 0:
             raise ValueError(f"`alpha` must be >= 0, got {self.alpha!r}")
         if self.temperature <= 0:

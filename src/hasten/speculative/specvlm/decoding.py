@@ -51,6 +51,7 @@ from ..acceptance import chain_verify, tree_accept
 from ..sampling import Sampling
 from .draft import DraftModel
 from .tree import DraftTree, TreeConfig
+from ..._validation import check_positive_int
 
 __all__ = ["Sampling", "SpecStats", "SpecVLM", "draft_inputs", "speculative_generate"]
 
@@ -354,10 +355,8 @@ def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_to
     if tree is not None and rows != 1:
         raise ValueError(f"tree drafting runs one prompt at a time; got {rows} prompts: pass tree=None (chain "
                          f"drafting) to decode a batch")
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"`depth` must be a positive int, got {depth!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}")
+    check_positive_int(depth, "depth")
+    check_positive_int(max_new_tokens, "max_new_tokens")
     sampling = sampling or Sampling(greedy=True)
     generator = sampling.generator(input_ids.device)
     if eos_token_id is None:

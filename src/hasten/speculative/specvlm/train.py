@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .compressor import PRIMITIVES
 from .decoding import _Capture, draft_inputs
 from .draft import DraftModel
+from ..._validation import check_positive_int
 
 __all__ = ["load_pairs", "train_draft"]
 
@@ -114,8 +115,7 @@ def train_draft(model: Any, processor: Any, pairs: Sequence[tuple[Any, str]], dr
 
     Resumes from ``out/checkpoint`` when it exists; saves the final draft to ``out``.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`steps` must be a positive int, got {steps!r}")
+    check_positive_int(steps, "steps")
     from ...token_pruning.adapters import adapter_for
 
     draft.bind(model)

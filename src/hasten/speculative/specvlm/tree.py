@@ -32,6 +32,7 @@ import torch
 
 from ..acceptance import tree_accept
 from ..sampling import draw
+from ..._validation import check_positive_int
 
 __all__ = ["DraftTree", "TreeConfig"]
 
@@ -47,8 +48,7 @@ class TreeConfig:
     def __post_init__(self) -> None:
         for name in ("top_k", "total", "depth"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+            check_positive_int(value, name)
 
 
 @dataclass
