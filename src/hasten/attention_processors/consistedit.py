@@ -220,12 +220,13 @@ class ConsistEditControl:
         rotary embedding and over the keys the model's (and the reference's) attention uses."""
         heads = attn.heads
         rows = self.mask_rows
-        q = _heads(query[rows].float(), getattr(attn, "norm_q", None), heads)
-        k = _heads(keys[rows].float(), getattr(attn, "norm_k", None), heads)
+        # the layer's norms run in the model's dtype (their weights'), the map in float32
+        q = _heads(query[rows], getattr(attn, "norm_q", None), heads).float()
+        k = _heads(keys[rows], getattr(attn, "norm_k", None), heads).float()
         if not keys_are_text:
             q, k = self._rope(q, layer), self._rope(k, layer)
         if text_keys is not None:  # SD3 / HunyuanVideo: keys = [image, text]
-            k = torch.cat([k, _heads(text_keys[rows].float(), getattr(attn, "norm_added_k", None), heads)], dim=1)
+            k = torch.cat([k, _heads(text_keys[rows], getattr(attn, "norm_added_k", None), heads).float()], dim=1)
             columns = [self.image_tokens + p for p in self.word_positions]
         else:  # Flux / CogVideoX: keys = [text, image]; Wan's cross-attention: keys = text
             columns = list(self.word_positions)

@@ -35,6 +35,7 @@ True
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -131,8 +132,6 @@ def invert_and_replay(source_velocity: Velocity, target_velocity: Velocity, late
     >>> torch.equal(x[:, :2], x0[:, :2]), sorted(seconds)
     (True, ['edit', 'invert'])
     """
-    import time
-
     levels = {round(float(s), 6) for s in sigmas}
     cached: dict[float, torch.Tensor] = {}
 

@@ -201,7 +201,6 @@ class VoxelEditPipeline:
             raise ValueError(f"the occupancy resolution {resolution} is not a multiple of the latent's {side}")
         device = next(flow.parameters()).device
         dtype = next(flow.parameters()).dtype
-        factor = resolution // side
         cells = torch.from_numpy(edit_cells(occupancy, edit_mask, side))
         source_grid = torch.from_numpy(occupancy.astype(np.float32))[None, None].to(device, dtype)
         x0 = self.encoder(source_grid)

@@ -95,8 +95,7 @@ def build(name: str, seed: int = _SEED) -> tuple[Any, Any]:
     """A freshly initialised (seeded) ``name`` model in its micro-world configuration, and its processor."""
     _check(name)
     from ._store import seeded
-    from .vlms import _LLAVA_TEMPLATE, _QWEN_TEMPLATE, _QWEN_TOKENS, _llava_tokenizer, _image_only_processor_class
-    from .tokenizers import llama_tokenizer
+    from .vlms import _LLAVA_TEMPLATE, _QWEN_TEMPLATE, _image_only_processor_class, _llava_tokenizer, _qwen_tokenizer
 
     text = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=2048)
@@ -120,13 +119,7 @@ def build(name: str, seed: int = _SEED) -> tuple[Any, Any]:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        tokenizer = llama_tokenizer(padding_side="left",
-                                    extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
-        tokenizer.add_tokens(_QWEN_TOKENS, special_tokens=True)
-        tokenizer.chat_template = _QWEN_TEMPLATE
-        ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in (
-            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+        tokenizer, ids = _qwen_tokenizer()
         vision = dict(depth=3, hidden_size=48, intermediate_size=96, num_heads=4, patch_size=4, spatial_merge_size=2,
                       temporal_patch_size=2, window_size=16, out_hidden_size=64, fullatt_block_indexes=[2])
         config = Qwen2_5_VLConfig(text_config=dict(

@@ -100,6 +100,18 @@ _CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, n
                     image_size=32, patch_size=4, projection_dim=32)
 
 
+def _qwen_tokenizer():
+    """The Qwen2-VL / Qwen2.5-VL tokenizer and the special-token ids their configs need."""
+    tokenizer = llama_tokenizer(padding_side="left",
+                                extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    tokenizer.add_tokens(_QWEN_TOKENS, special_tokens=True)
+    tokenizer.chat_template = _QWEN_TEMPLATE
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    return tokenizer, ids
+
+
 def _llava_tokenizer():
     tokenizer = llama_tokenizer(extra_special_tokens={"image_token": "<image>"}, padding_side="left")
     tokenizer.add_tokens(["<image>"], special_tokens=True)
@@ -143,13 +155,7 @@ def _save_qwen(folder: pathlib.Path, v25: bool) -> None:
                               Qwen2VLForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tokenizer = llama_tokenizer(padding_side="left",
-                                extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
-    tokenizer.add_tokens(_QWEN_TOKENS, special_tokens=True)
-    tokenizer.chat_template = _QWEN_TEMPLATE
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    tokenizer, ids = _qwen_tokenizer()
     text = dict(_text(tokenizer), rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
                                                      "rope_theta": 10000.0})
     if v25:
