@@ -11,7 +11,9 @@ that parses :func:`add_common_args` flags and calls :func:`launch`::
         launch(demo, host=args.host, port=args.port, share=args.share)
 
 Nothing here knows about any particular method; the apps do. :func:`to_image` turns a model
-output into what ``gr.Image`` shows.
+output into what ``gr.Image`` shows, :func:`whole_number` checks a ``gr.Number`` field,
+:func:`size_text` writes a size the one way every app writes it (height x width) and
+:func:`random_weights_notice` is the line an app shows when its model has random weights.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import torch  # noqa: E402
 from hasten.pipelines.loading import DTYPES, check_device  # noqa: E402
 from hasten.video import to_uint8  # noqa: E402
 
-__all__ = ["add_common_args", "free_port", "launch", "to_image"]
+__all__ = ["add_common_args", "free_port", "launch", "random_weights_notice", "size_text", "to_image",
+           "whole_number"]
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, default_model: str = "tiny-flux") -> argparse.ArgumentParser:
@@ -165,3 +168,58 @@ def to_image(output: torch.Tensor, min_side: int = 1) -> np.ndarray:
     pixels = to_uint8(output)
     scale = -(-min_side // min(pixels.shape[:2]))  # ceil
     return pixels.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else pixels
+
+
+RANDOM_WEIGHTS_PREFIX = "tiny-"
+"""hasten's embedded random-weight models are all named ``tiny-*`` (tiny-flux, tiny-janus, tiny-trellis, ...)."""
+
+
+def random_weights_notice(model: str) -> str:
+    """The one line an app shows under its title when ``model`` has random weights; ``""`` otherwise.
+
+    Examples
+    --------
+    >>> random_weights_notice("tiny-flux")[:40]
+    '**Random weights:** `tiny-flux` is one o'
+    >>> random_weights_notice("micro-flux"), random_weights_notice("trained-janus")
+    ('', '')
+    """
+    if not model.startswith(RANDOM_WEIGHTS_PREFIX):
+        return ""
+    return (f"**Random weights:** `{model}` is one of hasten's untrained mechanism models: the pictures are noise; "
+            "the timings, passes and masks are real.")
+
+
+def size_text(height: int, width: int) -> str:
+    """A size as every app writes it: height x width.
+
+    Examples
+    --------
+    >>> size_text(36, 52)
+    '36 x 52'
+    """
+    return f"{height} x {width}"
+
+
+def whole_number(name: str, value: float | None, minimum: int | None = 1, maximum: int | None = None) -> int:
+    """The value of the ``gr.Number`` field ``name`` as an int in ``[minimum, maximum]``, or a ``gr.Error`` naming it.
+
+    Examples
+    --------
+    >>> whole_number("steps", 4.0)
+    4
+    >>> whole_number("seed", -3, minimum=None)
+    -3
+    >>> whole_number("steps", 0)
+    Traceback (most recent call last):
+    ...
+    gradio.exceptions.Error: '`steps` must be a whole number of at least 1, got 0'
+    """
+    if value is None or isinstance(value, bool) or value != int(value):
+        raise gr.Error(f"`{name}` must be a whole number, got {value!r}")
+    number = int(value)
+    if minimum is not None and number < minimum or maximum is not None and number > maximum:
+        bounds = (f"from {minimum} to {maximum}" if minimum is not None and maximum is not None
+                  else f"of at least {minimum}" if minimum is not None else f"of at most {maximum}")
+        raise gr.Error(f"`{name}` must be a whole number {bounds}, got {value!r}")
+    return number

@@ -1,17 +1,22 @@
-"""LatentWarp demo: translate an uploaded video, and see how coherent the result is.
+"""LatentWarp demo: translate a video, and see it beside its input and a per-frame translation.
 
 Run it with ``hasten app video [--model tiny-sd15] [--port 7860]`` or ``python apps/video_app.py``.
 The model is loaded once, when the app is built. Every Run translates the video with LatentWarp
 and, when "compare" is on, also frame by frame (no warping, no cross-frame attention) from the
-same noise, then shows the translated video and the warp error of each (the output warped
-along the SOURCE video's optical flow onto the next frame, occluded pixels left out: lower is
-more coherent). Without an upload it uses a panned photo.
+same noise, then shows the input (the frames that were translated), both translations side by
+side and the warp error of each (the output warped along the SOURCE video's optical flow onto
+the next frame, occluded pixels left out: lower is more coherent). Without an upload it uses a
+panned photo.
+
+Any video OpenCV decodes can be uploaded (mp4v, MJPG, H.264, VP9, ...): the app shows it
+re-encoded to VP9 WebM by OpenCV's own bundled encoder (no system ffmpeg needed), so it plays
+in the browser whatever its codec.
 
 Examples
 --------
 >>> demo = build_demo("tiny-sd15")
->>> video, report = demo(None, "a watercolor painting", 0.75, 4, 0.8, True, True, api_name="run")
->>> video.endswith(".webm") and "warp error" in report
+>>> shown, warped, per_frame, report = demo(None, "a watercolor painting", 0.75, 4, 0.8, True, True, api_name="run")
+>>> all(path.endswith(".webm") for path in (shown, warped, per_frame)) and "warp error" in report
 True
 """
 
@@ -33,7 +38,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from apps.launcher import add_common_args, launch  # noqa: E402
+from apps.launcher import add_common_args, launch, random_weights_notice, size_text, whole_number  # noqa: E402
 from hasten.pipelines.latentwarp import LatentWarpPipeline  # noqa: E402
 from hasten.pipelines.loading import load_pipeline  # noqa: E402
 from hasten.tiny.motion import panned  # noqa: E402
@@ -43,19 +48,32 @@ __all__ = ["VideoRun", "build_demo", "main"]
 
 MAX_FRAMES = 16  # the demo translates at most this many frames
 MAX_SIDE = 512
+DEFAULT_FPS = 8.0
+EXAMPLE_STEPS = 8  # the example's steps: a few seconds on a CPU with the tiny model
+
+
+def default_frames() -> np.ndarray:
+    """The input without an upload: a camera panning over a photo, 8 frames of 64 x 96."""
+    frames, _ = panned(frames=8, size=(64, 96), step=(3, 0))
+    return frames
 
 
 class VideoRun:
-    """The Run button: translate (and optionally compare) -> the output video path and a report."""
+    """The Translate button: the input as shown, LatentWarp's and per-frame translations, and a report."""
 
     def __init__(self, pipe: LatentWarpPipeline, model: str):
         self.pipe, self.model = pipe, model
         self.folder = Path(tempfile.mkdtemp(prefix="hasten-video-app-"))
 
-    def _source(self, video: str | None):
+    def _write(self, frames: np.ndarray | torch.Tensor, name: str, fps: float) -> str:
+        """VP9 WebM (plays in every browser), written by OpenCV's bundled encoder."""
+        return str(write_video(frames, self.folder / f"{name}-{time.time_ns()}.webm", fps=fps))
+
+    def source(self, video: str | None) -> tuple[np.ndarray, float, str]:
+        """The frames the app translates (at most MAX_FRAMES, longest side at most MAX_SIDE, sides
+        multiples of 8), their fps and a name; an unreadable upload is a ``gr.Error``."""
         if not video:
-            frames, _ = panned(frames=8, size=(64, 96), step=(3, 0))
-            return frames, 8.0, "a panned photo (no upload)"
+            return default_frames(), DEFAULT_FPS, "a panned photo (no upload)"
         try:
             clip = read_video(video, max_frames=MAX_FRAMES)
         except (ValueError, FileNotFoundError) as error:
@@ -64,73 +82,101 @@ class VideoRun:
         scale = min(1.0, MAX_SIDE / max(frames.shape[1:3]))
         height, width = int(frames.shape[1] * scale) // 8 * 8, int(frames.shape[2] * scale) // 8 * 8
         if min(height, width) < 8:
-            raise gr.Error(f"the video is too small ({frames.shape[2]} x {frames.shape[1]}); 8 x 8 pixels at least")
+            raise gr.Error(f"the video is too small ({size_text(*frames.shape[1:3])}); 8 x 8 pixels at least")
         if (height, width) != frames.shape[1:3]:
             frames = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in frames])
         return frames, clip.fps, Path(video).name
 
+    def preview(self, video: str | None) -> str:
+        """The input as the app will translate it, re-encoded so the browser plays it (any upload codec)."""
+        frames, fps, _ = self.source(video)
+        return self._write(frames, "input", fps)
+
     def __call__(self, video: str | None, prompt: str, strength: float, steps: float | None, warp_end: float,
-                 cross_frame: bool, compare: bool) -> tuple[str, str]:
-        frames, fps, name = self._source(video)
-        if steps is None or steps != int(steps):
-            raise gr.Error(f"`steps` must be an integer, got {steps!r}")
-        settings = dict(prompt=prompt or "", strength=float(strength), num_inference_steps=int(steps),
-                        progress=False)
+                 cross_frame: bool, compare: bool) -> tuple[str, str, str | None, str]:
+        frames, fps, name = self.source(video)
+        settings = dict(prompt=prompt or "", strength=float(strength),
+                        num_inference_steps=whole_number("num_inference_steps", steps), progress=False)
         runs = [("LatentWarp", dict(warp=True, warp_end=float(warp_end), cross_frame=bool(cross_frame)))]
         if compare:
             runs.append(("per-frame", dict(warp=False, cross_frame=False)))
-        lines, output = [], None
+        lines, videos = [], []
         try:
             for label, options in runs:
                 start = time.perf_counter()
                 out = self.pipe(video=frames, **settings, **options)
                 seconds = time.perf_counter() - start
-                if output is None:
-                    output = write_video(out.frames, self.folder / f"translated-{time.time_ns()}.webm", fps=fps)
+                videos.append(self._write(out.frames, label, fps))
                 lines.append((label, out.warp_error, seconds, out.seconds))
         except ValueError as error:
             raise gr.Error(str(error)) from error
-        report = [f"**{name}**: {len(frames)} frames at {frames.shape[2]} x {frames.shape[1]}, "
+        report = [f"**{name}**: {len(frames)} frames of {size_text(*frames.shape[1:3])} at {fps:g} fps, "
                   f"{self.model} on {self.pipe.device}", "", "| run | warp error | seconds | flow + warp |",
                   "| --- | --- | --- | --- |"]
         for label, error, seconds, parts in lines:
             report.append(f"| {label} | {error:.4f} | {seconds:.2f} | {parts['flow'] + parts['warp']:.2f} |")
         if compare:
             ratio = lines[1][1] / max(lines[0][1], 1e-9)
-            report += ["", f"LatentWarp's warp error is **{ratio:.2f}x lower** than per-frame translation."]
-        return str(output), "\n".join(report)
+            verdict = f"**{ratio:.2f}x lower**" if ratio >= 1 else f"**{1 / max(ratio, 1e-9):.2f}x higher**"
+            report += ["", f"LatentWarp's warp error is {verdict} than per-frame translation's."]
+        return self._write(frames, "input", fps), videos[0], (videos[1] if compare else None), "\n".join(report)
 
 
 def build_demo(model: str = "tiny-sd15", device: str | None = None,
                dtype: str | torch.dtype | None = None) -> gr.Blocks:
-    """The LatentWarp app for ``model`` (``tiny-sd15`` or a Stable Diffusion 1.x/2.x id), loaded once."""
+    """The LatentWarp app for ``model`` (``tiny-sd15`` or a Stable Diffusion 1.x/2.x id), loaded once.
+
+    Examples
+    --------
+    >>> [fn.api_name for fn in build_demo("tiny-sd15").fns.values()]  # doctest: +ELLIPSIS
+    [..., 'run', ...]
+    """
     pipe = LatentWarpPipeline.from_pipe(load_pipeline(model, dtype, device))
     run = VideoRun(pipe, model)
+    steps_default = EXAMPLE_STEPS if model.startswith("tiny") else 20
+    # The example is an upload as OpenCV writes it by default (mp4v in .mp4): browsers cannot play
+    # that codec, so it also shows the re-encoding at work.
+    example = str(write_video(default_frames(), run.folder / "panned-photo.mp4", fps=DEFAULT_FPS))
     with gr.Blocks(title="hasten · LatentWarp video translation") as demo:
         gr.Markdown(f"# LatentWarp video-to-video translation\n`{model}` on `{pipe.device}`. Each frame is "
                     "translated from the same noise; the previous frame's latent is warped along the source "
                     "video's optical flow during the first steps, and self-attention reads the first and "
-                    f"previous frames. Up to {MAX_FRAMES} frames, longest side {MAX_SIDE}.")
+                    f"previous frames. Up to {MAX_FRAMES} frames, longest side {MAX_SIDE}. Lower warp error = "
+                    "more coherent from frame to frame.")
+        notice = random_weights_notice(model)
+        if notice:
+            gr.Markdown(notice, elem_id="notice")
         with gr.Row():
-            with gr.Column():
-                source = gr.Video(label="Source video (empty: a panned photo)", elem_id="source")
+            with gr.Column(scale=1):
+                source = gr.File(label="Source video (any codec OpenCV reads; empty: a panned photo)",
+                                 file_types=["video"], type="filepath", elem_id="source")
                 prompt = gr.Textbox(label="Prompt", value="a watercolor painting", elem_id="prompt")
                 with gr.Row():
                     strength = gr.Slider(0.1, 1.0, value=0.75, step=0.05, label="Strength", elem_id="strength")
-                    steps = gr.Number(label="Steps", value=20 if not model.startswith("tiny") else 8, precision=0,
-                                      elem_id="steps")
-                    warp_end = gr.Slider(0.0, 1.0, value=0.8, step=0.05,
-                                         label="Warp during the first (of the full schedule; paper: 0.8)",
-                                         elem_id="warp-end")
+                    steps = gr.Number(label="Steps", value=steps_default, precision=0, elem_id="steps")
+                warp_end = gr.Slider(0.0, 1.0, value=0.8, step=0.05,
+                                     label="Warp during the first (of the full schedule; paper: 0.8)",
+                                     elem_id="warp-end")
                 with gr.Row():
                     cross = gr.Checkbox(label="Cross-frame attention", value=True, elem_id="cross-frame")
                     compare = gr.Checkbox(label="Compare with per-frame translation", value=True, elem_id="compare")
                 button = gr.Button("Translate", variant="primary", elem_id="run")
-            with gr.Column():
-                result = gr.Video(label="Translated", elem_id="result", interactive=False)
-                report = gr.Markdown("Press **Translate**.", elem_id="report")
-        button.click(run, [source, prompt, strength, steps, warp_end, cross, compare], [result, report],
-                     api_name="run", concurrency_limit=1)
+            with gr.Column(scale=3):
+                with gr.Row():
+                    shown = gr.Video(label="Input (the frames translated)", value=run.preview(None),
+                                     interactive=False, autoplay=True, loop=True, elem_id="input")
+                    warped = gr.Video(label="LatentWarp", interactive=False, autoplay=True, loop=True,
+                                      elem_id="result")
+                    per_frame = gr.Video(label="Per-frame translation", interactive=False, autoplay=True,
+                                         loop=True, elem_id="per-frame")
+                report = gr.Markdown("Press **Translate**, or the example below.", elem_id="report")
+        inputs = [source, prompt, strength, steps, warp_end, cross, compare]
+        outputs = [shown, warped, per_frame, report]
+        gr.Examples([[example, "a watercolor painting", 0.75, EXAMPLE_STEPS, 0.8, True, True]], inputs, outputs,
+                    fn=run, run_on_click=True, cache_examples=False,
+                    label="Example: an mp4v upload, LatentWarp vs per-frame (one click)", elem_id="examples")
+        source.change(run.preview, source, shown, api_name="preview")
+        button.click(run, inputs, outputs, api_name="run", concurrency_limit=1)
     return demo
 
 

@@ -12,6 +12,13 @@ internet. A test file uses them like this::
         with running_app(build_demo, model="tiny-flux") as app, chromium_page() as page:
             page.goto(app.url)
             ...
+            assert_no_errors(page)
+
+What the user sees is read from the DOM: :func:`shown_image` (size and pixel spread of an
+``<img>``, so a blank result fails), :func:`playing_video` (a ``<video>`` the browser decoded),
+:func:`assert_no_errors` (no error toast, no uncaught page error). :func:`screenshot` saves the
+page under ``$HASTEN_APP_SCREENSHOTS`` when set (``HASTEN_APP_SCREENSHOTS=docs/apps`` refreshes
+the README's pictures), else in the test's temporary folder.
 """
 
 from __future__ import annotations
@@ -47,6 +54,25 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
+ERROR_TOAST = '[data-testid="toast-body"].error'  # Gradio's red toast (gr.Error, "Video not playable", ...)
+SCREENSHOTS_ENV = "HASTEN_APP_SCREENSHOTS"
+TIMEOUT_MS = 120_000
+
+# Pixel statistics of a loaded <img>, drawn on a canvas (same origin: the app serves the file).
+_IMAGE_STATS = """img => {
+    const canvas = document.createElement("canvas");
+    canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+    const context = canvas.getContext("2d");
+    context.drawImage(img, 0, 0);
+    const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+    let sum = 0, squares = 0, count = 0;
+    for (let i = 0; i < data.length; i += 4) {
+        for (let c = 0; c < 3; c++) { sum += data[i + c]; squares += data[i + c] * data[i + c]; count += 1; }
+    }
+    const mean = sum / count;
+    return {width: img.naturalWidth, height: img.naturalHeight, mean: mean,
+            std: Math.sqrt(Math.max(0, squares / count - mean * mean))};
+}"""
 
 
 @dataclass(frozen=True)
@@ -108,3 +134,45 @@ def chromium_page(viewport: dict[str, int] | None = None) -> Iterator[Any]:
             yield page
         finally:
             browser.close()
+
+
+def shown_image(page: Any, elem_id: str, timeout: float = TIMEOUT_MS) -> dict[str, float]:
+    """Wait for the ``<img>`` of component ``#elem_id`` to load; its ``width``, ``height`` and pixel ``mean``
+    and ``std`` (0-255, over R, G, B): a blank (one-colour) image has ``std`` 0."""
+    image = page.locator(f"#{elem_id} img").first
+    image.wait_for(timeout=timeout)
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle(), timeout=timeout)
+    return image.evaluate(_IMAGE_STATS)
+
+
+def playing_video(page: Any, elem_id: str, timeout: float = TIMEOUT_MS) -> tuple[int, int]:
+    """Wait until the browser has decoded a frame of the ``<video>`` in ``#elem_id``; its (width, height).
+
+    Fails (times out) when the browser cannot decode the video, as with an mp4v upload shown as is.
+    """
+    video = page.locator(f"#{elem_id} video").first
+    video.wait_for(timeout=timeout)
+    page.wait_for_function("v => v.error === null && v.readyState >= 2 && v.videoWidth > 0",
+                           arg=video.element_handle(), timeout=timeout)
+    return tuple(video.evaluate("v => [v.videoWidth, v.videoHeight]"))
+
+
+def click_example(page: Any, elem_id: str = "examples", row: int = 0) -> None:
+    """Click row ``row`` of the ``gr.Examples`` table ``#elem_id`` (with ``run_on_click`` it also runs)."""
+    page.locator(f"#{elem_id} tbody tr").nth(row).click()
+
+
+def assert_no_errors(page: Any) -> None:
+    """No Gradio error toast on the page and no uncaught page error (``page.errors``)."""
+    toasts = page.locator(ERROR_TOAST).all_inner_texts()
+    assert toasts == [], f"error toast(s) on the page: {toasts}"
+    assert page.errors == [], page.errors
+
+
+def screenshot(page: Any, name: str, fallback: Path) -> Path:
+    """Save the whole page as ``NAME.png`` in ``$HASTEN_APP_SCREENSHOTS`` if set, else in ``fallback``."""
+    folder = Path(os.environ.get(SCREENSHOTS_ENV) or fallback)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
