@@ -1,5 +1,12 @@
 """hasten: training-free acceleration for diffusers pipelines and transformers VLMs.
 
+One front door for every method (:mod:`hasten.methods`)::
+
+    import hasten
+    handle = hasten.apply(pipe, hasten.GratConfig())      # or a pruner: hasten.apply(vlm, HiRED(0.2))
+    image = pipe(prompt).images[0]
+    hasten.remove(pipe)                                   # or handle.remove(); or `with hasten.apply(...):`
+
 Importing hasten adds ``enable_grat()`` / ``disable_grat()`` to every
 ``diffusers.DiffusionPipeline``::
 
@@ -23,13 +30,48 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .methods import Handle
     from .pipelines.grat import GratConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["GratConfig", "disable_grat", "enable_grat", "grat_state"]
+__all__ = ["GratConfig", "Handle", "applied", "apply", "disable_grat", "enable_grat", "grat_state", "remove"]
 
 _PIPELINE_MODULE = "diffusers.pipelines.pipeline_utils"  # where DiffusionPipeline is defined
+
+
+def apply(target: Any, config: Any) -> Handle:
+    """Turn a method on: ``hasten.apply(pipe, GratConfig())``, ``hasten.apply(vlm, HiRED(0.2))``, ...
+
+    Returns a :class:`~hasten.methods.Handle` (``.remove()``, ``.config``, ``.target``; also a
+    context manager). See :func:`hasten.methods.apply` and the table in ``docs/architecture.md``.
+
+    Examples
+    --------
+    >>> import hasten, hasten.tiny
+    >>> pipe = hasten.tiny.pipeline("flux")
+    >>> with hasten.apply(pipe, hasten.GratConfig(pattern="block")) as handle:
+    ...     handle.config.pattern
+    'block'
+    """
+    from .methods import apply as _apply
+
+    return _apply(target, config)
+
+
+def remove(target: Any, what: Any = None) -> None:
+    """Undo :func:`apply` exactly: every method on ``target``, or only ``what`` (a handle, a config or
+    a config class). ``ValueError`` if nothing is applied. See :func:`hasten.methods.remove`."""
+    from .methods import remove as _remove
+
+    _remove(target, what)
+
+
+def applied(target: Any) -> list[Handle]:
+    """The live handles on ``target`` (a pipeline: also on its components)."""
+    from .methods import applied as _applied
+
+    return _applied(target)
 
 
 def enable_grat(pipe_or_transformer: Any, config: GratConfig | None = None, **kwargs) -> GratConfig:
@@ -54,10 +96,14 @@ def enable_grat(pipe_or_transformer: Any, config: GratConfig | None = None, **kw
 
 
 def disable_grat(pipe_or_transformer: Any) -> None:
-    """Remove GRAT; the original attention processors (and outputs, bit for bit) come back."""
-    from .pipelines.grat import remove_grat
+    """Remove GRAT; the original attention processors (and outputs, bit for bit) come back.
 
-    remove_grat(pipe_or_transformer)
+    ``hasten.remove(pipe_or_transformer, GratConfig)``: a ``ValueError`` if GRAT is not on.
+    """
+    from .methods import remove as _remove
+    from .pipelines.grat import GratConfig
+
+    _remove(pipe_or_transformer, GratConfig)
 
 
 def _add_methods(module: Any) -> None:
@@ -93,7 +139,7 @@ elif not any(isinstance(finder, _AddMethodsOnImport) for finder in sys.meta_path
 
 # Reachable as attributes after a plain ``import hasten``, imported on first use.
 _LAZY_SUBMODULES = ("tiny",)
-_LAZY_NAMES = {"GratConfig": ".pipelines.grat", "grat_state": ".pipelines.grat"}
+_LAZY_NAMES = {"GratConfig": ".pipelines.grat", "grat_state": ".pipelines.grat", "Handle": ".methods"}
 
 
 def __getattr__(name: str) -> Any:

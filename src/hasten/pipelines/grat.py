@@ -4,8 +4,10 @@ Shape of the mechanism (after diffusers' FirstBlockCache): a :class:`GratConfig`
 transformer hook (:class:`GratHook`, registered in diffusers' ``HookRegistry``) that reads each
 forward call's token grid and denoising step and prepares the token layouts once per shape,
 and one :class:`~hasten.attention_processors.grat.GratAttnProcessor` per attention module that
-wraps the module's own processor. :func:`apply_grat` / :func:`remove_grat` install and remove
-both; removal restores the exact original processor objects. No weight is touched.
+wraps the module's own processor. ``hasten.apply(pipe, GratConfig(...))`` (or its spellings
+:func:`apply_grat`, ``pipe.enable_grat()``) installs both through :func:`prepare_grat` /
+:func:`install_grat`; removal (:func:`uninstall_grat`) restores the exact original processor
+objects and forward. No weight is touched.
 """
 
 from __future__ import annotations
@@ -153,20 +155,71 @@ class GratHook(ModelHook):
         return module
 
 
-def _transformer_of(pipe_or_transformer: Any) -> torch.nn.Module:
+def grat_module(pipe_or_transformer: Any) -> torch.nn.Module:
+    """The transformer GRAT changes: a pipeline's ``transformer`` (or the transformer itself), unwrapped
+    from ``torch.compile``."""
     if isinstance(pipe_or_transformer, torch.nn.Module):
-        return pipe_or_transformer
-    transformer = getattr(pipe_or_transformer, "transformer", None)
-    if transformer is None:
-        raise ValueError(
-            f"GRAT needs a diffusion transformer: {type(pipe_or_transformer).__name__} has no `transformer` "
-            "(UNet pipelines such as Stable Diffusion 1.5 are not supported)"
-        )
-    return transformer
+        transformer = pipe_or_transformer
+    else:
+        transformer = getattr(pipe_or_transformer, "transformer", None)
+        if transformer is None:
+            raise ValueError(
+                f"GRAT needs a diffusion transformer: {type(pipe_or_transformer).__name__} has no `transformer` "
+                "(UNet pipelines such as Stable Diffusion 1.5 are not supported)"
+            )
+    return getattr(transformer, "_orig_mod", transformer)
+
+
+def prepare_grat(module: torch.nn.Module, config: GratConfig) -> GratConfig:
+    """``config`` checked against ``module`` and with its family's defaults filled in (changes nothing)."""
+    adapter = adapter_for(module)
+    config = config.resolved(adapter)
+    device = next(module.parameters()).device
+    resolve_backend(config.backend, device)  # fail now, not inside the first attention call
+    num_blocks = adapter.num_blocks(module)
+    bad = [b for b in config.dense_blocks if b >= num_blocks]
+    if bad:
+        raise ValueError(f"`dense_blocks` {bad} out of range: {type(module).__name__} has {num_blocks} blocks")
+    return config
+
+
+def install_grat(module: torch.nn.Module, config: GratConfig) -> None:
+    """Wrap each (non-dense) attention module's processor and register :class:`GratHook` (a config
+    from :func:`prepare_grat`). Use :func:`hasten.apply`; this is the mechanism under it."""
+    adapter = adapter_for(module)
+    state = GratState()
+    for block_index, _, attention in adapter.attention_modules(module):
+        if block_index not in config.dense_blocks:
+            attention.set_processor(GratAttnProcessor(attention.processor, state, config.backend))
+    hook = GratHook(adapter, config, state)
+    hook.created_registry = getattr(module, "_diffusers_hook", None) is None
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, _HOOK_NAME)
+
+
+def uninstall_grat(module: torch.nn.Module, config: GratConfig | None = None) -> None:
+    """Restore the exact original processor objects and forward (and drop the hook registry if GRAT
+    created it and no other diffusers hook is left in it)."""
+    for attention in module.modules():
+        processor = getattr(attention, "processor", None)
+        if isinstance(processor, GratAttnProcessor):
+            attention.set_processor(processor.original)
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook(_HOOK_NAME) if registry is not None else None
+    if hook is None:
+        return
+    registry.remove_hook(_HOOK_NAME, recurse=False)
+    if not registry.hooks:  # the registry leaves the class's forward bound on the instance: drop it
+        forward = module.__dict__.get("forward")
+        if getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward:
+            del module.forward
+        if hook.created_registry:
+            del module._diffusers_hook
 
 
 def apply_grat(pipe_or_transformer: Any, config: GratConfig | None = None, **kwargs) -> GratConfig:
     """Install GRAT on a pipeline's transformer (or a transformer). Re-applying replaces the old config.
+
+    The same as ``hasten.apply(pipe_or_transformer, config).config`` (:func:`hasten.apply`).
 
     Parameters
     ----------
@@ -188,46 +241,25 @@ def apply_grat(pipe_or_transformer: Any, config: GratConfig | None = None, **kwa
     (1, 4, 4)
     >>> hasten.disable_grat(pipe)
     """
+    from ..methods import apply
+
     if config is not None and kwargs:
         raise ValueError("pass either `config` or GratConfig keyword arguments, not both")
-    config = config or GratConfig(**kwargs)
-    transformer = _transformer_of(pipe_or_transformer)
-    module = getattr(transformer, "_orig_mod", transformer)
-    adapter = adapter_for(module)
-    config = config.resolved(adapter)
-    device = next(module.parameters()).device
-    resolve_backend(config.backend, device)  # fail now, not inside the first attention call
-    num_blocks = adapter.num_blocks(module)
-    bad = [b for b in config.dense_blocks if b >= num_blocks]
-    if bad:
-        raise ValueError(f"`dense_blocks` {bad} out of range: {type(module).__name__} has {num_blocks} blocks")
-
-    remove_grat(module)
-    state = GratState()
-    for block_index, _, attention in adapter.attention_modules(module):
-        if block_index not in config.dense_blocks:
-            attention.set_processor(GratAttnProcessor(attention.processor, state, config.backend))
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(GratHook(adapter, config, state), _HOOK_NAME)
-    return config
+    return apply(pipe_or_transformer, config or GratConfig(**kwargs)).config
 
 
 def remove_grat(pipe_or_transformer: Any) -> None:
-    """Remove GRAT, restoring the exact original attention processors. No-op if GRAT is not on."""
-    module = _transformer_of(pipe_or_transformer)
-    module = getattr(module, "_orig_mod", module)
-    for attention in module.modules():
-        processor = getattr(attention, "processor", None)
-        if isinstance(processor, GratAttnProcessor):
-            attention.set_processor(processor.original)
-    registry = getattr(module, "_diffusers_hook", None)
-    if registry is not None and registry.get_hook(_HOOK_NAME) is not None:
-        registry.remove_hook(_HOOK_NAME, recurse=False)
+    """Remove GRAT, restoring the exact original attention processors. No-op if GRAT is not on
+    (:func:`hasten.remove` and ``pipe.disable_grat()`` raise instead)."""
+    from ..methods import remove
+
+    if grat_state(pipe_or_transformer) is not None:
+        remove(pipe_or_transformer, GratConfig)
 
 
 def grat_state(pipe_or_transformer: Any) -> GratState | None:
     """The live :class:`GratState` of a transformer with GRAT on (layouts, density), else None."""
-    module = _transformer_of(pipe_or_transformer)
-    registry = getattr(getattr(module, "_orig_mod", module), "_diffusers_hook", None)
+    registry = getattr(grat_module(pipe_or_transformer), "_diffusers_hook", None)
     hook = registry.get_hook(_HOOK_NAME) if registry is not None else None
     return hook.state if hook is not None else None
 

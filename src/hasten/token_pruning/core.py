@@ -308,10 +308,27 @@ class TokenPruner:
     def attach(self, model) -> "TokenPruner":
         """Install the hooks on ``model`` (a supported transformers VLM); see :meth:`apply`.
 
-        Every hook goes through here: the call recorder on the VLM, the language model's pre- and
-        post-hooks (:meth:`_before_llm`, :meth:`_after_llm`), the method's attention hook and its
-        other hooks. A failure part-way removes what was installed.
+        The same as ``hasten.apply(model, self)`` (:func:`hasten.apply`): a pruner already on
+        ``model`` is replaced. Returns the pruner.
         """
+        from ..methods import apply
+
+        apply(model, self)
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook; the model is exactly as before :meth:`attach` (no-op if not attached)."""
+        from ..methods import applied
+
+        if self._model is not None:
+            for handle in applied(self._model):
+                if handle.config is self:
+                    handle.remove()
+
+    def _install(self, model) -> None:
+        """The mechanism under :meth:`attach`: every hook goes through here, the call recorder on the
+        VLM, the language model's pre- and post-hooks (:meth:`_before_llm`, :meth:`_after_llm`), the
+        method's attention hook and its other hooks. A failure part-way removes what was installed."""
         adapter = self._check_model(model)
         language_model = adapter.language_model(model)
         self._adapter, self._model, self._language_model = adapter, model, language_model
@@ -333,12 +350,11 @@ class TokenPruner:
                 attention.install(language_model.config)
                 self._attention = attention
         except BaseException:
-            self.detach()
+            self._uninstall()
             raise
-        return self
 
-    def detach(self) -> None:
-        """Remove every hook; the model is exactly as before :meth:`attach`."""
+    def _uninstall(self) -> None:
+        """Remove every hook :meth:`_install` installed."""
         if getattr(self, "_attention", None) is not None:
             self._attention.remove(self._language_model.config)
             self._attention = None
@@ -367,12 +383,14 @@ class TokenPruner:
 
     @contextlib.contextmanager
     def apply(self, model) -> Iterator["TokenPruner"]:
-        """``with pruner.apply(model): model.generate(...)`` — attached inside, detached after."""
-        self.attach(model)
-        try:
+        """``with pruner.apply(model): model.generate(...)`` — attached inside, detached after.
+
+        The same as ``with hasten.apply(model, pruner):``, yielding the pruner (for its ``stats``).
+        """
+        from ..methods import apply
+
+        with apply(model, self):
             yield self
-        finally:
-            self.detach()
 
     # --- hooks ------------------------------------------------------------------------------------
     def _record_inputs(self, module, args, kwargs):
@@ -554,3 +572,25 @@ class TokenPruner:
         if positions.dim() == 3:  # mRoPE: the (t, h, w) rows, not Qwen's text row
             positions = positions[-3:].amax(0)
         return positions.amax(-1)
+
+
+# --- the front door's row for token pruning (hasten.methods.METHODS) ---------------------------------
+def pruning_target(model: Any) -> torch.nn.Module:
+    """The model a pruner attaches to: the VLM itself (a ``ValueError`` for anything but a module)."""
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"token pruning attaches to a transformers VLM (a torch module); got {type(model).__name__}")
+    return model
+
+
+def prepare_pruner(model: torch.nn.Module, pruner: TokenPruner) -> TokenPruner:
+    """Check that ``pruner`` can attach to ``model`` (free, supported, patch points present); changes nothing."""
+    pruner._check_model(model)
+    return pruner
+
+
+def attach_pruner(model: torch.nn.Module, pruner: TokenPruner) -> None:
+    pruner._install(model)
+
+
+def detach_pruner(model: torch.nn.Module, pruner: TokenPruner) -> None:
+    pruner._uninstall()

@@ -434,8 +434,16 @@ def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_to
 class SpecVLM:
     """SpecVLM as one object: a draft, its drafting shape and its compressor, and the last call's stats.
 
-    A ``generate`` helper rather than ``with ...apply(model)``: ``model.generate()`` owns the
-    cache and the one-token step, so it cannot host draft-and-verify rounds.
+    Two ways to use it: :meth:`generate` (``spec.generate(model, inputs)``), or applied to the
+    model through the front door, ``hasten.apply(model, SpecVLM(draft))``: until removed,
+    ``model.generate(**inputs, max_new_tokens=..)`` decodes speculatively (greedy: the same tokens
+    as the plain model, fewer target passes). ``model.generate`` cannot host draft-and-verify
+    rounds itself (it owns the cache and the one-token step), so applying replaces the model's
+    ``generate`` on the instance; removing restores the class's. Through ``model.generate`` it
+    decodes greedily only and takes the model inputs plus ``max_new_tokens`` and
+    ``eos_token_id``; any other generation option (``do_sample=True``, ``num_beams``, ...) is a
+    ``ValueError`` naming it, never a silent fallback to plain decoding (sampling:
+    ``spec.generate(model, inputs, sampling=Sampling(...))``).
 
     Parameters
     ----------
@@ -450,7 +458,7 @@ class SpecVLM:
 
     Examples
     --------
-    >>> import hasten.tiny
+    >>> import hasten, hasten.tiny
     >>> from hasten.tiny.vlms import chat_prompt
     >>> from PIL import Image
     >>> model, processor = hasten.tiny.vlm("llava")
@@ -459,6 +467,10 @@ class SpecVLM:
     >>> spec = SpecVLM(DraftModel.for_target(model))
     >>> out = spec.generate(model, inputs, max_new_tokens=8)
     >>> spec.stats.target_forwards <= 9
+    True
+    >>> with hasten.apply(model, spec):
+    ...     same = model.generate(**inputs, max_new_tokens=8)
+    >>> bool((same == out).all())
     True
     """
 
@@ -470,9 +482,8 @@ class SpecVLM:
     def __post_init__(self) -> None:
         self.stats: SpecStats | None = None
 
-    def generate(self, model: Any, inputs: dict, max_new_tokens: int = 64, sampling: Sampling | None = None,
-                 eos_token_id: int | None = None) -> torch.Tensor:
-        """``(B, prompt + new)`` tokens (a batch needs ``tree=None``): the target's own greedy (or sampled) output, with fewer target passes."""
+    def bound_draft(self, model: Any) -> DraftModel:
+        """The draft (loaded if a folder), bound to ``model``, with the compressor override applied."""
         draft = self.draft if isinstance(self.draft, DraftModel) else DraftModel.from_pretrained(self.draft, model)
         draft.bind(model)
         if self.compressor is not None:
@@ -481,6 +492,63 @@ class SpecVLM:
             if self.compressor not in CHOICES:
                 raise ValueError(f"`compressor` must be one of {CHOICES}, got {self.compressor!r}")
             draft.compressor.mode = self.compressor
+        return draft
+
+    def generate(self, model: Any, inputs: dict, max_new_tokens: int = 64, sampling: Sampling | None = None,
+                 eos_token_id: int | None = None, draft: DraftModel | None = None) -> torch.Tensor:
+        """``(B, prompt + new)`` tokens (a batch needs ``tree=None``): the target's own greedy (or sampled)
+        output, with fewer target passes. ``draft``: an already bound draft (else :meth:`bound_draft`)."""
+        draft = draft if draft is not None else self.bound_draft(model)
         sequences, self.stats = speculative_generate(model, inputs, draft, max_new_tokens, self.depth, eos_token_id,
                                                      self.tree, sampling)
         return sequences
+
+
+# --- the front door's row for SpecVLM (hasten.methods.METHODS) -----------------------------------------
+#: ``model.generate`` options the speculative ``generate`` takes (any other one is an error).
+_GENERATE_OPTIONS = ("max_new_tokens", "eos_token_id", "do_sample")
+
+
+def specvlm_target(model: Any) -> torch.nn.Module:
+    """The VLM whose ``generate`` SpecVLM replaces (a supported transformers VLM)."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "generate"):
+        raise ValueError(f"SpecVLM applies to a transformers VLM (a module with `generate`); got {type(model).__name__}")
+    adapter_for(model)  # a clear error for an unsupported model class
+    return model
+
+
+def prepare_specvlm(model: torch.nn.Module, spec: SpecVLM) -> SpecVLM:
+    if "generate" in vars(model):
+        raise ValueError(f"{type(model).__name__}.generate is already replaced on this instance; SpecVLM would "
+                         "hide it")
+    return spec
+
+
+def attach_specvlm(model: torch.nn.Module, spec: SpecVLM) -> None:
+    draft = spec.bound_draft(model)
+    from transformers import GenerationConfig
+
+    generation_options = set(GenerationConfig().to_dict())
+
+    def generate(input_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in generation_options or k == "generation_config"}
+        unsupported = sorted(k for k, v in options.items() if k not in _GENERATE_OPTIONS and v is not None)
+        if options.get("do_sample") or (options.get("do_sample") is None and model.generation_config.do_sample):
+            unsupported.insert(0, "do_sample")
+        if unsupported:
+            raise ValueError(f"`{unsupported[0]}`: model.generate with SpecVLM applied decodes greedily and takes "
+                             f"only {', '.join(_GENERATE_OPTIONS[:2])}; remove SpecVLM (hasten.remove) or call "
+                             "SpecVLM.generate(model, inputs, sampling=...)")
+        max_new_tokens = options.get("max_new_tokens") or model.generation_config.max_new_tokens
+        if max_new_tokens is None:
+            raise ValueError("`max_new_tokens`: model.generate with SpecVLM applied needs it (or the model's "
+                             "generation_config.max_new_tokens)")
+        return spec.generate(model, kwargs, max_new_tokens, eos_token_id=options.get("eos_token_id"), draft=draft)
+
+    model.generate = generate
+
+
+def detach_specvlm(model: torch.nn.Module, spec: SpecVLM) -> None:
+    vars(model).pop("generate", None)
