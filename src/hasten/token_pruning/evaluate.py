@@ -92,21 +92,35 @@ def sample_images() -> list[tuple[Any, str]]:
     ]
 
 
-def prefill_flops(config: Any, tokens: int) -> float:
-    """Approximate decoder FLOPs of a prefill of ``tokens`` (projections, MLP and attention)."""
+def _layer_flops(config: Any, tokens: int) -> tuple[float, float]:
+    """One decoder layer's prefill FLOPs over ``tokens``: (projections + MLP, attention)."""
     text = getattr(config, "text_config", config)
-    hidden, inter, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    hidden, inter = text.hidden_size, text.intermediate_size
     heads = text.num_attention_heads
     kv = getattr(text, "num_key_value_heads", None) or heads
     kv_dim = hidden // heads * kv
     linear = 2 * tokens * (2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * inter)
-    attention = 2 * 2 * tokens * tokens * hidden
-    return float(layers * (linear + attention))
+    return float(linear), float(2 * 2 * tokens * tokens * hidden)
 
 
-def _flops_ratio(config: Any, stats) -> float:
+def prefill_flops(config: Any, tokens: int) -> float:
+    """Approximate decoder FLOPs of a prefill of ``tokens`` (projections, MLP and attention)."""
+    layers = getattr(config, "text_config", config).num_hidden_layers
+    return layers * sum(_layer_flops(config, tokens))
+
+
+def _flops_ratio(config: Any, stats, method: TokenPruner | None = None) -> float:
     """Prefill FLOPs with the method / without, layer by layer (in-LLM methods run their early
-    layers on every token)."""
+    layers on every token). A method that counts the query-key pairs its prefill attends
+    (ZipVL's sparse prefill: ``method.attention``) keeps every token in the projections and the
+    MLP; each layer's attention term is scaled by its attended pairs plus half its probe pairs
+    (the probes compute scores only) over the dense causal pairs."""
+    counts = getattr(method, "attention", None)
+    if isinstance(counts, dict) and counts.get("dense_pairs") and all(counts["dense_pairs"]):
+        linear, attention = _layer_flops(config, stats.prompt_tokens)
+        with_method = sum(linear + attention * (pairs + probes / 2) / dense for pairs, probes, dense
+                          in zip(counts["pairs"], counts["probe_pairs"], counts["dense_pairs"]))
+        return with_method / (len(counts["pairs"]) * (linear + attention))
     layers = stats.layer_tokens or [stats.prefill_tokens]
     full = prefill_flops(config, stats.prompt_tokens)
     return sum(prefill_flops(config, tokens) for tokens in layers) / (len(layers) * full)
@@ -235,7 +249,7 @@ def evaluate(model: Any, processor: Any, methods: Sequence[tuple[str, float]], s
                 prefill_ms=prefill_s * 1000,
                 decode_tps=(new.shape[1] - 1) / decode_s if decode_s > 0 and new.shape[1] > 1 else float("nan"),
                 kv=stats.kv_cache_bytes,
-                flops=_flops_ratio(model.config, stats),
+                flops=_flops_ratio(model.config, stats, method),
                 peak=peak,
             ))
         mean = lambda key: statistics.mean(s[key] for s in per_sample)  # noqa: E731
@@ -358,7 +372,7 @@ def evaluate_task(model: Any, processor: Any, methods: Sequence[tuple[str, float
                 model(**inputs)  # the prefill alone, for its stats
                 stats = method.stats
                 cost.append((sum(stats.visual_tokens_in), sum(stats.visual_tokens_kept),
-                             _flops_ratio(model.config, stats), stats.kv_cache_bytes, seconds * 1000))
+                             _flops_ratio(model.config, stats, method), stats.kv_cache_bytes, seconds * 1000))
         per_kind: dict[str, list[bool]] = {}
         for sample, text in zip(samples, got):
             per_kind.setdefault(sample.kind, []).append(text == sample.answer)
