@@ -2,19 +2,22 @@
 
 The default model is ``micro-flux``, the FLUX micro-world trained on hasten's generated scenes
 (shipped with the package), so both images show real content, and the report adds the prompt
-accuracy of each, judged by the shipped attribute classifier.
+accuracy of each, judged by the shipped attribute classifier. It opens at 192 x 192 (2304 latent
+tokens), where GRAT is faster than dense on a CPU; at small sizes attention is too small a share
+of the time and GRAT's grouping costs more than it saves (the report says so when it happens).
 
 Run it with ``hasten app grat [--model micro-flux] [--port 7860]``, ``python apps/grat_app.py`` or
 ``python -m apps.grat_app`` (from the repository root). The pipeline is loaded once, when the
 app is built; every Run calls :func:`hasten.pipelines.grat.compare_grat` (one warm-up call of
-each variant, then one timed call each, same seed) and shows both images with the dense time,
-the GRAT time, the speedup next to its attention bound (1/density, padding counted) and the PSNR between them.
+each variant, then one timed call each, same seed) and shows both images and their difference
+(x4) with the dense time, the GRAT time, the speedup next to its attention bound (1/density,
+padding counted) and the PSNR between them.
 
 Examples
 --------
 >>> demo = build_demo("tiny-flux")
->>> dense, grat, timing = demo("a red fox", 36, 52, "block", 4, 1, 2, 0, api_name="run")
->>> "speedup" in timing and "PSNR" in timing
+>>> dense, grat, difference, timing = demo("a red fox", 36, 52, "block", 4, 1, 2, 0, api_name="run")
+>>> "speedup" in timing and "PSNR" in timing and "36 x 52" in timing
 True
 """
 
@@ -34,7 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import DiffusionPipeline  # noqa: E402
 
-from apps.launcher import add_common_args, launch, to_image  # noqa: E402
+from apps.launcher import (add_common_args, connect_run, launch, random_weights_notice, size_text,  # noqa: E402
+                           to_image, whole_number)
 from hasten import tiny  # noqa: E402
 from hasten.cli.generate import (MICRO_DEFAULTS, MICRO_FLUX, MICRO_GROUP, MICRO_PROMPT,  # noqa: E402
                                  load_model)
@@ -46,18 +50,8 @@ FULL_SIZE = 1024  # default height and width for real (non-tiny) models
 DISPLAY_MIN_SIDE = 256  # smaller outputs (tiny models) are shown enlarged, nearest-neighbour
 TINY_GROUP, FULL_GROUP = 4, 16  # tiny flux/sd3 grids are 9 x 13 tokens; 16 x 16 is the Flux/SD3 default
 TINY_STEPS, FULL_STEPS = 4, 28  # as `hasten generate`
-
-
-def _integer(name: str, value: float | None) -> int:
-    if value is None or value != int(value):
-        raise ValueError(f"`{name}` must be an integer, got {value!r}")
-    return int(value)
-
-
-def _positive(name: str, value: float | None) -> int:
-    if _integer(name, value) <= 0:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-    return int(value)
+MICRO_EXAMPLE_STEPS = 8  # the example: micro-flux's size and group, fewer steps (about 10 s on a quiet CPU)
+DIFFERENCE_GAIN = 4  # the difference image shows |dense - GRAT| x 4, as `hasten generate --compare`
 
 
 class GratRun:
@@ -78,28 +72,32 @@ class GratRun:
 
     def __call__(self, prompt: str, height: float | None, width: float | None, pattern: str,
                  group_size: float | None, window: float | None, steps: float | None,
-                 seed: float | None) -> tuple[np.ndarray, np.ndarray, str]:
-        """Run the comparison; bad settings raise ``gr.Error`` with hasten's message."""
+                 seed: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+        """Run the comparison -> dense, GRAT, difference x4, report; bad settings raise ``gr.Error``."""
+        # GratConfig checks the group and window sizes and the pattern itself, and names them.
+        group, window_size = whole_number("group_size", group_size, None), whole_number("window", window, None)
+        size = {"height": whole_number("height", height, 16), "width": whole_number("width", width, 16)}
+        num_steps, seed_value = whole_number("steps", steps), whole_number("seed", seed, 0)
         try:
-            # GratConfig checks its own fields (positive sizes, a known pattern) and names them.
-            config = GratConfig(pattern=pattern, group_size=_integer("group_size", group_size),
-                                window=_integer("window", window))
-            size = {"height": _positive("height", height), "width": _positive("width", width)}
-            num_steps, seed_value = _positive("steps", steps), _integer("seed", seed)
+            config = GratConfig(pattern=pattern, group_size=group, window=window_size)
             result = compare_grat(self.pipe, config, seed=seed_value, prompt=prompt or "",
                                   num_inference_steps=num_steps, **size, **self.call_kwargs)
-            dense = to_image(result.dense, DISPLAY_MIN_SIDE)
-            grat = to_image(result.grat, DISPLAY_MIN_SIDE)
         except ValueError as error:
             raise gr.Error(str(error)) from error
-        details = (f"{self.model} on {self.pipe.device}, {size['height']}x{size['width']}, {num_steps} steps, "
-                   f"seed {seed_value}, group {result.config.group_size[1:]}"
-                   + (f", window {result.config.window[1:]}" if pattern == "block" else "")
+        dense, grat = to_image(result.dense, DISPLAY_MIN_SIDE), to_image(result.grat, DISPLAY_MIN_SIDE)
+        difference = to_image((result.dense - result.grat).abs().mul(DIFFERENCE_GAIN).clamp(0, 1), DISPLAY_MIN_SIDE)
+        details = (f"{self.model} on {self.pipe.device}, {size_text(size['height'], size['width'])}, {num_steps} "
+                   f"steps, seed {seed_value}, group {size_text(*result.config.group_size[1:])} tokens"
+                   + (f", window {size_text(*result.config.window[1:])} groups" if pattern == "block" else "")
                    + ". Times are one call each, after one warm-up call of each."
                    + (f" Shown enlarged {dense.shape[0] // size['height']}x (nearest-neighbour)."
                       if dense.shape[0] > size["height"] else ""))
+        if result.speedup < 1:
+            details += (" **GRAT is slower here:** at this size attention is too small a share of the time for "
+                        "sparsity to pay for the grouping; on a CPU micro-flux gains from 192 x 192 on "
+                        "(benchmarks/results/grat_fidelity-cpu.txt).")
         accuracy = self._accuracy(prompt or "", size, result) if self.model == MICRO_FLUX else ""
-        return dense, grat, f"**{result.summary()}**{accuracy}\n\n{details}"
+        return dense, grat, difference, f"**{result.summary()}**{accuracy}\n\n{details}"
 
     @staticmethod
     def _accuracy(prompt: str, size: dict, result) -> str:
@@ -133,7 +131,7 @@ def build_demo(model: str = MICRO_FLUX, device: str | None = None,
     --------
     >>> demo = build_demo("tiny-flux")
     >>> [fn.api_name for fn in demo.fns.values()]
-    ['run']
+    ['run', 'load_example', 'run_example']
     >>> build_demo("tiny-wan")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
@@ -166,22 +164,27 @@ def build_demo(model: str = MICRO_FLUX, device: str | None = None,
     micro = model == MICRO_FLUX
     group_default = MICRO_GROUP if micro else (TINY_GROUP if is_tiny else FULL_GROUP)
     steps_default = MICRO_DEFAULTS["num_inference_steps"] if micro else (TINY_STEPS if is_tiny else FULL_STEPS)
+    prompt_default = MICRO_PROMPT if micro else "a lighthouse on a cliff at sunset, highly detailed"
+    example = [prompt_default, size["height"], size["width"], "cross", group_default, 1,
+               MICRO_EXAMPLE_STEPS if micro else steps_default, 0]
 
     with gr.Blocks(title="hasten · GRAT") as demo:
         gr.Markdown(
             f"# GRAT: grouped sparse attention\n"
             f"`{model}` ({type(pipe).__name__}) on `{pipe.device}`. The same prompt and seed run with dense "
             "attention and with GRAT; GRAT-X (cross) lets each token group attend to the groups in its row "
-            "and column band, GRAT-B (block) to the groups within a window."
+            "and column band, GRAT-B (block) to the groups within a window. It pays off when attention "
+            "dominates the time: on a CPU, micro-flux from 192 x 192 (2304 tokens) on."
         )
+        notice = random_weights_notice(model)
+        if notice:
+            gr.Markdown(notice, elem_id="notice")
         with gr.Row():
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", value=MICRO_PROMPT if micro else
-                                    "a lighthouse on a cliff at sunset, highly detailed",
-                                    lines=2, elem_id="prompt")
+                prompt = gr.Textbox(label="Prompt", value=prompt_default, lines=2, elem_id="prompt")
                 with gr.Row():
-                    height = gr.Number(label="Height", value=size["height"], precision=0, minimum=1, elem_id="height")
-                    width = gr.Number(label="Width", value=size["width"], precision=0, minimum=1, elem_id="width")
+                    height = gr.Number(label="Height", value=size["height"], precision=0, elem_id="height")
+                    width = gr.Number(label="Width", value=size["width"], precision=0, elem_id="width")
                 pattern = gr.Radio(["cross", "block"], value="cross", label="Pattern",
                                    info="cross = GRAT-X, block = GRAT-B", elem_id="pattern")
                 with gr.Row():
@@ -197,14 +200,19 @@ def build_demo(model: str = MICRO_FLUX, device: str | None = None,
                 button = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column(scale=2):
                 with gr.Row():
-                    dense_image = gr.Image(label="Dense attention", type="numpy", format="png", height=320,
+                    dense_image = gr.Image(label="Dense attention", type="numpy", format="png", height=280,
                                            interactive=False, elem_id="dense-image")
-                    grat_image = gr.Image(label="GRAT", type="numpy", format="png", height=320,
+                    grat_image = gr.Image(label="GRAT", type="numpy", format="png", height=280,
                                           interactive=False, elem_id="grat-image")
-                timing = gr.Markdown("Press **Run** to compare.", elem_id="timing")
+                    difference_image = gr.Image(label=f"Difference (x{DIFFERENCE_GAIN})", type="numpy",
+                                                format="png", height=280, interactive=False,
+                                                elem_id="difference-image")
+                timing = gr.Markdown("Press **Run** to compare, or the example below.", elem_id="timing")
+        inputs = [prompt, height, width, pattern, group_size, window, steps, seed]
+        outputs = [dense_image, grat_image, difference_image, timing]
         # One run at a time: compare_grat installs and removes GRAT on the one shared pipeline.
-        button.click(run, [prompt, height, width, pattern, group_size, window, steps, seed],
-                     [dense_image, grat_image, timing], api_name="run", concurrency_limit=1)
+        connect_run(button, run, inputs, outputs, [example],
+                    f"Example: GRAT-X at {size_text(size['height'], size['width'])}, {example[6]} steps (one click)")
     return demo
 
 

@@ -13,7 +13,8 @@ that parses :func:`add_common_args` flags and calls :func:`launch`::
 Nothing here knows about any particular method; the apps do. :func:`to_image` turns a model
 output into what ``gr.Image`` shows, :func:`whole_number` checks a ``gr.Number`` field,
 :func:`size_text` writes a size the one way every app writes it (height x width) and
-:func:`random_weights_notice` is the line an app shows when its model has random weights.
+:func:`random_weights_notice` is the line an app shows when its model has random weights, and
+:func:`connect_run` wires the Run button and the one-click examples to the app's function.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 from hasten.pipelines.loading import DTYPES, check_device  # noqa: E402
 from hasten.video import to_uint8  # noqa: E402
 
-__all__ = ["add_common_args", "free_port", "launch", "random_weights_notice", "size_text", "to_image",
+__all__ = ["add_common_args", "connect_run", "free_port", "launch", "random_weights_notice", "size_text", "to_image",
            "whole_number"]
 
 
@@ -223,3 +224,28 @@ def whole_number(name: str, value: float | None, minimum: int | None = 1, maximu
                   else f"of at least {minimum}" if minimum is not None else f"of at most {maximum}")
         raise gr.Error(f"`{name}` must be a whole number {bounds}, got {value!r}")
     return number
+
+
+RUN_QUEUE = "run"
+"""The Run button and the examples share this queue, one run at a time: an app has one model, and some
+methods install themselves on it for the length of a run."""
+
+
+def connect_run(button: gr.Button, fn: Any, inputs: list, outputs: list, examples: list[list],
+                label: str) -> gr.Examples:
+    """Wire ``button`` to ``fn`` (API name ``run``) and add ``gr.Examples`` rows that, clicked, fill ``inputs``
+    and run ``fn`` at once: one click shows the method's point. Returns the examples (``elem_id="examples"``).
+
+    Examples
+    --------
+    >>> with gr.Blocks() as demo:
+    ...     number, text = gr.Number(), gr.Markdown()
+    ...     _ = connect_run(gr.Button(), lambda n: f"{n:g}", [number], [text], [[3]], "Example")
+    >>> demo(2, api_name="run")
+    '2'
+    """
+    button.click(fn, inputs, outputs, api_name="run", concurrency_id=RUN_QUEUE, concurrency_limit=1)
+    example_rows = gr.Examples(examples, inputs, label=label, elem_id="examples")
+    example_rows.load_input_event.then(fn, inputs, outputs, concurrency_id=RUN_QUEUE, concurrency_limit=1,
+                                       api_name="run_example", api_visibility="undocumented")
+    return example_rows

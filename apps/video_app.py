@@ -38,7 +38,8 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from apps.launcher import add_common_args, launch, random_weights_notice, size_text, whole_number  # noqa: E402
+from apps.launcher import (add_common_args, connect_run, launch, random_weights_notice, size_text,  # noqa: E402
+                           whole_number)
 from hasten.pipelines.latentwarp import LatentWarpPipeline  # noqa: E402
 from hasten.pipelines.loading import load_pipeline  # noqa: E402
 from hasten.tiny.motion import panned  # noqa: E402
@@ -128,8 +129,8 @@ def build_demo(model: str = "tiny-sd15", device: str | None = None,
 
     Examples
     --------
-    >>> [fn.api_name for fn in build_demo("tiny-sd15").fns.values()]  # doctest: +ELLIPSIS
-    [..., 'run', ...]
+    >>> [fn.api_name for fn in build_demo("tiny-sd15").fns.values()]
+    ['run', 'load_example', 'run_example', 'preview']
     """
     pipe = LatentWarpPipeline.from_pipe(load_pipeline(model, dtype, device))
     run = VideoRun(pipe, model)
@@ -172,11 +173,9 @@ def build_demo(model: str = "tiny-sd15", device: str | None = None,
                 report = gr.Markdown("Press **Translate**, or the example below.", elem_id="report")
         inputs = [source, prompt, strength, steps, warp_end, cross, compare]
         outputs = [shown, warped, per_frame, report]
-        gr.Examples([[example, "a watercolor painting", 0.75, EXAMPLE_STEPS, 0.8, True, True]], inputs, outputs,
-                    fn=run, run_on_click=True, cache_examples=False,
-                    label="Example: an mp4v upload, LatentWarp vs per-frame (one click)", elem_id="examples")
+        connect_run(button, run, inputs, outputs, [[example, "a watercolor painting", 0.75, EXAMPLE_STEPS, 0.8, True, True]],
+                    "Example: an mp4v upload, LatentWarp vs per-frame (one click)")
         source.change(run.preview, source, shown, api_name="preview")
-        button.click(run, inputs, outputs, api_name="run", concurrency_limit=1)
     return demo
 
 

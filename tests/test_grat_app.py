@@ -1,43 +1,49 @@
-"""The GRAT Gradio app: a real browser run on the tiny model, and bad input reported as gr.Error."""
+"""The GRAT Gradio app in Chromium (micro-flux, its one-click example) and bad input reported as gr.Error."""
 
 from __future__ import annotations
 
+import re
+
 import gradio as gr
 import pytest
-from browser import chromium_page, running_app  # first: puts the repository root (`apps`) on sys.path
+from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,  # first: puts `apps` on sys.path
+                     running_app, screenshot, shown_image)
 
 from apps.grat_app import build_demo  # noqa: E402
+from apps.launcher import random_weights_notice  # noqa: E402
 from hasten import tiny
 
 SIZE = tiny.default_size("flux")
 
-TIMEOUT_MS = 120_000
-
 
 @pytest.mark.browser
-def test_run_shows_both_images_and_timing(tmp_path):
-    with running_app(build_demo, model="tiny-flux") as app, chromium_page() as page:
+def test_example_shows_dense_grat_difference_and_the_numbers(tmp_path):
+    with running_app(build_demo) as app, chromium_page() as page:  # the default: micro-flux at 192 x 192
         page.goto(app.url)
-        page.locator("#prompt textarea").fill("a red fox in the snow")
-        page.locator("#run").click()
-
+        assert page.locator("#notice").count() == 0  # trained weights: no random-weights notice
+        click_example(page)
         timing = page.locator("#timing")
         timing.filter(has_text="PSNR").wait_for(timeout=TIMEOUT_MS)
-        for elem_id in ("dense-image", "grat-image"):
-            image = page.locator(f"#{elem_id} img")
-            image.wait_for(timeout=TIMEOUT_MS)
-            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle(),
-                                   timeout=TIMEOUT_MS)
-            width, height = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
-            scale = width // SIZE["width"]  # tiny outputs are shown enlarged by a whole factor
-            assert scale >= 1 and (width, height) == (SIZE["width"] * scale, SIZE["height"] * scale)
+        dense, grat = shown_image(page, "dense-image"), shown_image(page, "grat-image")
+        difference = shown_image(page, "difference-image")
+        for image in (dense, grat, difference):
+            assert (image["width"], image["height"]) == (384, 384)  # 192 x 192 shown 2x (256 px at least)
+        assert dense["std"] > 1 and grat["std"] > 1, (dense, grat)  # pictures, not a blank canvas
         text = timing.inner_text()
-        assert "speedup" in text and "PSNR" in text and "attention bound" in text, text
-        assert page.errors == []
-        page.screenshot(path=tmp_path / "grat_app.png", full_page=True)
+        for pattern in (r"speedup \d+\.\d\dx", r"attention bound \d+\.\d\dx", r"PSNR \d+\.\d\d dB",
+                        r"prompt accuracy \(classifier\): dense \d+%, GRAT \d+%", r"192 x 192, 8 steps"):
+            assert re.search(pattern, text), (pattern, text)
+        assert_no_errors(page)
+        screenshot(page, "grat", tmp_path)
 
 
-def test_bad_group_size_is_a_gradio_error():
+def test_bad_settings_are_gradio_errors_naming_the_field():
     demo = build_demo("tiny-flux")
     with pytest.raises(gr.Error, match="group_size"):
         demo("a cat", SIZE["height"], SIZE["width"], "cross", 0, 1, 2, 0, api_name="run")
+    with pytest.raises(gr.Error, match="`height` must be a whole number of at least 16"):
+        demo("a cat", 0, SIZE["width"], "cross", 4, 1, 2, 0, api_name="run")
+    with pytest.raises(gr.Error, match="`steps`"):
+        demo("a cat", SIZE["height"], SIZE["width"], "cross", 4, 1, 0, 0, api_name="run")
+    notices = [block.value for block in demo.blocks.values() if getattr(block, "elem_id", None) == "notice"]
+    assert notices == [random_weights_notice("tiny-flux")]
