@@ -26,3 +26,11 @@ def test_enable_grat_is_added_whether_diffusers_comes_first_or_later():
                   "print(DiffusionPipeline.enable_grat is hasten.enable_grat)")
     assert after == "True True" and before == "True"
     assert _run("import hasten; print(hasten.GratConfig().pattern)") == "cross"
+
+
+def test_the_front_door_is_light_until_a_method_is_applied():
+    """``hasten.apply`` / ``hasten.remove`` / ``hasten.Handle`` and the method table import nothing heavy."""
+    code = (f"import sys, hasten, hasten.methods\n"
+            f"assert callable(hasten.apply) and callable(hasten.remove) and hasten.Handle is hasten.methods.Handle\n"
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    assert _run(code) == "[]"
