@@ -3,12 +3,15 @@
 Run it with ``hasten app sjd [--model trained-janus] [--port 7860]`` or ``python apps/sjd_app.py``.
 The model is loaded once, when the app is built. Every Run generates the prompt with SJD and
 (when "compare" is on) with plain autoregressive decoding through the same loop and seed, then
-shows both images with forward passes, tokens per pass and wall time.
+shows both images with forward passes, tokens per pass and wall time. It opens on the micro
+Janus trained on hasten's captioned scenes (``trained-janus``) and a one-click example.
 
 Examples
 --------
 >>> demo = build_demo("tiny-janus")
 >>> sjd, ar, report = demo("a red fox", 16, "random", 5.0, 0, True, api_name="run")
+>>> "64 x 64" in report
+True
 >>> "forward passes" in report and ar is not None
 True
 """
@@ -29,13 +32,15 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from apps.launcher import add_common_args, launch, to_image  # noqa: E402
+from apps.launcher import (add_common_args, connect_run, launch, random_weights_notice, size_text,  # noqa: E402
+                           to_image, whole_number)
 from hasten.cli.t2i_ar import DEFAULT_PROMPT, TRAINED, _load  # noqa: E402
 from hasten.pipelines.sjd import INIT_STRATEGIES, SJDConfig, SJDPipeline  # noqa: E402
 
 __all__ = ["SJDRun", "build_demo", "main"]
 
 DISPLAY_MIN_SIDE = 256  # tiny 64 x 64 outputs are shown enlarged, nearest-neighbour
+WINDOW = 16  # draft tokens per pass (as `hasten t2i-ar`)
 
 
 class SJDRun:
@@ -48,20 +53,18 @@ class SJDRun:
     def __call__(self, prompt: str, window: float | None, init: str, guidance_scale: float | None,
                  seed: float | None, compare: bool) -> tuple[np.ndarray, np.ndarray | None, str]:
         """Generate; bad settings raise ``gr.Error`` with hasten's message."""
+        window_size, seed_value = whole_number("window", window), whole_number("seed", seed, 0)
         try:
-            if window is None or window != int(window):
-                raise ValueError(f"`window` must be an integer, got {window!r}")
-            if seed is None or seed != int(seed):
-                raise ValueError(f"`seed` must be an integer, got {seed!r}")
-            config = SJDConfig(window=int(window), init=init)
+            config = SJDConfig(window=window_size, init=init)
             runs = [("SJD", config)] + ([("AR", None)] if compare else [])
             images, lines = {}, []
             for name, sjd in runs:
                 start = time.perf_counter()
-                out = self.pipe(prompt or "", sjd=sjd, guidance_scale=guidance_scale, seed=int(seed))
+                out = self.pipe(prompt or "", sjd=sjd, guidance_scale=guidance_scale, seed=seed_value)
                 seconds = time.perf_counter() - start
                 images[name] = to_image(out.images, DISPLAY_MIN_SIDE)
                 lines.append((name, out.stats.forwards, out.stats.tokens_per_forward, seconds))
+                size = size_text(*out.images.shape[-2:])
         except ValueError as error:
             raise gr.Error(str(error)) from error
         report = "\n".join(f"- **{name}**: {forwards} forward passes, {per_pass:.2f} tokens per decoding pass, "
@@ -69,7 +72,7 @@ class SJDRun:
         if compare:
             (_, sjd_f, _, sjd_s), (_, ar_f, _, ar_s) = lines
             report += f"\n\n**SJD: {ar_f / sjd_f:.2f}x fewer forward passes, {ar_s / sjd_s:.2f}x faster.**"
-        report += (f"\n\n{self.model} on {self.pipe.model.device}, seed {int(seed)}. SJD is lossless: its images "
+        report += (f"\n\n{self.model} on {self.pipe.model.device}, {size} pixels, seed {seed_value}. SJD is lossless: its images "
                    "follow the model's own sampling distribution (not the same image as AR for a seed).")
         return images["SJD"], images.get("AR"), report
 
@@ -98,12 +101,15 @@ def build_demo(model: str = TRAINED, device: str | None = None,
             "SJD verifies a window of draft image tokens per forward pass and keeps the model's sampling "
             "distribution; plain autoregressive decoding needs one pass per token."
         )
+        notice = random_weights_notice(model)
+        if notice:
+            gr.Markdown(notice, elem_id="notice")
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2,
                                     elem_id="prompt")
                 with gr.Row():
-                    window = gr.Number(label="Window (draft tokens per pass)", value=16, precision=0,
+                    window = gr.Number(label="Window (draft tokens per pass)", value=WINDOW, precision=0,
                                        elem_id="window")
                     init = gr.Dropdown(list(INIT_STRATEGIES), value="random", label="Draft initialisation",
                                        elem_id="init")
@@ -119,9 +125,10 @@ def build_demo(model: str = TRAINED, device: str | None = None,
                                          elem_id="sjd-image")
                     ar_image = gr.Image(label="Autoregressive", type="numpy", format="png", height=320,
                                         interactive=False, elem_id="ar-image")
-                report = gr.Markdown("Press **Run** to generate.", elem_id="report")
-        button.click(run, [prompt, window, init, scale, seed, compare], [sjd_image, ar_image, report],
-                     api_name="run", concurrency_limit=1)
+                report = gr.Markdown("Press **Run** to generate, or the example below.", elem_id="report")
+        connect_run(button, run, [prompt, window, init, scale, seed, compare], [sjd_image, ar_image, report],
+                    [[DEFAULT_PROMPT, WINDOW, "random", default_scale, 0, True]],
+                    "Example: SJD and plain AR decoding side by side, passes counted (one click)")
     return demo
 
 

@@ -1,35 +1,36 @@
-"""The SJD Gradio app: a real browser run on the tiny Janus, and bad input reported as gr.Error."""
+"""The SJD Gradio app in Chromium (trained-janus, its one-click example) and bad input reported as gr.Error."""
 
 from __future__ import annotations
 
+import re
+
 import gradio as gr
 import pytest
-from browser import chromium_page, running_app  # first: puts the repository root (`apps`) on sys.path
+from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,  # first: puts `apps` on sys.path
+                     running_app, screenshot, shown_image)
 
 from apps.sjd_app import build_demo  # noqa: E402
 
-TIMEOUT_MS = 120_000
-
 
 @pytest.mark.browser
-def test_run_shows_sjd_and_ar_side_by_side(tmp_path):
-    with running_app(build_demo, model="tiny-janus") as app, chromium_page() as page:
+def test_example_shows_sjd_and_ar_side_by_side_with_passes(tmp_path):
+    with running_app(build_demo) as app, chromium_page() as page:  # the default: trained-janus
         page.goto(app.url)
-        page.locator("#prompt textarea").fill("a lighthouse at dusk")
-        page.locator("#run").click()
+        assert page.locator("#notice").count() == 0  # trained weights: no random-weights notice
+        click_example(page)
         report = page.locator("#report")
         report.filter(has_text="fewer forward passes").wait_for(timeout=TIMEOUT_MS)
         for elem_id in ("sjd-image", "ar-image"):
-            image = page.locator(f"#{elem_id} img")
-            image.wait_for(timeout=TIMEOUT_MS)
-            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle(),
-                                   timeout=TIMEOUT_MS)
-            width, height = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
-            assert width == height and width % 64 == 0 and width >= 256  # 64 x 64 shown enlarged
+            image = shown_image(page, elem_id)
+            assert image["width"] == image["height"] >= 256, image  # shown enlarged, square
+            assert image["std"] > 5, image  # a scene, not a blank canvas
         text = report.inner_text()
-        assert "SJD" in text and "AR" in text and "forward passes" in text, text
-        assert page.errors == []
-        page.screenshot(path=tmp_path / "sjd_app.png", full_page=True)
+        sjd, ar = (int(re.search(rf"{name}: (\d+) forward passes", text).group(1)) for name in ("SJD", "AR"))
+        assert sjd < ar, text
+        assert re.search(r"SJD: \d+\.\d\dx fewer forward passes, \d+\.\d\dx faster", text), text
+        assert "trained-janus" in text and "32 x 32 pixels" in text, text  # the micro Janus draws 32 x 32
+        assert_no_errors(page)
+        screenshot(page, "sjd", tmp_path)
 
 
 def test_bad_window_is_a_gradio_error():
@@ -38,9 +39,12 @@ def test_bad_window_is_a_gradio_error():
         demo("a cat", 0, "random", 5.0, 0, False, api_name="run")
     with pytest.raises(gr.Error, match="guidance_scale"):
         demo("a cat", 4, "random", 0.5, 0, False, api_name="run")
+    with pytest.raises(gr.Error, match="seed"):
+        demo("a cat", 4, "random", 5.0, -1, False, api_name="run")
 
 
 def test_without_compare_only_sjd_runs():
     demo = build_demo("tiny-emu3")
     sjd, ar, report = demo("a cat", 8, "repeat_vertical", 3.0, 1, False, api_name="run")
     assert ar is None and "AR" not in report.split("\n")[0]
+    assert any("Random weights" in str(getattr(block, "value", "")) for block in demo.blocks.values())
