@@ -14,6 +14,7 @@ from PIL import Image
 
 import hasten
 from hasten import tiny
+from hasten.attention_processors.consistedit import ConsistEditConfig, edit_layers
 from hasten.attention_processors.cross_frame import (CrossFrameAttnProcessor, CrossFrameConfig, CrossFrameState,
                                                      FrameClock, cross_frame_state)
 from hasten.pipelines.grat import remove_grat
@@ -104,6 +105,49 @@ def test_a_failed_replacement_leaves_the_method_off(flux):
     handle.remove()  # twice: a no-op
     with pytest.raises(ValueError, match="already removed"):
         hasten.remove(flux, handle)
+
+
+# --- ConsistEdit's attention control ---------------------------------------------------------------
+
+def test_consistedit_control_through_the_front_door(flux):
+    transformer, size = flux.transformer, tiny.default_size("flux")
+    height, width = size["height"], size["width"]
+    noise = flux.prepare_latents(1, transformer.config.in_channels // 4, height, width, torch.float32, "cpu",
+                                 torch.Generator().manual_seed(0))[0]
+
+    def edit_call():  # source and target from one noise, as ConsistEdit's synthetic mode runs them
+        return flux(prompt=["a red cat", "a blue dog"], latents=noise.repeat(2, 1, 1), num_inference_steps=2, **size,
+                    output_type="pt", return_dict=False)[0]
+
+    before, fingerprint = edit_call(), _fingerprint(transformer)
+    rows, cols = height // 4, width // 4  # this tiny Flux: 4 pixels per token
+    tokens = rows * cols
+    mask = np.zeros((height, width), bool)
+    mask[:, width // 2:] = True  # edit the right half: token columns 7.. ; columns ..5 are kept (6 straddles)
+    layer = edit_layers(transformer)[0][0]  # the first attention layer the control owns (a single-stream block)
+    seen = []
+    with hasten.apply(flux, ConsistEditConfig(mask, alpha=0.5, num_inference_steps=2)) as handle:
+        assert handle.module is transformer
+        observers = [getattr(layer, f"to_{kind}").register_forward_hook(
+            lambda module, args, out, kind=kind: seen.append((kind, out[:, -tokens:].unflatten(1, (rows, cols)))))
+            for kind in ("q", "v")]  # registered after the control: they see what attention gets
+        edited = edit_call()
+        for observer in observers:
+            observer.remove()
+    (q0, v0), (q1, v1) = [(seen[i][1], seen[i + 1][1]) for i in (0, 2)]  # step 0, step 1 (q first, then v)
+    kept, changed = (slice(None), slice(0, 6)), (slice(None), slice(7, None))
+    for v in (v0, v1):  # V: the source's in the kept region at every step, the target's own in the edit region
+        assert torch.equal(v[1][kept], v[0][kept]) and not torch.equal(v[1][changed], v[0][changed])
+    assert torch.equal(q0[1], q0[0])  # Q: the source's everywhere while step < alpha * steps = 1 ...
+    assert torch.equal(q1[1][kept], q1[0][kept]) and not torch.equal(q1[1][changed], q1[0][changed])  # ... then kept only
+    assert not torch.equal(edited[1], before[1]) and torch.equal(edited[0], before[0])  # the source row is untouched
+    assert _fingerprint(transformer) == fingerprint
+    assert torch.equal(edit_call(), before)
+    with pytest.raises(ValueError, match="source and target rows"), hasten.apply(flux, ConsistEditConfig(mask)):
+        _image_of(flux)
+    assert hasten.applied(flux) == [] and _fingerprint(transformer) == fingerprint
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        ConsistEditConfig(mask, alpha=0.5)
 
 
 # --- token pruning ----------------------------------------------------------------------------------

@@ -37,14 +37,17 @@ Two more modes share the hooks:
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..adapters import edit_layout
 from .feature_replay import FeatureReplay, ProjectionSite
 
-__all__ = ["ConsistEditControl", "edit_layers", "image_projection_sites"]
+__all__ = ["ConsistEditConfig", "ConsistEditControl", "edit_layers", "image_projection_sites"]
 
 
 def edit_layers(transformer: Any) -> tuple[list[Any], bool, list[Any]]:
@@ -132,6 +135,7 @@ class ConsistEditControl:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._rotary, self._pending = {}, {}
 
     # --- hooks --------------------------------------------------------------------------------------
     def _rotary_embedding(self, module, args, kwargs, layer: int):
@@ -250,3 +254,129 @@ class ConsistEditControl:
         low, high = mean.amin(1, keepdim=True), mean.amax(1, keepdim=True)
         normalised = (mean - low) / (high - low).clamp_min(1e-12)
         return (normalised > threshold).flatten()
+
+
+# --- on its own, through the front door (hasten.methods.METHODS) ----------------------------------------
+@dataclass(frozen=True)
+class ConsistEditConfig:
+    """ConsistEdit's attention control on plain pipeline calls: ``hasten.apply(pipe, ConsistEditConfig(mask))``.
+
+    Synthetic editing with a given edit region: while applied, every call of the pipeline (or of
+    its transformer) whose batch pairs a source and a target row -- ``prompt=[source, target]``
+    from the SAME noise (``latents=`` one noise repeated twice) -- edits the target inside
+    ``mask`` and keeps the source outside it: the target's image V (and Q, K while
+    ``step < int(alpha * num_inference_steps)``) are the source's in the preserved region, Q and K
+    everywhere in those steps (the rule in the module docstring). Rows alternate source, target
+    (``[source, target]``, or with guidance in the batch ``[neg source, neg target, source,
+    target]``). The edit-word mask pass and real-image (inverted) editing need a loop of their
+    own: :class:`~hasten.pipelines.ConsistEditPipeline`.
+
+    Parameters
+    ----------
+    mask : array, tensor or PIL image
+        The edit region, white / True = edit, any resolution covering the image (area-pooled to
+        the call's token grid; videos: ``(frames, h, w)`` or one mask for every frame).
+    alpha : float, default 1.0
+        Fraction of the steps in which the target's Q and K are the source's on every image token
+        (the paper's synthetic setting copies them throughout: 1.0).
+    num_inference_steps : int, optional
+        The calls' step count; needed when ``alpha < 1`` (steps are counted from the timesteps
+        the transformer receives).
+
+    Examples
+    --------
+    >>> import numpy as np, hasten, hasten.tiny
+    >>> pipe = hasten.tiny.pipeline("flux")
+    >>> mask = np.zeros((36, 52), bool); mask[:, 26:] = True        # edit the right half
+    >>> with hasten.apply(pipe, ConsistEditConfig(mask)) as handle:
+    ...     type(handle.module).__name__
+    'FluxTransformer2DModel'
+    """
+
+    mask: Any
+    alpha: float = 1.0
+    num_inference_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"`alpha` must be in [0, 1], got {self.alpha!r}")
+        steps = self.num_inference_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"`num_inference_steps` must be a positive int, got {steps!r}")
+        if self.alpha < 1.0 and steps is None:
+            raise ValueError("`num_inference_steps` is needed with `alpha` < 1 (alpha is a fraction of the steps)")
+        if self.mask is None:
+            raise ValueError("`mask` (the edit region) is required; without one, use ConsistEditPipeline, which "
+                             "finds it from the edit words' attention")
+
+
+class _EditHook:
+    """Transformer forward pre-hook: sets the control's rows, step, image tokens and preserve mask per call."""
+
+    def __init__(self, control: ConsistEditControl, config: ConsistEditConfig, adapter: Any):
+        self.control, self.config, self.adapter = control, config, adapter
+        self.last_timestep: float | None = None
+        self.preserve: dict[tuple[int, ...], torch.Tensor] = {}  # token grid -> preserve flags
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        from ..pipelines.consistedit import grid_mask
+
+        grid, _, timestep = self.adapter.observe(module, args, kwargs)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rows = hidden.shape[0]
+        if rows % 2:
+            raise ValueError(f"ConsistEdit needs source and target rows in the batch (prompt=[source, target] from "
+                             f"one noise); the transformer got {rows} rows")
+        control = self.control
+        value = float(torch.as_tensor(timestep).flatten()[0])
+        if self.last_timestep is None or value > self.last_timestep:
+            control.step = 0  # a new run starts from its noisiest timestep
+        elif value != self.last_timestep:
+            control.step += 1
+        self.last_timestep = value
+        if grid not in self.preserve:
+            mask = self.config.mask
+            tokens = grid[1:] if grid[0] == 1 else grid  # (rows, cols) for images
+            shape = (mask.height, mask.width) if hasattr(mask, "height") and hasattr(mask, "convert") else \
+                tuple(np.shape(mask))
+            if len(shape) == 3 and shape[-1] in (3, 4) and len(tokens) == 2:  # an RGB(A) array
+                shape = shape[:2]
+            self.preserve[grid] = ~grid_mask(mask, tokens, *shape[-2:])
+        control.image_tokens = math.prod(grid)
+        control.preserve = self.preserve[grid].to(hidden.device, hidden.dtype)
+        control.source_rows, control.target_rows = list(range(0, rows, 2)), list(range(1, rows, 2))
+
+
+def consistedit_transformer(pipe_or_transformer: Any) -> torch.nn.Module:
+    """The transformer the control hooks: a pipeline's ``transformer``, or the transformer itself."""
+    transformer = pipe_or_transformer if isinstance(pipe_or_transformer, torch.nn.Module) else \
+        getattr(pipe_or_transformer, "transformer", None)
+    if transformer is None:
+        raise ValueError(f"ConsistEdit needs a diffusion transformer (SD3, Flux, CogVideoX, Wan, HunyuanVideo); "
+                         f"{type(pipe_or_transformer).__name__} has no `transformer`")
+    return getattr(transformer, "_orig_mod", transformer)
+
+
+def prepare_consistedit(transformer: torch.nn.Module, config: ConsistEditConfig) -> ConsistEditConfig:
+    from ..adapters import adapter_for
+
+    edit_layout(transformer), adapter_for(transformer)  # clear errors for an unsupported family
+    return config
+
+
+def attach_consistedit(transformer: torch.nn.Module, config: ConsistEditConfig) -> None:
+    from ..adapters import adapter_for
+
+    control = ConsistEditControl(transformer, image_tokens=0)
+    control.mode, control.alpha = "edit", config.alpha
+    # without a step count alpha is 1: Q and K are copied at every step
+    control.steps = config.num_inference_steps or 2**31
+    clock = transformer.register_forward_pre_hook(_EditHook(control, config, adapter_for(transformer)),
+                                                  with_kwargs=True)
+    control.install()
+    control._handles.append(clock)
+    transformer._hasten_consistedit = control
+
+
+def detach_consistedit(transformer: torch.nn.Module, config: ConsistEditConfig) -> None:
+    vars(transformer).pop("_hasten_consistedit").remove()
