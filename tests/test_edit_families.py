@@ -100,3 +100,24 @@ def test_per_call_size_and_generator():
     video = ConsistEditPipeline.from_pipe(hasten.tiny.pipeline("cogvideox"), **hasten.tiny.default_size("cogvideox"))
     with pytest.raises(ValueError, match="per-call"):
         video.edit("a", "b", mask=torch.ones(80, 112), height=96)
+
+
+def test_flux_without_a_guidance_embedding_guides_like_true_cfg():
+    """A Flux without a guidance embedding (FLUX.1-schnell, the micro-world Flux) guides as FluxPipeline's
+    ``true_cfg_scale`` does: the editing model's velocity equals the pipeline's own one-step update."""
+    from hasten.tiny.micro_diffusion import build_pipeline
+
+    pipe = build_pipeline(seed=3)
+    pipe.set_progress_bar_config(disable=True)
+    model = FlowModel(pipe, height=32, width=32, max_sequence_length=16)
+    latents = torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(0))
+    prompt = "a red circle at the top left"
+    cond = model.encode([prompt], guidance_scale=3.0)
+    assert model.uses_cfg and cond.cfg and cond.embeds.shape[0] == 2
+    ours = model.velocity(latents, 1.0, cond)
+    # FluxPipeline, one Euler step from sigma 1 to 0: out = latents - velocity.
+    out = pipe(prompt, negative_prompt="", true_cfg_scale=3.0, height=32, width=32, num_inference_steps=1,
+               latents=latents.clone(), max_sequence_length=16, output_type="latent").images
+    torch.testing.assert_close(ours, latents - out, rtol=1e-4, atol=1e-5)
+    unguided = model.velocity(latents, 1.0, model.encode([prompt], guidance_scale=1.0))
+    assert not model.uses_cfg and not torch.allclose(ours, unguided, atol=1e-4)  # guidance changes the velocity

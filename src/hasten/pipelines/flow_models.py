@@ -130,8 +130,12 @@ class FlowModel:
 
     @property
     def uses_cfg(self) -> bool:
-        """Whether guidance runs as a batched unconditional pass (SD3, Wan) rather than an embedding (Flux)."""
-        return self.family not in ("FluxPipeline", "HunyuanVideoPipeline") and self.guidance_scale > 1.0
+        """Whether guidance runs as a batched unconditional pass (SD3, Wan, and a Flux without a guidance
+        embedding, as ``FluxPipeline``'s ``true_cfg_scale`` runs it) rather than an embedding (Flux-dev,
+        HunyuanVideo)."""
+        if self.family == "FluxPipeline":
+            return not self.pipe.transformer.config.guidance_embeds and self.guidance_scale > 1.0
+        return self.family != "HunyuanVideoPipeline" and self.guidance_scale > 1.0
 
     @property
     def tokens(self) -> int:
@@ -164,6 +168,11 @@ class FlowModel:
         else:
             embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, device=device,
                                                    max_sequence_length=self.max_sequence_length)
+            if self.uses_cfg:
+                negatives = [negative_prompt] * len(prompts)
+                negative, negative_pooled, _ = pipe.encode_prompt(negatives, negatives, device=device,
+                                                                  max_sequence_length=self.max_sequence_length)
+                embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
         return _Conditioning(embeds, pooled, list(prompts), None, self.guidance_scale, self.uses_cfg)
 
     def text_token_positions(self, prompt: str, words: list[str]) -> list[int]:
@@ -306,15 +315,20 @@ class FlowModel:
                                     encoder_attention_mask=cond.mask, pooled_projections=cond.pooled,
                                     guidance=guidance, return_dict=False)[0]
         h, w = self.height // pipe.vae_scale_factor, self.width // pipe.vae_scale_factor
-        image_ids = pipe._prepare_latent_image_ids(batch, h // 2, w // 2, self.device, self.dtype)
+        x = torch.cat([latents, latents]) if cond.cfg else latents
+        image_ids = pipe._prepare_latent_image_ids(x.shape[0], h // 2, w // 2, self.device, self.dtype)
         text_ids = torch.zeros(cond.embeds.shape[1], 3, device=self.device, dtype=self.dtype)
         guidance = None
         if pipe.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), cond.guidance_scale, device=self.device, dtype=torch.float32)
-        timestep = torch.full((batch,), sigma, device=self.device, dtype=self.dtype)
-        return pipe.transformer(hidden_states=latents, timestep=timestep, guidance=guidance,
-                                pooled_projections=cond.pooled, encoder_hidden_states=cond.embeds, txt_ids=text_ids,
-                                img_ids=image_ids, return_dict=False)[0]
+        timestep = torch.full((x.shape[0],), sigma, device=self.device, dtype=self.dtype)
+        out = pipe.transformer(hidden_states=x, timestep=timestep, guidance=guidance, pooled_projections=cond.pooled,
+                               encoder_hidden_states=cond.embeds, txt_ids=text_ids, img_ids=image_ids,
+                               return_dict=False)[0]
+        if cond.cfg:  # FluxPipeline's true CFG: the unconditional rows first
+            uncond, conditional = out.chunk(2)
+            out = uncond + cond.guidance_scale * (conditional - uncond)
+        return out
 
     def sigmas(self, steps: int) -> torch.Tensor:
         """``steps + 1`` noise levels from 1 down to 0: the pipeline's own scheduler's, for this image size
