@@ -148,15 +148,22 @@ def test_classifier_training_resumes_identically(tmp_path, capsys):
 
 
 def test_flux_training_resumes_identically(tmp_path):
+    """A run extended with ``resume`` (here in the prompt phase: optimiser, EMAs and CLIP restored) equals
+    an uninterrupted one; extending an earlier phase after the prompt phase has started is refused."""
     from diffusers import FluxPipeline
 
     from hasten.tiny.micro_diffusion import train_flux
 
-    full = FluxPipeline.from_pretrained(train_flux(tmp_path / "full", steps=2, vae_steps=1, seed=2, progress=False))
-    train_flux(tmp_path / "part", steps=1, vae_steps=1, seed=2, progress=False)
-    part = FluxPipeline.from_pretrained(train_flux(tmp_path / "part", steps=2, vae_steps=1, seed=2, resume=True,
-                                                   progress=False))
-    for name in ("transformer", "text_encoder_2", "vae"):
+    common = dict(steps=1, vae_steps=1, decoder_steps=1, seed=2, progress=False)
+    full = FluxPipeline.from_pretrained(train_flux(tmp_path / "full", prompt_steps=2, **common))
+    short = FluxPipeline.from_pretrained(train_flux(tmp_path / "part", prompt_steps=1, **common))
+    part = FluxPipeline.from_pretrained(train_flux(tmp_path / "part", prompt_steps=2, resume=True, **common))
+    for name in ("transformer", "text_encoder_2", "text_encoder", "vae"):
         a, b = getattr(full, name).state_dict(), getattr(part, name).state_dict()
         assert all(torch.equal(a[key], b[key]) for key in a), name
+    # The prompt phase trains CLIP (the pooled vector) too: one step less gives other weights.
+    a, b = full.text_encoder.state_dict(), short.text_encoder.state_dict()
+    assert not all(torch.equal(a[key], b[key]) for key in a)
     assert full.vae.config.scaling_factor == part.vae.config.scaling_factor != 1.0
+    with pytest.raises(ValueError, match="started the prompt phase"):
+        train_flux(tmp_path / "part", prompt_steps=2, resume=True, **{**common, "steps": 2})

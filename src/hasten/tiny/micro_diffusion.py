@@ -7,17 +7,23 @@
    crops, it decodes any canvas size the same way, and its cost stays linear in the pixels) on
    rendered scenes, reconstruction from the posterior mean (L2 + L1) + a small KL term; then its latent
    ``shift_factor`` / ``scaling_factor`` are measured on training scenes, as FLUX.1 ships them;
-2. a ``FluxTransformer2DModel`` (2 double-stream + 2 single-stream blocks, 4 heads of 32, RoPE
-   axes 8/12/12) with rectified flow (``x_t = (1 - s) x_0 + s noise``, target ``noise - x_0``, the
-   convention of diffusers' ``FlowMatchEulerDiscreteScheduler``), sigmas logit-normal and shifted
-   by the same resolution-dependent ``mu`` the pipeline uses at inference, on canvases from 48 to
-   128 pixels (12 to 32 tokens a side, several aspect ratios, a constant token budget per batch)
-   so the model learns object placement relative to the canvas and generalises to larger grids
-   through RoPE; jointly with a tiny T5 encoder over a word-level tokenizer of the caption
-   vocabulary (the transformer's text tokens carry no positions, so the encoder must bind each
-   colour to its shape and place). The CLIP encoder (pooled vector) stays frozen and random.
-   10% of captions are dropped (empty prompt), so ``true_cfg_scale`` works; half mention the
-   background. The saved transformer is an exponential moving average of the weights.
+2. the *look* phase: a ``FluxTransformer2DModel`` (2 double-stream + 2 single-stream blocks, 4 heads
+   of 32, RoPE axes 8/12/12) with rectified flow (``x_t = (1 - s) x_0 + s noise``, target
+   ``noise - x_0``, the convention of diffusers' ``FlowMatchEulerDiscreteScheduler``), sigmas
+   logit-normal and shifted by the same resolution-dependent ``mu`` the pipeline uses at inference,
+   on scenes of 1-4 objects and canvases from 48 to 128 pixels (12 to 32 tokens a side, several
+   aspect ratios, a constant token budget per batch) so the model learns the scenes' look and
+   generalises to larger grids through RoPE; jointly with a tiny T5 encoder over a word-level
+   tokenizer of the caption vocabulary. The CLIP encoder (pooled vector) stays frozen here;
+3. the VAE decoder alone (encoder frozen, object pixels weighted), for exact colours;
+4. the *prompt* phase: transformer, T5 *and* CLIP (whose pooled vector modulates every block) on
+   scenes of :data:`PROMPT_OBJECTS` object(s), square canvases of 48-96 pixels, twice the samples per
+   step and :data:`MAX_SEQUENCE_LENGTH` text tokens. The look phase alone learned the scenes' look
+   but not the prompts (the same noise with four prompts gave the same image); this phase is where
+   each caption word starts to change what is drawn.
+
+10% of captions are dropped (empty prompt), so ``true_cfg_scale`` (classifier-free guidance, in
+:data:`CALL_DEFAULTS`) works. The saved weights are exponential moving averages.
 
 The result is a real ``FluxPipeline`` saved with ``save_pretrained`` (shipped under
 ``hasten/tiny/weights/flux``) and loaded with ``FluxPipeline.from_pretrained``::
@@ -49,8 +55,12 @@ from .trained import load_checkpoint, save_checkpoint, step_generator
 __all__ = ["CALL_DEFAULTS", "DEFAULT_STEPS", "MAX_SEQUENCE_LENGTH", "TRAIN_SIZE", "build_pipeline", "caption_tokenizer",
            "refine_decoder", "train_flux", "validation_loss"]
 
-MAX_SEQUENCE_LENGTH = 48
-"""T5 tokens per prompt during training (a 4-object caption with its background is <= 45 words)."""
+MAX_SEQUENCE_LENGTH = 24
+"""T5 tokens per prompt of the trained pipeline: what the prompt phase trained at (a two-object caption
+with its background is <= 21 words)."""
+
+LOOK_SEQUENCE_LENGTH = 48
+"""T5 tokens per caption in the look phase (a 4-object caption with its background is <= 45 words)."""
 
 TRAIN_SIZE = (64, 64)
 """The reference canvas ``(height, width)``: 16 x 16 = 256 image tokens."""
@@ -60,8 +70,14 @@ CALL_DEFAULTS: dict[str, Any] = {"height": 64, "width": 64, "num_inference_steps
 """Keywords for ``pipe(prompt, **CALL_DEFAULTS)`` on the trained pipeline."""
 
 DEFAULT_STEPS = 2400
-"""Default transformer steps of :func:`train_flux` (after 600 VAE steps, before 800 decoder steps): the
-shipped weights, about 80 minutes on one thread of a busy 2-core CPU."""
+"""Default look-phase transformer steps of :func:`train_flux` (after 600 VAE steps, before 800 decoder
+steps and the prompt phase): about 80 minutes on one thread of a busy 2-core CPU."""
+
+PROMPT_STEPS = 1500
+"""Default prompt-phase steps of :func:`train_flux` (see :data:`PROMPT_OBJECTS`)."""
+
+PROMPT_OBJECTS = 1
+"""Objects per scene in the prompt phase: few objects, so each caption word has a visible effect."""
 
 # Canvas sides in pixels (multiples of 4: VAE factor 2 x Flux 2x2 packing), drawn per step.
 _SIDES = (48, 56, 64, 72, 80, 96, 112, 128)
@@ -71,6 +87,10 @@ _VAE_BATCH = 16
 _VAE_CROP = 32
 _DECODER_BATCH = 8
 _EMA = 0.998
+# The prompt phase: square canvases around the reference size, twice the tokens per batch.
+_PROMPT_SIDES = (48, 64, 64, 64, 80, 96)
+_PROMPT_TOKENS_PER_BATCH = 4096
+_PROMPT_EMA = 0.995
 
 
 def caption_tokenizer():
@@ -137,7 +157,7 @@ def build_pipeline(seed: int = 0):
         shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
         max_image_seq_len=4096)
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder.eval(), tokenizer=clip,
-                        text_encoder_2=text_encoder_2, tokenizer_2=t5, transformer=transformer,
+                        text_encoder_2=text_encoder_2.eval(), tokenizer_2=t5, transformer=transformer,
                         image_encoder=None, feature_extractor=None)
 
 
@@ -154,12 +174,15 @@ def _canvas(generator: torch.Generator) -> tuple[int, int]:
     return (side, other) if torch.rand(1, generator=generator) < 0.5 else (other, side)
 
 
-def _scene_batch(seed: int, step: int, size: tuple[int, int], count: int):
+def _scene_batch(seed: int, step: int, size: tuple[int, int], count: int, max_objects: int = 4,
+                 with_background: float = 0.45):
+    """Training scenes and captions for ``(seed, step)``: ``with_background`` of the captions name the
+    background, 10% are empty (for classifier-free guidance), the rest name the objects only."""
     generator = step_generator(seed, step, stream=1)
     seeds = torch.randint(0, scenes.TRAIN_SEEDS.stop, (count,), generator=generator).tolist()
-    out = scenes.batch(seeds, *size)
+    out = scenes.batch(seeds, *size, max_objects=max_objects)
     keep = torch.rand(count, generator=generator)
-    captions = [scene.caption_with_background if u < 0.45 else (scene.caption if u < 0.9 else "")
+    captions = [scene.caption_with_background if u < with_background else (scene.caption if u < 0.9 else "")
                 for scene, u in zip(out.scenes, keep.tolist())]
     return out.images * 2.0 - 1.0, captions
 
@@ -251,28 +274,39 @@ def _latent_statistics(vae, seed: int) -> tuple[float, float]:
     return float(values.mean()), float(1.0 / values.std())
 
 
-def _encode_text(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """T5 hidden states (with gradients: the encoder trains) and CLIP pooled vectors, as FluxPipeline
-    computes them (ids padded to the max length, no attention mask)."""
-    ids = pipe.tokenizer_2(captions, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+def _encode_text(pipe, captions: list[str], max_length: int = MAX_SEQUENCE_LENGTH,
+                 train_clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 hidden states (with gradients: the encoder trains) and CLIP pooled vectors (with gradients
+    when ``train_clip``), as FluxPipeline computes them (ids padded to the max length, no attention mask)."""
+    ids = pipe.tokenizer_2(captions, padding="max_length", max_length=max_length, truncation=True,
                            return_tensors="pt").input_ids
     hidden = pipe.text_encoder_2(ids, output_hidden_states=False)[0]
-    with torch.no_grad():
-        clip_ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer_max_length,
-                                  truncation=True, return_tensors="pt").input_ids
+    clip_ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+    with torch.set_grad_enabled(train_clip and torch.is_grad_enabled()):
         pooled = pipe.text_encoder(clip_ids, output_hidden_states=False).pooler_output
     return hidden, pooled
 
 
-def _flux_loss(pipe, seed: int, step: int) -> torch.Tensor:
+def _flux_loss(pipe, seed: int, step: int, prompt_phase: bool = False) -> torch.Tensor:
+    """The rectified-flow loss of one training batch: the look phase (every scene kind, canvases of
+    48-128 px and several aspect ratios) or the prompt phase (:data:`PROMPT_OBJECTS` objects, square
+    canvases, CLIP trained too)."""
     from diffusers import FluxPipeline
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    generator = step_generator(seed, step, stream=3)
-    height, width = _canvas(generator)
-    tokens = (height // 4) * (width // 4)
-    count = max(2, _TOKENS_PER_BATCH // tokens)
-    images, captions = _scene_batch(seed, step, (height, width), count)
+    if prompt_phase:
+        generator = step_generator(seed, 40_000_000 + step, stream=3)
+        side = _PROMPT_SIDES[int(torch.randint(len(_PROMPT_SIDES), (1,), generator=generator))]
+        height = width = side
+        tokens = (side // 4) ** 2
+        images, captions = _scene_batch(seed, 40_000_000 + step, (side, side),
+                                        max(2, _PROMPT_TOKENS_PER_BATCH // tokens), PROMPT_OBJECTS, 0.2)
+    else:
+        generator = step_generator(seed, step, stream=3)
+        height, width = _canvas(generator)
+        tokens = (height // 4) * (width // 4)
+        images, captions = _scene_batch(seed, step, (height, width), max(2, _TOKENS_PER_BATCH // tokens))
     vae = pipe.vae
     with torch.no_grad():
         latents = (vae.encode(images).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
@@ -285,7 +319,8 @@ def _flux_loss(pipe, seed: int, step: int) -> torch.Tensor:
     t = torch.sigmoid(torch.randn(b, generator=generator))
     sigma = math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
     noisy = (1.0 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-    hidden, pooled = _encode_text(pipe, captions)
+    hidden, pooled = _encode_text(pipe, captions, MAX_SEQUENCE_LENGTH if prompt_phase else LOOK_SEQUENCE_LENGTH,
+                                  train_clip=prompt_phase)
     prediction = pipe.transformer(
         hidden_states=noisy, timestep=sigma, guidance=None, pooled_projections=pooled,
         encoder_hidden_states=hidden, txt_ids=torch.zeros(hidden.shape[1], 3),
@@ -328,22 +363,31 @@ def validation_loss(pipe, seeds: list[int] | range, size: tuple[int, int] = TRAI
     return float(sum(losses) / len(losses))
 
 
-def train_flux(out: str | pathlib.Path, *, steps: int | None = None, seed: int = 0, resume: bool = False,
-               progress: bool = True, vae_steps: int | None = None, decoder_steps: int | None = None) -> pathlib.Path:
-    """Train the micro-world FluxPipeline (VAE, then transformer + T5, then the VAE decoder alone);
-    save it in ``out / "model"``.
+def _average_into(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for averaged, current in zip(ema.parameters(), live.parameters()):
+            averaged.lerp_(current, 1.0 - decay)
 
-    Seeded and resumable (see :mod:`hasten.tiny.trained`): every step's scenes and noise come from
-    ``(seed, step)``, the learning rate does not depend on the run length, and
-    ``out / "checkpoint.pt"`` (written every 100 steps, at the phase change and at the end) holds
-    all weights, optimiser states, the EMA and the step.
+
+def train_flux(out: str | pathlib.Path, *, steps: int | None = None, seed: int = 0, resume: bool = False,
+               progress: bool = True, vae_steps: int | None = None, decoder_steps: int | None = None,
+               prompt_steps: int | None = None, init: str | pathlib.Path | None = None) -> pathlib.Path:
+    """Train the micro-world FluxPipeline; save it in ``out / "model"``.
+
+    Four phases: the VAE; the *look* phase (transformer + T5 on every scene kind, the CLIP encoder
+    frozen); the VAE decoder alone (encoder frozen); the *prompt* phase (transformer, T5 and CLIP on
+    scenes of :data:`PROMPT_OBJECTS` objects at :data:`MAX_SEQUENCE_LENGTH` tokens, so each caption
+    word changes what is drawn). Seeded and resumable (see :mod:`hasten.tiny.trained`): every step's
+    scenes and noise come from ``(seed, phase, step)``, the learning rate does not depend on the run
+    length, and ``out / "checkpoint.pt"`` (written every 100 steps and at each phase change) holds all
+    weights, optimiser states, the EMAs and the steps.
 
     Parameters
     ----------
     out : path
         Run folder.
     steps : int, optional
-        Transformer steps (default :data:`DEFAULT_STEPS`).
+        Look-phase transformer steps (default :data:`DEFAULT_STEPS`).
     seed : int, default 0
     resume : bool, default False
         Continue from the checkpoint in ``out``.
@@ -352,9 +396,13 @@ def train_flux(out: str | pathlib.Path, *, steps: int | None = None, seed: int =
     vae_steps : int, optional
         VAE steps before the transformer's (default ``min(600, max(1, steps // 2))``).
     decoder_steps : int, optional
-        Decoder-refinement steps after the transformer's, encoder frozen so the latent space does
-        not move (default ``min(800, max(1, steps // 2))``); they depend only on the VAE of the
-        first phase, so they may also run beside the transformer's and be resumed from.
+        Decoder-refinement steps after the look phase (default ``min(800, max(1, steps // 2))``); they
+        depend only on the VAE of the first phase.
+    prompt_steps : int, optional
+        Prompt-phase steps (default :data:`PROMPT_STEPS`).
+    init : path, optional
+        A saved micro-world pipeline (e.g. :func:`hasten.tiny.trained.path` ``("flux")``) to start the
+        prompt phase from: the first three phases are taken as done by it and skipped.
 
     Returns
     -------
@@ -365,100 +413,124 @@ def train_flux(out: str | pathlib.Path, *, steps: int | None = None, seed: int =
     --------
     >>> import tempfile
     >>> from diffusers import FluxPipeline
-    >>> folder = train_flux(tempfile.mkdtemp(), steps=1, vae_steps=1, progress=False)
+    >>> folder = train_flux(tempfile.mkdtemp(), steps=1, vae_steps=1, prompt_steps=1, progress=False)
     >>> type(FluxPipeline.from_pretrained(folder)).__name__
     'FluxPipeline'
     """
+    from diffusers import FluxPipeline
+
     out = pathlib.Path(out)
     steps = DEFAULT_STEPS if steps is None else int(steps)
     vae_steps = min(600, max(1, steps // 2)) if vae_steps is None else int(vae_steps)
     decoder_steps = min(800, max(1, steps // 2)) if decoder_steps is None else int(decoder_steps)
-    if steps < 1 or vae_steps < 1 or decoder_steps < 1:
-        raise ValueError(f"`steps`, `vae_steps` and `decoder_steps` must be >= 1; got {steps}, {vae_steps} and "
-                         f"{decoder_steps}")
+    prompt_steps = PROMPT_STEPS if prompt_steps is None else int(prompt_steps)
+    if min(steps, vae_steps, decoder_steps, prompt_steps) < 1:
+        raise ValueError(f"`steps`, `vae_steps`, `decoder_steps` and `prompt_steps` must be >= 1; got {steps}, "
+                         f"{vae_steps}, {decoder_steps} and {prompt_steps}")
     pipe = build_pipeline(seed)
-    vae, transformer, t5 = pipe.vae, pipe.transformer, pipe.text_encoder_2
-    pipe.text_encoder.requires_grad_(False)
+    done = {"vae": 0, "flux": 0, "decoder": 0, "prompt": 0}
+    if init is not None:
+        init = pathlib.Path(init)
+        if not (init / "model_index.json").is_file():
+            raise ValueError(f"`init` must be a saved micro-world FluxPipeline folder; {init} has no model_index.json")
+        pipe = FluxPipeline.from_pretrained(init)
+        done.update(vae=vae_steps, flux=steps, decoder=decoder_steps)
+    vae, transformer, t5, clip = pipe.vae, pipe.transformer, pipe.text_encoder_2, pipe.text_encoder
+    clip.requires_grad_(False)
     vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     flux_parameters = list(transformer.parameters()) + list(t5.parameters())
     flux_optimizer = torch.optim.AdamW(flux_parameters, lr=1e-3, weight_decay=0.01)
-    ema = copy.deepcopy(transformer).requires_grad_(False)
-    ema_t5 = copy.deepcopy(t5).requires_grad_(False)
-    vae_done = flux_done = decoder_done = 0
+    prompt_parameters = flux_parameters + list(clip.parameters())
+    prompt_optimizer = torch.optim.AdamW(prompt_parameters, lr=5e-4, weight_decay=0.01)
     decoder_optimizer = torch.optim.AdamW(vae.decoder.parameters(), lr=1e-3, weight_decay=0.0)
+    averaged = {"ema": (transformer, copy.deepcopy(transformer)), "ema_t5": (t5, copy.deepcopy(t5)),
+                "ema_clip": (clip, copy.deepcopy(clip))}
+    for _, ema in averaged.values():
+        ema.requires_grad_(False)
+    modules = {"vae": vae, "transformer": transformer, "t5": t5, "clip": clip,
+               **{name: ema for name, (_, ema) in averaged.items()}}
+    optimizers = {"vae_optimizer": vae_optimizer, "flux_optimizer": flux_optimizer,
+                  "decoder_optimizer": decoder_optimizer, "prompt_optimizer": prompt_optimizer}
     if resume and (state := load_checkpoint(out)) is not None:
-        vae.load_state_dict(state["vae"])
-        vae_optimizer.load_state_dict(state["vae_optimizer"])
-        transformer.load_state_dict(state["transformer"])
-        t5.load_state_dict(state["t5"])
-        ema.load_state_dict(state["ema"])
-        ema_t5.load_state_dict(state["ema_t5"])
-        flux_optimizer.load_state_dict(state["flux_optimizer"])
+        for name, module in modules.items():
+            if name in state:  # checkpoints from before the prompt phase hold no CLIP
+                module.load_state_dict(state[name])
+        for name, optimizer in optimizers.items():
+            if name in state:
+                optimizer.load_state_dict(state[name])
         vae.register_to_config(shift_factor=state["shift_factor"], scaling_factor=state["scaling_factor"])
-        vae_done, flux_done = state["vae_step"], state["flux_step"]
-        decoder_done = state.get("decoder_step", 0)
-        if "decoder_optimizer" in state:
-            decoder_optimizer.load_state_dict(state["decoder_optimizer"])
+        done.update({phase: state.get(f"{phase}_step", 0) for phase in done})
 
     def checkpoint() -> None:
         save_checkpoint(out, {
-            "vae": vae.state_dict(), "vae_optimizer": vae_optimizer.state_dict(),
-            "transformer": transformer.state_dict(), "t5": t5.state_dict(), "ema": ema.state_dict(),
-            "ema_t5": ema_t5.state_dict(), "flux_optimizer": flux_optimizer.state_dict(),
+            **{name: module.state_dict() for name, module in modules.items()},
+            **{name: optimizer.state_dict() for name, optimizer in optimizers.items()},
             "shift_factor": vae.config.shift_factor, "scaling_factor": vae.config.scaling_factor,
-            "vae_step": vae_done, "flux_step": flux_done, "decoder_step": decoder_done,
-            "decoder_optimizer": decoder_optimizer.state_dict()})
+            **{f"{phase}_step": value for phase, value in done.items()}})
 
-    if vae_done < vae_steps:
-        if flux_done:
-            raise ValueError(f"the checkpoint in {out} finished its VAE at step {vae_done}; resume with vae_steps "
-                             f"<= {vae_done}")
+    if done["vae"] < vae_steps:
+        if done["flux"]:
+            raise ValueError(f"the checkpoint in {out} finished its VAE at step {done['vae']}; resume with vae_steps "
+                             f"<= {done['vae']}")
         vae.train()
-        bar = tqdm(range(vae_done, vae_steps), initial=vae_done, total=vae_steps, desc="vae", disable=not progress)
+        bar = tqdm(range(done["vae"], vae_steps), initial=done["vae"], total=vae_steps, desc="vae",
+                   disable=not progress)
         for step in bar:
             _set_lr(vae_optimizer, _lr(step, 2e-3, 400))
             bar.set_postfix(loss=f"{_vae_step(vae, vae_optimizer, seed, step):.4f}")
-            vae_done = step + 1
-            if vae_done % 100 == 0 and vae_done < vae_steps:
+            done["vae"] = step + 1
+            if done["vae"] % 100 == 0 and done["vae"] < vae_steps:
                 checkpoint()
         vae.eval()
         shift, scale = _latent_statistics(vae, seed)
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
         checkpoint()
     vae.eval().requires_grad_(False)
-    transformer.train()
-    t5.train()
-    bar = tqdm(range(flux_done, steps), initial=flux_done, total=steps, desc="flux", disable=not progress)
-    for step in bar:
-        _set_lr(flux_optimizer, _lr(step, 1.5e-3, 1500))
-        # T5's dropout draws from torch's global RNG: seed it from (seed, step) too, so a resumed run
-        # draws the same masks as an uninterrupted one.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(step_generator(seed, step, stream=5).initial_seed())
-            loss = _flux_loss(pipe, seed, step)
-            flux_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(flux_parameters, 1.0)
-        flux_optimizer.step()
-        decay = min(_EMA, (step + 1) / (step + 10))
-        with torch.no_grad():
-            for target, source in ((ema, transformer), (ema_t5, t5)):
-                for averaged, live in zip(target.parameters(), source.parameters()):
-                    averaged.lerp_(live, 1.0 - decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        flux_done = step + 1
-        if flux_done % 100 == 0 or flux_done == steps:
-            checkpoint()
-    if decoder_done < decoder_steps:
+
+    def transformer_phase(phase: str, total: int, optimizer, parameters, decay: float, base_lr: float,
+                          half_life: int, trained: tuple[str, ...]) -> None:
+        transformer.train()
+        t5.train()
+        bar = tqdm(range(done[phase], total), initial=done[phase], total=total, desc=phase, disable=not progress)
+        for step in bar:
+            _set_lr(optimizer, _lr(step, base_lr, half_life))
+            # T5's dropout draws from torch's global RNG: seed it from (seed, step) too, so a resumed run
+            # draws the same masks as an uninterrupted one.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(step_generator(seed, step, stream=5 if phase == "flux" else 6).initial_seed())
+                loss = _flux_loss(pipe, seed, step, prompt_phase=phase == "prompt")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            for name in trained:
+                live, ema = averaged[name]
+                _average_into(ema, live, min(decay, (step + 1) / (step + 10)))
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            done[phase] = step + 1
+            if done[phase] % 100 == 0 or done[phase] == total:
+                checkpoint()
+
+    if done["prompt"] and (done["flux"] < steps or done["decoder"] < decoder_steps):
+        raise ValueError(f"the checkpoint in {out} has started the prompt phase; resume with steps <= {done['flux']} "
+                         f"and decoder_steps <= {done['decoder']}")
+    if done["flux"] < steps:
+        transformer_phase("flux", steps, flux_optimizer, flux_parameters, _EMA, 1.5e-3, 1500, ("ema", "ema_t5"))
+    if done["decoder"] < decoder_steps:
         def on_checkpoint(step: int, _optimizer) -> None:
-            nonlocal decoder_done
-            decoder_done = step
+            done["decoder"] = step
             checkpoint()
 
-        refine_decoder(vae, seed, decoder_done, decoder_steps, decoder_optimizer, progress, on_checkpoint)
-    transformer.load_state_dict(ema.state_dict())
-    t5.load_state_dict(ema_t5.state_dict())
-    transformer.eval()
-    t5.eval()
+        refine_decoder(vae, seed, done["decoder"], decoder_steps, decoder_optimizer, progress, on_checkpoint)
+    if done["prompt"] < prompt_steps:
+        if done["prompt"] == 0:  # the prompt phase starts from the look phase's averaged weights
+            for live, ema in averaged.values():
+                live.load_state_dict(ema.state_dict())
+        clip.requires_grad_(True).train()
+        transformer_phase("prompt", prompt_steps, prompt_optimizer, prompt_parameters, _PROMPT_EMA, 5e-4, 1500,
+                          ("ema", "ema_t5", "ema_clip"))
+    for live, ema in averaged.values():
+        live.load_state_dict(ema.state_dict())
+        live.eval().requires_grad_(False)
     pipe.save_pretrained(out / "model")
     return out / "model"
