@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import DiffusionPipeline  # noqa: E402
 
-from apps.launcher import (add_common_args, connect_run, launch, random_weights_notice, size_text,  # noqa: E402
-                           to_image, whole_number)
+from apps.launcher import (add_common_args, connect_run, launch, prompt_accuracy,  # noqa: E402
+                           random_weights_notice, size_text, to_image, whole_number)
 from hasten import tiny  # noqa: E402
 from hasten.cli.generate import (MICRO_DEFAULTS, MICRO_FLUX, MICRO_GROUP, MICRO_PROMPT,  # noqa: E402
                                  load_model)
@@ -96,22 +96,13 @@ class GratRun:
             details += (" **GRAT is slower here:** at this size attention is too small a share of the time for "
                         "sparsity to pay for the grouping; on a CPU micro-flux gains from 192 x 192 on "
                         "(benchmarks/results/grat_fidelity-cpu.txt).")
-        accuracy = self._accuracy(prompt or "", size, result) if self.model == MICRO_FLUX else ""
+        accuracy = ""
+        if self.model == MICRO_FLUX:
+            dense_accuracy, grat_accuracy = (prompt_accuracy(image, prompt or "") for image in (result.dense, result.grat))
+            accuracy = (" | prompt accuracy: not judged (the prompt is outside the micro-world's caption language)"
+                        if dense_accuracy is None else
+                        f" | prompt accuracy (classifier): dense {dense_accuracy:.0%}, GRAT {grat_accuracy:.0%}")
         return dense, grat, difference, f"**{result.summary()}**{accuracy}\n\n{details}"
-
-    @staticmethod
-    def _accuracy(prompt: str, size: dict, result) -> str:
-        """Prompt accuracy of both images by the shipped classifier, for prompts in the micro-world's language."""
-        from hasten.tiny import scenes
-        from hasten.tiny.classifier import evaluate
-
-        try:
-            scene = scenes.scene_from_caption(prompt, size["height"], size["width"])
-        except ValueError:
-            return " | prompt accuracy: not judged (the prompt is outside the micro-world's caption language)"
-        dense = evaluate(result.dense[:1], [scene])["object"]
-        grat = evaluate(result.grat[:1], [scene])["object"]
-        return f" | prompt accuracy (classifier): dense {dense:.0%}, GRAT {grat:.0%}"
 
 
 def build_demo(model: str = MICRO_FLUX, device: str | None = None,

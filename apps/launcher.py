@@ -14,7 +14,8 @@ Nothing here knows about any particular method; the apps do. :func:`to_image` tu
 output into what ``gr.Image`` shows, :func:`whole_number` checks a ``gr.Number`` field,
 :func:`size_text` writes a size the one way every app writes it (height x width) and
 :func:`random_weights_notice` is the line an app shows when its model has random weights, and
-:func:`connect_run` wires the Run button and the one-click examples to the app's function.
+:func:`connect_run` wires the Run button and the one-click examples to the app's function, and
+:func:`prompt_accuracy` judges a micro-world picture against its prompt.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ import torch  # noqa: E402
 from hasten.pipelines.loading import DTYPES, check_device  # noqa: E402
 from hasten.video import to_uint8  # noqa: E402
 
-__all__ = ["add_common_args", "connect_run", "free_port", "launch", "random_weights_notice", "size_text", "to_image",
-           "whole_number"]
+__all__ = ["add_common_args", "connect_run", "free_port", "launch", "prompt_accuracy", "random_weights_notice",
+           "size_text", "to_image", "whole_number"]
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, default_model: str = "tiny-flux") -> argparse.ArgumentParser:
@@ -249,3 +250,26 @@ def connect_run(button: gr.Button, fn: Any, inputs: list, outputs: list, example
     example_rows.load_input_event.then(fn, inputs, outputs, concurrency_id=RUN_QUEUE, concurrency_limit=1,
                                        api_name="run_example", api_visibility="undocumented")
     return example_rows
+
+
+def prompt_accuracy(image: torch.Tensor, prompt: str) -> float | None:
+    """Share of the objects ``prompt`` asks for that the shipped attribute classifier finds in ``image``
+    ((3, H, W) or (1, 3, H, W) in [0, 1]); ``None`` when the prompt is outside the micro-world's captions.
+
+    Examples
+    --------
+    >>> from hasten.tiny import scenes
+    >>> scene = scenes.scene_from_caption("a red circle at the top left", 64, 64)
+    >>> picture = torch.from_numpy(scene.render()).permute(2, 0, 1) / 255
+    >>> prompt_accuracy(picture, "a red circle at the top left"), prompt_accuracy(picture, "a lighthouse")
+    (1.0, None)
+    """
+    from hasten.tiny import scenes
+    from hasten.tiny.classifier import prompt_accuracy as classifier_accuracy
+
+    image = image if image.ndim == 4 else image[None]
+    try:
+        scene = scenes.scene_from_caption(prompt, image.shape[-2], image.shape[-1])
+    except ValueError:
+        return None
+    return classifier_accuracy(image[:1], [scene])

@@ -158,8 +158,9 @@ def playing_video(page: Any, elem_id: str, timeout: float = TIMEOUT_MS) -> tuple
 
 
 def click_example(page: Any, elem_id: str = "examples", row: int = 0) -> None:
-    """Click row ``row`` of the ``gr.Examples`` table ``#elem_id`` (with ``run_on_click`` it also runs)."""
-    page.locator(f"#{elem_id} tbody tr").nth(row).click()
+    """Click row ``row`` of the ``gr.Examples`` ``#elem_id`` (a table, or buttons for one input); the apps'
+    examples (:func:`apps.launcher.connect_run`) then also run."""
+    page.locator(f"#{elem_id} tbody tr, #{elem_id} button.gallery-item").nth(row).click()
 
 
 def assert_no_errors(page: Any) -> None:
