@@ -295,6 +295,11 @@ def test_specvlm_makes_generate_speculative_until_removed(llava):
     assert max(speculative[1:]) == 4 and len(speculative) == spec.stats.target_forwards  # verify 1 + 3 drafts a pass
     assert torch.equal(after, greedy) and passes == plain
     assert _fingerprint(model) == fingerprint and "generate" not in vars(model)
+    first = hasten.apply(model, spec)
+    second = hasten.apply(model, SpecVLM(spec.draft, tree=None))  # another SpecVLM replaces the first
+    assert not first.active and hasten.applied(model) == [second] and model.generate.specvlm is second.config
+    hasten.remove(model, second)
+    assert _fingerprint(model) == fingerprint
 
 
 # --- SJD --------------------------------------------------------------------------------------------

@@ -518,9 +518,10 @@ def specvlm_target(model: Any) -> torch.nn.Module:
 
 
 def prepare_specvlm(model: torch.nn.Module, spec: SpecVLM) -> SpecVLM:
-    if "generate" in vars(model):
-        raise ValueError(f"{type(model).__name__}.generate is already replaced on this instance; SpecVLM would "
-                         "hide it")
+    replaced = vars(model).get("generate")
+    if replaced is not None and not hasattr(replaced, "specvlm"):  # another SpecVLM's is replaced by this one
+        raise ValueError(f"{type(model).__name__}.generate is already replaced on this instance (not by SpecVLM); "
+                         "SpecVLM would hide it")
     return spec
 
 
@@ -547,6 +548,7 @@ def attach_specvlm(model: torch.nn.Module, spec: SpecVLM) -> None:
                              "generation_config.max_new_tokens)")
         return spec.generate(model, kwargs, max_new_tokens, eos_token_id=options.get("eos_token_id"), draft=draft)
 
+    generate.specvlm = spec  # type: ignore[attr-defined]
     model.generate = generate
 
 
