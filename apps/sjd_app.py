@@ -88,7 +88,7 @@ def build_demo(model: str = TRAINED, device: str | None = None,
     Examples
     --------
     >>> [fn.api_name for fn in build_demo("tiny-emu3").fns.values()]
-    ['run']
+    ['run', 'load_example', 'run_example']
     """
     pipe = SJDPipeline(*_load(model, device))
     pipe.progress_bar = False  # the app reports its own numbers
