@@ -97,7 +97,8 @@ class Edit3DRun:
         return str(path)
 
     def __call__(self, mesh: str | None, x0, y0, z0, x1, y1, z1, prompt: str, image, steps):
-        box = [whole_number(name, value, 0, self.resolution) for name, value in zip(BOX_NAMES, (x0, y0, z0, x1, y1, z1))]
+        box = [whole_number(name, value, 0, self.resolution)
+               for name, value in zip(BOX_NAMES, (x0, y0, z0, x1, y1, z1))]
         num_steps = whole_number("steps", steps)
         try:
             occupancy = voxelize(Path(mesh), self.resolution) if mesh else _sample(self.resolution)

@@ -145,7 +145,8 @@ class EditRun:
             kept = psnr(source[:, ~inside], target[:, ~inside])
             parts.append(f"outside it PSNR {kept:.1f} dB (source vs edit" + (", identical)" if kept == float("inf")
                                                                              else ")"))
-        source_accuracy, target_accuracy = prompt_accuracy(source, source_prompt), prompt_accuracy(target, target_prompt)
+        source_accuracy = prompt_accuracy(source, source_prompt)
+        target_accuracy = prompt_accuracy(target, target_prompt)
         if source_accuracy is not None and target_accuracy is not None:
             parts.append(f"prompt accuracy (classifier): source {source_accuracy:.0%} of its objects, "
                          f"edit {target_accuracy:.0%} of the target's")

@@ -98,7 +98,8 @@ class GratRun:
                         "(benchmarks/results/grat_fidelity-cpu.txt).")
         accuracy = ""
         if self.model == MICRO_FLUX:
-            dense_accuracy, grat_accuracy = (prompt_accuracy(image, prompt or "") for image in (result.dense, result.grat))
+            dense_accuracy, grat_accuracy = (prompt_accuracy(image, prompt or "")
+                                             for image in (result.dense, result.grat))
             accuracy = (" | prompt accuracy: not judged (the prompt is outside the micro-world's caption language)"
                         if dense_accuracy is None else
                         f" | prompt accuracy (classifier): dense {dense_accuracy:.0%}, GRAT {grat_accuracy:.0%}")

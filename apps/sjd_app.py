@@ -72,7 +72,8 @@ class SJDRun:
         if compare:
             (_, sjd_f, _, sjd_s), (_, ar_f, _, ar_s) = lines
             report += f"\n\n**SJD: {ar_f / sjd_f:.2f}x fewer forward passes, {ar_s / sjd_s:.2f}x faster.**"
-        report += (f"\n\n{self.model} on {self.pipe.model.device}, {size} pixels, seed {seed_value}. SJD is lossless: its images "
+        report += (f"\n\n{self.model} on {self.pipe.model.device}, {size} pixels, seed {seed_value}. "
+                   "SJD is lossless: its images "
                    "follow the model's own sampling distribution (not the same image as AR for a seed).")
         return images["SJD"], images.get("AR"), report
 

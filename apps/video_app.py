@@ -173,7 +173,8 @@ def build_demo(model: str = "tiny-sd15", device: str | None = None,
                 report = gr.Markdown("Press **Translate**, or the example below.", elem_id="report")
         inputs = [source, prompt, strength, steps, warp_end, cross, compare]
         outputs = [shown, warped, per_frame, report]
-        connect_run(button, run, inputs, outputs, [[example, "a watercolor painting", 0.75, EXAMPLE_STEPS, 0.8, True, True]],
+        connect_run(button, run, inputs, outputs,
+                    [[example, "a watercolor painting", 0.75, EXAMPLE_STEPS, 0.8, True, True]],
                     "Example: an mp4v upload, LatentWarp vs per-frame (one click)")
         source.change(run.preview, source, shown, api_name="preview")
     return demo

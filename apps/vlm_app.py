@@ -160,8 +160,9 @@ class VLMRun:
         else:
             s = method.stats
             kept = s.visual_kept_mask[0]
-            stats = (f"**{method_name}, budget {float(budget):g}**: visual tokens {s.visual_tokens_kept[0]}/{s.visual_tokens_in[0]}, "
-                     f"prefill {s.prefill_tokens}/{s.prompt_tokens} tokens, KV cache {s.kv_cache_bytes / 1024:.1f} KiB, "
+            stats = (f"**{method_name}, budget {float(budget):g}**: visual tokens "
+                     f"{s.visual_tokens_kept[0]}/{s.visual_tokens_in[0]}, prefill {s.prefill_tokens}/{s.prompt_tokens} "
+                     f"tokens, KV cache {s.kv_cache_bytes / 1024:.1f} KiB, "
                      f"{seconds:.2f} s ({self.name} on {self.model.device})")
         if truth:
             stats += f"\n\nAnswer **{_verdict(answer, truth)}** (right answer: {truth})."

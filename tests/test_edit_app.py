@@ -74,7 +74,8 @@ def test_upload_paint_and_edit(tmp_path):
 
 @pytest.fixture(scope="module")
 def run():
-    return EditRun(ConsistEditPipeline.from_pipe(hasten.tiny.pipeline("sd3"), **hasten.tiny.default_size("sd3")), "tiny-sd3")
+    editor = ConsistEditPipeline.from_pipe(hasten.tiny.pipeline("sd3"), **hasten.tiny.default_size("sd3"))
+    return EditRun(editor, "tiny-sd3")
 
 
 def test_painted_strokes_are_the_edit_region_drawn_in_cyan(run):
@@ -87,7 +88,8 @@ def test_painted_strokes_are_the_edit_region_drawn_in_cyan(run):
     assert "real (inverted)" in report and "painted" in report and 15 <= share <= 30, report  # a quarter, 9 x 13 grid
     assert edited.shape == source.shape == region.shape
     tint = region.astype(int) - source.astype(int)  # the overlay moves the region towards cyan, not red
-    corner, far = tint[: region.shape[0] // 8, : region.shape[1] // 8], tint[-region.shape[0] // 8:, -region.shape[1] // 8:]
+    rows, cols = region.shape[0] // 8, region.shape[1] // 8
+    corner, far = tint[:rows, :cols], tint[-rows:, -cols:]
     assert REGION_COLOUR[0] < REGION_COLOUR[2] and corner[..., 2].mean() > 20 and corner[..., 0].mean() < 0
     assert np.abs(far).max() == 0  # outside the region the overlay is the source
 
