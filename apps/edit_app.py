@@ -43,14 +43,16 @@ from hasten.cli.generate import MICRO_FLUX, load_model  # noqa: E402
 from hasten.pipelines.consistedit import ConsistEditPipeline  # noqa: E402
 from hasten.pipelines.grat import psnr  # noqa: E402
 from hasten.pipelines.loading import working_size  # noqa: E402
+from hasten.tiny.micro_diffusion import CALL_DEFAULTS  # noqa: E402
 
 __all__ = ["EditRun", "build_demo", "main"]
 
 DISPLAY_MIN_SIDE = 256
 BRUSH_COLOUR = "#ff0000"
 REGION_COLOUR = (0.0, 0.85, 1.0)  # cyan: the edit region over the source, distinct from the red brush
-MICRO_SIZE = {"height": 64, "width": 64}  # micro-flux's edits: the canvas where it draws the most objects
-MICRO_STEPS = 20
+# micro-flux edits at its own call defaults (hasten.tiny.micro_diffusion.CALL_DEFAULTS: size, steps, text length)
+MICRO_SIZE = {key: CALL_DEFAULTS[key] for key in ("height", "width")}
+MICRO_STEPS = CALL_DEFAULTS["num_inference_steps"]
 MICRO_ALPHA = 0.1  # the paper's value for real images
 # The micro-world example: a rendered scene, its top-left grid cell painted, one object's colour changed.
 MICRO_EXAMPLE = ("a red circle at the top left and a blue square at the bottom right",
@@ -164,9 +166,7 @@ def build_demo(model: str = MICRO_FLUX, device: str | None = None,
     """
     micro = model == MICRO_FLUX
     if micro:
-        from hasten.tiny.micro_diffusion import MAX_SEQUENCE_LENGTH
-
-        size = dict(MICRO_SIZE, max_sequence_length=MAX_SEQUENCE_LENGTH)
+        size = dict(MICRO_SIZE, max_sequence_length=CALL_DEFAULTS["max_sequence_length"])
     else:
         size = working_size(model)
     editor = ConsistEditPipeline.from_pipe(load_model(model, dtype, device), **size)
