@@ -233,7 +233,7 @@ def sd15():
 
 def _frame(pipe, prompt: str, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return pipe(prompt=prompt, num_inference_steps=2, **tiny.default_size("sd15"), generator=generator,
+    return pipe(prompt=prompt, num_inference_steps=1, **tiny.default_size("sd15"), generator=generator,
                 output_type="pt", return_dict=False)[0]
 
 
@@ -241,15 +241,25 @@ def test_cross_frame_attention_through_the_front_door(sd15):
     unet = sd15.unet
     first, second = _frame(sd15, "a cat", 0), _frame(sd15, "a dog", 1)
     fingerprint = _fingerprint(unet)
-    with hasten.apply(sd15, CrossFrameConfig()) as handle:
-        assert handle.module is unet
-        wrapped = {name for name, p in unet.attn_processors.items() if isinstance(p, CrossFrameAttnProcessor)}
-        assert wrapped == {name for name in unet.attn_processors if name.endswith("attn1.processor")}
-        # frame 0 attends only itself (exactly the plain call); frame 1 also attends frame 0's states
-        assert torch.equal(_frame(sd15, "a cat", 0), first)
-        anchored = _frame(sd15, "a dog", 1)
-        assert cross_frame_state(sd15).frame == 1
-        assert (anchored - second).abs().max() > 1e-3
+    attention = next(m for name, m in unet.named_modules() if name.endswith("attn1"))
+    inputs: dict[str, list[torch.Tensor]] = {"q": [], "k": []}  # what this layer's query / key projections read
+    observers = [getattr(attention, f"to_{kind}").register_forward_hook(
+        lambda module, args, out, kind=kind: inputs[kind].append(args[0].clone())) for kind in inputs]
+    try:
+        with hasten.apply(sd15, CrossFrameConfig()) as handle:
+            assert handle.module is unet
+            wrapped = {name for name, p in unet.attn_processors.items() if isinstance(p, CrossFrameAttnProcessor)}
+            assert wrapped == {name for name in unet.attn_processors if name.endswith("attn1.processor")}
+            assert torch.equal(_frame(sd15, "a cat", 0), first)  # frame 0 attends only itself: the plain call
+            anchored = _frame(sd15, "a dog", 1)
+            assert cross_frame_state(sd15).frame == 1
+    finally:
+        for observer in observers:
+            observer.remove()
+    (q0, q1), (k0, k1) = inputs["q"], inputs["k"]  # one UNet call per frame (one step)
+    assert torch.equal(k0, q0)  # frame 0: keys from its own hidden states
+    assert torch.equal(k1, q0) and not torch.equal(q1, q0)  # frame 1: keys (and values) from frame 0's
+    assert not torch.equal(anchored, second)
     assert _fingerprint(unet) == fingerprint and cross_frame_state(sd15) is None
     assert torch.equal(_frame(sd15, "a dog", 1), second)
 
