@@ -31,6 +31,8 @@ def test_enable_grat_is_added_whether_diffusers_comes_first_or_later():
 def test_the_front_door_is_light_until_a_method_is_applied():
     """``hasten.apply`` / ``hasten.remove`` / ``hasten.Handle`` and the method table import nothing heavy."""
     code = (f"import sys, hasten, hasten.methods\n"
-            f"assert callable(hasten.apply) and callable(hasten.remove) and hasten.Handle is hasten.methods.Handle\n"
+            f"from hasten import apply, remove\n"
+            f"assert apply is hasten.methods.apply and remove is hasten.methods.remove\n"
+            f"assert hasten.Handle is hasten.methods.Handle and hasten.applied is hasten.methods.applied\n"
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     assert _run(code) == "[]"

@@ -139,7 +139,8 @@ def test_consistedit_control_through_the_front_door(flux):
     for v in (v0, v1):  # V: the source's in the kept region at every step, the target's own in the edit region
         assert torch.equal(v[1][kept], v[0][kept]) and not torch.equal(v[1][changed], v[0][changed])
     assert torch.equal(q0[1], q0[0])  # Q: the source's everywhere while step < alpha * steps = 1 ...
-    assert torch.equal(q1[1][kept], q1[0][kept]) and not torch.equal(q1[1][changed], q1[0][changed])  # ... then kept only
+    # ... then in the kept region only
+    assert torch.equal(q1[1][kept], q1[0][kept]) and not torch.equal(q1[1][changed], q1[0][changed])
     assert not torch.equal(edited[1], before[1]) and torch.equal(edited[0], before[0])  # the source row is untouched
     assert _fingerprint(transformer) == fingerprint
     assert torch.equal(edit_call(), before)
@@ -262,6 +263,12 @@ def test_cross_frame_attention_through_the_front_door(sd15):
     assert not torch.equal(anchored, second)
     assert _fingerprint(unet) == fingerprint and cross_frame_state(sd15) is None
     assert torch.equal(_frame(sd15, "a dog", 1), second)
+    config = CrossFrameConfig()
+    old = hasten.apply(sd15, config)
+    new = hasten.apply(unet, config)  # a frozen config applied again: replaces (a new video)
+    assert not old.active and hasten.applied(sd15) == [new]
+    hasten.remove(sd15)
+    assert _fingerprint(unet) == fingerprint
 
 
 def test_frame_clock_starts_a_frame_per_pipeline_call():
@@ -284,7 +291,8 @@ def test_specvlm_makes_generate_speculative_until_removed(llava):
     passes: list[int] = []  # tokens each target forward runs
 
     def count(module, args, kwargs):
-        passes.append((kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[1])
+        tokens = kwargs.get("input_ids")
+        passes.append((tokens if tokens is not None else kwargs["inputs_embeds"]).shape[1])
 
     counter = model.register_forward_pre_hook(count, with_kwargs=True)
     try:

@@ -1,6 +1,7 @@
 """hasten: training-free acceleration for diffusers pipelines and transformers VLMs.
 
-One front door for every method (:mod:`hasten.methods`)::
+One front door for every method, ``hasten.apply`` / ``hasten.remove`` / ``hasten.applied``
+(:mod:`hasten.methods`; the table of methods and configs is in ``docs/architecture.md``)::
 
     import hasten
     handle = hasten.apply(pipe, hasten.GratConfig())      # or a pruner: hasten.apply(vlm, HiRED(0.2))
@@ -30,7 +31,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .methods import Handle
+    from .methods import Handle, applied, apply, remove
     from .pipelines.grat import GratConfig
 
 __version__ = "0.1.0"
@@ -38,40 +39,6 @@ __version__ = "0.1.0"
 __all__ = ["GratConfig", "Handle", "applied", "apply", "disable_grat", "enable_grat", "grat_state", "remove"]
 
 _PIPELINE_MODULE = "diffusers.pipelines.pipeline_utils"  # where DiffusionPipeline is defined
-
-
-def apply(target: Any, config: Any) -> Handle:
-    """Turn a method on: ``hasten.apply(pipe, GratConfig())``, ``hasten.apply(vlm, HiRED(0.2))``, ...
-
-    Returns a :class:`~hasten.methods.Handle` (``.remove()``, ``.config``, ``.target``; also a
-    context manager). See :func:`hasten.methods.apply` and the table in ``docs/architecture.md``.
-
-    Examples
-    --------
-    >>> import hasten, hasten.tiny
-    >>> pipe = hasten.tiny.pipeline("flux")
-    >>> with hasten.apply(pipe, hasten.GratConfig(pattern="block")) as handle:
-    ...     handle.config.pattern
-    'block'
-    """
-    from .methods import apply as _apply
-
-    return _apply(target, config)
-
-
-def remove(target: Any, what: Any = None) -> None:
-    """Undo :func:`apply` exactly: every method on ``target``, or only ``what`` (a handle, a config or
-    a config class). ``ValueError`` if nothing is applied. See :func:`hasten.methods.remove`."""
-    from .methods import remove as _remove
-
-    _remove(target, what)
-
-
-def applied(target: Any) -> list[Handle]:
-    """The live handles on ``target`` (a pipeline: also on its components)."""
-    from .methods import applied as _applied
-
-    return _applied(target)
 
 
 def enable_grat(pipe_or_transformer: Any, config: GratConfig | None = None, **kwargs) -> GratConfig:
@@ -139,7 +106,9 @@ elif not any(isinstance(finder, _AddMethodsOnImport) for finder in sys.meta_path
 
 # Reachable as attributes after a plain ``import hasten``, imported on first use.
 _LAZY_SUBMODULES = ("tiny",)
-_LAZY_NAMES = {"GratConfig": ".pipelines.grat", "grat_state": ".pipelines.grat", "Handle": ".methods"}
+_LAZY_NAMES = {"GratConfig": ".pipelines.grat", "grat_state": ".pipelines.grat",
+               # the front door (hasten.methods imports nothing heavy; a method loads when applied)
+               "apply": ".methods", "remove": ".methods", "applied": ".methods", "Handle": ".methods"}
 
 
 def __getattr__(name: str) -> Any:

@@ -15,9 +15,9 @@ The familiar spellings are thin wrappers over these two functions: ``pipe.enable
 Rules:
 
 - One method of a kind per model: applying a second config of the same method to the same
-  model replaces the first (its handle is removed first; what was applied before it stays
-  removed if the new config fails to attach). Re-applying the very same stateful config object
-  (a pruner that is already attached) raises instead.
+  model replaces the first (the new config is checked first; if it then fails to attach, the
+  method is off). Re-applying the stateful config object already in effect (a pruner or a
+  SpecVLM, which hold their last call's stats; not a frozen config) raises instead.
 - Methods of different kinds may sit on one model at once; each handle removes only its own.
 - :func:`remove` of something that is not applied raises ``ValueError``; ``Handle.remove()``
   twice is a no-op (so a handle removed inside its ``with`` block exits cleanly).
@@ -41,7 +41,7 @@ from __future__ import annotations
 import importlib
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["METHODS", "Handle", "Method", "applied", "apply", "method_for", "remove"]
 
@@ -192,7 +192,7 @@ def apply(target: Any, config: Any) -> Handle:
         raise ValueError(method.refuse)
     module = method.call("locate", target)
     current = _APPLIED.get(module, {}).get(method.name)
-    if current is not None and current.config is config:
+    if current is not None and current.config is config and not _frozen(config):
         raise ValueError(f"this {type(config).__name__} is already attached to this {type(module).__name__}; "
                          "remove it first (hasten.remove, or its handle's remove())")
     in_effect = method.call("prepare", module, config)
@@ -202,6 +202,11 @@ def apply(target: Any, config: Any) -> Handle:
     handle = Handle(method, target, module, in_effect)
     _APPLIED.setdefault(module, {})[method.name] = handle
     return handle
+
+
+def _frozen(config: Any) -> bool:
+    params = getattr(type(config), "__dataclass_params__", None)
+    return bool(params is not None and params.frozen)
 
 
 def _components(target: Any) -> list[Any]:

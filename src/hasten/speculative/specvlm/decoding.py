@@ -512,7 +512,8 @@ _GENERATE_OPTIONS = ("max_new_tokens", "eos_token_id", "do_sample")
 def specvlm_target(model: Any) -> torch.nn.Module:
     """The VLM whose ``generate`` SpecVLM replaces (a supported transformers VLM)."""
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "generate"):
-        raise ValueError(f"SpecVLM applies to a transformers VLM (a module with `generate`); got {type(model).__name__}")
+        raise ValueError(f"SpecVLM applies to a transformers VLM (a module with `generate`); got "
+                         f"{type(model).__name__}")
     adapter_for(model)  # a clear error for an unsupported model class
     return model
 
