@@ -94,6 +94,13 @@ def test_grat_spellings_share_the_front_door(flux):
     with pytest.raises(ValueError, match="GRAT is not applied"):
         flux.disable_grat()
     remove_grat(flux)  # the low-level spelling stays a no-op when GRAT is off
+    compiled = torch.compile(transformer)  # compiles on its first call only; GRAT changes the module inside
+    fingerprint = _fingerprint(transformer)  # torch.compile marks the module it wraps
+    handle = hasten.apply(compiled, hasten.GratConfig(group_size=4))
+    assert handle.module is transformer and hasten.applied(compiled) == [handle] == hasten.applied(flux)
+    hasten.remove(compiled)
+    assert _fingerprint(transformer) == fingerprint
+    del transformer._is_torch_compile  # torch.compile's mark, not GRAT's: the module-scoped pipeline stays plain
 
 
 def test_a_failed_replacement_leaves_the_method_off(flux):

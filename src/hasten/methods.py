@@ -210,9 +210,11 @@ def _frozen(config: Any) -> bool:
 
 
 def _components(target: Any) -> list[Any]:
-    """``target`` and, for a pipeline, its components (where its methods live)."""
+    """``target`` and, for a pipeline, its components (where its methods live); each also unwrapped from
+    ``torch.compile`` (methods change the original module)."""
     components = getattr(target, "components", None)
-    return [target, *(components.values() if isinstance(components, dict) else ())]
+    found = [target, *(components.values() if isinstance(components, dict) else ())]
+    return found + [o for o in (getattr(c, "_orig_mod", None) for c in found) if o is not None]
 
 
 def applied(target: Any) -> list[Handle]:
