@@ -35,7 +35,7 @@ from common import machine, print_json
 from hasten.pipelines.grat import GratConfig, apply_grat, grat_state, psnr, remove_grat
 from hasten.tiny import scenes, trained
 from hasten.tiny.classifier import evaluate, load_classifier
-from hasten.tiny.micro_diffusion import MAX_SEQUENCE_LENGTH
+from hasten.tiny.micro_diffusion import CALL_DEFAULTS, MAX_SEQUENCE_LENGTH, PROMPT_OBJECTS
 
 
 class _AttentionTimer(TorchFunctionMode):
@@ -119,7 +119,8 @@ def _generate(pipe, prompts: list[str], seeds: list[int], size: int, steps: int)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     start = time.perf_counter()
     images = pipe(prompts, height=size, width=size, num_inference_steps=steps, generator=generators,
-                  max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="pt").images
+                  max_sequence_length=MAX_SEQUENCE_LENGTH, true_cfg_scale=CALL_DEFAULTS["true_cfg_scale"],
+                  negative_prompt=[""] * len(prompts), output_type="pt").images
     return images.float().clamp(0, 1), time.perf_counter() - start
 
 
@@ -134,7 +135,7 @@ VARIANTS = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="64,92,128", help="square canvas sides in pixels (multiples of 4)")
+    parser.add_argument("--sizes", default="64,92,128,192", help="square canvas sides in pixels (multiples of 4)")
     parser.add_argument("--samples", type=int, default=12, help="held-out captions per size")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--group", type=int, default=4, help="GRAT group side in tokens")
@@ -150,7 +151,8 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     classifier = load_classifier(args.classifier)
     print(f"# GRAT fidelity on the trained FLUX micro-world | {machine(torch.device('cpu'))}")
-    print(f"# {args.samples} held-out captions per size, {args.steps} Euler steps, group {args.group}x{args.group} "
+    print(f"# {args.samples} held-out {PROMPT_OBJECTS}-object captions per size, true CFG "
+          f"{CALL_DEFAULTS['true_cfg_scale']}, {args.steps} Euler steps, group {args.group}x{args.group} "
           f"tokens, GRAT-B window 1, dense_steps variants keep the first {args.dense_steps} steps dense")
 
     probe = scenes.sample_scene(scenes.HELD_OUT_SEEDS[-1], num_objects=3).caption
@@ -168,7 +170,8 @@ def main() -> None:
              f"{'speedup':>8} {'bound':>6} {'amdahl':>7}"
     print(header)
     for size in sizes:
-        test = [scenes.sample_scene(seed, size, size) for seed in scenes.HELD_OUT_SEEDS[:args.samples]]
+        test = [scenes.sample_scene(seed, size, size, num_objects=PROMPT_OBJECTS)
+                for seed in scenes.HELD_OUT_SEEDS[:args.samples]]
         prompts = [scene.caption for scene in test]
         seeds = list(range(args.samples))
         remove_grat(pipe)

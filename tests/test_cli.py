@@ -18,7 +18,7 @@ def test_generate_compare_default_is_the_trained_micro_flux(tmp_path, capsys):
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "model micro-flux (FluxPipeline)" in printed
-    for word in ("speedup:", "attention bound", "PSNR(dense, grat):", "prompt accuracy (classifier, 2 objects): dense"):
+    for word in ("speedup:", "attention bound", "PSNR(dense, grat):", "prompt accuracy (classifier, 1 object): dense"):
         assert word in printed, printed
     side = cv2.imread(str(tmp_path / "demo-side.png"))
     dense = cv2.imread(str(tmp_path / "demo-dense.png"))

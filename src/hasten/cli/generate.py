@@ -30,10 +30,11 @@ MICRO_FLUX = "micro-flux"
 """``--model`` name of the trained FLUX micro-world (:func:`hasten.tiny.trained.load` ``("flux")``)."""
 
 # The micro-world's defaults: a canvas where GRAT's sparsity pays for itself on a 2-core CPU (see
-# benchmarks/results/grat_fidelity-cpu.txt), 20 Euler steps, the trained text length, 8x8-token groups.
+# benchmarks/results/grat_fidelity-cpu.txt), 20 Euler steps, 8x8-token groups; the trained text length and
+# guidance come from hasten.tiny.micro_diffusion.CALL_DEFAULTS. The prompt: one object, as the prompt phase trained.
 MICRO_DEFAULTS = {"height": 192, "width": 192, "num_inference_steps": 20}
 MICRO_GROUP = 8
-MICRO_PROMPT = "a red circle at the top left and a small blue square at the bottom right"
+MICRO_PROMPT = "a red circle at the top left"
 DEFAULT_PROMPT = "a lighthouse on a cliff at sunset, highly detailed"
 
 
@@ -103,9 +104,9 @@ def _load(args: argparse.Namespace):
 def _call_kwargs(args: argparse.Namespace, pipe) -> dict:
     kwargs: dict = {"prompt": _prompt(args)}
     if args.model == MICRO_FLUX:
-        from ..tiny.micro_diffusion import MAX_SEQUENCE_LENGTH
+        from ..tiny.micro_diffusion import CALL_DEFAULTS
 
-        kwargs.update(MICRO_DEFAULTS, max_sequence_length=MAX_SEQUENCE_LENGTH)
+        kwargs.update(CALL_DEFAULTS, **MICRO_DEFAULTS)
     elif tiny.is_tiny(args.model):
         kwargs.update(tiny.default_size(tiny.MODEL_IDS[args.model]))
     for name, value in (("height", args.height), ("width", args.width), ("num_frames", args.frames)):

@@ -52,8 +52,9 @@ from tqdm.auto import tqdm
 from . import scenes
 from .trained import load_checkpoint, save_checkpoint, step_generator
 
-__all__ = ["CALL_DEFAULTS", "DEFAULT_STEPS", "MAX_SEQUENCE_LENGTH", "TRAIN_SIZE", "build_pipeline", "caption_tokenizer",
-           "refine_decoder", "train_flux", "validation_loss"]
+__all__ = ["CALL_DEFAULTS", "DEFAULT_STEPS", "GUIDANCE_SCALE", "LOOK_SEQUENCE_LENGTH", "MAX_SEQUENCE_LENGTH",
+           "PROMPT_OBJECTS", "PROMPT_STEPS", "TRAIN_SIZE", "build_pipeline", "caption_tokenizer", "refine_decoder",
+           "train_flux", "validation_loss"]
 
 MAX_SEQUENCE_LENGTH = 24
 """T5 tokens per prompt of the trained pipeline: what the prompt phase trained at (a two-object caption
@@ -65,9 +66,15 @@ LOOK_SEQUENCE_LENGTH = 48
 TRAIN_SIZE = (64, 64)
 """The reference canvas ``(height, width)``: 16 x 16 = 256 image tokens."""
 
+GUIDANCE_SCALE = 5.0
+"""Classifier-free guidance of the trained pipeline (FluxPipeline's ``true_cfg_scale``, against the empty
+prompt): without it the prompt barely changes the picture (docs/microworld.md)."""
+
 CALL_DEFAULTS: dict[str, Any] = {"height": 64, "width": 64, "num_inference_steps": 20,
-                                 "max_sequence_length": MAX_SEQUENCE_LENGTH}
-"""Keywords for ``pipe(prompt, **CALL_DEFAULTS)`` on the trained pipeline."""
+                                 "max_sequence_length": MAX_SEQUENCE_LENGTH, "true_cfg_scale": GUIDANCE_SCALE,
+                                 "negative_prompt": ""}
+"""Keywords for ``pipe(prompt, **CALL_DEFAULTS)`` on the trained pipeline (one prompt; for a list of
+prompts pass ``negative_prompt=[""] * len(prompts)``)."""
 
 DEFAULT_STEPS = 2400
 """Default look-phase transformer steps of :func:`train_flux` (after 600 VAE steps, before 800 decoder
@@ -331,9 +338,14 @@ def _flux_loss(pipe, seed: int, step: int, prompt_phase: bool = False) -> torch.
 
 @torch.no_grad()
 def validation_loss(pipe, seeds: list[int] | range, size: tuple[int, int] = TRAIN_SIZE,
-                    sigmas: tuple[float, ...] = (0.25, 0.5, 0.75)) -> float:
+                    sigmas: tuple[float, ...] = (0.25, 0.5, 0.75), num_objects: int | None = None,
+                    captions: list[str] | None = None) -> float:
     """The rectified-flow loss (velocity MSE, as in training) of ``pipe``'s transformer on the scenes
     of ``seeds`` (use :data:`hasten.tiny.scenes.HELD_OUT_SEEDS`), captioned, at fixed noise levels.
+
+    ``num_objects`` fixes the scenes' object count (default: 1-4); ``captions`` replaces the scenes' own
+    captions (e.g. shuffled ones: how much lower the loss is with the true captions measures how much
+    the model reads the prompt).
 
     Examples
     --------
@@ -342,8 +354,10 @@ def validation_loss(pipe, seeds: list[int] | range, size: tuple[int, int] = TRAI
     """
     from diffusers import FluxPipeline
 
-    out = scenes.batch(list(seeds), *size)
-    images, captions = out.images * 2.0 - 1.0, out.captions
+    out = scenes.batch(list(seeds), *size, num_objects=num_objects)
+    images, captions = out.images * 2.0 - 1.0, out.captions if captions is None else list(captions)
+    if len(captions) != len(out.captions):
+        raise ValueError(f"`captions` must give one caption per seed ({len(out.captions)}); got {len(captions)}")
     vae = pipe.vae
     latents = (vae.encode(images).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
     b, c, h, w = latents.shape
