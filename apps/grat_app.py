@@ -92,10 +92,15 @@ class GratRun:
                    + ". Times are one call each, after one warm-up call of each."
                    + (f" Shown enlarged {dense.shape[0] // size['height']}x (nearest-neighbour)."
                       if dense.shape[0] > size["height"] else ""))
-        if result.speedup < 1:
+        large = size["height"] * size["width"] >= MICRO_DEFAULTS["height"] * MICRO_DEFAULTS["width"]
+        if result.speedup < 1 and (self.model != MICRO_FLUX or not large):
             details += (" **GRAT is slower here:** at this size attention is too small a share of the time for "
                         "sparsity to pay for the grouping; on a CPU micro-flux gains from 192 x 192 on "
                         "(benchmarks/results/grat_fidelity-cpu.txt).")
+        elif result.speedup < 1:
+            details += (" **GRAT was slower in this run**, although micro-flux gains at this size in the benchmark "
+                        "(benchmarks/results/grat_fidelity-cpu.txt): one timed call each is noisy when other jobs "
+                        "share the CPU; run it again.")
         accuracy = ""
         if self.model == MICRO_FLUX:
             dense_accuracy, grat_accuracy = (prompt_accuracy(image, prompt or "")
