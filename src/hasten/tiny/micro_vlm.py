@@ -29,13 +29,13 @@ What did not train in this CPU budget (measured 2026-12-02, 2-core CPU shared wi
 a LLaVA run on all five scene question types (500 steps of 32 after the initialisation fix,
 the earlier 1,200 steps before it) stayed at chance on every type; the generator keeps counting,
 relations and the code for a longer run. The initialisation that made training work at all is
-:func:`_content_first`. The shipped LLaVA (3,000 x 16 steps, ``hasten tiny train llava``) answers
-colour questions at 0.65 held-out accuracy (200 questions): one object 1.00, four objects 0.50, so
-it localises the named place only partly; shape stays at chance (0.23). 800 x 16 steps gave the
-same (0.63 / 0.25): more steps of this recipe do not buy localisation (see
-``docs/token_pruning.md`` for the probes: 6 px patches stayed at chance with this
-initialisation, and the question before the image learns no faster). Qwen2.5-VL
-trained 400 x 16 steps on the GUI questions stayed at chance (menu 0.60, row 0.27, check 0.53 on 90
+:func:`_content_first`. The shipped LLaVA (1,000 x 16 steps at peak lr 1e-3, ``hasten tiny train
+llava``) answers colour questions at 0.81 held-out accuracy (200 questions): one object 1.00,
+four objects 0.68, so it localises the named place, not yet to 90%; shape stays at chance (0.25).
+At lr 3e-3, 800 or 3,000 steps stopped at "a colour present" (0.63-0.65; see
+``docs/token_pruning.md`` for the probes: the learning rate was the blocker found; 6 px patches
+stayed at chance with this initialisation, and the question before the image learned no
+faster). Qwen2.5-VL trained 400 x 16 steps on the GUI questions stayed at chance (menu 0.60, row 0.27, check 0.53 on 90
 held-out questions), so its weights do not ship yet: ``load("qwen2.5-vl")`` raises until
 ``hasten tiny train qwen2.5-vl`` has been run longer and its ``model`` folder copied to
 ``hasten/tiny/weights/qwen2.5-vl``.
@@ -70,7 +70,8 @@ TRAINED_KINDS: dict[str, tuple[str, ...]] = {"llava": ("color", "shape"), "qwen2
 """The question types each model is trained (and evaluated) on. Counting, relations and the code
 (:data:`~hasten.tiny.vqa.SCENE_QUESTIONS`) are generated but not yet trained: in a mixed run on this
 CPU budget the models stayed at chance on them (see the module docstring)."""
-_DEFAULT_STEPS = {"llava": (3000, 16), "qwen2.5-vl": (400, 16)}  # (steps, batch size)
+_DEFAULT_STEPS = {"llava": (1000, 16), "qwen2.5-vl": (400, 16)}  # (steps, batch size)
+_DEFAULT_LR = {"llava": 1e-3, "qwen2.5-vl": 3e-3}  # peak learning rate
 _SEED = 20
 _LLAVA_PATCH = 4
 _WARM_FRACTION = {"llava": 0.1, "qwen2.5-vl": 0.2}  # curriculum: one-object scenes first
@@ -247,7 +248,7 @@ def _train_sample(name: str, seed: int, warm: bool = False) -> VQASample:
 
 
 def train(name: str, out: str | pathlib.Path, *, steps: int | None = None, batch_size: int | None = None,
-          lr: float = 3e-3, seed: int = 0, resume: bool = False, checkpoint_every: int = 50,
+          lr: float | None = None, seed: int = 0, resume: bool = False, checkpoint_every: int = 50,
           progress: bool = True) -> pathlib.Path:
     """Train ``name`` from its seeded initialisation on :mod:`hasten.tiny.vqa`; save it in ``out / "model"``.
 
@@ -255,10 +256,10 @@ def train(name: str, out: str | pathlib.Path, *, steps: int | None = None, batch
     training samples of seeds ``(20 + seed) * 10**7 + s * batch_size + i`` (all below
     :data:`~hasten.tiny.vqa.HELD_OUT_SEED`). AdamW (weight decay 0.01) with a 20-step linear
     warm-up and cosine decay, gradients clipped at 1; the loss is the cross-entropy of the answer
-    tokens and the end-of-sequence token only. Defaults: LLaVA 3,000 steps of 16 samples (the first
-    10% on one-object scenes), Qwen2.5-VL 400 steps of 16 (GUI trajectories); question types
-    :data:`TRAINED_KINDS`. ``out`` keeps a checkpoint (model,
-    optimiser, schedule, step) every ``checkpoint_every`` steps; ``resume=True`` continues from it
+    tokens and the end-of-sequence token only. Defaults: LLaVA 1,000 steps of 16 samples at peak
+    lr 1e-3 (the first 10% on one-object scenes), Qwen2.5-VL 400 steps of 16 at 3e-3 (GUI
+    trajectories); question types :data:`TRAINED_KINDS`; ``lr`` overrides the peak learning rate.
+    ``out`` keeps a checkpoint (model, optimiser, schedule, step) every ``checkpoint_every`` steps; ``resume=True`` continues from it
     and gives the same weights as an uninterrupted run. Returns ``out / "model"``.
     """
     _check(name)
@@ -267,6 +268,7 @@ def train(name: str, out: str | pathlib.Path, *, steps: int | None = None, batch
     from .trained import load_checkpoint, save_checkpoint
 
     steps = steps if steps is not None else _DEFAULT_STEPS[name][0]
+    lr = lr if lr is not None else _DEFAULT_LR[name]
     batch_size = batch_size if batch_size is not None else _DEFAULT_STEPS[name][1]
     for argument, value in (("steps", steps), ("batch_size", batch_size)):
         check_positive_int(value, argument)
