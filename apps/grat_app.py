@@ -137,10 +137,12 @@ def build_demo(model: str = MICRO_FLUX, device: str | None = None,
     is_tiny = tiny.is_tiny(model)
     call_kwargs: dict = {}
     if model == MICRO_FLUX:
-        from hasten.tiny.micro_diffusion import MAX_SEQUENCE_LENGTH
+        from hasten.tiny.micro_diffusion import CALL_DEFAULTS
 
         size = {"height": MICRO_DEFAULTS["height"], "width": MICRO_DEFAULTS["width"]}
-        call_kwargs["max_sequence_length"] = MAX_SEQUENCE_LENGTH
+        # the trained text length and guidance (true CFG against the empty prompt)
+        call_kwargs.update({key: CALL_DEFAULTS[key] for key in ("max_sequence_length", "true_cfg_scale",
+                                                                "negative_prompt")})
     elif is_tiny:
         size = tiny.default_size(tiny.MODEL_IDS[model])
         if "num_frames" in size:

@@ -187,6 +187,7 @@ def test_zipvl_counts_on_column_sums_by_default():
         expected = torch.zeros(200, dtype=torch.bool)
         expected[select_important(sums, seen, 0.9, rule)] = True
         expected[0] = True  # the attention sink
+        expected[-1] = True  # the last prompt token (its row gives the next token)
         assert torch.equal(flags, expected)
         counts[rule] = int(flags.sum())
     assert counts["column_sums"] < counts["normalized"]
