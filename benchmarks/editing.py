@@ -172,14 +172,19 @@ def _microworld(count: int, device: torch.device, rows: list) -> None:
     model = consist.model
     print(f"\n## micro-flux (trained), {count} colour edits of held-out two-object scenes, {height}x{width}, {steps} "
           f"steps, guidance {guidance} (true CFG)")
-    print(f"{'method':34s} {'success':>8s} {'kept':>6s} {'PSNR':>7s} {'SSIM':>6s} {'edit s':>7s}")
+    print(f"{'method':36s} {'success':>8s} {'kept':>6s} {'PSNR':>7s} {'SSIM':>6s} {'edit s':>7s}")
     sources = [scenes.sample_scene(seed, height, width, num_objects=2) for seed in scenes.HELD_OUT_SEEDS[:count]]
     targets = [_colour_edit(scene) for scene in sources]
+    def consist_edit(scale: float):
+        return lambda image, mask, source, target: consist.edit(
+            source, target, mask=mask, image=image, num_inference_steps=steps, guidance_scale=scale,
+            blend_latents=False, progress=False).target
+
+    # ConsistEdit's real-image default is guidance 1 (the inversion's); guided, the source itself drifts.
     methods = {
-        "ConsistEdit (no latent blending)": lambda image, mask, source, target: consist.edit(
-            source, target, mask=mask, image=image, num_inference_steps=steps, guidance_scale=guidance,
-            blend_latents=False, progress=False).target,
-        "masked K/V replay": lambda image, mask, source, target: masked.edit(
+        "ConsistEdit, guidance 1, no blend": consist_edit(1.0),
+        f"ConsistEdit, guidance {guidance:g}, no blend": consist_edit(guidance),
+        f"masked K/V replay, guidance {guidance:g}": lambda image, mask, source, target: masked.edit(
             image, mask, target, source_prompt=source, num_inference_steps=steps, guidance_scale=guidance,
             progress=False).image,
     }
@@ -213,7 +218,7 @@ def _microworld(count: int, device: torch.device, rows: list) -> None:
                    other_object_kept=round(kept / count, 4), psnr=round(psnr, 2), ssim=round(ssim, 4),
                    edit_seconds=round(float(np.mean(times)), 3))
         rows.append(row)
-        print(f"{label:34s} {success / count:8.1%} {kept / count:6.1%} {psnr:7.2f} {ssim:6.3f} {np.mean(times):7.2f}",
+        print(f"{label:36s} {success / count:8.1%} {kept / count:6.1%} {psnr:7.2f} {ssim:6.3f} {np.mean(times):7.2f}",
               flush=True)
 
 
