@@ -171,7 +171,7 @@ def _microworld(count: int, device: torch.device, rows: list) -> None:
     masked = MaskedKVEditPipeline.from_pipe(pipe, height=height, width=width, max_sequence_length=MAX_SEQUENCE_LENGTH)
     model = consist.model
     print(f"\n## micro-flux (trained), {count} colour edits of held-out two-object scenes, {height}x{width}, {steps} "
-          f"steps, guidance {guidance} (true CFG)")
+          f"steps, guidance per row (true CFG)")
     print(f"{'method':36s} {'success':>8s} {'kept':>6s} {'PSNR':>7s} {'SSIM':>6s} {'edit s':>7s}")
     sources = [scenes.sample_scene(seed, height, width, num_objects=2) for seed in scenes.HELD_OUT_SEEDS[:count]]
     targets = [_colour_edit(scene) for scene in sources]
