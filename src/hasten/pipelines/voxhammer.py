@@ -37,7 +37,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..attention_processors.feature_cache import FeatureCache, FeatureCacheConfig
 from ..attention_processors.feature_replay import FeatureReplay, ProjectionSite
