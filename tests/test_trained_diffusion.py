@@ -152,9 +152,9 @@ def test_trained_flux_reads_its_prompts():
     assert true < shuffled - TRUE_CAPTION_MARGIN, (true, shuffled)
     test = [scenes.sample_scene(seed, 64, 64, num_objects=PROMPT_OBJECTS) for seed in seeds[:8]]
     pipe.set_progress_bar_config(disable=True)
-    images = pipe([scene.caption for scene in test], **{**CALL_DEFAULTS, "negative_prompt": [""] * len(test)},
-                  num_inference_steps=8, generator=[torch.Generator().manual_seed(i) for i in range(len(test))],
-                  output_type="pt").images
+    images = pipe([scene.caption for scene in test],
+                  **{**CALL_DEFAULTS, "negative_prompt": [""] * len(test), "num_inference_steps": 8},
+                  generator=[torch.Generator().manual_seed(i) for i in range(len(test))], output_type="pt").images
     assert _drawn_colour_accuracy(images, test) >= COLOUR_FLOOR
 
 
