@@ -40,8 +40,9 @@ from diffusers import DiffusionPipeline  # noqa: E402
 from apps.launcher import (add_common_args, connect_run, launch, prompt_accuracy,  # noqa: E402
                            random_weights_notice, size_text, to_image, whole_number)
 from hasten import tiny  # noqa: E402
-from hasten.cli.generate import (MICRO_DEFAULTS, MICRO_FLUX, MICRO_GROUP, MICRO_PROMPT,  # noqa: E402
+from hasten.cli.generate import (DIFFERENCE_GAIN, MICRO_DEFAULTS, MICRO_FLUX, MICRO_GROUP, MICRO_PROMPT,  # noqa: E402
                                  load_model)
+from hasten.cli.generate import difference as difference_image  # noqa: E402  (the app's own `difference` is a local)
 from hasten.pipelines.grat import GratConfig, compare_grat  # noqa: E402
 
 __all__ = ["GratRun", "build_demo", "main", "to_image"]
@@ -51,7 +52,6 @@ DISPLAY_MIN_SIDE = 256  # smaller outputs (tiny models) are shown enlarged, near
 TINY_GROUP, FULL_GROUP = 4, 16  # tiny flux/sd3 grids are 9 x 13 tokens; 16 x 16 is the Flux/SD3 default
 TINY_STEPS, FULL_STEPS = 4, 28  # as `hasten generate`
 MICRO_EXAMPLE_STEPS = 8  # the example: micro-flux's size and group, fewer steps (about 10 s on a quiet CPU)
-DIFFERENCE_GAIN = 4  # the difference image shows |dense - GRAT| x 4, as `hasten generate --compare`
 
 
 class GratRun:
@@ -85,7 +85,7 @@ class GratRun:
         except ValueError as error:
             raise gr.Error(str(error)) from error
         dense, grat = to_image(result.dense, DISPLAY_MIN_SIDE), to_image(result.grat, DISPLAY_MIN_SIDE)
-        difference = to_image((result.dense - result.grat).abs().mul(DIFFERENCE_GAIN).clamp(0, 1), DISPLAY_MIN_SIDE)
+        difference = to_image(difference_image(result.dense, result.grat), DISPLAY_MIN_SIDE)
         details = (f"{self.model} on {self.pipe.device}, {size_text(size['height'], size['width'])}, {num_steps} "
                    f"steps, seed {seed_value}, group {size_text(*result.config.group_size[1:])} tokens"
                    + (f", window {size_text(*result.config.window[1:])} groups" if pattern == "block" else "")

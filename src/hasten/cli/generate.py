@@ -130,6 +130,21 @@ def _config(args: argparse.Namespace) -> GratConfig:
                       dense_steps=args.dense_steps, backend=args.backend)
 
 
+DIFFERENCE_GAIN = 4
+"""The difference image shows ``|dense - GRAT|`` times this, clamped to [0, 1]."""
+
+
+def difference(dense: torch.Tensor, grat: torch.Tensor) -> torch.Tensor:
+    """``|dense - GRAT| x DIFFERENCE_GAIN`` clamped to [0, 1] (any shape).
+
+    Examples
+    --------
+    >>> difference(torch.zeros(1), torch.full((1,), 0.1))
+    tensor([0.4000])
+    """
+    return ((dense - grat).abs() * DIFFERENCE_GAIN).clamp(0, 1)
+
+
 def side_by_side(dense: torch.Tensor, grat: torch.Tensor, gap: int = 4) -> torch.Tensor:
     """``dense | GRAT | |dense - GRAT| x 4`` as one ``(3, H, 3 W + 2 gap)`` image in [0, 1] (white gaps).
 
@@ -142,8 +157,7 @@ def side_by_side(dense: torch.Tensor, grat: torch.Tensor, gap: int = 4) -> torch
         raise ValueError(f"`dense` and `grat` must be (3, H, W) images of one shape; got {tuple(dense.shape)} "
                          f"and {tuple(grat.shape)}")
     white = torch.ones(3, dense.shape[1], gap)
-    difference = ((dense - grat).abs() * 4).clamp(0, 1)
-    return torch.cat([dense, white, grat, white, difference], dim=2)
+    return torch.cat([dense, white, grat, white, difference(dense, grat)], dim=2)
 
 
 def _print_prompt_accuracy(kwargs: dict, **outputs: torch.Tensor) -> None:
