@@ -1,30 +1,21 @@
-"""What every benchmark shares: median timing with warm-up, the machine line, JSON rows."""
+"""What every benchmark shares: median timing in ms (:mod:`hasten.measure`), the machine line, JSON rows."""
 
 from __future__ import annotations
 
 import json
 import platform
-import statistics
 import time
 from typing import Callable
 
 import torch
 
+from hasten.measure import median_seconds
+
 
 def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
-    """Median wall milliseconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls (CUDA synced)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    """Median wall milliseconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls
+    (:func:`hasten.measure.median_seconds`, CUDA synced)."""
+    return 1000 * median_seconds(fn, device, warmup=warmup, repeats=repeats)
 
 
 def machine(device: torch.device) -> str:

@@ -40,18 +40,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 import torch
-from skimage.metrics import structural_similarity
 
 from common import machine
 
-from hasten.attention_processors.consistedit import edit_layers
-from hasten.attention_processors.feature_cache import FeatureCacheConfig
+from hasten.hooks.consistedit import edit_layers
+from hasten.hooks.feature_cache import FeatureCacheConfig
 from hasten.pipelines.consistedit import ConsistEditPipeline
-from hasten.pipelines.loading import load_pipeline, working_size
+from hasten.loading import load_pipeline, working_size
+from hasten.measure import psnr, ssim, timed
 from hasten.tiny.motion import photo
 
 SETTINGS = {
@@ -64,11 +63,9 @@ EDITS = [("chelsea", "a photo of a cat", "a photo of a tiger"), ("coffee", "a cu
 
 
 def _scores(edit: torch.Tensor, reference: torch.Tensor, keep: np.ndarray) -> tuple[float, float]:
-    a, b = edit.permute(1, 2, 0).numpy(), reference.permute(1, 2, 0).numpy()
-    mse = float(((a - b) ** 2)[keep].mean())
-    psnr = 10 * np.log10(1 / max(mse, 1e-12))
-    _, ssim_map = structural_similarity(a, b, channel_axis=2, data_range=1.0, full=True, win_size=7)
-    return psnr, float(ssim_map.mean(-1)[keep].mean())
+    """PSNR and SSIM over the preserved pixels ``keep`` (H, W)."""
+    inside = torch.from_numpy(keep)
+    return psnr(edit[:, inside], reference[:, inside]), ssim(edit, reference, keep)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,9 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         tokens = model.grid[0] * model.grid[1]
         inner = model.pipe.transformer.config.num_attention_heads * model.pipe.transformer.config.attention_head_dim
         naive_per_step = 3 * layers * tokens * inner * 4
-        start = time.perf_counter()
-        editor.generate(EDITS[0][2], num_inference_steps=args.steps)
-        plain = time.perf_counter() - start
+        _, plain = timed(lambda: editor.generate(EDITS[0][2], num_inference_steps=args.steps), args.device)
         print(f"\n## {name}: {width}x{height}, {tokens} image tokens, {layers} controlled layers; plain generation "
               f"{plain:.2f} s; naive fp32 cache {naive_per_step / 2**10:.1f} KiB per step")
         print(f"{'cache':30s} {'PSNR':>7s} {'SSIM':>6s} {'KiB/step':>9s} {'vs naive':>8s} {'edit s':>7s} {'vs plain':>8s}")
@@ -116,10 +111,10 @@ def main(argv: list[str] | None = None) -> None:
             for photo_name, source, target in EDITS:
                 image = photo(photo_name)
                 reference = model.decode(model.encode_image(image))[0]
-                start = time.perf_counter()
-                out = editor.edit(source, target, mask=mask, image=image, num_inference_steps=args.steps, cache=config,
-                                  region_only=region_only, blend_latents=blend, progress=False)
-                times.append(time.perf_counter() - start)
+                out, seconds = timed(lambda: editor.edit(
+                    source, target, mask=mask, image=image, num_inference_steps=args.steps, cache=config,
+                    region_only=region_only, blend_latents=blend, progress=False), args.device)
+                times.append(seconds)
                 scores.append(_scores(out.target, reference, keep))
                 sizes.append(out.cache_bytes / args.steps)
             psnr, ssim = np.mean([s[0] for s in scores]), np.mean([s[1] for s in scores])
@@ -199,9 +194,8 @@ def _microworld(count: int, device: torch.device, rows: list) -> None:
             keep = np.ones((height, width), bool)
             keep[max(0, y0 - margin): y0 + height // 3 + margin, max(0, x0 - margin): x0 + width // 3 + margin] = False
             reference = model.decode(model.encode_image(image))[0]
-            start = time.perf_counter()
-            edited = run(image, mask, source.caption, target.caption)
-            times.append(time.perf_counter() - start)
+            edited, seconds = timed(lambda: run(image, mask, source.caption, target.caption), device)
+            times.append(seconds)
             edits.append(edited.float().clamp(0, 1).cpu())
             scores.append(_scores(edits[-1], reference.float().cpu(), keep))
         predicted = classifier.predict(torch.stack(edits))
@@ -258,22 +252,15 @@ def _voxels(which: str, steps: int, device: torch.device, rows: list) -> None:
     cond = torch.randn(1, tokens, width, generator=torch.Generator().manual_seed(0))
     sigmas = VoxelEditPipeline.sigmas(steps)
 
-    def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     tokens_on_device = cond.to(device, dtype)
     noise = torch.randn(1, flow.in_channels, *[flow.resolution] * 3, device=device, dtype=dtype)
 
     def sample(levels):  # plain sampling: the same solver and CFG interval, no inversion, no cache
         with torch.no_grad():
             regenerate(lambda x, s: editor._velocity(x, s, tokens_on_device, 6.0, (0.5, 1.0)), noise, levels, "midpoint")
-        synchronize()
 
     sample(sigmas[:3])  # warm-up
-    start = time.perf_counter()
-    sample(sigmas)
-    plain = time.perf_counter() - start
+    _, plain = timed(lambda: sample(sigmas), device)
     channels = flow.blocks[0].self_attn.channels
     evaluations = 2 * steps * 1.5  # midpoint, CFG (2 rows) on about half of them
     naive = evaluations * len(flow.blocks) * flow.tokens * 3 * channels * 4
@@ -294,11 +281,8 @@ def _voxels(which: str, steps: int, device: torch.device, rows: list) -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             resident = torch.cuda.memory_allocated(device)
-        synchronize()
-        start = time.perf_counter()
-        out = editor.edit(source, mask, cond, num_inference_steps=steps, cache=config, progress=False)
-        synchronize()
-        seconds = time.perf_counter() - start
+        out, seconds = timed(lambda: editor.edit(source, mask, cond, num_inference_steps=steps, cache=config,
+                                                 progress=False), device)
         peak = (torch.cuda.max_memory_allocated(device) - resident) if device.type == "cuda" else None
         reference = out.occupancy if reference is None else reference
         outside = (out.occupancy & source)[~mask].sum() / max((out.occupancy | source)[~mask].sum(), 1)
@@ -328,10 +312,9 @@ def _masked_kv(name, pipe, size, steps, mask, keep, plain, naive_per_step, rows)
         for photo_name, source, target in EDITS:
             image = photo(photo_name)
             reference = model.decode(model.encode_image(image))[0]
-            start = time.perf_counter()
-            out = editor.edit(image, mask, target, source_prompt=source, num_inference_steps=steps, cache=config,
-                              progress=False)
-            times.append(time.perf_counter() - start)
+            out, seconds = timed(lambda: editor.edit(image, mask, target, source_prompt=source, num_inference_steps=steps,
+                                                     cache=config, progress=False), model.device)
+            times.append(seconds)
             scores.append(_scores(out.image, reference, keep))
             sizes.append(out.cache_bytes / steps)
         psnr, ssim = np.mean([s[0] for s in scores]), np.mean([s[1] for s in scores])

@@ -25,14 +25,14 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from common import machine, print_json
 
-from hasten.pipelines.grat import GratConfig, apply_grat, grat_state, psnr, remove_grat
+from hasten.hooks.grat import GratConfig, apply_grat, grat_state, remove_grat
+from hasten.measure import psnr, ssim, timed
 from hasten.tiny import scenes, trained
 from hasten.tiny.classifier import evaluate, load_classifier
 from hasten.tiny.micro_diffusion import CALL_DEFAULTS, MAX_SEQUENCE_LENGTH, PROMPT_OBJECTS
@@ -107,21 +107,13 @@ def attention_locality(pipe, prompt: str, height: int, width: int, sigma: float 
     return recorder.rows
 
 
-def _ssim(a: torch.Tensor, b: torch.Tensor) -> float:
-    from skimage.metrics import structural_similarity
-
-    values = [structural_similarity(x.permute(1, 2, 0).numpy(), y.permute(1, 2, 0).numpy(), channel_axis=2,
-                                    data_range=1.0) for x, y in zip(a, b)]
-    return float(np.mean(values))
-
-
 def _generate(pipe, prompts: list[str], seeds: list[int], size: int, steps: int) -> tuple[torch.Tensor, float]:
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    start = time.perf_counter()
-    images = pipe(prompts, height=size, width=size, num_inference_steps=steps, generator=generators,
-                  max_sequence_length=MAX_SEQUENCE_LENGTH, true_cfg_scale=CALL_DEFAULTS["true_cfg_scale"],
-                  negative_prompt=[""] * len(prompts), output_type="pt").images
-    return images.float().clamp(0, 1), time.perf_counter() - start
+    images, seconds = timed(lambda: pipe(
+        prompts, height=size, width=size, num_inference_steps=steps, generator=generators,
+        max_sequence_length=MAX_SEQUENCE_LENGTH, true_cfg_scale=CALL_DEFAULTS["true_cfg_scale"],
+        negative_prompt=[""] * len(prompts), output_type="pt").images, pipe.device)
+    return images.float().clamp(0, 1), seconds
 
 
 VARIANTS = (
@@ -202,7 +194,7 @@ def main() -> None:
             row = {"size": f"{size}x{size}", "tokens": (size // 4) ** 2, "variant": name,
                    "prompt_accuracy": round(scores["object"], 4), "scene_accuracy": round(scores["scene"], 4),
                    "psnr": round(psnr(dense, images), 2) if settings else None,
-                   "ssim": round(_ssim(dense, images), 4) if settings else None, "seconds": round(seconds, 2),
+                   "ssim": round(ssim(dense, images), 4) if settings else None, "seconds": round(seconds, 2),
                    "speedup": round(dense_seconds / seconds, 3), "attention_bound": round(bound, 2),
                    "amdahl_bound": round(amdahl, 3), "attention_share": round(share, 3)}
             json_rows.append(row)

@@ -25,7 +25,7 @@ from common import machine, median_ms, print_json
 
 import hasten
 from hasten import tiny
-from hasten.pipelines.grat import grat_state
+from hasten.hooks.grat import grat_state
 
 
 class _AttentionTimer(TorchFunctionMode):

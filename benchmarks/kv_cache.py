@@ -47,12 +47,12 @@ import argparse
 import contextlib
 import json
 import statistics
-import time
 
 import torch
 
 from common import machine
 
+from hasten.measure import median_seconds
 from hasten.tiny.gui import trajectory
 from hasten.transformers_conventions import cache_keyword, output_cache
 from hasten.tiny.vlms import chat_prompt
@@ -130,16 +130,7 @@ def _run(model, inputs, tokens: int, make_cache, method, continuation=None, repe
         stored = _stored_bytes(output_cache(forced))
 
         def seconds(new):
-            times = []
-            for _ in range(repeats + 1):
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                generate(new)
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-            return statistics.median(times[1:])
+            return median_seconds(lambda: generate(new), model.device, warmup=1, repeats=repeats)
 
         decode = (tokens - 1) / max(seconds(tokens) - seconds(1), 1e-9)
     return greedy.sequences, torch.stack(forced.logits, 1).float(), stored, decode

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 from common import machine
 
 from hasten.pipelines.latentwarp import LatentWarpPipeline
-from hasten.pipelines.loading import load_pipeline
+from hasten.loading import load_pipeline
+from hasten.measure import timed
 from hasten.tiny.motion import panned, zoomed
 from hasten.video import flow_pair, occlusion_mask, warp_error
 from hasten.video.flow import leaves_frame
@@ -83,17 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         for mode, options in MODES.items():
             pipe(video=frames[:2], prompt="a watercolor painting", num_inference_steps=args.steps, progress=False,
                  **options)  # warm-up
-            times, out = [], None
-            for _ in range(args.repeats):
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                out = pipe(video=frames, prompt="a watercolor painting", num_inference_steps=args.steps,
-                           progress=False, **options)
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-            seconds = sorted(times)[len(times) // 2]
+            runs = [timed(lambda: pipe(video=frames, prompt="a watercolor painting", num_inference_steps=args.steps,
+                                       progress=False, **options), args.device) for _ in range(args.repeats)]
+            out = runs[-1][0]
+            seconds = sorted(seconds for _, seconds in runs)[len(runs) // 2]
             plain_seconds = plain_seconds or seconds
             overhead = out.seconds["flow"] + out.seconds["warp"] if options["warp"] else 0.0
             error = warp_error(out.frames, source_flows, reference_masks)

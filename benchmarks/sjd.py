@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from common import machine, median_ms, print_json
 
 from hasten import tiny
+from hasten.measure import timed
 from hasten.pipelines.sjd import INIT_STRATEGIES, SJDConfig, SJDPipeline
 try:
     from hasten.speculative import HostProfile
@@ -67,16 +67,9 @@ def run_pipeline(name: str, pipe: SJDPipeline, inits: list[str], window: int, re
     rows = []
 
     def generate(config):
-        times, outs = [], []
-        for prompt in PROMPTS * repeats:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            outs.append(pipe(prompt, sjd=config, seed=len(outs)))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return outs, statistics.median(times)
+        runs = [timed(lambda prompt=prompt, seed=seed: pipe(prompt, sjd=config, seed=seed), device)
+                for seed, prompt in enumerate(PROMPTS * repeats)]
+        return [out for out, _ in runs], statistics.median(seconds for _, seconds in runs)
 
     pipe(PROMPTS[0], sjd=None, seed=0)  # warm-up
     ar, ar_s = generate(None)
@@ -104,20 +97,14 @@ def run_batches(name: str, pipe: SJDPipeline, batch_sizes: list[int], window: in
     device = pipe.model.device
     rows = []
 
-    def timed(config, batch_size):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = pipe(BATCH_PROMPTS, sjd=config, seed=0, batch_size=batch_size, decode=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out, time.perf_counter() - start
+    def decode(config, batch_size):
+        return timed(lambda: pipe(BATCH_PROMPTS, sjd=config, seed=0, batch_size=batch_size, decode=False), device)
 
     pipe(BATCH_PROMPTS[:2], sjd=SJDConfig(window=window), seed=0, batch_size=2, decode=False)  # warm-up
     base = {}
     for batch_size in batch_sizes:
-        ar, ar_s = timed(None, batch_size)
-        sjd, sjd_s = timed(SJDConfig(window=window), batch_size)
+        ar, ar_s = decode(None, batch_size)
+        sjd, sjd_s = decode(SJDConfig(window=window), batch_size)
         images = len(BATCH_PROMPTS)
         base.setdefault("sjd", sjd_s)
         rows.append(dict(model=name, batch=batch_size, images=images,

@@ -35,6 +35,7 @@ import torch
 
 from common import print_json
 
+from hasten.measure import timed
 from hasten.pipelines import SJDConfig, SJDPipeline
 from hasten.pipelines.sjd import INIT_STRATEGIES
 from hasten.tiny import micro_janus, scenes
@@ -58,9 +59,8 @@ def run(pipe: SJDPipeline, prompts: list[str], configs: list[tuple[str, SJDConfi
     pipe(prompts[0], sjd=None, guidance_scale=guidance_scale, seed=0)  # warm-up
     for index, prompt in enumerate(prompts):
         for name, config in configs:
-            start = time.perf_counter()
-            out = pipe(prompt, sjd=config, guidance_scale=guidance_scale, seed=index)
-            seconds = time.perf_counter() - start
+            out, seconds = timed(lambda: pipe(prompt, sjd=config, guidance_scale=guidance_scale, seed=index),
+                                 pipe.model.device)
             slot = results[name]
             slot["forwards"].append(out.stats.forwards)
             slot["per_pass"].append(out.stats.tokens_per_forward)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
@@ -39,6 +38,7 @@ from common import build_model, machine
 from hasten import tiny
 from hasten.tiny.vlms import chat_prompt
 from hasten.token_pruning.evaluate import load_vlm, sample_images
+from hasten.measure import median_seconds
 from hasten.speculative import DraftModel, HostProfile, TreeConfig, speculative_generate, train_draft
 
 
@@ -96,16 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     references = [model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False) for inputs in prompts]
 
     def timed(fn):
-        times = []
-        for _ in range(args.repeats + 1):
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            result = fn()
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return result, statistics.median(times[1:])
+        return fn(), median_seconds(fn, model.device, warmup=0, repeats=args.repeats)
 
     with torch.no_grad():
         prefill = statistics.mean(timed(lambda inputs=inputs: model(**inputs))[1] for inputs in prompts)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -35,13 +34,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before anything im
 
 import pytest  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `apps` lives at the repository root, outside the installed package
-    sys.path.insert(0, str(ROOT))
-
 import gradio as gr  # noqa: E402
 
-from apps.launcher import free_port, launch  # noqa: E402
+from hasten.apps.launcher import free_port, launch  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -159,7 +154,7 @@ def playing_video(page: Any, elem_id: str, timeout: float = TIMEOUT_MS) -> tuple
 
 def click_example(page: Any, elem_id: str = "examples", row: int = 0) -> None:
     """Click row ``row`` of the ``gr.Examples`` ``#elem_id`` (a table, or buttons for one input); the apps'
-    examples (:func:`apps.launcher.connect_run`) then also run."""
+    examples (:func:`hasten.apps.launcher.connect_run`) then also run."""
     page.locator(f"#{elem_id} tbody tr, #{elem_id} button.gallery-item").nth(row).click()
 
 

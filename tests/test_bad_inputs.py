@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import hasten.pipelines.loading as loading
+import hasten.loading as loading
 from hasten.cli import main
 
 NO_MODEL = "nobody-hasten-test/no-such-model"
@@ -225,7 +225,7 @@ def test_gradio_share_hint_names_the_cli_flag(capsys):
     import gradio as gr
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from apps.launcher import free_port, launch
+    from hasten.apps.launcher import free_port, launch
 
     with gr.Blocks() as demo:
         gr.Markdown("hello")

@@ -7,10 +7,10 @@ import re
 import gradio as gr
 import numpy as np
 import pytest
-from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,  # first: puts `apps` on sys.path
+from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,
                      running_app, screenshot)
 
-from apps.edit3d_app import BOX_COLOUR, Edit3DRun, build_demo  # noqa: E402
+from hasten.apps.edit3d_app import BOX_COLOUR, Edit3DRun, build_demo  # noqa: E402
 
 
 @pytest.mark.browser

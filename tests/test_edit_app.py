@@ -8,12 +8,12 @@ import re
 import gradio as gr
 import numpy as np
 import pytest
-from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,  # first: puts `apps` on sys.path
+from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,
                      running_app, screenshot, shown_image)
 from PIL import Image
 
 import hasten.tiny  # noqa: E402
-from apps.edit_app import REGION_COLOUR, EditRun, build_demo  # noqa: E402
+from hasten.apps.edit_app import REGION_COLOUR, EditRun, build_demo  # noqa: E402
 from hasten.pipelines.consistedit import ConsistEditPipeline  # noqa: E402
 from hasten.tiny.motion import photo  # noqa: E402
 

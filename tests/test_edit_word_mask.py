@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import hasten.tiny
-from hasten.attention_processors.consistedit import ConsistEditControl
+from hasten.hooks.consistedit import ConsistEditControl
 from hasten.pipelines.flow_models import FlowModel
 
 WORDS = [1, 2, 3]  # text-sequence positions of the "edit words"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hasten.attention_processors.feature_cache import FeatureCache, FeatureCacheConfig
+from hasten.hooks.feature_cache import FeatureCache, FeatureCacheConfig
 
 
 def _features(seed: int = 0) -> torch.Tensor:

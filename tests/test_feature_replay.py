@@ -13,8 +13,8 @@ import torch
 
 import hasten.tiny
 import hasten.tiny.trellis as tt
-from hasten.attention_processors.feature_cache import FeatureCache, FeatureCacheConfig
-from hasten.attention_processors.feature_replay import FeatureReplay, ProjectionSite
+from hasten.hooks.feature_cache import FeatureCache, FeatureCacheConfig
+from hasten.hooks.feature_replay import FeatureReplay, ProjectionSite
 from hasten.pipelines import ConsistEditPipeline
 from hasten.pipelines.masked_kv import MaskedKVEditPipeline
 from hasten.pipelines.voxhammer import VoxelEditPipeline, box_mask
@@ -173,7 +173,7 @@ def test_consistedit_copies_the_sources_values_into_the_preserved_target_tokens(
 
 # --- cross-frame attention's per-frame features ------------------------------------------------------------
 def test_cross_frame_state_holds_at_most_three_frames_and_returns_first_and_previous():
-    from hasten.attention_processors.cross_frame import CrossFrameState
+    from hasten.hooks.cross_frame import CrossFrameState
 
     state = CrossFrameState()
     per_frame = []

@@ -6,8 +6,9 @@ from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
 import hasten
 from hasten import tiny
-from hasten.attention_processors.grat import GratAttnProcessor
-from hasten.pipelines.grat import compare_grat, grat_state
+from hasten.hooks.grat import GratAttnProcessor
+from hasten.hooks.grat import grat_state
+from hasten.measure import compare_grat
 
 FAMILIES = ("flux", "sd3", "hunyuan-video", "wan", "cogvideox")
 STEPS = 2
@@ -251,7 +252,7 @@ def test_lora_keeps_working_under_grat():
 
 def test_processor_without_sdpa_call_fails_loudly():
     """A processor routed to a non-native attention backend would silently stay dense: GRAT says so."""
-    from hasten.attention_processors.grat import GratState
+    from hasten.hooks.grat import GratState
 
     def not_sdpa(attn, hidden_states):
         return hidden_states * 2
@@ -262,7 +263,7 @@ def test_processor_without_sdpa_call_fails_loudly():
 
 
 def test_attention_masks_that_are_not_key_padding_are_refused():
-    from hasten.attention_processors.grat import _key_padding
+    from hasten.hooks.grat import _key_padding
 
     assert _key_padding(torch.tensor([[[[0.0, float("-inf"), 0.0]]]]), 3).tolist() == [[True, False, True]]
     with pytest.raises(ValueError, match="attn_mask"):

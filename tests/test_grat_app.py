@@ -6,11 +6,11 @@ import re
 
 import gradio as gr
 import pytest
-from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,  # first: puts `apps` on sys.path
+from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,
                      running_app, screenshot, shown_image)
 
-from apps.grat_app import build_demo  # noqa: E402
-from apps.launcher import random_weights_notice  # noqa: E402
+from hasten.apps.grat_app import build_demo  # noqa: E402
+from hasten.apps.launcher import random_weights_notice  # noqa: E402
 from hasten import tiny
 
 SIZE = tiny.default_size("flux")

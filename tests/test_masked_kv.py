@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hasten.tiny
-from hasten.attention_processors.feature_cache import FeatureCacheConfig
+from hasten.hooks.feature_cache import FeatureCacheConfig
 from hasten.pipelines.masked_kv import MaskedKVEditPipeline
 from hasten.tiny.motion import panned, photo
 

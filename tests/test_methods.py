@@ -14,10 +14,10 @@ from PIL import Image
 
 import hasten
 from hasten import tiny
-from hasten.attention_processors.consistedit import ConsistEditConfig, edit_layers
-from hasten.attention_processors.cross_frame import (CrossFrameAttnProcessor, CrossFrameConfig, CrossFrameState,
+from hasten.hooks.consistedit import ConsistEditConfig, edit_layers
+from hasten.hooks.cross_frame import (CrossFrameAttnProcessor, CrossFrameConfig, CrossFrameState,
                                                      FrameClock, cross_frame_state)
-from hasten.pipelines.grat import remove_grat
+from hasten.hooks.grat import remove_grat
 from hasten.pipelines.sjd import SJDConfig
 from hasten.speculative import DraftModel, SpecVLM
 from hasten.tiny.vlms import chat_prompt

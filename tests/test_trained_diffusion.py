@@ -112,7 +112,7 @@ def test_trained_flux_loads_with_from_pretrained_and_denoises_held_out_scenes():
     scenes of 1-4 objects). What it draws for a prompt: :func:`test_trained_flux_reads_its_prompts`."""
     from diffusers import FluxPipeline
 
-    from hasten.pipelines.grat import psnr
+    from hasten.measure import psnr
     from hasten.tiny.micro_diffusion import build_pipeline, validation_loss
 
     assert trained.is_shipped("flux")

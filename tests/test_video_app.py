@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gradio as gr
 import pytest
-from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,  # first: puts `apps` on sys.path
+from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,
                      playing_video, running_app, screenshot)
 
-from apps.video_app import build_demo  # noqa: E402
+from hasten.apps.video_app import build_demo  # noqa: E402
 from hasten.tiny.motion import panned  # noqa: E402
 from hasten.video import read_video, write_video  # noqa: E402
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import gradio as gr
 import numpy as np
 import pytest
-from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,  # first: puts `apps` on sys.path
+from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,
                      running_app, screenshot, shown_image)
 
-from apps.vlm_app import VLMRun, build_demo  # noqa: E402
+from hasten.apps.vlm_app import VLMRun, build_demo  # noqa: E402
 from hasten.token_pruning.evaluate import load_vlm  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def test_overlay_darkens_dropped_tokens_and_errors():
 
 
 def test_speculative_decoding_reports_accepted_length_and_speedup(tmp_path):
-    from apps.vlm_app import SPECULATIVE
+    from hasten.apps.vlm_app import SPECULATIVE
     from hasten import tiny
     from hasten.token_pruning.evaluate import sample_images
     from hasten.speculative.specvlm import DraftModel, train_draft

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hasten.tiny.trellis as tt
-from hasten.attention_processors.feature_cache import FeatureCacheConfig
+from hasten.hooks.feature_cache import FeatureCacheConfig
 from hasten.models import trellis
 from hasten.pipelines.voxhammer import VoxelEditPipeline, box_mask, occupancy_to_mesh, save_ply
 

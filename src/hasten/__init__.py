@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .methods import Handle, applied, apply, remove
-    from .pipelines.grat import GratConfig
+    from .hooks.grat import GratConfig
 
 __version__ = "0.1.0"
 
@@ -47,7 +47,7 @@ def enable_grat(pipe_or_transformer: Any, config: GratConfig | None = None, **kw
     Takes a :class:`GratConfig` or its fields as keywords (``pattern="cross"``,
     ``group_size=None`` (family default), ``window=1``, ``dense_steps=0``, ``dense_blocks=()``,
     ``backend="auto"``) and returns the config in effect. Supported transformers:
-    Flux, SD3, HunyuanVideo, Wan and CogVideoX. See :func:`hasten.pipelines.grat.apply_grat`.
+    Flux, SD3, HunyuanVideo, Wan and CogVideoX. See :func:`hasten.hooks.grat.apply_grat`.
 
     Examples
     --------
@@ -57,7 +57,7 @@ def enable_grat(pipe_or_transformer: Any, config: GratConfig | None = None, **kw
     'cross'
     >>> pipe.disable_grat()
     """
-    from .pipelines.grat import apply_grat
+    from .hooks.grat import apply_grat
 
     return apply_grat(pipe_or_transformer, config, **kwargs)
 
@@ -68,7 +68,7 @@ def disable_grat(pipe_or_transformer: Any) -> None:
     ``hasten.remove(pipe_or_transformer, GratConfig)``: a ``ValueError`` if GRAT is not on.
     """
     from .methods import remove as _remove
-    from .pipelines.grat import GratConfig
+    from .hooks.grat import GratConfig
 
     _remove(pipe_or_transformer, GratConfig)
 
@@ -106,7 +106,7 @@ elif not any(isinstance(finder, _AddMethodsOnImport) for finder in sys.meta_path
 
 # Reachable as attributes after a plain ``import hasten``, imported on first use.
 _LAZY_SUBMODULES = ("tiny",)
-_LAZY_NAMES = {"GratConfig": ".pipelines.grat", "grat_state": ".pipelines.grat",
+_LAZY_NAMES = {"GratConfig": ".hooks.grat", "grat_state": ".hooks.grat",
                # the front door (hasten.methods imports nothing heavy; a method loads when applied)
                "apply": ".methods", "remove": ".methods", "applied": ".methods", "Handle": ".methods"}
 

@@ -9,7 +9,7 @@ original processors, hooks and forwards, and bit-identical outputs (``tests/test
 checks this per method).
 
 The familiar spellings are thin wrappers over these two functions: ``pipe.enable_grat()`` /
-``pipe.disable_grat()`` (and :func:`hasten.pipelines.grat.apply_grat` / ``remove_grat``),
+``pipe.disable_grat()`` (and :func:`hasten.hooks.grat.apply_grat` / ``remove_grat``),
 ``with HiRED(0.2).apply(model):`` and ``pruner.attach(model)`` / ``pruner.detach()``.
 
 Rules:
@@ -80,22 +80,22 @@ class Method:
 
 #: The methods reachable through :func:`apply`, in the order the docs list them.
 METHODS: tuple[Method, ...] = (
-    Method("GRAT", "hasten.pipelines.grat:GratConfig", locate="hasten.pipelines.grat:grat_module",
-           prepare="hasten.pipelines.grat:prepare_grat", attach="hasten.pipelines.grat:install_grat",
-           detach="hasten.pipelines.grat:uninstall_grat"),
+    Method("GRAT", "hasten.hooks.grat:GratConfig", locate="hasten.hooks.grat:grat_module",
+           prepare="hasten.hooks.grat:prepare_grat", attach="hasten.hooks.grat:install_grat",
+           detach="hasten.hooks.grat:uninstall_grat"),
     Method("token pruning", "hasten.token_pruning.core:TokenPruner", locate="hasten.token_pruning.core:pruning_target",
            prepare="hasten.token_pruning.core:prepare_pruner", attach="hasten.token_pruning.core:attach_pruner",
            detach="hasten.token_pruning.core:detach_pruner"),
-    Method("cross-frame attention", "hasten.attention_processors.cross_frame:CrossFrameConfig",
-           locate="hasten.attention_processors.cross_frame:cross_frame_unet",
-           prepare="hasten.attention_processors.cross_frame:prepare_cross_frame",
-           attach="hasten.attention_processors.cross_frame:attach_cross_frame",
-           detach="hasten.attention_processors.cross_frame:detach_cross_frame"),
-    Method("ConsistEdit attention control", "hasten.attention_processors.consistedit:ConsistEditConfig",
-           locate="hasten.attention_processors.consistedit:consistedit_transformer",
-           prepare="hasten.attention_processors.consistedit:prepare_consistedit",
-           attach="hasten.attention_processors.consistedit:attach_consistedit",
-           detach="hasten.attention_processors.consistedit:detach_consistedit"),
+    Method("cross-frame attention", "hasten.hooks.cross_frame:CrossFrameConfig",
+           locate="hasten.hooks.cross_frame:cross_frame_unet",
+           prepare="hasten.hooks.cross_frame:prepare_cross_frame",
+           attach="hasten.hooks.cross_frame:attach_cross_frame",
+           detach="hasten.hooks.cross_frame:detach_cross_frame"),
+    Method("ConsistEdit attention control", "hasten.hooks.consistedit:ConsistEditConfig",
+           locate="hasten.hooks.consistedit:consistedit_transformer",
+           prepare="hasten.hooks.consistedit:prepare_consistedit",
+           attach="hasten.hooks.consistedit:attach_consistedit",
+           detach="hasten.hooks.consistedit:detach_consistedit"),
     Method("SpecVLM", "hasten.speculative.specvlm.decoding:SpecVLM",
            locate="hasten.speculative.specvlm.decoding:specvlm_target",
            prepare="hasten.speculative.specvlm.decoding:prepare_specvlm",

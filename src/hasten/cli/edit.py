@@ -56,11 +56,11 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from ..attention_processors.feature_cache import FeatureCacheConfig
+    from ..hooks.feature_cache import FeatureCacheConfig
     from ..jobs.manifest import respect_umask
     from ..pipelines.consistedit import ConsistEditPipeline, grid_mask
     from ..pipelines.flow_models import pixel_multiple
-    from ..pipelines.loading import check_device, load_pipeline, pipeline_source, working_size
+    from ..loading import check_device, load_pipeline, pipeline_source, working_size
     from ..video import save_media
     from ._common import IMAGE_SUFFIXES, VIDEO_SUFFIXES, check_output_file
 

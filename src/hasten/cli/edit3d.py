@@ -61,7 +61,7 @@ def _load(model: str):
             raise ValueError(f"--model {model}: {folder} has no {prefix}*.json checkpoint (a TRELLIS folder holds "
                              "ckpts/ss_flow_*, ss_enc_*, ss_dec_*)")
         found[prefix] = trellis.from_pretrained(matches[0].with_suffix(""))
-    from ..pipelines.loading import resolve_model
+    from ..loading import resolve_model
     from ..pipelines.voxhammer import VoxelConditioner
 
     # the condition encoders come from the Hub: say at once when one is neither cached nor reachable

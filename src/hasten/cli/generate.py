@@ -17,8 +17,9 @@ import torch
 
 from .. import tiny
 from ..kernels import BACKENDS
-from ..pipelines.grat import GratConfig, apply_grat, compare_grat, grat_state
-from ..pipelines.loading import DTYPES, load_pipeline
+from ..hooks.grat import GratConfig, apply_grat, grat_state
+from ..measure import compare_grat
+from ..loading import DTYPES, load_pipeline
 from ..video import save_media
 from ..jobs.manifest import respect_umask
 from ._common import check_output_file
@@ -91,7 +92,7 @@ def load_model(model: str, dtype: str | None = None, device: str | None = None):
 def _load(args: argparse.Namespace):
     if args.model != MICRO_FLUX:
         return load_pipeline(args.model, dtype=args.dtype, device=args.device)
-    from ..pipelines.loading import check_device
+    from ..loading import check_device
     from ..tiny import trained
 
     device = check_device(args.device)

@@ -52,7 +52,7 @@ def register(commands) -> None:
 
 def _load(model: str, device: str | None):
     from .. import tiny
-    from ..pipelines.loading import load_transformers_model
+    from ..loading import load_transformers_model
 
     from ..tiny import micro_janus
 

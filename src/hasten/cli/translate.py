@@ -57,7 +57,7 @@ def register(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..jobs import Job, find_videos, jobs_from_file, run_jobs
-    from ..pipelines.loading import check_device, pipeline_source
+    from ..loading import check_device, pipeline_source
     from ._common import check_output_folder
 
     try:  # everything that can be checked before a model loads or a folder is created

@@ -197,7 +197,7 @@ def check_training_data(data: Path, argument: str = "--data") -> None:
 
 
 def run_train_draft(args: argparse.Namespace) -> int:
-    from ..pipelines.loading import check_device
+    from ..loading import check_device
     from ..token_pruning.evaluate import load_vlm, sample_images
     from ..speculative.specvlm import DraftModel, load_pairs, train_draft
     from ._common import check_output_folder

@@ -19,7 +19,7 @@ class Translator:
 
     def __init__(self, model: str, device: str | None = None, dtype: str | None = None):
         from ..pipelines.latentwarp import LatentWarpPipeline
-        from ..pipelines.loading import load_pipeline
+        from ..loading import load_pipeline
 
         self.model = model
         self.pipe = LatentWarpPipeline.from_pipe(load_pipeline(model, dtype, device))

@@ -1,4 +1,4 @@
-"""User-facing diffusers/transformers pipelines and pipeline helpers.
+"""User-facing pipelines: editing (ConsistEdit, masked K/V, VoxHammer), LatentWarp video translation and SJD.
 
 Names load lazily from their own modules, so importing one pipeline never imports the others'
 dependencies.
@@ -10,9 +10,6 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "GratConfig": ".grat",
-    "apply_grat": ".grat",
-    "remove_grat": ".grat",
     "ConsistEditPipeline": ".consistedit",
     "LatentWarpPipeline": ".latentwarp",
     "MaskedKVEditPipeline": ".masked_kv",

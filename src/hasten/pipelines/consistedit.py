@@ -1,8 +1,8 @@
-"""ConsistEdit: training-free, consistent image editing on MM-DiT models (SD3, Flux), synthetic or real.
+"""ConsistEdit: training-free, consistent editing on MM-DiT models (SD3, Flux images; CogVideoX, Wan videos).
 
 A source branch (the source prompt) and a target branch (the target prompt) denoise side by side
 in one batch. In the controlled attention layers the target's image-token Q/K/V are overwritten
-by the source's (:mod:`hasten.attention_processors.consistedit`): V in the preserved region at
+by the source's (:mod:`hasten.hooks.consistedit`): V in the preserved region at
 every step, Q and K on all image tokens during the first ``alpha`` of the steps and in the
 preserved region after. ``alpha`` is the structural-consistency knob (paper: 1.0 for colour /
 material edits, 0.3 for style / shape edits, 0.1 for real images).
@@ -10,7 +10,7 @@ material edits, 0.3 for style / shape edits, 0.1 for real images).
 - **Synthetic mode** (``seed``): both branches start from the same noise.
 - **Real mode** (``image`` or ``latents``): the image is inverted first (flow-matching inversion,
   "uni" by default, :mod:`.inversion`) with the source prompt at guidance 1, recording the
-  source's image Q/K/V per noise level (:class:`~hasten.attention_processors.feature_cache.FeatureCache`,
+  source's image Q/K/V per noise level (:class:`~hasten.hooks.feature_cache.FeatureCache`,
   bounded: bf16 by default, int8 or a disk spill on request); while editing they are put back
   into the source branch.
 - **Mask**: from ``edit_words`` (attention of image tokens to the words' tokens in a source
@@ -39,24 +39,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from ..attention_processors.consistedit import ConsistEditControl
-from ..attention_processors.feature_cache import FeatureCache, FeatureCacheConfig
-from ..attention_processors.feature_replay import FeatureReplay
+from ..hooks.consistedit import ConsistEditControl, grid_mask
+from ..hooks.feature_cache import FeatureCache, FeatureCacheConfig
+from ..hooks.feature_replay import FeatureReplay
 from ..adapters import pipeline_defaults
 from .flow_models import FlowModel, token_positions, video_latent_keep
 from .inversion import SOLVERS, invert, regenerate
 from .._validation import check_positive_int
 
-__all__ = ["ConsistEditPipeline", "EditResult", "grid_mask"]
+__all__ = ["ConsistEditPipeline", "EditOutput", "grid_mask"]
 
 
 @dataclass
-class EditResult:
+class EditOutput:
     """One edit.
 
     Attributes
@@ -84,7 +82,7 @@ class EditResult:
 
 
 class ConsistEditPipeline:
-    """ConsistEdit on a loaded SD3 or Flux pipeline (see the module docstring).
+    """ConsistEdit on a loaded SD3 or Flux (images) or CogVideoX or Wan (videos) pipeline (see the module docstring).
 
     Examples
     --------
@@ -136,7 +134,7 @@ class ConsistEditPipeline:
         height: int | None = None,
         width: int | None = None,
         generator: torch.Generator | None = None,
-    ) -> EditResult:
+    ) -> EditOutput:
         """Edit: the source prompt's image into the target prompt's, keeping what the mask preserves.
 
         Parameters
@@ -151,7 +149,7 @@ class ConsistEditPipeline:
             Structural consistency: the fraction of steps in which Q/K of all image tokens come
             from the source. Default: 1.0 synthetic, 0.1 real (the paper's values).
         image, latents : optional
-            Real mode: the image to edit, or latents from a previous :class:`EditResult`.
+            Real mode: the image to edit, or latents from a previous :class:`EditOutput`.
         seed : int
             Synthetic mode: the shared noise.
         num_inference_steps : int, default 28
@@ -269,7 +267,7 @@ class ConsistEditPipeline:
             if feature_cache is not None:
                 feature_cache.close()
         images = model.decode(x)
-        return EditResult(source=images[0], target=images[1], latents=x[1:2], source_latents=x[0:1],
+        return EditOutput(source=images[0], target=images[1], latents=x[1:2], source_latents=x[0:1],
                           edit_region=edit_region.view(*model.grid).cpu(), seconds=seconds, cache_bytes=cache_bytes)
 
     @torch.no_grad()
@@ -283,27 +281,6 @@ class ConsistEditPipeline:
         x = regenerate(lambda x, s: model.velocity(x, s, cond), model.noise(seed), model.sigmas(num_inference_steps),
                        "euler")
         return model.decode(x)[0]
-
-
-def grid_mask(mask: Any, grid: tuple[int, ...], height: int, width: int) -> torch.Tensor:
-    """A user mask (PIL / array / tensor; white or True = edit; image- or token-grid-sized, videos
-    optionally with frames first) -> edit flags over the tokens, in their order."""
-    if isinstance(mask, Image.Image):
-        mask = mask.convert("L")
-    array = torch.as_tensor(np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask, dtype=np.float32))
-    if array.dim() == 3 and array.shape[-1] in (3, 4) and len(grid) == 2:
-        array = array[..., :3].mean(-1)
-    if array.numel() and array.max() > 1:
-        array = array / 255.0
-    if array.dim() == 2:
-        array = array[None]
-    frames, rows, cols = (1, *grid) if len(grid) == 2 else grid
-    if array.dim() != 3 or tuple(array.shape[1:]) not in ((height, width), (rows, cols)) or \
-            (len(grid) == 2 and array.shape[0] != 1):
-        raise ValueError(f"`mask` is {tuple(array.shape)}; expected the image size ({height}, {width}) or the token "
-                         f"grid ({rows}, {cols})" + (", optionally with frames first" if len(grid) == 3 else ""))
-    pooled = torch.nn.functional.adaptive_avg_pool3d(array[None, None], (frames, rows, cols))[0, 0]
-    return (pooled > 0.5).flatten()
 
 
 _VIDEO_FAMILIES = {"CogVideoXPipeline": 6.0, "WanPipeline": 5.0}  # the pipelines' default guidance scales
@@ -349,7 +326,7 @@ class _VideoEditor:
 
     @torch.no_grad()
     def edit(self, source_prompt, target_prompt, edit_words, mask, alpha, seed, steps, guidance_scale,
-             mask_threshold, blend_latents, progress) -> EditResult:
+             mask_threshold, blend_latents, progress) -> EditOutput:
         pipe = self.pipe
         if edit_words is None and mask is None:
             raise ValueError("give `edit_words` (words of the source prompt) or a `mask` of the edit region")
@@ -412,5 +389,5 @@ class _VideoEditor:
             control.remove()
             counter.remove()
         video = torch.as_tensor(video).float()
-        return EditResult(source=video[0], target=video[1], latents=torch.empty(0), source_latents=torch.empty(0),
+        return EditOutput(source=video[0], target=video[1], latents=torch.empty(0), source_latents=torch.empty(0),
                           edit_region=edit_region.view(frames, rows, cols).cpu(), seconds=seconds)

@@ -20,7 +20,7 @@ A flow-matching model gives a velocity ``v(x, sigma) = dx/dsigma`` (``x(sigma) =
 The solvers call ``velocity(x, sigma)`` and nothing else, so a caller observes every evaluation by
 wrapping it (set the noise level a recording hook keys on, keep the latent);
 :func:`invert_and_replay` does exactly that for masked replay editing with
-:class:`~hasten.attention_processors.feature_replay.FeatureReplay`.
+:class:`~hasten.hooks.feature_replay.FeatureReplay`.
 
 Examples
 --------
@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
-    from ..attention_processors.feature_replay import FeatureReplay
+    from ..hooks.feature_replay import FeatureReplay
 
 __all__ = ["SOLVERS", "invert", "invert_and_replay", "regenerate", "reconstruction_error"]
 
@@ -123,8 +123,8 @@ def invert_and_replay(source_velocity: Velocity, target_velocity: Velocity, late
     Examples
     --------
     >>> import torch
-    >>> from hasten.attention_processors.feature_cache import FeatureCache
-    >>> from hasten.attention_processors.feature_replay import FeatureReplay
+    >>> from hasten.hooks.feature_cache import FeatureCache
+    >>> from hasten.hooks.feature_replay import FeatureReplay
     >>> x0, keep = torch.randn(1, 4), torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     >>> flow = lambda x, sigma: torch.ones_like(x)
     >>> x, seconds = invert_and_replay(flow, flow, x0, torch.linspace(1, 0, 5, dtype=torch.float64), keep,

@@ -9,7 +9,7 @@ frame's Canny edges), from the SAME initial noise. Two things tie the frames tog
   wherever the occlusion mask trusts it. The paper's choice, followed here: the noisy latent at
   the same timestep, not the predicted ``x0`` (which rerender-a-video warps), because it
   constrains the queries of every later attention layer at that step directly.
-- **Cross-frame attention** (:mod:`hasten.attention_processors.cross_frame`): self-attention
+- **Cross-frame attention** (:mod:`hasten.hooks.cross_frame`): self-attention
   keys and values come from the first and the previous frame.
 
 The paper's rules are the defaults (Bao et al., arXiv 2311.00353):
@@ -51,10 +51,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._validation import check_positive_int
-from ..attention_processors.cross_frame import apply_cross_frame, remove_cross_frame
+from ..hooks.cross_frame import apply_cross_frame, remove_cross_frame
 from ..video.flow import (backward_warp, flow_pair, occlusion_mask, optical_flow, resize_flow, warp_error,
                           warped_difference_mask)
+from .._validation import check_number, check_positive_int
 
 __all__ = ["OCCLUSION_RULES", "WARP_WINDOWS", "LatentWarpOutput", "LatentWarpPipeline", "canny_map", "warped_steps"]
 
@@ -261,9 +261,7 @@ class LatentWarpPipeline:
             raise ValueError(f"`warp_window` must be one of {WARP_WINDOWS}, got {warp_window!r}")
         if occlusion not in OCCLUSION_RULES:
             raise ValueError(f"`occlusion` must be one of {OCCLUSION_RULES}, got {occlusion!r}")
-        if isinstance(occlusion_threshold, bool) or not isinstance(occlusion_threshold, (int, float)) \
-                or not occlusion_threshold >= 0:
-            raise ValueError(f"`occlusion_threshold` must be a non-negative number, got {occlusion_threshold!r}")
+        check_number(occlusion_threshold, "occlusion_threshold", 0)
         check_positive_int(num_inference_steps, "num_inference_steps")
         height = height or frames.shape[1] // 8 * 8
         width = width or frames.shape[2] // 8 * 8

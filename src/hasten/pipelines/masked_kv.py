@@ -2,7 +2,7 @@
 
 The source image (or video) is inverted with the second-order midpoint solver
 (:mod:`.inversion`), recording at every noise level the latent and, per attention layer, the
-keys and values of the PRESERVED tokens (:class:`~hasten.attention_processors.feature_cache.FeatureCache`:
+keys and values of the PRESERVED tokens (:class:`~hasten.hooks.feature_cache.FeatureCache`:
 region-only by construction, bf16 by default, int8 and disk spill on request). Editing then
 denoises from the inverted noise with the target prompt, and:
 
@@ -30,19 +30,18 @@ from typing import Any
 
 import torch
 
-from ..attention_processors.consistedit import image_projection_sites
-from ..attention_processors.feature_cache import FeatureCache, FeatureCacheConfig
-from ..attention_processors.feature_replay import FeatureReplay
-from .consistedit import grid_mask
+from ..hooks.consistedit import grid_mask, image_projection_sites
+from ..hooks.feature_cache import FeatureCache, FeatureCacheConfig
+from ..hooks.feature_replay import FeatureReplay
 from .flow_models import FlowModel
 from .inversion import invert_and_replay
 from .._validation import check_positive_int
 
-__all__ = ["MaskedKVEditPipeline", "MaskedKVResult"]
+__all__ = ["MaskedKVEditPipeline", "MaskedKVOutput"]
 
 
 @dataclass
-class MaskedKVResult:
+class MaskedKVOutput:
     """The edit (``image``: (3, H, W), or (F, 3, H, W) for videos, in [0, 1]), its latents, the
     edit region on the token grid, wall times and the bytes of the recorded source features."""
 
@@ -83,7 +82,7 @@ class MaskedKVEditPipeline:
     @torch.no_grad()
     def edit(self, image: Any, mask: Any, prompt: str, source_prompt: str = "", num_inference_steps: int = 25,
              guidance_scale: float | None = None, cache: FeatureCacheConfig | None = None,
-             progress: bool = True, height: int | None = None, width: int | None = None) -> MaskedKVResult:
+             progress: bool = True, height: int | None = None, width: int | None = None) -> MaskedKVOutput:
         """Regenerate the ``mask`` region (white / True = edit) of ``image`` with ``prompt``.
 
         Parameters
@@ -110,7 +109,7 @@ class MaskedKVEditPipeline:
         preserve = (~edit_region).to(model.dtype)
         x0 = model.encode_image(image)
         if not bool(edit_region.any()):  # nothing to edit: the source, exactly
-            return MaskedKVResult(model.decode(x0)[0], x0, edit_region.view(*model.grid).cpu())
+            return MaskedKVOutput(model.decode(x0)[0], x0, edit_region.view(*model.grid).cpu())
         if guidance_scale is None:
             guidance_scale = {"StableDiffusion3Pipeline": 7.0, "FluxPipeline": 3.5,
                               "HunyuanVideoPipeline": 6.0}.get(model.family, 5.0)
@@ -129,4 +128,4 @@ class MaskedKVEditPipeline:
             replay.detach()
             cache_bytes = features.nbytes
             features.close()
-        return MaskedKVResult(model.decode(x)[0], x, edit_region.view(*model.grid).cpu(), seconds, cache_bytes)
+        return MaskedKVOutput(model.decode(x)[0], x, edit_region.view(*model.grid).cpu(), seconds, cache_bytes)

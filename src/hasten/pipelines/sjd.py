@@ -57,6 +57,7 @@ from ..speculative.acceptance import chain_verify
 from ..speculative.sampling import Sampling, draw
 from ..transformers_conventions import cache_keyword
 from .sjd_adapters import ARImageAdapter, ImageLayout, adapter_for
+from .._validation import check_positive_int
 
 __all__ = ["INIT_STRATEGIES", "SJDConfig", "SJDOutput", "SJDPipeline", "SJDStats"]
 
@@ -99,8 +100,7 @@ class SJDConfig:
     group_threshold: float = 0.15
 
     def __post_init__(self) -> None:
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"`window` must be an integer >= 1, got {self.window!r}")
+        check_positive_int(self.window, "window")
         if self.init not in INIT_STRATEGIES:
             raise ValueError(f"`init` must be one of {INIT_STRATEGIES}, got {self.init!r}")
         if self.grouped and self.greedy:
@@ -223,8 +223,7 @@ class SJDPipeline:
             raise ValueError("`prompt` is empty")
         if not isinstance(greedy, bool):
             raise ValueError(f"`greedy` must be True or False, got {greedy!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
+        check_positive_int(batch_size, "batch_size")
         if greedy and sjd is not None and sjd.grouped:
             raise ValueError("`greedy=True` with grouped (GSD) acceptance: grouped acceptance is for sampling")
         greedy = greedy or (sjd is not None and sjd.greedy)

@@ -8,8 +8,8 @@ DINOv2 features of an edited render, or text features; see below). Stage 1 of Vo
    1's :mod:`.inversion`), 25 steps, time rescaled by 3.0, classifier-free guidance only for
    ``t`` in [0.5, 1.0] (the paper's defaults). At every noise level the latent is kept, and the
    self-attention K/V of the PRESERVED latent cells are recorded
-   (:class:`~hasten.attention_processors.feature_replay.FeatureReplay` on the fused ``to_qkv`` into a bounded
-   :class:`~hasten.attention_processors.feature_cache.FeatureCache`: region-only, bf16 by
+   (:class:`~hasten.hooks.feature_replay.FeatureReplay` on the fused ``to_qkv`` into a bounded
+   :class:`~hasten.hooks.feature_cache.FeatureCache`: region-only, bf16 by
    default, int8 / disk on request). VoxHammer's own code keeps every (t, order, cond, layer)
    K/V in fp32 on the CPU and grows ~1 GB per step.
 2. Denoise from the inverted noise with the edit condition: preserved cells' K/V are replayed,
@@ -38,11 +38,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..attention_processors.feature_cache import FeatureCache, FeatureCacheConfig
-from ..attention_processors.feature_replay import FeatureReplay, ProjectionSite
+from ..hooks.feature_cache import FeatureCache, FeatureCacheConfig
+from ..hooks.feature_replay import FeatureReplay, ProjectionSite
 from .inversion import invert_and_replay
 
-__all__ = ["VoxelConditioner", "VoxelEditPipeline", "VoxelEditResult", "box_mask", "edit_cells", "occupancy_to_mesh",
+__all__ = ["VoxelConditioner", "VoxelEditPipeline", "VoxelEditOutput", "box_mask", "edit_cells", "occupancy_to_mesh",
            "save_ply"]
 
 
@@ -110,7 +110,7 @@ def edit_cells(occupancy: np.ndarray, edit_mask: np.ndarray, side: int) -> np.nd
 
 
 @dataclass
-class VoxelEditResult:
+class VoxelEditOutput:
     """The edited occupancy (``R^3`` bool), its latent, the latent edit region and what it cost."""
 
     occupancy: np.ndarray
@@ -170,7 +170,7 @@ class VoxelEditPipeline:
              source_cond: torch.Tensor | None = None, num_inference_steps: int = 25, rescale_t: float = 3.0,
              invert_guidance: float = 5.0, edit_guidance: float = 6.0, cfg_interval: tuple[float, float] = (0.5, 1.0),
              cache: FeatureCacheConfig | None = None, progress: bool = True,
-             preserved_condition: torch.Tensor | None = None, uncond: torch.Tensor | None = None) -> VoxelEditResult:
+             preserved_condition: torch.Tensor | None = None, uncond: torch.Tensor | None = None) -> VoxelEditOutput:
         """Edit the ``edit_mask`` region of ``occupancy`` toward ``cond`` (see the module docstring).
 
         ``source_cond`` (default: ``cond``) conditions the inversion; guidance strengths and the
@@ -204,7 +204,7 @@ class VoxelEditPipeline:
         source_grid = torch.from_numpy(occupancy.astype(np.float32))[None, None].to(device, dtype)
         x0 = self.encoder(source_grid)
         if not edit_mask.any():  # nothing to edit: the source, exactly
-            return VoxelEditResult(occupancy.copy(), x0, torch.zeros_like(cells))
+            return VoxelEditOutput(occupancy.copy(), x0, torch.zeros_like(cells))
         edit = cells.flatten().to(device)
         preserved = (~edit).nonzero()[:, 0]
         keep = (~cells).to(device, dtype)[None, None]  # 1 on preserved cells
@@ -241,7 +241,7 @@ class VoxelEditPipeline:
             cache_bytes = features.nbytes
             features.close()
         out = np.where(edit_mask, decoded, occupancy)  # every voxel outside the edit region is the source's
-        return VoxelEditResult(out, x, cells, seconds, cache_bytes)
+        return VoxelEditOutput(out, x, cells, seconds, cache_bytes)
 
 
 class VoxelConditioner:

@@ -18,6 +18,7 @@ Examples
 """
 
 from __future__ import annotations
+from .._validation import check_number, check_positive_int
 
 from dataclasses import dataclass
 
@@ -57,12 +58,9 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not self.temperature > 0:
-            raise ValueError(f"`temperature` must be > 0, got {self.temperature!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or self.top_k < 1):
-            raise ValueError(f"`top_k` must be an int >= 1 or None, got {self.top_k!r}")
+        check_number(self.temperature, "temperature", 0, open_low=True)
+        if self.top_k is not None:
+            check_positive_int(self.top_k, "top_k")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.greedy, bool):

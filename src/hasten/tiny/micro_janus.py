@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from . import scenes
 from ._store import seeded
+from .._validation import check_positive_int
 
 __all__ = [
     "AR_SCHEDULE_STEPS", "CODEBOOK", "GRID", "IMAGE_SIZE", "MAX_OBJECTS", "VQ_SCHEDULE_STEPS", "janus_micro_config",
@@ -140,8 +141,7 @@ def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def _check_steps(steps: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`steps` must be an integer >= 1, got {steps!r}")
+    check_positive_int(steps, "steps")
 
 
 def _resume_state(out: pathlib.Path, resume: bool) -> dict | None:

@@ -57,7 +57,7 @@ from typing import Any, Sequence
 import torch
 
 from .vqa import GUI_QUESTIONS, HELD_OUT_SEED, VQASample, gui_sample, held_out, scene_sample
-from .._validation import check_positive_int
+from .._validation import check_int, check_positive_int
 
 __all__ = ["MICRO_VLMS", "TRAINED_KINDS", "accuracy", "answer", "build", "held_out_set", "load", "load_folder", "prompts", "scene_size",
            "train", "train_llava", "train_qwen25_vl", "weights_path"]
@@ -272,8 +272,7 @@ def train(name: str, out: str | pathlib.Path, *, steps: int | None = None, batch
     batch_size = batch_size if batch_size is not None else _DEFAULT_STEPS[name][1]
     for argument, value in (("steps", steps), ("batch_size", batch_size)):
         check_positive_int(value, argument)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
+    check_int(seed, "seed", 0)
     base_seed = _SEED + seed
     if base_seed * 10**7 + steps * batch_size >= HELD_OUT_SEED:
         raise ValueError("`seed`/`steps`/`batch_size` would draw held-out seeds; use a smaller seed")

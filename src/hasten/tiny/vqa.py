@@ -50,6 +50,7 @@ from typing import Iterator, Sequence
 from PIL import Image, ImageDraw
 
 from .gui import GUIState, render, states
+from .._validation import check_int
 
 __all__ = ["COLORS", "GUI_QUESTIONS", "HELD_OUT_SEED", "PLACES", "SCENE_QUESTIONS", "SHAPES", "Scene", "SceneObject",
            "VQASample", "gui_sample", "held_out", "make_scene", "render_scene", "samples", "scene_sample"]
@@ -120,8 +121,7 @@ class VQASample:
 def make_scene(rng: random.Random, with_code: bool | None = None, max_objects: int = 4) -> Scene:
     """A random scene: 1 to ``max_objects`` (<= 4) objects with distinct shapes in distinct cells,
     and maybe a code."""
-    if isinstance(max_objects, bool) or not isinstance(max_objects, int) or not 1 <= max_objects <= len(SHAPES):
-        raise ValueError(f"`max_objects` must be an int in [1, {len(SHAPES)}], got {max_objects!r}")
+    check_int(max_objects, "max_objects", 1, len(SHAPES))
     count = rng.randint(1, max_objects)
     cells = rng.sample(range(9), count + 1)
     shapes = rng.sample(SHAPES, count)
@@ -163,8 +163,7 @@ def _draw_code(image: Image.Image, code: str, cell_box: tuple[int, int, int, int
 
 def render_scene(scene: Scene, size: int = 36) -> Image.Image:
     """``scene`` drawn on a ``size`` x ``size`` canvas (cells of ``size // 3`` pixels)."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 24:
-        raise ValueError(f"`size` must be an int >= 24 (three cells of >= 8 pixels), got {size!r}")
+    check_int(size, "size", 24, why="three cells of >= 8 pixels")
     image = Image.new("RGB", (size, size), _BACKGROUND)
     draw = ImageDraw.Draw(image)
     cell = size // 3
@@ -236,8 +235,7 @@ def gui_sample(seed: int, kind: str | None = None, steps: int = 3, size: tuple[i
     """
     if kind is not None and kind not in GUI_QUESTIONS:
         raise ValueError(f"`kind` must be one of {', '.join(GUI_QUESTIONS)} or None; got {kind!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"`steps` must be an int >= 2 (a question needs an earlier screenshot), got {steps!r}")
+    check_int(steps, "steps", 2, why="a question needs an earlier screenshot")
     rng = random.Random(seed)
     kind = kind or rng.choice(GUI_QUESTIONS)
     warm_up = rng.randint(3, 8)  # actions before the first screenshot: earlier states vary too

@@ -39,6 +39,7 @@ import torch
 
 from ..transformers_conventions import cache_of, output_cache, patch_point_error
 from .adapters import VLMAdapter, adapter_for
+from .._validation import check_number
 
 __all__ = ["ImageTokens", "PromptPlan", "PruningStats", "TokenPruner", "cache_bytes", "gather_plan", "renumbered"]
 
@@ -251,8 +252,7 @@ class TokenPruner:
     drops_visual_tokens: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0.0 < self.budget <= 1.0:
-            raise ValueError(f"`budget` must be in (0, 1], got {self.budget!r}")
+        check_number(self.budget, "budget", 0, 1, open_low=True)
         if not isinstance(self.renumber, bool):
             raise ValueError(f"`renumber` must be True or False, got {self.renumber!r}")
         self.stats: PruningStats | None = None

@@ -18,7 +18,6 @@ ratio (the bound on the prefill speedup).
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -26,6 +25,7 @@ import torch
 
 from .core import TokenPruner
 from .._validation import check_positive_int
+from ..measure import median_seconds
 
 __all__ = ["METHODS", "TRAINED", "EvalRow", "TaskRow", "evaluate", "evaluate_task", "format_table", "format_task_table",
            "load_vlm", "make_method", "prefill_flops", "sample_images", "task_samples"]
@@ -72,7 +72,7 @@ def load_vlm(model: str, device: str | None = None) -> tuple[Any, Any]:
     """A tiny VLM (``tiny-llava``, ... random weights; ``trained-llava``, ``trained-qwen2.5-vl``: the
     micro-world models) or a hub id / folder, with its processor, in eval mode."""
     from .. import tiny
-    from ..pipelines.loading import load_transformers_model
+    from ..loading import load_transformers_model
     from ..tiny import micro_vlm
 
     loaders = {name: (lambda kind=kind: tiny.vlm(kind)) for name, kind in TINY.items()}
@@ -175,21 +175,6 @@ class EvalRow:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-def _median_seconds(fn, device: torch.device, repeats: int) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
-    times = []
-    for attempt in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if attempt:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def evaluate(model: Any, processor: Any, methods: Sequence[tuple[str, float]], samples: Sequence[tuple[Any, str]],
              max_new_tokens: int = 16, repeats: int = 3) -> list[EvalRow]:
@@ -229,14 +214,14 @@ def evaluate(model: Any, processor: Any, methods: Sequence[tuple[str, float]], s
                 logits = _forced_logits(model, inputs, continuation)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                prefill_s = _median_seconds(lambda: model(**inputs), device, repeats)
+                prefill_s = median_seconds(lambda: model(**inputs), device, warmup=1, repeats=repeats)
                 stats = method.stats
                 generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
                 peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-                one_s = _median_seconds(lambda: model.generate(**inputs, max_new_tokens=1, do_sample=False),
-                                        device, repeats)
-                all_s = _median_seconds(
-                    lambda: model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False), device, repeats)
+                one_s = median_seconds(lambda: model.generate(**inputs, max_new_tokens=1, do_sample=False),
+                                       device, warmup=1, repeats=repeats)
+                all_s = median_seconds(lambda: model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                                              do_sample=False), device, warmup=1, repeats=repeats)
             new = generated[:, inputs["input_ids"].shape[1]:]
             kl = torch.nn.functional.kl_div(logits.log_softmax(-1), reference_logits.log_softmax(-1),
                                             log_target=True, reduction="none").sum(-1).mean()
@@ -367,8 +352,8 @@ def evaluate_task(model: Any, processor: Any, methods: Sequence[tuple[str, float
             got = answers()
             cost = []
             for inputs in timed:
-                seconds = _median_seconds(lambda: model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                                                 do_sample=False), device, 2)
+                seconds = median_seconds(lambda: model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                                                do_sample=False), device, warmup=1, repeats=2)
                 model(**inputs)  # the prefill alone, for its stats
                 stats = method.stats
                 cost.append((sum(stats.visual_tokens_in), sum(stats.visual_tokens_kept),

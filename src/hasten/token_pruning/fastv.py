@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .core import ImageTokens
 from .inside_llm import LLMLayerPruner
+from .._validation import check_int
 
 __all__ = ["FastV"]
 
@@ -45,9 +46,7 @@ class FastV(LLMLayerPruner):
     layer: int = 2
 
     def pruning_layers(self, num_layers: int) -> list[int]:
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or not 0 <= self.layer < num_layers - 1:
-            raise ValueError(f"`layer` must be in [0, {num_layers - 2}] for this {num_layers}-layer LLM, "
-                             f"got {self.layer!r}")
+        check_int(self.layer, "layer", 0, num_layers - 2, why=f"this LLM has {num_layers} layers")
         return [self.layer]
 
     def select_in_llm(self, image: ImageTokens, stage: int):

@@ -42,6 +42,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..kernels.kv_quant import BITS, LAYOUTS, QuantizedKV
+from .._validation import check_int
 
 __all__ = ["MixedPrecisionConfig", "MixedPrecisionLayer", "install_mixed_precision", "mixed_precision_cache"]
 
@@ -84,9 +85,7 @@ class MixedPrecisionConfig:
                 raise ValueError(f"`{name}` must be one of {(*BITS, _FULL)}, got {getattr(self, name)!r}")
         for name in ("residual", "recompress_every", "group"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "residual" else 1):
-                raise ValueError(f"`{name}` must be a {'non-negative' if name == 'residual' else 'positive'} int, "
-                                 f"got {value!r}")
+            check_int(value, name, 0 if name == "residual" else 1)
         for name in ("key_layout", "value_layout"):
             if getattr(self, name) not in LAYOUTS:
                 raise ValueError(f"`{name}` must be one of {LAYOUTS}, got {getattr(self, name)!r}")

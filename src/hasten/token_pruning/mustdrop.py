@@ -48,6 +48,7 @@ import torch
 from .core import ImageTokens
 from .inside_llm import LLMLayerPruner
 from .scoring import CLSAttention, encoder_layers_of, l2_saliency
+from .._validation import check_int
 
 __all__ = ["MustDrop"]
 
@@ -119,8 +120,7 @@ class MustDrop(LLMLayerPruner):
         super().__post_init__()
         if not -1.0 <= self.merge_threshold <= 1.0:
             raise ValueError(f"`merge_threshold` must be a cosine similarity in [-1, 1], got {self.merge_threshold!r}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 2:
-            raise ValueError(f"`window` must be an int >= 2, got {self.window!r}")
+        check_int(self.window, "window", 2)
         if not 0.0 <= self.key_fraction <= 1.0:
             raise ValueError(f"`key_fraction` must be in [0, 1], got {self.key_fraction!r}")
         self.layers = tuple(self.layers)

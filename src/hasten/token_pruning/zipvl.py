@@ -65,6 +65,7 @@ from ..transformers_conventions import cache_of, patch_point_error
 from .core import TokenPruner
 from .kv_cache import MixedPrecisionConfig, install_mixed_precision, mixed_precision_cache
 from .scoring import AttentionHook, mass_count, probe_attention, probe_queries
+from .._validation import check_int, check_number
 
 __all__ = ["COUNT_SCORES", "SPARSE_PREFILL", "ZipVL", "block_verdict", "select_important"]
 
@@ -184,18 +185,14 @@ class ZipVL(TokenPruner):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"`tau` must be in (0, 1], got {self.tau!r}")
+        check_number(self.tau, "tau", 0, 1, open_low=True)
         if self.count_scores not in COUNT_SCORES:
             raise ValueError(f"`count_scores` must be one of {COUNT_SCORES}, got {self.count_scores!r}")
         for name in ("probe_recent", "probe_random"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "probe_recent" else 0):
-                raise ValueError(f"`{name}` must be an int >= {1 if name == 'probe_recent' else 0}, got {value!r}")
-        if self.probe_fraction is not None and (
-                isinstance(self.probe_fraction, bool) or not isinstance(self.probe_fraction, (int, float))
-                or not 0.0 < self.probe_fraction <= 0.5):
-            raise ValueError(f"`probe_fraction` must be None or in (0, 0.5], got {self.probe_fraction!r}")
+            check_int(value, name, 1 if name == "probe_recent" else 0)
+        if self.probe_fraction is not None:
+            check_number(self.probe_fraction, "probe_fraction", 0, 0.5, open_low=True)
         if not isinstance(self.cache, MixedPrecisionConfig):
             raise ValueError(f"`cache` must be a MixedPrecisionConfig, got {type(self.cache).__name__}")
         if self.sparse_prefill not in SPARSE_PREFILL:

@@ -14,6 +14,7 @@ Example: a camera panning right by ``s`` pixels per frame gives a flow from fram
 """
 
 from __future__ import annotations
+from .._validation import check_number
 
 import cv2
 import numpy as np
@@ -136,8 +137,7 @@ def warped_difference_mask(previous: np.ndarray, current: np.ndarray, flow: np.n
     >>> bool(mask[:, -2:].all()), float(mask[:, :-2].mean()) < 0.05  # the strip entering on the right
     (True, True)
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
-        raise ValueError(f"`threshold` must be a non-negative number (0-1 intensity scale), got {threshold!r}")
+    check_number(threshold, "threshold", 0, why="0-1 intensity scale")
     if previous.shape != current.shape or previous.ndim != 3 or previous.shape[-1] != 3:
         raise ValueError(f"`previous` and `current` must be (H, W, 3) frames of one size, got {previous.shape} "
                          f"and {current.shape}")

@@ -18,13 +18,13 @@ K/V. Both are the same three steps, which live here once:
 :class:`FeatureReplay` is used two ways: standalone, through :meth:`FeatureReplay.attach`, which
 registers one :class:`ProjectionReplayHook` per projection site in diffusers' ``HookRegistry``
 (VoxHammer's fused ``to_qkv``), or called from another hook that also edits the same projection
-(:class:`~hasten.attention_processors.consistedit.ConsistEditControl` copies source features into
+(:class:`~hasten.hooks.consistedit.ConsistEditControl` copies source features into
 the target branch right after replaying the source's).
 
 Examples
 --------
 >>> import torch
->>> from hasten.attention_processors.feature_cache import FeatureCache, FeatureCacheConfig
+>>> from hasten.hooks.feature_cache import FeatureCache, FeatureCacheConfig
 >>> proj = torch.nn.Linear(4, 4)
 >>> replay = FeatureReplay(FeatureCache(FeatureCacheConfig(dtype="float32")), rows=torch.tensor([0]))
 >>> _ = replay.attach([ProjectionSite(0, "k", proj)])

@@ -16,15 +16,15 @@ projections (not a processor class) finds the layers on current diffusers whatev
 processor is called (the official code lost Flux when diffusers renamed its attention class).
 
 Masked K/V replay (:mod:`hasten.pipelines.masked_kv`) uses the same layers and image tokens
-(:func:`image_projection_sites`) with :class:`~hasten.attention_processors.feature_replay.FeatureReplay`
+(:func:`image_projection_sites`) with :class:`~hasten.hooks.feature_replay.FeatureReplay`
 alone.
 
 Two more modes share the hooks:
 
 - ``"record"`` / replay: the source branch's image Q/K/V per (noise level, layer) are recorded
   during inversion and put back into the source rows while editing (``replay``), through the
-  one record/replay mechanism (:class:`~hasten.attention_processors.feature_replay.FeatureReplay`
-  over a bounded :class:`~hasten.attention_processors.feature_cache.FeatureCache`);
+  one record/replay mechanism (:class:`~hasten.hooks.feature_replay.FeatureReplay`
+  over a bounded :class:`~hasten.hooks.feature_cache.FeatureCache`);
 - ``"mask"``: the attention of the source's image queries to the edit words' text tokens is
   accumulated (averaged over heads, summed over the words' tokens, averaged over layers and
   steps); :meth:`ConsistEditControl.edit_mask` min-max normalises it and thresholds it. The map
@@ -43,9 +43,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..adapters import edit_layout
+from .clock import DenoisingClock
 from .feature_replay import FeatureReplay, ProjectionSite
+from .._validation import check_number, check_positive_int
 
 __all__ = ["ConsistEditConfig", "ConsistEditControl", "edit_layers", "image_projection_sites"]
 
@@ -60,7 +63,7 @@ def edit_layers(transformer: Any) -> tuple[list[Any], bool, list[Any]]:
 
 def image_projection_sites(transformer: Any, image_tokens: int, kinds: tuple[str, ...] = ("k", "v")) -> list[ProjectionSite]:
     """The image-token features of the ``to_q`` / ``to_k`` / ``to_v`` projections (``kinds``) of the layers
-    ConsistEdit controls, as :class:`~hasten.attention_processors.feature_replay.ProjectionSite` s (for
+    ConsistEdit controls, as :class:`~hasten.hooks.feature_replay.ProjectionSite` s (for
     masked K/V replay: the same layers, text tokens never touched)."""
     layout = edit_layout(transformer)
     layers, _ = layout.modules(transformer)
@@ -298,11 +301,10 @@ class ConsistEditConfig:
     num_inference_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"`alpha` must be in [0, 1], got {self.alpha!r}")
+        check_number(self.alpha, "alpha", 0, 1)
         steps = self.num_inference_steps
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"`num_inference_steps` must be a positive int, got {steps!r}")
+        if steps is not None:
+            check_positive_int(steps, "num_inference_steps")
         if self.alpha < 1.0 and steps is None:
             raise ValueError("`num_inference_steps` is needed with `alpha` < 1 (alpha is a fraction of the steps)")
         if self.mask is None:
@@ -310,17 +312,36 @@ class ConsistEditConfig:
                              "finds it from the edit words' attention")
 
 
+def grid_mask(mask: Any, grid: tuple[int, ...], height: int, width: int) -> torch.Tensor:
+    """A user mask (PIL / array / tensor; white or True = edit; image- or token-grid-sized, videos
+    optionally with frames first) -> edit flags over the tokens, in their order."""
+    if isinstance(mask, Image.Image):
+        mask = mask.convert("L")
+    array = torch.as_tensor(np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask, dtype=np.float32))
+    if array.dim() == 3 and array.shape[-1] in (3, 4) and len(grid) == 2:
+        array = array[..., :3].mean(-1)
+    if array.numel() and array.max() > 1:
+        array = array / 255.0
+    if array.dim() == 2:
+        array = array[None]
+    frames, rows, cols = (1, *grid) if len(grid) == 2 else grid
+    if array.dim() != 3 or tuple(array.shape[1:]) not in ((height, width), (rows, cols)) or \
+            (len(grid) == 2 and array.shape[0] != 1):
+        raise ValueError(f"`mask` is {tuple(array.shape)}; expected the image size ({height}, {width}) or the token "
+                         f"grid ({rows}, {cols})" + (", optionally with frames first" if len(grid) == 3 else ""))
+    pooled = torch.nn.functional.adaptive_avg_pool3d(array[None, None], (frames, rows, cols))[0, 0]
+    return (pooled > 0.5).flatten()
+
+
 class _EditHook:
     """Transformer forward pre-hook: sets the control's rows, step, image tokens and preserve mask per call."""
 
     def __init__(self, control: ConsistEditControl, config: ConsistEditConfig, adapter: Any):
         self.control, self.config, self.adapter = control, config, adapter
-        self.last_timestep: float | None = None
+        self.clock = DenoisingClock()
         self.preserve: dict[tuple[int, ...], torch.Tensor] = {}  # token grid -> preserve flags
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        from ..pipelines.consistedit import grid_mask
-
         grid, _, timestep = self.adapter.observe(module, args, kwargs)
         hidden = args[0] if args else kwargs["hidden_states"]
         rows = hidden.shape[0]
@@ -328,12 +349,7 @@ class _EditHook:
             raise ValueError(f"ConsistEdit needs source and target rows in the batch (prompt=[source, target] from "
                              f"one noise); the transformer got {rows} rows")
         control = self.control
-        value = float(torch.as_tensor(timestep).flatten()[0])
-        if self.last_timestep is None or value > self.last_timestep:
-            control.step = 0  # a new run starts from its noisiest timestep
-        elif value != self.last_timestep:
-            control.step += 1
-        self.last_timestep = value
+        control.step = self.clock.tick(timestep)
         if grid not in self.preserve:
             mask = self.config.mask
             tokens = grid[1:] if grid[0] == 1 else grid  # (rows, cols) for images

@@ -1,28 +1,162 @@
-"""``enable_grat``: GRAT grouped sparse attention on a diffusers pipeline or transformer.
+"""GRAT grouped sparse attention on a diffusion transformer: its config, hook and processor.
 
-Shape of the mechanism (after diffusers' FirstBlockCache): a :class:`GratConfig`, one
-transformer hook (:class:`GratHook`, registered in diffusers' ``HookRegistry``) that reads each
-forward call's token grid and denoising step and prepares the token layouts once per shape,
-and one :class:`~hasten.attention_processors.grat.GratAttnProcessor` per attention module that
-wraps the module's own processor. ``hasten.apply(pipe, GratConfig(...))`` (or its spellings
-:func:`apply_grat`, ``pipe.enable_grat()``) installs both through :func:`prepare_grat` /
-:func:`install_grat`; removal (:func:`uninstall_grat`) restores the exact original processor
-objects and forward. No weight is touched.
+Shape of the mechanism (after diffusers' FirstBlockCache): a :class:`GratConfig`; one transformer
+hook (:class:`GratHook`, registered in diffusers' ``HookRegistry``) that reads each forward call's
+token grid and denoising step and prepares the token layouts once per shape; and one
+:class:`GratAttnProcessor` per attention module, wrapping the module's own processor and running
+it unchanged -- its projections (LoRA layers included), QK norms and rotary embeddings -- except
+for the one ``F.scaled_dot_product_attention`` call inside it (directly, or through diffusers'
+``dispatch_attention_fn`` native backend). That call is redirected, through a
+:class:`~torch.overrides.TorchFunctionMode` active only while the wrapped processor runs, to
+:func:`hasten.kernels.grouped_attention` (gather into groups, block-sparse kernel, scatter back),
+with the layout the hook prepared in the shared :class:`GratState`.
+
+``hasten.apply(pipe, GratConfig(...))`` (or its spellings :func:`apply_grat`,
+``pipe.enable_grat()``) installs both through :func:`prepare_grat` / :func:`install_grat`;
+removal (:func:`uninstall_grat`) restores the exact original processor objects and forward. No
+weight is touched. Dense vs GRAT side by side: :func:`hasten.measure.compare_grat`.
 """
 
 from __future__ import annotations
 
+import inspect
+import types
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
+from torch.overrides import TorchFunctionMode
 
 from ..adapters import ModelAdapter, adapter_for
-from ..attention_processors.grat import GratAttnProcessor, GratState
-from ..kernels import BACKENDS, PATTERNS, group_layout, resolve_backend
+from ..kernels import BACKENDS, PATTERNS, GroupLayout, group_layout, grouped_attention, resolve_backend
+from .clock import DenoisingClock
 
 _HOOK_NAME = "hasten_grat"
+
+
+@dataclass
+class GratState:
+    """Per-transformer GRAT state, shared by its hook and processors.
+
+    Attributes
+    ----------
+    layouts : dict[int, GroupLayout]
+        Layout per attention sequence length for the current call (joint text+image, image only).
+    sparse : bool
+        Whether the current forward call uses sparse attention (False during ``dense_steps``).
+    step : int
+        Denoising step index of the current call (:class:`~hasten.hooks.clock.DenoisingClock`).
+    grid : (t, h, w) or None
+        Latent token grid of the current call.
+    """
+
+    layouts: dict[int, GroupLayout] = field(default_factory=dict)
+    sparse: bool = True
+    step: int = -1
+    grid: tuple[int, int, int] | None = None
+    shape_key: tuple | None = None
+
+
+def _key_padding(attn_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """A key-padding mask (batch or 1, seq) bool from an SDPA ``attn_mask`` that varies only over keys
+    (bool, or additive with 0 for kept keys and -inf / the dtype's minimum for masked ones)."""
+    if attn_mask.shape[-1] != seq_len or any(size != 1 for size in attn_mask.shape[1:-1]):
+        raise ValueError(
+            "GRAT supports attention masks that only mask keys (shape (batch, 1, 1, seq) or (batch, seq)); "
+            f"got attn_mask of shape {tuple(attn_mask.shape)}"
+        )
+    mask = attn_mask.reshape(attn_mask.shape[0], seq_len)
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+class _SparseSDPA(TorchFunctionMode):
+    """Redirects ``F.scaled_dot_product_attention`` to the processor's sparse attention."""
+
+    def __init__(self, processor: "GratAttnProcessor"):
+        super().__init__()
+        self.processor = processor
+        self.redirected = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.redirected = True
+            return self.processor.attend(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class GratAttnProcessor:
+    """Wraps an attention module's processor so that its attention is GRAT block-sparse.
+
+    Parameters
+    ----------
+    original : callable
+        The processor the module had (restored by ``disable_grat``).
+    state : GratState
+        Shared with the transformer hook (layouts of the current call, dense/sparse step).
+    backend : str
+        Kernel backend ("auto", "flex", "triton", "reference").
+    """
+
+    def __init__(self, original: Any, state: GratState, backend: str):
+        self.original = original
+        self.state = state
+        self.backend = backend
+        # diffusers' Attention.forward drops every keyword argument that the processor's __call__
+        # signature does not name (e.g. CogVideoX's and HunyuanVideo's `image_rotary_emb`), so this
+        # instance shows the wrapped processor's signature to `inspect`.
+        signature = inspect.signature(original.__call__)
+        self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+
+        def call(processor, attn, *args, **kwargs):
+            return type(processor).__call__(processor, attn, *args, **kwargs)
+
+        call.__signature__ = signature.replace(parameters=[self_parameter, *signature.parameters.values()])
+        self.__call__ = types.MethodType(call, self)
+
+    def __call__(self, attn: torch.nn.Module, *args, **kwargs):
+        if not self.state.sparse:
+            return self.original(attn, *args, **kwargs)
+        mode = _SparseSDPA(self)
+        with mode:
+            out = self.original(attn, *args, **kwargs)
+        if not mode.redirected and not torch.compiler.is_compiling():
+            backend = getattr(self.original, "_attention_backend", None)
+            raise ValueError(
+                f"GRAT found no scaled_dot_product_attention call in {type(self.original).__name__} "
+                f"(attention backend {backend!r}); GRAT needs diffusers' native attention backend"
+            )
+        return out
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        """Grouped block-sparse replacement for ``F.scaled_dot_product_attention`` (same signature)."""
+        seq_len = query.shape[-2]
+        if is_causal or dropout_p:
+            raise ValueError("GRAT attention is non-causal inference attention (is_causal=False, dropout_p=0)")
+        if key.shape[-2] != seq_len or key.shape[:-2] != query.shape[:-2]:
+            raise ValueError(
+                f"GRAT replaces self/joint attention only; got query {tuple(query.shape)} and key {tuple(key.shape)}"
+            )
+        layout = self.state.layouts.get(seq_len)
+        if layout is None:
+            raise ValueError(
+                f"GRAT has no token layout for an attention over {seq_len} tokens (known lengths: "
+                f"{sorted(self.state.layouts)}); the transformer hook did not see this call's grid"
+            )
+        padding = None if attn_mask is None else _key_padding(attn_mask, seq_len)
+        return grouped_attention(query, key, value, layout, padding, scale=scale, backend=self.backend)
 
 
 @dataclass(frozen=True)
@@ -117,6 +251,7 @@ class GratHook(ModelHook):
         self.adapter = adapter
         self.config = config
         self.state = state
+        self.clock = DenoisingClock()
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         self._observe(module, args, kwargs)
@@ -127,12 +262,7 @@ class GratHook(ModelHook):
         grid, num_text, timestep = self.adapter.observe(module, args, kwargs)
         state, config = self.state, self.config
         if timestep is not None:
-            value = float(torch.as_tensor(timestep).flatten()[0])
-            if state.last_timestep is None or value > state.last_timestep:
-                state.step = 0  # a new denoising run starts from the noisiest timestep
-            elif value != state.last_timestep:
-                state.step += 1
-            state.last_timestep = value
+            state.step = self.clock.tick(timestep)
         state.sparse = state.step >= config.dense_steps
         hidden = args[0] if args else kwargs["hidden_states"]
         key = (grid, num_text, hidden.device)
@@ -151,7 +281,8 @@ class GratHook(ModelHook):
             state.layouts, state.grid, state.shape_key = layouts, grid, key
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.state.step, self.state.last_timestep, self.state.sparse = -1, None, True
+        self.clock.reset()
+        self.state.step, self.state.sparse = -1, True
         return module
 
 
@@ -262,84 +393,3 @@ def grat_state(pipe_or_transformer: Any) -> GratState | None:
     registry = getattr(grat_module(pipe_or_transformer), "_diffusers_hook", None)
     hook = registry.get_hook(_HOOK_NAME) if registry is not None else None
     return hook.state if hook is not None else None
-
-
-@dataclass
-class GratComparison:
-    """Dense vs GRAT on the same pipeline call and seed (see :func:`compare_grat`)."""
-
-    dense: Any
-    grat: Any
-    dense_seconds: float
-    grat_seconds: float
-    psnr: float
-    density: float
-    bound: float
-    config: GratConfig
-
-    @property
-    def speedup(self) -> float:
-        return self.dense_seconds / self.grat_seconds
-
-    def summary(self) -> str:
-        return (
-            f"dense {self.dense_seconds:.3f} s | GRAT-{'X' if self.config.pattern == 'cross' else 'B'} "
-            f"{self.grat_seconds:.3f} s | speedup {self.speedup:.2f}x (attention bound "
-            f"{self.bound:.2f}x, density {self.density:.1%}) | PSNR {self.psnr:.2f} dB"
-        )
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0) -> float:
-    """Peak signal-to-noise ratio between two outputs in [0, peak] (inf when identical)."""
-    mse = torch.mean((a.double() - b.double()) ** 2).item()
-    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(peak**2 / mse)).item()
-
-
-def _timed_call(pipe, seed: int, call_kwargs: dict) -> tuple[torch.Tensor, float]:
-    import time
-
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    device = pipe.device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    output = pipe(**call_kwargs, generator=generator, output_type="pt", return_dict=False)[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return output.float().cpu().clamp(0, 1), time.perf_counter() - start
-
-
-def compare_grat(
-    pipe, config: GratConfig | None = None, *, seed: int = 0, warmup: bool = True, **call_kwargs
-) -> GratComparison:
-    """Run ``pipe(**call_kwargs)`` dense and with GRAT, same seed; time both and compare outputs.
-
-    The pipeline is left as it was found (GRAT removed). ``warmup`` runs each variant once before
-    timing, so one-off costs (kernel compilation, layout building) are not counted.
-
-    Examples
-    --------
-    >>> import hasten.tiny
-    >>> from hasten.pipelines.grat import compare_grat, GratConfig
-    >>> pipe = hasten.tiny.pipeline("flux")
-    >>> result = compare_grat(pipe, GratConfig(group_size=4), prompt="a cat", num_inference_steps=2,
-    ...                       height=32, width=32, warmup=False)
-    >>> result.grat.shape == result.dense.shape
-    True
-    """
-    config = config or GratConfig()
-    remove_grat(pipe)
-    if warmup:
-        _timed_call(pipe, seed, call_kwargs)
-    dense, dense_seconds = _timed_call(pipe, seed, call_kwargs)
-    resolved = apply_grat(pipe, config)
-    try:
-        if warmup:
-            _timed_call(pipe, seed, call_kwargs)
-        sparse, grat_seconds = _timed_call(pipe, seed, call_kwargs)
-        layout = max(grat_state(pipe).layouts.values(), key=lambda layout: layout.seq_len)
-    finally:
-        remove_grat(pipe)
-    return GratComparison(
-        dense, sparse, dense_seconds, grat_seconds, psnr(dense, sparse), layout.density, layout.bound, resolved
-    )

@@ -66,7 +66,7 @@ class CrossFrameConfig:
 
 class CrossFrameState:
     """Per (layer, step) hidden states of the first, previous and current frames, each frame's in a
-    bounded :class:`~hasten.attention_processors.feature_cache.FeatureCache` (float32 by default, so
+    bounded :class:`~hasten.hooks.feature_cache.FeatureCache` (float32 by default, so
     the translation is exact; bf16 / int8 / a disk spill through ``cache``). At most three frames'
     states are held at any time."""
 

@@ -1,6 +1,6 @@
 """LatentWarp demo: translate a video, and see it beside its input and a per-frame translation.
 
-Run it with ``hasten app video [--model tiny-sd15] [--port 7860]`` or ``python apps/video_app.py``.
+Run it with ``hasten app video [--model tiny-sd15] [--port 7860]`` or ``python -m hasten.apps.video_app``.
 The model is loaded once, when the app is built. Every Run translates the video with LatentWarp
 and, when "compare" is on, also frame by frame (no warping, no cross-frame attention) from the
 same noise, then shows the input (the frames that were translated), both translations side by
@@ -28,22 +28,17 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script or loaded by file path (`hasten app video`)
-    _ROOT = str(Path(__file__).resolve().parents[1])
-    if _ROOT not in sys.path:
-        sys.path.insert(0, _ROOT)
+import cv2
+import gradio as gr
+import numpy as np
+import torch
 
-import cv2  # noqa: E402
-import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from apps.launcher import (add_common_args, connect_run, launch, random_weights_notice, size_text,  # noqa: E402
+from hasten.apps.launcher import (add_common_args, connect_run, launch, random_weights_notice, size_text,
                            whole_number)
-from hasten.pipelines.latentwarp import LatentWarpPipeline  # noqa: E402
-from hasten.pipelines.loading import load_pipeline  # noqa: E402
-from hasten.tiny.motion import panned  # noqa: E402
-from hasten.video import read_video, write_video  # noqa: E402
+from hasten.pipelines.latentwarp import LatentWarpPipeline
+from hasten.loading import load_pipeline
+from hasten.tiny.motion import panned
+from hasten.video import read_video, write_video
 
 __all__ = ["VideoRun", "build_demo", "main"]
 

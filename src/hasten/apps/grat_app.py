@@ -6,9 +6,9 @@ accuracy of each, judged by the shipped attribute classifier. It opens at 192 x 
 tokens), where GRAT is faster than dense on a CPU; at small sizes attention is too small a share
 of the time and GRAT's grouping costs more than it saves (the report says so when it happens).
 
-Run it with ``hasten app grat [--model micro-flux] [--port 7860]``, ``python apps/grat_app.py`` or
-``python -m apps.grat_app`` (from the repository root). The pipeline is loaded once, when the
-app is built; every Run calls :func:`hasten.pipelines.grat.compare_grat` (one warm-up call of
+Run it with ``hasten app grat [--model micro-flux] [--port 7860]``, or
+``python -m hasten.apps.grat_app``. The pipeline is loaded once, when the
+app is built; every Run calls :func:`hasten.measure.compare_grat` (one warm-up call of
 each variant, then one timed call each, same seed) and shows both images and their difference
 (x4) with the dense time, the GRAT time, the speedup next to its attention bound (1/density,
 padding counted) and the PSNR between them.
@@ -25,25 +25,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script or loaded by file path (`hasten app grat`)
-    _ROOT = str(Path(__file__).resolve().parents[1])
-    if _ROOT not in sys.path:
-        sys.path.insert(0, _ROOT)
+import gradio as gr
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
 
-import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from diffusers import DiffusionPipeline  # noqa: E402
-
-from apps.launcher import (add_common_args, connect_run, launch, prompt_accuracy,  # noqa: E402
+from hasten.apps.launcher import (add_common_args, connect_run, launch, prompt_accuracy,
                            random_weights_notice, size_text, to_image, whole_number)
-from hasten import tiny  # noqa: E402
-from hasten.cli.generate import (DIFFERENCE_GAIN, MICRO_DEFAULTS, MICRO_FLUX, MICRO_GROUP, MICRO_PROMPT,  # noqa: E402
+from hasten import tiny
+from hasten.cli.generate import (DIFFERENCE_GAIN, MICRO_DEFAULTS, MICRO_FLUX, MICRO_GROUP, MICRO_PROMPT,
                                  load_model)
-from hasten.cli.generate import difference as difference_image  # noqa: E402  (the app's own `difference` is a local)
-from hasten.pipelines.grat import GratConfig, compare_grat  # noqa: E402
+from hasten.cli.generate import difference as difference_image  # (the app's own `difference` is a local)
+from hasten import GratConfig
+from hasten.measure import compare_grat
 
 __all__ = ["GratRun", "build_demo", "main", "to_image"]
 
@@ -113,7 +108,7 @@ class GratRun:
 
 def build_demo(model: str = MICRO_FLUX, device: str | None = None,
                dtype: str | torch.dtype | None = None) -> gr.Blocks:
-    """The GRAT comparison app for ``model`` (loaded here, once); launch it with :func:`apps.launcher.launch`.
+    """The GRAT comparison app for ``model`` (loaded here, once); launch it with :func:`hasten.apps.launcher.launch`.
 
     Parameters
     ----------
@@ -122,7 +117,7 @@ def build_demo(model: str = MICRO_FLUX, device: str | None = None,
         random-weight tiny models) or a diffusers model id / folder of a diffusion-transformer image
         pipeline.
     device, dtype : optional
-        As :func:`hasten.pipelines.loading.load_pipeline`.
+        As :func:`hasten.loading.load_pipeline`.
 
     Examples
     --------

@@ -33,7 +33,7 @@ import gradio as gr  # noqa: E402  (after the analytics switch)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hasten.pipelines.loading import DTYPES, check_device  # noqa: E402
+from hasten.loading import DTYPES, check_device  # noqa: E402
 from hasten.video import to_uint8  # noqa: E402
 
 __all__ = ["add_common_args", "connect_run", "free_port", "launch", "prompt_accuracy", "random_weights_notice",

@@ -1,6 +1,6 @@
 """VoxHammer demo: edit the inside of a box of a 3-D shape; everything outside stays exactly as it was.
 
-Run it with ``hasten app edit3d [--model tiny-trellis] [--port 7860]`` or ``python apps/edit3d_app.py``.
+Run it with ``hasten app edit3d [--model tiny-trellis] [--port 7860]`` or ``python -m hasten.apps.edit3d_app``.
 The models are loaded once, when the app is built. Upload a mesh (or use the built-in sample),
 set the edit box in voxel coordinates of the model's grid, give a text prompt (or an image), and
 edit: the app shows the source and the edited mesh side by side (``gr.Model3D``), both from the
@@ -23,19 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script or loaded by file path (`hasten app edit3d`)
-    _ROOT = str(Path(__file__).resolve().parents[1])
-    if _ROOT not in sys.path:
-        sys.path.insert(0, _ROOT)
+import gradio as gr
+import numpy as np
+import torch
 
-import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from apps.launcher import (add_common_args, connect_run, launch, random_weights_notice,  # noqa: E402
+from hasten.apps.launcher import (add_common_args, connect_run, launch, random_weights_notice,
                            whole_number)
-from hasten.cli.edit3d import _load, voxelize  # noqa: E402
-from hasten.pipelines.voxhammer import VoxelEditPipeline, box_mask, occupancy_to_mesh  # noqa: E402
+from hasten.cli.edit3d import _load, voxelize
+from hasten.pipelines.voxhammer import VoxelEditPipeline, box_mask, occupancy_to_mesh
 
 __all__ = ["Edit3DRun", "build_demo", "main"]
 

@@ -1,6 +1,6 @@
 """Speculative Jacobi Decoding demo: one prompt by SJD and by plain AR decoding, side by side.
 
-Run it with ``hasten app sjd [--model trained-janus] [--port 7860]`` or ``python apps/sjd_app.py``.
+Run it with ``hasten app sjd [--model trained-janus] [--port 7860]`` or ``python -m hasten.apps.sjd_app``.
 The model is loaded once, when the app is built. Every Run generates the prompt with SJD and
 (when "compare" is on) with plain autoregressive decoding through the same loop and seed, then
 shows both images with forward passes, tokens per pass and wall time. It opens on the micro
@@ -21,21 +21,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script or loaded by file path (`hasten app sjd`)
-    _ROOT = str(Path(__file__).resolve().parents[1])
-    if _ROOT not in sys.path:
-        sys.path.insert(0, _ROOT)
+import gradio as gr
+import numpy as np
+import torch
 
-import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from apps.launcher import (add_common_args, connect_run, launch, random_weights_notice, size_text,  # noqa: E402
+from hasten.apps.launcher import (add_common_args, connect_run, launch, random_weights_notice, size_text,
                            to_image, whole_number)
-from hasten.cli.t2i_ar import DEFAULT_PROMPT, TRAINED, _load  # noqa: E402
-from hasten.pipelines.sjd import INIT_STRATEGIES, SJDConfig, SJDPipeline  # noqa: E402
+from hasten.cli.t2i_ar import DEFAULT_PROMPT, TRAINED, _load
+from hasten.pipelines.sjd import INIT_STRATEGIES, SJDConfig, SJDPipeline
 
 __all__ = ["SJDRun", "build_demo", "main"]
 

@@ -1,6 +1,6 @@
 """VLM token-pruning demo: image + question + method + budget -> answer, kept tokens, stats.
 
-Run it with ``hasten app vlm [--model trained-llava] [--port 7860]`` or ``python apps/vlm_app.py``.
+Run it with ``hasten app vlm [--model trained-llava] [--port 7860]`` or ``python -m hasten.apps.vlm_app``.
 The model is loaded once, when the app is built. The default is the micro-world LLaVA trained on
 :mod:`hasten.tiny.vqa` (weights shipped), opened on a generated held-out scene and its question,
 so the answer can be checked (it is marked right or wrong); the random-weight ``tiny-*`` models
@@ -29,20 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script or loaded by file path (`hasten app vlm`)
-    _ROOT = str(Path(__file__).resolve().parents[1])
-    if _ROOT not in sys.path:
-        sys.path.insert(0, _ROOT)
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
 
-import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from apps.launcher import add_common_args, connect_run, launch, random_weights_notice  # noqa: E402
-from hasten.cli.vlm import DEFAULT_MODEL, default_question, supported_methods  # noqa: E402
-from hasten.tiny.vlms import chat_prompt  # noqa: E402
-from hasten.token_pruning.evaluate import TRAINED, load_vlm, make_method  # noqa: E402
+from hasten.apps.launcher import add_common_args, connect_run, launch, random_weights_notice
+from hasten.cli.vlm import DEFAULT_MODEL, default_question, supported_methods
+from hasten.tiny.vlms import chat_prompt
+from hasten.token_pruning.evaluate import TRAINED, load_vlm, make_method
 
 __all__ = ["VLMRun", "build_demo", "draw_kept", "main"]
 

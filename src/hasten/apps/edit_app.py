@@ -1,6 +1,6 @@
 """ConsistEdit demo: paint the region to change (or name it), give two prompts, edit.
 
-Run it with ``hasten app edit [--model micro-flux] [--port 7860]`` or ``python apps/edit_app.py``.
+Run it with ``hasten app edit [--model micro-flux] [--port 7860]`` or ``python -m hasten.apps.edit_app``.
 The model is loaded once, when the app is built; the default is ``micro-flux``, the FLUX
 micro-world trained on hasten's captioned scenes, and it opens on a rendered scene with one
 object's grid cell painted, to recolour that object and keep the rest. With an uploaded image the edit is real-mode
@@ -27,23 +27,18 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script or loaded by file path (`hasten app edit`)
-    _ROOT = str(Path(__file__).resolve().parents[1])
-    if _ROOT not in sys.path:
-        sys.path.insert(0, _ROOT)
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
 
-import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from apps.launcher import (add_common_args, connect_run, launch, prompt_accuracy,  # noqa: E402
+from hasten.apps.launcher import (add_common_args, connect_run, launch, prompt_accuracy,
                            random_weights_notice, size_text, to_image, whole_number)
-from hasten.cli.generate import MICRO_FLUX, load_model  # noqa: E402
-from hasten.pipelines.consistedit import ConsistEditPipeline  # noqa: E402
-from hasten.pipelines.grat import psnr  # noqa: E402
-from hasten.pipelines.loading import working_size  # noqa: E402
-from hasten.tiny.micro_diffusion import CALL_DEFAULTS  # noqa: E402
+from hasten.cli.generate import MICRO_FLUX, load_model
+from hasten.pipelines.consistedit import ConsistEditPipeline
+from hasten.measure import psnr
+from hasten.loading import working_size
+from hasten.tiny.micro_diffusion import CALL_DEFAULTS
 
 __all__ = ["EditRun", "build_demo", "main"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from .. import tiny
+from . import tiny
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -193,7 +193,7 @@ def load_pipeline(model: str, dtype: str | torch.dtype | None = None, device: st
 
     Examples
     --------
-    >>> from hasten.pipelines.loading import load_pipeline
+    >>> from hasten.loading import load_pipeline
     >>> type(load_pipeline("tiny-flux")).__name__
     'FluxPipeline'
     """
