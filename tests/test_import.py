@@ -36,3 +36,15 @@ def test_the_front_door_is_light_until_a_method_is_applied():
             f"assert hasten.Handle is hasten.methods.Handle and hasten.applied is hasten.methods.applied\n"
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     assert _run(code) == "[]"
+
+
+def test_package_namespaces_load_their_methods_on_first_use():
+    """``import hasten.token_pruning`` / ``hasten.pipelines`` / ``hasten.apps`` import nothing heavy; a
+    pruner imports torch but neither transformers nor triton unless it needs them (ZipVL's cache does)."""
+    code = (f"import sys, hasten.token_pruning, hasten.pipelines, hasten.apps\n"
+            f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
+            f"from hasten.token_pruning import HiRED\n"
+            f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
+            f"import hasten.token_pruning as tp\n"
+            f"assert sorted(tp.__all__) == sorted(n for n in tp.__all__ if getattr(tp, n) is not None)")
+    assert _run(code).splitlines() == ["[]", "['torch']"]

@@ -27,7 +27,6 @@ import torch
 from .flex import flex_block_sparse_attention
 from .grouping import PATTERNS, TILE_SIZES, GroupLayout, default_tile, group_layout
 from .reference import reference_block_sparse_attention
-from .triton_block_sparse import triton_available, triton_block_sparse_attention
 
 BACKENDS: tuple[str, ...] = ("auto", "flex", "triton", "reference")
 
@@ -46,7 +45,11 @@ __all__ = [
 
 def _triton_usable(device: torch.device) -> bool:
     """Triton imports and can run on ``device`` (CUDA, or any device under TRITON_INTERPRET=1)."""
-    return (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") and triton_available()
+    if not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    from .triton_block_sparse import triton_available  # imports triton: only when a GPU (or the interpreter) can use it
+
+    return triton_available()
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
@@ -103,6 +106,8 @@ def _block_sparse_attention_op(
 ) -> torch.Tensor:
     if backend == "triton":  # the kernel reads one mask row per batch row: broadcast (1, S) as a view
         key_valid = key_valid.expand(q.shape[0], -1)
+        from .triton_block_sparse import triton_block_sparse_attention
+
         return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, key_valid, tile, scale)
     if backend == "flex":
         return flex_block_sparse_attention(
@@ -131,6 +136,8 @@ def _grouped_triton_op(
     """The Triton kernel reading q/k/v in model order through ``rows`` and writing its output back
     through it: gather, block-sparse attention and scatter in one launch."""
     key_valid = key_valid.expand(q.shape[0], -1)
+    from .triton_block_sparse import triton_block_sparse_attention
+
     return triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, key_valid, tile, scale, rows=rows)
 
 

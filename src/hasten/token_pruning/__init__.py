@@ -24,20 +24,24 @@ Supported models: LLaVA, LLaVA-Next, Qwen2-VL, Qwen2.5-VL (see :mod:`.adapters`)
 eager attention, batch size > 1 with left padding, and ``generate()`` options unchanged.
 """
 
-from .baselines import RandomKeep, SpatialPool
-from .core import ImageTokens, PruningStats, TokenPruner
-from .fastv import FastV
-from .guikv import GUIKV
-from .hired import HiRED
-from .inside_llm import LLMLayerPruner
-from .mustdrop import MustDrop
-from .zipvl import ZipVL
+import importlib
+from typing import Any
 
-__all__ = ["FastV", "GUIKV", "HiRED", "ImageTokens", "LLMLayerPruner", "MustDrop", "PruningStats", "RandomKeep", "SpatialPool",
-           "TokenPruner", "ZipVL"]
+# Names load on first use from their own modules: `import hasten.token_pruning` costs nothing, and a
+# method imports only what it needs (ZipVL's mixed-precision cache is the one that needs transformers).
+_LAZY = {
+    "RandomKeep": ".baselines", "SpatialPool": ".baselines",
+    "ImageTokens": ".core", "PruningStats": ".core", "TokenPruner": ".core",
+    "FastV": ".fastv", "GUIKV": ".guikv", "HiRED": ".hired", "LLMLayerPruner": ".inside_llm",
+    "MustDrop": ".mustdrop", "ZipVL": ".zipvl",
+}
+
+__all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     if name == "SpecVLM":  # moved to hasten.speculative (deprecated here for one release)
         import warnings
 
