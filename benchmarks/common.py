@@ -20,8 +20,11 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, r
 
 def machine(device: torch.device) -> str:
     """One line naming the machine, torch version and date, for the head of a results table."""
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU {platform.machine()}, {torch.get_num_threads()} threads")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (f"CPU {platform.machine()}, {torch.get_num_threads()} threads")
+    )
     return f"{where} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}"
 
 

@@ -162,8 +162,9 @@ def run_section(name: str, budget_s: float, fn: Callable[[Section], None]) -> Se
             _release_memory()
             return section
         last = traceback.extract_tb(error.__traceback__)[-1]
-        section.skipped = (f"error: {type(error).__name__}: {str(error)[:300]} "
-                           f"({pathlib.Path(last.filename).name}:{last.lineno})")
+        section.skipped = (
+            f"error: {type(error).__name__}: {str(error)[:300]} ({pathlib.Path(last.filename).name}:{last.lineno})"
+        )
     section.seconds = time.perf_counter() - start
     _release_memory()
     return section
@@ -203,6 +204,7 @@ class Settings:
 
 # --------------------------------------------------------------------------- grat_attention
 
+
 @contextlib.contextmanager
 def _patched(module, **attributes):
     """Temporarily set module attributes (the shape list of a benchmark script)."""
@@ -232,16 +234,24 @@ def grat_attention_section(section: Section, settings: Settings) -> None:
 
     if settings.smoke:
         # Tiny image and video shapes with the same text placement as the real ones; head dim 16.
-        shapes = [dict(name="flux-tiny-8x8", resolution="128", grid=(1, 8, 8), text=16, text_first=True,
-                       group=(1, 4, 4)),
-                  dict(name="video-tiny-4x6x6", resolution="4x6x6", grid=(4, 6, 6), text=8, text_first=False,
-                       group=(2, 4, 4))]
+        shapes = [
+            dict(name="flux-tiny-8x8", resolution="128", grid=(1, 8, 8), text=16, text_first=True, group=(1, 4, 4)),
+            dict(
+                name="video-tiny-4x6x6", resolution="4x6x6", grid=(4, 6, 6), text=8, text_first=False, group=(2, 4, 4)
+            ),
+        ]
         head_dim, heads, backends, warmup, repeats = 16, 1, ("triton", "reference"), 0, 1
     else:
         flux = {row["resolution"]: row for row in grat_attention.shapes([2048, 4096, 8192], video=False)}
         # HunyuanVideo 720p: 720x1280, 129 frames -> 33 x 45 x 80 latent tokens (VAE 4x/8x, patch 2).
-        video = dict(name="hunyuan-720x1280x129f", resolution="720x1280x129", grid=(33, 45, 80), text=256,
-                     text_first=False, group=(4, 8, 8))
+        video = dict(
+            name="hunyuan-720x1280x129f",
+            resolution="720x1280x129",
+            grid=(33, 45, 80),
+            text=256,
+            text_first=False,
+            group=(4, 8, 8),
+        )
         # The issue's goals first (4096² GRAT-X, 8192² GRAT-B), so that a timeout cuts the least.
         shapes = [flux[4096], flux[8192], video, flux[2048]]
         head_dim, heads, backends, warmup, repeats = grat_attention.HEAD_DIM, 24, ("triton", "flex"), 2, 5
@@ -249,11 +259,21 @@ def grat_attention_section(section: Section, settings: Settings) -> None:
     by_key: dict[tuple, dict] = {}
     for shape in shapes:  # one shape at a time, so that a timeout keeps the shapes already done
         for backend in backends:
-            args = argparse.Namespace(resolution=[], video=False, heads=heads, device=settings.device, dtype=dtype,
-                                      backend=backend, warmup=warmup, repeats=repeats)
+            args = argparse.Namespace(
+                resolution=[],
+                video=False,
+                heads=heads,
+                device=settings.device,
+                dtype=dtype,
+                backend=backend,
+                warmup=warmup,
+                repeats=repeats,
+            )
             dense = _dense_backends() if settings.cuda else contextlib.nullcontext()  # a fresh one each time
-            with _patched(grat_attention, shapes=lambda resolutions, video, shape=shape: [shape],
-                          HEAD_DIM=head_dim), dense:
+            with (
+                _patched(grat_attention, shapes=lambda resolutions, video, shape=shape: [shape], HEAD_DIM=head_dim),
+                dense,
+            ):
                 rows = grat_attention.run(args)
             if backend == "triton":  # the same call the way it ran before the kernel gathered itself
                 before = _unfused_triton_ms(shape, heads, head_dim, dtype, settings, warmup, repeats)
@@ -261,23 +281,27 @@ def grat_attention_section(section: Section, settings: Settings) -> None:
                     row["unfused_call_ms"] = round(before[row["pattern"]], 2)
             section.add(rows, section="grat_attention")
             for row in rows:
-                merged = by_key.setdefault((row["shape"], row["pattern"]), dict(
-                    shape=row["shape"], pattern=row["pattern"], density=row["density"], bound=row["bound"]))
+                merged = by_key.setdefault(
+                    (row["shape"], row["pattern"]),
+                    dict(shape=row["shape"], pattern=row["pattern"], density=row["density"], bound=row["bound"]),
+                )
                 merged.setdefault("dense_ms", []).append(row["dense_ms"])
                 merged[backend] = row
         section.text = [_attention_table(by_key, backends, settings)]
 
 
-def _unfused_triton_ms(shape: dict, heads: int, head_dim: int, dtype: str, settings: Settings, warmup: int,
-                       repeats: int) -> dict[str, float]:
+def _unfused_triton_ms(
+    shape: dict, heads: int, head_dim: int, dtype: str, settings: Settings, warmup: int, repeats: int
+) -> dict[str, float]:
     """Median ms per pattern of Triton's grouped call as it ran before the kernel read and wrote
     through the group index: index_select copies into group order, the kernel, index_select back."""
     import math
 
     import torch
 
-    from common import median_ms
     from hasten.kernels import block_sparse_attention, group_layout
+
+    from common import median_ms
 
     device = torch.device(settings.device)
     tokens = shape["text"] + math.prod(shape["grid"])
@@ -285,15 +309,28 @@ def _unfused_triton_ms(shape: dict, heads: int, head_dim: int, dtype: str, setti
     q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device, dtype=getattr(torch, dtype)) for _ in range(3))
     result = {}
     for pattern in ("cross", "block"):
-        layout = group_layout(shape["grid"], shape["group"], num_text=shape["text"], text_first=shape["text_first"],
-                              pattern=pattern, window=(1, 1, 1)).to(device)
+        layout = group_layout(
+            shape["grid"],
+            shape["group"],
+            num_text=shape["text"],
+            text_first=shape["text_first"],
+            pattern=pattern,
+            window=(1, 1, 1),
+        ).to(device)
 
         def call():
             index = layout.gather_index
-            out = block_sparse_attention(q.index_select(-2, index), k.index_select(-2, index),
-                                         v.index_select(-2, index), layout.kv_indices, layout.kv_counts,
-                                         layout.key_valid[None], layout.tile, backend="triton",
-                                         static_valid=layout.key_valid)
+            out = block_sparse_attention(
+                q.index_select(-2, index),
+                k.index_select(-2, index),
+                v.index_select(-2, index),
+                layout.kv_indices,
+                layout.kv_counts,
+                layout.key_valid[None],
+                layout.tile,
+                backend="triton",
+                static_valid=layout.key_valid,
+            )
             return out.index_select(-2, layout.scatter_index)
 
         result[pattern] = median_ms(call, device, warmup, repeats)
@@ -313,28 +350,35 @@ def _attention_table(by_key: dict, backends, settings: Settings) -> str:
     lines = [head, rule]
     for merged in by_key.values():
         dense_ms = statistics.median(merged["dense_ms"])
-        line = (f"| {merged['shape']} | GRAT-{'X' if merged['pattern'] == 'cross' else 'B'} | {merged['density']:.1%} "
-                f"| {merged['bound']:.2f}x | {dense_ms:.2f} |")
+        line = (
+            f"| {merged['shape']} | GRAT-{'X' if merged['pattern'] == 'cross' else 'B'} | {merged['density']:.1%} "
+            f"| {merged['bound']:.2f}x | {dense_ms:.2f} |"
+        )
         for backend in backends:
             row = merged.get(backend)
             if row is None:
                 line += " - | - | - | - | - | - |"
                 continue
-            line += (f" {row['grat_ms']:.2f} | {row['speedup']:.2f}x | {row['fraction_of_bound']:.0%} "
-                     f"| {row['kernel_ms']:.2f} | {row['kernel_speedup']:.2f}x "
-                     f"| {row['kernel_speedup'] / row['bound']:.0%} |")
+            line += (
+                f" {row['grat_ms']:.2f} | {row['speedup']:.2f}x | {row['fraction_of_bound']:.0%} "
+                f"| {row['kernel_ms']:.2f} | {row['kernel_speedup']:.2f}x "
+                f"| {row['kernel_speedup'] / row['bound']:.0%} |"
+            )
             if backend == "triton":
                 unfused = row["dense_ms"] / row["unfused_call_ms"]
                 line += f" {row['unfused_call_ms']:.2f} | {unfused:.2f}x | {unfused / row['bound']:.0%} |"
         lines.append(line)
-    lines.append("(call = the whole grouped call: Triton loads and stores through the group index; flex and the "
-                 "reference gather and scatter copies. kernel = inputs already in group order. triton copies = the "
-                 "Triton call as it ran before, index_select copies in and out around the kernel. Each backend's "
-                 "speedups use the dense time measured in its own run.)")
+    lines.append(
+        "(call = the whole grouped call: Triton loads and stores through the group index; flex and the "
+        "reference gather and scatter copies. kernel = inputs already in group order. triton copies = the "
+        "Triton call as it ran before, index_select copies in and out around the kernel. Each backend's "
+        "speedups use the dense time measured in its own run.)"
+    )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- grat_pipeline
+
 
 def grat_pipeline_section(section: Section, settings: Settings) -> None:
     import grat_pipeline
@@ -343,9 +387,11 @@ def grat_pipeline_section(section: Section, settings: Settings) -> None:
         runs = [["--model", "flux", "--arch", "tiny", "--height", "128", "--width", "192", "--group-size", "4", "4"]]
         common = ["--device", settings.device, "--warmup", "0", "--repeats", "1", "--json"]
     else:
-        runs = [["--model", "flux", "--arch", "full", "--height", "2048", "--width", "2048"],
-                ["--model", "flux", "--arch", "full", "--height", "4096", "--width", "4096"],
-                ["--model", "hunyuan-video", "--arch", "full", "--height", "544", "--width", "960", "--frames", "61"]]
+        runs = [
+            ["--model", "flux", "--arch", "full", "--height", "2048", "--width", "2048"],
+            ["--model", "flux", "--arch", "full", "--height", "4096", "--width", "4096"],
+            ["--model", "hunyuan-video", "--arch", "full", "--height", "544", "--width", "960", "--frames", "61"],
+        ]
         common = ["--device", settings.device, "--backend", "auto", "--warmup", "1", "--repeats", "2", "--json"]
     for run in runs:
         text, rows = _captured(grat_pipeline.main, run + common)
@@ -356,35 +402,62 @@ def grat_pipeline_section(section: Section, settings: Settings) -> None:
 
 # --------------------------------------------------------------------------- vlm_pruning
 
+
 def qwen2_5_vl_7b(device: str):
     """Qwen2.5-VL-7B's architecture (config values of Qwen/Qwen2.5-VL-7B-Instruct), random bf16 weights,
     with the tiny Qwen2.5-VL's tokenizer and an image processor of the released patch geometry
     (14-px patches, 2x2 merge) capped at 448x448 pixels (256 visual tokens)."""
     import torch
-    from common import build_model
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from hasten import tiny
     from hasten.tiny.vlms import Qwen2VLImageOnlyProcessor
 
+    from common import build_model
+
     _, small = tiny.vlm("qwen2.5-vl")
     tokenizer = small.tokenizer
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
-                rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
-                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id)
-    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
-                  temporal_patch_size=2, window_size=112, out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31])
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(token)
+        for name, token in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
+    text = dict(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=128000,
+        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = dict(
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        out_hidden_size=3584,
+        fullatt_block_indexes=[7, 15, 23, 31],
+    )
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
     model = build_model(Qwen2_5_VLForConditionalGeneration, config, device, torch.bfloat16)
     model.generation_config.eos_token_id = None  # random weights: time a fixed number of tokens
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=448 * 448, patch_size=14,
-                                               temporal_patch_size=2, merge_size=2)
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56, max_pixels=448 * 448, patch_size=14, temporal_patch_size=2, merge_size=2
+    )
     processor = Qwen2VLImageOnlyProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template)
     return model, processor
 
@@ -400,8 +473,10 @@ def vlm_pruning_section(section: Section, settings: Settings) -> None:
     else:
         import specvlm
 
-        builders = [("llava-1.5-7b (random)", lambda: specvlm.llava_1_5_7b(settings.device)),
-                    ("qwen2.5-vl-7b (random)", lambda: qwen2_5_vl_7b(settings.device))]
+        builders = [
+            ("llava-1.5-7b (random)", lambda: specvlm.llava_1_5_7b(settings.device)),
+            ("qwen2.5-vl-7b (random)", lambda: qwen2_5_vl_7b(settings.device)),
+        ]
         budgets, new_tokens, repeats = (0.2, 0.1), 8, 1
     for name, build in builders:
         model, processor = build()
@@ -411,18 +486,25 @@ def vlm_pruning_section(section: Section, settings: Settings) -> None:
         pairs = [(m, b) for m in methods for b in ((1.0,) if m == "random" else budgets)]
         notes = []
         try:  # one call: the reference continuation and the warm-up are paid once per model
-            rows: list[EvalRow] = evaluate(model, processor, pairs, samples, max_new_tokens=new_tokens,
-                                           repeats=repeats)
+            rows: list[EvalRow] = evaluate(model, processor, pairs, samples, max_new_tokens=new_tokens, repeats=repeats)
         except SectionTimeout:
             raise
         except Exception as error:  # noqa: BLE001 - then one call per method, so one failing method keeps the rest
-            notes.append(f"(all methods in one call failed: {type(error).__name__}: {str(error)[:200]}; "
-                         f"measured one method at a time)")
+            notes.append(
+                f"(all methods in one call failed: {type(error).__name__}: {str(error)[:200]}; "
+                f"measured one method at a time)"
+            )
             rows = []
             for method in methods:
                 try:
-                    rows += evaluate(model, processor, [p for p in pairs if p[0] == method], samples,
-                                     max_new_tokens=new_tokens, repeats=repeats)
+                    rows += evaluate(
+                        model,
+                        processor,
+                        [p for p in pairs if p[0] == method],
+                        samples,
+                        max_new_tokens=new_tokens,
+                        repeats=repeats,
+                    )
                 except SectionTimeout:
                     raise
                 except Exception as method_error:  # noqa: BLE001
@@ -432,22 +514,27 @@ def vlm_pruning_section(section: Section, settings: Settings) -> None:
         section.add([row.as_dict() for row in rows], section="vlm_pruning", model=name)
         baseline = next((row for row in rows if row.method == "random" and row.budget == 1.0), None)
         table = format_table(rows, baseline=baseline) if rows else "(no rows)"
-        section.table("\n".join([f"## {name} ({type(model).__name__}), {new_tokens} new tokens, "
-                                 f"{len(samples)} photo", table, *notes]))
+        section.table(
+            "\n".join(
+                [f"## {name} ({type(model).__name__}), {new_tokens} new tokens, {len(samples)} photo", table, *notes]
+            )
+        )
         del model, processor
         _release_memory()
 
 
 # --------------------------------------------------------------------------- kv_decode
 
+
 def kv_decode_section(section: Section, settings: Settings) -> None:
     import torch
     import torch.nn.functional as F
 
-    from common import median_ms
     from hasten.kernels.kv_quant import QuantizedKV
     from hasten.kernels.triton_kv_quant import triton_kv_available, triton_partial_attention
     from hasten.token_pruning.kv_cache import MixedPrecisionConfig, MixedPrecisionLayer
+
+    from common import median_ms
 
     device = torch.device(settings.device)
     if not triton_kv_available():
@@ -456,9 +543,11 @@ def kv_decode_section(section: Section, settings: Settings) -> None:
     contexts = (64,) if settings.smoke else (8192, 32768)
     warmup, repeats = (0, 1) if settings.smoke else (3, 20)
     dtype = torch.bfloat16
-    scaling = dim ** -0.5
-    lines = ["| context | heads / KV heads / dim | cache | ms | vs bf16 SDPA | bytes read | vs bf16 |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    scaling = dim**-0.5
+    lines = [
+        "| context | heads / KV heads / dim | cache | ms | vs bf16 SDPA | bytes read | vs bf16 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for context in contexts:
         generator = torch.Generator(device=device).manual_seed(0)
         keys = torch.randn(kv_heads, context, dim, device=device, dtype=dtype, generator=generator)
@@ -466,8 +555,9 @@ def kv_decode_section(section: Section, settings: Settings) -> None:
         query = torch.randn(heads, dim, device=device, dtype=dtype, generator=generator)
 
         def sdpa(k, v):
-            return F.scaled_dot_product_attention(query[None, :, None], k[None], v[None], scale=scaling,
-                                                  enable_gqa=True)
+            return F.scaled_dot_product_attention(
+                query[None, :, None], k[None], v[None], scale=scaling, enable_gqa=True
+            )
 
         base_ms = median_ms(lambda: sdpa(keys, values), device, warmup, repeats)
         base_bytes = 2 * keys.numel() * keys.element_size()
@@ -484,8 +574,10 @@ def kv_decode_section(section: Section, settings: Settings) -> None:
             error = float((fused - reference).abs().max())
             if error > 0.05:
                 raise AssertionError(f"fused decode kernel differs from dequantise-then-SDPA by {error:.3g}")
-            results += [(f"{bits}-bit KIVI, fused Triton", fused_ms, quant_bytes),
-                        (f"{bits}-bit KIVI, dequantise + SDPA", deq_ms, quant_bytes)]
+            results += [
+                (f"{bits}-bit KIVI, fused Triton", fused_ms, quant_bytes),
+                (f"{bits}-bit KIVI, dequantise + SDPA", deq_ms, quant_bytes),
+            ]
         # The mixed-precision cache as ZipVL leaves it: important tokens (the paper's 36.7%) at 4 bits,
         # the rest at 2, read by the layer's own decoding path (fused kernel per segment, or the torch
         # reference that dequantises), partial results merged by their log-sum-exps.
@@ -501,20 +593,42 @@ def kv_decode_section(section: Section, settings: Settings) -> None:
         error = float((mixed("triton").float() - mixed("torch").float()).abs().max())
         if error > 0.05:
             raise AssertionError(f"mixed cache: fused and torch decoding differ by {error:.3g}")
-        results += [("mixed 4/2-bit (36.7% at 4), fused Triton", median_ms(lambda: mixed("triton"), device, warmup,
-                                                                           repeats), layer.nbytes),
-                    ("mixed 4/2-bit (36.7% at 4), torch dequantise", median_ms(lambda: mixed("torch"), device,
-                                                                               warmup, repeats), layer.nbytes)]
+        results += [
+            (
+                "mixed 4/2-bit (36.7% at 4), fused Triton",
+                median_ms(lambda: mixed("triton"), device, warmup, repeats),
+                layer.nbytes,
+            ),
+            (
+                "mixed 4/2-bit (36.7% at 4), torch dequantise",
+                median_ms(lambda: mixed("torch"), device, warmup, repeats),
+                layer.nbytes,
+            ),
+        ]
         for label, ms, nbytes in results:
-            lines.append(f"| {context} | {heads} / {kv_heads} / {dim} | {label} | {ms:.3f} | {base_ms / ms:.2f}x "
-                         f"| {nbytes} | {nbytes / base_bytes:.3f} |")
-            section.rows.append(dict(section="kv_decode", context=context, heads=heads, kv_heads=kv_heads, dim=dim,
-                                     cache=label, ms=round(ms, 4), speedup_vs_bf16=round(base_ms / ms, 3),
-                                     bytes=nbytes, bytes_vs_bf16=round(nbytes / base_bytes, 4)))
+            lines.append(
+                f"| {context} | {heads} / {kv_heads} / {dim} | {label} | {ms:.3f} | {base_ms / ms:.2f}x "
+                f"| {nbytes} | {nbytes / base_bytes:.3f} |"
+            )
+            section.rows.append(
+                dict(
+                    section="kv_decode",
+                    context=context,
+                    heads=heads,
+                    kv_heads=kv_heads,
+                    dim=dim,
+                    cache=label,
+                    ms=round(ms, 4),
+                    speedup_vs_bf16=round(base_ms / ms, 3),
+                    bytes=nbytes,
+                    bytes_vs_bf16=round(nbytes / base_bytes, 4),
+                )
+            )
         section.text = ["\n".join(lines)]
 
 
 # --------------------------------------------------------------------------- sjd
+
 
 def sjd_section(section: Section, settings: Settings) -> None:
     import sjd
@@ -539,15 +653,24 @@ def sjd_section(section: Section, settings: Settings) -> None:
     batched = _sjd_passes(model, processor, device, window, 4, contexts, warmup, repeats)
     section.add(batched, section="sjd")
     rows = rows + batched
-    lines = ["| prompts (CFG rows) | context tokens | new tokens | pass ms | SJD pass / AR pass |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| prompts (CFG rows) | context tokens | new tokens | pass ms | SJD pass / AR pass |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
-        ar = next(r for r in rows if r["prompts"] == row["prompts"] and r["context"] == row["context"]
-                  and r["new_tokens"] == 1)
-        lines.append(f"| {row['prompts']} ({row['cfg_rows']}) | {row['context']} | {row['new_tokens']} "
-                     f"| {row['pass_ms']:.2f} | {row['pass_ms'] / ar['pass_ms']:.2f} |")
-    lines.append("(one decoding pass with a KV cache of `context` tokens; random weights, so acceptance rates and "
-                 "whole-image speedups are not measured here)")
+        ar = next(
+            r
+            for r in rows
+            if r["prompts"] == row["prompts"] and r["context"] == row["context"] and r["new_tokens"] == 1
+        )
+        lines.append(
+            f"| {row['prompts']} ({row['cfg_rows']}) | {row['context']} | {row['new_tokens']} "
+            f"| {row['pass_ms']:.2f} | {row['pass_ms'] / ar['pass_ms']:.2f} |"
+        )
+    lines.append(
+        "(one decoding pass with a KV cache of `context` tokens; random weights, so acceptance rates and "
+        "whole-image speedups are not measured here)"
+    )
     section.text = ["\n".join(lines)]
 
 
@@ -557,14 +680,14 @@ def _sjd_passes(model, processor, device, window: int, prompts: int, contexts, w
     ``sjd.pass_timing`` times one prompt at the full image's contexts; this repeats its
     measurement for a batch of prompts (and for the tiny model's shorter contexts).
     """
+    import sjd
     import torch
     from transformers import DynamicCache
 
-    from common import median_ms
     from hasten.pipelines.sjd import SJDPipeline
     from hasten.transformers_conventions import cache_keyword
 
-    import sjd
+    from common import median_ms
 
     pipe = SJDPipeline(model, processor)
     adapter = pipe.adapter
@@ -588,12 +711,21 @@ def _sjd_passes(model, processor, device, window: int, prompts: int, contexts, w
                     adapter.image_logits(hidden)
                 cache.crop(-new)
 
-            rows.append(dict(shape="janus", context=embeds.shape[1] + context, new_tokens=new, prompts=prompts,
-                             cfg_rows=rows_in, pass_ms=round(median_ms(one_pass, device, warmup, repeats), 2)))
+            rows.append(
+                dict(
+                    shape="janus",
+                    context=embeds.shape[1] + context,
+                    new_tokens=new,
+                    prompts=prompts,
+                    cfg_rows=rows_in,
+                    pass_ms=round(median_ms(one_pass, device, warmup, repeats), 2),
+                )
+            )
     return rows
 
 
 # --------------------------------------------------------------------------- specvlm
+
 
 def specvlm_section(section: Section, settings: Settings) -> None:
     import specvlm
@@ -623,13 +755,20 @@ SECTION_FUNCTIONS: dict[str, Callable[[Section, Settings], None]] = {
 
 # --------------------------------------------------------------------------- driver
 
+
 def machine_info(settings: Settings, argv: list[str]) -> dict:
     import torch
 
-    info = dict(date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), command=" ".join(
-        ["python", "benchmarks/gpu_suite.py", *argv]), smoke=settings.smoke, device=settings.device,
-        python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
-        cpu=f"{platform.machine()}, {os.cpu_count()} cores")
+    info = dict(
+        date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        command=" ".join(["python", "benchmarks/gpu_suite.py", *argv]),
+        smoke=settings.smoke,
+        device=settings.device,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        cpu=f"{platform.machine()}, {os.cpu_count()} cores",
+    )
     if settings.cuda:
         info["gpu"] = torch.cuda.get_device_name(torch.device(settings.device))
         info["cudnn"] = torch.backends.cudnn.version()
@@ -667,13 +806,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreted)")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="output folder (default: see above)")
-    parser.add_argument("--results-root", type=pathlib.Path, default=None,
-                        help="write <results-root>/<gpu>-<date>/ instead (e.g. a folder copied back from the GPU)")
-    parser.add_argument("--sections", nargs="+", default=[name for name, _, _ in SECTIONS],
-                        choices=[name for name, _, _ in SECTIONS])
+    parser.add_argument(
+        "--results-root",
+        type=pathlib.Path,
+        default=None,
+        help="write <results-root>/<gpu>-<date>/ instead (e.g. a folder copied back from the GPU)",
+    )
+    parser.add_argument(
+        "--sections", nargs="+", default=[name for name, _, _ in SECTIONS], choices=[name for name, _, _ in SECTIONS]
+    )
     parser.add_argument("--device", default=None, help="default cuda, cpu for --smoke")
-    parser.add_argument("--total-budget", type=float, default=None,
-                        help=f"seconds for all sections (default {TOTAL_BUDGET_S:.0f}, smoke {SMOKE_BUDGET_S:.0f})")
+    parser.add_argument(
+        "--total-budget",
+        type=float,
+        default=None,
+        help=f"seconds for all sections (default {TOTAL_BUDGET_S:.0f}, smoke {SMOKE_BUDGET_S:.0f})",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         # Before triton is imported anywhere: its kernels then run in the CPU interpreter.
@@ -691,9 +839,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     info = machine_info(settings, argv)
     (out / "machine.json").write_text(json.dumps(info, indent=1) + "\n")
-    header = (f"# hasten GPU suite | {info.get('gpu', info['cpu'])} | torch {info['torch']} | triton {info['triton']} "
-              f"| transformers {info['transformers']} | diffusers {info['diffusers']} | {info['date']}\n"
-              f"`{info['command']}`{' (smoke: tiny shapes, CPU)' if args.smoke else ''}\n")
+    header = (
+        f"# hasten GPU suite | {info.get('gpu', info['cpu'])} | torch {info['torch']} | triton {info['triton']} "
+        f"| transformers {info['transformers']} | diffusers {info['diffusers']} | {info['date']}\n"
+        f"`{info['command']}`{' (smoke: tiny shapes, CPU)' if args.smoke else ''}\n"
+    )
     print(header, flush=True)
     report, jsonl = [header], []
     start = time.perf_counter()

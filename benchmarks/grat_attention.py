@@ -19,19 +19,29 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import machine, median_ms, print_json
-
 from hasten.kernels import block_sparse_attention, group_layout, grouped_attention, resolve_backend
+
+from common import machine, median_ms, print_json
 
 HEAD_DIM = 128
 
 
 def shapes(resolutions: list[int], video: bool) -> list[dict]:
-    rows = [dict(name=f"flux-{r}", resolution=r, grid=(1, r // 16, r // 16), text=512, text_first=True,
-                 group=(1, 16, 16)) for r in resolutions]
+    rows = [
+        dict(name=f"flux-{r}", resolution=r, grid=(1, r // 16, r // 16), text=512, text_first=True, group=(1, 16, 16))
+        for r in resolutions
+    ]
     if video:
-        rows.append(dict(name="hunyuan-544x960x61f", resolution="544x960x61", grid=(16, 34, 60), text=256,
-                         text_first=False, group=(4, 8, 8)))
+        rows.append(
+            dict(
+                name="hunyuan-544x960x61f",
+                resolution="544x960x61",
+                grid=(16, 34, 60),
+                text=256,
+                text_first=False,
+                group=(4, 8, 8),
+            )
+        )
     return rows
 
 
@@ -46,21 +56,46 @@ def run(args: argparse.Namespace) -> list[dict]:
         q, k, v = (torch.randn(1, args.heads, tokens, HEAD_DIM, device=device, dtype=dtype) for _ in range(3))
         dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, args.warmup, args.repeats)
         for pattern, window in (("cross", (1, 1, 1)), ("block", (1, 1, 1))):
-            layout = group_layout(shape["grid"], shape["group"], num_text=shape["text"],
-                                  text_first=shape["text_first"], pattern=pattern, window=window).to(device)
-            grat_ms = median_ms(lambda: grouped_attention(q, k, v, layout, backend=backend), device,
-                                args.warmup, args.repeats)
+            layout = group_layout(
+                shape["grid"],
+                shape["group"],
+                num_text=shape["text"],
+                text_first=shape["text_first"],
+                pattern=pattern,
+                window=window,
+            ).to(device)
+            grat_ms = median_ms(
+                lambda: grouped_attention(q, k, v, layout, backend=backend), device, args.warmup, args.repeats
+            )
             qk = [x.index_select(-2, layout.gather_index) for x in (q, k, v)]
             kernel_ms = median_ms(
-                lambda: block_sparse_attention(*qk, layout.kv_indices, layout.kv_counts, layout.key_valid[None],
-                                               layout.tile, backend=backend, static_valid=layout.key_valid),
-                device, args.warmup, args.repeats,
+                lambda: block_sparse_attention(
+                    *qk,
+                    layout.kv_indices,
+                    layout.kv_counts,
+                    layout.key_valid[None],
+                    layout.tile,
+                    backend=backend,
+                    static_valid=layout.key_valid,
+                ),
+                device,
+                args.warmup,
+                args.repeats,
             )
             row = dict(
-                pattern=pattern, shape=shape["name"], resolution=shape["resolution"], tokens=tokens,
-                heads=args.heads, backend=backend, dtype=args.dtype, density=round(layout.density, 4),
-                bound=round(layout.bound, 2), dense_ms=round(dense_ms, 2), grat_ms=round(grat_ms, 2),
-                kernel_ms=round(kernel_ms, 2), speedup=round(dense_ms / grat_ms, 2),
+                pattern=pattern,
+                shape=shape["name"],
+                resolution=shape["resolution"],
+                tokens=tokens,
+                heads=args.heads,
+                backend=backend,
+                dtype=args.dtype,
+                density=round(layout.density, 4),
+                bound=round(layout.bound, 2),
+                dense_ms=round(dense_ms, 2),
+                grat_ms=round(grat_ms, 2),
+                kernel_ms=round(kernel_ms, 2),
+                speedup=round(dense_ms / grat_ms, 2),
                 kernel_speedup=round(dense_ms / kernel_ms, 2),
             )
             row["fraction_of_bound"] = round(row["speedup"] / row["bound"], 2)
@@ -73,8 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolution", type=int, nargs="+", default=[1024, 2048], choices=[1024, 2048, 4096, 8192])
     parser.add_argument("--heads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                        help="default bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="default bfloat16 on CUDA, float32 on CPU",
+    )
     parser.add_argument("--backend", default="auto", choices=["auto", "flex", "triton", "reference"])
     parser.add_argument("--video", action="store_true", help="also the HunyuanVideo-like 3-D shape")
     parser.add_argument("--warmup", type=int, default=2)
@@ -88,9 +127,11 @@ def main(argv: list[str] | None = None) -> None:
     header = f"{'shape':<22}{'pattern':<8}{'tokens':>8}{'density':>9}{'bound':>8}{'dense ms':>10}{'grat ms':>10}{'kernel ms':>11}{'speedup':>9}{'of bound':>9}"
     print(header)
     for r in results:
-        print(f"{r['shape']:<22}{r['pattern']:<8}{r['tokens']:>8}{r['density']:>9.3f}{r['bound']:>8.2f}"
-              f"{r['dense_ms']:>10.1f}{r['grat_ms']:>10.1f}{r['kernel_ms']:>11.1f}{r['speedup']:>8.2f}x"
-              f"{r['fraction_of_bound']:>8.0%}")
+        print(
+            f"{r['shape']:<22}{r['pattern']:<8}{r['tokens']:>8}{r['density']:>9.3f}{r['bound']:>8.2f}"
+            f"{r['dense_ms']:>10.1f}{r['grat_ms']:>10.1f}{r['kernel_ms']:>11.1f}{r['speedup']:>8.2f}x"
+            f"{r['fraction_of_bound']:>8.0%}"
+        )
     if args.json:
         print_json(results)
 

@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from common import machine, print_json
-
 from hasten.hooks.grat import GratConfig, apply_grat, grat_state, remove_grat
 from hasten.measure import psnr, ssim, timed
 from hasten.tiny import scenes, trained
 from hasten.tiny.classifier import evaluate, load_classifier
 from hasten.tiny.micro_diffusion import CALL_DEFAULTS, MAX_SEQUENCE_LENGTH, PROMPT_OBJECTS
+
+from common import machine, print_json
 
 
 class _AttentionTimer(TorchFunctionMode):
@@ -61,8 +61,9 @@ class _AttentionDistance(TorchFunctionMode):
         super().__init__()
         self.grid, self.text, self.rows = grid, text, []
         h, w = grid
-        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                                indexing="ij")
+        ys, xs = torch.meshgrid(
+            torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
+        )
         points = torch.stack([ys.flatten(), xs.flatten()], 1)
         self.distance = torch.cdist(points, points)
 
@@ -74,9 +75,9 @@ class _AttentionDistance(TorchFunctionMode):
             key = args[1] if len(args) > 1 else kwargs["key"]
             scale = query.shape[-1] ** -0.5
             probs = torch.softmax(query.float() @ key.float().transpose(-1, -2) * scale, dim=-1)
-            image = probs[..., self.text:, :]  # image queries
-            to_text = image[..., :self.text].sum(-1)
-            among_images = image[..., self.text:]
+            image = probs[..., self.text :, :]  # image queries
+            to_text = image[..., : self.text].sum(-1)
+            among_images = image[..., self.text :]
             among_images = among_images / among_images.sum(-1, keepdim=True)
             distance = (among_images * self.distance).sum(-1)
             self.rows.append((float(distance.mean()), float(to_text.mean())))
@@ -100,19 +101,37 @@ def attention_locality(pipe, prompt: str, height: int, width: int, sigma: float 
         noisy = (1 - sigma) * packed + sigma * torch.randn(packed.shape, generator=generator)
         recorder = _AttentionDistance((h // 2, w // 2), embeds.shape[1])
         with recorder:
-            pipe.transformer(hidden_states=noisy, timestep=torch.tensor([sigma]), guidance=None,
-                             pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
-                             img_ids=FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32),
-                             return_dict=False)
+            pipe.transformer(
+                hidden_states=noisy,
+                timestep=torch.tensor([sigma]),
+                guidance=None,
+                pooled_projections=pooled,
+                encoder_hidden_states=embeds,
+                txt_ids=text_ids,
+                img_ids=FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32),
+                return_dict=False,
+            )
     return recorder.rows
 
 
 def _generate(pipe, prompts: list[str], seeds: list[int], size: int, steps: int) -> tuple[torch.Tensor, float]:
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    images, seconds = timed(lambda: pipe(
-        prompts, height=size, width=size, num_inference_steps=steps, generator=generators,
-        max_sequence_length=MAX_SEQUENCE_LENGTH, true_cfg_scale=CALL_DEFAULTS["true_cfg_scale"],
-        negative_prompt=[""] * len(prompts), output_type="pt").images, pipe.device)
+    images, seconds = timed(
+        lambda: (
+            pipe(
+                prompts,
+                height=size,
+                width=size,
+                num_inference_steps=steps,
+                generator=generators,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+                true_cfg_scale=CALL_DEFAULTS["true_cfg_scale"],
+                negative_prompt=[""] * len(prompts),
+                output_type="pt",
+            ).images
+        ),
+        pipe.device,
+    )
     return images.float().clamp(0, 1), seconds
 
 
@@ -143,27 +162,47 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     classifier = load_classifier(args.classifier)
     print(f"# GRAT fidelity on the trained FLUX micro-world | {machine(torch.device('cpu'))}")
-    print(f"# {args.samples} held-out {PROMPT_OBJECTS}-object captions per size, true CFG "
-          f"{CALL_DEFAULTS['true_cfg_scale']}, {args.steps} Euler steps, group {args.group}x{args.group} "
-          f"tokens, GRAT-B window 1, dense_steps variants keep the first {args.dense_steps} steps dense")
+    print(
+        f"# {args.samples} held-out {PROMPT_OBJECTS}-object captions per size, true CFG "
+        f"{CALL_DEFAULTS['true_cfg_scale']}, {args.steps} Euler steps, group {args.group}x{args.group} "
+        f"tokens, GRAT-B window 1, dense_steps variants keep the first {args.dense_steps} steps dense"
+    )
 
     probe = scenes.sample_scene(scenes.HELD_OUT_SEEDS[-1], num_objects=3).caption
     for side in (64, 128):
         rows = attention_locality(pipe, probe, side, side)
         grid = side // 4
-        uniform = float(torch.cdist(*(2 * [torch.stack(torch.meshgrid(
-            torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"),
-            -1).reshape(-1, 2)])).mean())
+        uniform = float(
+            torch.cdist(
+                *(
+                    2
+                    * [
+                        torch.stack(
+                            torch.meshgrid(
+                                torch.arange(grid, dtype=torch.float32),
+                                torch.arange(grid, dtype=torch.float32),
+                                indexing="ij",
+                            ),
+                            -1,
+                        ).reshape(-1, 2)
+                    ]
+                )
+            ).mean()
+        )
         text = ", ".join(f"L{index}: {distance:.2f} ({share:.0%} text)" for index, (distance, share) in enumerate(rows))
         print(f"# attention distance {side}x{side} ({grid}x{grid} tokens; uniform attention: {uniform:.2f}): {text}")
 
     json_rows = []
-    header = f"{'size':>9} {'tokens':>6} {'variant':<20} {'acc':>6} {'PSNR':>6} {'SSIM':>6} {'seconds':>8} " \
-             f"{'speedup':>8} {'bound':>6} {'amdahl':>7}"
+    header = (
+        f"{'size':>9} {'tokens':>6} {'variant':<20} {'acc':>6} {'PSNR':>6} {'SSIM':>6} {'seconds':>8} "
+        f"{'speedup':>8} {'bound':>6} {'amdahl':>7}"
+    )
     print(header)
     for size in sizes:
-        test = [scenes.sample_scene(seed, size, size, num_objects=PROMPT_OBJECTS)
-                for seed in scenes.HELD_OUT_SEEDS[:args.samples]]
+        test = [
+            scenes.sample_scene(seed, size, size, num_objects=PROMPT_OBJECTS)
+            for seed in scenes.HELD_OUT_SEEDS[: args.samples]
+        ]
         prompts = [scene.caption for scene in test]
         seeds = list(range(args.samples))
         remove_grat(pipe)
@@ -191,17 +230,28 @@ def main() -> None:
             work = (1 - sparse_steps / args.steps) + (sparse_steps / args.steps) / bound if settings else 1.0
             amdahl = 1.0 / ((1 - share) + share * work)
             scores = evaluate(images, test, classifier)
-            row = {"size": f"{size}x{size}", "tokens": (size // 4) ** 2, "variant": name,
-                   "prompt_accuracy": round(scores["object"], 4), "scene_accuracy": round(scores["scene"], 4),
-                   "psnr": round(psnr(dense, images), 2) if settings else None,
-                   "ssim": round(ssim(dense, images), 4) if settings else None, "seconds": round(seconds, 2),
-                   "speedup": round(dense_seconds / seconds, 3), "attention_bound": round(bound, 2),
-                   "amdahl_bound": round(amdahl, 3), "attention_share": round(share, 3)}
+            row = {
+                "size": f"{size}x{size}",
+                "tokens": (size // 4) ** 2,
+                "variant": name,
+                "prompt_accuracy": round(scores["object"], 4),
+                "scene_accuracy": round(scores["scene"], 4),
+                "psnr": round(psnr(dense, images), 2) if settings else None,
+                "ssim": round(ssim(dense, images), 4) if settings else None,
+                "seconds": round(seconds, 2),
+                "speedup": round(dense_seconds / seconds, 3),
+                "attention_bound": round(bound, 2),
+                "amdahl_bound": round(amdahl, 3),
+                "attention_share": round(share, 3),
+            }
             json_rows.append(row)
             psnr_text = "-" if row["psnr"] is None else f"{row['psnr']:.1f}"
             ssim_text = "-" if row["ssim"] is None else f"{row['ssim']:.3f}"
-            print(f"{row['size']:>9} {row['tokens']:>6} {name:<20} {scores['object']:>6.1%} {psnr_text:>6} "
-                  f"{ssim_text:>6} {seconds:>8.2f} {row['speedup']:>7.2f}x {bound:>6.2f} {amdahl:>6.2f}x", flush=True)
+            print(
+                f"{row['size']:>9} {row['tokens']:>6} {name:<20} {scores['object']:>6.1%} {psnr_text:>6} "
+                f"{ssim_text:>6} {seconds:>8.2f} {row['speedup']:>7.2f}x {bound:>6.2f} {amdahl:>6.2f}x",
+                flush=True,
+            )
     print_json(json_rows)
 
 

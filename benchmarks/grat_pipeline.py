@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from common import machine, median_ms, print_json
-
 import hasten
 from hasten import tiny
 from hasten.hooks.grat import grat_state
+
+from common import machine, median_ms, print_json
 
 
 class _AttentionTimer(TorchFunctionMode):
@@ -50,8 +50,9 @@ class _AttentionTimer(TorchFunctionMode):
         return out
 
 
-def build_transformer(model: str, arch: str, layers: int | None, heads: int | None, device: torch.device,
-                      dtype: torch.dtype):
+def build_transformer(
+    model: str, arch: str, layers: int | None, heads: int | None, device: torch.device, dtype: torch.dtype
+):
     if arch == "tiny":
         return tiny.pipeline(model).transformer.to(device=device, dtype=dtype).eval()
     from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel
@@ -81,18 +82,22 @@ def forward_inputs(model: str, transformer, height: int, width: int, frames: int
             encoder_hidden_states=torch.randn(1, text, cfg.joint_attention_dim, device=device, dtype=dtype),
             pooled_projections=torch.randn(1, cfg.pooled_projection_dim, device=device, dtype=dtype),
             timestep=torch.tensor([0.5], device=device, dtype=dtype),
-            img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text, 3, device=device),
+            img_ids=ids.reshape(-1, 3),
+            txt_ids=torch.zeros(text, 3, device=device),
         )
         if cfg.guidance_embeds:
             inputs["guidance"] = torch.tensor([3.5], device=device, dtype=dtype)
         return inputs
     latent_frames = (frames - 1) // 4 + 1
     return dict(
-        hidden_states=torch.randn(1, cfg.in_channels, latent_frames, height // 8, width // 8, device=device, dtype=dtype),
+        hidden_states=torch.randn(
+            1, cfg.in_channels, latent_frames, height // 8, width // 8, device=device, dtype=dtype
+        ),
         encoder_hidden_states=torch.randn(1, text, cfg.text_embed_dim, device=device, dtype=dtype),
         encoder_attention_mask=torch.ones(1, text, device=device, dtype=torch.bool),
         pooled_projections=torch.randn(1, cfg.pooled_projection_dim, device=device, dtype=dtype),
-        timestep=torch.tensor([500], device=device), guidance=torch.tensor([6.0], device=device, dtype=dtype),
+        timestep=torch.tensor([500], device=device),
+        guidance=torch.tensor([6.0], device=device, dtype=dtype),
     )
 
 
@@ -106,8 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=["flux", "hunyuan-video"], default="flux")
     parser.add_argument("--arch", choices=["tiny", "full"], default="tiny")
     parser.add_argument("--layers", type=int, default=None, help="full arch: blocks per block list")
-    parser.add_argument("--heads", type=int, default=None,
-                        help="full arch: attention heads (head dim stays 128; fewer heads fit a CPU run)")
+    parser.add_argument(
+        "--heads",
+        type=int,
+        default=None,
+        help="full arch: attention heads (head dim stays 128; fewer heads fit a CPU run)",
+    )
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--frames", type=int, default=61, help="video frames (hunyuan-video)")
@@ -131,8 +140,10 @@ def main(argv: list[str] | None = None) -> None:
         transformer(**inputs, return_dict=False)
     share = min(1.0, timer.seconds * 1000 / dense_ms)
 
-    print(f"# GRAT transformer forward | {args.model} ({args.arch}) {args.height}x{args.width}"
-          f"{f'x{args.frames}f' if args.model != 'flux' else ''} | {machine(device)}")
+    print(
+        f"# GRAT transformer forward | {args.model} ({args.arch}) {args.height}x{args.width}"
+        f"{f'x{args.frames}f' if args.model != 'flux' else ''} | {machine(device)}"
+    )
     print(f"dense forward {dense_ms:.1f} ms, attention share a = {share:.0%}")
     group = None if args.group_size is None else tuple(args.group_size)
     rows = []
@@ -142,13 +153,25 @@ def main(argv: list[str] | None = None) -> None:
         layout = max(grat_state(transformer).layouts.values(), key=lambda layout: layout.seq_len)
         hasten.disable_grat(transformer)
         bound = 1 / ((1 - share) + share * layout.relative_work)
-        row = dict(model=args.model, arch=args.arch, pattern=pattern, resolution=f"{args.height}x{args.width}",
-                   tokens=layout.seq_len, group=list(config.group_size), density=round(layout.density, 4),
-                   attention_share=round(share, 3), dense_ms=round(dense_ms, 1), grat_ms=round(grat_ms, 1),
-                   speedup=round(dense_ms / grat_ms, 2), amdahl_bound=round(bound, 2))
+        row = dict(
+            model=args.model,
+            arch=args.arch,
+            pattern=pattern,
+            resolution=f"{args.height}x{args.width}",
+            tokens=layout.seq_len,
+            group=list(config.group_size),
+            density=round(layout.density, 4),
+            attention_share=round(share, 3),
+            dense_ms=round(dense_ms, 1),
+            grat_ms=round(grat_ms, 1),
+            speedup=round(dense_ms / grat_ms, 2),
+            amdahl_bound=round(bound, 2),
+        )
         rows.append(row)
-        print(f"GRAT-{'X' if pattern == 'cross' else 'B'}: {grat_ms:.1f} ms, speedup {row['speedup']:.2f}x "
-              f"(Amdahl bound {bound:.2f}x at density {layout.density:.1%})")
+        print(
+            f"GRAT-{'X' if pattern == 'cross' else 'B'}: {grat_ms:.1f} ms, speedup {row['speedup']:.2f}x "
+            f"(Amdahl bound {bound:.2f}x at density {layout.density:.1%})"
+        )
     if args.json:
         print_json(rows)
 

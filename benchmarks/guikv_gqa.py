@@ -19,16 +19,24 @@ import statistics
 
 import torch
 
-from common import machine
-
 from hasten import tiny
 from hasten.tiny.gui import trajectory
 from hasten.tiny.vlms import chat_prompt
 from hasten.token_pruning import GUIKV
 
+from common import machine
 
-def official_sets(model, inputs, budget: float, alpha: float = 2.0, window: int = 8, pool: int = 5,
-                  temperature: float = 3.5, per_kv_head: bool = False) -> list[torch.Tensor]:
+
+def official_sets(
+    model,
+    inputs,
+    budget: float,
+    alpha: float = 2.0,
+    window: int = 8,
+    pool: int = 5,
+    temperature: float = 3.5,
+    per_kv_head: bool = False,
+) -> list[torch.Tensor]:
     """Per layer, the kept positions by GUI-KV's official rule for ONE screenshot (no temporal
     term), written from the reference on the unpruned model's own eager attention weights and its
     layers' input_layernorm outputs: the attention of the last ``window`` queries SUMMED over them,
@@ -42,9 +50,12 @@ def official_sets(model, inputs, budget: float, alpha: float = 2.0, window: int 
     """
     layers = model.model.language_model.layers
     norms = {}
-    handles = [layer.input_layernorm.register_forward_hook(
-        lambda module, args, output, index=index: norms.__setitem__(index, output[0].float().norm(dim=-1)))
-        for index, layer in enumerate(layers)]
+    handles = [
+        layer.input_layernorm.register_forward_hook(
+            lambda module, args, output, index=index: norms.__setitem__(index, output[0].float().norm(dim=-1))
+        )
+        for index, layer in enumerate(layers)
+    ]
     try:
         with torch.no_grad():
             attentions = model(**inputs, output_attentions=True).attentions
@@ -57,7 +68,7 @@ def official_sets(model, inputs, budget: float, alpha: float = 2.0, window: int 
     kv_heads = model.config.text_config.num_key_value_heads
     kept = []
     for index, attention in enumerate(attentions):
-        scores = attention[0, :, -window:, :length - window].float().sum(1)  # (heads, prefix)
+        scores = attention[0, :, -window:, : length - window].float().sum(1)  # (heads, prefix)
         if per_kv_head:
             scores = scores.view(kv_heads, -1, scores.shape[-1]).mean(1)
         scores = torch.nn.functional.avg_pool1d(scores[:, None], pool, stride=1, padding=pool // 2)[:, 0]
@@ -78,15 +89,18 @@ def main(argv: list[str] | None = None) -> None:
     model, processor = tiny.vlm("qwen2.5-vl", dtype=torch.float64, attn_implementation="eager")
     heads = model.config.text_config.num_attention_heads
     kv_heads = model.config.text_config.num_key_value_heads
-    print(f"# GUI-KV per-KV-head vs per-query-head selection | tiny Qwen2.5-VL ({heads} query heads, {kv_heads} KV "
-          f"heads) | {machine(torch.device('cpu'))}")
+    print(
+        f"# GUI-KV per-KV-head vs per-query-head selection | tiny Qwen2.5-VL ({heads} query heads, {kv_heads} KV "
+        f"heads) | {machine(torch.device('cpu'))}"
+    )
     print("budget  prompt  entries/head  Jaccard mean  Jaccard min  cache entries hasten / official")
     for budget in args.budgets:
         jaccards, prompt = [], 0
         for seed in range(args.seeds):
             shots, _ = trajectory(steps=1, size=(96, 80), seed=seed)
-            inputs = processor(images=shots, text=[chat_prompt(processor, "What is the next action?", images=1)],
-                               return_tensors="pt")
+            inputs = processor(
+                images=shots, text=[chat_prompt(processor, "What is the next action?", images=1)], return_tensors="pt"
+            )
             prompt = inputs["input_ids"].shape[1]
             official = official_sets(model, inputs, budget)
             with GUIKV(budget=budget).apply(model) as method:
@@ -96,10 +110,18 @@ def main(argv: list[str] | None = None) -> None:
                     a, b = set(ours[0, head // (heads // kv_heads)].tolist()), set(theirs[head].tolist())
                     jaccards.append(len(a & b) / len(a | b))
         entries = int(prompt * budget)
-        row = dict(budget=budget, prompt=prompt, entries=entries, jaccard_mean=statistics.mean(jaccards),
-                   jaccard_min=min(jaccards), cache_ratio=kv_heads / heads)
-        print(f"{budget:6.2f}  {prompt:6d}  {entries:12d}  {row['jaccard_mean']:12.3f}  {row['jaccard_min']:11.3f}  "
-              f"{kv_heads} x {entries} / {heads} x {entries} = {kv_heads / heads:.2f}")
+        row = dict(
+            budget=budget,
+            prompt=prompt,
+            entries=entries,
+            jaccard_mean=statistics.mean(jaccards),
+            jaccard_min=min(jaccards),
+            cache_ratio=kv_heads / heads,
+        )
+        print(
+            f"{budget:6.2f}  {prompt:6d}  {entries:12d}  {row['jaccard_mean']:12.3f}  {row['jaccard_min']:11.3f}  "
+            f"{kv_heads} x {entries} / {heads} x {entries} = {kv_heads / heads:.2f}"
+        )
         print(json.dumps(row))
 
 

@@ -50,21 +50,26 @@ import statistics
 
 import torch
 
-from common import machine
-
 from hasten.measure import median_seconds
 from hasten.tiny.gui import trajectory
-from hasten.transformers_conventions import cache_keyword, output_cache
 from hasten.tiny.vlms import chat_prompt
 from hasten.token_pruning import GUIKV, ZipVL
 from hasten.token_pruning.evaluate import TINY, load_vlm, sample_images
 from hasten.token_pruning.kv_cache import MixedPrecisionConfig, mixed_precision_cache
+from hasten.transformers_conventions import cache_keyword, output_cache
+
+from common import machine
 
 
 def zipvl_former() -> ZipVL:
     """ZipVL with hasten's rules before issue 25 (each now an option)."""
-    return ZipVL(count_scores="normalized", probe_fraction=0.05, sparse_prefill="keys", split_generated=False,
-                 cache=MixedPrecisionConfig(residual=32))
+    return ZipVL(
+        count_scores="normalized",
+        probe_fraction=0.05,
+        sparse_prefill="keys",
+        split_generated=False,
+        cache=MixedPrecisionConfig(residual=32),
+    )
 
 
 def _stored_bytes(cache) -> int:
@@ -103,7 +108,7 @@ class _Force:
 
     def __call__(self, input_ids, scores):
         step = input_ids.shape[1] - self.prompt_length
-        return torch.full_like(scores, float("-inf")).scatter_(1, self.continuation[:, step:step + 1], 0.0)
+        return torch.full_like(scores, float("-inf")).scatter_(1, self.continuation[:, step : step + 1], 0.0)
 
 
 REPEATS = 3  # timed generate() calls per measurement (median), after a warm-up; --repeats
@@ -116,13 +121,21 @@ def _run(model, inputs, tokens: int, make_cache, method, continuation=None, repe
     repeats = REPEATS if repeats is None else repeats
     context = method.apply(model) if method is not None else contextlib.nullcontext()
     with context, torch.no_grad():
+
         def generate(new, force=None):
             cache = make_cache()
             kwargs = {cache_keyword(model): cache} if cache is not None else {}
             if force is not None:
                 kwargs["logits_processor"] = LogitsProcessorList([_Force(force, inputs["input_ids"].shape[1])])
-            out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True, **kwargs)
+            out = model.generate(
+                **inputs,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                **kwargs,
+            )
             return out
 
         greedy = generate(tokens)
@@ -145,13 +158,16 @@ def _sixteen_bit(model, tokens: int) -> int:
 
 def _compare(name, model, inputs, setups, tokens, rows, json_lines):
     reference_sequences, reference_logits, reference_bytes, reference_decode = _run(
-        model, inputs, tokens, lambda: None, None)
+        model, inputs, tokens, lambda: None, None
+    )
     continuation = reference_sequences[:, -tokens:]
     total_tokens = reference_sequences.shape[1] - 1  # cached after the last step
     sixteen = _sixteen_bit(model, total_tokens)
     print(f"\n## {name}: {inputs['input_ids'].shape[1]} prompt tokens + {tokens} decoded")
-    print(f"{'cache':28s} {'KV KiB':>9s} {'vs 16-bit':>9s} {'top1':>6s} {'KL':>9s} {'exact':>6s} {'dec tok/s':>9s} "
-          f"{'important':>9s} {'attn FLOPs':>10s}")
+    print(
+        f"{'cache':28s} {'KV KiB':>9s} {'vs 16-bit':>9s} {'top1':>6s} {'KL':>9s} {'exact':>6s} {'dec tok/s':>9s} "
+        f"{'important':>9s} {'attn FLOPs':>10s}"
+    )
     for label, make_cache, method in setups:
         try:
             sequences, logits, stored, decode = _run(model, inputs, tokens, make_cache, method, continuation)
@@ -161,21 +177,40 @@ def _compare(name, model, inputs, setups, tokens, rows, json_lines):
         if method is None and make_cache() is None:
             logits, stored = reference_logits, reference_bytes
         top1 = float((logits.argmax(-1) == continuation).float().mean())
-        kl = float(torch.nn.functional.kl_div(logits.log_softmax(-1), reference_logits.log_softmax(-1),
-                                              log_target=True, reduction="none").sum(-1).mean())
+        kl = float(
+            torch.nn.functional.kl_div(
+                logits.log_softmax(-1), reference_logits.log_softmax(-1), log_target=True, reduction="none"
+            )
+            .sum(-1)
+            .mean()
+        )
         exact = float(torch.equal(sequences, reference_sequences))
-        row = dict(part=name, cache=label, kv_bytes=stored, vs_16bit=round(stored / sixteen, 4),
-                   top1=round(top1, 4), kl=round(kl, 5), exact=exact, decode_tokens_per_s=round(decode, 1))
+        row = dict(
+            part=name,
+            cache=label,
+            kv_bytes=stored,
+            vs_16bit=round(stored / sixteen, 4),
+            top1=round(top1, 4),
+            kl=round(kl, 5),
+            exact=exact,
+            decode_tokens_per_s=round(decode, 1),
+        )
         extra = ""
         if isinstance(method, ZipVL):
             flops = method.prefill_flops()
             important = statistics.mean(method.stats.layer_important)
-            row.update(important=round(important, 4), prefill_attention_flops=flops["sparse"],
-                       dense_attention_flops=flops["dense"], probe_flops=flops["probes"],
-                       flops_vs_dense=round(flops["sparse"] / flops["dense"], 4))
+            row.update(
+                important=round(important, 4),
+                prefill_attention_flops=flops["sparse"],
+                dense_attention_flops=flops["dense"],
+                probe_flops=flops["probes"],
+                flops_vs_dense=round(flops["sparse"] / flops["dense"], 4),
+            )
             extra = f" {important:9.3f} {flops['sparse'] / flops['dense']:10.3f}"
-        print(f"{label:28s} {stored / 1024:9.1f} {stored / sixteen:9.3f} {top1:6.3f} {kl:9.2e} {exact:6.2f} "
-              f"{decode:9.1f}{extra}")
+        print(
+            f"{label:28s} {stored / 1024:9.1f} {stored / sixteen:9.3f} {top1:6.3f} {kl:9.2e} {exact:6.2f} "
+            f"{decode:9.1f}{extra}"
+        )
         rows.append(row)
     if json_lines:
         for row in rows:
@@ -201,17 +236,20 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# KV-cache compression | {machine(torch.device(args.device))} | model {args.model} | {args.dtype}")
     model, processor = load_vlm(args.model, args.device)
     model.to(getattr(torch, args.dtype))
-    layers = len(getattr(model.config, "text_config", model.config).layer_types
-                 if hasattr(getattr(model.config, "text_config", model.config), "layer_types")
-                 else range(getattr(model.config, "text_config", model.config).num_hidden_layers))
+    layers = len(
+        getattr(model.config, "text_config", model.config).layer_types
+        if hasattr(getattr(model.config, "text_config", model.config), "layer_types")
+        else range(getattr(model.config, "text_config", model.config).num_hidden_layers)
+    )
 
     def quantized(bits):
         from transformers import QuantizedCache
 
         text = getattr(model.config, "text_config", model.config)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        return lambda: QuantizedCache(backend="quanto", config=model.config, nbits=bits, residual_length=32,
-                                      q_group_size=min(64, head_dim))
+        return lambda: QuantizedCache(
+            backend="quanto", config=model.config, nbits=bits, residual_length=32, q_group_size=min(64, head_dim)
+        )
 
     image, question = sample_images()[0]
     inputs = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt").to(model.device)
@@ -230,13 +268,16 @@ def main(argv: list[str] | None = None) -> None:
     shots, _ = trajectory(steps=args.steps, size=(448, 320) if not args.model.startswith("tiny") else (96, 64))
     prompt = chat_prompt(processor, "You are a GUI agent. What is the next action?", images=args.steps)
     gui_inputs = processor(images=shots, text=[prompt], return_tensors="pt").to(model.device)
-    gui_setups = [("full (DynamicCache)", lambda: None, None),
-                  (f"GUI-KV budget {args.budget}", lambda: None, GUIKV(budget=args.budget)),
-                  ("ZipVL paper rules (default)", lambda: None, ZipVL()),
-                  ("ZipVL paper, keys prefill", lambda: None, ZipVL(sparse_prefill="keys")),
-                  ("ZipVL former rules", lambda: None, zipvl_former())]
-    _compare(f"GUI trajectory, {args.steps} screenshots", model, gui_inputs, gui_setups, args.max_new_tokens, rows,
-             args.json)
+    gui_setups = [
+        ("full (DynamicCache)", lambda: None, None),
+        (f"GUI-KV budget {args.budget}", lambda: None, GUIKV(budget=args.budget)),
+        ("ZipVL paper rules (default)", lambda: None, ZipVL()),
+        ("ZipVL paper, keys prefill", lambda: None, ZipVL(sparse_prefill="keys")),
+        ("ZipVL former rules", lambda: None, zipvl_former()),
+    ]
+    _compare(
+        f"GUI trajectory, {args.steps} screenshots", model, gui_inputs, gui_setups, args.max_new_tokens, rows, args.json
+    )
     _prefill_pairs(args.prompt_tokens)
     _geometry(args.kv_heads, args.head_dim, args.prompt_tokens)
 
@@ -244,8 +285,10 @@ def main(argv: list[str] | None = None) -> None:
 def _prefill_pairs(tokens: int) -> None:
     """Causal query-key pairs of one layer's prefill per important fraction, for each sparse-prefill rule."""
     print(f"\n## prefill attention pairs of one layer, {tokens}-token prompt (random important set, causal count)")
-    print(f"{'important':>9s} {'Q[T]K[T] (paper)':>17s} {'all Q x K[T]':>13s} {'dense':>12s} {'paper/dense':>11s} "
-          f"{'keys/dense':>10s}")
+    print(
+        f"{'important':>9s} {'Q[T]K[T] (paper)':>17s} {'all Q x K[T]':>13s} {'dense':>12s} {'paper/dense':>11s} "
+        f"{'keys/dense':>10s}"
+    )
     generator = torch.Generator().manual_seed(0)
     dense = tokens * (tokens + 1) // 2
     for fraction in (1.0, 0.71, 0.56, 0.43, 0.367):
@@ -255,16 +298,28 @@ def _prefill_pairs(tokens: int) -> None:
         paper = p * (p + 1) // 2
         keys = int(flags.long().cumsum(0).sum())  # query i sees the important keys j <= i
         print(f"{fraction:9.3f} {paper:17d} {keys:13d} {dense:12d} {paper / dense:11.3f} {keys / dense:10.3f}")
-        print(json.dumps(dict(part="prefill pairs", tokens=tokens, important=round(p / tokens, 4), paper_pairs=paper,
-                              keys_pairs=keys, dense_pairs=dense)))
+        print(
+            json.dumps(
+                dict(
+                    part="prefill pairs",
+                    tokens=tokens,
+                    important=round(p / tokens, 4),
+                    paper_pairs=paper,
+                    keys_pairs=keys,
+                    dense_pairs=dense,
+                )
+            )
+        )
 
 
 def _geometry(kv_heads: int, head_dim: int, tokens: int) -> None:
     """Stored bytes of one mixed-precision layer after a prefill, per important fraction."""
     from hasten.token_pruning.kv_cache import MixedPrecisionLayer
 
-    print(f"\n## one cache layer, {kv_heads} KV heads x {head_dim} dims, {tokens}-token prefill (ZipVL defaults: "
-          f"4/2 bits, group 32, KIVI layouts)")
+    print(
+        f"\n## one cache layer, {kv_heads} KV heads x {head_dim} dims, {tokens}-token prefill (ZipVL defaults: "
+        f"4/2 bits, group 32, KIVI layouts)"
+    )
     print(f"{'important':>9s} {'bytes':>10s} {'vs 16-bit':>9s}")
     generator = torch.Generator().manual_seed(0)
     keys = torch.randn(1, kv_heads, tokens, head_dim, generator=generator).to(torch.bfloat16)

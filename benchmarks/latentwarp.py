@@ -28,14 +28,14 @@ import json
 
 import torch
 
-from common import machine
-
-from hasten.pipelines.latentwarp import LatentWarpPipeline
 from hasten.loading import load_pipeline
 from hasten.measure import timed
+from hasten.pipelines.latentwarp import LatentWarpPipeline
 from hasten.tiny.motion import panned, zoomed
 from hasten.video import flow_pair, occlusion_mask, warp_error
 from hasten.video.flow import leaves_frame
+
+from common import machine
 
 MODES = {
     "per-frame": dict(warp=False, cross_frame=False),
@@ -43,8 +43,9 @@ MODES = {
     "LatentWarp (warp only)": dict(warp=True, cross_frame=False),
     "LatentWarp (paper rules)": dict(warp=True, cross_frame=True),
     "LatentWarp, FB mask": dict(warp=True, cross_frame=True, occlusion="forward-backward"),
-    "LatentWarp (former rules)": dict(warp=True, cross_frame=True, occlusion="forward-backward", warp_end=0.3,
-                                      warp_window="run"),
+    "LatentWarp (former rules)": dict(
+        warp=True, cross_frame=True, occlusion="forward-backward", warp_end=0.3, warp_window="run"
+    ),
 }
 
 
@@ -61,8 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     height, width = (int(v) for v in args.size.lower().split("x"))
     pipe = LatentWarpPipeline.from_pipe(load_pipeline(args.model, args.dtype, args.device))
-    print(f"# LatentWarp | {machine(torch.device(args.device))} | {args.model} | {args.frames} frames {height}x{width}, "
-          f"{args.steps} steps, strength 0.75")
+    print(
+        f"# LatentWarp | {machine(torch.device(args.device))} | {args.model} | {args.frames} frames {height}x{width}, "
+        f"{args.steps} steps, strength 0.75"
+    )
     videos = {
         "pan astronaut": panned(frames=args.frames, size=(height, width), step=(4, 1), name="astronaut"),
         "pan coffee": panned(frames=args.frames, size=(height, width), step=(-3, 0), name="coffee"),
@@ -71,8 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name, (frames, true_flows) in videos.items():
         print(f"\n## {name}")
-        print(f"{'mode':26s} {'warp err':>9s} {'true-flow err':>13s} {'occluded':>8s} {'warped':>6s} {'fps':>7s} "
-              f"{'flow+warp s':>11s} {'share':>7s}")
+        print(
+            f"{'mode':26s} {'warp err':>9s} {'true-flow err':>13s} {'occluded':>8s} {'warped':>6s} {'fps':>7s} "
+            f"{'flow+warp s':>11s} {'share':>7s}"
+        )
         source_flows, reference_masks = [], []
         for index in range(1, len(frames)):
             to_previous, to_current = flow_pair(frames[index - 1], frames[index])
@@ -81,25 +86,52 @@ def main(argv: list[str] | None = None) -> None:
         true_masks = [leaves_frame(flow) for flow in true_flows]
         plain_seconds = None
         for mode, options in MODES.items():
-            pipe(video=frames[:2], prompt="a watercolor painting", num_inference_steps=args.steps, progress=False,
-                 **options)  # warm-up
-            runs = [timed(lambda: pipe(video=frames, prompt="a watercolor painting", num_inference_steps=args.steps,
-                                       progress=False, **options), args.device) for _ in range(args.repeats)]
+            pipe(
+                video=frames[:2],
+                prompt="a watercolor painting",
+                num_inference_steps=args.steps,
+                progress=False,
+                **options,
+            )  # warm-up
+            runs = [
+                timed(
+                    lambda: pipe(
+                        video=frames,
+                        prompt="a watercolor painting",
+                        num_inference_steps=args.steps,
+                        progress=False,
+                        **options,
+                    ),
+                    args.device,
+                )
+                for _ in range(args.repeats)
+            ]
             out = runs[-1][0]
             seconds = sorted(seconds for _, seconds in runs)[len(runs) // 2]
             plain_seconds = plain_seconds or seconds
             overhead = out.seconds["flow"] + out.seconds["warp"] if options["warp"] else 0.0
             error = warp_error(out.frames, source_flows, reference_masks)
             true_error = warp_error(out.frames, true_flows, true_masks)
-            occluded = (float(sum(mask.mean() for mask in out.occlusions) / len(out.occlusions))
-                        if options["warp"] else 0.0)
-            row = dict(video=name, mode=mode, warp_error=round(error, 5), true_flow_error=round(true_error, 5),
-                       occluded=round(occluded, 4), warped_steps=out.warped_steps,
-                       fps=round(len(frames) / seconds, 2), flow_warp_seconds=round(overhead, 4),
-                       overhead_share=round(overhead / plain_seconds, 4), seconds=round(seconds, 3))
+            occluded = (
+                float(sum(mask.mean() for mask in out.occlusions) / len(out.occlusions)) if options["warp"] else 0.0
+            )
+            row = dict(
+                video=name,
+                mode=mode,
+                warp_error=round(error, 5),
+                true_flow_error=round(true_error, 5),
+                occluded=round(occluded, 4),
+                warped_steps=out.warped_steps,
+                fps=round(len(frames) / seconds, 2),
+                flow_warp_seconds=round(overhead, 4),
+                overhead_share=round(overhead / plain_seconds, 4),
+                seconds=round(seconds, 3),
+            )
             rows.append(row)
-            print(f"{mode:26s} {row['warp_error']:9.4f} {row['true_flow_error']:13.4f} {occluded:8.1%} "
-                  f"{out.warped_steps:6d} {row['fps']:7.2f} {overhead:11.3f} {row['overhead_share']:6.1%}")
+            print(
+                f"{mode:26s} {row['warp_error']:9.4f} {row['true_flow_error']:13.4f} {occluded:8.1%} "
+                f"{out.warped_steps:6d} {row['fps']:7.2f} {overhead:11.3f} {row['overhead_share']:6.1%}"
+            )
     if args.json:
         for row in rows:
             print(json.dumps(row))

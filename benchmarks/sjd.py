@@ -32,11 +32,12 @@ import statistics
 
 import torch
 
-from common import machine, median_ms, print_json
-
 from hasten import tiny
 from hasten.measure import timed
 from hasten.pipelines.sjd import INIT_STRATEGIES, SJDConfig, SJDPipeline
+
+from common import machine, median_ms, print_json
+
 try:
     from hasten.speculative import HostProfile
 except ImportError:  # measuring an older hasten commit (before/after): pass --profile-module
@@ -51,10 +52,26 @@ def janus_pro_1b(device: torch.device, dtype: torch.dtype):
     from transformers import JanusConfig, JanusForConditionalGeneration
 
     _, processor = tiny.ar_image_model("janus")
-    text = dict(model_type="llama", vocab_size=102400, hidden_size=2048, intermediate_size=5632,
-                num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=16384)
-    vision = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=384, patch_size=16,
-                  projection_dim=2048, depth=2, num_image_tokens=576)
+    text = dict(
+        model_type="llama",
+        vocab_size=102400,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=16384,
+    )
+    vision = dict(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=384,
+        patch_size=16,
+        projection_dim=2048,
+        depth=2,
+        num_image_tokens=576,
+    )
     vq = dict(num_embeddings=16384, embed_dim=8, num_patches=24, image_token_embed_dim=2048, projection_dim=2048)
     config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq)
     with torch.device(device):
@@ -67,8 +84,10 @@ def run_pipeline(name: str, pipe: SJDPipeline, inits: list[str], window: int, re
     rows = []
 
     def generate(config):
-        runs = [timed(lambda prompt=prompt, seed=seed: pipe(prompt, sjd=config, seed=seed), device)
-                for seed, prompt in enumerate(PROMPTS * repeats)]
+        runs = [
+            timed(lambda prompt=prompt, seed=seed: pipe(prompt, sjd=config, seed=seed), device)
+            for seed, prompt in enumerate(PROMPTS * repeats)
+        ]
         return [out for out, _ in runs], statistics.median(seconds for _, seconds in runs)
 
     pipe(PROMPTS[0], sjd=None, seed=0)  # warm-up
@@ -77,19 +96,32 @@ def run_pipeline(name: str, pipe: SJDPipeline, inits: list[str], window: int, re
     for init in inits:
         outs, s = generate(SJDConfig(window=window, init=init))
         forwards = statistics.mean(o.stats.forwards for o in outs)
-        rows.append(dict(
-            model=name, init=init, window=window, tokens=outs[0].stats.tokens,
-            ar_forwards=round(ar_forwards, 1), sjd_forwards=round(forwards, 1),
-            pass_reduction=round(ar_forwards / forwards, 2),
-            tokens_per_pass=round(statistics.mean(o.stats.tokens_per_forward for o in outs), 2),
-            ar_s=round(ar_s, 3), sjd_s=round(s, 3), speedup=round(ar_s / s, 2),
-            weights="random (acceptance not meaningful)",
-        ))
+        rows.append(
+            dict(
+                model=name,
+                init=init,
+                window=window,
+                tokens=outs[0].stats.tokens,
+                ar_forwards=round(ar_forwards, 1),
+                sjd_forwards=round(forwards, 1),
+                pass_reduction=round(ar_forwards / forwards, 2),
+                tokens_per_pass=round(statistics.mean(o.stats.tokens_per_forward for o in outs), 2),
+                ar_s=round(ar_s, 3),
+                sjd_s=round(s, 3),
+                speedup=round(ar_s / s, 2),
+                weights="random (acceptance not meaningful)",
+            )
+        )
     return rows
 
 
-BATCH_PROMPTS = PROMPTS + ["a green tree by a river", "a yellow taxi at night", "two cats on a sofa",
-                           "a mountain lake at dawn", "a snowy village street"]
+BATCH_PROMPTS = PROMPTS + [
+    "a green tree by a river",
+    "a yellow taxi at night",
+    "two cats on a sofa",
+    "a mountain lake at dawn",
+    "a snowy village street",
+]
 
 
 def run_batches(name: str, pipe: SJDPipeline, batch_sizes: list[int], window: int) -> list[dict]:
@@ -107,11 +139,19 @@ def run_batches(name: str, pipe: SJDPipeline, batch_sizes: list[int], window: in
         sjd, sjd_s = decode(SJDConfig(window=window), batch_size)
         images = len(BATCH_PROMPTS)
         base.setdefault("sjd", sjd_s)
-        rows.append(dict(model=name, batch=batch_size, images=images,
-                         sjd_passes_per_image=round(sjd.stats.forwards / images, 2),
-                         ar_passes_per_image=round(ar.stats.forwards / images, 2),
-                         sjd_s_per_image=round(sjd_s / images, 4), ar_s_per_image=round(ar_s / images, 4),
-                         speedup_vs_ar=round(ar_s / sjd_s, 2), sjd_vs_batch1=round(base["sjd"] / sjd_s, 2)))
+        rows.append(
+            dict(
+                model=name,
+                batch=batch_size,
+                images=images,
+                sjd_passes_per_image=round(sjd.stats.forwards / images, 2),
+                ar_passes_per_image=round(ar.stats.forwards / images, 2),
+                sjd_s_per_image=round(sjd_s / images, 4),
+                ar_s_per_image=round(ar_s / images, 4),
+                speedup_vs_ar=round(ar_s / sjd_s, 2),
+                sjd_vs_batch1=round(base["sjd"] / sjd_s, 2),
+            )
+        )
     return rows
 
 
@@ -152,8 +192,11 @@ def host_overhead(name: str, pipe: SJDPipeline, window: int, repeats: int = 4, p
     loop, batch 1."""
     rows = []
     pipe(PROMPTS[0], sjd=SJDConfig(window=window), seed=0)  # warm-up
-    for label, config in (("AR", None), ("SJD random", SJDConfig(window=window)),
-                          ("SJD repeat_horizontal", SJDConfig(window=window, init="repeat_horizontal"))):
+    for label, config in (
+        ("AR", None),
+        ("SJD random", SJDConfig(window=window)),
+        ("SJD repeat_horizontal", SJDConfig(window=window, init="repeat_horizontal")),
+    ):
         host, syncs, model_ms, passes = [], [], [], []
         for seed in range(repeats):
             with LoopProfile(pipe, profile_class) as loop:
@@ -163,10 +206,16 @@ def host_overhead(name: str, pipe: SJDPipeline, window: int, repeats: int = 4, p
             syncs.append(loop.syncs / count)
             model_ms.append(1e3 * loop.model_s / count)
             passes.append(count)
-        rows.append(dict(model=name, decoding=label, passes=round(statistics.mean(passes), 1),
-                         host_ms_per_pass=round(statistics.median(host), 3),
-                         model_ms_per_pass=round(statistics.median(model_ms), 3),
-                         syncs_per_pass=round(statistics.mean(syncs), 2)))
+        rows.append(
+            dict(
+                model=name,
+                decoding=label,
+                passes=round(statistics.mean(passes), 1),
+                host_ms_per_pass=round(statistics.median(host), 3),
+                model_ms_per_pass=round(statistics.median(model_ms), 3),
+                syncs_per_pass=round(statistics.mean(syncs), 2),
+            )
+        )
     return rows
 
 
@@ -194,26 +243,44 @@ def pass_timing(model, processor, device, window: int) -> list[dict]:
                     adapter.image_logits(hidden)
                 cache.crop(-new)
 
-            rows.append(dict(shape="janus-pro-1b", context=embeds.shape[1] + context, new_tokens=new,
-                             pass_ms=round(median_ms(one_pass, device, 3, 20), 2)))
+            rows.append(
+                dict(
+                    shape="janus-pro-1b",
+                    context=embeds.shape[1] + context,
+                    new_tokens=new,
+                    pass_ms=round(median_ms(one_pass, device, 3, 20), 2),
+                )
+            )
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", default=["tiny-janus", "tiny-emu3"],
-                        help="tiny-janus, tiny-emu3, or a hub id / folder of a Janus or Emu3 model")
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        default=["tiny-janus", "tiny-emu3"],
+        help="tiny-janus, tiny-emu3, or a hub id / folder of a Janus or Emu3 model",
+    )
     parser.add_argument("--arch", choices=["janus-pro-1b"], help="full-size architecture, random weights")
     parser.add_argument("--init", nargs="+", default=list(INIT_STRATEGIES), choices=INIT_STRATEGIES)
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="times each prompt is generated")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[],
-                        help="also decode 8 prompts in batches of these sizes (SJD random init and AR)")
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also decode 8 prompts in batches of these sizes (SJD random init and AR)",
+    )
     parser.add_argument("--host", action="store_true", help="also measure host ms and device reads per pass")
-    parser.add_argument("--profile-module", default=None,
-                        help="import HostProfile from this module (to measure an older hasten commit with the "
-                        "same profiler, e.g. a copy of hasten/speculative/profiling.py)")
+    parser.add_argument(
+        "--profile-module",
+        default=None,
+        help="import HostProfile from this module (to measure an older hasten commit with the "
+        "same profiler, e.g. a copy of hasten/speculative/profiling.py)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--skip-inits", action="store_true", help="skip the per-init table")
     parser.add_argument("--json", action="store_true")
@@ -258,28 +325,40 @@ def main(argv: list[str] | None = None) -> None:
                     profile_class = importlib.import_module(args.profile_module).HostProfile
                 rows += host_overhead(name, pipe, args.window, profile_class=profile_class)
     generation = [r for r in rows if "init" in r]
-    print(f"{'model':14s} {'init':18s} {'tokens':>6s} {'AR passes':>9s} {'SJD passes':>10s} {'fewer':>6s} "
-          f"{'tok/pass':>8s} {'AR s':>7s} {'SJD s':>7s} {'speedup':>7s}")
+    print(
+        f"{'model':14s} {'init':18s} {'tokens':>6s} {'AR passes':>9s} {'SJD passes':>10s} {'fewer':>6s} "
+        f"{'tok/pass':>8s} {'AR s':>7s} {'SJD s':>7s} {'speedup':>7s}"
+    )
     for r in generation:
-        print(f"{r['model']:14s} {r['init']:18s} {r['tokens']:6d} {r['ar_forwards']:9.1f} {r['sjd_forwards']:10.1f} "
-              f"{r['pass_reduction']:5.2f}x {r['tokens_per_pass']:8.2f} {r['ar_s']:7.3f} {r['sjd_s']:7.3f} "
-              f"{r['speedup']:6.2f}x")
+        print(
+            f"{r['model']:14s} {r['init']:18s} {r['tokens']:6d} {r['ar_forwards']:9.1f} {r['sjd_forwards']:10.1f} "
+            f"{r['pass_reduction']:5.2f}x {r['tokens_per_pass']:8.2f} {r['ar_s']:7.3f} {r['sjd_s']:7.3f} "
+            f"{r['speedup']:6.2f}x"
+        )
     print("(random weights: acceptance rates are not evidence of quality or of a trained model's speedup)")
     batches = [r for r in rows if "batch" in r]
     if batches:
-        print(f"\n{'model':14s} {'batch':>5s} {'SJD passes/img':>14s} {'AR passes/img':>13s} {'SJD s/img':>9s} "
-              f"{'AR s/img':>8s} {'vs AR':>6s} {'vs batch 1':>10s}")
+        print(
+            f"\n{'model':14s} {'batch':>5s} {'SJD passes/img':>14s} {'AR passes/img':>13s} {'SJD s/img':>9s} "
+            f"{'AR s/img':>8s} {'vs AR':>6s} {'vs batch 1':>10s}"
+        )
         for r in batches:
-            print(f"{r['model']:14s} {r['batch']:5d} {r['sjd_passes_per_image']:14.2f} {r['ar_passes_per_image']:13.2f} "
-                  f"{r['sjd_s_per_image']:9.4f} {r['ar_s_per_image']:8.4f} {r['speedup_vs_ar']:5.2f}x "
-                  f"{r['sjd_vs_batch1']:9.2f}x")
+            print(
+                f"{r['model']:14s} {r['batch']:5d} {r['sjd_passes_per_image']:14.2f} {r['ar_passes_per_image']:13.2f} "
+                f"{r['sjd_s_per_image']:9.4f} {r['ar_s_per_image']:8.4f} {r['speedup_vs_ar']:5.2f}x "
+                f"{r['sjd_vs_batch1']:9.2f}x"
+            )
     host = [r for r in rows if "host_ms_per_pass" in r]
     if host:
-        print(f"\n{'model':14s} {'decoding':22s} {'passes':>6s} {'host ms/pass':>12s} {'model ms/pass':>13s} "
-              f"{'reads/pass':>10s}")
+        print(
+            f"\n{'model':14s} {'decoding':22s} {'passes':>6s} {'host ms/pass':>12s} {'model ms/pass':>13s} "
+            f"{'reads/pass':>10s}"
+        )
         for r in host:
-            print(f"{r['model']:14s} {r['decoding']:22s} {r['passes']:6.1f} {r['host_ms_per_pass']:12.3f} "
-                  f"{r['model_ms_per_pass']:13.3f} {r['syncs_per_pass']:10.2f}")
+            print(
+                f"{r['model']:14s} {r['decoding']:22s} {r['passes']:6.1f} {r['host_ms_per_pass']:12.3f} "
+                f"{r['model_ms_per_pass']:13.3f} {r['syncs_per_pass']:10.2f}"
+            )
     if args.json:
         print_json(rows)
 

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import torch
 
-from common import print_json
-
 from hasten.measure import timed
 from hasten.pipelines import SJDConfig, SJDPipeline
 from hasten.pipelines.sjd import INIT_STRATEGIES
 from hasten.tiny import micro_janus, scenes
 from hasten.tiny.classifier import evaluate, load_classifier
+
+from common import print_json
 
 
 def held_out(count: int) -> list[scenes.Scene]:
@@ -52,15 +52,17 @@ def _diff_interval(a: float, b: float, n: int) -> float:
     return 1.96 * math.sqrt(max(a * (1 - a) + b * (1 - b), 1e-12) / n)
 
 
-def run(pipe: SJDPipeline, prompts: list[str], configs: list[tuple[str, SJDConfig | None]],
-        guidance_scale: float | None) -> dict[str, dict]:
+def run(
+    pipe: SJDPipeline, prompts: list[str], configs: list[tuple[str, SJDConfig | None]], guidance_scale: float | None
+) -> dict[str, dict]:
     """Generate every prompt with every config (interleaved); per config: stats lists and images."""
     results = {name: dict(forwards=[], per_pass=[], seconds=[], images=[]) for name, _ in configs}
     pipe(prompts[0], sjd=None, guidance_scale=guidance_scale, seed=0)  # warm-up
     for index, prompt in enumerate(prompts):
         for name, config in configs:
-            out, seconds = timed(lambda: pipe(prompt, sjd=config, guidance_scale=guidance_scale, seed=index),
-                                 pipe.model.device)
+            out, seconds = timed(
+                lambda: pipe(prompt, sjd=config, guidance_scale=guidance_scale, seed=index), pipe.model.device
+            )
             slot = results[name]
             slot["forwards"].append(out.stats.forwards)
             slot["per_pass"].append(out.stats.tokens_per_forward)
@@ -91,10 +93,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classifier", type=Path, default=None, help="attribute classifier folder (default: shipped)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     parser.add_argument("--grid", type=Path, default=None, help="save a PNG: one row of samples per setting")
-    parser.add_argument("--samples", type=Path, default=None,
-                        help="save the generated images and per-image stats here (torch.save), for --judge")
-    parser.add_argument("--judge", type=Path, default=None,
-                        help="no generation: judge the samples saved by an earlier --samples run")
+    parser.add_argument(
+        "--samples",
+        type=Path,
+        default=None,
+        help="save the generated images and per-image stats here (torch.save), for --judge",
+    )
+    parser.add_argument(
+        "--judge", type=Path, default=None, help="no generation: judge the samples saved by an earlier --samples run"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.prompts < 1:
@@ -106,8 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     classifier = load_classifier(args.classifier)
     test = held_out(args.prompts)
     prompts = [scene.caption for scene in test]
-    configs = [("AR", None)] + [(f"{init} L={window}", SJDConfig(window=window, init=init))
-                                for init in args.init for window in args.windows]
+    configs = [("AR", None)] + [
+        (f"{init} L={window}", SJDConfig(window=window, init=init)) for init in args.init for window in args.windows
+    ]
     if args.judge is not None:
         saved = torch.load(args.judge, weights_only=False)
         if saved["prompts"] != prompts or list(saved["results"]) != [name for name, _ in configs]:
@@ -120,12 +128,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.samples is not None:
         torch.save(dict(prompts=prompts, results=results, command=generated), args.samples)
 
-    truth, _ = micro_janus.scene_images(scenes.HELD_OUT_SEEDS[:args.prompts])
+    truth, _ = micro_janus.scene_images(scenes.HELD_OUT_SEEDS[: args.prompts])
     vq = model.model.vqmodel
     with torch.no_grad():
         recon = ((model.decode_image_tokens(vq.encode(truth).image_tokens.view(len(truth), -1)) + 1) / 2).clamp(0, 1)
-    ceilings = {"ground truth 32x32": evaluate((truth + 1) / 2, test, classifier),
-                "VQ reconstruction": evaluate(recon.permute(0, 3, 1, 2), test, classifier)}
+    ceilings = {
+        "ground truth 32x32": evaluate((truth + 1) / 2, test, classifier),
+        "VQ reconstruction": evaluate(recon.permute(0, 3, 1, 2), test, classifier),
+    }
     objects = sum(len(scene.objects) for scene in test)
 
     ar = results["AR"]
@@ -136,15 +146,23 @@ def main(argv: list[str] | None = None) -> None:
         slot = results[name]
         quality = ar_quality if config is None else evaluate(torch.stack(slot["images"]), test, classifier)
         forwards, seconds = statistics.mean(slot["forwards"]), statistics.median(slot["seconds"])
-        rows.append(dict(
-            setting=name, init=None if config is None else config.init, window=0 if config is None else config.window,
-            forwards=round(forwards, 1), fewer_passes=round(ar_forwards / forwards, 2),
-            tokens_per_pass=round(statistics.mean(slot["per_pass"]), 2), seconds=round(seconds, 4),
-            speedup=round(ar_seconds / seconds, 2), object_acc=round(quality["object"], 3),
-            colour_acc=round(quality["colour"], 3), ms_per_pass=round(1000 * seconds / forwards, 2),
-            colour_diff=round(quality["colour"] - ar_quality["colour"], 3),
-            colour_diff_ci=round(_diff_interval(quality["colour"], ar_quality["colour"], objects), 3),
-        ))
+        rows.append(
+            dict(
+                setting=name,
+                init=None if config is None else config.init,
+                window=0 if config is None else config.window,
+                forwards=round(forwards, 1),
+                fewer_passes=round(ar_forwards / forwards, 2),
+                tokens_per_pass=round(statistics.mean(slot["per_pass"]), 2),
+                seconds=round(seconds, 4),
+                speedup=round(ar_seconds / seconds, 2),
+                object_acc=round(quality["object"], 3),
+                colour_acc=round(quality["colour"], 3),
+                ms_per_pass=round(1000 * seconds / forwards, 2),
+                colour_diff=round(quality["colour"] - ar_quality["colour"], 3),
+                colour_diff_ci=round(_diff_interval(quality["colour"], ar_quality["colour"], objects), 3),
+            )
+        )
 
     parameters = sum(p.numel() for p in model.parameters())
     scale = pipe.adapter.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
@@ -160,13 +178,17 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for r in rows:
         diff = "" if r["window"] == 0 else f"{r['colour_diff']:+.3f} +- {r['colour_diff_ci']:.3f}"
-        lines.append(f"{r['setting']:24s} {r['forwards']:7.1f} {r['fewer_passes']:5.2f}x {r['tokens_per_pass']:8.2f} "
-                     f"{r['ms_per_pass']:8.2f} {r['seconds']:8.4f} {r['speedup']:6.2f}x {r['object_acc']:10.3f} "
-                     f"{r['colour_acc']:10.3f} {diff:>16s}")
+        lines.append(
+            f"{r['setting']:24s} {r['forwards']:7.1f} {r['fewer_passes']:5.2f}x {r['tokens_per_pass']:8.2f} "
+            f"{r['ms_per_pass']:8.2f} {r['seconds']:8.4f} {r['speedup']:6.2f}x {r['object_acc']:10.3f} "
+            f"{r['colour_acc']:10.3f} {diff:>16s}"
+        )
     for name, quality in ceilings.items():
         lines.append(f"ceiling, {name}: object acc {quality['object']:.3f}, colour acc {quality['colour']:.3f}")
-    lines.append("object acc: shape and colour right in the named cell; colour acc: colour right there (classifier "
-                 "judge); colour - AR: difference from AR with its 95% interval (SJD is lossless: noise only)")
+    lines.append(
+        "object acc: shape and colour right in the named cell; colour acc: colour right there (classifier "
+        "judge); colour - AR: difference from AR with its 95% interval (SJD is lossless: noise only)"
+    )
     table = "\n".join(lines)
     print(table)
     if args.out is not None:

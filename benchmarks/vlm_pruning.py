@@ -26,11 +26,20 @@ import json
 
 import torch
 
-from common import machine
-
 from hasten.cli.vlm import BUDGETS, TASK_BUDGETS, supported_methods
-from hasten.token_pruning.evaluate import (TINY, TRAINED, evaluate, evaluate_task, format_table, format_task_table,
-                                           load_vlm, sample_images, task_samples)
+from hasten.token_pruning.evaluate import (
+    TINY,
+    TRAINED,
+    evaluate,
+    evaluate_task,
+    format_table,
+    format_task_table,
+    load_vlm,
+    sample_images,
+    task_samples,
+)
+
+from common import machine
 
 
 def trained_tables(args: argparse.Namespace) -> None:
@@ -41,8 +50,9 @@ def trained_tables(args: argparse.Namespace) -> None:
         methods = supported_methods(model)
         budgets = args.budgets or list(TASK_BUDGETS)
         pairs = [("random", 1.0)] + [(m, b) for m in methods for b in budgets if not (m == "random" and b == 1.0)]
-        rows = evaluate_task(model, processor, pairs, task_samples(name, args.samples), timing_samples=args.timing_samples,
-                             progress=True)
+        rows = evaluate_task(
+            model, processor, pairs, task_samples(name, args.samples), timing_samples=args.timing_samples, progress=True
+        )
         print(f"\n## {name} ({type(model).__name__}), {args.samples} held-out questions")
         print(format_task_table(rows), flush=True)
         if args.json:
@@ -52,8 +62,9 @@ def trained_tables(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", default=None, help="default: the four tiny VLMs (with --trained: "
-                        "the trained ones)")
+    parser.add_argument(
+        "--model", nargs="+", default=None, help="default: the four tiny VLMs (with --trained: the trained ones)"
+    )
     parser.add_argument("--budgets", nargs="+", type=float, default=None)
     parser.add_argument("--trained", action="store_true", help="accuracy-vs-budget tables on the trained models")
     parser.add_argument("--samples", type=int, default=200, help="held-out questions per row (--trained)")

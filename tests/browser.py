@@ -32,9 +32,8 @@ from urllib.parse import urlsplit
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before anything imports gradio
 
-import pytest  # noqa: E402
-
 import gradio as gr  # noqa: E402
+import pytest  # noqa: E402
 
 from hasten.apps.launcher import free_port, launch  # noqa: E402
 
@@ -147,8 +146,9 @@ def playing_video(page: Any, elem_id: str, timeout: float = TIMEOUT_MS) -> tuple
     """
     video = page.locator(f"#{elem_id} video").first
     video.wait_for(timeout=timeout)
-    page.wait_for_function("v => v.error === null && v.readyState >= 2 && v.videoWidth > 0",
-                           arg=video.element_handle(), timeout=timeout)
+    page.wait_for_function(
+        "v => v.error === null && v.readyState >= 2 && v.videoWidth > 0", arg=video.element_handle(), timeout=timeout
+    )
     return tuple(video.evaluate("v => [v.videoWidth, v.videoHeight]"))
 
 

@@ -18,6 +18,7 @@ def seeded():
     torch.manual_seed(0)
     yield
 
+
 # Without a GPU, Triton kernels run in the interpreter (set before anything imports triton).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -14,8 +14,25 @@ def test_generate_compare_default_is_the_trained_micro_flux(tmp_path, capsys):
     """`make demo`'s command on the shipped micro-world (small size and few steps here): both
     images, the side-by-side picture, speedup with its bound, PSNR and prompt accuracy."""
     out = tmp_path / "demo.png"
-    assert main(["generate", "--compare", "--steps", "3", "--height", "64", "--width", "64", "--group-size", "4",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--compare",
+                "--steps",
+                "3",
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--group-size",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "model micro-flux (FluxPipeline)" in printed
     for word in ("speedup:", "attention bound", "PSNR(dense, grat):", "prompt accuracy (classifier, 1 object): dense"):
@@ -30,8 +47,25 @@ def test_generate_compare_on_tiny_flux(tmp_path, capsys):
     out = tmp_path / "demo.png"
     previous = os.umask(0o022)
     try:
-        assert main(["generate", "--model", "tiny-flux", "--compare", "--steps", "2", "--group-size", "2",
-                     "--backend", "reference", "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--model",
+                    "tiny-flux",
+                    "--compare",
+                    "--steps",
+                    "2",
+                    "--group-size",
+                    "2",
+                    "--backend",
+                    "reference",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     finally:
         os.umask(previous)
     printed = capsys.readouterr().out
@@ -46,8 +80,26 @@ def test_generate_compare_on_tiny_flux(tmp_path, capsys):
 
 def test_generate_video_writes_mp4(tmp_path, capsys):
     out = tmp_path / "clip.mp4"
-    assert main(["generate", "--model", "tiny-wan", "--steps", "1", "--grat", "block", "--group-size", "1x2x2",
-                 "--backend", "reference", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "tiny-wan",
+                "--steps",
+                "1",
+                "--grat",
+                "block",
+                "--group-size",
+                "1x2x2",
+                "--backend",
+                "reference",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capture = cv2.VideoCapture(str(out))
     frames = 0
     while capture.read()[0]:
@@ -135,8 +187,9 @@ def test_readme_command_line_runs_as_written(tmp_path):
             continue
         argv = shlex.split(command)
         assert argv[0] == "hasten", command
-        result = subprocess.run([sys.executable, "-m", "hasten.cli", *argv[1:]], cwd=tmp_path, capture_output=True,
-                                text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-m", "hasten.cli", *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        )
         assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
         ran += 1
     assert ran >= 7

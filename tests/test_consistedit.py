@@ -33,8 +33,9 @@ def test_preserve_everything_gives_the_source(editor):
 
 
 def test_edit_everything_with_alpha_0_is_a_plain_target_generation(editor):
-    out = editor.edit("a red car", "a blue car", mask=np.ones((36, 52)), alpha=0.0, seed=3,
-                      num_inference_steps=STEPS, progress=False)
+    out = editor.edit(
+        "a red car", "a blue car", mask=np.ones((36, 52)), alpha=0.0, seed=3, num_inference_steps=STEPS, progress=False
+    )
     plain = editor.generate("a blue car", seed=3, num_inference_steps=STEPS)
     torch.testing.assert_close(out.target, plain, rtol=1e-4, atol=1e-4)
     source = editor.generate("a red car", seed=3, num_inference_steps=STEPS)
@@ -45,8 +46,14 @@ def test_real_image_round_trip_keeps_the_preserved_region(editor):
     image = photo("astronaut")
     mask = np.zeros((36, 52))
     mask[10:26, 16:36] = 1
-    out = editor.edit("a photo of an astronaut", "a photo of a robot", mask=mask, image=image,
-                      num_inference_steps=STEPS, progress=False)
+    out = editor.edit(
+        "a photo of an astronaut",
+        "a photo of a robot",
+        mask=mask,
+        image=image,
+        num_inference_steps=STEPS,
+        progress=False,
+    )
     reference = editor.model.decode(editor.model.encode_image(image))[0]  # the VAE round trip of the input
     keep = ~_pixels(out.edit_region)
     keep[8:28, 14:38] = False  # the decoder spreads the edit a little across the boundary
@@ -59,18 +66,21 @@ def test_real_image_round_trip_keeps_the_preserved_region(editor):
 def test_multi_round_editing_does_not_drift(editor):
     mask = np.zeros((36, 52))
     mask[:12, :12] = 1
-    first = editor.edit("a red car", "a blue car", mask=mask, image=photo("coffee"), num_inference_steps=STEPS,
-                        progress=False)
-    second = editor.edit("a blue car", "a green car", mask=mask, latents=first.latents, num_inference_steps=STEPS,
-                         progress=False)
+    first = editor.edit(
+        "a red car", "a blue car", mask=mask, image=photo("coffee"), num_inference_steps=STEPS, progress=False
+    )
+    second = editor.edit(
+        "a blue car", "a green car", mask=mask, latents=first.latents, num_inference_steps=STEPS, progress=False
+    )
     keep = editor.model.latent_keep((~first.edit_region.flatten()).to(first.latents.dtype)).bool()
     keep = keep.expand_as(first.latents)
     assert torch.equal(second.latents[keep], first.latents[keep])
 
 
 def test_edit_words_give_a_mask_and_errors_name_the_problem(editor):
-    out = editor.edit("a red car on a street", "a blue car on a street", edit_words=["red"],
-                      num_inference_steps=STEPS, progress=False)
+    out = editor.edit(
+        "a red car on a street", "a blue car on a street", edit_words=["red"], num_inference_steps=STEPS, progress=False
+    )
     assert out.edit_region.shape == editor.model.grid and bool(out.edit_region.any())
     with pytest.raises(ValueError, match="not in the prompt"):
         editor.edit("a red car", "a blue car", edit_words=["bicycle"], num_inference_steps=2, progress=False)
@@ -79,8 +89,9 @@ def test_edit_words_give_a_mask_and_errors_name_the_problem(editor):
     with pytest.raises(ValueError, match="edit_words"):
         editor.edit("a red car", "a blue car", num_inference_steps=2, progress=False)
     with pytest.raises(ValueError, match="mask_threshold"):
-        editor.edit("a red car", "a blue car", edit_words=["red"], mask_threshold=1.0, num_inference_steps=2,
-                    progress=False)
+        editor.edit(
+            "a red car", "a blue car", edit_words=["red"], mask_threshold=1.0, num_inference_steps=2, progress=False
+        )
 
 
 def test_unsupported_model_class():
@@ -92,18 +103,36 @@ def test_unsupported_model_class():
 def test_video_families_synthetic_invariants(kind):
     pipe = hasten.tiny.pipeline(kind)
     editor = ConsistEditPipeline.from_pipe(pipe, **hasten.tiny.default_size(kind), max_sequence_length=77)
-    kept = editor.edit("a red car driving", "a blue car driving", mask=np.zeros((80, 112)), num_inference_steps=3,
-                       progress=False)
+    kept = editor.edit(
+        "a red car driving", "a blue car driving", mask=np.zeros((80, 112)), num_inference_steps=3, progress=False
+    )
     assert kept.target.shape == (9, 3, 80, 112)
     torch.testing.assert_close(kept.target, kept.source, rtol=1e-5, atol=1e-5)
-    free = editor.edit("a red car driving", "a blue car driving", mask=np.ones((80, 112)), alpha=0.0, seed=2,
-                       num_inference_steps=3, progress=False)
-    plain = pipe(prompt=["a blue car driving"], negative_prompt=[""], latents=editor.video._noise(2),
-                 num_inference_steps=3, guidance_scale=editor.video.default_guidance, max_sequence_length=77,
-                 height=80, width=112, num_frames=9, output_type="pt").frames
+    free = editor.edit(
+        "a red car driving",
+        "a blue car driving",
+        mask=np.ones((80, 112)),
+        alpha=0.0,
+        seed=2,
+        num_inference_steps=3,
+        progress=False,
+    )
+    plain = pipe(
+        prompt=["a blue car driving"],
+        negative_prompt=[""],
+        latents=editor.video._noise(2),
+        num_inference_steps=3,
+        guidance_scale=editor.video.default_guidance,
+        max_sequence_length=77,
+        height=80,
+        width=112,
+        num_frames=9,
+        output_type="pt",
+    ).frames
     torch.testing.assert_close(free.target, torch.as_tensor(plain).float()[0], rtol=1e-4, atol=1e-4)
-    words = editor.edit("a red car driving", "a blue car driving", edit_words=["red"], num_inference_steps=2,
-                        progress=False)
+    words = editor.edit(
+        "a red car driving", "a blue car driving", edit_words=["red"], num_inference_steps=2, progress=False
+    )
     assert words.edit_region.shape == (3, 5, 7) and bool(words.edit_region.any())
     if kind == "cogvideox":
         with pytest.raises(ValueError, match="real"):
@@ -117,8 +146,14 @@ def test_wan_real_video_round_trip_keeps_the_preserved_region():
     frames, _ = panned(frames=9, size=(80, 112), step=(2, 0))
     mask = np.zeros((80, 112))
     mask[16:64, 32:80] = 1
-    out = editor.edit("a photo of an astronaut", "a photo of a robot", mask=mask, image=frames,
-                      num_inference_steps=STEPS, progress=False)
+    out = editor.edit(
+        "a photo of an astronaut",
+        "a photo of a robot",
+        mask=mask,
+        image=frames,
+        num_inference_steps=STEPS,
+        progress=False,
+    )
     assert out.target.shape == (9, 3, 80, 112) and out.edit_region.shape == (3, 5, 7)
     model = editor.model
     reference = model.decode(model.encode_image(frames))[0]

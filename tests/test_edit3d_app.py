@@ -7,10 +7,10 @@ import re
 import gradio as gr
 import numpy as np
 import pytest
-from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,
-                     running_app, screenshot)
 
 from hasten.apps.edit3d_app import BOX_COLOUR, Edit3DRun, build_demo  # noqa: E402
+
+from browser import TIMEOUT_MS, assert_no_errors, chromium_page, click_example, running_app, screenshot
 
 
 @pytest.mark.browser

@@ -8,14 +8,14 @@ import re
 import gradio as gr
 import numpy as np
 import pytest
-from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,
-                     running_app, screenshot, shown_image)
 from PIL import Image
 
 import hasten.tiny  # noqa: E402
 from hasten.apps.edit_app import REGION_COLOUR, EditRun, build_demo  # noqa: E402
 from hasten.pipelines.consistedit import ConsistEditPipeline  # noqa: E402
 from hasten.tiny.motion import photo  # noqa: E402
+
+from browser import TIMEOUT_MS, assert_no_errors, chromium_page, click_example, running_app, screenshot, shown_image
 
 # Gradio 6's ImageEditor front end sometimes throws while it resizes its layers after an upload
 # ("reading 'reset_layers'" / "'dimensions'"); the app keeps working. Any other page error fails a test.
@@ -82,8 +82,9 @@ def test_painted_strokes_are_the_edit_region_drawn_in_cyan(run):
     background = np.full((72, 104, 3), 120, np.uint8)
     strokes = np.zeros((72, 104, 4), np.uint8)
     strokes[:36, :52, 3] = 255  # the top-left quarter
-    source, edited, region, report = run({"background": background, "layers": [strokes], "composite": background},
-                                         "a photo", "a painting", "", 0.1, 3)
+    source, edited, region, report = run(
+        {"background": background, "layers": [strokes], "composite": background}, "a photo", "a painting", "", 0.1, 3
+    )
     share = int(re.search(r"edit region (\d+)%", report).group(1))
     assert "real (inverted)" in report and "painted" in report and 15 <= share <= 30, report  # a quarter, 9 x 13 grid
     assert edited.shape == source.shape == region.shape

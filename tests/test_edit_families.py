@@ -21,8 +21,14 @@ def _sigmas_the_pipeline_samples_with(pipe, steps: int, **size) -> torch.Tensor:
         return {}
 
     pipe.set_progress_bar_config(disable=True)
-    pipe("a red car", num_inference_steps=steps, output_type="latent", callback_on_step_end=step_end,
-         max_sequence_length=32, **size)
+    pipe(
+        "a red car",
+        num_inference_steps=steps,
+        output_type="latent",
+        callback_on_step_end=step_end,
+        max_sequence_length=32,
+        **size,
+    )
     return seen[-1].double()
 
 
@@ -44,8 +50,9 @@ def test_sd3_keeps_its_last_small_noise_level_and_wan_reads_flow_shift():
     original = wan.scheduler
     try:
         for shift in (3.0, 5.0):  # Wan's real scheduler stores the shift as `flow_shift`
-            wan.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                    flow_shift=shift)
+            wan.scheduler = UniPCMultistepScheduler(
+                prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift
+            )
             sigmas = pipeline_sigmas(wan, 10, 105)
             reference = UniPCMultistepScheduler.from_config(wan.scheduler.config)
             reference.set_timesteps(10)
@@ -81,9 +88,28 @@ def test_cli_max_sequence_length_flag(tmp_path, monkeypatch):
         return original(cls, pipe, **kwargs)
 
     monkeypatch.setattr(ConsistEditPipeline, "from_pipe", classmethod(spy))
-    assert main(["edit", "--model", "tiny-sd3", "--source-prompt", "a red car", "--target-prompt", "a blue car",
-                 "--edit-words", "red", "--steps", "2", "--max-sequence-length", "48",
-                 "--out", str(tmp_path / "e.png")]) == 0
+    assert (
+        main(
+            [
+                "edit",
+                "--model",
+                "tiny-sd3",
+                "--source-prompt",
+                "a red car",
+                "--target-prompt",
+                "a blue car",
+                "--edit-words",
+                "red",
+                "--steps",
+                "2",
+                "--max-sequence-length",
+                "48",
+                "--out",
+                str(tmp_path / "e.png"),
+            ]
+        )
+        == 0
+    )
     assert seen["max_sequence_length"] == 48 and (seen["height"], seen["width"]) == (36, 52)
 
 
@@ -116,8 +142,17 @@ def test_flux_without_a_guidance_embedding_guides_like_true_cfg():
     assert model.uses_cfg and cond.cfg and cond.embeds.shape[0] == 2
     ours = model.velocity(latents, 1.0, cond)
     # FluxPipeline, one Euler step from sigma 1 to 0: out = latents - velocity.
-    out = pipe(prompt, negative_prompt="", true_cfg_scale=3.0, height=32, width=32, num_inference_steps=1,
-               latents=latents.clone(), max_sequence_length=16, output_type="latent").images
+    out = pipe(
+        prompt,
+        negative_prompt="",
+        true_cfg_scale=3.0,
+        height=32,
+        width=32,
+        num_inference_steps=1,
+        latents=latents.clone(),
+        max_sequence_length=16,
+        output_type="latent",
+    ).images
     torch.testing.assert_close(ours, latents - out, rtol=1e-4, atol=1e-5)
     unguided = model.velocity(latents, 1.0, model.encode([prompt], guidance_scale=1.0))
     assert not model.uses_cfg and not torch.allclose(ours, unguided, atol=1e-4)  # guidance changes the velocity

@@ -71,8 +71,13 @@ def _cogvideox_case():
 
     def forward():
         with torch.no_grad():
-            transformer(hidden_states=latents, encoder_hidden_states=text, timestep=torch.tensor([600]),
-                        image_rotary_emb=rotary, return_dict=False)
+            transformer(
+                hidden_states=latents,
+                encoder_hidden_states=text,
+                timestep=torch.tensor([600]),
+                image_rotary_emb=rotary,
+                return_dict=False,
+            )
 
     return pipe, tokens, forward
 
@@ -92,7 +97,7 @@ def test_word_map_is_the_models_own_attention(kind):
             forward()
     finally:
         control.remove()
-    controlled = calls[-len(control.layers):]  # Flux: the single-stream blocks run last
+    controlled = calls[-len(control.layers) :]  # Flux: the single-stream blocks run last
     layout = control.layout
     expected = _oracle(controlled, tokens, *REFERENCE[kind])
     got = control._mask_sum / control._mask_count

@@ -24,7 +24,7 @@ def test_float32_is_exact_and_bytes_are_the_stored_tensors():
     assert cache.nbytes == (x.numel() + x[:, :5].numel()) * 4 and len(cache) == 2
 
 
-@pytest.mark.parametrize("dtype, bound", [("bfloat16", 2 ** -8), ("float16", 2 ** -11)])
+@pytest.mark.parametrize("dtype, bound", [("bfloat16", 2**-8), ("float16", 2**-11)])
 def test_half_precision_within_its_rounding(dtype, bound):
     cache = FeatureCache(FeatureCacheConfig(dtype=dtype))
     x = _features(1)

@@ -113,8 +113,9 @@ def _check_replayed(log, preserved: torch.Tensor, channels: slice) -> None:
     for key, out in replays:  # exact (fp32 cache): attention sees the recording in the preserved tokens
         source = recorded[key]
         rows = source.shape[0] if out.shape[0] == source.shape[0] else 1
-        assert torch.equal(out[:, preserved, channels], source[:rows, preserved, channels].expand_as(
-            out[:, preserved, channels])), key
+        assert torch.equal(
+            out[:, preserved, channels], source[:rows, preserved, channels].expand_as(out[:, preserved, channels])
+        ), key
 
 
 def test_voxhammer_replayed_keys_and_values_are_the_recorded_ones(voxel_editor, monkeypatch):
@@ -130,16 +131,20 @@ def test_voxhammer_replayed_keys_and_values_are_the_recorded_ones(voxel_editor, 
 # --- masked K/V replay on diffusers models ---------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["flux", "sd3"])
 def test_masked_kv_replay_writes_the_recorded_features_and_changes_the_edit(kind, monkeypatch):
-    editor = MaskedKVEditPipeline.from_pipe(hasten.tiny.pipeline(kind), **hasten.tiny.default_size(kind),
-                                            max_sequence_length=32)
+    editor = MaskedKVEditPipeline.from_pipe(
+        hasten.tiny.pipeline(kind), **hasten.tiny.default_size(kind), max_sequence_length=32
+    )
     model = editor.model
     mask = np.zeros((model.height, model.width))
     mask[:, : model.width // 2] = 1
     image = photo("chelsea")
     log = _logged_projections(monkeypatch)
     replayed = editor.edit(image, mask, "a photo of a dog", num_inference_steps=3, cache=EXACT, progress=False)
-    _check_replayed([(m, k, out[:, -model.tokens:]) for m, k, out in log],
-                    (~replayed.edit_region.flatten()).nonzero()[:, 0], slice(None))
+    _check_replayed(
+        [(m, k, out[:, -model.tokens :]) for m, k, out in log],
+        (~replayed.edit_region.flatten()).nonzero()[:, 0],
+        slice(None),
+    )
     _no_replay(monkeypatch)
     plain = editor.edit(image, mask, "a photo of a dog", num_inference_steps=3, cache=EXACT, progress=False)
     edited = ~model.latent_keep((~replayed.edit_region.flatten()).float()).bool().expand_as(plain.latents)
@@ -148,8 +153,9 @@ def test_masked_kv_replay_writes_the_recorded_features_and_changes_the_edit(kind
 
 # --- ConsistEdit's source -> target copy, without latent blending ----------------------------------------
 def test_consistedit_copies_the_sources_values_into_the_preserved_target_tokens():
-    editor = ConsistEditPipeline.from_pipe(hasten.tiny.pipeline("flux"), **hasten.tiny.default_size("flux"),
-                                           max_sequence_length=32)
+    editor = ConsistEditPipeline.from_pipe(
+        hasten.tiny.pipeline("flux"), **hasten.tiny.default_size("flux"), max_sequence_length=32
+    )
     model = editor.model
     mask = np.zeros((model.height, model.width))
     mask[:, : model.width // 2] = 1
@@ -158,12 +164,20 @@ def test_consistedit_copies_the_sources_values_into_the_preserved_target_tokens(
     # no copy: the control (hooked after this one, when the edit starts) edits the same tensor in place
     handle = layer.to_v.register_forward_hook(lambda m, a, out: values.append(out.detach()))
     try:
-        out = editor.edit("a red car", "a blue bicycle", mask=mask, alpha=0.0, seed=1, num_inference_steps=3,
-                          blend_latents=False, progress=False)
+        out = editor.edit(
+            "a red car",
+            "a blue bicycle",
+            mask=mask,
+            alpha=0.0,
+            seed=1,
+            num_inference_steps=3,
+            blend_latents=False,
+            progress=False,
+        )
     finally:
         handle.remove()
     preserved = ~out.edit_region.flatten()
-    edit_calls = [v[:, -model.tokens:] for v in values if v.shape[0] == 2]
+    edit_calls = [v[:, -model.tokens :] for v in values if v.shape[0] == 2]
     assert edit_calls
     for v in edit_calls:
         assert torch.equal(v[1, preserved], v[0, preserved])  # target = source where preserved

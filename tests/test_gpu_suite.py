@@ -24,8 +24,14 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("suite")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the suite sets it itself
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--out", str(out)],
-                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result.stdout, seconds
@@ -58,8 +64,9 @@ def test_smoke_json_lines_parse_and_name_their_section(smoke):
     assert measured | skipped == set(SECTION_NAMES)
     for name in SECTION_NAMES:  # a section's rows are in the JSON lines exactly when its .txt has a table
         text = (out / f"{name}.txt").read_text()
-        assert (name in measured) == any(line.strip() and not line.startswith("SKIPPED")
-                                         for line in text.split("\n", 1)[1].splitlines()), text
+        assert (name in measured) == any(
+            line.strip() and not line.startswith("SKIPPED") for line in text.split("\n", 1)[1].splitlines()
+        ), text
     attention = [row for row in rows if row["section"] == "grat_attention" and "skipped" not in row]
     assert {row["backend"] for row in attention} <= {"triton", "reference"}
     assert all(row["grat_ms"] > 0 and row["bound"] > 0 for row in attention)

@@ -6,8 +6,7 @@ from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
 import hasten
 from hasten import tiny
-from hasten.hooks.grat import GratAttnProcessor
-from hasten.hooks.grat import grat_state
+from hasten.hooks.grat import GratAttnProcessor, grat_state
 from hasten.measure import compare_grat
 
 FAMILIES = ("flux", "sd3", "hunyuan-video", "wan", "cogvideox")
@@ -62,8 +61,12 @@ def test_full_window_equals_dense_and_disable_restores_bits(pipes, kind):
 # The prompt that feeds the text tokens of the joint attention; the others (pooled CLIP embeddings,
 # which condition image tokens through the time embedding) stay fixed.
 TEXT_PROMPT = {"flux": "prompt_2", "sd3": "prompt_3", "hunyuan-video": "prompt", "cogvideox": "prompt"}
-FIXED_PROMPTS = {"flux": {"prompt": "a fox"}, "sd3": {"prompt": "a fox", "prompt_2": "a fox"},
-                 "hunyuan-video": {}, "cogvideox": {}}
+FIXED_PROMPTS = {
+    "flux": {"prompt": "a fox"},
+    "sd3": {"prompt": "a fox", "prompt_2": "a fox"},
+    "hunyuan-video": {},
+    "cogvideox": {},
+}
 
 
 @pytest.mark.parametrize("kind", sorted(TEXT_PROMPT))
@@ -192,7 +195,9 @@ def test_torch_compile_does_not_recompile_every_step():
 def test_compare_grat_reports_times_psnr_density(pipes):
     pipe = pipes("flux")
     kwargs = dict(tiny.default_size("flux"), prompt="a fox", num_inference_steps=STEPS)
-    result = compare_grat(pipe, hasten.GratConfig(pattern="cross", group_size=2, backend="reference"), warmup=False, **kwargs)
+    result = compare_grat(
+        pipe, hasten.GratConfig(pattern="cross", group_size=2, backend="reference"), warmup=False, **kwargs
+    )
     assert result.dense.shape == result.grat.shape
     assert result.dense_seconds > 0 and result.grat_seconds > 0 and 0 < result.density < 1
     assert 0 < result.psnr < float("inf")
@@ -237,8 +242,9 @@ def test_lora_keeps_working_under_grat():
 
     pipe = tiny.pipeline("flux")
     pipe.set_progress_bar_config(disable=True)
-    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    pipe.transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
     with_lora = run(pipe, "flux")
     pipe.transformer.disable_adapters()
     without_lora = run(pipe, "flux")

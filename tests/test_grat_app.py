@@ -6,12 +6,12 @@ import re
 
 import gradio as gr
 import pytest
-from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,
-                     running_app, screenshot, shown_image)
 
+from hasten import tiny
 from hasten.apps.grat_app import build_demo  # noqa: E402
 from hasten.apps.launcher import random_weights_notice  # noqa: E402
-from hasten import tiny
+
+from browser import TIMEOUT_MS, assert_no_errors, chromium_page, click_example, running_app, screenshot, shown_image
 
 SIZE = tiny.default_size("flux")
 
@@ -31,8 +31,13 @@ def test_example_shows_dense_grat_difference_and_the_numbers(tmp_path):
             assert (image["width"], image["height"]) == (384, 384)  # 192 x 192 shown 2x (256 px at least)
         assert dense["std"] > 1 and grat["std"] > 1, (dense, grat)  # pictures, not a blank canvas
         text = timing.inner_text()
-        for pattern in (r"speedup \d+\.\d\dx", r"attention bound \d+\.\d\dx", r"PSNR \d+\.\d\d dB",
-                        r"prompt accuracy \(classifier\): dense \d+%, GRAT \d+%", r"192 x 192, 8 steps"):
+        for pattern in (
+            r"speedup \d+\.\d\dx",
+            r"attention bound \d+\.\d\dx",
+            r"PSNR \d+\.\d\d dB",
+            r"prompt accuracy \(classifier\): dense \d+%, GRAT \d+%",
+            r"192 x 192, 8 steps",
+        ):
             assert re.search(pattern, text), (pattern, text)
         assert_no_errors(page)
         screenshot(page, "grat", tmp_path)

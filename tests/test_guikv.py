@@ -52,8 +52,9 @@ def test_saliency_raises_planted_high_norm_tokens():
 
 
 def _inputs(processor, shots, steps):
-    return processor(images=shots, text=[chat_prompt(processor, "What is the next action?", images=steps)],
-                     return_tensors="pt")
+    return processor(
+        images=shots, text=[chat_prompt(processor, "What is the next action?", images=steps)], return_tensors="pt"
+    )
 
 
 @pytest.mark.parametrize("kind", ["llava", "qwen2.5-vl"])
@@ -64,21 +65,22 @@ def test_decoding_equals_per_head_masking_of_the_dropped_tokens(kind):
     inputs = _inputs(processor, shots, 3)
     method = GUIKV(budget=0.3, rank=4)
     with method.apply(model):
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            **inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
     kept = [slots[0] for slots in method.stats.kv_kept_positions]  # per layer (kv_heads, slots)
     length = inputs["input_ids"].shape[1]
     # the reference's budget: int(L * budget) entries per head over ALL prompt tokens, window included
     assert all(tuple(slots.shape) == (slots.shape[0], int(0.3 * length)) for slots in kept)
-    assert all(bool((slots[:, -method.window:] == torch.arange(length - method.window, length)).all())
-               for slots in kept), "the last `window` prompt tokens are always kept"
+    assert all(
+        bool((slots[:, -method.window :] == torch.arange(length - method.window, length)).all()) for slots in kept
+    ), "the last `window` prompt tokens are always kept"
     full = dict(inputs)
     full["input_ids"] = out.sequences[:, :-1]
     full["attention_mask"] = torch.ones_like(full["input_ids"])
     if "mm_token_type_ids" in full:
         extra = full["input_ids"].shape[1] - length
-        full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
-                                               torch.zeros(1, extra, dtype=torch.long)], 1)
+        full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, extra, dtype=torch.long)], 1)
     layers = model.model.language_model.layers
     heads = model.config.text_config.num_attention_heads
 
@@ -93,8 +95,10 @@ def test_decoding_equals_per_head_masking_of_the_dropped_tokens(kind):
             allowed = causal & (prompt_rows | visible[:, None, :])  # (kv_heads, size, size)
             allowed = allowed.repeat_interleave(heads // allowed.shape[0], 0)[None]
             kwargs["attention_mask"] = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(
-                ~allowed, torch.finfo(torch.float64).min)
+                ~allowed, torch.finfo(torch.float64).min
+            )
             return args, kwargs
+
         return mask_hook
 
     handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -115,12 +119,12 @@ def test_batch_of_two_trajectories_matches_each_alone():
     prompts = [chat_prompt(processor, "Next action?", images=3), chat_prompt(processor, "What now, agent?", images=2)]
     batch = processor(images=first + second, text=prompts, return_tensors="pt", padding=True)
     with GUIKV(budget=0.25).apply(model) as method:
-        together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1] :]
         kept_together = list(method.stats.visual_tokens_kept)
     for index, (shots, prompt) in enumerate(((first, prompts[0]), (second, prompts[1]))):
         alone = processor(images=shots, text=[prompt], return_tensors="pt")
         with GUIKV(budget=0.25).apply(model) as method:
-            single = model.generate(**alone, max_new_tokens=4, do_sample=False)[:, alone["input_ids"].shape[1]:]
+            single = model.generate(**alone, max_new_tokens=4, do_sample=False)[:, alone["input_ids"].shape[1] :]
         assert torch.equal(together[index], single[0])
         assert method.stats.visual_tokens_kept == [kept_together[index]]
 
@@ -151,9 +155,16 @@ def test_kept_entries_equal_the_reference_rule_on_eager_attention(kind, alpha):
         assert torch.equal(ours[0], theirs), f"layer {layer}"
 
 
-@pytest.mark.parametrize("kwargs, name", [(dict(budget=0.0), "budget"), (dict(window=0), "window"),
-                                          (dict(temperature=0), "temperature"), (dict(rank=0), "rank"),
-                                          (dict(renumber=True), "renumber")])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(budget=0.0), "budget"),
+        (dict(window=0), "window"),
+        (dict(temperature=0), "temperature"),
+        (dict(rank=0), "rank"),
+        (dict(renumber=True), "renumber"),
+    ],
+)
 def test_errors(kwargs, name):
     with pytest.raises(ValueError, match=name):
         GUIKV(**kwargs)

@@ -42,7 +42,9 @@ def test_a_corrupt_input_fails_alone(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "2 translated" in printed and "1 failed" in printed and "broken" in printed
     latest = Manifest(out / MANIFEST_NAME).latest()
-    assert latest[str(out / "broken.mp4")]["status"] == "failed" and "corrupt" in latest[str(out / "broken.mp4")]["error"]
+    assert (
+        latest[str(out / "broken.mp4")]["status"] == "failed" and "corrupt" in latest[str(out / "broken.mp4")]["error"]
+    )
     for path in inputs:
         record = latest[str(out / f"{path.stem}.mp4")]
         assert record["status"] == "done" and record["frames"] == 3 and "total" in record["seconds"]
@@ -70,17 +72,25 @@ def test_changed_settings_redo_the_video(tmp_path):
 def test_jobs_file_and_duplicate_outputs(tmp_path, capsys):
     sources = _videos(tmp_path / "in", 2)
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("\n".join(json.dumps(line) for line in [
-        {"input": str(sources[0]), "prompt": "ink", "options": {"warp_end": 0.5}},
-        {"input": str(sources[1]), "prompt": "oil", "output": str(tmp_path / "out" / "custom.mp4")},
-    ]))
+    jobs.write_text(
+        "\n".join(
+            json.dumps(line)
+            for line in [
+                {"input": str(sources[0]), "prompt": "ink", "options": {"warp_end": 0.5}},
+                {"input": str(sources[1]), "prompt": "oil", "output": str(tmp_path / "out" / "custom.mp4")},
+            ]
+        )
+    )
     assert main(["translate", "--jobs", str(jobs), "--output", str(tmp_path / "out"), *FAST]) == 0
     records = Manifest(tmp_path / "out" / MANIFEST_NAME).records()
     assert {r["settings"]["prompt"] for r in records} == {"ink", "oil"}
     assert records[0]["settings"]["options"]["warp_end"] == 0.5 and (tmp_path / "out" / "custom.mp4").exists()
     twice = tmp_path / "twice.jsonl"
-    twice.write_text(json.dumps({"input": str(sources[0]), "prompt": "a"}) + "\n" +
-                     json.dumps({"input": str(sources[0]), "prompt": "b"}))
+    twice.write_text(
+        json.dumps({"input": str(sources[0]), "prompt": "a"})
+        + "\n"
+        + json.dumps({"input": str(sources[0]), "prompt": "b"})
+    )
     assert main(["translate", "--jobs", str(twice), "--output", str(tmp_path / "o2"), *FAST]) == 2
     assert "same output" in capsys.readouterr().err
 
@@ -89,8 +99,20 @@ def test_jobs_file_and_duplicate_outputs(tmp_path, capsys):
 def test_kill_9_mid_job_then_rerun_does_every_video_exactly_once(tmp_path):
     inputs = _videos(tmp_path / "in", 6, frames=10)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "hasten.cli", "translate", str(tmp_path / "in"), "--output", str(out),
-               "--prompt", "a painting", "--steps", "6", "--no-audio"]
+    command = [
+        sys.executable,
+        "-m",
+        "hasten.cli",
+        "translate",
+        str(tmp_path / "in"),
+        "--output",
+        str(out),
+        "--prompt",
+        "a painting",
+        "--steps",
+        "6",
+        "--no-audio",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -123,8 +145,10 @@ def test_ray_backend_gives_the_same_manifest(tmp_path):
         ray.shutdown()
 
     def summary(folder):
-        return {Path(r["output"]).name: (r["status"], r["settings_hash"], r.get("frames"))
-                for r in Manifest(folder / MANIFEST_NAME).records()}
+        return {
+            Path(r["output"]).name: (r["status"], r["settings_hash"], r.get("frames"))
+            for r in Manifest(folder / MANIFEST_NAME).records()
+        }
 
     assert summary(local) == summary(remote)
     for name in ("clip0.mp4", "clip1.mp4", "clip2.mp4"):
@@ -133,8 +157,14 @@ def test_ray_backend_gives_the_same_manifest(tmp_path):
 
 def _translate(*args: str, cwd: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "hasten.cli", "translate", *args, "--prompt", "a painting", *FAST]
-    return subprocess.Popen(command, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 @pytest.mark.slow
@@ -153,8 +183,7 @@ def test_two_concurrent_runs_spelled_differently_translate_each_video_once(tmp_p
     manifest = tmp_path / "out" / MANIFEST_NAME
     assert sorted(_done(manifest)) == sorted(str(p) for p in inputs), "every video done exactly once"
     # a third spelling of the same work (./in/../in/clip0.avi, out/./) resumes it: nothing is redone
-    third = _translate("./in/../in/clip0.avi", str(tmp_path / "in" / "clip1.avi"), "--output", "out/./",
-                       cwd=tmp_path)
+    third = _translate("./in/../in/clip0.avi", str(tmp_path / "in" / "clip1.avi"), "--output", "out/./", cwd=tmp_path)
     assert third.wait(timeout=300) == 0
     assert "0 translated, 2 already done" in third.communicate()[0]
     assert len(Manifest(manifest).records()) == 2
@@ -182,8 +211,7 @@ def test_resume_matches_any_spelling_of_the_paths(tmp_path, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path)
     assert main(["translate", "in/", "--output", "out/", "--prompt", "a painting", *FAST]) == 0
     capsys.readouterr()
-    assert main(["translate", str(source), "--output", str(tmp_path / "out"), "--prompt", "a painting",
-                 *FAST]) == 0
+    assert main(["translate", str(source), "--output", str(tmp_path / "out"), "--prompt", "a painting", *FAST]) == 0
     assert "0 translated, 1 already done" in capsys.readouterr().out
     record = Manifest(tmp_path / "out" / MANIFEST_NAME).records()[0]
     assert record["input"] == str(source.resolve()) and record["output"] == str((tmp_path / "out/clip0.mp4").resolve())
@@ -217,13 +245,19 @@ def test_outputs_respect_the_umask(tmp_path):
     assert (tmp_path / "out" / MANIFEST_NAME).stat().st_mode & 0o777 == 0o644
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--output", "{file}"], "--output {file} is a file; give a folder"),
-    (["--output", "/proc/hasten-out"], "--output /proc/hasten-out: cannot write in /proc"),
-    (["--output", "{tmp}/o", "--model", "{tmp}"], "this folder is not a diffusers pipeline (no model_index.json)"),
-    (["--output", "{tmp}/o", "--model", "nobody/no-such-model"], "--model nobody/no-such-model: not a local folder"),
-    (["--output", "{tmp}/o", "--device", "cuda:7"], "--device cuda:7"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--output", "{file}"], "--output {file} is a file; give a folder"),
+        (["--output", "/proc/hasten-out"], "--output /proc/hasten-out: cannot write in /proc"),
+        (["--output", "{tmp}/o", "--model", "{tmp}"], "this folder is not a diffusers pipeline (no model_index.json)"),
+        (
+            ["--output", "{tmp}/o", "--model", "nobody/no-such-model"],
+            "--model nobody/no-such-model: not a local folder",
+        ),
+        (["--output", "{tmp}/o", "--device", "cuda:7"], "--device cuda:7"),
+    ],
+)
 def test_bad_output_model_or_device_fail_before_anything_runs(tmp_path, capsys, argv, message):
     _videos(tmp_path / "in", 1, frames=2)
     (tmp_path / "file").write_text("x")

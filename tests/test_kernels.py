@@ -34,7 +34,9 @@ CASES = [
 @pytest.mark.parametrize("spec", CASES)
 def test_reference_matches_dense(spec):
     layout, q, k, v, key_valid = case(**spec)
-    out = block_sparse_attention(q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile, backend="reference")
+    out = block_sparse_attention(
+        q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile, backend="reference"
+    )
     torch.testing.assert_close(out, dense_reference(q, k, v, layout, key_valid), atol=2e-6, rtol=1e-5)
 
 
@@ -42,7 +44,14 @@ def test_reference_matches_dense(spec):
 def test_flex_matches_dense(spec):
     layout, q, k, v, key_valid = case(**spec)
     out = block_sparse_attention(
-        q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile, backend="flex",
+        q,
+        k,
+        v,
+        layout.kv_indices,
+        layout.kv_counts,
+        key_valid,
+        layout.tile,
+        backend="flex",
         static_valid=layout.image_key_valid,
     )
     expected = dense_reference(q, k, v, layout, key_valid)
@@ -53,13 +62,17 @@ def test_flex_matches_dense(spec):
 def test_query_rows_without_valid_keys_are_zero():
     layout, q, k, v, key_valid = case((1, 4, 4), (1, 2, 2), 0, "block", window=(0, 0, 0), batch=1)
     key_valid[:, : layout.tile] = False  # the first group's keys all invalid
-    out = block_sparse_attention(q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile, backend="reference")
+    out = block_sparse_attention(
+        q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile, backend="reference"
+    )
     assert out[:, :, : layout.tile].abs().max() == 0
 
 
 def test_custom_scale():
     layout, q, k, v, key_valid = case((1, 4, 4), (1, 2, 2), 2, "cross")
-    out = block_sparse_attention(q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile, scale=0.3, backend="reference")
+    out = block_sparse_attention(
+        q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile, scale=0.3, backend="reference"
+    )
     mask = layout.dense_mask()[None, None] & key_valid[:, None, None, :]
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
     rows = layout.key_valid
@@ -104,8 +117,9 @@ def test_measured_density_equals_counted_tiles(monkeypatch):
 
     layout, q, k, v, key_valid = case((1, 5, 7), (1, 2, 2), 3, "cross", batch=1, heads=2)
     counter = torch.zeros(1, dtype=torch.int64)
-    triton_block_sparse_attention(q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile,
-                                  tile_counter=counter)
+    triton_block_sparse_attention(
+        q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile, tile_counter=counter
+    )
     computed = counter.item() / (q.shape[0] * q.shape[1])
     assert computed / layout.num_tiles**2 == pytest.approx(layout.density)
 
@@ -170,10 +184,15 @@ def _model_order_mask(grid, group, num_text, text_first, pattern, window=1):
     return mask, text
 
 
-@pytest.mark.parametrize("pattern,text_first,dtype", [
-    ("cross", True, torch.float32), ("block", False, torch.float32),
-    ("cross", False, torch.float16), ("block", True, torch.float16),
-])
+@pytest.mark.parametrize(
+    "pattern,text_first,dtype",
+    [
+        ("cross", True, torch.float32),
+        ("block", False, torch.float32),
+        ("cross", False, torch.float16),
+        ("block", True, torch.float16),
+    ],
+)
 def test_fused_triton_grouped_attention_matches_reference_and_dense(pattern, text_first, dtype, monkeypatch):
     """The Triton grouped call (gather and scatter inside the kernel) equals the reference backend's
     gather -> kernel -> scatter and dense SDPA with the model-order mask, batch 2, with a key mask
@@ -191,8 +210,9 @@ def test_fused_triton_grouped_attention_matches_reference_and_dense(pattern, tex
     atol = 1e-5 if dtype == torch.float32 else 2e-3
     for key_padding in (None, padding):
         out = grouped_attention(q, k, v, layout, key_padding=key_padding, backend="triton")
-        reference = grouped_attention(q.float(), k.float(), v.float(), layout, key_padding=key_padding,
-                                      backend="reference")
+        reference = grouped_attention(
+            q.float(), k.float(), v.float(), layout, key_padding=key_padding, backend="reference"
+        )
         full = mask[None, None] & (padding if key_padding is not None else torch.ones_like(padding))[:, None, None, :]
         dense = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=full)
         assert out.dtype == dtype and out.shape == q.shape
@@ -216,8 +236,12 @@ def test_fused_triton_grouped_attention_makes_no_permuted_copies(monkeypatch):
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
             name = getattr(func, "__name__", "")
-            if name in ("index_select", "__getitem__", "gather", "take", "index") and args and \
-                    isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            if (
+                name in ("index_select", "__getitem__", "gather", "take", "index")
+                and args
+                and isinstance(args[0], torch.Tensor)
+                and args[0].is_floating_point()
+            ):
                 self.float_inputs += 1
             return func(*args, **(kwargs or {}))
 
@@ -259,5 +283,11 @@ def test_fused_triton_grouped_attention_is_one_graph_node(monkeypatch):
     compiled = torch.compile(call, fullgraph=True, backend=backend)
     torch.testing.assert_close(compiled(q, k, v), call(q, k, v))
     targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
-    assert sum(target is torch.ops.hasten.grouped_block_sparse_attention.default
-               or getattr(target, "__name__", "") == "grouped_block_sparse_attention" for target in targets) == 1
+    assert (
+        sum(
+            target is torch.ops.hasten.grouped_block_sparse_attention.default
+            or getattr(target, "__name__", "") == "grouped_block_sparse_attention"
+            for target in targets
+        )
+        == 1
+    )

@@ -22,16 +22,19 @@ def _image(seed: int, height: int = 48, width: int = 64) -> Image.Image:
 
 
 def _inputs(processor, images, questions):
-    return processor(images=images, text=[chat_prompt(processor, q) for q in questions], return_tensors="pt",
-                     padding=True)
+    return processor(
+        images=images, text=[chat_prompt(processor, q) for q in questions], return_tensors="pt", padding=True
+    )
 
 
 def _generate(model, inputs, **kwargs):
-    return model.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True, **kwargs)
+    return model.generate(
+        **inputs, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, **kwargs
+    )
 
 
 # --- the cache layer -------------------------------------------------------------------------------
+
 
 def test_byte_count_is_the_formula():
     config = MixedPrecisionConfig(high_bits=4, low_bits=2, residual=4, group=8)
@@ -46,8 +49,9 @@ def test_byte_count_is_the_formula():
     for high in (16, 8):  # row 0: 16 high + 24 low; row 1: 8 high + 32 low
         for count, bits in ((high, 4), (40 - high, 2)):
             padded = -(-count // 8) * 8
-            expected += packed_bytes(padded, 16, bits, 8, "channel", lead=3) + packed_bytes(count, 16, bits, 8, "token",
-                                                                                             lead=3)
+            expected += packed_bytes(padded, 16, bits, 8, "channel", lead=3) + packed_bytes(
+                count, 16, bits, 8, "token", lead=3
+            )
     assert layer.nbytes == expected
     assert layer.get_seq_length() == 40
     out_k, _ = layer.update(torch.randn(2, 3, 1, 16), torch.randn(2, 3, 1, 16))  # a decoding step
@@ -107,6 +111,7 @@ def test_config_errors():
 
 # --- ZipVL ----------------------------------------------------------------------------------------
 
+
 def test_mass_rule_on_planted_scores():
     scores = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.05])
     assert mass_count(scores, 0.5) == 1
@@ -161,8 +166,7 @@ def test_important_count_uses_column_sums_and_the_choice_normalised_scores():
     [.075 .075 .425 .05 .45 .35]. tau = 0.4: Eq. 6 needs 0.8 of the sums -> p = 1 (0.85); the one
     token is the top NORMALISED score, position 4 (0.45), not position 2. Counting on the normalised
     scores (hasten's former rule) needs 0.57 of 1.425 -> p = 2 (0.45 + 0.425)."""
-    attention = torch.tensor([[0.10, 0.10, 0.80, 0.00, 0.00, 0.00],
-                              [0.05, 0.05, 0.05, 0.05, 0.45, 0.35]])
+    attention = torch.tensor([[0.10, 0.10, 0.80, 0.00, 0.00, 0.00], [0.05, 0.05, 0.05, 0.05, 0.45, 0.35]])
     visible = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     sums, seen = attention.sum(0), visible.sum(0)
     assert select_important(sums, seen, 0.4).tolist() == [4]
@@ -274,13 +278,16 @@ def test_zipvl_sparse_prefill_is_attention_among_the_important_tokens():
             causal = torch.ones(n, n, dtype=torch.bool).tril()
             allowed = torch.where(flags[:, None], causal & flags[None], causal)  # rows outside T: zeroed below
             kwargs["attention_mask"] = torch.zeros(1, 1, n, n, dtype=torch.float64).masked_fill(
-                ~allowed, torch.finfo(torch.float64).min)
+                ~allowed, torch.finfo(torch.float64).min
+            )
             return args, kwargs
+
         return hook
 
     def zero_rows(index):
         def hook(module, args):
             return (args[0] * recorded[index][0][None, :, None],)
+
         return hook
 
     handles = [layer.register_forward_pre_hook(mask_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -305,8 +312,10 @@ def test_zipvl_sparse_prefill_keys_equals_masking_the_unimportant_keys():
             n = recorded[index].shape[1]
             allowed = torch.ones(n, n, dtype=torch.bool).tril() & recorded[index][0][None]
             kwargs["attention_mask"] = torch.zeros(1, 1, n, n, dtype=torch.float64).masked_fill(
-                ~allowed, torch.finfo(torch.float64).min)
+                ~allowed, torch.finfo(torch.float64).min
+            )
             return args, kwargs
+
         return mask_hook
 
     handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -329,14 +338,21 @@ def test_zipvl_defaults_shrink_the_cache_below_a_third_of_16_bit():
     assert method.stats.kv_cache_bytes < sixteen_bit / 3
 
 
-@pytest.mark.parametrize("kwargs, name", [(dict(tau=0.0), "tau"), (dict(tau=1.5), "tau"),
-                                          (dict(budget=0.0), "budget"), (dict(probe_fraction=0.9), "probe_fraction"),
-                                          (dict(probe_recent=0), "probe_recent"),
-                                          (dict(probe_random=-1), "probe_random"),
-                                          (dict(count_scores="raw"), "count_scores"),
-                                          (dict(sparse_prefill=True), "sparse_prefill"),
-                                          (dict(split_generated="yes"), "split_generated"),
-                                          (dict(renumber=True), "renumber")])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(tau=0.0), "tau"),
+        (dict(tau=1.5), "tau"),
+        (dict(budget=0.0), "budget"),
+        (dict(probe_fraction=0.9), "probe_fraction"),
+        (dict(probe_recent=0), "probe_recent"),
+        (dict(probe_random=-1), "probe_random"),
+        (dict(count_scores="raw"), "count_scores"),
+        (dict(sparse_prefill=True), "sparse_prefill"),
+        (dict(split_generated="yes"), "split_generated"),
+        (dict(renumber=True), "renumber"),
+    ],
+)
 def test_zipvl_errors(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ZipVL(**kwargs)
@@ -373,11 +389,16 @@ def test_generated_blocks_are_split_by_the_current_querys_attention(fused):
     n = inputs["input_ids"].shape[1]
     blocks = {}
     for split in (True, False):
-        method = ZipVL(tau=0.5, fused_decode=fused, split_generated=split,
-                       cache=MixedPrecisionConfig(residual=0, recompress_every=4, group=8))
+        method = ZipVL(
+            tau=0.5,
+            fused_decode=fused,
+            split_generated=split,
+            cache=MixedPrecisionConfig(residual=0, recompress_every=4, group=8),
+        )
         with method.apply(model), torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=11, min_new_tokens=11, do_sample=False,
-                                 return_dict_in_generate=True)
+            out = model.generate(
+                **inputs, max_new_tokens=11, min_new_tokens=11, do_sample=False, return_dict_in_generate=True
+            )
         layer = output_cache(out).layers[0]
         assert layer._prefix == n + 8 and layer.keys.shape[-2] == 10 - 8  # 10 generated tokens cached
         decoded = [(slots, segment) for slots, segment in layer._rows[0] if int(slots.min()) >= n]

@@ -25,7 +25,7 @@ def test_round_trip_within_half_a_step(bits, layout):
     assert bool((error <= q.error_bound() * (1 + 1e-5) + 1e-6).all())
     steps = q.error_bound() * 2
     span = 2 * float(x.abs().amax()) if layout == "separable" else float(x.amax() - x.amin())  # [-1, 1] per channel
-    assert float(steps.max()) <= span / (2 ** bits - 1) * 1.01
+    assert float(steps.max()) <= span / (2**bits - 1) * 1.01
 
 
 @pytest.mark.parametrize("bits", BITS)

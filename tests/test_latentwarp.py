@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import hasten.tiny
-from hasten.pipelines import LatentWarpPipeline
-from hasten.pipelines import latentwarp
+from hasten.pipelines import LatentWarpPipeline, latentwarp
 from hasten.pipelines.latentwarp import warped_steps
 from hasten.tiny.motion import panned
 
@@ -63,8 +62,11 @@ def _live_controlnet(unet):
 
     controlnet = ControlNetModel.from_unet(unet)
     generator = torch.Generator().manual_seed(0)
-    zero_convs = [controlnet.controlnet_cond_embedding.conv_out, controlnet.controlnet_mid_block,
-                  *controlnet.controlnet_down_blocks]
+    zero_convs = [
+        controlnet.controlnet_cond_embedding.conv_out,
+        controlnet.controlnet_mid_block,
+        *controlnet.controlnet_down_blocks,
+    ]
     with torch.no_grad():
         for conv in zero_convs:
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.3)
@@ -81,8 +83,9 @@ def test_controlnet_guides_the_translation_by_the_canny_edges(monkeypatch):
     guided = guided_pipe(**common).frames
     assert guided.shape == (2, 40, 56, 3)
     assert np.abs(guided.astype(int) - plain.astype(int)).max() > 0, "the ControlNet residuals reach the UNet"
-    assert np.array_equal(guided_pipe(controlnet_conditioning_scale=0.0, **common).frames, plain), \
+    assert np.array_equal(guided_pipe(controlnet_conditioning_scale=0.0, **common).frames, plain), (
         "scale 0 switches the ControlNet off"
+    )
     monkeypatch.setattr(latentwarp, "canny_map", lambda frame, *a, **k: np.zeros_like(frame))  # no edges
     assert not np.array_equal(guided_pipe(**common).frames, guided), "the edges are what guides"
 
@@ -107,8 +110,9 @@ def test_paper_warp_schedule_warps_the_first_16_of_20_steps(warp_pipe, monkeypat
     assert warped_steps(20, strength) == expected
     calls = _count_warps(monkeypatch)
     frames, _ = panned(frames=3, size=(40, 56))
-    out = warp_pipe(video=frames, prompt="x", num_inference_steps=20, strength=strength, cross_frame=False,
-                    progress=False)
+    out = warp_pipe(
+        video=frames, prompt="x", num_inference_steps=20, strength=strength, cross_frame=False, progress=False
+    )
     assert out.warped_steps == expected
     assert len(calls) == 2 * expected  # frames 1 and 2, each warped at `expected` steps
 
@@ -119,8 +123,15 @@ def test_former_run_window_is_an_option(warp_pipe, monkeypatch):
     assert warped_steps(20, 0.75, 0.3, "schedule") == 1  # the first 6 of 20 steps, 5 of them skipped by img2img
     calls = _count_warps(monkeypatch)
     frames, _ = panned(frames=2, size=(40, 56))
-    out = warp_pipe(video=frames, prompt="x", num_inference_steps=20, warp_end=0.3, warp_window="run",
-                    cross_frame=False, progress=False)
+    out = warp_pipe(
+        video=frames,
+        prompt="x",
+        num_inference_steps=20,
+        warp_end=0.3,
+        warp_window="run",
+        cross_frame=False,
+        progress=False,
+    )
     assert out.warped_steps == 4 and len(calls) == 4
 
 
@@ -145,12 +156,19 @@ def test_default_occlusion_is_the_papers_warped_difference(warp_pipe):
     assert float(warp_pipe(video=frames, occlusion_threshold=1.0, **kwargs).occlusions[0][20:36, 28:52].mean()) == 0
 
 
-@pytest.mark.parametrize("kwargs, name", [(dict(strength=0.0), "strength"), (dict(warp_end=1.5), "warp_end"),
-                                          (dict(warp_window="steps"), "warp_window"),
-                                          (dict(occlusion="fb"), "occlusion"),
-                                          (dict(occlusion_threshold=-0.1), "occlusion_threshold"),
-                                          (dict(num_inference_steps=0), "num_inference_steps"),
-                                          (dict(height=36), "height"), (dict(video=[]), "video")])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(strength=0.0), "strength"),
+        (dict(warp_end=1.5), "warp_end"),
+        (dict(warp_window="steps"), "warp_window"),
+        (dict(occlusion="fb"), "occlusion"),
+        (dict(occlusion_threshold=-0.1), "occlusion_threshold"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(height=36), "height"),
+        (dict(video=[]), "video"),
+    ],
+)
 def test_bad_arguments_name_themselves(warp_pipe, kwargs, name):
     frames, _ = panned(frames=2, size=(40, 56))
     call = dict(video=frames, prompt="x", num_inference_steps=2, progress=False)

@@ -18,7 +18,7 @@ def _case(kind):
     editor = MaskedKVEditPipeline.from_pipe(hasten.tiny.pipeline(kind), **hasten.tiny.default_size(kind))
     model = editor.model
     mask = np.zeros((model.height, model.width))
-    mask[model.height // 4: 3 * model.height // 4, model.width // 4: 3 * model.width // 4] = 1
+    mask[model.height // 4 : 3 * model.height // 4, model.width // 4 : 3 * model.width // 4] = 1
     source = panned(frames=9, size=(80, 112))[0] if kind in ("wan", "hunyuan-video") else photo("chelsea")
     return editor, mask, source
 
@@ -39,10 +39,14 @@ def test_preserved_region_is_the_source_and_no_edit_is_the_source(kind):
 
 def test_storage_modes_bytes_and_tolerance():
     editor, mask, source = _case("flux")
-    outs = {name: editor.edit(source, mask, "a photo of a dog", num_inference_steps=STEPS, progress=False,
-                              cache=config)
-            for name, config in (("fp32", FeatureCacheConfig(dtype="float32")), ("bf16", FeatureCacheConfig()),
-                                 ("int8", FeatureCacheConfig(quantize=True)))}
+    outs = {
+        name: editor.edit(source, mask, "a photo of a dog", num_inference_steps=STEPS, progress=False, cache=config)
+        for name, config in (
+            ("fp32", FeatureCacheConfig(dtype="float32")),
+            ("bf16", FeatureCacheConfig()),
+            ("int8", FeatureCacheConfig(quantize=True)),
+        )
+    }
     assert outs["bf16"].cache_bytes * 2 == outs["fp32"].cache_bytes  # the same entries at half the width
     assert outs["int8"].cache_bytes < outs["fp32"].cache_bytes / 3
     transformer = editor.model.pipe.transformer

@@ -15,8 +15,13 @@ from PIL import Image
 import hasten
 from hasten import tiny
 from hasten.hooks.consistedit import ConsistEditConfig, edit_layers
-from hasten.hooks.cross_frame import (CrossFrameAttnProcessor, CrossFrameConfig, CrossFrameState,
-                                                     FrameClock, cross_frame_state)
+from hasten.hooks.cross_frame import (
+    CrossFrameAttnProcessor,
+    CrossFrameConfig,
+    CrossFrameState,
+    FrameClock,
+    cross_frame_state,
+)
 from hasten.hooks.grat import remove_grat
 from hasten.pipelines.sjd import SJDConfig
 from hasten.speculative import DraftModel, SpecVLM
@@ -34,13 +39,21 @@ def _fingerprint(model: torch.nn.Module) -> list:
     for name, module in model.named_modules():
         hooks = tuple(len(getattr(module, attr)) for attr in vars(module) if attr.endswith("_hooks"))
         config = getattr(module, "config", None)
-        rows.append((name, sorted(vars(module)), hooks, id(getattr(module, "processor", None)),
-                     sorted(vars(config)) if hasattr(config, "__dict__") else None,
-                     getattr(config, "_attn_implementation", None)))
+        rows.append(
+            (
+                name,
+                sorted(vars(module)),
+                hooks,
+                id(getattr(module, "processor", None)),
+                sorted(vars(config)) if hasattr(config, "__dict__") else None,
+                getattr(config, "_attn_implementation", None),
+            )
+        )
     return rows
 
 
 # --- GRAT -------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def flux():
@@ -51,8 +64,14 @@ def flux():
 
 def _image_of(pipe) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
-    return pipe(prompt="a red fox", num_inference_steps=1, **tiny.default_size("flux"), generator=generator,
-                output_type="pt", return_dict=False)[0]
+    return pipe(
+        prompt="a red fox",
+        num_inference_steps=1,
+        **tiny.default_size("flux"),
+        generator=generator,
+        output_type="pt",
+        return_dict=False,
+    )[0]
 
 
 def _processor_classes(transformer) -> set[str]:
@@ -116,28 +135,39 @@ def test_a_failed_replacement_leaves_the_method_off(flux):
 
 # --- ConsistEdit's attention control ---------------------------------------------------------------
 
+
 def test_consistedit_control_through_the_front_door(flux):
     transformer, size = flux.transformer, tiny.default_size("flux")
     height, width = size["height"], size["width"]
-    noise = flux.prepare_latents(1, transformer.config.in_channels // 4, height, width, torch.float32, "cpu",
-                                 torch.Generator().manual_seed(0))[0]
+    noise = flux.prepare_latents(
+        1, transformer.config.in_channels // 4, height, width, torch.float32, "cpu", torch.Generator().manual_seed(0)
+    )[0]
 
     def edit_call():  # source and target from one noise, as ConsistEdit's synthetic mode runs them
-        return flux(prompt=["a red cat", "a blue dog"], latents=noise.repeat(2, 1, 1), num_inference_steps=2, **size,
-                    output_type="pt", return_dict=False)[0]
+        return flux(
+            prompt=["a red cat", "a blue dog"],
+            latents=noise.repeat(2, 1, 1),
+            num_inference_steps=2,
+            **size,
+            output_type="pt",
+            return_dict=False,
+        )[0]
 
     before, fingerprint = edit_call(), _fingerprint(transformer)
     rows, cols = height // 4, width // 4  # this tiny Flux: 4 pixels per token
     tokens = rows * cols
     mask = np.zeros((height, width), bool)
-    mask[:, width // 2:] = True  # edit the right half: token columns 7.. ; columns ..5 are kept (6 straddles)
+    mask[:, width // 2 :] = True  # edit the right half: token columns 7.. ; columns ..5 are kept (6 straddles)
     layer = edit_layers(transformer)[0][0]  # the first attention layer the control owns (a single-stream block)
     seen = []
     with hasten.apply(flux, ConsistEditConfig(mask, alpha=0.5, num_inference_steps=2)) as handle:
         assert handle.module is transformer
-        observers = [getattr(layer, f"to_{kind}").register_forward_hook(
-            lambda module, args, out, kind=kind: seen.append((kind, out[:, -tokens:].unflatten(1, (rows, cols)))))
-            for kind in ("q", "v")]  # registered after the control: they see what attention gets
+        observers = [
+            getattr(layer, f"to_{kind}").register_forward_hook(
+                lambda module, args, out, kind=kind: seen.append((kind, out[:, -tokens:].unflatten(1, (rows, cols))))
+            )
+            for kind in ("q", "v")
+        ]  # registered after the control: they see what attention gets
         edited = edit_call()
         for observer in observers:
             observer.remove()
@@ -159,6 +189,7 @@ def test_consistedit_control_through_the_front_door(flux):
 
 
 # --- token pruning ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def llava():
@@ -232,6 +263,7 @@ def test_one_pruner_per_model_and_the_same_pruner_twice(llava):
 
 # --- cross-frame attention -------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def sd15():
     pipe = tiny.pipeline("sd15")
@@ -241,8 +273,14 @@ def sd15():
 
 def _frame(pipe, prompt: str, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return pipe(prompt=prompt, num_inference_steps=1, **tiny.default_size("sd15"), generator=generator,
-                output_type="pt", return_dict=False)[0]
+    return pipe(
+        prompt=prompt,
+        num_inference_steps=1,
+        **tiny.default_size("sd15"),
+        generator=generator,
+        output_type="pt",
+        return_dict=False,
+    )[0]
 
 
 def test_cross_frame_attention_through_the_front_door(sd15):
@@ -251,8 +289,12 @@ def test_cross_frame_attention_through_the_front_door(sd15):
     fingerprint = _fingerprint(unet)
     attention = next(m for name, m in unet.named_modules() if name.endswith("attn1"))
     inputs: dict[str, list[torch.Tensor]] = {"q": [], "k": []}  # what this layer's query / key projections read
-    observers = [getattr(attention, f"to_{kind}").register_forward_hook(
-        lambda module, args, out, kind=kind: inputs[kind].append(args[0].clone())) for kind in inputs]
+    observers = [
+        getattr(attention, f"to_{kind}").register_forward_hook(
+            lambda module, args, out, kind=kind: inputs[kind].append(args[0].clone())
+        )
+        for kind in inputs
+    ]
     try:
         with hasten.apply(sd15, CrossFrameConfig()) as handle:
             assert handle.module is unet
@@ -292,6 +334,7 @@ def test_frame_clock_starts_a_frame_per_pipeline_call():
 
 # --- SpecVLM ----------------------------------------------------------------------------------------
 
+
 def test_specvlm_makes_generate_speculative_until_removed(llava):
     model, inputs = llava
     fingerprint = _fingerprint(model)
@@ -329,6 +372,7 @@ def test_specvlm_makes_generate_speculative_until_removed(llava):
 
 # --- SJD --------------------------------------------------------------------------------------------
 
+
 def test_sjd_is_a_pipeline_and_apply_says_so():
     model, _ = tiny.ar_image_model("janus")
     with pytest.raises(ValueError, match=r"SJDPipeline\(model, processor\)"):
@@ -337,6 +381,7 @@ def test_sjd_is_a_pipeline_and_apply_says_so():
 
 
 # --- errors -----------------------------------------------------------------------------------------
+
 
 def test_bad_config_and_removing_nothing_raise_clearly(flux, llava):
     model, _ = llava

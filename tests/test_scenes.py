@@ -71,7 +71,8 @@ def test_objects_sit_on_the_background_colour():
     assert scene.background in scenes.BACKGROUNDS
     image = scene.render()
     assert tuple(int(v) for v in image[0, 0]) == scenes.BACKGROUNDS[scene.background] or any(
-        obj.bbox[0] == 0 and obj.bbox[1] == 0 for obj in scene.objects)
+        obj.bbox[0] == 0 and obj.bbox[1] == 0 for obj in scene.objects
+    )
 
 
 def test_rendering_is_anti_aliased_and_scales():
@@ -113,7 +114,7 @@ def test_pan_video_moves_by_the_stated_displacement():
             # frame t+1 at (y + dy, x + dx) shows what frame t showed at (y, x).
             ys = slice(max(0, -dy), 40 - max(0, dy))
             xs = slice(max(0, -dx), 48 - max(0, dx))
-            moved = b[ys.start + dy:ys.stop + dy, xs.start + dx:xs.stop + dx]
+            moved = b[ys.start + dy : ys.stop + dy, xs.start + dx : xs.stop + dx]
             assert np.array_equal(moved, a[ys, xs])
             assert not np.array_equal(a, b)
 
@@ -126,9 +127,16 @@ def test_moving_objects_move_by_the_stated_displacement():
             total = video.displacement[:, index].sum(axis=0)
             x, y = obj.probe()
             x2, y2 = x + int(total[0]), y + int(total[1])
-            if 0 <= x2 < 64 and 0 <= y2 < 64 and not any(
-                    other is not obj and other.bbox[0] - 2 <= x2 < other.bbox[2] + 2
-                    and other.bbox[1] - 2 <= y2 < other.bbox[3] + 2 for other in video.scene.objects):
+            if (
+                0 <= x2 < 64
+                and 0 <= y2 < 64
+                and not any(
+                    other is not obj
+                    and other.bbox[0] - 2 <= x2 < other.bbox[2] + 2
+                    and other.bbox[1] - 2 <= y2 < other.bbox[3] + 2
+                    for other in video.scene.objects
+                )
+            ):
                 assert tuple(int(v) for v in video.frames[-1][y2, x2]) == obj.rgb
         # Turning the motion off gives a still video: the frames differ only because objects moved.
         assert not np.array_equal(video.frames[0], video.frames[-1])
@@ -154,8 +162,9 @@ def test_scene_from_caption_reads_back_every_generated_caption():
         scene = scenes.sample_scene(seed, 60, 72)
         for caption in (scene.caption, scene.caption_with_background):
             parsed = scenes.scene_from_caption(caption, 60, 72)
-            assert [(o.shape, o.colour, o.size, o.position) for o in parsed.objects] == \
-                [(o.shape, o.colour, o.size, o.position) for o in scene.objects]
+            assert [(o.shape, o.colour, o.size, o.position) for o in parsed.objects] == [
+                (o.shape, o.colour, o.size, o.position) for o in scene.objects
+            ]
         assert scenes.scene_from_caption(scene.caption_with_background, 60, 72).background == scene.background
     with pytest.raises(ValueError, match="`caption`"):
         scenes.scene_from_caption("a lighthouse on a cliff")

@@ -96,8 +96,7 @@ def test_cache_after_rejections_equals_autoregressive_cache(pipe):
     (The last token is in it when it was an accepted draft, and missing when it was drawn as a
     replacement or extra token, which the next pass would feed first.)
     """
-    out = pipe("a lighthouse", sjd=SJDConfig(window=6), guidance_scale=2.0, temperature=0.2, seed=5,
-               return_cache=True)
+    out = pipe("a lighthouse", sjd=SJDConfig(window=6), guidance_scale=2.0, temperature=0.2, seed=5, return_cache=True)
     assert max(out.stats.accepted_per_forward) > 1 and len(out.stats.accepted_per_forward) > 1
     adapter = pipe.adapter
     layout = adapter.layout(None, None)
@@ -112,8 +111,13 @@ def test_cache_after_rejections_equals_autoregressive_cache(pipe):
 
     reference = DynamicCache()
     with torch.no_grad():
-        adapter.language_model(inputs_embeds=inputs, attention_mask=full_mask, position_ids=positions,
-                               **{cache_keyword(adapter.language_model): reference}, use_cache=True)
+        adapter.language_model(
+            inputs_embeds=inputs,
+            attention_mask=full_mask,
+            position_ids=positions,
+            **{cache_keyword(adapter.language_model): reference},
+            use_cache=True,
+        )
     assert out.cache.get_seq_length() == reference.get_seq_length()
     for ours, theirs in zip(out.cache.layers, reference.layers):
         torch.testing.assert_close(ours.keys, theirs.keys, rtol=0, atol=1e-9)
@@ -121,6 +125,7 @@ def test_cache_after_rejections_equals_autoregressive_cache(pipe):
 
 
 # --- losslessness ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def small_janus():
@@ -177,8 +182,15 @@ def test_sjd_sampling_matches_the_model_distribution(small_janus, init):
     scale, temperature, n = 2.0, 0.02, 1000
     exact = _exact_first_two(small_janus, "a red fox", scale, temperature)
     assert exact.max() < 0.9, "a near-deterministic joint would make the test toothless"
-    out = small_janus(["a red fox"] * n, sjd=SJDConfig(window=4, init=init), guidance_scale=scale,
-                      temperature=temperature, seed=2024, batch_size=500, decode=False)
+    out = small_janus(
+        ["a red fox"] * n,
+        sjd=SJDConfig(window=4, init=init),
+        guidance_scale=scale,
+        temperature=temperature,
+        seed=2024,
+        batch_size=500,
+        decode=False,
+    )
     first_two = (out.tokens[:, 0] * 4 + out.tokens[:, 1]).numpy()
     assert len(out.per_image[0].accepted_per_forward) > 1, "no rejection: the residual path would go untested"
     assert _chi_square_p(first_two, exact) > SIGNIFICANCE
@@ -187,8 +199,15 @@ def test_sjd_sampling_matches_the_model_distribution(small_janus, init):
 def test_autoregressive_sampling_matches_the_same_exact_distribution(small_janus):
     scale, temperature = 2.0, 0.02
     exact = _exact_first_two(small_janus, "a red fox", scale, temperature)
-    out = small_janus(["a red fox"] * 600, sjd=None, guidance_scale=scale, temperature=temperature, seed=7,
-                      batch_size=300, decode=False)
+    out = small_janus(
+        ["a red fox"] * 600,
+        sjd=None,
+        guidance_scale=scale,
+        temperature=temperature,
+        seed=7,
+        batch_size=300,
+        decode=False,
+    )
     assert _chi_square_p((out.tokens[:, 0] * 4 + out.tokens[:, 1]).numpy(), exact) > SIGNIFICANCE
 
 
@@ -221,12 +240,16 @@ def _exact_image_joint(pipe, prompt, scale, temperature, top_k):
         ids = torch.tensor(prefixes, dtype=torch.long).reshape(len(prefixes), step)
         inputs = torch.cat([embeds.repeat_interleave(len(prefixes), 0), adapter.embed(ids.repeat(2, 1))], 1)
         logits = pipe.model.model.generation_head(adapter.language_model(inputs_embeds=inputs).last_hidden_state[:, -1])
-        cond, uncond = logits[:len(prefixes)], logits[len(prefixes):]
+        cond, uncond = logits[: len(prefixes)], logits[len(prefixes) :]
         logits = (uncond + scale * (cond - uncond)) / temperature
         logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
         probs = logits.softmax(-1)
-        joint = {p + (x,): joint[p] * float(probs[i, x]) for i, p in enumerate(prefixes) for x in range(vocab)
-                 if probs[i, x] > 0}
+        joint = {
+            p + (x,): joint[p] * float(probs[i, x])
+            for i, p in enumerate(prefixes)
+            for x in range(vocab)
+            if probs[i, x] > 0
+        }
     return joint
 
 
@@ -238,10 +261,12 @@ def _joint_p_value(tokens: torch.Tensor, joint: dict) -> float:
     return _chi_square_p(np.array(samples), np.array([joint[c] for c in cells]))
 
 
-@pytest.mark.parametrize("init, window, batch_size, n", [("repeat_horizontal", 4, 1, 500), ("random", 2, 1000, 3000)],
-                         ids=["one-at-a-time", "batched"])
-def test_whole_image_sampling_is_lossless_at_moderate_temperature_with_top_k(peaked_janus, init, window, batch_size,
-                                                                             n):
+@pytest.mark.parametrize(
+    "init, window, batch_size, n",
+    [("repeat_horizontal", 4, 1, 500), ("random", 2, 1000, 3000)],
+    ids=["one-at-a-time", "batched"],
+)
+def test_whole_image_sampling_is_lossless_at_moderate_temperature_with_top_k(peaked_janus, init, window, batch_size, n):
     """Every token of the image (not only the first two), temperature 0.8, top-k 3: SJD's joint
     frequencies fit the exact joint (chi-square). With window 2, drafts re-drawn by the Jacobi
     update are verified in later passes; batched, rows advance by the batch's shortest run. The
@@ -249,8 +274,16 @@ def test_whole_image_sampling_is_lossless_at_moderate_temperature_with_top_k(pea
     scale, temperature, top_k = 2.0, 0.8, 3
     joint = _exact_image_joint(peaked_janus, "a red fox", scale, temperature, top_k)
     assert max(joint.values()) > 0.08 and len(joint) == 81
-    out = peaked_janus(["a red fox"] * n, sjd=SJDConfig(window=window, init=init), guidance_scale=scale,
-                       temperature=temperature, top_k=top_k, seed=3, batch_size=batch_size, decode=False)
+    out = peaked_janus(
+        ["a red fox"] * n,
+        sjd=SJDConfig(window=window, init=init),
+        guidance_scale=scale,
+        temperature=temperature,
+        top_k=top_k,
+        seed=3,
+        batch_size=batch_size,
+        decode=False,
+    )
     if batch_size == 1:
         passes = [len(s.accepted_per_forward) for s in out.per_image]
         assert 1 < np.mean(passes) < 4, "no multi-token acceptance, or no rejection: a path would go untested"
@@ -268,6 +301,7 @@ def test_grouped_acceptance_is_opt_in_and_runs(pipe):
 
 
 # --- errors --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "kwargs, match",
@@ -305,8 +339,9 @@ def test_call_errors():
 def test_unsupported_model_class():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
     with pytest.raises(ValueError, match="JanusForConditionalGeneration"):
         SJDPipeline(model, None)
 
@@ -333,8 +368,9 @@ def test_cli_compare_writes_both_images(tmp_path, capsys):
     from hasten.cli import main
 
     out = tmp_path / "fox.png"
-    assert main(["t2i-ar", "--compare", "--model", "tiny-emu3", "--height", "32", "--width", "32",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["t2i-ar", "--compare", "--model", "tiny-emu3", "--height", "32", "--width", "32", "--out", str(out)]) == 0
+    )
     printed = capsys.readouterr().out
     assert "fewer forward passes" in printed
     assert (tmp_path / "fox-sjd.png").is_file() and (tmp_path / "fox-ar.png").is_file()
@@ -370,11 +406,13 @@ def test_spatial_prior_drafts_follow_new_neighbours(init):
     else:  # the upper neighbours (row 0) are all known
         assert indices.tolist() == [(torch.arange(2, 8) + 3).tolist(), (torch.arange(2, 8) + 20).tolist()]
     # a whole new row with no known left neighbour: one random root, copied along the row
-    indices, probs = _Decoder(pipe.adapter, layout, SJDConfig(init="repeat_horizontal"), 1.0, Sampling(),
-                              torch.Generator().manual_seed(1))._fresh_drafts(16, 8, span_idx[:1], {})
+    indices, probs = _Decoder(
+        pipe.adapter, layout, SJDConfig(init="repeat_horizontal"), 1.0, Sampling(), torch.Generator().manual_seed(1)
+    )._fresh_drafts(16, 8, span_idx[:1], {})
     assert len(set(indices[0].tolist())) == 1
-    assert float(probs[0, 0].max()) < 1 and bool((probs[0, 1:].max(-1).values == 1).all()), \
+    assert float(probs[0, 0].max()) < 1 and bool((probs[0, 1:].max(-1).values == 1).all()), (
         "the root is a uniform draw, the rest point masses on it"
+    )
 
 
 def test_greedy_is_honoured_with_sjd(pipe):

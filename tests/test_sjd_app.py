@@ -6,10 +6,10 @@ import re
 
 import gradio as gr
 import pytest
-from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,
-                     running_app, screenshot, shown_image)
 
 from hasten.apps.sjd_app import build_demo  # noqa: E402
+
+from browser import TIMEOUT_MS, assert_no_errors, chromium_page, click_example, running_app, screenshot, shown_image
 
 
 @pytest.mark.browser

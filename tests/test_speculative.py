@@ -25,8 +25,15 @@ def test_sampling_is_generates_warpers_in_order():
     assert Sampling().draw(ours[:, None].expand(-1, 4, -1), torch.Generator().manual_seed(1)).shape == (3, 4)
 
 
-@pytest.mark.parametrize("kwargs, name", [(dict(temperature=0), "temperature"), (dict(top_k=0), "top_k"),
-                                          (dict(top_p=1.5), "top_p"), (dict(greedy=1), "greedy")])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(temperature=0), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(greedy=1), "greedy"),
+    ],
+)
 def test_sampling_errors_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         Sampling(**kwargs)
@@ -62,8 +69,9 @@ def test_shortest_run_advance_keeps_every_row_exact():
     vocab, rows, batches = 4, 4, 4000
     generator = torch.Generator().manual_seed(1)
     q0 = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
-    q1 = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.25] * 4, [0.1, 0.1, 0.1, 0.7]],
-                      dtype=torch.float64)  # q1[x0]: the target after the first token
+    q1 = torch.tensor(
+        [[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.25] * 4, [0.1, 0.1, 0.1, 0.7]], dtype=torch.float64
+    )  # q1[x0]: the target after the first token
     p = torch.tensor([0.25, 0.25, 0.25, 0.25], dtype=torch.float64)
     n = rows * batches
     drafts = torch.multinomial(p.expand(n, -1), 2, replacement=True, generator=generator)
@@ -71,8 +79,9 @@ def test_shortest_run_advance_keeps_every_row_exact():
     first, pairs, disagreed = [], [], 0
     for batch in range(batches):
         rows_slice = slice(batch * rows, (batch + 1) * rows)
-        verdict = chain_verify(drafts[rows_slice], p.expand(rows, 2, -1), target[rows_slice], generator=generator,
-                               shortest=True)
+        verdict = chain_verify(
+            drafts[rows_slice], p.expand(rows, 2, -1), target[rows_slice], generator=generator, shortest=True
+        )
         advance = int(verdict.advance[0])
         assert bool((verdict.advance == advance).all())
         disagreed += int(verdict.lengths.unique().numel() > 1)
@@ -151,8 +160,16 @@ def test_sjd_reads_back_one_value_per_pass():
     pipe.progress_bar = False
     for config in (SJDConfig(window=8), SJDConfig(window=8, init="sample_vertical"), None):
         with HostProfile([pipe.adapter.language_model]) as profile:
-            out = pipe(["a fox", "a boat on a lake"], sjd=config, temperature=0.9, seed=0, batch_size=2,
-                       height=32, width=32, decode=False)
+            out = pipe(
+                ["a fox", "a boat on a lake"],
+                sjd=config,
+                temperature=0.9,
+                seed=0,
+                batch_size=2,
+                height=32,
+                width=32,
+                decode=False,
+            )
         passes = len(out.per_image[0].accepted_per_forward)
         assert profile.syncs <= passes + 2, (config, profile.by_method, passes)
 

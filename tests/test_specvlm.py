@@ -11,10 +11,10 @@ from PIL import Image
 
 from hasten import tiny
 from hasten.cli import main
-from hasten.tiny.vlms import chat_prompt
-from hasten.token_pruning.evaluate import sample_images
 from hasten.speculative.specvlm import PRIMITIVES, DraftModel, ElasticCompressor, speculative_generate, train_draft
 from hasten.speculative.specvlm.tree import DraftTree, TreeConfig
+from hasten.tiny.vlms import chat_prompt
+from hasten.token_pruning.evaluate import sample_images
 
 
 def _image(seed: int) -> Image.Image:
@@ -25,8 +25,7 @@ def _image(seed: int) -> Image.Image:
 @pytest.mark.parametrize("compressor", ["pool", "resampler", "text"])
 def test_greedy_speculative_output_is_the_targets(kind, compressor):
     model, processor = tiny.vlm(kind, dtype=torch.float64)
-    inputs = processor(images=[_image(0)], text=[chat_prompt(processor, "Describe the picture.")],
-                       return_tensors="pt")
+    inputs = processor(images=[_image(0)], text=[chat_prompt(processor, "Describe the picture.")], return_tensors="pt")
     reference = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     draft = DraftModel.for_target(model, compressor=compressor)
     for depth, tree in ((1, None), (4, None), (None, TreeConfig(top_k=3, total=10, depth=3))):
@@ -42,10 +41,19 @@ def test_hand_built_tree_mask_positions_selection_and_acceptance():
     b = tree.add(0, 2, -0.5)  # 2
     c = tree.add(a, 3, -0.2)  # 3: a's child
     d = tree.add(c, 4, -0.9)  # 4: c's child
-    tree.add(b, 5, -3.0)      # 5: b's child, the worst
+    tree.add(b, 5, -3.0)  # 5: b's child, the worst
     mask = tree.mask()
-    expected = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0],
-                             [1, 1, 0, 1, 0, 0], [1, 1, 0, 1, 1, 0], [1, 0, 1, 0, 0, 1]], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 0, 1, 0, 0, 0],
+            [1, 1, 0, 1, 0, 0],
+            [1, 1, 0, 1, 1, 0],
+            [1, 0, 1, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(mask, expected)
     assert tree.depths().tolist() == [0, 1, 1, 2, 3, 2]
     kept = tree.select(3)  # the best 3 by score: a (-0.1), c (-0.2), b (-0.5)
@@ -81,11 +89,11 @@ def test_training_raises_the_accepted_length_and_resumes(tmp_path):
     assert losses[-1] < losses[0]
     # interrupted after 120 steps (checkpoint every 60), then resumed: the same weights as one run
     part = DraftModel.for_target(model, seed=0)
-    train_draft(model, processor, pairs, part, steps=120, out=tmp_path / "resumed", progress=False,
-                checkpoint_every=60)
+    train_draft(model, processor, pairs, part, steps=120, out=tmp_path / "resumed", progress=False, checkpoint_every=60)
     resumed = DraftModel.for_target(model, seed=0)
-    resumed_losses = train_draft(model, processor, pairs, resumed, steps=200, out=tmp_path / "resumed",
-                                 progress=False, checkpoint_every=60)
+    resumed_losses = train_draft(
+        model, processor, pairs, resumed, steps=200, out=tmp_path / "resumed", progress=False, checkpoint_every=60
+    )
     np.testing.assert_allclose(resumed_losses, losses, rtol=1e-5)
     for a, b in zip(resumed.state_dict().values(), full.state_dict().values()):
         torch.testing.assert_close(a, b)
@@ -100,7 +108,9 @@ def test_compressor_counts_and_deterministic_gate():
         out = compressor(features, (5, 7), mode)
         assert out.shape == (compressor.count(35, (5, 7), mode), 16), mode
     assert compressor.count(35, (5, 7), "pool") == 12 and compressor.count(35, None, "random") == 8
-    torch.testing.assert_close(compressor(features, (5, 7), "conv"), compressor(features, (5, 7), "pool"))  # starts as pooling
+    torch.testing.assert_close(
+        compressor(features, (5, 7), "conv"), compressor(features, (5, 7), "pool")
+    )  # starts as pooling
     choices = {compressor.choose(features) for _ in range(3)}
     assert len(choices) == 1 and choices <= set(PRIMITIVES)
     with pytest.raises(ValueError, match="compressor"):
@@ -125,8 +135,23 @@ def test_cli_train_draft_then_ask(tmp_path, capsys):
     for index in range(2):
         _image(index).save(tmp_path / f"img{index}.png")
     data.write_text("\n".join(json.dumps({"image": f"img{i}.png", "prompt": "What is this?"}) for i in range(2)))
-    assert main(["vlm", "train-draft", "--data", str(data), "--out", str(tmp_path / "draft"), "--steps", "20",
-                 "--checkpoint-every", "10"]) == 0
+    assert (
+        main(
+            [
+                "vlm",
+                "train-draft",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "draft"),
+                "--steps",
+                "20",
+                "--checkpoint-every",
+                "10",
+            ]
+        )
+        == 0
+    )
     assert "draft saved" in capsys.readouterr().out
     assert main(["vlm", "ask", "--speculative", str(tmp_path / "draft"), "--max-new-tokens", "8"]) == 0
     assert "target passes" in capsys.readouterr().out
@@ -159,8 +184,15 @@ def test_speculative_sampling_follows_the_targets_distribution(tree):
     counts = dict.fromkeys(exact, 0)
     runs = 1200
     for seed in range(runs):
-        out, _ = speculative_generate(model, inputs, draft, max_new_tokens=2, depth=3, tree=tree,
-                                          sampling=Sampling(temperature=1.0, top_k=4, seed=seed))
+        out, _ = speculative_generate(
+            model,
+            inputs,
+            draft,
+            max_new_tokens=2,
+            depth=3,
+            tree=tree,
+            sampling=Sampling(temperature=1.0, top_k=4, seed=seed),
+        )
         counts[tuple(out[0, -2:].tolist())] += 1
     keys = sorted(exact)
     observed = np.array([counts[k] for k in keys])
@@ -178,9 +210,9 @@ def test_tree_sampling_acceptance_rule_on_a_hand_built_tree():
     tree.add(0, 2, -0.2)
     tree.add(first, 3, -0.3)
     probs = torch.zeros(4, 5, dtype=torch.float64)
-    probs[0, 1] = 1.0            # root: all mass on token 1 -> child `first`
+    probs[0, 1] = 1.0  # root: all mass on token 1 -> child `first`
     probs[1, [3, 4]] = 0.0
-    probs[1, 4] = 1.0            # after `first`: token 4, not the drafted 3 -> drawn from the residual
+    probs[1, 4] = 1.0  # after `first`: token 4, not the drafted 3 -> drawn from the residual
     probs[2:, 0] = 1.0
     for seed in range(20):
         assert tree.accept_sampled(probs, torch.Generator().manual_seed(seed)) == ([0, first], 4)
@@ -202,8 +234,12 @@ def test_specvlm_object_defaults_to_the_tree_and_checks_its_compressor(tmp_path)
 
 def _batch_inputs(processor, questions, seeds):
     processor.tokenizer.padding_side = "left"
-    return processor(images=[_image(s) for s in seeds], text=[chat_prompt(processor, q) for q in questions],
-                     padding=True, return_tensors="pt")
+    return processor(
+        images=[_image(s) for s in seeds],
+        text=[chat_prompt(processor, q) for q in questions],
+        padding=True,
+        return_tensors="pt",
+    )
 
 
 @pytest.mark.parametrize("kind", ["llava", "qwen2-vl"])  # 1-D positions from the mask; mRoPE with rope deltas
@@ -223,7 +259,7 @@ def test_batched_chain_output_is_generates_per_row(kind):
     assert all(a == min(rows) for a, rows in zip(stats.accepted, stats.row_accepted))
     single = processor(images=[_image(1)], text=[chat_prompt(processor, "What?")], return_tensors="pt")
     alone, _ = speculative_generate(model, single, draft, max_new_tokens=10, depth=3)  # the most padded row alone
-    assert torch.equal(alone[0, single["input_ids"].shape[1]:], out[1, inputs["input_ids"].shape[1]:])
+    assert torch.equal(alone[0, single["input_ids"].shape[1] :], out[1, inputs["input_ids"].shape[1] :])
     with pytest.raises(ValueError, match="tree=None"):
         speculative_generate(model, inputs, draft, max_new_tokens=4, tree=TreeConfig())
 

@@ -32,9 +32,12 @@ def loaded(request):
 
 def test_class_names_and_image_tokens(loaded):
     kind, model, processor = loaded
-    expected_class = {"llava": "LlavaForConditionalGeneration", "llava-next": "LlavaNextForConditionalGeneration",
-                      "qwen2-vl": "Qwen2VLForConditionalGeneration",
-                      "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration"}[kind]
+    expected_class = {
+        "llava": "LlavaForConditionalGeneration",
+        "llava-next": "LlavaNextForConditionalGeneration",
+        "qwen2-vl": "Qwen2VLForConditionalGeneration",
+        "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
+    }[kind]
     assert type(model).__name__ == expected_class
     inputs = processor(images=[_image(0)], text=[chat_prompt(processor, "What is this?")], return_tensors="pt")
     count = int((inputs["input_ids"] == model.config.image_token_id).sum())
@@ -52,12 +55,13 @@ def test_batch_of_two_generates_like_each_alone(loaded):
     kind, model, processor = loaded
     questions = ["What is in the picture?", "Describe the colors of this image in detail."]
     images = [_image(1), _image(2, 40, 40)]
-    batch = processor(images=images, text=[chat_prompt(processor, q) for q in questions], return_tensors="pt",
-                      padding=True)
-    out = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    batch = processor(
+        images=images, text=[chat_prompt(processor, q) for q in questions], return_tensors="pt", padding=True
+    )
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1] :]
     for i in range(2):
         alone = processor(images=[images[i]], text=[chat_prompt(processor, questions[i])], return_tensors="pt")
-        single = model.generate(**alone, max_new_tokens=4, do_sample=False)[:, alone["input_ids"].shape[1]:]
+        single = model.generate(**alone, max_new_tokens=4, do_sample=False)[:, alone["input_ids"].shape[1] :]
         assert torch.equal(out[i], single[0]), (kind, i)
 
 

@@ -24,8 +24,9 @@ def vlm(request):
 
 
 def _inputs(processor, images, questions):
-    return processor(images=images, text=[chat_prompt(processor, q) for q in questions], return_tensors="pt",
-                     padding=True)
+    return processor(
+        images=images, text=[chat_prompt(processor, q) for q in questions], return_tensors="pt", padding=True
+    )
 
 
 def _methods(kind, budget):
@@ -58,8 +59,11 @@ def _masked_reference(model, inputs, dropped: torch.Tensor, kind: str):
     mask = kwargs["attention_mask"].clone()
     if kind.startswith("qwen"):
         positions, _ = model.model.get_rope_index(
-            kwargs["input_ids"], image_grid_thw=kwargs["image_grid_thw"], attention_mask=mask,
-            mm_token_type_ids=kwargs["mm_token_type_ids"])
+            kwargs["input_ids"],
+            image_grid_thw=kwargs["image_grid_thw"],
+            attention_mask=mask,
+            mm_token_type_ids=kwargs["mm_token_type_ids"],
+        )
     else:
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
     kwargs["attention_mask"] = mask.masked_fill(dropped, 0)
@@ -97,19 +101,19 @@ def test_pruning_equals_masking_with_original_positions(vlm):
             with torch.no_grad():
                 pruned = model(**inputs).logits
             dropped = _dropped_positions(method, inputs, model)
-            out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True)
+            out = model.generate(
+                **inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
         reference = _masked_reference(model, inputs, dropped, kind)
         kept = (~dropped)[0]
         torch.testing.assert_close(pruned[0], reference[0, kept], rtol=1e-7, atol=1e-7)
         # Decoding: feed prompt + generated tokens, still masking the dropped prompt tokens.
         full = dict(inputs)
-        generated = out.sequences[:, inputs["input_ids"].shape[1]:]
+        generated = out.sequences[:, inputs["input_ids"].shape[1] :]
         full["input_ids"] = out.sequences[:, :-1]
         full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(generated[:, :-1])], 1)
         if "mm_token_type_ids" in full:
-            full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
-                                                   torch.zeros_like(generated[:, :-1])], 1)
+            full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(generated[:, :-1])], 1)
         dropped_full = torch.cat([dropped, torch.zeros_like(generated[:, :-1], dtype=torch.bool)], 1)
         teacher = _masked_reference(model, full, dropped_full, kind)
         length = inputs["input_ids"].shape[1]
@@ -132,9 +136,11 @@ def test_kept_counts_follow_the_budget_and_only_visual_tokens_go(vlm):
             from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
             vision = model.config.vision_config
-            partitions = image_size_to_num_patches(image_size=inputs["image_sizes"][0].tolist(),
-                                                   grid_pinpoints=model.config.image_grid_pinpoints,
-                                                   patch_size=vision.image_size)
+            partitions = image_size_to_num_patches(
+                image_size=inputs["image_sizes"][0].tolist(),
+                grid_pinpoints=model.config.image_grid_pinpoints,
+                patch_size=vision.image_size,
+            )
             side = vision.image_size // vision.patch_size
             assert stats.visual_tokens_kept[0] == int(0.25 * partitions * side * side)
         else:
@@ -156,12 +162,12 @@ def test_batch_of_two_matches_each_alone(vlm, method_name):
     make = {"random": lambda i: RandomKeep(budget=0.3, seed=1 + i), "fastv": lambda i: FastV(budget=0.3, layer=1)}
     with make[method_name](0).apply(model) as method:
         batch = _inputs(processor, images, questions)
-        together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1] :]
         kept_together = list(method.stats.visual_tokens_kept)
     for i in range(2):
         with make[method_name](i).apply(model) as method:
             alone = _inputs(processor, [images[i]], [questions[i]])
-            single = model.generate(**alone, max_new_tokens=4, do_sample=False)[:, alone["input_ids"].shape[1]:]
+            single = model.generate(**alone, max_new_tokens=4, do_sample=False)[:, alone["input_ids"].shape[1] :]
         assert torch.equal(together[i], single[0]), (kind, i)
         assert method.stats.visual_tokens_kept == [kept_together[i]]
 
@@ -169,9 +175,12 @@ def test_batch_of_two_matches_each_alone(vlm, method_name):
 def test_qwen_kept_tokens_keep_their_mrope_positions():
     model, processor = tiny.vlm("qwen2-vl")
     inputs = _inputs(processor, [_image(5)], ["Where is it?"])
-    original, _ = model.model.get_rope_index(inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"],
-                                             attention_mask=inputs["attention_mask"],
-                                             mm_token_type_ids=inputs["mm_token_type_ids"])
+    original, _ = model.model.get_rope_index(
+        inputs["input_ids"],
+        image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+    )
     seen = {}
 
     def record(module, args, kwargs):
@@ -238,8 +247,9 @@ def test_budget_must_be_a_fraction(budget):
 def test_unsupported_model_and_method_combinations():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    text_only = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-                                             num_hidden_layers=1, num_attention_heads=2))
+    text_only = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
     with pytest.raises(ValueError, match="LlavaForConditionalGeneration"):
         RandomKeep(budget=0.5).attach(text_only)
     qwen, _ = tiny.vlm("qwen2-vl")
@@ -257,6 +267,7 @@ def test_unsupported_model_and_method_combinations():
 
 # --- in-LLM stage (FastV) -------------------------------------------------------------------------
 
+
 def _masked_after_layer(model, inputs, kept: torch.Tensor, layer: int):
     """Reference: the unpruned model whose layers after `layer` cannot attend the dropped tokens."""
     layers = model.model.language_model.layers
@@ -267,10 +278,11 @@ def _masked_after_layer(model, inputs, kept: torch.Tensor, layer: int):
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         allowed = (causal & kept[None, :n]) | torch.eye(n, dtype=torch.bool)
         kwargs["attention_mask"] = torch.zeros(1, 1, n, n, dtype=hidden.dtype).masked_fill(
-            ~allowed, torch.finfo(hidden.dtype).min)
+            ~allowed, torch.finfo(hidden.dtype).min
+        )
         return args, kwargs
 
-    handles = [block.register_forward_pre_hook(mask_hook, with_kwargs=True) for block in layers[layer + 1:]]
+    handles = [block.register_forward_pre_hook(mask_hook, with_kwargs=True) for block in layers[layer + 1 :]]
     try:
         with torch.no_grad():
             return model(**inputs).logits
@@ -289,8 +301,9 @@ def test_fastv_equals_masking_the_dropped_tokens_after_its_layer(vlm):
         with torch.no_grad():
             pruned = model(**inputs).logits
         columns = _kept_positions(method, inputs, model)
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            **inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
     n = method.stats.visual_tokens_in[0]
     assert method.stats.visual_tokens_kept == [max(1, int(0.4 * n))]
     length = inputs["input_ids"].shape[1]
@@ -307,7 +320,9 @@ def test_fastv_equals_masking_the_dropped_tokens_after_its_layer(vlm):
     full["attention_mask"] = torch.ones_like(full["input_ids"])
     if "mm_token_type_ids" in full:
         full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(generated[:, :-1])], 1)
-    teacher = _masked_after_layer(model, full, torch.cat([kept, torch.ones(generated.shape[1] - 1, dtype=torch.bool)]), 1)
+    teacher = _masked_after_layer(
+        model, full, torch.cat([kept, torch.ones(generated.shape[1] - 1, dtype=torch.bool)]), 1
+    )
     for step, logits in enumerate(out.logits):
         torch.testing.assert_close(logits[0].double(), teacher[0, length - 1 + step], rtol=1e-5, atol=1e-5)
 
@@ -331,6 +346,7 @@ def test_fastv_full_budget_detach_and_errors():
 
 
 # --- HiRED on anyres partitions ------------------------------------------------------------------
+
 
 class _PlantedCLS:
     """Stands in for the recorded CLS attention: (vision rows, patches) per layer."""
@@ -381,11 +397,11 @@ def test_llava_next_layout_follows_the_models_own_packing():
 
     image_positions = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
     layout = ADAPTERS["LlavaNextForConditionalGeneration"].patch_layouts(
-        model, dict(inputs), [(0, image_positions)], None)[0]
+        model, dict(inputs), [(0, image_positions)], None
+    )[0]
     with torch.no_grad():
         vision = model.model.vision_tower(inputs["pixel_values"][0], output_hidden_states=True)
-        features = model.model.multi_modal_projector(
-            vision.hidden_states[model.config.vision_feature_layer][:, 1:])
+        features = model.model.multi_modal_projector(vision.hidden_states[model.config.vision_feature_layer][:, 1:])
         merged = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
     patch = layout[:, 0] >= 0
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
@@ -394,6 +410,7 @@ def test_llava_next_layout_follows_the_models_own_packing():
 
 
 # --- MustDrop ------------------------------------------------------------------------------------
+
 
 def test_mustdrop_merges_similar_windows_then_picks_the_key_set_on_the_merged_tokens():
     """The released code merges first (blind to the key set), then marks the key set on the merged
@@ -406,8 +423,14 @@ def test_mustdrop_merges_similar_windows_then_picks_the_key_set_on_the_merged_to
     grid = embeds.view(side, side, -1)
     grid[:3, :3] = torch.randn(16, generator=generator) + 0.01 * torch.randn(3, 3, 16, generator=generator)
     grid[3:, 3:] = torch.randn(16, generator=generator) * 5  # constant, and the largest norms
-    layout = torch.stack([torch.zeros(side * side, dtype=torch.long),
-                          torch.arange(side * side) // side, torch.arange(side * side) % side], 1)
+    layout = torch.stack(
+        [
+            torch.zeros(side * side, dtype=torch.long),
+            torch.arange(side * side) // side,
+            torch.arange(side * side) % side,
+        ],
+        1,
+    )
     method = MustDrop(budget=0.5, key_fraction=0.1)  # ceil(0.1 * 20 merged tokens) = 2 key tokens
     method._cls = None  # no CLS (as on Qwen): the key set by L2 norm
     image = ImageTokens(sample=0, positions=torch.arange(side * side), embeds=embeds, layout=layout, index=0)
@@ -417,7 +440,7 @@ def test_mustdrop_merges_similar_windows_then_picks_the_key_set_on_the_merged_to
     assert len(kept) == side * side - 16, "both similar windows merge, the high-norm one too"
     assert {0, 21} <= set(kept.tolist()) and not set(top_left[1:] + bottom_right[1:]) & set(kept.tolist())
     torch.testing.assert_close(replaced[kept.tolist().index(0)], embeds[top_left].mean(0))
-    (_, key), = method._state["key_set"]
+    ((_, key),) = method._state["key_set"]
     norms = replaced.norm(dim=-1)
     assert 21 in key.tolist(), "the merged high-norm window is a key token"
     assert set(key.tolist()) == set(kept[norms.topk(2).indices].tolist())
@@ -460,8 +483,10 @@ def _masked_layers(model, inputs, allowed_at):
             hidden = args[0] if args else kwargs["hidden_states"]
             allowed = allowed_at(index, hidden.shape[1]) | torch.eye(hidden.shape[1], dtype=torch.bool)
             kwargs["attention_mask"] = torch.zeros(1, 1, *allowed.shape, dtype=hidden.dtype).masked_fill(
-                ~allowed, torch.finfo(hidden.dtype).min)
+                ~allowed, torch.finfo(hidden.dtype).min
+            )
             return args, kwargs
+
         return mask_hook
 
     handles = [block.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, block in enumerate(layers)]
@@ -481,11 +506,20 @@ def test_mustdrop_compacted_cache_equals_masking(kind, policy):
     whole prompt ("official", the released code) or the survivors too ("all_layers")."""
     model, processor = tiny.vlm(kind, dtype=torch.float64)
     inputs = _inputs(processor, [_image(13)], ["Describe the picture."])
-    method = MustDrop(budget=0.3, merge_threshold=1.0, key_fraction=0.0, layers=(1,), global_threshold=0.0,
-                      individual_threshold=0.0, decode_cache=policy, cap_budget=True)
+    method = MustDrop(
+        budget=0.3,
+        merge_threshold=1.0,
+        key_fraction=0.0,
+        layers=(1,),
+        global_threshold=0.0,
+        individual_threshold=0.0,
+        decode_cache=policy,
+        cap_budget=True,
+    )
     with method.apply(model):
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            **inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
     length = inputs["input_ids"].shape[1]
     n = method.stats.visual_tokens_in[0]
     assert method.stats.visual_tokens_kept == [int(0.3 * n)]
@@ -531,16 +565,21 @@ def _full_cache_bytes(model, inputs):
 def test_mustdrop_batch_of_two_matches_each_alone():
     model, processor = tiny.vlm("llava", dtype=torch.float64)
     images, questions = [_image(14), _image(15, 40, 40)], ["What is in the picture?", "Describe it in detail."]
-    make = lambda: MustDrop(budget=0.3, layers=(1, 2), global_threshold=0.01, individual_threshold=0.05,  # noqa: E731
-                            cap_budget=True)
+    make = lambda: MustDrop(  # noqa: E731
+        budget=0.3,
+        layers=(1, 2),
+        global_threshold=0.01,
+        individual_threshold=0.05,
+        cap_budget=True,
+    )
     with make().apply(model) as method:
         batch = _inputs(processor, images, questions)
-        together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1] :]
         kept_together = list(method.stats.visual_tokens_kept)
     for i in range(2):
         with make().apply(model) as method:
             alone = _inputs(processor, [images[i]], [questions[i]])
-            single = model.generate(**alone, max_new_tokens=4, do_sample=False)[:, alone["input_ids"].shape[1]:]
+            single = model.generate(**alone, max_new_tokens=4, do_sample=False)[:, alone["input_ids"].shape[1] :]
         assert torch.equal(together[i], single[0]), i
         assert method.stats.visual_tokens_kept == [kept_together[i]]
 
@@ -597,8 +636,14 @@ def test_mustdrop_filter_keeps_the_dual_attention_rule_of_eager_attention():
     global_threshold, individual_threshold = float(share.median()), float(peak.quantile(0.75))
     expected = (share >= global_threshold) | (peak >= individual_threshold)
     assert 0 < int(expected.sum()) < len(expected), "the planted thresholds split the tokens"
-    method = MustDrop(budget=0.5, merge_threshold=1.0, key_fraction=0.0, layers=(1,),
-                      global_threshold=global_threshold, individual_threshold=individual_threshold)
+    method = MustDrop(
+        budget=0.5,
+        merge_threshold=1.0,
+        key_fraction=0.0,
+        layers=(1,),
+        global_threshold=global_threshold,
+        individual_threshold=individual_threshold,
+    )
     with method.apply(model), torch.no_grad():
         model(**inputs)
     assert torch.equal(method.stats.visual_kept_mask[0], expected)
@@ -650,9 +695,11 @@ def test_hired_llava_next_budget_counts_full_partitions_of_patches():
     side = config.vision_config.image_size // config.vision_config.patch_size
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-    count = image_size_to_num_patches(image_size=inputs["image_sizes"][0].tolist(),
-                                      grid_pinpoints=config.image_grid_pinpoints,
-                                      patch_size=config.vision_config.image_size)
+    count = image_size_to_num_patches(
+        image_size=inputs["image_sizes"][0].tolist(),
+        grid_pinpoints=config.image_grid_pinpoints,
+        patch_size=config.vision_config.image_size,
+    )
     assert count > 1, "an anyres image: the full image and sub-images"
     n = method.stats.visual_tokens_in[0]
     assert method.stats.visual_tokens_kept == [int(0.2 * count * side * side)]

@@ -11,8 +11,9 @@ from hasten.cli import main
 from hasten.tiny import trained
 
 
-def _toy_train(out: pathlib.Path, *, steps: int | None = None, seed: int = 0, resume: bool = False,
-               progress: bool = True) -> pathlib.Path:
+def _toy_train(
+    out: pathlib.Path, *, steps: int | None = None, seed: int = 0, resume: bool = False, progress: bool = True
+) -> pathlib.Path:
     """A registry-conforming trainer (a linear fit) for the CLI plumbing tests."""
     steps = steps or 5
     model = torch.nn.Linear(3, 1)
@@ -32,8 +33,9 @@ def _toy_train(out: pathlib.Path, *, steps: int | None = None, seed: int = 0, re
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        trained.save_checkpoint(out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                      "step": step + 1})
+        trained.save_checkpoint(
+            out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}
+        )
     (out / "model").mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / "model" / "weights.pt")
     return out / "model"
@@ -62,8 +64,9 @@ def test_tiny_list_prints_every_entry(capsys):
 def test_tiny_train_resume_equals_uninterrupted(tmp_path, toy_registry, capsys):
     assert main(["tiny", "train", "toy", "--steps", "6", "--seed", "3", "--out", str(tmp_path / "full")]) == 0
     assert main(["tiny", "train", "toy", "--steps", "3", "--seed", "3", "--out", str(tmp_path / "part")]) == 0
-    assert main(["tiny", "train", "toy", "--steps", "6", "--seed", "3", "--out", str(tmp_path / "part"),
-                 "--resume"]) == 0
+    assert (
+        main(["tiny", "train", "toy", "--steps", "6", "--seed", "3", "--out", str(tmp_path / "part"), "--resume"]) == 0
+    )
     full = torch.load(tmp_path / "full" / "model" / "weights.pt")
     part = torch.load(tmp_path / "part" / "model" / "weights.pt")
     assert all(torch.equal(full[key], part[key]) for key in full)
@@ -87,6 +90,7 @@ def test_tiny_train_rejects_bad_input(tmp_path, toy_registry, capsys):
 # ---------------------------------------------------------------------------------------------
 
 from hasten.tiny import scenes  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def classifier():
@@ -152,9 +156,12 @@ def test_trained_flux_reads_its_prompts():
     assert true < shuffled - TRUE_CAPTION_MARGIN, (true, shuffled)
     test = [scenes.sample_scene(seed, 64, 64, num_objects=PROMPT_OBJECTS) for seed in seeds[:8]]
     pipe.set_progress_bar_config(disable=True)
-    images = pipe([scene.caption for scene in test],
-                  **{**CALL_DEFAULTS, "negative_prompt": [""] * len(test), "num_inference_steps": 8},
-                  generator=[torch.Generator().manual_seed(i) for i in range(len(test))], output_type="pt").images
+    images = pipe(
+        [scene.caption for scene in test],
+        **{**CALL_DEFAULTS, "negative_prompt": [""] * len(test), "num_inference_steps": 8},
+        generator=[torch.Generator().manual_seed(i) for i in range(len(test))],
+        output_type="pt",
+    ).images
     assert _drawn_colour_accuracy(images, test) >= COLOUR_FLOOR
 
 
@@ -188,7 +195,8 @@ def test_classifier_training_resumes_identically(tmp_path, capsys):
     full, part = weights(tmp_path / "full"), weights(tmp_path / "part")
     assert all(torch.equal(full[key], part[key]) for key in full)
     short = AttributeClassifier.from_pretrained(
-        trained.training_function("classifier")(tmp_path / "short", steps=2, seed=1, progress=False)).state_dict()
+        trained.training_function("classifier")(tmp_path / "short", steps=2, seed=1, progress=False)
+    ).state_dict()
     assert not all(torch.equal(full[key], short[key]) for key in full)
 
 

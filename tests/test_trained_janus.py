@@ -180,8 +180,10 @@ def test_training_resumes_exactly(tmp_path, stage):
     name = next(k for k in state["model"] if k.endswith(suffix))
     state["model"][name] = state["model"][name] + 0.5  # resuming must start from the checkpoint, not from scratch
     trained.save_checkpoint(tmp_path / "tampered", state)
-    final = {run: trained.load_checkpoint(train(tmp_path / run, steps=2, resume=True, **extra).parent)["model"]
-             for run in ("parts", "tampered")}
+    final = {
+        run: trained.load_checkpoint(train(tmp_path / run, steps=2, resume=True, **extra).parent)["model"]
+        for run in ("parts", "tampered")
+    }
     a = trained.load_checkpoint(whole.parent)["model"]
     assert a.keys() == final["parts"].keys() and all(torch.equal(a[k], final["parts"][k]) for k in a)
     assert not torch.equal(a[name], final["tampered"][name])

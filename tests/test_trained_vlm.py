@@ -34,8 +34,9 @@ def test_cache_eviction_cannot_change_a_one_token_answer(llava):
     # the one answer token comes out of the (unpruned) prefill; only later tokens read the cache.
     model, processor = llava
     samples = micro_vlm.held_out_set("llava", 16)
-    rows = evaluate_task(model, processor, [("random", 1.0), ("guikv", 0.1), ("random", 0.05)], samples,
-                         timing_samples=1)
+    rows = evaluate_task(
+        model, processor, [("random", 1.0), ("guikv", 0.1), ("random", 0.05)], samples, timing_samples=1
+    )
     full, guikv, random_keep = rows
     assert guikv.agreement == 1.0 and guikv.visual_kept < full.visual_in, format_task_table(rows)
     assert random_keep.agreement < 1.0  # dropping tokens before the LLM does change answers

@@ -154,8 +154,10 @@ def test_noncontiguous_inputs_and_custom_scale():
     default = triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, key_valid, tile)
     assert not torch.allclose(out, default, atol=1e-3)
     torch.testing.assert_close(
-        default.double(), dense_reference(q, k, v, kv_indices, kv_counts, key_valid, tile, scale=1 / math.sqrt(D)),
-        atol=1e-5, rtol=1e-5,
+        default.double(),
+        dense_reference(q, k, v, kv_indices, kv_counts, key_valid, tile, scale=1 / math.sqrt(D)),
+        atol=1e-5,
+        rtol=1e-5,
     )
 
 
@@ -165,7 +167,7 @@ def test_noncontiguous_inputs_and_custom_scale():
         (torch.float32, 128, 16),  # BLOCK_M 64, BLOCK_N 32: 2 query x 4 key sub-blocks
         (torch.float32, 64, 256),  # BLOCK_M 32, BLOCK_N 16: 2 x 4 sub-blocks, widest D
         (torch.float16, 128, 16),  # BLOCK_M 128, BLOCK_N 64: key tile split in 2
-        (torch.float16, 32, 64),   # one block per tile
+        (torch.float16, 32, 64),  # one block per tile
         (torch.bfloat16, 128, 128),  # the H100 production shape: 128 x 64 blocks
     ],
 )
@@ -216,7 +218,9 @@ def _good_args():
     S = T * tile
     q, k, v = make_inputs(B, H, S, D, torch.float32)
     return dict(
-        q=q, k=k, v=v,
+        q=q,
+        k=k,
+        v=v,
         kv_indices=torch.tensor([[0, 1], [1, 0]], dtype=torch.int32),
         kv_counts=torch.tensor([2, 1], dtype=torch.int32),
         key_valid=torch.ones(B, S, dtype=torch.bool),
@@ -277,6 +281,7 @@ def test_launch_config_table():
 
 # --------------------------------------------------------------------------- fused gather / scatter
 
+
 def _shuffled_rows(S, tile, pad, seed=0):
     """A random slot order of S rows plus ``pad`` padding slots (-1) spread over the tiles."""
     g = torch.Generator().manual_seed(seed)
@@ -290,8 +295,12 @@ def _shuffled_rows(S, tile, pad, seed=0):
 
 @pytest.mark.parametrize(
     "dtype,atol,layout_bsd",
-    [(torch.float32, 2e-5, False), (torch.float32, 2e-5, True), (torch.float16, 2e-3, True),
-     (torch.bfloat16, 2e-2, False)],
+    [
+        (torch.float32, 2e-5, False),
+        (torch.float32, 2e-5, True),
+        (torch.float16, 2e-3, True),
+        (torch.bfloat16, 2e-2, False),
+    ],
 )
 def test_rows_gather_and_scatter_in_the_kernel(dtype, atol, layout_bsd):
     """Reading q/k/v through ``rows`` and writing the output through it equals gathering copies,
@@ -333,12 +342,12 @@ def test_rows_tile_counter_and_sub_blocks():
     q, k, v = make_inputs(B, H, S, D, torch.float32, seed=4)
     key_valid = (rows >= 0)[None]
     counter = torch.zeros(1, dtype=torch.int32)
-    out = triton_block_sparse_attention(q, k, v, kv_indices, kv_counts, key_valid, tile, tile_counter=counter,
-                                        rows=rows)
+    out = triton_block_sparse_attention(
+        q, k, v, kv_indices, kv_counts, key_valid, tile, tile_counter=counter, rows=rows
+    )
     assert counter.item() == B * H * 3 and T == 2
     gather = rows.clamp(min=0)
-    expected = dense_reference(*(x.index_select(2, gather) for x in (q, k, v)), kv_indices, kv_counts, key_valid,
-                               tile)
+    expected = dense_reference(*(x.index_select(2, gather) for x in (q, k, v)), kv_indices, kv_counts, key_valid, tile)
     scatter = torch.empty(S, dtype=torch.int64)
     scatter[rows[rows >= 0]] = (rows >= 0).nonzero()[:, 0]
     torch.testing.assert_close(out.double(), expected.index_select(2, scatter), atol=1e-5, rtol=1e-5)

@@ -39,8 +39,9 @@ def test_pack_and_unpack_equal_the_reference(bits):
     x = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(bits))
     packed, scale, zero = quantize_rows(x, bits, 32)
     assert torch.equal(triton_pack_rows(x, scale, zero, bits, 32), packed)
-    torch.testing.assert_close(triton_unpack_rows(packed, scale, zero, bits, 32),
-                               dequantize_rows(packed, scale, zero, bits, 32))
+    torch.testing.assert_close(
+        triton_unpack_rows(packed, scale, zero, bits, 32), dequantize_rows(packed, scale, zero, bits, 32)
+    )
 
 
 @pytest.mark.parametrize("bits_k, bits_v", [(4, 2), (2, 4), (8, 8)])
@@ -78,8 +79,9 @@ def test_cache_layer_decode_attention_triton_equals_torch():
     layer.update(torch.randn(2, 2, 30, 16, generator=generator), torch.randn(2, 2, 30, 16, generator=generator))
     important = torch.rand(2, 30, generator=generator) > 0.5
     layer.compress(important)
-    keys, values = layer.update(torch.randn(2, 2, 1, 16, generator=generator), torch.randn(2, 2, 1, 16,
-                                                                                           generator=generator))
+    keys, values = layer.update(
+        torch.randn(2, 2, 1, 16, generator=generator), torch.randn(2, 2, 1, 16, generator=generator)
+    )
     assert keys.shape[-2] == 1, "fused reads return the residual window only"
     query = torch.randn(2, 4, 1, 16, generator=generator)
     mask = torch.ones(2, 1, 1, 31, dtype=torch.bool)

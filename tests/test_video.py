@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from hasten.tiny.motion import panned, zoomed
-from hasten.video import (backward_warp, flow_pair, occlusion_mask, optical_flow, read_video, resize_flow,
-                          warp_error, write_video)
+from hasten.video import (
+    backward_warp,
+    flow_pair,
+    occlusion_mask,
+    optical_flow,
+    read_video,
+    resize_flow,
+    warp_error,
+    write_video,
+)
 from hasten.video.flow import warped_difference_mask
 
 

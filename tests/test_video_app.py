@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import gradio as gr
 import pytest
-from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,
-                     playing_video, running_app, screenshot)
 
 from hasten.apps.video_app import build_demo  # noqa: E402
 from hasten.tiny.motion import panned  # noqa: E402
 from hasten.video import read_video, write_video  # noqa: E402
+
+from browser import TIMEOUT_MS, assert_no_errors, chromium_page, click_example, playing_video, running_app, screenshot
 
 
 @pytest.mark.browser
@@ -38,8 +38,9 @@ def test_mp4v_upload_plays_in_the_browser(tmp_path):
         page.goto(app.url)
         page.locator("#source input[type=file]").set_input_files(str(clip))
         first = page.locator("#input video").get_attribute("src")
-        page.wait_for_function("first => document.querySelector('#input video').src !== first", arg=first,
-                               timeout=TIMEOUT_MS)  # the shown input becomes the upload's re-encoding
+        page.wait_for_function(
+            "first => document.querySelector('#input video').src !== first", arg=first, timeout=TIMEOUT_MS
+        )  # the shown input becomes the upload's re-encoding
         assert playing_video(page, "input") == (96, 64)
         page.wait_for_timeout(1000)  # time for a late "Video not playable" toast to appear
         assert_no_errors(page)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import gradio as gr
 import numpy as np
 import pytest
-from browser import (TIMEOUT_MS, assert_no_errors, chromium_page, click_example,
-                     running_app, screenshot, shown_image)
 
 from hasten.apps.vlm_app import VLMRun, build_demo  # noqa: E402
 from hasten.token_pruning.evaluate import load_vlm  # noqa: E402
+
+from browser import TIMEOUT_MS, assert_no_errors, chromium_page, click_example, running_app, screenshot, shown_image
 
 
 @pytest.mark.browser
@@ -32,8 +32,10 @@ def test_example_answers_right_with_kept_tokens_at_several_budgets(tmp_path):
         assert page.locator("#answer textarea").input_value() == truth  # right at 20% of the tokens
         captions = page.locator("#sweep .caption-label, #sweep figcaption").all_inner_texts()
         if not captions:  # Gradio shows captions on hover in some versions: read the alt texts
-            captions = [page.locator("#sweep img").nth(i).get_attribute("alt") or ""
-                        for i in range(page.locator("#sweep img").count())]
+            captions = [
+                page.locator("#sweep img").nth(i).get_attribute("alt") or ""
+                for i in range(page.locator("#sweep img").count())
+            ]
         assert len(captions) == 4 and all("(right)" in caption for caption in captions), captions
         assert [caption.split(":")[0] for caption in captions] == ["100%", "50%", "20%", "10%"]
         assert_no_errors(page)
@@ -59,10 +61,10 @@ def test_overlay_darkens_dropped_tokens_and_errors():
 
 
 def test_speculative_decoding_reports_accepted_length_and_speedup(tmp_path):
-    from hasten.apps.vlm_app import SPECULATIVE
     from hasten import tiny
-    from hasten.token_pruning.evaluate import sample_images
+    from hasten.apps.vlm_app import SPECULATIVE
     from hasten.speculative.specvlm import DraftModel, train_draft
+    from hasten.token_pruning.evaluate import sample_images
 
     model, processor = tiny.vlm("llava")
     draft = DraftModel.for_target(model)

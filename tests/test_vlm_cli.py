@@ -23,8 +23,25 @@ def test_full_budget_has_perfect_fidelity_and_the_kv_cache_shrinks_with_the_budg
 def test_ask_with_pruning_prints_the_stats(tmp_path, capsys):
     image = tmp_path / "photo.png"
     Image.fromarray(np.full((40, 40, 3), 128, dtype=np.uint8)).save(image)
-    assert main(["vlm", "ask", "--image", str(image), "--model", "tiny-qwen2-vl", "--prune", "pool",
-                 "--budget", "0.25", "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "vlm",
+                "ask",
+                "--image",
+                str(image),
+                "--model",
+                "tiny-qwen2-vl",
+                "--prune",
+                "pool",
+                "--budget",
+                "0.25",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert "visual tokens 4/25" in capsys.readouterr().out  # 5 x 5 grid, 3 x 3 windows -> 2 x 2
 
 
@@ -38,8 +55,24 @@ def test_ask_errors(tmp_path):
 
 
 def test_eval_prints_a_table(capsys):
-    assert main(["vlm", "eval", "--model", "tiny-llava", "--methods", "hired", "--budgets", "0.5",
-                 "--max-new-tokens", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "vlm",
+                "eval",
+                "--model",
+                "tiny-llava",
+                "--methods",
+                "hired",
+                "--budgets",
+                "0.5",
+                "--max-new-tokens",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "hired" in out and "top1" in out and '"method": "hired"' in out
 
@@ -56,7 +89,23 @@ def test_ask_defaults_to_the_trained_llava_on_a_generated_scene(capsys):
 
 
 def test_eval_on_a_trained_model_prints_task_accuracy(capsys):
-    assert main(["vlm", "eval", "--model", "trained-llava", "--methods", "hired", "--budgets", "0.25",
-                 "--samples", "10", "--json"]) == 0
+    assert (
+        main(
+            [
+                "vlm",
+                "eval",
+                "--model",
+                "trained-llava",
+                "--methods",
+                "hired",
+                "--budgets",
+                "0.25",
+                "--samples",
+                "10",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "acc" in out and "agree" in out and "color" in out and "shape" in out and '"accuracy"' in out

@@ -35,9 +35,18 @@ def test_trellis_checkpoint_layout_round_trip_and_errors(tmp_path):
     name, args = tt.CONFIGS["ss_flow"]
     model = trellis.MODELS[name](**args)
     keys = set(model.state_dict())
-    assert {"pos_emb", "t_embedder.mlp.0.weight", "input_layer.weight", "blocks.0.self_attn.to_qkv.weight",
-            "blocks.0.self_attn.q_rms_norm.gamma", "blocks.0.cross_attn.to_kv.weight", "blocks.0.norm2.weight",
-            "blocks.0.mlp.mlp.0.weight", "blocks.0.adaLN_modulation.1.weight", "out_layer.weight"} <= keys
+    assert {
+        "pos_emb",
+        "t_embedder.mlp.0.weight",
+        "input_layer.weight",
+        "blocks.0.self_attn.to_qkv.weight",
+        "blocks.0.self_attn.q_rms_norm.gamma",
+        "blocks.0.cross_attn.to_kv.weight",
+        "blocks.0.norm2.weight",
+        "blocks.0.mlp.mlp.0.weight",
+        "blocks.0.adaLN_modulation.1.weight",
+        "out_layer.weight",
+    } <= keys
     path = trellis.save_pretrained(model, tmp_path / "ss_flow", args)
     assert json.loads((tmp_path / "ss_flow.json").read_text())["name"] == "SparseStructureFlowModel"
     loaded = trellis.from_pretrained(path)
@@ -66,8 +75,9 @@ def test_half_precision_models_keep_float32_norms(tmp_path):
     x, t, c = torch.randn(1, 4, 8, 8, 8), torch.tensor([500.0]), _cond()
     torch.testing.assert_close(parts["flow"](x.bfloat16(), t, c).float(), full["flow"](x, t, c), atol=0.1, rtol=0.1)
     source, mask = _source(), box_mask(32, [(16, 0, 0, 32, 32, 32)])
-    out = VoxelEditPipeline(parts["flow"], parts["encoder"], parts["decoder"]).edit(source, mask, _cond(1),
-                                                                                   num_inference_steps=3, progress=False)
+    out = VoxelEditPipeline(parts["flow"], parts["encoder"], parts["decoder"]).edit(
+        source, mask, _cond(1), num_inference_steps=3, progress=False
+    )
     assert np.array_equal(out.occupancy[~mask], source[~mask])
 
 
@@ -88,7 +98,9 @@ def _reference_cells(occupancy: np.ndarray, mask: np.ndarray, side: int) -> np.n
     for i in range(side):
         for j in range(side):
             for k in range(side):
-                block = np.s_[i * factor:(i + 1) * factor, j * factor:(j + 1) * factor, k * factor:(k + 1) * factor]
+                block = np.s_[
+                    i * factor : (i + 1) * factor, j * factor : (j + 1) * factor, k * factor : (k + 1) * factor
+                ]
                 if (occupancy[block] & ~mask[block]).any():
                     cells[i, j, k] = False
     return cells
@@ -100,7 +112,7 @@ def test_edit_cells_keep_exactly_the_cells_with_preserved_geometry():
     from hasten.pipelines.voxhammer import edit_cells
 
     grid = np.indices((64, 64, 64)) - 31.5
-    radius = np.sqrt((grid ** 2).sum(0))
+    radius = np.sqrt((grid**2).sum(0))
     shell = (radius > 24) & (radius < 27)
     mask = box_mask(64, [(30, 0, 0, 64, 30, 64)])
     cells = edit_cells(shell, mask, 16)
@@ -109,8 +121,9 @@ def test_edit_cells_keep_exactly_the_cells_with_preserved_geometry():
     per_cell = (16, 4, 16, 4, 16, 4)
     edited_geometry = (shell & mask).reshape(per_cell).any(axis=(1, 3, 5))
     kept_geometry = (shell & ~mask).reshape(per_cell).any(axis=(1, 3, 5))
-    assert (edited_geometry & kept_geometry).any() and not cells[edited_geometry & kept_geometry].any(), \
+    assert (edited_geometry & kept_geometry).any() and not cells[edited_geometry & kept_geometry].any(), (
         "cells holding both edited and preserved geometry are kept"
+    )
     touching = torch.from_numpy(mask).reshape(16, 4, 16, 4, 16, 4).any(5).any(3).any(1).numpy()
     assert int(cells.sum()) > int(touching.sum()), "more cells than the box touches are free (empty space)"
 
@@ -132,9 +145,14 @@ def test_empty_and_full_edit_regions_are_documented_behaviour(editor):
 def test_cache_modes_bytes_and_results(editor):
     source = _source()
     mask = box_mask(32, [(0, 0, 16, 32, 32, 32)])
-    outs = {name: editor.edit(source, mask, _cond(2), num_inference_steps=4, cache=config, progress=False)
-            for name, config in (("fp32", FeatureCacheConfig(dtype="float32")), ("bf16", FeatureCacheConfig()),
-                                 ("int8", FeatureCacheConfig(quantize=True)))}
+    outs = {
+        name: editor.edit(source, mask, _cond(2), num_inference_steps=4, cache=config, progress=False)
+        for name, config in (
+            ("fp32", FeatureCacheConfig(dtype="float32")),
+            ("bf16", FeatureCacheConfig()),
+            ("int8", FeatureCacheConfig(quantize=True)),
+        )
+    }
     flow = editor.flow
     channels = flow.blocks[0].self_attn.channels
     preserved = int((~outs["fp32"].edit_cells).sum())
@@ -173,14 +191,56 @@ def test_conditioners_and_cli(tmp_path, capsys):
     assert conditioner.text("a chair with tall legs").shape == (1, 77, tt.COND_CHANNELS)
     assert conditioner.image(Image.new("RGB", (40, 30), "red")).shape[-1] == tt.COND_CHANNELS
     trimesh.creation.box(extents=(1.0, 0.6, 0.8)).export(tmp_path / "box.obj")
-    assert main(["edit3d", "--mesh", str(tmp_path / "box.obj"), "--box", "16", "0", "0", "32", "32", "32",
-                 "--prompt", "a rounded top", "--steps", "3", "--out", str(tmp_path / "out.glb")]) == 0
+    assert (
+        main(
+            [
+                "edit3d",
+                "--mesh",
+                str(tmp_path / "box.obj"),
+                "--box",
+                "16",
+                "0",
+                "0",
+                "32",
+                "32",
+                "32",
+                "--prompt",
+                "a rounded top",
+                "--steps",
+                "3",
+                "--out",
+                str(tmp_path / "out.glb"),
+            ]
+        )
+        == 0
+    )
     assert "inside the edit boxes" in capsys.readouterr().out
     assert len(trimesh.load(tmp_path / "out.glb", force="mesh").vertices) > 0
     np.save(tmp_path / "grid.npy", _source())
     Image.new("RGB", (40, 30), "blue").save(tmp_path / "cond.png")
-    assert main(["edit3d", "--occupancy", str(tmp_path / "grid.npy"), "--box", "0", "0", "16", "32", "32", "32",
-                 "--image", str(tmp_path / "cond.png"), "--steps", "3", "--out", str(tmp_path / "out.npy")]) == 0
+    assert (
+        main(
+            [
+                "edit3d",
+                "--occupancy",
+                str(tmp_path / "grid.npy"),
+                "--box",
+                "0",
+                "0",
+                "16",
+                "32",
+                "32",
+                "32",
+                "--image",
+                str(tmp_path / "cond.png"),
+                "--steps",
+                "3",
+                "--out",
+                str(tmp_path / "out.npy"),
+            ]
+        )
+        == 0
+    )
     edited = np.load(tmp_path / "out.npy")
     mask = box_mask(32, [(0, 0, 16, 32, 32, 32)])
     assert np.array_equal(edited[~mask], _source()[~mask])
@@ -188,16 +248,79 @@ def test_conditioners_and_cli(tmp_path, capsys):
     area = np.zeros((30, 40), np.uint8)
     area[:15] = 255
     Image.fromarray(area).save(tmp_path / "area.png")
-    assert main(["edit3d", "--occupancy", str(tmp_path / "grid.npy"), "--box", "0", "0", "16", "32", "32", "32",
-                 "--image", str(tmp_path / "cond.png"), "--source-image", str(tmp_path / "render.png"),
-                 "--image-mask", str(tmp_path / "area.png"), "--steps", "3", "--out", str(tmp_path / "out2.npy")]) == 0
+    assert (
+        main(
+            [
+                "edit3d",
+                "--occupancy",
+                str(tmp_path / "grid.npy"),
+                "--box",
+                "0",
+                "0",
+                "16",
+                "32",
+                "32",
+                "32",
+                "--image",
+                str(tmp_path / "cond.png"),
+                "--source-image",
+                str(tmp_path / "render.png"),
+                "--image-mask",
+                str(tmp_path / "area.png"),
+                "--steps",
+                "3",
+                "--out",
+                str(tmp_path / "out2.npy"),
+            ]
+        )
+        == 0
+    )
     assert np.array_equal(np.load(tmp_path / "out2.npy")[~mask], _source()[~mask])
-    assert main(["edit3d", "--occupancy", str(tmp_path / "grid.npy"), "--box", "0", "0", "16", "32", "32", "32",
-                 "--image", str(tmp_path / "cond.png"), "--image-mask", str(tmp_path / "area.png"),
-                 "--out", str(tmp_path / "bad.npy")]) == 2
+    assert (
+        main(
+            [
+                "edit3d",
+                "--occupancy",
+                str(tmp_path / "grid.npy"),
+                "--box",
+                "0",
+                "0",
+                "16",
+                "32",
+                "32",
+                "32",
+                "--image",
+                str(tmp_path / "cond.png"),
+                "--image-mask",
+                str(tmp_path / "area.png"),
+                "--out",
+                str(tmp_path / "bad.npy"),
+            ]
+        )
+        == 2
+    )
     assert "needs --source-image" in capsys.readouterr().err
-    assert main(["edit3d", "--occupancy", str(tmp_path / "grid.npy"), "--box", "0", "0", "16", "40", "32", "32",
-                 "--prompt", "x", "--out", str(tmp_path / "bad.npy")]) == 2
+    assert (
+        main(
+            [
+                "edit3d",
+                "--occupancy",
+                str(tmp_path / "grid.npy"),
+                "--box",
+                "0",
+                "0",
+                "16",
+                "40",
+                "32",
+                "32",
+                "--prompt",
+                "x",
+                "--out",
+                str(tmp_path / "bad.npy"),
+            ]
+        )
+        == 2
+    )
     assert "leaves" in capsys.readouterr().err
 
 
@@ -215,19 +338,40 @@ def test_preserved_condition_patches_take_the_sources_condition(editor):
     assert preserved.tolist() == [False] * 5 + [False, True, True, True] and len(preserved) == cond.shape[1]
     source, mask = _source(), box_mask(32, [(16, 0, 0, 32, 32, 32)])
     everything = torch.ones(cond.shape[1], dtype=torch.bool)
-    replayed = editor.edit(source, mask, cond, source_cond=source_cond, preserved_condition=everything,
-                           num_inference_steps=3, progress=False)
+    replayed = editor.edit(
+        source,
+        mask,
+        cond,
+        source_cond=source_cond,
+        preserved_condition=everything,
+        num_inference_steps=3,
+        progress=False,
+    )
     reference = editor.edit(source, mask, source_cond, source_cond=source_cond, num_inference_steps=3, progress=False)
     torch.testing.assert_close(replayed.latent, reference.latent, rtol=0, atol=0)
-    partial = editor.edit(source, mask, cond, source_cond=source_cond, preserved_condition=preserved,
-                          num_inference_steps=3, progress=False)
+    partial = editor.edit(
+        source,
+        mask,
+        cond,
+        source_cond=source_cond,
+        preserved_condition=preserved,
+        num_inference_steps=3,
+        progress=False,
+    )
     assert not torch.equal(partial.latent, reference.latent)
     assert np.array_equal(partial.occupancy[~mask], source[~mask])
     with pytest.raises(ValueError, match="source_cond"):
         editor.edit(source, mask, cond, preserved_condition=preserved, num_inference_steps=3, progress=False)
     with pytest.raises(ValueError, match="one per condition token"):
-        editor.edit(source, mask, cond, source_cond=source_cond, preserved_condition=preserved[:3],
-                    num_inference_steps=3, progress=False)
+        editor.edit(
+            source,
+            mask,
+            cond,
+            source_cond=source_cond,
+            preserved_condition=preserved[:3],
+            num_inference_steps=3,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="edited"):
         conditioner.preserved_patches(np.zeros(5))
 
@@ -273,8 +417,29 @@ def test_text_unconditional_input_is_the_empty_prompts_embedding(tmp_path, monke
 
     monkeypatch.setattr(VoxelEditPipeline, "edit", spy)
     np.save(tmp_path / "grid.npy", _source())
-    assert main(["edit3d", "--occupancy", str(tmp_path / "grid.npy"), "--box", "0", "0", "16", "32", "32", "32",
-                 "--prompt", "a chair", "--steps", "2", "--out", str(tmp_path / "out.npy")]) == 0
+    assert (
+        main(
+            [
+                "edit3d",
+                "--occupancy",
+                str(tmp_path / "grid.npy"),
+                "--box",
+                "0",
+                "0",
+                "16",
+                "32",
+                "32",
+                "32",
+                "--prompt",
+                "a chair",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "out.npy"),
+            ]
+        )
+        == 0
+    )
     torch.testing.assert_close(calls["uncond"], tt.conditioner().text(""))
 
 

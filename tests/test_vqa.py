@@ -6,14 +6,26 @@ import numpy as np
 import pytest
 
 from hasten.tiny import gui
-from hasten.tiny.vqa import (COLORS, GUI_QUESTIONS, HELD_OUT_SEED, PLACES, SCENE_QUESTIONS, Scene, SceneObject,
-                             gui_sample, held_out, render_scene, samples, scene_sample)
+from hasten.tiny.vqa import (
+    COLORS,
+    GUI_QUESTIONS,
+    HELD_OUT_SEED,
+    PLACES,
+    SCENE_QUESTIONS,
+    Scene,
+    SceneObject,
+    gui_sample,
+    held_out,
+    render_scene,
+    samples,
+    scene_sample,
+)
 
 
 def _cell_pixels(image, cell: int) -> np.ndarray:
     side = image.size[0] // 3
     row, col = divmod(cell, 3)
-    return np.asarray(image)[row * side:(row + 1) * side, col * side:(col + 1) * side].reshape(-1, 3)
+    return np.asarray(image)[row * side : (row + 1) * side, col * side : (col + 1) * side].reshape(-1, 3)
 
 
 def test_samples_are_deterministic_and_the_held_out_split_is_disjoint():
@@ -39,7 +51,7 @@ def test_answers_are_in_the_pixels(seed):
     assert count.answer == str(len(count.truth.objects))
     relation = scene_sample(seed, kind="relation")
     scene = relation.truth
-    words = relation.question[len("What color is the shape "):-1]
+    words = relation.question[len("What color is the shape ") : -1]
     rel, ref_shape = words.rsplit(" the ", 1)
     ref = next(o for o in scene.objects if o.shape == ref_shape)
     dr, dc = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}[rel]
@@ -66,8 +78,11 @@ def test_gui_questions_are_about_an_earlier_screenshot(seed):
         index = int(sample.question.split("screenshot ")[1].split(",")[0]) - 1
         assert 0 <= index < 2  # never the current (last) screenshot
         state = sample.truth[index]
-        expected = {"menu": "yes" if state.menu_open else "no", "check": "yes" if state.checked else "no",
-                    "row": "none" if state.selected_row < 0 else str(state.selected_row + 1)}[kind]
+        expected = {
+            "menu": "yes" if state.menu_open else "no",
+            "check": "yes" if state.checked else "no",
+            "row": "none" if state.selected_row < 0 else str(state.selected_row + 1),
+        }[kind]
         assert sample.answer == expected
         assert len(sample.images) == 3 and sample.images[0].size == (64, 48)
 

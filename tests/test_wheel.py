@@ -26,13 +26,43 @@ ENV = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  
 def installed(tmp_path_factory) -> Path:
     """A fresh venv with hasten's wheel installed; returns its ``bin`` folder."""
     root = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(root / "dist"), str(REPO)], check=True, capture_output=True, env=ENV)
-    wheel, = (root / "dist").glob("hasten-*.whl")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(root / "dist"),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        env=ENV,
+    )
+    (wheel,) = (root / "dist").glob("hasten-*.whl")
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps",
-                    "--no-index", "-q", str(wheel)], check=True, capture_output=True, env=ENV)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        env=ENV,
+    )
     # only now the dependencies (before, pip would take this environment's hasten for the wheel's)
     purelib = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
     (purelib / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
@@ -40,14 +70,20 @@ def installed(tmp_path_factory) -> Path:
 
 
 def _run(bin_dir: Path, *command: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(bin_dir / command[0]), *command[1:]], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [str(bin_dir / command[0]), *command[1:]], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.slow
 def test_the_wheel_runs_its_commands_apps_and_weights_from_its_own_files(installed, tmp_path):
-    where = _run(installed, "python", "-c", "import hasten, hasten.apps, hasten.tiny.trained as t; "
-                 "print(hasten.__file__); print(t.path('flux'))", cwd=tmp_path)
+    where = _run(
+        installed,
+        "python",
+        "-c",
+        "import hasten, hasten.apps, hasten.tiny.trained as t; print(hasten.__file__); print(t.path('flux'))",
+        cwd=tmp_path,
+    )
     assert where.returncode == 0, where.stderr
     package, weights = where.stdout.split()
     assert str(installed.parent) in package and str(REPO) not in package

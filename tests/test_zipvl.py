@@ -78,8 +78,11 @@ def test_the_table_bound_counts_zipvl_sparse_prefill():
     image = micro_vlm.held_out_set("llava", 1)[0].images[0]
     inputs = processor(images=[image], text=[chat_prompt(processor, "What is it?")], return_tensors="pt")
     ratios = {}
-    for name, method in (("dense", ZipVL(tau=1.0)), ("sparse", ZipVL(tau=0.5)),
-                         ("probes only", ZipVL(tau=0.5, sparse_prefill="dense"))):
+    for name, method in (
+        ("dense", ZipVL(tau=1.0)),
+        ("sparse", ZipVL(tau=0.5)),
+        ("probes only", ZipVL(tau=0.5, sparse_prefill="dense")),
+    ):
         with method.apply(model), torch.no_grad():
             model(**inputs)
         ratios[name] = _flops_ratio(model.config, method.stats, method)
@@ -88,6 +91,8 @@ def test_the_table_bound_counts_zipvl_sparse_prefill():
     assert ratios["dense"] == 1.0
     linear, attention = _layer_flops(model.config, n)
     layers = len(pairs)
-    expected = sum(linear + attention * (1 + q / 2 / d) for q, d in zip(probes, dense)) / (layers * (linear + attention))
+    expected = sum(linear + attention * (1 + q / 2 / d) for q, d in zip(probes, dense)) / (
+        layers * (linear + attention)
+    )
     assert ratios["probes only"] == pytest.approx(expected) and ratios["probes only"] > 1.0
     assert ratios["sparse"] < ratios["probes only"]

@@ -31,8 +31,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .methods import Handle, applied, apply, remove
     from .hooks.grat import GratConfig
+    from .methods import Handle, applied, apply, remove
 
 __version__ = "0.1.0"
 
@@ -67,8 +67,8 @@ def disable_grat(pipe_or_transformer: Any) -> None:
 
     ``hasten.remove(pipe_or_transformer, GratConfig)``: a ``ValueError`` if GRAT is not on.
     """
-    from .methods import remove as _remove
     from .hooks.grat import GratConfig
+    from .methods import remove as _remove
 
     _remove(pipe_or_transformer, GratConfig)
 
@@ -106,9 +106,15 @@ elif not any(isinstance(finder, _AddMethodsOnImport) for finder in sys.meta_path
 
 # Reachable as attributes after a plain ``import hasten``, imported on first use.
 _LAZY_SUBMODULES = ("tiny",)
-_LAZY_NAMES = {"GratConfig": ".hooks.grat", "grat_state": ".hooks.grat",
-               # the front door (hasten.methods imports nothing heavy; a method loads when applied)
-               "apply": ".methods", "remove": ".methods", "applied": ".methods", "Handle": ".methods"}
+_LAZY_NAMES = {
+    "GratConfig": ".hooks.grat",
+    "grat_state": ".hooks.grat",
+    # the front door (hasten.methods imports nothing heavy; a method loads when applied)
+    "apply": ".methods",
+    "remove": ".methods",
+    "applied": ".methods",
+    "Handle": ".methods",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -25,8 +25,12 @@ def check_int(value: Any, name: str, minimum: int = 1, maximum: int | None = Non
     ...
     ValueError: `max_objects` must be an int in [1, 8], got 9
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or \
-            (maximum is not None and value > maximum):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
         if maximum is not None:
             rule = f"an int in [{minimum}, {maximum}]"
         else:
@@ -48,8 +52,16 @@ def check_positive_int(value: Any, name: str) -> int:
     return check_int(value, name, 1)
 
 
-def check_number(value: Any, name: str, low: float | None = None, high: float | None = None, *,
-                 open_low: bool = False, open_high: bool = False, why: str = "") -> float:
+def check_number(
+    value: Any,
+    name: str,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+    why: str = "",
+) -> float:
     """``value`` if it is a real number (int or float, not a bool) within the bounds, else a
     ``ValueError`` naming ``name``; ``open_low`` / ``open_high`` exclude the bound itself.
 
@@ -67,9 +79,12 @@ def check_number(value: Any, name: str, low: float | None = None, high: float | 
     ValueError: `threshold` must be a number >= 0, got -1.0
     """
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    inside = number and value == value and \
-        (low is None or (value > low if open_low else value >= low)) and \
-        (high is None or (value < high if open_high else value <= high))
+    inside = (
+        number
+        and value == value
+        and (low is None or (value > low if open_low else value >= low))
+        and (high is None or (value < high if open_high else value <= high))
+    )
     if not inside:
         if low is not None and high is not None:
             rule = f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"

@@ -199,10 +199,8 @@ def adapter_for(transformer: torch.nn.Module) -> ModelAdapter:
         if cls.__name__ in ADAPTERS:
             return ADAPTERS[cls.__name__]
     raise ValueError(
-        f"GRAT does not support {type(module).__name__}; supported transformer classes: "
-        f"{', '.join(sorted(ADAPTERS))}"
+        f"GRAT does not support {type(module).__name__}; supported transformer classes: {', '.join(sorted(ADAPTERS))}"
     )
-
 
 
 # --- pipeline facts: what a diffusers pipeline's own ``__call__`` would do ----------------------------
@@ -217,8 +215,13 @@ def _flux_schedule(pipe: Any, steps: int, tokens: int) -> dict[str, Any]:
 
     config = pipe.scheduler.config
     sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
-    mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    mu = calculate_shift(
+        tokens,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
     return {"sigmas": sigmas, "mu": mu} if sigmas is not None else {"num_inference_steps": steps, "mu": mu}
 
 
@@ -229,9 +232,16 @@ def _sd3_schedule(pipe: Any, steps: int, tokens: int) -> dict[str, Any]:
     config = pipe.scheduler.config
     if not config.get("use_dynamic_shifting", False):
         return {"num_inference_steps": steps}
-    return {"num_inference_steps": steps, "mu": calculate_shift(
-        tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-        config.get("base_shift", 0.5), config.get("max_shift", 1.16))}  # SD3's default max_shift is 1.16
+    return {
+        "num_inference_steps": steps,
+        "mu": calculate_shift(
+            tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.16),
+        ),
+    }  # SD3's default max_shift is 1.16
 
 
 def _hunyuan_schedule(pipe: Any, steps: int, tokens: int) -> dict[str, Any]:
@@ -276,8 +286,10 @@ def pipeline_sigmas(pipe: Any, steps: int, tokens: int) -> torch.Tensor:
     scheduler.set_timesteps(device="cpu", **kwargs)
     sigmas = torch.as_tensor(scheduler.sigmas, dtype=torch.float64).flatten()
     if len(sigmas) != steps + 1 or float(sigmas[-1]) != 0.0:
-        raise ValueError(f"{type(scheduler).__name__} gave {len(sigmas)} noise levels ending at {float(sigmas[-1])} "
-                         f"for {steps} steps; editing needs {steps + 1} ending at 0")
+        raise ValueError(
+            f"{type(scheduler).__name__} gave {len(sigmas)} noise levels ending at {float(sigmas[-1])} "
+            f"for {steps} steps; editing needs {steps + 1} ending at 0"
+        )
     return sigmas
 
 
@@ -294,8 +306,11 @@ def pipeline_defaults(pipe: Any) -> dict[str, int]:
     512
     """
     parameters = _forward_signature_of_call(type(pipe)).parameters
-    values = {name: parameters[name].default for name in ("height", "width", "num_frames", "max_sequence_length")
-              if name in parameters}
+    values = {
+        name: parameters[name].default
+        for name in ("height", "width", "num_frames", "max_sequence_length")
+        if name in parameters
+    }
     config = pipe.transformer.config
     if values.get("height") is None and getattr(pipe, "default_sample_size", None):
         side = pipe.default_sample_size * pipe.vae_scale_factor

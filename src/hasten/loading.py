@@ -49,15 +49,20 @@ def check_device(device: str | None, argument: str = "--device") -> str:
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        raise ValueError(f"{argument} {device!r} is not a device; use cpu, cuda or cuda:N "
-                         "(default: cuda when available)") from None
+        raise ValueError(
+            f"{argument} {device!r} is not a device; use cpu, cuda or cuda:N (default: cuda when available)"
+        ) from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{argument} {device}: CUDA is not available on this machine (no GPU, or torch "
-                             f"{torch.__version__} built without CUDA); use {argument} cpu, or leave it out")
+            raise ValueError(
+                f"{argument} {device}: CUDA is not available on this machine (no GPU, or torch "
+                f"{torch.__version__} built without CUDA); use {argument} cpu, or leave it out"
+            )
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"{argument} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+            raise ValueError(
+                f"{argument} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
     elif parsed.type not in ("cpu", "mps", "xpu"):
         raise ValueError(f"{argument} {device!r}: use cpu, cuda or cuda:N (default: cuda when available)")
     elif parsed.type != "cpu" and not getattr(torch, parsed.type).is_available():
@@ -112,40 +117,58 @@ def resolve_model(model: str, kind: str = "diffusers", argument: str = "--model"
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / marker).is_file():
-            raise ValueError(f"{argument} {model}: this folder is not {what} (no {marker}); pass a folder saved "
-                             f"with save_pretrained, or a Hub id{tiny_hint}")
+            raise ValueError(
+                f"{argument} {model}: this folder is not {what} (no {marker}); pass a folder saved "
+                f"with save_pretrained, or a Hub id{tiny_hint}"
+            )
         return str(path)
     if path.exists():
         raise ValueError(f"{argument} {model} is a file; pass a model folder (holding {marker}), a Hub id{tiny_hint}")
     from huggingface_hub import constants, model_info, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, \
-        RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         snapshot = Path(snapshot_download(model, local_files_only=True))
     except HFValidationError:
-        raise ValueError(f"{argument} {model!r} is neither a local folder nor a Hub id (owner/name){tiny_hint}") \
-            from None
+        raise ValueError(
+            f"{argument} {model!r} is neither a local folder nor a Hub id (owner/name){tiny_hint}"
+        ) from None
     except (LocalEntryNotFoundError, OSError):
         snapshot = None
     if snapshot is not None and (snapshot / marker).is_file():
         return str(snapshot)  # in the cache: no network needed
-    how = (f"download it once with network (`hf download {model}`), or pass a local folder: "
-           f"{argument} /path/to/model{tiny_hint}")
+    how = (
+        f"download it once with network (`hf download {model}`), or pass a local folder: "
+        f"{argument} /path/to/model{tiny_hint}"
+    )
     if _offline():
-        raise ValueError(f"{argument} {model}: not a local folder and not in the Hugging Face cache "
-                         f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set; {how}")
+        raise ValueError(
+            f"{argument} {model}: not a local folder and not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set; {how}"
+        )
     try:
         model_info(model, timeout=10)
     except (RepositoryNotFoundError, GatedRepoError) as error:
-        reason = "is gated (log in with `hf auth login`)" if isinstance(error, GatedRepoError) else \
-            "is not on the Hugging Face Hub (or is private)"
-        raise ValueError(f"{argument} {model}: not a local folder, and {reason}; pass a local folder: "
-                         f"{argument} /path/to/model{tiny_hint}") from None
+        reason = (
+            "is gated (log in with `hf auth login`)"
+            if isinstance(error, GatedRepoError)
+            else "is not on the Hugging Face Hub (or is private)"
+        )
+        raise ValueError(
+            f"{argument} {model}: not a local folder, and {reason}; pass a local folder: "
+            f"{argument} /path/to/model{tiny_hint}"
+        ) from None
     except Exception as error:  # noqa: BLE001 - any network failure means: offline
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"{argument} {model}: not a local folder and not in the Hugging Face cache "
-                         f"({constants.HF_HUB_CACHE}), and the Hub cannot be reached ({reason}); {how}") from None
+        raise ValueError(
+            f"{argument} {model}: not a local folder and not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and the Hub cannot be reached ({reason}); {how}"
+        ) from None
     return model
 
 
@@ -161,8 +184,10 @@ def pipeline_source(model: str, argument: str = "--model") -> str | None:
     if tiny.is_tiny(model):
         return None
     if model.startswith("tiny-") and not Path(model).exists():
-        raise ValueError(f"{argument} {model!r} is not an embedded tiny model; choose {', '.join(tiny.MODEL_IDS)}, "
-                         "a diffusers model id or a local folder")
+        raise ValueError(
+            f"{argument} {model!r} is not an embedded tiny model; choose {', '.join(tiny.MODEL_IDS)}, "
+            "a diffusers model id or a local folder"
+        )
     return resolve_model(model, "diffusers", argument, tiny_names=tuple(tiny.MODEL_IDS))
 
 
@@ -210,8 +235,9 @@ def load_pipeline(model: str, dtype: str | torch.dtype | None = None, device: st
         try:
             pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
         except (OSError, ValueError, KeyError) as error:  # a broken folder or an incomplete download
-            raise ValueError(f"--model {model}: cannot load it as a diffusers pipeline from {source} "
-                             f"({_first_line(error)})") from None
+            raise ValueError(
+                f"--model {model}: cannot load it as a diffusers pipeline from {source} ({_first_line(error)})"
+            ) from None
     return pipe.to(device)
 
 
@@ -249,6 +275,7 @@ def load_transformers_model(model: str, tiny_models: dict, device: str | None = 
             loaded = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
             processor = AutoProcessor.from_pretrained(source)
         except (OSError, ValueError, KeyError) as error:  # a broken folder, an incomplete download, another kind
-            raise ValueError(f"--model {model}: cannot load it as an image-text model from {source} "
-                             f"({_first_line(error)})") from None
+            raise ValueError(
+                f"--model {model}: cannot load it as an image-text model from {source} ({_first_line(error)})"
+            ) from None
     return loaded.to(device).eval(), processor

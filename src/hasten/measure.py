@@ -51,8 +51,9 @@ def timed(fn: Callable[[], T], device: torch.device | str | None = None) -> tupl
     return result, time.perf_counter() - start
 
 
-def median_seconds(fn: Callable[[], Any], device: torch.device | str | None = None, warmup: int = 1,
-                   repeats: int = 5) -> float:
+def median_seconds(
+    fn: Callable[[], Any], device: torch.device | str | None = None, warmup: int = 1, repeats: int = 5
+) -> float:
     """Median wall seconds of ``fn()`` over ``repeats`` timed calls after ``warmup`` untimed ones.
 
     Examples
@@ -93,12 +94,20 @@ def ssim(a: torch.Tensor, b: torch.Tensor, keep: Any = None) -> float:
 
     a, b = a.detach().float().cpu(), b.detach().float().cpu()
     if a.shape != b.shape or a.dim() not in (3, 4):
-        raise ValueError(f"`a` and `b` must be images (3, H, W) or batches (B, 3, H, W) of one shape, got "
-                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"`a` and `b` must be images (3, H, W) or batches (B, 3, H, W) of one shape, got "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
     values = []
     for x, y in zip(a.reshape(-1, *a.shape[-3:]), b.reshape(-1, *b.shape[-3:])):
-        _, local = structural_similarity(x.permute(1, 2, 0).numpy(), y.permute(1, 2, 0).numpy(), channel_axis=2,
-                                         data_range=1.0, full=True, win_size=7)
+        _, local = structural_similarity(
+            x.permute(1, 2, 0).numpy(),
+            y.permute(1, 2, 0).numpy(),
+            channel_axis=2,
+            data_range=1.0,
+            full=True,
+            win_size=7,
+        )
         local = local.mean(-1)
         values.append(float(local[np.asarray(keep, bool)].mean() if keep is not None else local.mean()))
     return float(np.mean(values))
@@ -106,8 +115,9 @@ def ssim(a: torch.Tensor, b: torch.Tensor, keep: Any = None) -> float:
 
 def _seeded_call(pipe: Any, seed: int, call_kwargs: dict) -> tuple[torch.Tensor, float]:
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    output, seconds = timed(lambda: pipe(**call_kwargs, generator=generator, output_type="pt", return_dict=False)[0],
-                            pipe.device)
+    output, seconds = timed(
+        lambda: pipe(**call_kwargs, generator=generator, output_type="pt", return_dict=False)[0], pipe.device
+    )
     return output.float().cpu().clamp(0, 1), seconds
 
 

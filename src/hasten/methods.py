@@ -80,31 +80,53 @@ class Method:
 
 #: The methods reachable through :func:`apply`, in the order the docs list them.
 METHODS: tuple[Method, ...] = (
-    Method("GRAT", "hasten.hooks.grat:GratConfig", locate="hasten.hooks.grat:grat_module",
-           prepare="hasten.hooks.grat:prepare_grat", attach="hasten.hooks.grat:install_grat",
-           detach="hasten.hooks.grat:uninstall_grat"),
-    Method("token pruning", "hasten.token_pruning.core:TokenPruner", locate="hasten.token_pruning.core:pruning_target",
-           prepare="hasten.token_pruning.core:prepare_pruner", attach="hasten.token_pruning.core:attach_pruner",
-           detach="hasten.token_pruning.core:detach_pruner"),
-    Method("cross-frame attention", "hasten.hooks.cross_frame:CrossFrameConfig",
-           locate="hasten.hooks.cross_frame:cross_frame_unet",
-           prepare="hasten.hooks.cross_frame:prepare_cross_frame",
-           attach="hasten.hooks.cross_frame:attach_cross_frame",
-           detach="hasten.hooks.cross_frame:detach_cross_frame"),
-    Method("ConsistEdit attention control", "hasten.hooks.consistedit:ConsistEditConfig",
-           locate="hasten.hooks.consistedit:consistedit_transformer",
-           prepare="hasten.hooks.consistedit:prepare_consistedit",
-           attach="hasten.hooks.consistedit:attach_consistedit",
-           detach="hasten.hooks.consistedit:detach_consistedit"),
-    Method("SpecVLM", "hasten.speculative.specvlm.decoding:SpecVLM",
-           locate="hasten.speculative.specvlm.decoding:specvlm_target",
-           prepare="hasten.speculative.specvlm.decoding:prepare_specvlm",
-           attach="hasten.speculative.specvlm.decoding:attach_specvlm",
-           detach="hasten.speculative.specvlm.decoding:detach_specvlm"),
-    Method("SJD", "hasten.pipelines.sjd:SJDConfig",
-           refuse="`config`: SJD is not attached to a model, it is a decoding loop of its own (its Jacobi window, "
-                  "image-token vocabulary and classifier-free-guidance pairs do not fit generate()); run it as "
-                  "SJDPipeline(model, processor)(prompt, sjd=SJDConfig(...)) (see docs/architecture.md)"),
+    Method(
+        "GRAT",
+        "hasten.hooks.grat:GratConfig",
+        locate="hasten.hooks.grat:grat_module",
+        prepare="hasten.hooks.grat:prepare_grat",
+        attach="hasten.hooks.grat:install_grat",
+        detach="hasten.hooks.grat:uninstall_grat",
+    ),
+    Method(
+        "token pruning",
+        "hasten.token_pruning.core:TokenPruner",
+        locate="hasten.token_pruning.core:pruning_target",
+        prepare="hasten.token_pruning.core:prepare_pruner",
+        attach="hasten.token_pruning.core:attach_pruner",
+        detach="hasten.token_pruning.core:detach_pruner",
+    ),
+    Method(
+        "cross-frame attention",
+        "hasten.hooks.cross_frame:CrossFrameConfig",
+        locate="hasten.hooks.cross_frame:cross_frame_unet",
+        prepare="hasten.hooks.cross_frame:prepare_cross_frame",
+        attach="hasten.hooks.cross_frame:attach_cross_frame",
+        detach="hasten.hooks.cross_frame:detach_cross_frame",
+    ),
+    Method(
+        "ConsistEdit attention control",
+        "hasten.hooks.consistedit:ConsistEditConfig",
+        locate="hasten.hooks.consistedit:consistedit_transformer",
+        prepare="hasten.hooks.consistedit:prepare_consistedit",
+        attach="hasten.hooks.consistedit:attach_consistedit",
+        detach="hasten.hooks.consistedit:detach_consistedit",
+    ),
+    Method(
+        "SpecVLM",
+        "hasten.speculative.specvlm.decoding:SpecVLM",
+        locate="hasten.speculative.specvlm.decoding:specvlm_target",
+        prepare="hasten.speculative.specvlm.decoding:prepare_specvlm",
+        attach="hasten.speculative.specvlm.decoding:attach_specvlm",
+        detach="hasten.speculative.specvlm.decoding:detach_specvlm",
+    ),
+    Method(
+        "SJD",
+        "hasten.pipelines.sjd:SJDConfig",
+        refuse="`config`: SJD is not attached to a model, it is a decoding loop of its own (its Jacobi window, "
+        "image-token vocabulary and classifier-free-guidance pairs do not fit generate()); run it as "
+        "SJDPipeline(model, processor)(prompt, sjd=SJDConfig(...)) (see docs/architecture.md)",
+    ),
 )
 
 
@@ -193,8 +215,10 @@ def apply(target: Any, config: Any) -> Handle:
     module = method.call("locate", target)
     current = _APPLIED.get(module, {}).get(method.name)
     if current is not None and current.config is config and not _frozen(config):
-        raise ValueError(f"this {type(config).__name__} is already attached to this {type(module).__name__}; "
-                         "remove it first (hasten.remove, or its handle's remove())")
+        raise ValueError(
+            f"this {type(config).__name__} is already attached to this {type(module).__name__}; "
+            "remove it first (hasten.remove, or its handle's remove())"
+        )
     in_effect = method.call("prepare", module, config)
     if current is not None:
         current.remove()
@@ -251,8 +275,9 @@ def remove(target: Any, what: Any = None) -> None:
         if not what.active:
             raise ValueError(f"`what`: this {what.method.name} handle was already removed")
         if what.target is not target and what not in applied(target):
-            raise ValueError(f"`what`: this {what.method.name} handle belongs to another model, not this "
-                             f"{type(target).__name__}")
+            raise ValueError(
+                f"`what`: this {what.method.name} handle belongs to another model, not this {type(target).__name__}"
+            )
         what.remove()
         return
     handles = applied(target)

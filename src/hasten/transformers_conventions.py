@@ -45,9 +45,11 @@ def transformers_version() -> str:
 
 def patch_point_error(model: Any, what: str) -> PatchPointError:
     """A :class:`PatchPointError` naming ``model``'s class and the transformers version."""
-    return PatchPointError(f"{what} ({type(model).__name__}, transformers {transformers_version()}); this "
-                           "transformers release changed an internal hasten hooks: install the tested versions "
-                           "(requirements/lock.txt) or report it")
+    return PatchPointError(
+        f"{what} ({type(model).__name__}, transformers {transformers_version()}); this "
+        "transformers release changed an internal hasten hooks: install the tested versions "
+        "(requirements/lock.txt) or report it"
+    )
 
 
 def cache_keyword(module: torch.nn.Module) -> str:
@@ -67,8 +69,9 @@ def cache_keyword(module: torch.nn.Module) -> str:
     for name in CACHE_KEYWORDS:
         if name in parameters:
             return name
-    raise patch_point_error(module, f"`{type(module).__name__}.forward` takes the KV cache under none of "
-                                    f"{CACHE_KEYWORDS}")
+    raise patch_point_error(
+        module, f"`{type(module).__name__}.forward` takes the KV cache under none of {CACHE_KEYWORDS}"
+    )
 
 
 def cache_of(kwargs: Mapping[str, Any]) -> Any:
@@ -81,9 +84,11 @@ def cache_of(kwargs: Mapping[str, Any]) -> Any:
 
     for name, value in kwargs.items():  # a cache under a name hasten does not know: a renamed argument
         if isinstance(value, Cache):
-            raise PatchPointError(f"the KV cache arrived as `{name}`, which hasten does not know (it knows "
-                                  f"{CACHE_KEYWORDS}; transformers {transformers_version()}): install the tested "
-                                  "versions (requirements/lock.txt) or report it")
+            raise PatchPointError(
+                f"the KV cache arrived as `{name}`, which hasten does not know (it knows "
+                f"{CACHE_KEYWORDS}; transformers {transformers_version()}): install the tested "
+                "versions (requirements/lock.txt) or report it"
+            )
     return None
 
 

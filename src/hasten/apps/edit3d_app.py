@@ -27,8 +27,7 @@ import gradio as gr
 import numpy as np
 import torch
 
-from hasten.apps.launcher import (add_common_args, connect_run, launch, random_weights_notice,
-                           whole_number)
+from hasten.apps.launcher import add_common_args, connect_run, launch, random_weights_notice, whole_number
 from hasten.cli.edit3d import _load, voxelize
 from hasten.pipelines.voxhammer import VoxelEditPipeline, box_mask, occupancy_to_mesh
 
@@ -45,10 +44,10 @@ def _sample(resolution: int) -> np.ndarray:
     """A table-like sample shape: a slab on four legs."""
     grid = np.zeros((resolution,) * 3, bool)
     r = resolution
-    grid[r // 4: 3 * r // 4, r // 4: 3 * r // 4, r // 2: r // 2 + max(2, r // 8)] = True
+    grid[r // 4 : 3 * r // 4, r // 4 : 3 * r // 4, r // 2 : r // 2 + max(2, r // 8)] = True
     for x in (r // 4, 3 * r // 4 - 2):
         for y in (r // 4, 3 * r // 4 - 2):
-            grid[x:x + 2, y:y + 2, r // 8: r // 2] = True
+            grid[x : x + 2, y : y + 2, r // 8 : r // 2] = True
     return grid
 
 
@@ -92,8 +91,9 @@ class Edit3DRun:
         return str(path)
 
     def __call__(self, mesh: str | None, x0, y0, z0, x1, y1, z1, prompt: str, image, steps):
-        box = [whole_number(name, value, 0, self.resolution)
-               for name, value in zip(BOX_NAMES, (x0, y0, z0, x1, y1, z1))]
+        box = [
+            whole_number(name, value, 0, self.resolution) for name, value in zip(BOX_NAMES, (x0, y0, z0, x1, y1, z1))
+        ]
         num_steps = whole_number("steps", steps)
         try:
             occupancy = voxelize(Path(mesh), self.resolution) if mesh else _sample(self.resolution)
@@ -112,24 +112,29 @@ class Edit3DRun:
         changed = int((out.occupancy != occupancy).sum())
         outside = int((out.occupancy != occupancy)[~mask].sum())
         x0, y0, z0, x1, y1, z1 = box
-        report = (f"**{self.model}**, {self.resolution}^3 grid, box x {x0}-{x1}, y {y0}-{y1}, z {z0}-{z1}: "
-                  f"**{changed} voxels changed** inside the box, {outside} outside it (the shape there is the "
-                  f"source's, voxel for voxel); {int(occupancy.sum())} occupied before, {int(out.occupancy.sum())} "
-                  f"after; {seconds:.2f} s; source K/V {out.cache_bytes / 2**20:.2f} MiB.")
+        report = (
+            f"**{self.model}**, {self.resolution}^3 grid, box x {x0}-{x1}, y {y0}-{y1}, z {z0}-{z1}: "
+            f"**{changed} voxels changed** inside the box, {outside} outside it (the shape there is the "
+            f"source's, voxel for voxel); {int(occupancy.sum())} occupied before, {int(out.occupancy.sum())} "
+            f"after; {seconds:.2f} s; source K/V {out.cache_bytes / 2**20:.2f} MiB."
+        )
         return self._write(occupancy, box, "source"), self._write(out.occupancy, box, "edited"), report
 
 
-def build_demo(model: str = "tiny-trellis", device: str | None = None,
-               dtype: str | torch.dtype | None = None) -> gr.Blocks:
+def build_demo(
+    model: str = "tiny-trellis", device: str | None = None, dtype: str | torch.dtype | None = None
+) -> gr.Blocks:
     """The VoxHammer app for ``model`` (``tiny-trellis`` or a TRELLIS folder), loaded once."""
     run = Edit3DRun(model)
     side = run.resolution
     steps_default = 8 if model.startswith("tiny") else 25
     box_default = (side // 2, 0, 0, side, side, side)  # the right half: half the table top and two legs
     with gr.Blocks(title="hasten · VoxHammer 3-D editing") as demo:
-        gr.Markdown(f"# VoxHammer 3-D editing\n`{model}`, a {side}^3 voxel grid. The shape is regenerated inside "
-                    "the orange box from the prompt; everything outside it stays exactly as it was. Both views use "
-                    "the same camera (drag to turn them).")
+        gr.Markdown(
+            f"# VoxHammer 3-D editing\n`{model}`, a {side}^3 voxel grid. The shape is regenerated inside "
+            "the orange box from the prompt; everything outside it stays exactly as it was. Both views use "
+            "the same camera (drag to turn them)."
+        )
         notice = random_weights_notice(model)
         if notice:
             gr.Markdown(notice, elem_id="notice")
@@ -140,22 +145,29 @@ def build_demo(model: str = "tiny-trellis", device: str | None = None,
                 corners = []
                 for row in range(2):
                     with gr.Row():
-                        corners += [gr.Number(label=name, value=value, precision=0, min_width=60,
-                                              elem_id=f"box-{name}") for name, value in
-                                    zip(BOX_NAMES[3 * row: 3 * row + 3], box_default[3 * row: 3 * row + 3])]
+                        corners += [
+                            gr.Number(label=name, value=value, precision=0, min_width=60, elem_id=f"box-{name}")
+                            for name, value in zip(BOX_NAMES[3 * row : 3 * row + 3], box_default[3 * row : 3 * row + 3])
+                        ]
                 prompt = gr.Textbox(label="Prompt for the box", value="a rounded shape", elem_id="prompt")
                 image = gr.Image(label="...or an image condition", type="pil", height=160, elem_id="image")
                 steps = gr.Number(label="Steps", value=steps_default, precision=0, elem_id="steps")
                 button = gr.Button("Edit", variant="primary", elem_id="run")
             with gr.Column(scale=2):
                 with gr.Row():
-                    before = gr.Model3D(label="Source (orange: the edit box)", camera_position=CAMERA, height=360,
-                                        elem_id="before")
+                    before = gr.Model3D(
+                        label="Source (orange: the edit box)", camera_position=CAMERA, height=360, elem_id="before"
+                    )
                     after = gr.Model3D(label="Edited", camera_position=CAMERA, height=360, elem_id="after")
                 report = gr.Markdown("Press **Edit**, or the example below.", elem_id="report")
-        connect_run(button, run, [mesh, *corners, prompt, image, steps], [before, after, report],
-                    [[None, *box_default, "a rounded shape", None, steps_default]],
-                    "Example: regenerate the right half of the sample table (one click)")
+        connect_run(
+            button,
+            run,
+            [mesh, *corners, prompt, image, steps],
+            [before, after, report],
+            [[None, *box_default, "a rounded shape", None, steps_default]],
+            "Example: regenerate the right half of the sample table (one click)",
+        )
     return demo
 
 
@@ -164,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hasten app edit3d", description="Gradio app: VoxHammer 3-D editing.")
     add_common_args(parser, default_model="tiny-trellis")
     args = parser.parse_args(argv)
-    launch(build_demo(args.model, device=args.device, dtype=args.dtype), host=args.host, port=args.port,
-           share=args.share)
+    launch(
+        build_demo(args.model, device=args.device, dtype=args.dtype), host=args.host, port=args.port, share=args.share
+    )
     return 0
 
 

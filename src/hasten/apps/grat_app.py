@@ -31,13 +31,19 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
-from hasten.apps.launcher import (add_common_args, connect_run, launch, prompt_accuracy,
-                           random_weights_notice, size_text, to_image, whole_number)
-from hasten import tiny
-from hasten.cli.generate import (DIFFERENCE_GAIN, MICRO_DEFAULTS, MICRO_FLUX, MICRO_GROUP, MICRO_PROMPT,
-                                 load_model)
+from hasten import GratConfig, tiny
+from hasten.apps.launcher import (
+    add_common_args,
+    connect_run,
+    launch,
+    prompt_accuracy,
+    random_weights_notice,
+    size_text,
+    to_image,
+    whole_number,
+)
+from hasten.cli.generate import DIFFERENCE_GAIN, MICRO_DEFAULTS, MICRO_FLUX, MICRO_GROUP, MICRO_PROMPT, load_model
 from hasten.cli.generate import difference as difference_image  # (the app's own `difference` is a local)
-from hasten import GratConfig
 from hasten.measure import compare_grat
 
 __all__ = ["GratRun", "build_demo", "main", "to_image"]
@@ -65,9 +71,17 @@ class GratRun:
         self.model = model
         self.call_kwargs = dict(call_kwargs or {})
 
-    def __call__(self, prompt: str, height: float | None, width: float | None, pattern: str,
-                 group_size: float | None, window: float | None, steps: float | None,
-                 seed: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    def __call__(
+        self,
+        prompt: str,
+        height: float | None,
+        width: float | None,
+        pattern: str,
+        group_size: float | None,
+        window: float | None,
+        steps: float | None,
+        seed: float | None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
         """Run the comparison -> dense, GRAT, difference x4, report; bad settings raise ``gr.Error``."""
         # GratConfig checks the group and window sizes and the pattern itself, and names them.
         group, window_size = whole_number("group_size", group_size, None), whole_number("window", window, None)
@@ -75,39 +89,57 @@ class GratRun:
         num_steps, seed_value = whole_number("steps", steps), whole_number("seed", seed, 0)
         try:
             config = GratConfig(pattern=pattern, group_size=group, window=window_size)
-            result = compare_grat(self.pipe, config, seed=seed_value, prompt=prompt or "",
-                                  num_inference_steps=num_steps, **size, **self.call_kwargs)
+            result = compare_grat(
+                self.pipe,
+                config,
+                seed=seed_value,
+                prompt=prompt or "",
+                num_inference_steps=num_steps,
+                **size,
+                **self.call_kwargs,
+            )
         except ValueError as error:
             raise gr.Error(str(error)) from error
         dense, grat = to_image(result.dense, DISPLAY_MIN_SIDE), to_image(result.grat, DISPLAY_MIN_SIDE)
         difference = to_image(difference_image(result.dense, result.grat), DISPLAY_MIN_SIDE)
-        details = (f"{self.model} on {self.pipe.device}, {size_text(size['height'], size['width'])}, {num_steps} "
-                   f"steps, seed {seed_value}, group {size_text(*result.config.group_size[1:])} tokens"
-                   + (f", window {size_text(*result.config.window[1:])} groups" if pattern == "block" else "")
-                   + ". Times are one call each, after one warm-up call of each."
-                   + (f" Shown enlarged {dense.shape[0] // size['height']}x (nearest-neighbour)."
-                      if dense.shape[0] > size["height"] else ""))
+        details = (
+            f"{self.model} on {self.pipe.device}, {size_text(size['height'], size['width'])}, {num_steps} "
+            f"steps, seed {seed_value}, group {size_text(*result.config.group_size[1:])} tokens"
+            + (f", window {size_text(*result.config.window[1:])} groups" if pattern == "block" else "")
+            + ". Times are one call each, after one warm-up call of each."
+            + (
+                f" Shown enlarged {dense.shape[0] // size['height']}x (nearest-neighbour)."
+                if dense.shape[0] > size["height"]
+                else ""
+            )
+        )
         large = size["height"] * size["width"] >= MICRO_DEFAULTS["height"] * MICRO_DEFAULTS["width"]
         if result.speedup < 1 and (self.model != MICRO_FLUX or not large):
-            details += (" **GRAT is slower here:** at this size attention is too small a share of the time for "
-                        "sparsity to pay for the grouping; on a CPU micro-flux gains from 192 x 192 on "
-                        "(benchmarks/results/grat_fidelity-cpu.txt).")
+            details += (
+                " **GRAT is slower here:** at this size attention is too small a share of the time for "
+                "sparsity to pay for the grouping; on a CPU micro-flux gains from 192 x 192 on "
+                "(benchmarks/results/grat_fidelity-cpu.txt)."
+            )
         elif result.speedup < 1:
-            details += (" **GRAT was slower in this run**, although micro-flux gains at this size in the benchmark "
-                        "(benchmarks/results/grat_fidelity-cpu.txt): one timed call each is noisy when other jobs "
-                        "share the CPU; run it again.")
+            details += (
+                " **GRAT was slower in this run**, although micro-flux gains at this size in the benchmark "
+                "(benchmarks/results/grat_fidelity-cpu.txt): one timed call each is noisy when other jobs "
+                "share the CPU; run it again."
+            )
         accuracy = ""
         if self.model == MICRO_FLUX:
-            dense_accuracy, grat_accuracy = (prompt_accuracy(image, prompt or "")
-                                             for image in (result.dense, result.grat))
-            accuracy = (" | prompt accuracy: not judged (the prompt is outside the micro-world's caption language)"
-                        if dense_accuracy is None else
-                        f" | prompt accuracy (classifier): dense {dense_accuracy:.0%}, GRAT {grat_accuracy:.0%}")
+            dense_accuracy, grat_accuracy = (
+                prompt_accuracy(image, prompt or "") for image in (result.dense, result.grat)
+            )
+            accuracy = (
+                " | prompt accuracy: not judged (the prompt is outside the micro-world's caption language)"
+                if dense_accuracy is None
+                else f" | prompt accuracy (classifier): dense {dense_accuracy:.0%}, GRAT {grat_accuracy:.0%}"
+            )
         return dense, grat, difference, f"**{result.summary()}**{accuracy}\n\n{details}"
 
 
-def build_demo(model: str = MICRO_FLUX, device: str | None = None,
-               dtype: str | torch.dtype | None = None) -> gr.Blocks:
+def build_demo(model: str = MICRO_FLUX, device: str | None = None, dtype: str | torch.dtype | None = None) -> gr.Blocks:
     """The GRAT comparison app for ``model`` (loaded here, once); launch it with :func:`hasten.apps.launcher.launch`.
 
     Parameters
@@ -136,8 +168,9 @@ def build_demo(model: str = MICRO_FLUX, device: str | None = None,
 
         size = {"height": MICRO_DEFAULTS["height"], "width": MICRO_DEFAULTS["width"]}
         # the trained text length and guidance (true CFG against the empty prompt)
-        call_kwargs.update({key: CALL_DEFAULTS[key] for key in ("max_sequence_length", "true_cfg_scale",
-                                                                "negative_prompt")})
+        call_kwargs.update(
+            {key: CALL_DEFAULTS[key] for key in ("max_sequence_length", "true_cfg_scale", "negative_prompt")}
+        )
     elif is_tiny:
         size = tiny.default_size(tiny.MODEL_IDS[model])
         if "num_frames" in size:
@@ -159,8 +192,16 @@ def build_demo(model: str = MICRO_FLUX, device: str | None = None,
     group_default = MICRO_GROUP if micro else (TINY_GROUP if is_tiny else FULL_GROUP)
     steps_default = MICRO_DEFAULTS["num_inference_steps"] if micro else (TINY_STEPS if is_tiny else FULL_STEPS)
     prompt_default = MICRO_PROMPT if micro else "a lighthouse on a cliff at sunset, highly detailed"
-    example = [prompt_default, size["height"], size["width"], "cross", group_default, 1,
-               MICRO_EXAMPLE_STEPS if micro else steps_default, 0]
+    example = [
+        prompt_default,
+        size["height"],
+        size["width"],
+        "cross",
+        group_default,
+        1,
+        MICRO_EXAMPLE_STEPS if micro else steps_default,
+        0,
+    ]
 
     with gr.Blocks(title="hasten · GRAT") as demo:
         gr.Markdown(
@@ -179,34 +220,60 @@ def build_demo(model: str = MICRO_FLUX, device: str | None = None,
                 with gr.Row():
                     height = gr.Number(label="Height", value=size["height"], precision=0, elem_id="height")
                     width = gr.Number(label="Width", value=size["width"], precision=0, elem_id="width")
-                pattern = gr.Radio(["cross", "block"], value="cross", label="Pattern",
-                                   info="cross = GRAT-X, block = GRAT-B", elem_id="pattern")
+                pattern = gr.Radio(
+                    ["cross", "block"],
+                    value="cross",
+                    label="Pattern",
+                    info="cross = GRAT-X, block = GRAT-B",
+                    elem_id="pattern",
+                )
                 with gr.Row():
-                    group_size = gr.Number(label="Group size (latent tokens per side)",
-                                           value=group_default, precision=0,
-                                           elem_id="group-size")
-                    window = gr.Number(label="Window (groups per side, block only)", value=1, precision=0,
-                                       elem_id="window")
+                    group_size = gr.Number(
+                        label="Group size (latent tokens per side)",
+                        value=group_default,
+                        precision=0,
+                        elem_id="group-size",
+                    )
+                    window = gr.Number(
+                        label="Window (groups per side, block only)", value=1, precision=0, elem_id="window"
+                    )
                 with gr.Row():
-                    steps = gr.Number(label="Steps", value=steps_default, precision=0,
-                                      elem_id="steps")
+                    steps = gr.Number(label="Steps", value=steps_default, precision=0, elem_id="steps")
                     seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
                 button = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column(scale=2):
                 with gr.Row():
-                    dense_image = gr.Image(label="Dense attention", type="numpy", format="png", height=280,
-                                           interactive=False, elem_id="dense-image")
-                    grat_image = gr.Image(label="GRAT", type="numpy", format="png", height=280,
-                                          interactive=False, elem_id="grat-image")
-                    difference_image = gr.Image(label=f"Difference (x{DIFFERENCE_GAIN})", type="numpy",
-                                                format="png", height=280, interactive=False,
-                                                elem_id="difference-image")
+                    dense_image = gr.Image(
+                        label="Dense attention",
+                        type="numpy",
+                        format="png",
+                        height=280,
+                        interactive=False,
+                        elem_id="dense-image",
+                    )
+                    grat_image = gr.Image(
+                        label="GRAT", type="numpy", format="png", height=280, interactive=False, elem_id="grat-image"
+                    )
+                    difference_image = gr.Image(
+                        label=f"Difference (x{DIFFERENCE_GAIN})",
+                        type="numpy",
+                        format="png",
+                        height=280,
+                        interactive=False,
+                        elem_id="difference-image",
+                    )
                 timing = gr.Markdown("Press **Run** to compare, or the example below.", elem_id="timing")
         inputs = [prompt, height, width, pattern, group_size, window, steps, seed]
         outputs = [dense_image, grat_image, difference_image, timing]
         # One run at a time: compare_grat installs and removes GRAT on the one shared pipeline.
-        connect_run(button, run, inputs, outputs, [example],
-                    f"Example: GRAT-X at {size_text(size['height'], size['width'])}, {example[6]} steps (one click)")
+        connect_run(
+            button,
+            run,
+            inputs,
+            outputs,
+            [example],
+            f"Example: GRAT-X at {size_text(size['height'], size['width'])}, {example[6]} steps (one click)",
+        )
     return demo
 
 

@@ -36,8 +36,17 @@ import torch  # noqa: E402
 from hasten.loading import DTYPES, check_device  # noqa: E402
 from hasten.video import to_uint8  # noqa: E402
 
-__all__ = ["add_common_args", "connect_run", "free_port", "launch", "prompt_accuracy", "random_weights_notice",
-           "size_text", "to_image", "whole_number"]
+__all__ = [
+    "add_common_args",
+    "connect_run",
+    "free_port",
+    "launch",
+    "prompt_accuracy",
+    "random_weights_notice",
+    "size_text",
+    "to_image",
+    "whole_number",
+]
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, default_model: str = "tiny-flux") -> argparse.ArgumentParser:
@@ -57,17 +66,27 @@ def add_common_args(parser: argparse.ArgumentParser, *, default_model: str = "ti
     >>> args.model, args.host, args.port, args.share, args.device, args.dtype
     ('tiny-flux', '127.0.0.1', 7861, False, None, None)
     """
-    parser.add_argument("--model", default=default_model,
-                        help=f"embedded tiny model (tiny-flux, ...) or a diffusers model id / local folder "
-                        f"(default: {default_model})")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to serve on (default 127.0.0.1; 0.0.0.0 to serve the local network)")
-    parser.add_argument("--port", type=int, default=None,
-                        help="port to serve on (default: the first free port from 7860)")
+    parser.add_argument(
+        "--model",
+        default=default_model,
+        help=f"embedded tiny model (tiny-flux, ...) or a diffusers model id / local folder (default: {default_model})",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to serve on (default 127.0.0.1; 0.0.0.0 to serve the local network)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=None, help="port to serve on (default: the first free port from 7860)"
+    )
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
     parser.add_argument("--device", type=_device, default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="weights dtype (default: float32 for tiny models and CPU, bfloat16 on CUDA)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="weights dtype (default: float32 for tiny models and CPU, bfloat16 on CUDA)",
+    )
     return parser
 
 
@@ -109,8 +128,9 @@ class _ShareHintStream:
         return getattr(self._stream, name)
 
 
-def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-           **kwargs: Any) -> Any:
+def launch(
+    demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False, **kwargs: Any
+) -> Any:
     """Serve ``demo`` on ``host:port``; extra keywords go to :meth:`gradio.Blocks.launch`.
 
     Blocks until the server stops, unless ``prevent_thread_lock=True`` is passed (tests do that
@@ -188,8 +208,10 @@ def random_weights_notice(model: str) -> str:
     """
     if not model.startswith(RANDOM_WEIGHTS_PREFIX):
         return ""
-    return (f"**Random weights:** `{model}` is one of hasten's untrained mechanism models: the pictures are noise; "
-            "the timings, passes and masks are real.")
+    return (
+        f"**Random weights:** `{model}` is one of hasten's untrained mechanism models: the pictures are noise; "
+        "the timings, passes and masks are real."
+    )
 
 
 def size_text(height: int, width: int) -> str:
@@ -221,8 +243,13 @@ def whole_number(name: str, value: float | None, minimum: int | None = 1, maximu
         raise gr.Error(f"`{name}` must be a whole number, got {value!r}")
     number = int(value)
     if minimum is not None and number < minimum or maximum is not None and number > maximum:
-        bounds = (f"from {minimum} to {maximum}" if minimum is not None and maximum is not None
-                  else f"of at least {minimum}" if minimum is not None else f"of at most {maximum}")
+        bounds = (
+            f"from {minimum} to {maximum}"
+            if minimum is not None and maximum is not None
+            else f"of at least {minimum}"
+            if minimum is not None
+            else f"of at most {maximum}"
+        )
         raise gr.Error(f"`{name}` must be a whole number {bounds}, got {value!r}")
     return number
 
@@ -232,8 +259,9 @@ RUN_QUEUE = "run"
 methods install themselves on it for the length of a run."""
 
 
-def connect_run(button: gr.Button, fn: Any, inputs: list, outputs: list, examples: list[list],
-                label: str) -> gr.Examples:
+def connect_run(
+    button: gr.Button, fn: Any, inputs: list, outputs: list, examples: list[list], label: str
+) -> gr.Examples:
     """Wire ``button`` to ``fn`` (API name ``run``) and add ``gr.Examples`` rows that, clicked, fill ``inputs``
     and run ``fn`` at once: one click shows the method's point. Returns the examples (``elem_id="examples"``).
 
@@ -247,8 +275,15 @@ def connect_run(button: gr.Button, fn: Any, inputs: list, outputs: list, example
     """
     button.click(fn, inputs, outputs, api_name="run", concurrency_id=RUN_QUEUE, concurrency_limit=1)
     example_rows = gr.Examples(examples, inputs, label=label, elem_id="examples")
-    example_rows.load_input_event.then(fn, inputs, outputs, concurrency_id=RUN_QUEUE, concurrency_limit=1,
-                                       api_name="run_example", api_visibility="undocumented")
+    example_rows.load_input_event.then(
+        fn,
+        inputs,
+        outputs,
+        concurrency_id=RUN_QUEUE,
+        concurrency_limit=1,
+        api_name="run_example",
+        api_visibility="undocumented",
+    )
     return example_rows
 
 

@@ -33,10 +33,9 @@ import gradio as gr
 import numpy as np
 import torch
 
-from hasten.apps.launcher import (add_common_args, connect_run, launch, random_weights_notice, size_text,
-                           whole_number)
-from hasten.pipelines.latentwarp import LatentWarpPipeline
+from hasten.apps.launcher import add_common_args, connect_run, launch, random_weights_notice, size_text, whole_number
 from hasten.loading import load_pipeline
+from hasten.pipelines.latentwarp import LatentWarpPipeline
 from hasten.tiny.motion import panned
 from hasten.video import read_video, write_video
 
@@ -88,11 +87,23 @@ class VideoRun:
         frames, fps, _ = self.source(video)
         return self._write(frames, "input", fps)
 
-    def __call__(self, video: str | None, prompt: str, strength: float, steps: float | None, warp_end: float,
-                 cross_frame: bool, compare: bool) -> tuple[str, str, str | None, str]:
+    def __call__(
+        self,
+        video: str | None,
+        prompt: str,
+        strength: float,
+        steps: float | None,
+        warp_end: float,
+        cross_frame: bool,
+        compare: bool,
+    ) -> tuple[str, str, str | None, str]:
         frames, fps, name = self.source(video)
-        settings = dict(prompt=prompt or "", strength=float(strength),
-                        num_inference_steps=whole_number("num_inference_steps", steps), progress=False)
+        settings = dict(
+            prompt=prompt or "",
+            strength=float(strength),
+            num_inference_steps=whole_number("num_inference_steps", steps),
+            progress=False,
+        )
         runs = [("LatentWarp", dict(warp=True, warp_end=float(warp_end), cross_frame=bool(cross_frame)))]
         if compare:
             runs.append(("per-frame", dict(warp=False, cross_frame=False)))
@@ -106,9 +117,13 @@ class VideoRun:
                 lines.append((label, out.warp_error, seconds, out.seconds))
         except ValueError as error:
             raise gr.Error(str(error)) from error
-        report = [f"**{name}**: {len(frames)} frames of {size_text(*frames.shape[1:3])} at {fps:g} fps, "
-                  f"{self.model} on {self.pipe.device}", "", "| run | warp error | seconds | flow + warp |",
-                  "| --- | --- | --- | --- |"]
+        report = [
+            f"**{name}**: {len(frames)} frames of {size_text(*frames.shape[1:3])} at {fps:g} fps, "
+            f"{self.model} on {self.pipe.device}",
+            "",
+            "| run | warp error | seconds | flow + warp |",
+            "| --- | --- | --- | --- |",
+        ]
         for label, error, seconds, parts in lines:
             report.append(f"| {label} | {error:.4f} | {seconds:.2f} | {parts['flow'] + parts['warp']:.2f} |")
         if compare:
@@ -118,8 +133,9 @@ class VideoRun:
         return self._write(frames, "input", fps), videos[0], (videos[1] if compare else None), "\n".join(report)
 
 
-def build_demo(model: str = "tiny-sd15", device: str | None = None,
-               dtype: str | torch.dtype | None = None) -> gr.Blocks:
+def build_demo(
+    model: str = "tiny-sd15", device: str | None = None, dtype: str | torch.dtype | None = None
+) -> gr.Blocks:
     """The LatentWarp app for ``model`` (``tiny-sd15`` or a Stable Diffusion 1.x/2.x id), loaded once.
 
     Examples
@@ -134,43 +150,65 @@ def build_demo(model: str = "tiny-sd15", device: str | None = None,
     # that codec, so it also shows the re-encoding at work.
     example = str(write_video(default_frames(), run.folder / "panned-photo.mp4", fps=DEFAULT_FPS))
     with gr.Blocks(title="hasten · LatentWarp video translation") as demo:
-        gr.Markdown(f"# LatentWarp video-to-video translation\n`{model}` on `{pipe.device}`. Each frame is "
-                    "translated from the same noise; the previous frame's latent is warped along the source "
-                    "video's optical flow during the first steps, and self-attention reads the first and "
-                    f"previous frames. Up to {MAX_FRAMES} frames, longest side {MAX_SIDE}. Lower warp error = "
-                    "more coherent from frame to frame.")
+        gr.Markdown(
+            f"# LatentWarp video-to-video translation\n`{model}` on `{pipe.device}`. Each frame is "
+            "translated from the same noise; the previous frame's latent is warped along the source "
+            "video's optical flow during the first steps, and self-attention reads the first and "
+            f"previous frames. Up to {MAX_FRAMES} frames, longest side {MAX_SIDE}. Lower warp error = "
+            "more coherent from frame to frame."
+        )
         notice = random_weights_notice(model)
         if notice:
             gr.Markdown(notice, elem_id="notice")
         with gr.Row():
             with gr.Column(scale=1):
-                source = gr.File(label="Source video (any codec OpenCV reads; empty: a panned photo)",
-                                 file_types=["video"], type="filepath", elem_id="source")
+                source = gr.File(
+                    label="Source video (any codec OpenCV reads; empty: a panned photo)",
+                    file_types=["video"],
+                    type="filepath",
+                    elem_id="source",
+                )
                 prompt = gr.Textbox(label="Prompt", value="a watercolor painting", elem_id="prompt")
                 with gr.Row():
                     strength = gr.Slider(0.1, 1.0, value=0.75, step=0.05, label="Strength", elem_id="strength")
                     steps = gr.Number(label="Steps", value=steps_default, precision=0, elem_id="steps")
-                warp_end = gr.Slider(0.0, 1.0, value=0.8, step=0.05,
-                                     label="Warp during the first (of the full schedule; paper: 0.8)",
-                                     elem_id="warp-end")
+                warp_end = gr.Slider(
+                    0.0,
+                    1.0,
+                    value=0.8,
+                    step=0.05,
+                    label="Warp during the first (of the full schedule; paper: 0.8)",
+                    elem_id="warp-end",
+                )
                 with gr.Row():
                     cross = gr.Checkbox(label="Cross-frame attention", value=True, elem_id="cross-frame")
                     compare = gr.Checkbox(label="Compare with per-frame translation", value=True, elem_id="compare")
                 button = gr.Button("Translate", variant="primary", elem_id="run")
             with gr.Column(scale=3):
                 with gr.Row():
-                    shown = gr.Video(label="Input (the frames translated)", value=run.preview(None),
-                                     interactive=False, autoplay=True, loop=True, elem_id="input")
-                    warped = gr.Video(label="LatentWarp", interactive=False, autoplay=True, loop=True,
-                                      elem_id="result")
-                    per_frame = gr.Video(label="Per-frame translation", interactive=False, autoplay=True,
-                                         loop=True, elem_id="per-frame")
+                    shown = gr.Video(
+                        label="Input (the frames translated)",
+                        value=run.preview(None),
+                        interactive=False,
+                        autoplay=True,
+                        loop=True,
+                        elem_id="input",
+                    )
+                    warped = gr.Video(label="LatentWarp", interactive=False, autoplay=True, loop=True, elem_id="result")
+                    per_frame = gr.Video(
+                        label="Per-frame translation", interactive=False, autoplay=True, loop=True, elem_id="per-frame"
+                    )
                 report = gr.Markdown("Press **Translate**, or the example below.", elem_id="report")
         inputs = [source, prompt, strength, steps, warp_end, cross, compare]
         outputs = [shown, warped, per_frame, report]
-        connect_run(button, run, inputs, outputs,
-                    [[example, "a watercolor painting", 0.75, EXAMPLE_STEPS, 0.8, True, True]],
-                    "Example: an mp4v upload, LatentWarp vs per-frame (one click)")
+        connect_run(
+            button,
+            run,
+            inputs,
+            outputs,
+            [[example, "a watercolor painting", 0.75, EXAMPLE_STEPS, 0.8, True, True]],
+            "Example: an mp4v upload, LatentWarp vs per-frame (one click)",
+        )
         source.change(run.preview, source, shown, api_name="preview")
     return demo
 
@@ -180,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hasten app video", description="Gradio app: LatentWarp video translation.")
     add_common_args(parser, default_model="tiny-sd15")
     args = parser.parse_args(argv)
-    launch(build_demo(args.model, device=args.device, dtype=args.dtype), host=args.host, port=args.port,
-           share=args.share)
+    launch(
+        build_demo(args.model, device=args.device, dtype=args.dtype), host=args.host, port=args.port, share=args.share
+    )
     return 0
 
 

@@ -57,8 +57,10 @@ def draw_kept(image: np.ndarray, kept: torch.Tensor, grid: tuple[int, int] | Non
     height = DISPLAY_SIDE
     width = max(1, round(DISPLAY_SIDE * image.shape[1] / image.shape[0]))
     small = image.shape[0] < height  # a tiny scene: show its pixels, not a blur
-    shown = np.asarray(Image.fromarray(image).convert("RGB").resize(
-        (width, height), Image.NEAREST if small else Image.BICUBIC), dtype=np.float32)
+    shown = np.asarray(
+        Image.fromarray(image).convert("RGB").resize((width, height), Image.NEAREST if small else Image.BICUBIC),
+        dtype=np.float32,
+    )
     if grid is None or len(kept) != rows * cols:
         return shown.astype(np.uint8)
     cells = kept.view(rows, cols).numpy().astype(np.float32)
@@ -92,12 +94,14 @@ class VLMRun:
         plain_seconds = time.perf_counter() - start
         output, stats = speculative_generate(self.model, inputs, self.draft, max_new_tokens=24)
         same = "identical to" if torch.equal(output, plain) else "DIFFERENT from"
-        answer = self.processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        report = (f"**speculative**: {stats.mean_accepted:.2f} tokens per target pass (accepted length), "
-                  f"{stats.target_forwards} target passes for {stats.new_tokens} tokens, {stats.seconds:.2f} s vs "
-                  f"{plain_seconds:.2f} s plain: **{plain_seconds / max(stats.seconds, 1e-9):.2f}x**; output {same} "
-                  f"greedy generate(). The draft saw {stats.compressed_visual[1]}/{stats.compressed_visual[0]} "
-                  "visual tokens; the target saw them all.")
+        answer = self.processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        report = (
+            f"**speculative**: {stats.mean_accepted:.2f} tokens per target pass (accepted length), "
+            f"{stats.target_forwards} target passes for {stats.new_tokens} tokens, {stats.seconds:.2f} s vs "
+            f"{plain_seconds:.2f} s plain: **{plain_seconds / max(stats.seconds, 1e-9):.2f}x**; output {same} "
+            f"greedy generate(). The draft saw {stats.compressed_visual[1]}/{stats.compressed_visual[0]} "
+            "visual tokens; the target saw them all."
+        )
         return answer.strip() or "(empty answer)", draw_kept(image, torch.ones(0, dtype=torch.bool), None), report
 
     def _grid(self, inputs, count: int) -> tuple[int, int] | None:
@@ -109,7 +113,7 @@ class VLMRun:
             vision = self.model.config.vision_config
             side = vision.image_size // vision.patch_size
             return side, side
-        side = int(round(count ** 0.5))
+        side = int(round(count**0.5))
         return (side, side) if side * side == count else None
 
     def _answer(self, inputs, method) -> tuple[str, float]:
@@ -122,11 +126,12 @@ class VLMRun:
                 with method.apply(self.model):
                     output = self.model.generate(**inputs, max_new_tokens=24, do_sample=False)
         seconds = time.perf_counter() - start
-        answer = self.processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        answer = self.processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         return answer.strip() or "(empty answer)", seconds
 
-    def __call__(self, image: np.ndarray | None, question: str, method_name: str, budget: float | None,
-                 truth: str | None = None):
+    def __call__(
+        self, image: np.ndarray | None, question: str, method_name: str, budget: float | None, truth: str | None = None
+    ):
         """Answer at ``budget`` (answer, overlay, stats) and the kept tokens at :data:`SWEEP` budgets (gallery).
 
         ``truth``: the right answer when known (the generated scenes); each answer is then marked right or wrong.
@@ -137,9 +142,11 @@ class VLMRun:
             raise gr.Error(f"`budget` must be a fraction of the visual tokens in (0, 1], got {budget!r}")
         truth = (truth or "").strip()
         try:
-            inputs = self.processor(images=[Image.fromarray(image).convert("RGB")],
-                                    text=[chat_prompt(self.processor, question or "What is in the picture?")],
-                                    return_tensors="pt").to(self.model.device)
+            inputs = self.processor(
+                images=[Image.fromarray(image).convert("RGB")],
+                text=[chat_prompt(self.processor, question or "What is in the picture?")],
+                return_tensors="pt",
+            ).to(self.model.device)
             if method_name == SPECULATIVE:
                 return (*self._speculative(image, inputs), [])
             method = None if method_name == "none" else make_method(method_name, float(budget))
@@ -155,10 +162,12 @@ class VLMRun:
         else:
             s = method.stats
             kept = s.visual_kept_mask[0]
-            stats = (f"**{method_name}, budget {float(budget):g}**: visual tokens "
-                     f"{s.visual_tokens_kept[0]}/{s.visual_tokens_in[0]}, prefill {s.prefill_tokens}/{s.prompt_tokens} "
-                     f"tokens, KV cache {s.kv_cache_bytes / 1024:.1f} KiB, "
-                     f"{seconds:.2f} s ({self.name} on {self.model.device})")
+            stats = (
+                f"**{method_name}, budget {float(budget):g}**: visual tokens "
+                f"{s.visual_tokens_kept[0]}/{s.visual_tokens_in[0]}, prefill {s.prefill_tokens}/{s.prompt_tokens} "
+                f"tokens, KV cache {s.kv_cache_bytes / 1024:.1f} KiB, "
+                f"{seconds:.2f} s ({self.name} on {self.model.device})"
+            )
         if truth:
             stats += f"\n\nAnswer **{_verdict(answer, truth)}** (right answer: {truth})."
         grid = self._grid(inputs, count)
@@ -166,10 +175,18 @@ class VLMRun:
             stats += "\n\n(the visual tokens of this model are not one grid: no overlay)"
         elif len(kept) > grid[0] * grid[1]:
             stats += "\n\n(overlay: the full-image partition; the sub-images' tokens follow it)"
-        runs = sorted([(float(budget), method, answer), *((b, m, a) for b, m, a, _ in swept)],
-                      key=lambda run: -run[0]) if method is not None else []
-        gallery = [(self._overlay(image, m.stats.visual_kept_mask[0], grid),
-                    f"{b:.0%}: {a}" + (f" ({_verdict(a, truth)})" if truth else "")) for b, m, a in runs]
+        runs = (
+            sorted([(float(budget), method, answer), *((b, m, a) for b, m, a, _ in swept)], key=lambda run: -run[0])
+            if method is not None
+            else []
+        )
+        gallery = [
+            (
+                self._overlay(image, m.stats.visual_kept_mask[0], grid),
+                f"{b:.0%}: {a}" + (f" ({_verdict(a, truth)})" if truth else ""),
+            )
+            for b, m, a in runs
+        ]
         return answer, self._overlay(image, kept, grid), stats, gallery
 
     @staticmethod
@@ -183,8 +200,12 @@ def _verdict(answer: str, truth: str) -> str:
     return "right" if answer.strip().lower() == truth.strip().lower() else "wrong"
 
 
-def build_demo(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
-               draft: str | None = None) -> gr.Blocks:
+def build_demo(
+    model: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    draft: str | None = None,
+) -> gr.Blocks:
     """The VLM pruning app for ``model`` (``trained-llava``, ``tiny-qwen2-vl``, ... or a hub id), loaded once.
 
     It opens on :func:`hasten.cli.vlm.default_question`'s image and question (a held-out scene for
@@ -211,10 +232,12 @@ def build_demo(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str
         examples.append([str(path), question_text, default, DEFAULT_BUDGET, answer_text or ""])
     first_image, first_question, truth = default_question(model)
     with gr.Blocks(title="hasten · VLM token pruning") as demo:
-        gr.Markdown(f"# VLM visual-token pruning\n`{model}` ({type(loaded).__name__}) on `{loaded.device}`. "
-                    "The method keeps a budget of the visual tokens before (or inside) the language model; "
-                    "dropped tokens are darkened on the model's token grid. Every Run also draws the kept tokens "
-                    f"at budgets {', '.join(f'{b:.0%}' for b in SWEEP)} with the answer at each.")
+        gr.Markdown(
+            f"# VLM visual-token pruning\n`{model}` ({type(loaded).__name__}) on `{loaded.device}`. "
+            "The method keeps a budget of the visual tokens before (or inside) the language model; "
+            "dropped tokens are darkened on the model's token grid. Every Run also draws the kept tokens "
+            f"at budgets {', '.join(f'{b:.0%}' for b in SWEEP)} with the answer at each."
+        )
         notice = random_weights_notice(model)
         if notice:
             gr.Markdown(notice, elem_id="notice")
@@ -222,23 +245,50 @@ def build_demo(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str
             with gr.Column(scale=1):
                 image = gr.Image(label="Image", type="numpy", value=np.asarray(first_image), elem_id="image")
                 question = gr.Textbox(label="Question", value=first_question, elem_id="question")
-                right = gr.Textbox(label="Right answer (when known: generated scenes; each answer is marked)",
-                                   value=truth or "", elem_id="truth")
+                right = gr.Textbox(
+                    label="Right answer (when known: generated scenes; each answer is marked)",
+                    value=truth or "",
+                    elem_id="truth",
+                )
                 method = gr.Dropdown(methods, value=default, label="Method", elem_id="method")
-                budget = gr.Slider(0.05, 1.0, value=DEFAULT_BUDGET, step=0.05,
-                                   label="Budget (fraction of visual tokens kept)", elem_id="budget")
+                budget = gr.Slider(
+                    0.05,
+                    1.0,
+                    value=DEFAULT_BUDGET,
+                    step=0.05,
+                    label="Budget (fraction of visual tokens kept)",
+                    elem_id="budget",
+                )
                 button = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column(scale=2):
                 with gr.Row():
                     with gr.Column(scale=1):
                         answer = gr.Textbox(label="Answer", elem_id="answer", interactive=False)
                         stats = gr.Markdown("Press **Run**, or an example below.", elem_id="stats")
-                    overlay = gr.Image(label="Kept visual tokens at this budget", type="numpy", format="png",
-                                       interactive=False, height=300, elem_id="overlay")
-                sweep = gr.Gallery(label="Kept tokens and answer at several budgets", columns=len(SWEEP),
-                                   height=260, object_fit="contain", format="png", elem_id="sweep")
-        connect_run(button, run, [image, question, method, budget, right], [answer, overlay, stats, sweep], examples,
-                    f"Examples: held-out scenes, {default} at {DEFAULT_BUDGET:.0%} of the tokens (one click)")
+                    overlay = gr.Image(
+                        label="Kept visual tokens at this budget",
+                        type="numpy",
+                        format="png",
+                        interactive=False,
+                        height=300,
+                        elem_id="overlay",
+                    )
+                sweep = gr.Gallery(
+                    label="Kept tokens and answer at several budgets",
+                    columns=len(SWEEP),
+                    height=260,
+                    object_fit="contain",
+                    format="png",
+                    elem_id="sweep",
+                )
+        connect_run(
+            button,
+            run,
+            [image, question, method, budget, right],
+            [answer, overlay, stats, sweep],
+            examples,
+            f"Examples: held-out scenes, {default} at {DEFAULT_BUDGET:.0%} of the tokens (one click)",
+        )
     return demo
 
 
@@ -246,8 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     """``hasten app vlm``: parse the common app flags, build the demo and serve it until stopped."""
     parser = argparse.ArgumentParser(prog="hasten app vlm", description="Gradio app: VLM visual-token pruning.")
     add_common_args(parser, default_model=DEFAULT_MODEL)
-    parser.add_argument("--draft", default=None, help="a SpecVLM draft folder (hasten vlm train-draft): adds "
-                        "speculative decoding to the methods")
+    parser.add_argument(
+        "--draft",
+        default=None,
+        help="a SpecVLM draft folder (hasten vlm train-draft): adds speculative decoding to the methods",
+    )
     args = parser.parse_args(argv)
     demo = build_demo(args.model, device=args.device, dtype=args.dtype, draft=args.draft)
     launch(demo, host=args.host, port=args.port, share=args.share)

@@ -21,7 +21,8 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hasten", description="Training-free acceleration for diffusers pipelines and transformers VLMs.")
+        prog="hasten", description="Training-free acceleration for diffusers pipelines and transformers VLMs."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
         if not info.name.startswith("_"):
@@ -37,4 +38,3 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except ValueError as error:
         parser.exit(2, f"hasten: error: {error}\n")
-

@@ -32,12 +32,14 @@ def _check_writable_folder(folder: Path, argument: str, given: Path) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
-        raise ValueError(f"{argument} {given}: cannot write in {folder} ({error.strerror or error}); "
-                         "choose a writable location") from None
+        raise ValueError(
+            f"{argument} {given}: cannot write in {folder} ({error.strerror or error}); choose a writable location"
+        ) from None
 
 
-def check_output_file(path: str | os.PathLike, argument: str = "--out",
-                      suffixes: tuple[str, ...] = IMAGE_SUFFIXES + VIDEO_SUFFIXES) -> Path:
+def check_output_file(
+    path: str | os.PathLike, argument: str = "--out", suffixes: tuple[str, ...] = IMAGE_SUFFIXES + VIDEO_SUFFIXES
+) -> Path:
     """``path`` if a file can be written there: not a folder, its folder a (creatable) folder we
     may write in, its suffix one of ``suffixes``.
 
@@ -54,8 +56,9 @@ def check_output_file(path: str | os.PathLike, argument: str = "--out",
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        raise ValueError(f"{argument} {path} is a folder; give a file name inside it, e.g. "
-                         f"{argument} {path / ('out' + suffixes[0])}")
+        raise ValueError(
+            f"{argument} {path} is a folder; give a file name inside it, e.g. {argument} {path / ('out' + suffixes[0])}"
+        )
     if path.suffix.lower() not in suffixes:
         kind = f"unsupported file type {path.suffix!r}" if path.suffix else "no file type"
         choices = ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]

@@ -17,8 +17,13 @@ def available() -> tuple[str, ...]:
     >>> "grat" in available()
     True
     """
-    return tuple(sorted(module.name[: -len("_app")] for module in pkgutil.iter_modules(apps.__path__)
-                        if module.name.endswith("_app")))
+    return tuple(
+        sorted(
+            module.name[: -len("_app")]
+            for module in pkgutil.iter_modules(apps.__path__)
+            if module.name.endswith("_app")
+        )
+    )
 
 
 def register(commands) -> None:

@@ -21,21 +21,39 @@ def register(commands) -> None:
         "(.ply/.obj/.glb/.stl, marching cubes) or the occupancy (.npy).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--mesh", type=Path, help="source mesh (OBJ/PLY/GLB/... via trimesh): its surface "
-                        "voxels in the unit cube, z-up (glTF rotated from y-up), as TRELLIS voxelises")
+    source.add_argument(
+        "--mesh",
+        type=Path,
+        help="source mesh (OBJ/PLY/GLB/... via trimesh): its surface "
+        "voxels in the unit cube, z-up (glTF rotated from y-up), as TRELLIS voxelises",
+    )
     source.add_argument("--occupancy", type=Path, help="source occupancy grid, an R^3 boolean .npy")
-    parser.add_argument("--box", type=int, nargs=6, action="append", required=True, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
-                        help="edit box in voxel coordinates, end-exclusive (repeatable)")
+    parser.add_argument(
+        "--box",
+        type=int,
+        nargs=6,
+        action="append",
+        required=True,
+        metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+        help="edit box in voxel coordinates, end-exclusive (repeatable)",
+    )
     condition = parser.add_mutually_exclusive_group(required=True)
     condition.add_argument("--image", type=Path, help="image condition (DINOv2 features)")
     condition.add_argument("--prompt", help="text condition (CLIP features)")
-    parser.add_argument("--source-image", type=Path,
-                        help="with --image: a render of the source; it conditions the inversion")
-    parser.add_argument("--image-mask", type=Path,
-                        help="with --source-image: the edited area of --image (nonzero pixels); the condition patches "
-                        "outside it keep the source's cross-attention K/V")
-    parser.add_argument("--model", default="tiny-trellis",
-                        help="tiny-trellis, or a TRELLIS folder holding ckpts/ss_flow_*, ss_enc_*, ss_dec_* (.json + .safetensors)")
+    parser.add_argument(
+        "--source-image", type=Path, help="with --image: a render of the source; it conditions the inversion"
+    )
+    parser.add_argument(
+        "--image-mask",
+        type=Path,
+        help="with --source-image: the edited area of --image (nonzero pixels); the condition patches "
+        "outside it keep the source's cross-attention K/V",
+    )
+    parser.add_argument(
+        "--model",
+        default="tiny-trellis",
+        help="tiny-trellis, or a TRELLIS folder holding ckpts/ss_flow_*, ss_enc_*, ss_dec_* (.json + .safetensors)",
+    )
     parser.add_argument("--steps", type=positive, default=25, help="inversion / editing steps (VoxHammer: 25)")
     parser.add_argument("--out", type=Path, required=True, help="output .ply / .obj / .glb / .stl / .npy")
     parser.set_defaults(run=run)
@@ -51,15 +69,19 @@ def _load(model: str):
         parts = tiny_trellis.models()
         return parts["flow"], parts["encoder"], parts["decoder"], tiny_trellis.conditioner()
     if not Path(model).is_dir():
-        raise ValueError(f"--model {model}: not tiny-trellis and not a folder; give tiny-trellis or a TRELLIS folder "
-                         "holding ckpts/ss_flow_*, ss_enc_*, ss_dec_* (.json + .safetensors)")
+        raise ValueError(
+            f"--model {model}: not tiny-trellis and not a folder; give tiny-trellis or a TRELLIS folder "
+            "holding ckpts/ss_flow_*, ss_enc_*, ss_dec_* (.json + .safetensors)"
+        )
     folder = Path(model) / "ckpts"
     found = {}
     for prefix in ("ss_flow", "ss_enc", "ss_dec"):
         matches = sorted(folder.glob(f"{prefix}*.json"))
         if not matches:
-            raise ValueError(f"--model {model}: {folder} has no {prefix}*.json checkpoint (a TRELLIS folder holds "
-                             "ckpts/ss_flow_*, ss_enc_*, ss_dec_*)")
+            raise ValueError(
+                f"--model {model}: {folder} has no {prefix}*.json checkpoint (a TRELLIS folder holds "
+                "ckpts/ss_flow_*, ss_enc_*, ss_dec_*)"
+            )
         found[prefix] = trellis.from_pretrained(matches[0].with_suffix(""))
     from ..loading import resolve_model
     from ..pipelines.voxhammer import VoxelConditioner
@@ -91,8 +113,11 @@ def voxelize(path: Path, resolution: int):
     try:
         mesh = trimesh.load(path, force="mesh")
     except Exception as error:  # noqa: BLE001 - trimesh raises many kinds on a bad file
-        detail = error.args[0] % error.args[1:] if len(error.args) > 1 and isinstance(error.args[0], str) \
-            and "%" in error.args[0] else (str(error) or type(error).__name__)
+        detail = (
+            error.args[0] % error.args[1:]
+            if len(error.args) > 1 and isinstance(error.args[0], str) and "%" in error.args[0]
+            else (str(error) or type(error).__name__)
+        )
         raise ValueError(f"--mesh {path}: not a mesh trimesh can read ({detail})") from None
     if not isinstance(mesh, trimesh.Trimesh) or mesh.is_empty or not len(mesh.faces):
         raise ValueError(f"--mesh {path} holds no triangles")
@@ -142,7 +167,6 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..pipelines.voxhammer import VoxelEditPipeline, box_mask
-
     from ._common import check_output_file
 
     try:
@@ -176,18 +200,28 @@ def run(args: argparse.Namespace) -> int:
             cond = conditioner.text(args.prompt)
             uncond = conditioner.text("")  # TRELLIS's text models: the empty prompt's embedding
         if cond.shape[-1] != flow.blocks[0].cross_attn.to_kv.in_features:
-            raise ValueError(f"the condition has {cond.shape[-1]} channels; the flow model expects "
-                             f"{flow.blocks[0].cross_attn.to_kv.in_features} (an image model needs --image, a text "
-                             "model --prompt)")
-        out = VoxelEditPipeline(flow, encoder, decoder).edit(occupancy, mask, cond, source_cond=source_cond,
-                                                             num_inference_steps=args.steps, preserved_condition=preserved,
-                                                             uncond=uncond)
+            raise ValueError(
+                f"the condition has {cond.shape[-1]} channels; the flow model expects "
+                f"{flow.blocks[0].cross_attn.to_kv.in_features} (an image model needs --image, a text "
+                "model --prompt)"
+            )
+        out = VoxelEditPipeline(flow, encoder, decoder).edit(
+            occupancy,
+            mask,
+            cond,
+            source_cond=source_cond,
+            num_inference_steps=args.steps,
+            preserved_condition=preserved,
+            uncond=uncond,
+        )
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"hasten edit3d: {error}", file=sys.stderr)
         return 2
     _write(args.out, out.occupancy)
     changed = int((out.occupancy != occupancy).sum())
-    print(f"wrote {args.out}: {int(out.occupancy.sum())} occupied voxels of {resolution}^3, {changed} changed, all inside "
-          f"the edit boxes; source K/V {out.cache_bytes / 2**20:.2f} MiB; "
-          + ", ".join(f"{k} {v:.2f} s" for k, v in out.seconds.items()))
+    print(
+        f"wrote {args.out}: {int(out.occupancy.sum())} occupied voxels of {resolution}^3, {changed} changed, all inside "
+        f"the edit boxes; source K/V {out.cache_bytes / 2**20:.2f} MiB; "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in out.seconds.items())
+    )
     return 0

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from .. import tiny
-from ..kernels import BACKENDS
 from ..hooks.grat import GratConfig, apply_grat, grat_state
-from ..measure import compare_grat
-from ..loading import DTYPES, load_pipeline
-from ..video import save_media
 from ..jobs.manifest import respect_umask
+from ..kernels import BACKENDS
+from ..loading import DTYPES, load_pipeline
+from ..measure import compare_grat
+from ..video import save_media
 from ._common import check_output_file
 from ._types import positive, size
 
@@ -46,32 +46,55 @@ def register(commands) -> None:
         description="Generate an image or video. With --compare, run dense and GRAT with the same seed and "
         "report both times, the speedup (with the attention bound: 1/density, padding counted) and the PSNR between them.",
     )
-    gen.add_argument("--model", default=MICRO_FLUX,
-                     help=f"{MICRO_FLUX} (the trained FLUX micro-world, shipped), an embedded random-weight tiny "
-                     f"model ({', '.join(tiny.MODEL_IDS)}) or any diffusers model id / local folder "
-                     f"(default: {MICRO_FLUX})")
-    gen.add_argument("--prompt", default=None,
-                     help=f"the prompt (default for {MICRO_FLUX}: {MICRO_PROMPT!r}; otherwise {DEFAULT_PROMPT!r})")
+    gen.add_argument(
+        "--model",
+        default=MICRO_FLUX,
+        help=f"{MICRO_FLUX} (the trained FLUX micro-world, shipped), an embedded random-weight tiny "
+        f"model ({', '.join(tiny.MODEL_IDS)}) or any diffusers model id / local folder "
+        f"(default: {MICRO_FLUX})",
+    )
+    gen.add_argument(
+        "--prompt",
+        default=None,
+        help=f"the prompt (default for {MICRO_FLUX}: {MICRO_PROMPT!r}; otherwise {DEFAULT_PROMPT!r})",
+    )
     gen.add_argument("--height", type=positive, help="output height (default: the model's default)")
     gen.add_argument("--width", type=positive, help="output width (default: the model's default)")
     gen.add_argument("--frames", type=positive, help="number of frames (video models)")
-    gen.add_argument("--steps", type=positive, default=None,
-                     help=f"denoising steps (default: 20 {MICRO_FLUX}, 4 tiny, 28 otherwise)")
+    gen.add_argument(
+        "--steps", type=positive, default=None, help=f"denoising steps (default: 20 {MICRO_FLUX}, 4 tiny, 28 otherwise)"
+    )
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--grat", choices=("off", "cross", "block"), default="cross",
-                     help="GRAT pattern: cross (GRAT-X), block (GRAT-B) or off (dense)")
-    gen.add_argument("--group-size", type=size, default=None,
-                     help=f"group size in latent tokens: N, HxW or TxHxW (default: {MICRO_GROUP} for {MICRO_FLUX}, "
-                     "else the model family's)")
+    gen.add_argument(
+        "--grat",
+        choices=("off", "cross", "block"),
+        default="cross",
+        help="GRAT pattern: cross (GRAT-X), block (GRAT-B) or off (dense)",
+    )
+    gen.add_argument(
+        "--group-size",
+        type=size,
+        default=None,
+        help=f"group size in latent tokens: N, HxW or TxHxW (default: {MICRO_GROUP} for {MICRO_FLUX}, "
+        "else the model family's)",
+    )
     gen.add_argument("--window", type=size, default=(1,), help="GRAT-B window in groups per side (default 1)")
     gen.add_argument("--dense-steps", type=int, default=0, help="first N steps use dense attention")
     gen.add_argument("--backend", choices=BACKENDS, default="auto", help="attention kernel backend")
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                     help="weights dtype (default: float32 for tiny models and CPU, bfloat16 on CUDA)")
-    gen.add_argument("--out", type=Path, default=Path("outputs/hasten.png"),
-                     help="output file, .png/.jpg/.jpeg (or .mp4/.avi); with --compare, -dense and -grat are added "
-                     "to its name (videos are written as .mp4 unless it ends in .avi); a folder is an error")
+    gen.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="weights dtype (default: float32 for tiny models and CPU, bfloat16 on CUDA)",
+    )
+    gen.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/hasten.png"),
+        help="output file, .png/.jpg/.jpeg (or .mp4/.avi); with --compare, -dense and -grat are added "
+        "to its name (videos are written as .mp4 unless it ends in .avi); a folder is an error",
+    )
     gen.add_argument("--compare", action="store_true", help="run dense and GRAT with the same seed and compare")
 
     gen.set_defaults(run=generate)
@@ -97,8 +120,10 @@ def _load(args: argparse.Namespace):
 
     device = check_device(args.device)
     if not trained.is_shipped("flux"):
-        raise ValueError(f"--model {MICRO_FLUX}: no trained weights in {trained.path('flux')}; "
-                         "train them with `hasten tiny train flux`")
+        raise ValueError(
+            f"--model {MICRO_FLUX}: no trained weights in {trained.path('flux')}; "
+            "train them with `hasten tiny train flux`"
+        )
     return trained.load("flux", dtype=DTYPES[args.dtype] if args.dtype else torch.float32).to(device)
 
 
@@ -127,8 +152,13 @@ def _config(args: argparse.Namespace) -> GratConfig:
     group = None if args.group_size is None else (args.group_size[0] if len(args.group_size) == 1 else args.group_size)
     if group is None and args.model == MICRO_FLUX:
         group = MICRO_GROUP
-    return GratConfig(pattern=args.grat if args.grat != "off" else "cross", group_size=group, window=window,
-                      dense_steps=args.dense_steps, backend=args.backend)
+    return GratConfig(
+        pattern=args.grat if args.grat != "off" else "cross",
+        group_size=group,
+        window=window,
+        dense_steps=args.dense_steps,
+        backend=args.backend,
+    )
 
 
 DIFFERENCE_GAIN = 4
@@ -155,8 +185,10 @@ def side_by_side(dense: torch.Tensor, grat: torch.Tensor, gap: int = 4) -> torch
     torch.Size([3, 8, 32])
     """
     if dense.shape != grat.shape or dense.dim() != 3:
-        raise ValueError(f"`dense` and `grat` must be (3, H, W) images of one shape; got {tuple(dense.shape)} "
-                         f"and {tuple(grat.shape)}")
+        raise ValueError(
+            f"`dense` and `grat` must be (3, H, W) images of one shape; got {tuple(dense.shape)} "
+            f"and {tuple(grat.shape)}"
+        )
     white = torch.ones(3, dense.shape[1], gap)
     return torch.cat([dense, white, grat, white, difference(dense, grat)], dim=2)
 
@@ -184,13 +216,17 @@ def _sparsity_note(density: float, bound: float, group, pattern: str) -> str | N
     """Why GRAT cannot speed attention up at this size, or None when it can."""
     notes = []
     if density >= 0.999:
-        notes.append(f"GRAT cannot be sparse at this size: with group {group} the {pattern} pattern reaches every "
-                     "kernel tile of this short sequence (density 100%), so it computes what dense attention does "
-                     "plus its own overhead; a larger --height/--width (a latent grid several groups across) or a "
-                     "smaller --group-size lets it skip tiles")
+        notes.append(
+            f"GRAT cannot be sparse at this size: with group {group} the {pattern} pattern reaches every "
+            "kernel tile of this short sequence (density 100%), so it computes what dense attention does "
+            "plus its own overhead; a larger --height/--width (a latent grid several groups across) or a "
+            "smaller --group-size lets it skip tiles"
+        )
     if bound < 1.0:
-        notes.append(f"the attention bound {bound:.2f}x is below 1x: padding the tokens to whole groups and kernel "
-                     "tiles adds more work than the skipped tiles save at this size")
+        notes.append(
+            f"the attention bound {bound:.2f}x is below 1x: padding the tokens to whole groups and kernel "
+            "tiles adds more work than the skipped tiles save at this size"
+        )
     return ("note: " + "; ".join(notes)) if notes else None
 
 
@@ -201,8 +237,10 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError("--compare compares dense with GRAT: choose --grat cross or block")
     pipe = _load(args)
     kwargs = _call_kwargs(args, pipe)
-    print(f"model {args.model} ({type(pipe).__name__}) on {pipe.device}; "
-          + ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "prompt"))
+    print(
+        f"model {args.model} ({type(pipe).__name__}) on {pipe.device}; "
+        + ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "prompt")
+    )
     if args.compare:
         if args.grat == "off":
             raise ValueError("--compare compares dense with GRAT: choose --grat cross or block")
@@ -212,8 +250,7 @@ def generate(args: argparse.Namespace) -> int:
         print(f"group {result.config.group_size} pattern {result.config.pattern}")
         print(f"dense: {result.dense_seconds:.3f} s")
         print(f"grat:  {result.grat_seconds:.3f} s")
-        print(f"speedup: {result.speedup:.2f}x (attention bound {result.bound:.2f}x at density "
-              f"{result.density:.1%})")
+        print(f"speedup: {result.speedup:.2f}x (attention bound {result.bound:.2f}x at density {result.density:.1%})")
         print(f"PSNR(dense, grat): {result.psnr:.2f} dB")
         if args.model == MICRO_FLUX:
             _print_prompt_accuracy(kwargs, dense=result.dense, grat=result.grat)
@@ -221,8 +258,9 @@ def generate(args: argparse.Namespace) -> int:
         if note:
             print(note)
         if result.dense.dim() == 4:  # images: the side-by-side picture too
-            side_path = respect_umask(save_media(side_by_side(result.dense[0], result.grat[0]),
-                                                 _with_suffix(args.out, "side")))
+            side_path = respect_umask(
+                save_media(side_by_side(result.dense[0], result.grat[0]), _with_suffix(args.out, "side"))
+            )
             print(f"saved {dense_path}, {grat_path} and {side_path} (dense | GRAT | difference x4)")
         else:
             print(f"saved {dense_path} and {grat_path}")

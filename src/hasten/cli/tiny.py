@@ -20,19 +20,26 @@ from ._types import positive
 
 def register(commands) -> None:
     tiny = commands.add_parser(
-        "tiny", help="list or train the trained micro-world models",
+        "tiny",
+        help="list or train the trained micro-world models",
         description="The micro-world models trained on hasten's generated scenes: list them, or train one "
-        "(seeded, resumable, with a progress bar).")
+        "(seeded, resumable, with a progress bar).",
+    )
     sub = tiny.add_subparsers(dest="tiny_command", required=True, metavar="ACTION")
     listing = sub.add_parser("list", help="the registered micro-worlds and whether their weights ship")
     listing.set_defaults(run=list_models)
-    train = sub.add_parser("train", help="train one micro-world",
-                           description="Train micro-world NAME; the model is saved in OUT/model.")
+    train = sub.add_parser(
+        "train", help="train one micro-world", description="Train micro-world NAME; the model is saved in OUT/model."
+    )
     train.add_argument("name", help="a registered micro-world (see `hasten tiny list`)")
     train.add_argument("--steps", type=positive, default=None, help="optimiser steps (default: the model's own)")
     train.add_argument("--seed", type=int, default=0, help="seed of all data and noise (default 0)")
-    train.add_argument("--out", type=Path, default=None,
-                       help="run folder for the checkpoint and the saved model (default: $HASTEN_HOME/train/NAME)")
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run folder for the checkpoint and the saved model (default: $HASTEN_HOME/train/NAME)",
+    )
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     train.add_argument("--threads", type=positive, default=None, help="torch CPU threads (default: torch's)")
     train.set_defaults(run=train_model)

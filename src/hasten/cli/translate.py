@@ -21,25 +21,40 @@ def register(commands) -> None:
         "exit code 2 (it does not wait). Exits 1 if any video failed.",
     )
     parser.add_argument("inputs", nargs="*", type=Path, help="video files or folders of videos")
-    parser.add_argument("--jobs", type=Path, help="JSONL file, one job per line: "
-                        '{"input": ..., "prompt": ..., "output"?: ..., "options"?: {...}}')
-    parser.add_argument("--output", type=Path, required=True,
-                        help="output folder (holds the manifest; locked while a run uses it)")
+    parser.add_argument(
+        "--jobs",
+        type=Path,
+        help='JSONL file, one job per line: {"input": ..., "prompt": ..., "output"?: ..., "options"?: {...}}',
+    )
+    parser.add_argument(
+        "--output", type=Path, required=True, help="output folder (holds the manifest; locked while a run uses it)"
+    )
     parser.add_argument("--prompt", help="prompt for every input (required without --jobs)")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--model", default="tiny-sd15", help="tiny-sd15 or a Stable Diffusion 1.x/2.x model id/folder")
     parser.add_argument("--strength", type=fraction, default=0.75, help="img2img strength (default 0.75)")
     parser.add_argument("--steps", type=positive, default=20, help="denoising steps (default 20)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    parser.add_argument("--warp-end", type=float, default=0.8,
-                        help="fraction of the denoising schedule with latent warping "
-                        "(0.8: LatentWarp's 16 of 20 steps)")
-    parser.add_argument("--warp-window", choices=("schedule", "run"), default="schedule",
-                        help="--warp-end counts the full schedule (schedule, the paper's) or the img2img steps run "
-                        "(run, hasten's former rule, formerly with --warp-end 0.3)")
-    parser.add_argument("--occlusion", choices=("warped-difference", "forward-backward"), default="warped-difference",
-                        help="occlusion mask: the warped source frames' difference (LatentWarp's Eq. 6, default) or "
-                        "forward-backward flow consistency")
+    parser.add_argument(
+        "--warp-end",
+        type=float,
+        default=0.8,
+        help="fraction of the denoising schedule with latent warping (0.8: LatentWarp's 16 of 20 steps)",
+    )
+    parser.add_argument(
+        "--warp-window",
+        choices=("schedule", "run"),
+        default="schedule",
+        help="--warp-end counts the full schedule (schedule, the paper's) or the img2img steps run "
+        "(run, hasten's former rule, formerly with --warp-end 0.3)",
+    )
+    parser.add_argument(
+        "--occlusion",
+        choices=("warped-difference", "forward-backward"),
+        default="warped-difference",
+        help="occlusion mask: the warped source frames' difference (LatentWarp's Eq. 6, default) or "
+        "forward-backward flow consistency",
+    )
     parser.add_argument("--no-warp", action="store_true", help="no latent warping")
     parser.add_argument("--no-cross-frame", action="store_true", help="no cross-frame attention")
     parser.add_argument("--height", type=positive, help="working height, a multiple of 8 (default: the video's)")
@@ -68,10 +83,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"hasten translate: {error}", file=sys.stderr)
         return 2
     model = args.model if source is None or not Path(args.model).is_dir() else str(Path(args.model).resolve())
-    options = {"strength": args.strength, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
-               "warp_end": args.warp_end, "warp_window": args.warp_window, "occlusion": args.occlusion,
-               "warp": not args.no_warp, "cross_frame": not args.no_cross_frame,
-               "negative_prompt": args.negative_prompt, "seed": args.seed}
+    options = {
+        "strength": args.strength,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "warp_end": args.warp_end,
+        "warp_window": args.warp_window,
+        "occlusion": args.occlusion,
+        "warp": not args.no_warp,
+        "cross_frame": not args.no_cross_frame,
+        "negative_prompt": args.negative_prompt,
+        "seed": args.seed,
+    }
     for name in ("height", "width", "max_frames"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
@@ -99,9 +122,16 @@ def run(args: argparse.Namespace) -> int:
         print("hasten translate: nothing to translate (give INPUT... or --jobs)", file=sys.stderr)
         return 2
     try:
-        summary = run_jobs(jobs, args.output, backend=args.backend, retry_failed=args.retry_failed,
-                           device=args.device, dtype=args.dtype, ray_address=args.ray_address,
-                           audio=not args.no_audio)
+        summary = run_jobs(
+            jobs,
+            args.output,
+            backend=args.backend,
+            retry_failed=args.retry_failed,
+            device=args.device,
+            dtype=args.dtype,
+            ray_address=args.ray_address,
+            audio=not args.no_audio,
+        )
     except ValueError as error:
         print(f"hasten translate: {error}", file=sys.stderr)
         return 2

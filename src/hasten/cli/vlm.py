@@ -15,64 +15,104 @@ DEFAULT_MODEL = "trained-llava"
 
 
 def register(commands) -> None:
-    vlm = commands.add_parser("vlm", help="VLM visual-token pruning: ask a question, or evaluate methods",
-                              description="Visual-token pruning for transformers VLMs (LLaVA, LLaVA-Next, "
-                              "Qwen2-VL, Qwen2.5-VL).")
+    vlm = commands.add_parser(
+        "vlm",
+        help="VLM visual-token pruning: ask a question, or evaluate methods",
+        description="Visual-token pruning for transformers VLMs (LLaVA, LLaVA-Next, Qwen2-VL, Qwen2.5-VL).",
+    )
     sub = vlm.add_subparsers(dest="vlm_command", required=True, metavar="{ask,eval,train-draft}")
     from ..token_pruning.evaluate import METHODS, TINY, TRAINED
 
     models = ", ".join([*TRAINED, *TINY])
-    ask = sub.add_parser("ask", help="answer a question about an image, optionally with pruning",
-                         description="Answer a question about an image with a VLM, optionally pruning visual "
-                         "tokens; prints the answer and the pruning stats.")
-    ask.add_argument("--image", type=Path, help="image file (default: a generated held-out scene for the trained "
-                     "models, scikit-image's astronaut photo otherwise)")
-    ask.add_argument("--question", default=None, help="default: the generated scene's question (trained models), "
-                     "'What is in the picture?' otherwise")
+    ask = sub.add_parser(
+        "ask",
+        help="answer a question about an image, optionally with pruning",
+        description="Answer a question about an image with a VLM, optionally pruning visual "
+        "tokens; prints the answer and the pruning stats.",
+    )
+    ask.add_argument(
+        "--image",
+        type=Path,
+        help="image file (default: a generated held-out scene for the trained "
+        "models, scikit-image's astronaut photo otherwise)",
+    )
+    ask.add_argument(
+        "--question",
+        default=None,
+        help="default: the generated scene's question (trained models), 'What is in the picture?' otherwise",
+    )
     ask.add_argument("--seed", type=int, default=0, help="which held-out scene (trained models, no --image; default 0)")
-    ask.add_argument("--model", default=DEFAULT_MODEL, help=f"{models} (trained-*: the micro-world models, shipped; "
-                     "tiny-*: random weights) or a hub id")
+    ask.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"{models} (trained-*: the micro-world models, shipped; tiny-*: random weights) or a hub id",
+    )
     ask.add_argument("--prune", choices=("none",) + METHODS, default="none", help="pruning method (default none)")
     ask.add_argument("--budget", type=fraction, default=0.2, help="fraction of visual tokens kept (default 0.2)")
     ask.add_argument("--max-new-tokens", type=positive, default=32)
-    ask.add_argument("--speculative", type=Path, metavar="DRAFT_DIR",
-                     help="decode speculatively with this SpecVLM draft (lossless: the same answer, fewer target passes)")
+    ask.add_argument(
+        "--speculative",
+        type=Path,
+        metavar="DRAFT_DIR",
+        help="decode speculatively with this SpecVLM draft (lossless: the same answer, fewer target passes)",
+    )
     ask.add_argument("--device", default=None)
     ask.set_defaults(run=run_ask)
 
-    train = sub.add_parser("train-draft", help="distil a SpecVLM draft from the model on (image, prompt) pairs",
-                           description="Online-logit distillation of a SpecVLM draft (one decoder layer over the "
-                           "target's features, sharing its embeddings and head) from the target, on the fly. "
-                           "Checkpoints every --checkpoint-every steps in --out; re-running resumes.")
+    train = sub.add_parser(
+        "train-draft",
+        help="distil a SpecVLM draft from the model on (image, prompt) pairs",
+        description="Online-logit distillation of a SpecVLM draft (one decoder layer over the "
+        "target's features, sharing its embeddings and head) from the target, on the fly. "
+        "Checkpoints every --checkpoint-every steps in --out; re-running resumes.",
+    )
     train.add_argument("--model", default="tiny-llava", help=f"{models} or a hub id")
-    train.add_argument("--data", type=Path, default=None,
-                       help="JSONL ({\"image\", \"prompt\"} per line) or a folder of images (+ .txt prompts); "
-                       "default: scikit-image's photos")
+    train.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help='JSONL ({"image", "prompt"} per line) or a folder of images (+ .txt prompts); '
+        "default: scikit-image's photos",
+    )
     train.add_argument("--out", type=Path, required=True, help="folder for the draft and its checkpoints")
-    train.add_argument("--steps", type=positive, default=1000, help="training steps, one (image, prompt) pair each (default 1000)")
+    train.add_argument(
+        "--steps", type=positive, default=1000, help="training steps, one (image, prompt) pair each (default 1000)"
+    )
     train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    train.add_argument("--compressor", default="pool",
-                       choices=("none", "pool", "conv", "random", "saliency", "resampler", "text", "gate"))
+    train.add_argument(
+        "--compressor",
+        default="pool",
+        choices=("none", "pool", "conv", "random", "saliency", "resampler", "text", "gate"),
+    )
     train.add_argument("--checkpoint-every", type=positive, default=100, help="steps between checkpoints (default 100)")
     train.add_argument("--seed", type=int, default=0, help="seeds the draft's initialisation and the data order")
     train.add_argument("--device", default=None)
     train.set_defaults(run=run_train_draft)
 
-    ev = sub.add_parser("eval", help="every method x budget: task accuracy (trained models) or fidelity and speed",
-                        description="On the trained micro-world models (trained-*): task accuracy on held-out "
-                        "questions (overall and per question type), agreement with the unpruned answers, visual "
-                        "tokens, prefill-FLOPs bound, KV bytes and time per answer, for each method and budget. "
-                        "On other models: fidelity (top-1 agreement under teacher forcing, mean KL, greedy exact "
-                        "match) and speed (prefill, decode, KV bytes, FLOPs bound) against the unpruned model, on "
-                        "scikit-image photos.")
+    ev = sub.add_parser(
+        "eval",
+        help="every method x budget: task accuracy (trained models) or fidelity and speed",
+        description="On the trained micro-world models (trained-*): task accuracy on held-out "
+        "questions (overall and per question type), agreement with the unpruned answers, visual "
+        "tokens, prefill-FLOPs bound, KV bytes and time per answer, for each method and budget. "
+        "On other models: fidelity (top-1 agreement under teacher forcing, mean KL, greedy exact "
+        "match) and speed (prefill, decode, KV bytes, FLOPs bound) against the unpruned model, on "
+        "scikit-image photos.",
+    )
     ev.add_argument("--model", default=DEFAULT_MODEL, help=f"{models} or a hub id")
-    ev.add_argument("--methods", nargs="+", choices=METHODS, default=None,
-                    help="default: every method the model supports")
-    ev.add_argument("--budgets", nargs="+", type=fraction, default=None,
-                    help=f"default: {' '.join(map(str, TASK_BUDGETS))} (trained models), "
-                    f"{' '.join(map(str, BUDGETS))} otherwise")
-    ev.add_argument("--samples", type=positive, default=100,
-                    help="held-out questions per row (trained models; default 100)")
+    ev.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=None, help="default: every method the model supports"
+    )
+    ev.add_argument(
+        "--budgets",
+        nargs="+",
+        type=fraction,
+        default=None,
+        help=f"default: {' '.join(map(str, TASK_BUDGETS))} (trained models), {' '.join(map(str, BUDGETS))} otherwise",
+    )
+    ev.add_argument(
+        "--samples", type=positive, default=100, help="held-out questions per row (trained models; default 100)"
+    )
     ev.add_argument("--max-new-tokens", type=positive, default=16)
     ev.add_argument("--device", default=None)
     ev.add_argument("--json", action="store_true", help="also print one JSON line per row")
@@ -120,8 +160,10 @@ def run_ask(args: argparse.Namespace) -> int:
         from ..speculative.specvlm.draft import CONFIG_NAME
 
         if not (args.speculative / CONFIG_NAME).is_file():
-            raise ValueError(f"--speculative {args.speculative}: not a SpecVLM draft folder (no {CONFIG_NAME}); train "
-                             "one with `hasten vlm train-draft --out DIR`")
+            raise ValueError(
+                f"--speculative {args.speculative}: not a SpecVLM draft folder (no {CONFIG_NAME}); train "
+                "one with `hasten vlm train-draft --out DIR`"
+            )
     truth = None
     if args.image is None:
         image, question, truth = default_question(args.model, args.seed)
@@ -140,12 +182,15 @@ def run_ask(args: argparse.Namespace) -> int:
 
         if args.prune != "none":
             raise ValueError("--speculative decodes the unpruned target losslessly; it does not combine with --prune")
-        output, stats = speculative_generate(model, inputs, DraftModel.from_pretrained(args.speculative, model),
-                                             max_new_tokens=args.max_new_tokens)
-        print(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
-        print(f"[speculative] {stats.new_tokens} tokens in {stats.target_forwards} target passes "
-              f"({stats.mean_accepted:.2f} tokens per verification), draft saw {stats.compressed_visual[1]}/"
-              f"{stats.compressed_visual[0]} visual tokens")
+        output, stats = speculative_generate(
+            model, inputs, DraftModel.from_pretrained(args.speculative, model), max_new_tokens=args.max_new_tokens
+        )
+        print(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+        print(
+            f"[speculative] {stats.new_tokens} tokens in {stats.target_forwards} target passes "
+            f"({stats.mean_accepted:.2f} tokens per verification), draft saw {stats.compressed_visual[1]}/"
+            f"{stats.compressed_visual[0]} visual tokens"
+        )
         return 0
     method = None if args.prune == "none" else make_method(args.prune, args.budget)
     with torch.no_grad():
@@ -154,7 +199,7 @@ def run_ask(args: argparse.Namespace) -> int:
         else:
             with method.apply(model):
                 output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    answer = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     if truth is not None and args.question is None:
         print(f"Q: {question}")
     print(answer.strip())
@@ -162,8 +207,10 @@ def run_ask(args: argparse.Namespace) -> int:
         print(f"[ground truth: {truth} - {'right' if answer.strip() == truth else 'wrong'}]")
     if method is not None:
         s = method.stats
-        print(f"[{args.prune} budget {args.budget}] visual tokens {s.visual_tokens_kept[0]}/{s.visual_tokens_in[0]}, "
-              f"prefill {s.prefill_tokens}/{s.prompt_tokens} tokens, KV cache {s.kv_cache_bytes / 1024:.1f} KiB")
+        print(
+            f"[{args.prune} budget {args.budget}] visual tokens {s.visual_tokens_kept[0]}/{s.visual_tokens_in[0]}, "
+            f"prefill {s.prefill_tokens}/{s.prompt_tokens} tokens, KV cache {s.kv_cache_bytes / 1024:.1f} KiB"
+        )
     return 0
 
 
@@ -171,8 +218,10 @@ def check_training_data(data: Path, argument: str = "--data") -> None:
     """A clear ``ValueError`` (naming the file, and the line of a JSONL file) for training data
     :func:`~hasten.speculative.specvlm.load_pairs` cannot read; nothing is loaded."""
     if not data.exists():
-        raise ValueError(f"{argument} {data} does not exist; give a JSONL file ({{\"image\", \"prompt\"}} per line) "
-                         "or a folder of images")
+        raise ValueError(
+            f'{argument} {data} does not exist; give a JSONL file ({{"image", "prompt"}} per line) '
+            "or a folder of images"
+        )
     if data.is_dir():
         return
     try:
@@ -185,21 +234,23 @@ def check_training_data(data: Path, argument: str = "--data") -> None:
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{argument} {data}:{number}: not JSON ({error.msg}); each line is {{\"image\": ..., "
-                             "\"prompt\": ...}") from None
+            raise ValueError(
+                f'{argument} {data}:{number}: not JSON ({error.msg}); each line is {{"image": ..., "prompt": ...}}'
+            ) from None
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or "prompt" not in entry:
-            raise ValueError(f"{argument} {data}:{number}: each line needs \"image\" (a path) and \"prompt\"")
+            raise ValueError(f'{argument} {data}:{number}: each line needs "image" (a path) and "prompt"')
         image = Path(entry["image"])
         image = image if image.is_absolute() else data.parent / image
         if not image.is_file():
-            raise ValueError(f"{argument} {data}:{number}: image {image} does not exist (relative paths are read from "
-                             f"{data.parent})")
+            raise ValueError(
+                f"{argument} {data}:{number}: image {image} does not exist (relative paths are read from {data.parent})"
+            )
 
 
 def run_train_draft(args: argparse.Namespace) -> int:
     from ..loading import check_device
-    from ..token_pruning.evaluate import load_vlm, sample_images
     from ..speculative.specvlm import DraftModel, load_pairs, train_draft
+    from ..token_pruning.evaluate import load_vlm, sample_images
     from ._common import check_output_folder
 
     check_output_folder(args.out, "--out")
@@ -217,15 +268,32 @@ def run_train_draft(args: argparse.Namespace) -> int:
     draft = DraftModel.for_target(model, compressor=args.compressor, seed=args.seed)
     if checkpoint.exists():
         print(f"resuming from {checkpoint}")
-    losses = train_draft(model, processor, pairs, draft, steps=args.steps, out=args.out, lr=args.lr, seed=args.seed,
-                         checkpoint_every=args.checkpoint_every)
+    losses = train_draft(
+        model,
+        processor,
+        pairs,
+        draft,
+        steps=args.steps,
+        out=args.out,
+        lr=args.lr,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
     print(f"draft saved to {args.out} ({len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f})")
     return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..token_pruning.evaluate import (TRAINED, evaluate, evaluate_task, format_table, format_task_table, load_vlm,
-                                          sample_images, task_samples)
+    from ..token_pruning.evaluate import (
+        TRAINED,
+        evaluate,
+        evaluate_task,
+        format_table,
+        format_task_table,
+        load_vlm,
+        sample_images,
+        task_samples,
+    )
 
     model, processor = load_vlm(args.model, args.device)
     methods = args.methods or supported_methods(model)
@@ -234,16 +302,20 @@ def run_eval(args: argparse.Namespace) -> int:
     pairs = [("random", 1.0)] + [(m, b) for m in methods for b in budgets if not (m == "random" and b == 1.0)]
     if trained:
         rows = evaluate_task(model, processor, pairs, task_samples(args.model, args.samples), progress=True)
-        print(f"# {args.model} ({type(model).__name__}) on {model.device}; {args.samples} held-out questions; acc = "
-              "task accuracy, agree = same answer as unpruned, bound = 1 / prefill-FLOPs ratio")
+        print(
+            f"# {args.model} ({type(model).__name__}) on {model.device}; {args.samples} held-out questions; acc = "
+            "task accuracy, agree = same answer as unpruned, bound = 1 / prefill-FLOPs ratio"
+        )
         print(format_task_table(rows))
         if args.json:
             for row in rows:
                 print(json.dumps(row.as_dict()))
         return 0
     rows = evaluate(model, processor, pairs, sample_images(), max_new_tokens=args.max_new_tokens)
-    print(f"# {args.model} ({type(model).__name__}) on {model.device}; fidelity vs the unpruned model; "
-          "x = prefill speedup, bound = 1 / prefill-FLOPs ratio")
+    print(
+        f"# {args.model} ({type(model).__name__}) on {model.device}; fidelity vs the unpruned model; "
+        "x = prefill speedup, bound = 1 / prefill-FLOPs ratio"
+    )
     print(format_table(rows, baseline=rows[0]))
     if args.json:
         for row in rows:

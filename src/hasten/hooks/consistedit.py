@@ -45,10 +45,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .._validation import check_number, check_positive_int
 from ..adapters import edit_layout
 from .clock import DenoisingClock
 from .feature_replay import FeatureReplay, ProjectionSite
-from .._validation import check_number, check_positive_int
 
 __all__ = ["ConsistEditConfig", "ConsistEditControl", "edit_layers", "image_projection_sites"]
 
@@ -61,7 +61,9 @@ def edit_layers(transformer: Any) -> tuple[list[Any], bool, list[Any]]:
     return layers, layout.text_first, cross
 
 
-def image_projection_sites(transformer: Any, image_tokens: int, kinds: tuple[str, ...] = ("k", "v")) -> list[ProjectionSite]:
+def image_projection_sites(
+    transformer: Any, image_tokens: int, kinds: tuple[str, ...] = ("k", "v")
+) -> list[ProjectionSite]:
     """The image-token features of the ``to_q`` / ``to_k`` / ``to_v`` projections (``kinds``) of the layers
     ConsistEdit controls, as :class:`~hasten.hooks.feature_replay.ProjectionSite` s (for
     masked K/V replay: the same layers, text tokens never touched)."""
@@ -69,11 +71,14 @@ def image_projection_sites(transformer: Any, image_tokens: int, kinds: tuple[str
     layers, _ = layout.modules(transformer)
 
     def image(output: torch.Tensor) -> torch.Tensor:
-        return output[:, output.shape[1] - image_tokens:]
+        return output[:, output.shape[1] - image_tokens :]
 
     select = image if layout.text_first else (lambda output: output)
-    return [ProjectionSite(index, kind, getattr(attn, f"to_{kind}"), select)
-            for index, attn in enumerate(layers) for kind in kinds]
+    return [
+        ProjectionSite(index, kind, getattr(attn, f"to_{kind}"), select)
+        for index, attn in enumerate(layers)
+        for kind in kinds
+    ]
 
 
 def _heads(x: torch.Tensor, norm: Any, heads: int) -> torch.Tensor:
@@ -120,18 +125,26 @@ class ConsistEditControl:
     def install(self) -> "ConsistEditControl":
         for index, attn in enumerate(self.layers):
             if self.layout.rope != "none":
-                self._handles.append(attn.register_forward_pre_hook(
-                    functools.partial(self._rotary_embedding, layer=index), with_kwargs=True))
+                self._handles.append(
+                    attn.register_forward_pre_hook(
+                        functools.partial(self._rotary_embedding, layer=index), with_kwargs=True
+                    )
+                )
             for kind, name in (("q", "to_q"), ("k", "to_k"), ("v", "to_v")):
-                self._handles.append(getattr(attn, name).register_forward_hook(
-                    functools.partial(self._projection, layer=index, kind=kind, attn=attn)))
+                self._handles.append(
+                    getattr(attn, name).register_forward_hook(
+                        functools.partial(self._projection, layer=index, kind=kind, attn=attn)
+                    )
+                )
             if not self.text_first and getattr(attn, "add_k_proj", None) is not None:
-                self._handles.append(attn.add_k_proj.register_forward_hook(
-                    functools.partial(self._text_keys, layer=index, attn=attn)))
+                self._handles.append(
+                    attn.add_k_proj.register_forward_hook(functools.partial(self._text_keys, layer=index, attn=attn))
+                )
         for index, attn in enumerate(self.cross_layers):  # Wan: word attention from cross-attention
             self._handles.append(attn.to_q.register_forward_hook(functools.partial(self._cross, layer=index, kind="q")))
-            self._handles.append(attn.to_k.register_forward_hook(
-                functools.partial(self._cross, layer=index, kind="k", attn=attn)))
+            self._handles.append(
+                attn.to_k.register_forward_hook(functools.partial(self._cross, layer=index, kind="k", attn=attn))
+            )
         return self
 
     def remove(self) -> None:
@@ -221,8 +234,15 @@ class ConsistEditControl:
         return torch.cat([x[:, :text], apply_rotary_emb(x[:, text:], embedding, sequence_dim=1)], dim=1)
 
     @torch.no_grad()
-    def _accumulate(self, attn: Any, query: torch.Tensor, keys: torch.Tensor, text_keys: torch.Tensor | None,
-                    keys_are_text: bool = False, layer: int | None = None) -> None:
+    def _accumulate(
+        self,
+        attn: Any,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        text_keys: torch.Tensor | None,
+        keys_are_text: bool = False,
+        layer: int | None = None,
+    ) -> None:
         """Add one layer's image-query attention to the edit words (source rows, heads averaged), with the
         rotary embedding and over the keys the model's (and the reference's) attention uses."""
         heads = attn.heads
@@ -308,8 +328,10 @@ class ConsistEditConfig:
         if self.alpha < 1.0 and steps is None:
             raise ValueError("`num_inference_steps` is needed with `alpha` < 1 (alpha is a fraction of the steps)")
         if self.mask is None:
-            raise ValueError("`mask` (the edit region) is required; without one, use ConsistEditPipeline, which "
-                             "finds it from the edit words' attention")
+            raise ValueError(
+                "`mask` (the edit region) is required; without one, use ConsistEditPipeline, which "
+                "finds it from the edit words' attention"
+            )
 
 
 def grid_mask(mask: Any, grid: tuple[int, ...], height: int, width: int) -> torch.Tensor:
@@ -325,10 +347,15 @@ def grid_mask(mask: Any, grid: tuple[int, ...], height: int, width: int) -> torc
     if array.dim() == 2:
         array = array[None]
     frames, rows, cols = (1, *grid) if len(grid) == 2 else grid
-    if array.dim() != 3 or tuple(array.shape[1:]) not in ((height, width), (rows, cols)) or \
-            (len(grid) == 2 and array.shape[0] != 1):
-        raise ValueError(f"`mask` is {tuple(array.shape)}; expected the image size ({height}, {width}) or the token "
-                         f"grid ({rows}, {cols})" + (", optionally with frames first" if len(grid) == 3 else ""))
+    if (
+        array.dim() != 3
+        or tuple(array.shape[1:]) not in ((height, width), (rows, cols))
+        or (len(grid) == 2 and array.shape[0] != 1)
+    ):
+        raise ValueError(
+            f"`mask` is {tuple(array.shape)}; expected the image size ({height}, {width}) or the token "
+            f"grid ({rows}, {cols})" + (", optionally with frames first" if len(grid) == 3 else "")
+        )
     pooled = torch.nn.functional.adaptive_avg_pool3d(array[None, None], (frames, rows, cols))[0, 0]
     return (pooled > 0.5).flatten()
 
@@ -346,15 +373,20 @@ class _EditHook:
         hidden = args[0] if args else kwargs["hidden_states"]
         rows = hidden.shape[0]
         if rows % 2:
-            raise ValueError(f"ConsistEdit needs source and target rows in the batch (prompt=[source, target] from "
-                             f"one noise); the transformer got {rows} rows")
+            raise ValueError(
+                f"ConsistEdit needs source and target rows in the batch (prompt=[source, target] from "
+                f"one noise); the transformer got {rows} rows"
+            )
         control = self.control
         control.step = self.clock.tick(timestep)
         if grid not in self.preserve:
             mask = self.config.mask
             tokens = grid[1:] if grid[0] == 1 else grid  # (rows, cols) for images
-            shape = (mask.height, mask.width) if hasattr(mask, "height") and hasattr(mask, "convert") else \
-                tuple(np.shape(mask))
+            shape = (
+                (mask.height, mask.width)
+                if hasattr(mask, "height") and hasattr(mask, "convert")
+                else tuple(np.shape(mask))
+            )
             if len(shape) == 3 and shape[-1] in (3, 4) and len(tokens) == 2:  # an RGB(A) array
                 shape = shape[:2]
             self.preserve[grid] = ~grid_mask(mask, tokens, *shape[-2:])
@@ -365,11 +397,16 @@ class _EditHook:
 
 def consistedit_transformer(pipe_or_transformer: Any) -> torch.nn.Module:
     """The transformer the control hooks: a pipeline's ``transformer``, or the transformer itself."""
-    transformer = pipe_or_transformer if isinstance(pipe_or_transformer, torch.nn.Module) else \
-        getattr(pipe_or_transformer, "transformer", None)
+    transformer = (
+        pipe_or_transformer
+        if isinstance(pipe_or_transformer, torch.nn.Module)
+        else getattr(pipe_or_transformer, "transformer", None)
+    )
     if transformer is None:
-        raise ValueError(f"ConsistEdit needs a diffusion transformer (SD3, Flux, CogVideoX, Wan, HunyuanVideo); "
-                         f"{type(pipe_or_transformer).__name__} has no `transformer`")
+        raise ValueError(
+            f"ConsistEdit needs a diffusion transformer (SD3, Flux, CogVideoX, Wan, HunyuanVideo); "
+            f"{type(pipe_or_transformer).__name__} has no `transformer`"
+        )
     return getattr(transformer, "_orig_mod", transformer)
 
 
@@ -387,8 +424,9 @@ def attach_consistedit(transformer: torch.nn.Module, config: ConsistEditConfig) 
     control.mode, control.alpha = "edit", config.alpha
     # without a step count alpha is 1: Q and K are copied at every step
     control.steps = config.num_inference_steps or 2**31
-    clock = transformer.register_forward_pre_hook(_EditHook(control, config, adapter_for(transformer)),
-                                                  with_kwargs=True)
+    clock = transformer.register_forward_pre_hook(
+        _EditHook(control, config, adapter_for(transformer)), with_kwargs=True
+    )
     control.install()
     control._handles.append(clock)
     transformer._hasten_consistedit = control

@@ -35,8 +35,14 @@ import torch
 
 from .feature_cache import FeatureCache, FeatureCacheConfig
 
-__all__ = ["CrossFrameAttnProcessor", "CrossFrameConfig", "CrossFrameState", "FrameClock", "apply_cross_frame",
-           "remove_cross_frame"]
+__all__ = [
+    "CrossFrameAttnProcessor",
+    "CrossFrameConfig",
+    "CrossFrameState",
+    "FrameClock",
+    "apply_cross_frame",
+    "remove_cross_frame",
+]
 
 
 @dataclass(frozen=True)
@@ -162,8 +168,9 @@ def cross_frame_unet(pipe_or_unet: Any) -> torch.nn.Module:
     """The UNet cross-frame attention changes: a pipeline's ``unet``, or the UNet itself."""
     unet = pipe_or_unet if isinstance(pipe_or_unet, torch.nn.Module) else getattr(pipe_or_unet, "unet", None)
     if unet is None or not hasattr(unet, "set_attn_processor"):
-        raise ValueError(f"cross-frame attention needs a diffusers UNet (a pipeline with `unet`); got "
-                         f"{type(pipe_or_unet).__name__}")
+        raise ValueError(
+            f"cross-frame attention needs a diffusers UNet (a pipeline with `unet`); got {type(pipe_or_unet).__name__}"
+        )
     return unet
 
 
@@ -172,8 +179,9 @@ def _check_self_attention(unet: torch.nn.Module) -> None:
         raise ValueError(f"{type(unet).__name__} has no self-attention (attn1) layer for cross-frame attention")
 
 
-def apply_cross_frame(unet: torch.nn.Module, enabled: bool = True,
-                      cache: FeatureCacheConfig | None = None, clock: bool = False) -> CrossFrameState:
+def apply_cross_frame(
+    unet: torch.nn.Module, enabled: bool = True, cache: FeatureCacheConfig | None = None, clock: bool = False
+) -> CrossFrameState:
     """Install cross-frame processors on every ``attn1`` of ``unet``; returns their shared state.
 
     ``clock=True`` also registers a :class:`FrameClock` that drives the state from the UNet's
@@ -184,8 +192,10 @@ def apply_cross_frame(unet: torch.nn.Module, enabled: bool = True,
     _check_self_attention(unet)
     original = dict(unet.attn_processors)
     state = CrossFrameState(enabled, cache)
-    processors = {name: (CrossFrameAttnProcessor(name, state, processor) if name.endswith("attn1.processor")
-                         else processor) for name, processor in original.items()}
+    processors = {
+        name: (CrossFrameAttnProcessor(name, state, processor) if name.endswith("attn1.processor") else processor)
+        for name, processor in original.items()
+    }
     unet.set_attn_processor(processors)
     hook = unet.register_forward_pre_hook(FrameClock(state), with_kwargs=True) if clock else None
     unet._hasten_cross_frame = (state, original, hook)

@@ -100,8 +100,9 @@ class FeatureCache:
                 group //= 2
             quantized = QuantizedKV.quantize(tensor, 8, "token", max(group, 1))
             parts = {"packed": quantized.packed, "scale": quantized.scale, "zero": quantized.zero}
-            entry["quantized"] = dict(bits=8, layout="token", group=quantized.group, tokens=quantized.tokens,
-                                      dtype=quantized.dtype)
+            entry["quantized"] = dict(
+                bits=8, layout="token", group=quantized.group, tokens=quantized.tokens, dtype=quantized.dtype
+            )
         else:
             parts = {"value": tensor.to(_DTYPES[self.config.dtype])}
         parts = {name: part.to(self.config.device) for name, part in parts.items()}
@@ -132,8 +133,16 @@ class FeatureCache:
             parts = {name: part.to(device) for name, part in parts.items()}
         if "quantized" in entry:
             q = entry["quantized"]
-            value = QuantizedKV(parts["packed"], parts["scale"], parts["zero"], q["bits"], q["layout"], q["group"],
-                                q["tokens"], q["dtype"]).dequantize()
+            value = QuantizedKV(
+                parts["packed"],
+                parts["scale"],
+                parts["zero"],
+                q["bits"],
+                q["layout"],
+                q["group"],
+                q["tokens"],
+                q["dtype"],
+            ).dequantize()
         else:
             value = parts["value"].to(entry["dtype"])
         rows = entry["rows"]

@@ -125,8 +125,10 @@ class FeatureReplay:
         recorded, rows = self.cache.get(key, device=features.device)
         targets = list(range(features.shape[0])) if self.batch_rows is None else self.batch_rows
         if recorded.shape[0] not in (1, len(targets)):
-            raise ValueError(f"recorded {recorded.shape[0]} batch rows for layer {layer} {kind!r} at sigma "
-                             f"{key[0]}; cannot replay them into {len(targets)} rows")
+            raise ValueError(
+                f"recorded {recorded.shape[0]} batch rows for layer {layer} {kind!r} at sigma "
+                f"{key[0]}; cannot replay them into {len(targets)} rows"
+            )
         recorded = recorded.to(features.dtype)
         for index, target in enumerate(targets):
             source = recorded[0 if recorded.shape[0] == 1 else index]
@@ -137,8 +139,9 @@ class FeatureReplay:
         self.replayed += 1
         return True
 
-    def __call__(self, layer: int, kind: str, output: torch.Tensor,
-                 select: Callable[[torch.Tensor], torch.Tensor] = _everything) -> torch.Tensor:
+    def __call__(
+        self, layer: int, kind: str, output: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor] = _everything
+    ) -> torch.Tensor:
         """Apply the current mode to one projection output; returns the (possibly edited) output."""
         if self._mode == "record":
             self.record(layer, kind, select(output).detach())
@@ -158,8 +161,10 @@ class FeatureReplay:
             name = f"{_HOOK_PREFIX}_{site.layer}_{site.kind}"
             registry = HookRegistry.check_if_exists_or_initialize(site.module)
             if registry.get_hook(name) is not None:
-                raise ValueError(f"{type(site.module).__name__} already has a feature replay hook for layer "
-                                 f"{site.layer} {site.kind!r}; remove the other one first")
+                raise ValueError(
+                    f"{type(site.module).__name__} already has a feature replay hook for layer "
+                    f"{site.layer} {site.kind!r}; remove the other one first"
+                )
             registry.register_hook(ProjectionReplayHook(self, site), name)
             self._names.append((site.module, name))
         return self

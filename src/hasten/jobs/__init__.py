@@ -10,5 +10,18 @@ The command line is ``hasten translate`` (see ``hasten translate --help``).
 from .manifest import VIDEO_SUFFIXES, Job, Manifest, OutputLocked, find_videos, jobs_from_file, normal_path
 from .runner import BACKENDS, MANIFEST_NAME, Summary, Translator, plan, run_jobs
 
-__all__ = ["BACKENDS", "MANIFEST_NAME", "VIDEO_SUFFIXES", "Job", "Manifest", "OutputLocked", "Summary", "Translator",
-           "find_videos", "jobs_from_file", "normal_path", "plan", "run_jobs"]
+__all__ = [
+    "BACKENDS",
+    "MANIFEST_NAME",
+    "VIDEO_SUFFIXES",
+    "Job",
+    "Manifest",
+    "OutputLocked",
+    "Summary",
+    "Translator",
+    "find_videos",
+    "jobs_from_file",
+    "normal_path",
+    "plan",
+    "run_jobs",
+]

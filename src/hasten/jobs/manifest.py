@@ -31,8 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VIDEO_SUFFIXES", "Job", "Manifest", "OutputLocked", "find_videos", "jobs_from_file", "normal_path",
-           "respect_umask"]
+__all__ = [
+    "VIDEO_SUFFIXES",
+    "Job",
+    "Manifest",
+    "OutputLocked",
+    "find_videos",
+    "jobs_from_file",
+    "normal_path",
+    "respect_umask",
+]
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
@@ -113,11 +121,12 @@ def jobs_from_file(path: str | os.PathLike, output_dir: Path, defaults: dict[str
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from error
         if not isinstance(entry, dict) or "input" not in entry or "prompt" not in entry:
-            raise ValueError(f"{path}:{number}: each line needs \"input\" and \"prompt\"")
+            raise ValueError(f'{path}:{number}: each line needs "input" and "prompt"')
         source = Path(entry["input"])
         output = Path(entry["output"]) if entry.get("output") else output_dir / f"{source.stem}.mp4"
-        jobs.append(Job(source, output, entry["prompt"], {**defaults, **entry.get("options", {})},
-                        entry.get("model", model)))
+        jobs.append(
+            Job(source, output, entry["prompt"], {**defaults, **entry.get("options", {})}, entry.get("model", model))
+        )
     return jobs
 
 
@@ -164,7 +173,8 @@ class Manifest:
                     raise
                 raise OutputLocked(
                     f"{argument} {self.path.parent}: another `hasten translate` run is using this folder (it holds "
-                    f"the lock on {self.path.name}); wait for it to finish or choose another {argument}") from None
+                    f"the lock on {self.path.name}); wait for it to finish or choose another {argument}"
+                ) from None
             yield self
         finally:
             os.close(descriptor)  # closing releases the lock

@@ -17,8 +17,15 @@ from .manifest import Job
 __all__ = ["run_on_ray"]
 
 
-def run_on_ray(jobs: list[Job], model: str, device: str | None, dtype: str | None, address: str | None,
-               audio: bool = True, progress: bool = True) -> Iterator[dict[str, Any]]:
+def run_on_ray(
+    jobs: list[Job],
+    model: str,
+    device: str | None,
+    dtype: str | None,
+    address: str | None,
+    audio: bool = True,
+    progress: bool = True,
+) -> Iterator[dict[str, Any]]:
     """Yield one manifest record per job as the cluster finishes it."""
     try:
         import ray

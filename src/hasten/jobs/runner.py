@@ -54,8 +54,10 @@ def plan(jobs: list[Job], manifest: Manifest, retry_failed: bool = False) -> tup
     outputs = [str(job.output) for job in jobs]
     duplicates = {o for o in outputs if outputs.count(o) > 1}
     if duplicates:
-        raise ValueError(f"several jobs write the same output: {', '.join(sorted(duplicates))}; give them "
-                         "distinct names (\"output\" in the jobs file)")
+        raise ValueError(
+            f"several jobs write the same output: {', '.join(sorted(duplicates))}; give them "
+            'distinct names ("output" in the jobs file)'
+        )
     latest = manifest.latest()
     summary, todo = Summary(), []
     for job in jobs:
@@ -77,9 +79,17 @@ def _clear_temporaries(jobs: list[Job]) -> None:
             stale.unlink(missing_ok=True)
 
 
-def run_jobs(jobs: list[Job], output_dir: str | Path, backend: str = "local", retry_failed: bool = False,
-             device: str | None = None, dtype: str | None = None, ray_address: str | None = None,
-             audio: bool = True, progress: bool = True) -> Summary:
+def run_jobs(
+    jobs: list[Job],
+    output_dir: str | Path,
+    backend: str = "local",
+    retry_failed: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    ray_address: str | None = None,
+    audio: bool = True,
+    progress: bool = True,
+) -> Summary:
     """Run ``jobs``, recording each in ``output_dir/manifest.jsonl``; see the module docstring.
 
     Examples
@@ -106,8 +116,17 @@ def run_jobs(jobs: list[Job], output_dir: str | Path, backend: str = "local", re
         return _run_locked(jobs, manifest, backend, retry_failed, device, dtype, ray_address, audio, progress)
 
 
-def _run_locked(jobs: list[Job], manifest: Manifest, backend: str, retry_failed: bool, device: str | None,
-                dtype: str | None, ray_address: str | None, audio: bool, progress: bool) -> Summary:
+def _run_locked(
+    jobs: list[Job],
+    manifest: Manifest,
+    backend: str,
+    retry_failed: bool,
+    device: str | None,
+    dtype: str | None,
+    ray_address: str | None,
+    audio: bool,
+    progress: bool,
+) -> Summary:
     todo, summary = plan(jobs, manifest, retry_failed)
     _clear_temporaries(todo)
     if not todo:

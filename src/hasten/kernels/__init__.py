@@ -88,7 +88,9 @@ def _validate(q, k, v, kv_indices, kv_counts, key_valid, tile):
             f"{tuple(kv_indices.shape)} and {tuple(kv_counts.shape)}"
         )
     if key_valid.dtype != torch.bool or key_valid.shape[-1] != seq or key_valid.shape[0] not in (1, batch):
-        raise ValueError(f"`key_valid` must be a bool ({batch} or 1, {seq}) tensor, got {key_valid.dtype} {tuple(key_valid.shape)}")
+        raise ValueError(
+            f"`key_valid` must be a bool ({batch} or 1, {seq}) tensor, got {key_valid.dtype} {tuple(key_valid.shape)}"
+        )
 
 
 @torch.library.custom_op("hasten::block_sparse_attention", mutates_args=())
@@ -191,9 +193,7 @@ def block_sparse_attention(
     _validate(q, k, v, kv_indices, kv_counts, key_valid, tile)
     backend = resolve_backend(backend, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _block_sparse_attention_op(
-        q, k, v, kv_indices, kv_counts, key_valid, static_valid, tile, scale, backend
-    )
+    return _block_sparse_attention_op(q, k, v, kv_indices, kv_counts, key_valid, static_valid, tile, scale, backend)
 
 
 def grouped_attention(
@@ -241,8 +241,9 @@ def grouped_attention(
         if key_padding is not None:
             key_valid = key_valid & key_padding.index_select(1, index)  # a bool mask: (batch, kernel_len)
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-        return _grouped_triton_op(query, key, value, layout.gather_rows, layout.kv_indices, layout.kv_counts,
-                                  key_valid, layout.tile, scale)
+        return _grouped_triton_op(
+            query, key, value, layout.gather_rows, layout.kv_indices, layout.kv_counts, key_valid, layout.tile, scale
+        )
     if key_padding is None:
         key_valid, static_valid = layout.key_valid[None], layout.key_valid
     else:

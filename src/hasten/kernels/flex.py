@@ -30,7 +30,8 @@ def _compiled_flex():
 def _block_mask(kv_indices, kv_counts, static_valid, tile, batch, device) -> tuple[BlockMask, torch.Tensor]:
     """The BlockMask of these tile lists (cached) and the key-validity buffer its mask_mod reads."""
     return _MASKS.get_or_build(
-        (kv_indices, kv_counts, static_valid), (tile, batch, str(device)),
+        (kv_indices, kv_counts, static_valid),
+        (tile, batch, str(device)),
         lambda: _build_block_mask(kv_indices, kv_counts, static_valid, tile, batch, device),
     )
 
@@ -56,8 +57,12 @@ def _build_block_mask(kv_indices, kv_counts, static_valid, tile, batch, device) 
 
     (partial_counts, partial_indices), (full_counts, full_indices) = tile_lists(partial), tile_lists(full)
     block_mask = BlockMask.from_kv_blocks(
-        partial_counts[None, None], partial_indices[None, None], full_counts[None, None], full_indices[None, None],
-        BLOCK_SIZE=tile, mask_mod=mask_mod,
+        partial_counts[None, None],
+        partial_indices[None, None],
+        full_counts[None, None],
+        full_indices[None, None],
+        BLOCK_SIZE=tile,
+        mask_mod=mask_mod,
     )
     return block_mask, valid
 

@@ -164,8 +164,15 @@ class GroupLayout:
         if key not in self._device_cache:
             moved = {
                 name: getattr(self, name).to(device)
-                for name in ("gather_index", "gather_rows", "scatter_index", "key_valid", "image_key_valid", "kv_indices",
-                             "kv_counts")
+                for name in (
+                    "gather_index",
+                    "gather_rows",
+                    "scatter_index",
+                    "key_valid",
+                    "image_key_valid",
+                    "kv_indices",
+                    "kv_counts",
+                )
             }
             fields = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "_device_cache"}
             fields.update(moved)
@@ -175,7 +182,11 @@ class GroupLayout:
     def dense_mask(self) -> torch.Tensor:
         """(kernel_len, kernel_len) bool mask in kernel order (static key validity applied). For tests
         and documentation: kernels never build it."""
-        mask = tile_mask_of(self.kv_indices, self.kv_counts).repeat_interleave(self.tile, 0).repeat_interleave(self.tile, 1)
+        mask = (
+            tile_mask_of(self.kv_indices, self.kv_counts)
+            .repeat_interleave(self.tile, 0)
+            .repeat_interleave(self.tile, 1)
+        )
         return mask & self.key_valid[None, :]
 
 

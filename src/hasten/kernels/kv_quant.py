@@ -34,8 +34,16 @@ import torch
 
 from .._validation import check_positive_int
 
-__all__ = ["BITS", "LAYOUTS", "QuantizedKV", "dequantize_rows", "merge_partials", "packed_bytes", "partial_attention",
-           "quantize_rows"]
+__all__ = [
+    "BITS",
+    "LAYOUTS",
+    "QuantizedKV",
+    "dequantize_rows",
+    "merge_partials",
+    "packed_bytes",
+    "partial_attention",
+    "quantize_rows",
+]
 
 BITS = (2, 4, 8)
 LAYOUTS = ("channel", "token", "separable")
@@ -82,9 +90,11 @@ def quantize_rows(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor,
     per_byte = 8 // bits
     columns = x.shape[-1]
     if group <= 0 or columns % group or group % per_byte:
-        raise ValueError(f"`group` ({group}) must divide the row length ({columns}) and be a multiple of "
-                         f"{per_byte} (codes per byte at {bits} bits)")
-    levels = 2 ** bits - 1
+        raise ValueError(
+            f"`group` ({group}) must divide the row length ({columns}) and be a multiple of "
+            f"{per_byte} (codes per byte at {bits} bits)"
+        )
+    levels = 2**bits - 1
     grouped = x.float().reshape(*x.shape[:-1], columns // group, group)
     low, high = grouped.amin(-1), grouped.amax(-1)
     zero = _round_outward(low, down=True)
@@ -96,13 +106,19 @@ def quantize_rows(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor,
     return packed, scale, zero
 
 
-def dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_rows(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Inverse of :func:`quantize_rows`: ``(..., C)`` values in ``dtype``."""
     _check_bits(bits)
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
-    codes = (packed[..., None] >> shifts) & (2 ** bits - 1)
+    codes = (packed[..., None] >> shifts) & (2**bits - 1)
     codes = codes.reshape(*packed.shape[:-1], -1, group).float()
     values = codes * scale.float()[..., None] + zero.float()[..., None]
     return values.reshape(*packed.shape[:-1], -1).to(dtype)
@@ -200,12 +216,19 @@ class QuantizedKV:
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.packed, self.scale, self.zero] + ([self.channel_factor] if self.channel_factor is not None else [])
+        tensors = [self.packed, self.scale, self.zero] + (
+            [self.channel_factor] if self.channel_factor is not None else []
+        )
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def partial_attention(query: torch.Tensor, keys: torch.Tensor | QuantizedKV, values: torch.Tensor | QuantizedKV,
-                      scaling: float, key_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def partial_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor | QuantizedKV,
+    values: torch.Tensor | QuantizedKV,
+    scaling: float,
+    key_valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per head against a block of keys: the softmax-weighted values and the log-sum-exp.
 
     ``query`` ``(heads, dim)``; ``keys`` / ``values`` ``(kv_heads, n, dim)`` tensors or

@@ -31,7 +31,9 @@ _PLANS = TensorKeyedCache()
 
 def _plan(kv_indices: torch.Tensor, kv_counts: torch.Tensor, device: torch.device) -> list[_Batch]:
     """Group query tiles by identical key-tile lists, then batch lists of equal shape (cached)."""
-    return _PLANS.get_or_build((kv_indices, kv_counts), (str(device),), lambda: _build_plan(kv_indices, kv_counts, device))
+    return _PLANS.get_or_build(
+        (kv_indices, kv_counts), (str(device),), lambda: _build_plan(kv_indices, kv_counts, device)
+    )
 
 
 def _build_plan(kv_indices: torch.Tensor, kv_counts: torch.Tensor, device: torch.device) -> list[_Batch]:

@@ -137,15 +137,41 @@ def triton_available() -> bool:
 if triton is not None:
 
     def _block_sparse_attn_fwd(
-        Q, K, V, O, KV_IDX, KV_CNT, KEY_VALID, TILE_FULL, COUNTER, ROWS,
-        stride_qb, stride_qh, stride_qs, stride_qd,
-        stride_kb, stride_kh, stride_ks, stride_kd,
-        stride_vb, stride_vh, stride_vs, stride_vd,
-        stride_ob, stride_oh, stride_os, stride_od,
-        stride_idx_t, stride_idx_m,
-        stride_valid_b, stride_valid_s,
-        stride_full_b, stride_full_t,
-        H, M, qk_scale,
+        Q,
+        K,
+        V,
+        O,  # noqa: E741 (the kernel's output pointer)
+        KV_IDX,
+        KV_CNT,
+        KEY_VALID,
+        TILE_FULL,
+        COUNTER,
+        ROWS,
+        stride_qb,
+        stride_qh,
+        stride_qs,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vs,
+        stride_vd,
+        stride_ob,
+        stride_oh,
+        stride_os,
+        stride_od,
+        stride_idx_t,
+        stride_idx_m,
+        stride_valid_b,
+        stride_valid_s,
+        stride_full_b,
+        stride_full_t,
+        H,
+        M,
+        qk_scale,
         TILE: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -280,8 +306,14 @@ def _is_pow2(x: int) -> bool:
 
 
 def _validate(q, k, v, kv_indices, kv_counts, key_valid, tile, tile_counter, interpret, rows=None):
-    for name, t in (("q", q), ("k", k), ("v", v), ("kv_indices", kv_indices),
-                    ("kv_counts", kv_counts), ("key_valid", key_valid)):
+    for name, t in (
+        ("q", q),
+        ("k", k),
+        ("v", v),
+        ("kv_indices", kv_indices),
+        ("kv_counts", kv_counts),
+        ("key_valid", key_valid),
+    ):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if rows is not None and not isinstance(rows, torch.Tensor):
@@ -364,8 +396,11 @@ def _validate(q, k, v, kv_indices, kv_counts, key_valid, tile, tile_counter, int
                 raise ValueError(f"kv_indices entries (within kv_counts) must lie in [0, T={T})")
         if rows is not None:
             real = rows[rows >= 0]
-            if int((rows < -1).sum()) or real.numel() != S or not torch.equal(
-                    real.sort().values, torch.arange(S, dtype=real.dtype)):
+            if (
+                int((rows < -1).sum())
+                or real.numel() != S
+                or not torch.equal(real.sort().values, torch.arange(S, dtype=real.dtype))
+            ):
                 raise ValueError(f"rows must name each of q's S={S} rows exactly once, -1 on padding slots")
 
 
@@ -437,15 +472,38 @@ def triton_block_sparse_attention(
     kernel = _get_kernel(interpret)
     grid = (T * (tile // block_m), B * H)
     args = (
-        q, k, v, out, kv_indices, kv_counts, key_valid, tile_full, counter, rows,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *kv_indices.stride(), *key_valid.stride(), *tile_full.stride(),
-        H, M, scale * _LOG2E,
+        q,
+        k,
+        v,
+        out,
+        kv_indices,
+        kv_counts,
+        key_valid,
+        tile_full,
+        counter,
+        rows,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *kv_indices.stride(),
+        *key_valid.stride(),
+        *tile_full.stride(),
+        H,
+        M,
+        scale * _LOG2E,
     )
     meta = dict(
-        TILE=tile, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D,
-        HAS_COUNTER=has_counter, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast, GATHER=gather,
-        num_warps=num_warps, num_stages=num_stages,
+        TILE=tile,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HEAD_DIM=D,
+        HAS_COUNTER=has_counter,
+        DOT_PRECISION=dot_precision,
+        UPCAST_DOT=upcast,
+        GATHER=gather,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if q.device.type == "cuda":
         with torch.cuda.device(q.device):

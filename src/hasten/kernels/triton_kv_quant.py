@@ -39,8 +39,19 @@ def triton_kv_available() -> bool:
 
 if triton is not None:
 
-    def _pack_rows(X, SCALE, ZERO, OUT, columns, stride_x, stride_s, stride_o,
-                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    def _pack_rows(
+        X,
+        SCALE,
+        ZERO,
+        OUT,
+        columns,
+        stride_x,
+        stride_s,
+        stride_o,
+        BITS: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         row = tl.program_id(0)
         byte = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         per: tl.constexpr = 8 // BITS
@@ -56,8 +67,19 @@ if triton is not None:
             packed = packed | (code << (i * BITS))
         tl.store(OUT + row * stride_o + byte, packed.to(tl.uint8), mask=live)
 
-    def _unpack_rows(P, SCALE, ZERO, OUT, columns, stride_p, stride_s, stride_o,
-                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    def _unpack_rows(
+        P,
+        SCALE,
+        ZERO,
+        OUT,
+        columns,
+        stride_p,
+        stride_s,
+        stride_o,
+        BITS: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         row = tl.program_id(0)
         column = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         per: tl.constexpr = 8 // BITS
@@ -68,10 +90,37 @@ if triton is not None:
         zero = tl.load(ZERO + row * stride_s + column // GROUP, mask=live, other=0.0).to(tl.float32)
         tl.store(OUT + row * stride_o + column, code.to(tl.float32) * scale + zero, mask=live)
 
-    def _decode_attention(Q, KP, KS, KZ, VP, VS, VZ, VALID, OUT, LSE, tokens, scaling,
-                          sq_h, skp_h, skp_d, sks_h, sks_d, svp_h, svp_t, svs_h, svs_t, so_h,
-                          DIM: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BITS_K: tl.constexpr, BITS_V: tl.constexpr, GROUP_K: tl.constexpr, GROUP_V: tl.constexpr):
+    def _decode_attention(
+        Q,
+        KP,
+        KS,
+        KZ,
+        VP,
+        VS,
+        VZ,
+        VALID,
+        OUT,
+        LSE,
+        tokens,
+        scaling,
+        sq_h,
+        skp_h,
+        skp_d,
+        sks_h,
+        sks_d,
+        svp_h,
+        svp_t,
+        svs_h,
+        svs_t,
+        so_h,
+        DIM: tl.constexpr,
+        GROUPS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BITS_K: tl.constexpr,
+        BITS_V: tl.constexpr,
+        GROUP_K: tl.constexpr,
+        GROUP_V: tl.constexpr,
+    ):
         head = tl.program_id(0)
         kv = head // GROUPS
         d = tl.arange(0, DIM)
@@ -88,10 +137,12 @@ if triton is not None:
             # keys, per channel: (DIM, BLOCK_N) codes along the token axis
             k_byte = tl.load(KP + kv * skp_h + d[:, None] * skp_d + (t // per_k)[None, :], mask=live[None, :], other=0)
             k_code = (k_byte.to(tl.int32) >> ((t % per_k) * BITS_K)[None, :]) & ((1 << BITS_K) - 1)
-            k_scale = tl.load(KS + kv * sks_h + d[:, None] * sks_d + (t // GROUP_K)[None, :], mask=live[None, :],
-                              other=0.0).to(tl.float32)
-            k_zero = tl.load(KZ + kv * sks_h + d[:, None] * sks_d + (t // GROUP_K)[None, :], mask=live[None, :],
-                             other=0.0).to(tl.float32)
+            k_scale = tl.load(
+                KS + kv * sks_h + d[:, None] * sks_d + (t // GROUP_K)[None, :], mask=live[None, :], other=0.0
+            ).to(tl.float32)
+            k_zero = tl.load(
+                KZ + kv * sks_h + d[:, None] * sks_d + (t // GROUP_K)[None, :], mask=live[None, :], other=0.0
+            ).to(tl.float32)
             k = k_code.to(tl.float32) * k_scale + k_zero
             s = tl.sum(q[:, None] * k, axis=0) * scaling
             s = tl.where(valid, s, float("-inf"))
@@ -102,10 +153,12 @@ if triton is not None:
             # values, per token: (BLOCK_N, DIM) codes along the channel axis
             v_byte = tl.load(VP + kv * svp_h + t[:, None] * svp_t + (d // per_v)[None, :], mask=live[:, None], other=0)
             v_code = (v_byte.to(tl.int32) >> ((d % per_v) * BITS_V)[None, :]) & ((1 << BITS_V) - 1)
-            v_scale = tl.load(VS + kv * svs_h + t[:, None] * svs_t + (d // GROUP_V)[None, :], mask=live[:, None],
-                              other=0.0).to(tl.float32)
-            v_zero = tl.load(VZ + kv * svs_h + t[:, None] * svs_t + (d // GROUP_V)[None, :], mask=live[:, None],
-                             other=0.0).to(tl.float32)
+            v_scale = tl.load(
+                VS + kv * svs_h + t[:, None] * svs_t + (d // GROUP_V)[None, :], mask=live[:, None], other=0.0
+            ).to(tl.float32)
+            v_zero = tl.load(
+                VZ + kv * svs_h + t[:, None] * svs_t + (d // GROUP_V)[None, :], mask=live[:, None], other=0.0
+            ).to(tl.float32)
             v = v_code.to(tl.float32) * v_scale + v_zero
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             total = total * alpha + tl.sum(p, axis=0)
@@ -141,13 +194,30 @@ def triton_pack_rows(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, b
     out = torch.empty(rows.shape[0], rows.shape[1] * bits // 8, dtype=torch.uint8, device=x.device)
     block = 64
     grid = (rows.shape[0], triton.cdiv(out.shape[1], block))
-    _kernel("pack")[grid](rows, scales, zeros, out, rows.shape[1], rows.stride(0), scales.stride(0), out.stride(0),
-                          BITS=bits, GROUP=group, BLOCK=block)
+    _kernel("pack")[grid](
+        rows,
+        scales,
+        zeros,
+        out,
+        rows.shape[1],
+        rows.stride(0),
+        scales.stride(0),
+        out.stride(0),
+        BITS=bits,
+        GROUP=group,
+        BLOCK=block,
+    )
     return out.reshape(*x.shape[:-1], -1)
 
 
-def triton_unpack_rows(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def triton_unpack_rows(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Inverse of :func:`triton_pack_rows` (same values as ``dequantize_rows``)."""
     _require()
     rows = packed.reshape(-1, packed.shape[-1]).contiguous()
@@ -156,13 +226,24 @@ def triton_unpack_rows(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Te
     out = torch.empty(rows.shape[0], columns, dtype=torch.float32, device=packed.device)
     block = 64
     _kernel("unpack")[(rows.shape[0], triton.cdiv(columns, block))](
-        rows, scales, zeros, out, columns, rows.stride(0), scales.stride(0), out.stride(0),
-        BITS=bits, GROUP=group, BLOCK=block)
+        rows,
+        scales,
+        zeros,
+        out,
+        columns,
+        rows.stride(0),
+        scales.stride(0),
+        out.stride(0),
+        BITS=bits,
+        GROUP=group,
+        BLOCK=block,
+    )
     return out.reshape(*packed.shape[:-1], columns).to(dtype)
 
 
-def triton_partial_attention(query: torch.Tensor, keys: QuantizedKV, values: QuantizedKV, scaling: float,
-                             key_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_partial_attention(
+    query: torch.Tensor, keys: QuantizedKV, values: QuantizedKV, scaling: float, key_valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused :func:`~hasten.kernels.kv_quant.partial_attention` for "channel" keys and "token" values.
 
     ``query`` ``(heads, dim)`` (dim a power of two), ``keys`` / ``values`` quantised
@@ -177,17 +258,45 @@ def triton_partial_attention(query: torch.Tensor, keys: QuantizedKV, values: Qua
         raise ValueError(f"the fused kernel needs a power-of-two head dimension >= 16, got {dim}")
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not group onto {kv_heads} KV heads")
-    valid = (torch.ones(tokens, dtype=torch.int8, device=query.device) if key_valid is None
-             else key_valid.to(torch.int8).contiguous())
+    valid = (
+        torch.ones(tokens, dtype=torch.int8, device=query.device)
+        if key_valid is None
+        else key_valid.to(torch.int8).contiguous()
+    )
     q = query.float().contiguous()
     kp, ks, kz = keys.packed.contiguous(), keys.scale.contiguous(), keys.zero.contiguous()
     vp, vs, vz = values.packed.contiguous(), values.scale.contiguous(), values.zero.contiguous()
     out = torch.empty(heads, dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(heads, dtype=torch.float32, device=query.device)
     _kernel("decode")[(heads,)](
-        q, kp, ks, kz, vp, vs, vz, valid, out, lse, tokens, float(scaling),
-        q.stride(0), kp.stride(0), kp.stride(1), ks.stride(0), ks.stride(1), vp.stride(0), vp.stride(1),
-        vs.stride(0), vs.stride(1), out.stride(0),
-        DIM=dim, GROUPS=heads // kv_heads, BLOCK_N=32, BITS_K=keys.bits, BITS_V=values.bits,
-        GROUP_K=keys.group, GROUP_V=values.group)
+        q,
+        kp,
+        ks,
+        kz,
+        vp,
+        vs,
+        vz,
+        valid,
+        out,
+        lse,
+        tokens,
+        float(scaling),
+        q.stride(0),
+        kp.stride(0),
+        kp.stride(1),
+        ks.stride(0),
+        ks.stride(1),
+        vp.stride(0),
+        vp.stride(1),
+        vs.stride(0),
+        vs.stride(1),
+        out.stride(0),
+        DIM=dim,
+        GROUPS=heads // kv_heads,
+        BLOCK_N=32,
+        BITS_K=keys.bits,
+        BITS_V=values.bits,
+        GROUP_K=keys.group,
+        GROUP_V=values.group,
+    )
     return out, lse

@@ -42,13 +42,13 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .._validation import check_positive_int
+from ..adapters import pipeline_defaults
 from ..hooks.consistedit import ConsistEditControl, grid_mask
 from ..hooks.feature_cache import FeatureCache, FeatureCacheConfig
 from ..hooks.feature_replay import FeatureReplay
-from ..adapters import pipeline_defaults
 from .flow_models import FlowModel, token_positions, video_latent_keep
 from .inversion import SOLVERS, invert, regenerate
-from .._validation import check_positive_int
 
 __all__ = ["ConsistEditPipeline", "EditOutput", "grid_mask"]
 
@@ -97,8 +97,14 @@ class ConsistEditPipeline:
         self.model, self.video = model, video
 
     @classmethod
-    def from_pipe(cls, pipe: Any, height: int | None = None, width: int | None = None,
-                  max_sequence_length: int | None = None, num_frames: int | None = None) -> "ConsistEditPipeline":
+    def from_pipe(
+        cls,
+        pipe: Any,
+        height: int | None = None,
+        width: int | None = None,
+        max_sequence_length: int | None = None,
+        num_frames: int | None = None,
+    ) -> "ConsistEditPipeline":
         """Wrap a diffusers ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``CogVideoXPipeline`` or
         ``WanPipeline``. Sizes, frames and ``max_sequence_length`` default to the pipeline's own
         ``__call__`` defaults (:func:`hasten.adapters.pipeline_defaults`; e.g. Flux 512 text tokens,
@@ -173,14 +179,29 @@ class ConsistEditPipeline:
             branch then reconstructs the preserved region from its features and computes the rest.
         """
         if self.video is not None and (height or width or generator is not None):
-            raise ValueError("per-call `height` / `width` / `generator` are for images; give video sizes to from_pipe() "
-                             "and the noise as `seed`")
+            raise ValueError(
+                "per-call `height` / `width` / `generator` are for images; give video sizes to from_pipe() "
+                "and the noise as `seed`"
+            )
         if self.video is not None and (image is not None or latents is not None) and self.model is None:
-            raise ValueError(f"real (inverted) video editing is not available for {self.video.family} (it samples "
-                             "with DDIM, not flow matching): give a `seed` (synthetic mode)")
+            raise ValueError(
+                f"real (inverted) video editing is not available for {self.video.family} (it samples "
+                "with DDIM, not flow matching): give a `seed` (synthetic mode)"
+            )
         if self.video is not None and image is None and latents is None:
-            return self.video.edit(source_prompt, target_prompt, edit_words, mask, 1.0 if alpha is None else alpha,
-                                   seed, num_inference_steps, guidance_scale, mask_threshold, blend_latents, progress)
+            return self.video.edit(
+                source_prompt,
+                target_prompt,
+                edit_words,
+                mask,
+                1.0 if alpha is None else alpha,
+                seed,
+                num_inference_steps,
+                guidance_scale,
+                mask_threshold,
+                blend_latents,
+                progress,
+            )
         model = self.model.resized(height, width)
         real = image is not None or latents is not None
         if edit_words is None and mask is None:
@@ -240,8 +261,9 @@ class ConsistEditPipeline:
             else:
                 edit_region = user_edit.to(model.device)
             if user_edit is None and not bool(edit_region.any()):
-                raise ValueError("the edit words' attention marks no edit region; lower `mask_threshold` or give a "
-                                 "`mask`")
+                raise ValueError(
+                    "the edit words' attention marks no edit region; lower `mask_threshold` or give a `mask`"
+                )
             preserve = (~edit_region).to(model.device, model.dtype)
 
             start = time.perf_counter()
@@ -252,8 +274,9 @@ class ConsistEditPipeline:
             keep = model.latent_keep(preserve)
             x = torch.cat([noise, noise])
             levels = [float(s) for s in sigmas]
-            for index, (sigma, following) in enumerate(tqdm(list(zip(levels[:-1], levels[1:])), desc="editing",
-                                                            disable=not progress)):
+            for index, (sigma, following) in enumerate(
+                tqdm(list(zip(levels[:-1], levels[1:])), desc="editing", disable=not progress)
+            ):
                 control.step, control.sigma = index, sigma
                 x = x + (following - sigma) * model.velocity(x, sigma, both)
                 if blend_latents:
@@ -267,19 +290,28 @@ class ConsistEditPipeline:
             if feature_cache is not None:
                 feature_cache.close()
         images = model.decode(x)
-        return EditOutput(source=images[0], target=images[1], latents=x[1:2], source_latents=x[0:1],
-                          edit_region=edit_region.view(*model.grid).cpu(), seconds=seconds, cache_bytes=cache_bytes)
+        return EditOutput(
+            source=images[0],
+            target=images[1],
+            latents=x[1:2],
+            source_latents=x[0:1],
+            edit_region=edit_region.view(*model.grid).cpu(),
+            seconds=seconds,
+            cache_bytes=cache_bytes,
+        )
 
     @torch.no_grad()
-    def generate(self, prompt: str, seed: int = 0, num_inference_steps: int = 28,
-                 guidance_scale: float | None = None) -> torch.Tensor:
+    def generate(
+        self, prompt: str, seed: int = 0, num_inference_steps: int = 28, guidance_scale: float | None = None
+    ) -> torch.Tensor:
         """A plain generation with this pipeline's sampler (Euler on the same schedule), (3, H, W) in [0, 1]."""
         model = self.model
         if guidance_scale is None:
             guidance_scale = 7.0 if model.family == "StableDiffusion3Pipeline" else 3.5
         cond = model.encode([prompt], guidance_scale)
-        x = regenerate(lambda x, s: model.velocity(x, s, cond), model.noise(seed), model.sigmas(num_inference_steps),
-                       "euler")
+        x = regenerate(
+            lambda x, s: model.velocity(x, s, cond), model.noise(seed), model.sigmas(num_inference_steps), "euler"
+        )
         return model.decode(x)[0]
 
 
@@ -294,8 +326,9 @@ class _VideoEditor:
     frame (edit words: min-max normalised per frame).
     """
 
-    def __init__(self, pipe: Any, height: int | None, width: int | None, num_frames: int | None,
-                 max_sequence_length: int):
+    def __init__(
+        self, pipe: Any, height: int | None, width: int | None, num_frames: int | None, max_sequence_length: int
+    ):
         self.pipe, self.family = pipe, type(pipe).__name__
         self.default_guidance = _VIDEO_FAMILIES[self.family]
         defaults = pipeline_defaults(pipe)  # the pipeline's own __call__ defaults
@@ -316,17 +349,30 @@ class _VideoEditor:
         channels = pipe.transformer.config.in_channels
         dtype = pipe.transformer.dtype
         if self.family == "CogVideoXPipeline":
-            latents = pipe.prepare_latents(1, channels, self.num_frames, self.height, self.width, torch.float32,
-                                           "cpu", generator)
+            latents = pipe.prepare_latents(
+                1, channels, self.num_frames, self.height, self.width, torch.float32, "cpu", generator
+            )
         else:
-            latents = pipe.prepare_latents(1, channels, self.height, self.width, self.num_frames, torch.float32,
-                                           "cpu", generator)
+            latents = pipe.prepare_latents(
+                1, channels, self.height, self.width, self.num_frames, torch.float32, "cpu", generator
+            )
         return latents.to(pipe.transformer.device, dtype)
 
-
     @torch.no_grad()
-    def edit(self, source_prompt, target_prompt, edit_words, mask, alpha, seed, steps, guidance_scale,
-             mask_threshold, blend_latents, progress) -> EditOutput:
+    def edit(
+        self,
+        source_prompt,
+        target_prompt,
+        edit_words,
+        mask,
+        alpha,
+        seed,
+        steps,
+        guidance_scale,
+        mask_threshold,
+        blend_latents,
+        progress,
+    ) -> EditOutput:
         pipe = self.pipe
         if edit_words is None and mask is None:
             raise ValueError("give `edit_words` (words of the source prompt) or a `mask` of the edit region")
@@ -346,8 +392,14 @@ class _VideoEditor:
         counter = pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
         noise = self._noise(seed)
         seconds = {"invert": 0.0, "mask": 0.0, "edit": 0.0}
-        common = dict(height=self.height, width=self.width, num_frames=self.num_frames, num_inference_steps=steps,
-                      guidance_scale=guidance, max_sequence_length=self.max_sequence_length)
+        common = dict(
+            height=self.height,
+            width=self.width,
+            num_frames=self.num_frames,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            max_sequence_length=self.max_sequence_length,
+        )
         keep_holder: dict[str, torch.Tensor] = {}
 
         def step_end(pipeline, index, timestep, kwargs):
@@ -362,32 +414,52 @@ class _VideoEditor:
             pipe.set_progress_bar_config(disable=not progress)
             if mask is None:
                 start = time.perf_counter()
-                control.word_positions = token_positions(source_prompt, list(edit_words),
-                                                         [(pipe.tokenizer, 0, self.max_sequence_length)])
+                control.word_positions = token_positions(
+                    source_prompt, list(edit_words), [(pipe.tokenizer, 0, self.max_sequence_length)]
+                )
                 control.mode, control.mask_rows, control.step = "mask", [1] if cfg_in_batch else [0], 0
-                pipe(prompt=[source_prompt], latents=noise, output_type="latent", callback_on_step_end=step_end,
-                     **common)
+                pipe(
+                    prompt=[source_prompt], latents=noise, output_type="latent", callback_on_step_end=step_end, **common
+                )
                 edit_region = control.edit_mask(mask_threshold, frames=frames)
                 if not bool(edit_region.any()):
-                    raise ValueError("the edit words' attention marks no edit region; lower `mask_threshold` or give "
-                                     "a `mask`")
+                    raise ValueError(
+                        "the edit words' attention marks no edit region; lower `mask_threshold` or give a `mask`"
+                    )
                 seconds["mask"] = time.perf_counter() - start
             else:
                 edit_region = grid_mask(mask, self.grid, self.height, self.width)
             start = time.perf_counter()
             preserve = (~edit_region).to(noise.device, noise.dtype)
-            control.mode, control.preserve, control.alpha, control.steps, control.step = "edit", preserve, alpha, steps, 0
+            control.mode, control.preserve, control.alpha, control.steps, control.step = (
+                "edit",
+                preserve,
+                alpha,
+                steps,
+                0,
+            )
             control.source_rows, control.target_rows = ([0, 2], [1, 3]) if cfg_in_batch else ([0], [1])
             if blend_latents:
                 keep_holder["keep"] = video_latent_keep(preserve, self.grid, self.family)
             calls["in_step"] = 0
-            video = pipe(prompt=[source_prompt, target_prompt], negative_prompt=["", ""],
-                         latents=torch.cat([noise, noise]), output_type="pt", callback_on_step_end=step_end,
-                         **common).frames
+            video = pipe(
+                prompt=[source_prompt, target_prompt],
+                negative_prompt=["", ""],
+                latents=torch.cat([noise, noise]),
+                output_type="pt",
+                callback_on_step_end=step_end,
+                **common,
+            ).frames
             seconds["edit"] = time.perf_counter() - start
         finally:
             control.remove()
             counter.remove()
         video = torch.as_tensor(video).float()
-        return EditOutput(source=video[0], target=video[1], latents=torch.empty(0), source_latents=torch.empty(0),
-                          edit_region=edit_region.view(frames, rows, cols).cpu(), seconds=seconds)
+        return EditOutput(
+            source=video[0],
+            target=video[1],
+            latents=torch.empty(0),
+            source_latents=torch.empty(0),
+            edit_region=edit_region.view(frames, rows, cols).cpu(),
+            seconds=seconds,
+        )

@@ -52,6 +52,7 @@ def token_positions(prompt: str, words: list[str], tokenizers: list[tuple[Any, i
         raise ValueError(f"no token of {words} found in the tokenised prompt {prompt!r}")
     return positions
 
+
 FLOW_FAMILIES = ("StableDiffusion3Pipeline", "FluxPipeline", "WanPipeline", "HunyuanVideoPipeline")
 _VIDEO = ("WanPipeline", "HunyuanVideoPipeline")
 
@@ -98,8 +99,14 @@ class FlowModel:
     True
     """
 
-    def __init__(self, pipe: Any, height: int | None = None, width: int | None = None,
-                 max_sequence_length: int | None = None, num_frames: int | None = None):
+    def __init__(
+        self,
+        pipe: Any,
+        height: int | None = None,
+        width: int | None = None,
+        max_sequence_length: int | None = None,
+        num_frames: int | None = None,
+    ):
         family = type(pipe).__name__
         if family not in FLOW_FAMILIES:
             raise ValueError(f"editing supports {', '.join(FLOW_FAMILIES)}; got {family}")
@@ -112,7 +119,9 @@ class FlowModel:
         if family in _VIDEO and (num_frames - 1) % pipe.vae_scale_factor_temporal:
             raise ValueError(f"`num_frames` must be {pipe.vae_scale_factor_temporal} k + 1, got {num_frames}")
         if height % factor or width % factor:
-            raise ValueError(f"`height` and `width` must be multiples of {factor} for this {family}; got {height} x {width}")
+            raise ValueError(
+                f"`height` and `width` must be multiples of {factor} for this {family}; got {height} x {width}"
+            )
         self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
         self.num_frames = num_frames
         self.grid: tuple[int, ...] = (height // factor, width // factor)
@@ -149,29 +158,43 @@ class FlowModel:
         pipe, device = self.pipe, self.device
         if self.family == "StableDiffusion3Pipeline":
             embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-                prompts, prompts, prompts, device=device, do_classifier_free_guidance=self.uses_cfg,
-                negative_prompt=[negative_prompt] * len(prompts), negative_prompt_2=[negative_prompt] * len(prompts),
-                negative_prompt_3=[negative_prompt] * len(prompts), max_sequence_length=self.max_sequence_length)
+                prompts,
+                prompts,
+                prompts,
+                device=device,
+                do_classifier_free_guidance=self.uses_cfg,
+                negative_prompt=[negative_prompt] * len(prompts),
+                negative_prompt_2=[negative_prompt] * len(prompts),
+                negative_prompt_3=[negative_prompt] * len(prompts),
+                max_sequence_length=self.max_sequence_length,
+            )
             if self.uses_cfg:
                 embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
         elif self.family == "WanPipeline":
-            embeds, negative = pipe.encode_prompt(prompts, negative_prompt=[negative_prompt] * len(prompts),
-                                                  do_classifier_free_guidance=self.uses_cfg,
-                                                  max_sequence_length=self.max_sequence_length, device=device)
+            embeds, negative = pipe.encode_prompt(
+                prompts,
+                negative_prompt=[negative_prompt] * len(prompts),
+                do_classifier_free_guidance=self.uses_cfg,
+                max_sequence_length=self.max_sequence_length,
+                device=device,
+            )
             if self.uses_cfg:
                 embeds = torch.cat([negative, embeds])
             pooled = embeds[:, 0]  # unused by Wan
         elif self.family == "HunyuanVideoPipeline":  # guidance is an embedding, as in Flux-dev
-            embeds, pooled, mask = pipe.encode_prompt(prompts, prompts, device=device,
-                                                      max_sequence_length=self.max_sequence_length)
+            embeds, pooled, mask = pipe.encode_prompt(
+                prompts, prompts, device=device, max_sequence_length=self.max_sequence_length
+            )
             return _Conditioning(embeds, pooled, list(prompts), mask, self.guidance_scale, False)
         else:
-            embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, device=device,
-                                                   max_sequence_length=self.max_sequence_length)
+            embeds, pooled, _ = pipe.encode_prompt(
+                prompts, prompts, device=device, max_sequence_length=self.max_sequence_length
+            )
             if self.uses_cfg:
                 negatives = [negative_prompt] * len(prompts)
-                negative, negative_pooled, _ = pipe.encode_prompt(negatives, negatives, device=device,
-                                                                  max_sequence_length=self.max_sequence_length)
+                negative, negative_pooled, _ = pipe.encode_prompt(
+                    negatives, negatives, device=device, max_sequence_length=self.max_sequence_length
+                )
                 embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
         return _Conditioning(embeds, pooled, list(prompts), None, self.guidance_scale, self.uses_cfg)
 
@@ -197,8 +220,9 @@ class FlowModel:
         generator = generator if generator is not None else torch.Generator().manual_seed(seed)
         if self.family in _VIDEO:
             frames, rows, cols = self.grid
-            latents = torch.randn(batch, pipe.transformer.config.in_channels, frames, rows * 2, cols * 2,
-                                  generator=generator)
+            latents = torch.randn(
+                batch, pipe.transformer.config.in_channels, frames, rows * 2, cols * 2, generator=generator
+            )
             return latents.to(self.device, self.dtype)
         channels = pipe.transformer.config.in_channels // (4 if self.family == "FluxPipeline" else 1)
         h, w = self.height // pipe.vae_scale_factor, self.width // pipe.vae_scale_factor
@@ -227,10 +251,12 @@ class FlowModel:
         pipe = self.pipe
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[0] != self.num_frames or frames.shape[-1] != 3:
-            raise ValueError(f"`image` must be a video of {self.num_frames} frames, (T, H, W, 3) uint8; got "
-                             f"{frames.shape}")
-        video = pipe.video_processor.preprocess_video([Image.fromarray(f) for f in frames], height=self.height,
-                                                      width=self.width).to(self.device, pipe.vae.dtype)
+            raise ValueError(
+                f"`image` must be a video of {self.num_frames} frames, (T, H, W, 3) uint8; got {frames.shape}"
+            )
+        video = pipe.video_processor.preprocess_video(
+            [Image.fromarray(f) for f in frames], height=self.height, width=self.width
+        ).to(self.device, pipe.vae.dtype)
         latents = pipe.vae.encode(video).latent_dist.mean
         if self.family == "HunyuanVideoPipeline":
             return (latents * pipe.vae.config.scaling_factor).to(self.dtype)
@@ -265,8 +291,9 @@ class FlowModel:
         """This model at another image size (the same pipeline; nothing is copied), or itself."""
         if (height or self.height) == self.height and (width or self.width) == self.width:
             return self
-        return FlowModel(self.pipe, height or self.height, width or self.width, self.max_sequence_length,
-                         self.num_frames)
+        return FlowModel(
+            self.pipe, height or self.height, width or self.width, self.max_sequence_length, self.num_frames
+        )
 
     def latent_keep(self, preserve: torch.Tensor) -> torch.Tensor:
         """Per-token preserve flags ``(tokens,)`` in the latent layout, to blend latents with: packed tokens
@@ -302,8 +329,9 @@ class FlowModel:
             x = torch.cat([latents, latents]) if cond.cfg else latents
             timestep = torch.full((x.shape[0],), sigma * 1000.0, device=self.device, dtype=self.dtype)
             extra = {"pooled_projections": cond.pooled} if self.family == "StableDiffusion3Pipeline" else {}
-            out = pipe.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.embeds,
-                                   return_dict=False, **extra)[0]
+            out = pipe.transformer(
+                hidden_states=x, timestep=timestep, encoder_hidden_states=cond.embeds, return_dict=False, **extra
+            )[0]
             if cond.cfg:
                 uncond, conditional = out.chunk(2)
                 out = uncond + cond.guidance_scale * (conditional - uncond)
@@ -311,9 +339,15 @@ class FlowModel:
         if self.family == "HunyuanVideoPipeline":
             timestep = torch.full((batch,), sigma * 1000.0, device=self.device, dtype=self.dtype)
             guidance = torch.full((batch,), cond.guidance_scale * 1000.0, device=self.device, dtype=self.dtype)
-            return pipe.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=cond.embeds,
-                                    encoder_attention_mask=cond.mask, pooled_projections=cond.pooled,
-                                    guidance=guidance, return_dict=False)[0]
+            return pipe.transformer(
+                hidden_states=latents,
+                timestep=timestep,
+                encoder_hidden_states=cond.embeds,
+                encoder_attention_mask=cond.mask,
+                pooled_projections=cond.pooled,
+                guidance=guidance,
+                return_dict=False,
+            )[0]
         h, w = self.height // pipe.vae_scale_factor, self.width // pipe.vae_scale_factor
         x = torch.cat([latents, latents]) if cond.cfg else latents
         image_ids = pipe._prepare_latent_image_ids(x.shape[0], h // 2, w // 2, self.device, self.dtype)
@@ -322,9 +356,16 @@ class FlowModel:
         if pipe.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), cond.guidance_scale, device=self.device, dtype=torch.float32)
         timestep = torch.full((x.shape[0],), sigma, device=self.device, dtype=self.dtype)
-        out = pipe.transformer(hidden_states=x, timestep=timestep, guidance=guidance, pooled_projections=cond.pooled,
-                               encoder_hidden_states=cond.embeds, txt_ids=text_ids, img_ids=image_ids,
-                               return_dict=False)[0]
+        out = pipe.transformer(
+            hidden_states=x,
+            timestep=timestep,
+            guidance=guidance,
+            pooled_projections=cond.pooled,
+            encoder_hidden_states=cond.embeds,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
         if cond.cfg:  # FluxPipeline's true CFG: the unconditional rows first
             uncond, conditional = out.chunk(2)
             out = uncond + cond.guidance_scale * (conditional - uncond)

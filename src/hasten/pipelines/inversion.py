@@ -57,8 +57,9 @@ def _check(solver: str, sigmas: torch.Tensor) -> None:
         raise ValueError("`sigmas` must be a 1-D decreasing schedule (noise -> image) of at least 2 levels")
 
 
-def _integrate(velocity: Velocity, x: torch.Tensor, levels: list[float], solver: str, progress: bool,
-               description: str) -> torch.Tensor:
+def _integrate(
+    velocity: Velocity, x: torch.Tensor, levels: list[float], solver: str, progress: bool, description: str
+) -> torch.Tensor:
     """Integrate ``dx/dsigma = v`` through ``levels`` (in the order given)."""
     carried = None  # "uni": the velocity at the current point, from the previous step's corrector
     for start, end in tqdm(list(zip(levels[:-1], levels[1:])), desc=description, disable=not progress):
@@ -77,8 +78,9 @@ def _integrate(velocity: Velocity, x: torch.Tensor, levels: list[float], solver:
 
 
 @torch.no_grad()
-def invert(velocity: Velocity, latents: torch.Tensor, sigmas: torch.Tensor, solver: str = "uni",
-           progress: bool = False) -> torch.Tensor:
+def invert(
+    velocity: Velocity, latents: torch.Tensor, sigmas: torch.Tensor, solver: str = "uni", progress: bool = False
+) -> torch.Tensor:
     """The noise (at ``sigmas[0]``) that ``solver`` maps back to ``latents`` (at ``sigmas[-1]``).
 
     ``velocity(x, sigma)`` is the model's ``dx/dsigma``; ``sigmas`` the DENOISING schedule
@@ -90,13 +92,20 @@ def invert(velocity: Velocity, latents: torch.Tensor, sigmas: torch.Tensor, solv
 
 
 @torch.no_grad()
-def regenerate(velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, solver: str = "uni",
-               progress: bool = False) -> torch.Tensor:
+def regenerate(
+    velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, solver: str = "uni", progress: bool = False
+) -> torch.Tensor:
     """Integrate from ``sigmas[0]`` down to ``sigmas[-1]``: the denoising counterpart of ``solver``'s
     inversion (Euler for "euler" and "uni", midpoint for "midpoint")."""
     _check(solver, sigmas)
-    return _integrate(velocity, noise, [float(s) for s in sigmas], "midpoint" if solver == "midpoint" else "euler",
-                      progress, "denoising")
+    return _integrate(
+        velocity,
+        noise,
+        [float(s) for s in sigmas],
+        "midpoint" if solver == "midpoint" else "euler",
+        progress,
+        "denoising",
+    )
 
 
 def reconstruction_error(original: torch.Tensor, rebuilt: torch.Tensor) -> float:
@@ -106,9 +115,15 @@ def reconstruction_error(original: torch.Tensor, rebuilt: torch.Tensor) -> float
 
 
 @torch.no_grad()
-def invert_and_replay(source_velocity: Velocity, target_velocity: Velocity, latents: torch.Tensor,
-                      sigmas: torch.Tensor, keep: torch.Tensor, replay: "FeatureReplay",
-                      progress: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+def invert_and_replay(
+    source_velocity: Velocity,
+    target_velocity: Velocity,
+    latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    keep: torch.Tensor,
+    replay: "FeatureReplay",
+    progress: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Masked replay editing's loop (VoxHammer, KV-Edit): invert, then regenerate the unkept region.
 
     1. Invert ``latents`` with the second-order midpoint solver under ``source_velocity``, with

@@ -51,10 +51,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..hooks.cross_frame import apply_cross_frame, remove_cross_frame
-from ..video.flow import (backward_warp, flow_pair, occlusion_mask, optical_flow, resize_flow, warp_error,
-                          warped_difference_mask)
 from .._validation import check_number, check_positive_int
+from ..hooks.cross_frame import apply_cross_frame, remove_cross_frame
+from ..video.flow import (
+    backward_warp,
+    flow_pair,
+    occlusion_mask,
+    optical_flow,
+    resize_flow,
+    warp_error,
+    warped_difference_mask,
+)
 
 __all__ = ["OCCLUSION_RULES", "WARP_WINDOWS", "LatentWarpOutput", "LatentWarpPipeline", "canny_map", "warped_steps"]
 
@@ -62,8 +69,9 @@ OCCLUSION_RULES = ("warped-difference", "forward-backward")
 WARP_WINDOWS = ("schedule", "run")
 
 
-def warped_steps(num_inference_steps: int, strength: float, warp_end: float = 0.8,
-                 warp_window: str = "schedule") -> int:
+def warped_steps(
+    num_inference_steps: int, strength: float, warp_end: float = 0.8, warp_window: str = "schedule"
+) -> int:
     """How many of the denoising steps run for a frame get the warped latent.
 
     The img2img run skips the first ``num_inference_steps - int(num_inference_steps * strength)``
@@ -124,11 +132,16 @@ def _frames_array(video: Any) -> np.ndarray:
     if isinstance(video, np.ndarray) and video.ndim == 4:
         frames = video
     else:
-        frames = np.stack([np.asarray(frame.convert("RGB") if hasattr(frame, "convert") else frame)
-                           for frame in video]) if len(video) else np.zeros((0,))
+        frames = (
+            np.stack([np.asarray(frame.convert("RGB") if hasattr(frame, "convert") else frame) for frame in video])
+            if len(video)
+            else np.zeros((0,))
+        )
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
-        raise ValueError("`video` must be a non-empty list of RGB frames (PIL images or (H, W, 3) uint8 arrays) "
-                         f"or a (T, H, W, 3) uint8 array; got shape {getattr(frames, 'shape', None)}")
+        raise ValueError(
+            "`video` must be a non-empty list of RGB frames (PIL images or (H, W, 3) uint8 arrays) "
+            f"or a (T, H, W, 3) uint8 array; got shape {getattr(frames, 'shape', None)}"
+        )
     return frames
 
 
@@ -163,8 +176,9 @@ class LatentWarpPipeline:
 
         for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if getattr(pipe, name, None) is None:
-                raise ValueError(f"LatentWarpPipeline needs a Stable Diffusion pipeline with a `{name}`; "
-                                 f"got {type(pipe).__name__}")
+                raise ValueError(
+                    f"LatentWarpPipeline needs a Stable Diffusion pipeline with a `{name}`; got {type(pipe).__name__}"
+                )
         if not hasattr(pipe.unet, "attn_processors") or getattr(pipe.unet.config, "in_channels", 4) != 4:
             raise ValueError(f"LatentWarpPipeline needs a 4-channel text-to-image UNet; got {type(pipe.unet).__name__}")
         if scheduler not in ("ddim", "keep"):
@@ -305,8 +319,11 @@ class LatentWarpPipeline:
                 latents = pipe.scheduler.add_noise(source.to(noise.dtype), noise, timesteps[:1])
                 control = self._control(frames[index], guided) if self.controlnet is not None else None
                 order = getattr(pipe.scheduler, "order", 1)  # timesteps per step (2 for Heun-like schedulers)
-                warp_steps = (order * warped_steps(num_inference_steps, strength, warp_end, warp_window)
-                              if warp and index > 0 else 0)
+                warp_steps = (
+                    order * warped_steps(num_inference_steps, strength, warp_end, warp_window)
+                    if warp and index > 0
+                    else 0
+                )
                 if warp_steps:
                     keep, flow = self._latent_flow(flows[index - 1], occlusions[index - 1], latent_size, device)
                 current_steps = []
@@ -318,8 +335,9 @@ class LatentWarpPipeline:
                         seconds["warp"] += time.perf_counter() - tic
                     current_steps.append(latents)
                     state.step = step
-                    latents = self._denoise(latents, t, embeds, guided, guidance_scale, control,
-                                            controlnet_conditioning_scale)
+                    latents = self._denoise(
+                        latents, t, embeds, guided, guidance_scale, control, controlnet_conditioning_scale
+                    )
                 previous_steps = current_steps
                 state.end_frame()
                 decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / scaling).sample
@@ -339,7 +357,7 @@ class LatentWarpPipeline:
         scheduler = self.pipe.scheduler
         scheduler.set_timesteps(steps, device=self.device)
         begin = steps - min(int(steps * strength), steps)
-        timesteps = scheduler.timesteps[begin * scheduler.order:]
+        timesteps = scheduler.timesteps[begin * scheduler.order :]
         if len(timesteps) == 0:
             raise ValueError(f"`strength` {strength} leaves no denoising step of {steps}; raise either")
         if hasattr(scheduler, "set_begin_index"):
@@ -364,8 +382,14 @@ class LatentWarpPipeline:
         model_input = pipe.scheduler.scale_model_input(model_input, t)
         extra: dict[str, Any] = {}
         if control is not None:
-            down, mid = self.controlnet(model_input, t, encoder_hidden_states=embeds, controlnet_cond=control,
-                                        conditioning_scale=control_scale, return_dict=False)
+            down, mid = self.controlnet(
+                model_input,
+                t,
+                encoder_hidden_states=embeds,
+                controlnet_cond=control,
+                conditioning_scale=control_scale,
+                return_dict=False,
+            )
             extra = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
         noise_pred = pipe.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
         if guided:

@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
+from .._validation import check_positive_int
 from ..hooks.consistedit import grid_mask, image_projection_sites
 from ..hooks.feature_cache import FeatureCache, FeatureCacheConfig
 from ..hooks.feature_replay import FeatureReplay
 from .flow_models import FlowModel
 from .inversion import invert_and_replay
-from .._validation import check_positive_int
 
 __all__ = ["MaskedKVEditPipeline", "MaskedKVOutput"]
 
@@ -70,19 +70,36 @@ class MaskedKVEditPipeline:
         self.model = model
 
     @classmethod
-    def from_pipe(cls, pipe: Any, height: int | None = None, width: int | None = None, num_frames: int | None = None,
-                  max_sequence_length: int | None = None) -> "MaskedKVEditPipeline":
+    def from_pipe(
+        cls,
+        pipe: Any,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        max_sequence_length: int | None = None,
+    ) -> "MaskedKVEditPipeline":
         """Wrap an SD3, Flux, Wan or HunyuanVideo pipeline. Sizes, frames and ``max_sequence_length``
         default to the pipeline's own ``__call__`` defaults (:func:`hasten.adapters.pipeline_defaults`)."""
         if type(pipe).__name__ == "CogVideoXPipeline":
-            raise ValueError("masked K/V editing needs a flow-matching model (SD3, Flux, Wan, HunyuanVideo); got "
-                             "CogVideoXPipeline")
+            raise ValueError(
+                "masked K/V editing needs a flow-matching model (SD3, Flux, Wan, HunyuanVideo); got CogVideoXPipeline"
+            )
         return cls(FlowModel(pipe, height, width, max_sequence_length, num_frames))
 
     @torch.no_grad()
-    def edit(self, image: Any, mask: Any, prompt: str, source_prompt: str = "", num_inference_steps: int = 25,
-             guidance_scale: float | None = None, cache: FeatureCacheConfig | None = None,
-             progress: bool = True, height: int | None = None, width: int | None = None) -> MaskedKVOutput:
+    def edit(
+        self,
+        image: Any,
+        mask: Any,
+        prompt: str,
+        source_prompt: str = "",
+        num_inference_steps: int = 25,
+        guidance_scale: float | None = None,
+        cache: FeatureCacheConfig | None = None,
+        progress: bool = True,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> MaskedKVOutput:
         """Regenerate the ``mask`` region (white / True = edit) of ``image`` with ``prompt``.
 
         Parameters
@@ -111,19 +128,26 @@ class MaskedKVEditPipeline:
         if not bool(edit_region.any()):  # nothing to edit: the source, exactly
             return MaskedKVOutput(model.decode(x0)[0], x0, edit_region.view(*model.grid).cpu())
         if guidance_scale is None:
-            guidance_scale = {"StableDiffusion3Pipeline": 7.0, "FluxPipeline": 3.5,
-                              "HunyuanVideoPipeline": 6.0}.get(model.family, 5.0)
+            guidance_scale = {"StableDiffusion3Pipeline": 7.0, "FluxPipeline": 3.5, "HunyuanVideoPipeline": 6.0}.get(
+                model.family, 5.0
+            )
         features = FeatureCache(cache or FeatureCacheConfig())
         replay = FeatureReplay(features, rows=(~edit_region).nonzero()[:, 0]).attach(
-            image_projection_sites(model.pipe.transformer, model.tokens, ("k", "v")))
+            image_projection_sites(model.pipe.transformer, model.tokens, ("k", "v"))
+        )
         try:
             source = model.encode([source_prompt], guidance_scale=1.0)
             target = model.encode([prompt], guidance_scale)
             # every row of a CFG batch gets the source's K/V (the guidance-1 inversion's one row, broadcast)
-            x, seconds = invert_and_replay(lambda y, level: model.velocity(y, level, source),
-                                           lambda y, level: model.velocity(y, level, target),
-                                           x0, model.sigmas(num_inference_steps), model.latent_keep(preserve), replay,
-                                           progress)
+            x, seconds = invert_and_replay(
+                lambda y, level: model.velocity(y, level, source),
+                lambda y, level: model.velocity(y, level, target),
+                x0,
+                model.sigmas(num_inference_steps),
+                model.latent_keep(preserve),
+                replay,
+                progress,
+            )
         finally:
             replay.detach()
             cache_bytes = features.nbytes

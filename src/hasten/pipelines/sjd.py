@@ -53,11 +53,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from .._validation import check_positive_int
 from ..speculative.acceptance import chain_verify
 from ..speculative.sampling import Sampling, draw
 from ..transformers_conventions import cache_keyword
 from .sjd_adapters import ARImageAdapter, ImageLayout, adapter_for
-from .._validation import check_positive_int
 
 __all__ = ["INIT_STRATEGIES", "SJDConfig", "SJDOutput", "SJDPipeline", "SJDStats"]
 
@@ -233,8 +233,12 @@ class SJDPipeline:
         if negative_prompt is not None and scale == 1.0:
             raise ValueError("`negative_prompt` needs CFG: pass `guidance_scale` > 1")
         top_k = self.adapter.default_top_k if top_k is None else top_k
-        if top_k is not None and not isinstance(top_k, bool) and isinstance(top_k, int) \
-                and top_k >= len(self.adapter.vocab_ids):
+        if (
+            top_k is not None
+            and not isinstance(top_k, bool)
+            and isinstance(top_k, int)
+            and top_k >= len(self.adapter.vocab_ids)
+        ):
             top_k = None  # keeps every image token: no warper
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
         layout = self.adapter.layout(height, width)
@@ -244,7 +248,7 @@ class SJDPipeline:
 
         ids, per_image, batches, cache = [], [], [], None
         for first in range(0, len(prompts), batch_size):
-            chunk = prompts[first:first + batch_size]
+            chunk = prompts[first : first + batch_size]
             start = time.perf_counter()
             embeds, mask = self._encode(chunk, negative_prompt, scale > 1.0, layout)
             span, stats, cache = decoder.run(embeds, mask, len(chunk), self.progress_bar)
@@ -255,12 +259,14 @@ class SJDPipeline:
         tokens = torch.cat(ids)
         images = self.adapter.decode(tokens, layout) if decode else None
         total = SJDStats(
-            forwards=sum(s.forwards for s, _ in batches), tokens=sum(s.tokens * n for s, n in batches),
+            forwards=sum(s.forwards for s, _ in batches),
+            tokens=sum(s.tokens * n for s, n in batches),
             accepted_per_forward=[k * n for s, n in batches for k in s.accepted_per_forward],
             seconds=sum(s.seconds for s, _ in batches),
         )
-        return SJDOutput(images=images, tokens=tokens, stats=total, per_image=per_image,
-                         cache=cache if return_cache else None)
+        return SJDOutput(
+            images=images, tokens=tokens, stats=total, per_image=per_image, cache=cache if return_cache else None
+        )
 
     def _encode(self, prompts: list[str], negative_prompt: str | None, cfg: bool, layout: ImageLayout):
         """Input embeddings ``(R, S, H)`` and mask ``(R, S)`` of a batch, left-padded: the conditional
@@ -288,8 +294,15 @@ class _Decoder:
     together (by the shortest accepted run), so a pass reads back one integer.
     """
 
-    def __init__(self, adapter, layout: ImageLayout, sjd: SJDConfig | None, scale: float, sampling: Sampling,
-                 generator: torch.Generator):
+    def __init__(
+        self,
+        adapter,
+        layout: ImageLayout,
+        sjd: SJDConfig | None,
+        scale: float,
+        sampling: Sampling,
+        generator: torch.Generator,
+    ):
         self.adapter, self.layout, self.sjd, self.scale = adapter, layout, sjd, scale
         self.sampling, self.greedy, self.generator = sampling, sampling.greedy, generator
         self.vocab_ids = adapter.vocab_ids
@@ -320,7 +333,7 @@ class _Decoder:
 
     def _sequence_ids(self, start: int, indices: torch.Tensor) -> torch.Tensor:
         """Sequence ids ``(rows, k)`` of span positions ``start ..`` holding vocabulary ``indices``."""
-        fixed = self.fixed_ids[start:start + indices.shape[1]]
+        fixed = self.fixed_ids[start : start + indices.shape[1]]
         return torch.where(fixed >= 0, fixed, self.vocab_ids[indices.clamp_min(0)])
 
     # --- drafts ----------------------------------------------------------------------------------
@@ -339,10 +352,13 @@ class _Decoder:
                         known[slot] = neighbour
             sources = [known[root] for root in roots]
             device = self.device
-            self._plans[key] = (sources, torch.tensor(roots, device=device),
-                                torch.tensor([s if s is not None else 0 for s in sources], device=device),
-                                torch.tensor([s is not None for s in sources], device=device),
-                                self.fixed_ids[start:start + count] >= 0)
+            self._plans[key] = (
+                sources,
+                torch.tensor(roots, device=device),
+                torch.tensor([s if s is not None else 0 for s in sources], device=device),
+                torch.tensor([s is not None for s in sources], device=device),
+                self.fixed_ids[start : start + count] >= 0,
+            )
         return self._plans[key]
 
     def _fresh_drafts(self, start: int, count: int, span_idx: torch.Tensor, dists: dict[int, torch.Tensor]):
@@ -368,7 +384,9 @@ class _Decoder:
         if self.init_mode == "repeat":
             source_idx = span_idx[:, source_pos]
             copies = has_source & (source_idx >= 0)
-            indices = torch.where(copies, source_idx, indices[:, roots])  # a chain without a known token: the root's draw
+            indices = torch.where(
+                copies, source_idx, indices[:, roots]
+            )  # a chain without a known token: the root's draw
             repeat = copies | (roots != torch.arange(count, device=self.device))
             point = torch.nn.functional.one_hot(indices, self.vocab_size).to(uniform.dtype)
             probs = torch.where(repeat[..., None], point, probs)
@@ -400,8 +418,13 @@ class _Decoder:
         cache = DynamicCache()
         cache_arg = cache_keyword(lm)
         stats = SJDStats()
-        lm(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-           **{cache_arg: cache}, use_cache=True)
+        lm(
+            inputs_embeds=embeds[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=positions[:, :-1],
+            **{cache_arg: cache},
+            use_cache=True,
+        )
         stats.forwards += 1
         pending = embeds[:, -1:]
         last_position = positions[:, -1:]
@@ -417,10 +440,11 @@ class _Decoder:
         while n < length:
             width = min(self.window, length - n)
             if draft_idx.shape[1] < width:
-                more_idx, more_p = self._fresh_drafts(n + draft_idx.shape[1], width - draft_idx.shape[1], span_idx,
-                                                      dists)
+                more_idx, more_p = self._fresh_drafts(
+                    n + draft_idx.shape[1], width - draft_idx.shape[1], span_idx, dists
+                )
                 draft_idx, draft_p = torch.cat([draft_idx, more_idx], 1), torch.cat([draft_p, more_p], 1)
-                span_idx[:, n:n + width] = draft_idx[:, :width]
+                span_idx[:, n : n + width] = draft_idx[:, :width]
             window_idx, window_p = draft_idx[:, :width], draft_p[:, :width]
             if width:
                 ids = self._sequence_ids(n, window_idx).repeat(groups, 1)
@@ -430,18 +454,30 @@ class _Decoder:
             step_positions = last_position + torch.arange(width + 1, device=device)
             step_mask = torch.cat([mask, mask.new_ones(mask.shape[0], width)], 1)
             cached = cache.get_seq_length()
-            hidden = lm(inputs_embeds=inputs, attention_mask=step_mask, position_ids=step_positions,
-                        **{cache_arg: cache}, use_cache=True).last_hidden_state
+            hidden = lm(
+                inputs_embeds=inputs,
+                attention_mask=step_mask,
+                position_ids=step_positions,
+                **{cache_arg: cache},
+                use_cache=True,
+            ).last_hidden_state
             stats.forwards += 1
             q = self._distributions(hidden, rows)  # (rows, width + 1, V): q[:, k] is for span position n + k
             if self.init_mode == "sample":
                 for k in range(width + 1):
                     dists[n + k] = q[:, k]
-            grouped = self._group_accepts(window_idx, window_p, q[:, :width]) if self.sjd and self.sjd.grouped \
-                else None
+            grouped = self._group_accepts(window_idx, window_p, q[:, :width]) if self.sjd and self.sjd.grouped else None
             if width:
-                verdict = chain_verify(window_idx, window_p, q, generator=self.generator, greedy=self.greedy,
-                                       forced=self.fixed_ids[n:n + width] >= 0, also_accept=grouped, shortest=True)
+                verdict = chain_verify(
+                    window_idx,
+                    window_p,
+                    q,
+                    generator=self.generator,
+                    greedy=self.greedy,
+                    forced=self.fixed_ids[n : n + width] >= 0,
+                    also_accept=grouped,
+                    shortest=True,
+                )
                 accepted = int(verdict.advance[0])  # the pass's one device-to-host read
                 tokens = verdict.tokens
             else:  # AR: nothing to verify, nothing to read back
@@ -463,7 +499,7 @@ class _Decoder:
             bar.update(emitted)
             start, n = n, n + emitted
             if n < length:
-                last = self._sequence_ids(n - 1, span_idx[:, n - 1:n])
+                last = self._sequence_ids(n - 1, span_idx[:, n - 1 : n])
                 pending = self.adapter.embed(last.repeat(groups, 1))
 
             # Jacobi update: drafts after the shared advance are re-drawn from this pass's q.
@@ -471,7 +507,7 @@ class _Decoder:
                 draft_idx, draft_p = draft_idx[:, :0], draft_p[:, :0]
             else:
                 first, stop = start + accepted + 1, min(start + width + 1, length)
-                rows_q = q[:, accepted + 1:accepted + 1 + (stop - first)]
+                rows_q = q[:, accepted + 1 : accepted + 1 + (stop - first)]
                 redrawn = self._draw(rows_q)
                 fixed = self.fixed_ids[first:stop] >= 0
                 draft_idx = torch.where(fixed, -1, redrawn)

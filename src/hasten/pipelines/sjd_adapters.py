@@ -137,7 +137,9 @@ class JanusAdapter(ARImageAdapter):
     def layout(self, height, width):
         for name, value in (("height", height), ("width", width)):
             if value is not None and value != self.grid:
-                raise ValueError(f"this Janus model generates {self.grid} x {self.grid} image tokens; got {name}={value}")
+                raise ValueError(
+                    f"this Janus model generates {self.grid} x {self.grid} image tokens; got {name}={value}"
+                )
         return ImageLayout(rows=self.grid, cols=self.grid, length=self.grid * self.grid, row_stride=self.grid)
 
     def embed(self, ids):
@@ -180,7 +182,7 @@ class Emu3Adapter(ARImageAdapter):
     def _token_size(self, height, width) -> tuple[int, int]:
         if height is None or width is None:
             area = self.processor.image_processor.max_pixels
-            side = int(round(area ** 0.5 / self.spatial_factor))
+            side = int(round(area**0.5 / self.spatial_factor))
             return side, side
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % self.spatial_factor:
@@ -188,11 +190,13 @@ class Emu3Adapter(ARImageAdapter):
         return height // self.spatial_factor, width // self.spatial_factor
 
     def encode_prompt(self, prompt, negative_prompt, cfg, layout):
-        image_prompt = (f"{self.processor.image_start_token}{layout.rows}*{layout.cols}"
-                        f"{self.processor.fake_token_around_image}")
+        image_prompt = (
+            f"{self.processor.image_start_token}{layout.rows}*{layout.cols}{self.processor.fake_token_around_image}"
+        )
         texts = [prompt] + ([negative_prompt or ""] if cfg else [])
-        inputs = self.processor.tokenizer([f"{self.processor.bos_token}{t}{image_prompt}" for t in texts],
-                                          padding=True, return_tensors="pt")
+        inputs = self.processor.tokenizer(
+            [f"{self.processor.bos_token}{t}{image_prompt}" for t in texts], padding=True, return_tensors="pt"
+        )
         ids = inputs["input_ids"].to(self.device)
         return self.model.get_input_embeddings()(ids), inputs["attention_mask"].to(self.device)
 

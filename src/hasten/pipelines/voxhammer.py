@@ -42,8 +42,15 @@ from ..hooks.feature_cache import FeatureCache, FeatureCacheConfig
 from ..hooks.feature_replay import FeatureReplay, ProjectionSite
 from .inversion import invert_and_replay
 
-__all__ = ["VoxelConditioner", "VoxelEditPipeline", "VoxelEditOutput", "box_mask", "edit_cells", "occupancy_to_mesh",
-           "save_ply"]
+__all__ = [
+    "VoxelConditioner",
+    "VoxelEditPipeline",
+    "VoxelEditOutput",
+    "box_mask",
+    "edit_cells",
+    "occupancy_to_mesh",
+    "save_ply",
+]
 
 
 def box_mask(resolution: int, boxes: Sequence[Sequence[int]]) -> np.ndarray:
@@ -75,9 +82,11 @@ def save_ply(path: str | Path, vertices: np.ndarray, faces: np.ndarray) -> Path:
     """A binary little-endian PLY mesh."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = ("ply\nformat binary_little_endian 1.0\n"
-              f"element vertex {len(vertices)}\nproperty float x\nproperty float y\nproperty float z\n"
-              f"element face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n")
+    header = (
+        "ply\nformat binary_little_endian 1.0\n"
+        f"element vertex {len(vertices)}\nproperty float x\nproperty float y\nproperty float z\n"
+        f"element face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n"
+    )
     face_records = np.zeros(len(faces), dtype=[("n", "u1"), ("v", "<i4", (3,))])
     face_records["n"], face_records["v"] = 3, faces
     with open(path, "wb") as handle:
@@ -125,7 +134,7 @@ class VoxelEditOutput:
 
 def _keys_and_values(qkv: torch.Tensor) -> torch.Tensor:
     """The K and V channels of a fused ``to_qkv`` output (a view)."""
-    return qkv[..., qkv.shape[-1] // 3:]
+    return qkv[..., qkv.shape[-1] // 3 :]
 
 
 class VoxelEditPipeline:
@@ -146,8 +155,15 @@ class VoxelEditPipeline:
     def __init__(self, flow: Any, encoder: Any, decoder: Any):
         self.flow, self.encoder, self.decoder = flow, encoder, decoder
 
-    def _velocity(self, x: torch.Tensor, sigma: float, cond: torch.Tensor, guidance: float,
-                  interval: tuple[float, float], uncond: torch.Tensor | None = None) -> torch.Tensor:
+    def _velocity(
+        self,
+        x: torch.Tensor,
+        sigma: float,
+        cond: torch.Tensor,
+        guidance: float,
+        interval: tuple[float, float],
+        uncond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """TRELLIS's guided velocity ``(1 + g) * cond - g * uncond`` (its ``cfg_strength`` g: 0 is the
         conditional model alone), inside the CFG ``interval`` of noise levels; ``uncond`` defaults to
         zeros (TRELLIS's image models)."""
@@ -166,11 +182,22 @@ class VoxelEditPipeline:
         return rescale * t / (1 + (rescale - 1) * t)
 
     @torch.no_grad()
-    def edit(self, occupancy: np.ndarray, edit_mask: np.ndarray, cond: torch.Tensor,
-             source_cond: torch.Tensor | None = None, num_inference_steps: int = 25, rescale_t: float = 3.0,
-             invert_guidance: float = 5.0, edit_guidance: float = 6.0, cfg_interval: tuple[float, float] = (0.5, 1.0),
-             cache: FeatureCacheConfig | None = None, progress: bool = True,
-             preserved_condition: torch.Tensor | None = None, uncond: torch.Tensor | None = None) -> VoxelEditOutput:
+    def edit(
+        self,
+        occupancy: np.ndarray,
+        edit_mask: np.ndarray,
+        cond: torch.Tensor,
+        source_cond: torch.Tensor | None = None,
+        num_inference_steps: int = 25,
+        rescale_t: float = 3.0,
+        invert_guidance: float = 5.0,
+        edit_guidance: float = 6.0,
+        cfg_interval: tuple[float, float] = (0.5, 1.0),
+        cache: FeatureCacheConfig | None = None,
+        progress: bool = True,
+        preserved_condition: torch.Tensor | None = None,
+        uncond: torch.Tensor | None = None,
+    ) -> VoxelEditOutput:
         """Edit the ``edit_mask`` region of ``occupancy`` toward ``cond`` (see the module docstring).
 
         ``source_cond`` (default: ``cond``) conditions the inversion; guidance strengths and the
@@ -211,12 +238,16 @@ class VoxelEditPipeline:
         cond = cond.to(device, dtype)
         if preserved_condition is not None:
             if source_cond is None or source_cond.shape != cond.shape:
-                raise ValueError("`preserved_condition` replays the source's condition K/V: give `source_cond` of "
-                                 f"`cond`'s shape {tuple(cond.shape)}")
+                raise ValueError(
+                    "`preserved_condition` replays the source's condition K/V: give `source_cond` of "
+                    f"`cond`'s shape {tuple(cond.shape)}"
+                )
             preserved_condition = torch.as_tensor(preserved_condition, dtype=torch.bool)
             if preserved_condition.shape != (cond.shape[1],):
-                raise ValueError(f"`preserved_condition` must be ({cond.shape[1]},) bool (one per condition token), "
-                                 f"got {tuple(preserved_condition.shape)}")
+                raise ValueError(
+                    f"`preserved_condition` must be ({cond.shape[1]},) bool (one per condition token), "
+                    f"got {tuple(preserved_condition.shape)}"
+                )
             cond = torch.where(preserved_condition.to(device)[None, :, None], source_cond.to(device, dtype), cond)
         source_cond = cond if source_cond is None else source_cond.to(device, dtype)
         if uncond is not None:
@@ -226,13 +257,21 @@ class VoxelEditPipeline:
         sigmas = self.sigmas(num_inference_steps, rescale_t)
         features = FeatureCache(cache or FeatureCacheConfig())
         replay = FeatureReplay(features, rows=preserved).attach(
-            [ProjectionSite(index, "kv", block.self_attn.to_qkv, _keys_and_values)
-             for index, block in enumerate(flow.blocks)])
+            [
+                ProjectionSite(index, "kv", block.self_attn.to_qkv, _keys_and_values)
+                for index, block in enumerate(flow.blocks)
+            ]
+        )
         try:
             x, seconds = invert_and_replay(
                 lambda y, level: self._velocity(y, level, source_cond, invert_guidance, cfg_interval, uncond),
                 lambda y, level: self._velocity(y, level, cond, edit_guidance, cfg_interval, uncond),
-                x0, sigmas, keep, replay, progress)
+                x0,
+                sigmas,
+                keep,
+                replay,
+                progress,
+            )
             start = time.perf_counter()
             decoded = (self.decoder(x)[0, 0] > 0).cpu().numpy()
             seconds["edit"] += time.perf_counter() - start
@@ -254,19 +293,25 @@ class VoxelConditioner:
     random ones whose width matches the tiny flow model.
     """
 
-    def __init__(self, text_encoder: Any = None, tokenizer: Any = None, image_encoder: Any = None,
-                 image_size: int = 518):
+    def __init__(
+        self, text_encoder: Any = None, tokenizer: Any = None, image_encoder: Any = None, image_size: int = 518
+    ):
         self.text_encoder, self.tokenizer, self.image_encoder = text_encoder, tokenizer, image_encoder
         self.image_size = image_size
 
     @classmethod
-    def from_pretrained(cls, text: str | None = "openai/clip-vit-large-patch14",
-                        image: str | None = "facebook/dinov2-with-registers-large") -> "VoxelConditioner":
+    def from_pretrained(
+        cls,
+        text: str | None = "openai/clip-vit-large-patch14",
+        image: str | None = "facebook/dinov2-with-registers-large",
+    ) -> "VoxelConditioner":
         from transformers import AutoModel, AutoTokenizer, CLIPTextModel
 
-        return cls(CLIPTextModel.from_pretrained(text) if text else None,
-                   AutoTokenizer.from_pretrained(text) if text else None,
-                   AutoModel.from_pretrained(image) if image else None)
+        return cls(
+            CLIPTextModel.from_pretrained(text) if text else None,
+            AutoTokenizer.from_pretrained(text) if text else None,
+            AutoModel.from_pretrained(image) if image else None,
+        )
 
     def preserved_patches(self, edited: np.ndarray) -> torch.Tensor:
         """``(N,)`` bool over the image condition's tokens: True for the patches with no edited pixel.
@@ -282,8 +327,12 @@ class VoxelConditioner:
             raise ValueError(f"`edited` must be an (H, W) mask, got shape {edited.shape}")
         config = self.image_encoder.config
         side = self.image_size // config.patch_size
-        grid = torch.nn.functional.adaptive_max_pool2d(torch.from_numpy((edited != 0).astype(np.float32))[None, None],
-                                                       (side, side))[0, 0] > 0
+        grid = (
+            torch.nn.functional.adaptive_max_pool2d(
+                torch.from_numpy((edited != 0).astype(np.float32))[None, None], (side, side)
+            )[0, 0]
+            > 0
+        )
         prefix = torch.zeros(1 + getattr(config, "num_register_tokens", 0), dtype=torch.bool)
         return torch.cat([prefix, ~grid.flatten()])
 

@@ -26,9 +26,37 @@ Examples
 from .acceptance import ChainVerdict, chain_verify, residual, tree_accept
 from .profiling import HostProfile
 from .sampling import Sampling, draw
-from .specvlm import (PRIMITIVES, DraftConfig, DraftModel, DraftTree, ElasticCompressor, SpecStats, SpecVLM,
-                      TreeConfig, load_pairs, speculative_generate, train_draft)
+from .specvlm import (
+    PRIMITIVES,
+    DraftConfig,
+    DraftModel,
+    DraftTree,
+    ElasticCompressor,
+    SpecStats,
+    SpecVLM,
+    TreeConfig,
+    load_pairs,
+    speculative_generate,
+    train_draft,
+)
 
-__all__ = ["PRIMITIVES", "ChainVerdict", "DraftConfig", "DraftModel", "DraftTree", "ElasticCompressor",
-           "HostProfile", "Sampling", "SpecStats", "SpecVLM", "TreeConfig", "chain_verify", "draw", "load_pairs",
-           "residual", "speculative_generate", "train_draft", "tree_accept"]
+__all__ = [
+    "PRIMITIVES",
+    "ChainVerdict",
+    "DraftConfig",
+    "DraftModel",
+    "DraftTree",
+    "ElasticCompressor",
+    "HostProfile",
+    "Sampling",
+    "SpecStats",
+    "SpecVLM",
+    "TreeConfig",
+    "chain_verify",
+    "draw",
+    "load_pairs",
+    "residual",
+    "speculative_generate",
+    "train_draft",
+    "tree_accept",
+]

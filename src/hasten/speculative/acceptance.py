@@ -73,9 +73,17 @@ def residual(target: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, rest / total.clamp_min(torch.finfo(rest.dtype).tiny), target)
 
 
-def chain_verify(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target_probs: torch.Tensor, *,
-                 generator: torch.Generator | None = None, greedy: bool = False, forced: torch.Tensor | None = None,
-                 also_accept: torch.Tensor | None = None, shortest: bool = False) -> ChainVerdict:
+def chain_verify(
+    drafts: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_probs: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    greedy: bool = False,
+    forced: torch.Tensor | None = None,
+    also_accept: torch.Tensor | None = None,
+    shortest: bool = False,
+) -> ChainVerdict:
     """Verify ``B`` chains of ``W`` drafts at once (the chain rule of the module docstring).
 
     Parameters
@@ -107,8 +115,10 @@ def chain_verify(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target_
     [3, 3]
     """
     if drafts.dim() != 2 or target_probs.dim() != 3 or target_probs.shape[:2] != (drafts.shape[0], drafts.shape[1] + 1):
-        raise ValueError(f"`drafts` (B, W) and `target_probs` (B, W + 1, V) do not fit: {tuple(drafts.shape)}, "
-                         f"{tuple(target_probs.shape)}")
+        raise ValueError(
+            f"`drafts` (B, W) and `target_probs` (B, W + 1, V) do not fit: {tuple(drafts.shape)}, "
+            f"{tuple(target_probs.shape)}"
+        )
     if not greedy and (draft_probs is None or draft_probs.shape != target_probs[:, :-1].shape):
         raise ValueError("`draft_probs` (B, W, V) is required for sampled acceptance")
     rows, width = drafts.shape
@@ -133,8 +143,11 @@ def chain_verify(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target_
         drawn = q_at.argmax(-1)
     else:
         inside = at.clamp_max(width - 1) if width else at
-        p_at = draft_probs.gather(1, inside[:, None, None].expand(-1, 1, draft_probs.shape[2]))[:, 0] \
-            if width else torch.zeros_like(q_at)
+        p_at = (
+            draft_probs.gather(1, inside[:, None, None].expand(-1, 1, draft_probs.shape[2]))[:, 0]
+            if width
+            else torch.zeros_like(q_at)
+        )
         p_at = torch.where((at < width)[:, None], p_at, 0.0)
         drawn = draw(residual(q_at, p_at), generator)
     if shortest and width:
@@ -143,8 +156,9 @@ def chain_verify(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target_
     return ChainVerdict(lengths=lengths, advance=advance, tokens=drawn)
 
 
-def tree_accept(parents: torch.Tensor, tokens: torch.Tensor, choices: torch.Tensor, max_depth: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tree_accept(
+    parents: torch.Tensor, tokens: torch.Tensor, choices: torch.Tensor, max_depth: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Walk ``B`` draft trees from their roots along the target's choices (the point-mass rule).
 
     Parameters

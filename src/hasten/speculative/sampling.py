@@ -18,12 +18,13 @@ Examples
 """
 
 from __future__ import annotations
-from .._validation import check_number, check_positive_int
 
 from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from .._validation import check_number, check_positive_int
 
 __all__ = ["Sampling", "draw"]
 

@@ -53,8 +53,16 @@ def _tokenizer(specials: dict[str, str], extra: list[str] = (), add_bos_token: b
 
 
 def _text_config(vocab_size: int, **extra: Any) -> dict[str, Any]:
-    return dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, **extra)
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        **extra,
+    )
 
 
 def janus_config(tokenizer=None, *, grid: int = 8, codebook: int = 64):
@@ -68,16 +76,43 @@ def janus_config(tokenizer=None, *, grid: int = 8, codebook: int = 64):
     from transformers import JanusConfig
 
     tokenizer = tokenizer or _tokenizer(_JANUS_SPECIALS)
-    text = _text_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, model_type="llama")
+    text = _text_config(
+        len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        model_type="llama",
+    )
     # Each VQ level halves the side: 3 levels (1 -> 2 -> 4 upsampling) turn `grid` tokens into 8x pixels.
-    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=grid * 8, patch_size=8,
-                  projection_dim=64, depth=1, num_image_tokens=grid * grid, mlp_ratio=2.0)
-    vq = dict(embed_dim=8, num_embeddings=codebook, latent_channels=32, base_channels=32,
-              channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, num_patches=grid, projection_dim=64,
-              image_token_embed_dim=64, num_hidden_layers=1)
-    return JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
-                       image_token_id=tokenizer.convert_tokens_to_ids(_JANUS_SPECIALS["image_token"]))
+    vision = dict(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=grid * 8,
+        patch_size=8,
+        projection_dim=64,
+        depth=1,
+        num_image_tokens=grid * grid,
+        mlp_ratio=2.0,
+    )
+    vq = dict(
+        embed_dim=8,
+        num_embeddings=codebook,
+        latent_channels=32,
+        base_channels=32,
+        channel_multiplier=[1, 1, 1, 1],
+        num_res_blocks=1,
+        num_patches=grid,
+        projection_dim=64,
+        image_token_embed_dim=64,
+        num_hidden_layers=1,
+    )
+    return JanusConfig(
+        text_config=text,
+        vision_config=vision,
+        vq_config=vq,
+        image_token_id=tokenizer.convert_tokens_to_ids(_JANUS_SPECIALS["image_token"]),
+    )
 
 
 def emu3_config(tokenizer=None, *, codebook: int = 64):
@@ -92,12 +127,25 @@ def emu3_config(tokenizer=None, *, codebook: int = 64):
     from transformers import Emu3Config
 
     tokenizer = tokenizer or _emu3_tokenizer(codebook)
-    text = _text_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id)
+    text = _text_config(
+        len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     # Emu3Processor assumes a spatial factor of 8: 4 VQ levels (2^3).
-    vq = dict(codebook_size=codebook, embed_dim=8, latent_channels=8, base_channels=32,
-              channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[], hidden_size=32,
-              num_attention_heads=1, temporal_downsample_factor=4)
+    vq = dict(
+        codebook_size=codebook,
+        embed_dim=8,
+        latent_channels=8,
+        base_channels=32,
+        channel_multiplier=[1, 1, 1, 1],
+        num_res_blocks=1,
+        attn_resolutions=[],
+        hidden_size=32,
+        num_attention_heads=1,
+        temporal_downsample_factor=4,
+    )
     return Emu3Config(vq_config=vq, text_config=text, vocabulary_map=dict(tokenizer.get_vocab()))
 
 
@@ -115,11 +163,16 @@ def _save_janus(folder: pathlib.Path) -> None:
         model = JanusForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.generation_kwargs = {"boi_token_id": tokenizer.convert_tokens_to_ids(_JANUS_SPECIALS["boi_token"])}
+    model.generation_config.generation_kwargs = {
+        "boi_token_id": tokenizer.convert_tokens_to_ids(_JANUS_SPECIALS["boi_token"])
+    }
     model.generation_config._from_model_config = False  # keep these settings when generate() loads it
     size = config.vision_config.image_size
-    processor = JanusProcessor(JanusImageProcessorPil(size={"height": size, "width": size}), tokenizer,
-                               num_image_tokens=config.vision_config.num_image_tokens)
+    processor = JanusProcessor(
+        JanusImageProcessorPil(size={"height": size, "width": size}),
+        tokenizer,
+        num_image_tokens=config.vision_config.num_image_tokens,
+    )
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
 

@@ -71,8 +71,12 @@ class AttributeClassifier(ModelMixin, ConfigMixin):
             raise ValueError(f"`channels` must name 3 stages (72 -> 9 x 9 features); got {channels!r}")
         layers, previous = [], 3
         for width in channels:  # each stage: a stride-2 convolution, then a 3 x 3 one
-            layers += [torch.nn.Conv2d(previous, width, 3, stride=2, padding=1), torch.nn.GELU(),
-                       torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.GELU()]
+            layers += [
+                torch.nn.Conv2d(previous, width, 3, stride=2, padding=1),
+                torch.nn.GELU(),
+                torch.nn.Conv2d(width, width, 3, padding=1),
+                torch.nn.GELU(),
+            ]
             previous = width
         self.features = torch.nn.Sequential(*layers)
         self.fc = torch.nn.Linear(2 * previous, hidden)
@@ -126,8 +130,9 @@ def _as_images(images) -> torch.Tensor:
     return images.float()
 
 
-def evaluate(images, scene_list: Sequence[scenes.Scene], classifier: AttributeClassifier | None = None,
-             batch_size: int = 64) -> dict[str, float]:
+def evaluate(
+    images, scene_list: Sequence[scenes.Scene], classifier: AttributeClassifier | None = None, batch_size: int = 64
+) -> dict[str, float]:
     """Per-attribute accuracies of ``images`` against the scenes they were asked to show.
 
     Returns
@@ -143,7 +148,7 @@ def evaluate(images, scene_list: Sequence[scenes.Scene], classifier: AttributeCl
     classifier = classifier or load_classifier()
     predictions = {name: [] for name in _HEADS}
     for start in range(0, len(images), batch_size):
-        chunk = classifier.predict(images[start:start + batch_size])
+        chunk = classifier.predict(images[start : start + batch_size])
         for name in _HEADS:
             predictions[name].append(chunk[name])
     predicted = {name: torch.cat(parts) for name, parts in predictions.items()}
@@ -160,9 +165,14 @@ def evaluate(images, scene_list: Sequence[scenes.Scene], classifier: AttributeCl
             counts[name] += int((right[name] & occupied).sum())
         counts["empty"] += int(((predicted["shape"][index] == 0) & ~occupied).sum())
         counts["scene"] += int(bool((right["shape"] & right["colour"]).all()))
-    return {"object": counts["object"] / max(objects, 1), "shape": counts["shape"] / max(objects, 1),
-            "colour": counts["colour"] / max(objects, 1), "size": counts["size"] / max(objects, 1),
-            "empty": counts["empty"] / max(empties, 1), "scene": counts["scene"] / max(len(scene_list), 1)}
+    return {
+        "object": counts["object"] / max(objects, 1),
+        "shape": counts["shape"] / max(objects, 1),
+        "colour": counts["colour"] / max(objects, 1),
+        "size": counts["size"] / max(objects, 1),
+        "empty": counts["empty"] / max(empties, 1),
+        "scene": counts["scene"] / max(len(scene_list), 1),
+    }
 
 
 def prompt_accuracy(images, scene_list: Sequence[scenes.Scene], classifier: AttributeClassifier | None = None) -> float:
@@ -212,10 +222,11 @@ def _training_batch(seed: int, step: int, batch_size: int) -> tuple[torch.Tensor
     if float(torch.rand(1, generator=generator)) < 0.5:
         sigma = float(torch.empty(1).uniform_(0.3, 0.9, generator=generator))
         radius = 2
-        kernel = torch.exp(-(torch.arange(-radius, radius + 1).float() ** 2) / (2 * sigma ** 2))
+        kernel = torch.exp(-(torch.arange(-radius, radius + 1).float() ** 2) / (2 * sigma**2))
         kernel = kernel / kernel.sum()
-        images = F.conv2d(F.pad(images, (radius,) * 4, mode="replicate"),
-                          kernel.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)
+        images = F.conv2d(
+            F.pad(images, (radius,) * 4, mode="replicate"), kernel.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3
+        )
         images = F.conv2d(images, kernel.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
     noise = float(torch.empty(1).uniform_(0.0, 0.06, generator=generator))
     images = (images + noise * torch.randn(images.shape, generator=generator)).clamp(0, 1)
@@ -223,8 +234,15 @@ def _training_batch(seed: int, step: int, batch_size: int) -> tuple[torch.Tensor
     return images, {name: torch.stack([label[name] for label in labels]) for name in _HEADS}
 
 
-def train_classifier(out: str | pathlib.Path, *, steps: int | None = None, seed: int = 0, resume: bool = False,
-                     progress: bool = True, batch_size: int = 32) -> pathlib.Path:
+def train_classifier(
+    out: str | pathlib.Path,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+    batch_size: int = 32,
+) -> pathlib.Path:
     """Train :class:`AttributeClassifier` on rendered training scenes; save it in ``out / "model"``.
 
     Seeded and resumable (see :mod:`hasten.tiny.trained`): step ``k`` always sees the same batch,
@@ -265,7 +283,9 @@ def train_classifier(out: str | pathlib.Path, *, steps: int | None = None, seed:
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     # Warm-up, then halve every 1000 steps: independent of `steps`, so a run extended with --resume
     # equals one that was asked for the longer run from the start.
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 100) * 0.5 ** (step / 1000))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 100) * 0.5 ** (step / 1000)
+    )
     start = 0
     if resume and (state := load_checkpoint(out)) is not None:
         model.load_state_dict(state["model"])
@@ -284,8 +304,15 @@ def train_classifier(out: str | pathlib.Path, *, steps: int | None = None, seed:
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % 200 == 0 or step + 1 == steps:
-            save_checkpoint(out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "schedule": schedule.state_dict(), "step": step + 1})
+            save_checkpoint(
+                out,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "step": step + 1,
+                },
+            )
     model.eval()
     model.save_pretrained(out / "model")
     return out / "model"

@@ -263,21 +263,41 @@ def _flux() -> dict[str, Any]:
     tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
     components = {
         # Flux packs 2x2 latent patches: 4 latent channels -> 16 transformer channels.
-        "transformer": _make("transformer", lambda: FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=_HEAD_DIM,
-            num_attention_heads=_HEADS, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6))),
+        "transformer": _make(
+            "transformer",
+            lambda: FluxTransformer2DModel(
+                patch_size=1,
+                in_channels=16,
+                num_layers=2,
+                num_single_layers=2,
+                attention_head_dim=_HEAD_DIM,
+                num_attention_heads=_HEADS,
+                joint_attention_dim=32,
+                pooled_projection_dim=32,
+                guidance_embeds=True,
+                axes_dims_rope=(4, 6, 6),
+            ),
+        ),
         # Real FLUX.1 VAE: no quant convs, shift and scale factors.
-        "vae": _make("vae", lambda: _image_vae(
-            2, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)),
+        "vae": _make(
+            "vae",
+            lambda: _image_vae(
+                2, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611
+            ),
+        ),
         "text_encoder": _make("text_encoder", lambda: CLIPTextModel(_clip_config(tokenizer))),
         "text_encoder_2": _make("text_encoder_2", lambda: T5EncoderModel(_t5_config(tokenizer_2))),
         "tokenizer": tokenizer,
         "tokenizer_2": tokenizer_2,
         # FLUX.1-dev's scheduler config (resolution-dependent shift).
         "scheduler": FlowMatchEulerDiscreteScheduler(
-            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-            max_image_seq_len=4096),
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
     }
     return {"cls": FluxPipeline, **components, "image_encoder": None, "feature_extractor": None}
 
@@ -289,12 +309,28 @@ def _sd3() -> dict[str, Any]:
     clip, t5 = clip_tokenizer(), t5_tokenizer()
     # The two CLIP encoders' hidden states (2 x 32) are zero-padded to the T5 width (64) and joined.
     components = {
-        "transformer": _make("transformer", lambda: SD3Transformer2DModel(
-            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=_HEAD_DIM,
-            num_attention_heads=_HEADS, joint_attention_dim=64, caption_projection_dim=_HEADS * _HEAD_DIM,
-            pooled_projection_dim=64, pos_embed_max_size=96)),
-        "vae": _make("vae", lambda: _image_vae(
-            2, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305)),
+        "transformer": _make(
+            "transformer",
+            lambda: SD3Transformer2DModel(
+                sample_size=16,
+                patch_size=2,
+                in_channels=4,
+                out_channels=4,
+                num_layers=2,
+                attention_head_dim=_HEAD_DIM,
+                num_attention_heads=_HEADS,
+                joint_attention_dim=64,
+                caption_projection_dim=_HEADS * _HEAD_DIM,
+                pooled_projection_dim=64,
+                pos_embed_max_size=96,
+            ),
+        ),
+        "vae": _make(
+            "vae",
+            lambda: _image_vae(
+                2, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305
+            ),
+        ),
         "text_encoder": _make("text_encoder", lambda: CLIPTextModelWithProjection(_clip_config(clip))),
         "text_encoder_2": _make("text_encoder_2", lambda: CLIPTextModelWithProjection(_clip_config(clip))),
         "text_encoder_3": _make("text_encoder_3", lambda: T5EncoderModel(_t5_config(t5, d_model=64))),
@@ -317,19 +353,53 @@ def _hunyuan_video() -> dict[str, Any]:
 
     llama, clip = llama_tokenizer(), clip_tokenizer()
     llama_config = LlamaConfig(
-        vocab_size=len(llama), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, bos_token_id=llama.bos_token_id,
-        eos_token_id=llama.eos_token_id, pad_token_id=llama.pad_token_id)
+        vocab_size=len(llama),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        bos_token_id=llama.bos_token_id,
+        eos_token_id=llama.eos_token_id,
+        pad_token_id=llama.pad_token_id,
+    )
     components = {
-        "transformer": _make("transformer", lambda: HunyuanVideoTransformer3DModel(
-            in_channels=4, out_channels=4, num_attention_heads=_HEADS, attention_head_dim=_HEAD_DIM, num_layers=2,
-            num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
-            text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(4, 6, 6))),
+        "transformer": _make(
+            "transformer",
+            lambda: HunyuanVideoTransformer3DModel(
+                in_channels=4,
+                out_channels=4,
+                num_attention_heads=_HEADS,
+                attention_head_dim=_HEAD_DIM,
+                num_layers=2,
+                num_single_layers=2,
+                num_refiner_layers=1,
+                patch_size=2,
+                patch_size_t=1,
+                guidance_embeds=True,
+                text_embed_dim=32,
+                pooled_projection_dim=32,
+                rope_axes_dim=(4, 6, 6),
+            ),
+        ),
         # 4 blocks: spatial factor 8, temporal factor 4 (the only layouts this VAE supports).
-        "vae": _make("vae", lambda: AutoencoderKLHunyuanVideo(
-            in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-            up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8,) * 4, layers_per_block=1,
-            norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4)),
+        "vae": _make(
+            "vae",
+            lambda: AutoencoderKLHunyuanVideo(
+                in_channels=3,
+                out_channels=3,
+                latent_channels=4,
+                down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+                block_out_channels=(8,) * 4,
+                layers_per_block=1,
+                norm_num_groups=4,
+                spatial_compression_ratio=8,
+                temporal_compression_ratio=4,
+            ),
+        ),
         # The pipeline reads hidden_states[-3]: 3 layers so that one of them is used.
         "text_encoder": _make("text_encoder", lambda: LlamaModel(llama_config)),
         "text_encoder_2": _make("text_encoder_2", lambda: CLIPTextModel(_clip_config(clip))),
@@ -346,14 +416,30 @@ def _wan() -> dict[str, Any]:
 
     t5 = t5_tokenizer()
     components = {
-        "transformer": _make("transformer", lambda: WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=_HEADS, attention_head_dim=_HEAD_DIM, in_channels=16,
-            out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads")),
+        "transformer": _make(
+            "transformer",
+            lambda: WanTransformer3DModel(
+                patch_size=(1, 2, 2),
+                num_attention_heads=_HEADS,
+                attention_head_dim=_HEAD_DIM,
+                in_channels=16,
+                out_channels=16,
+                text_dim=32,
+                freq_dim=32,
+                ffn_dim=64,
+                num_layers=2,
+                cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads",
+            ),
+        ),
         # Wan 2.1 layout (spatial 8, temporal 4), 4 channels per level; 16 latent channels so that the
         # default latents_mean / latents_std apply.
-        "vae": _make("vae", lambda: AutoencoderKLWan(
-            base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])),
+        "vae": _make(
+            "vae",
+            lambda: AutoencoderKLWan(
+                base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+            ),
+        ),
         "text_encoder": _make("text_encoder", lambda: UMT5EncoderModel(_t5_config(t5, umt5=True))),
         "tokenizer": t5,
         "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -373,24 +459,59 @@ def _cogvideox() -> dict[str, Any]:
     t5 = t5_tokenizer()
     components = {
         # CogVideoX-5b layout: rotary positions (any text length works, not only max_text_seq_length).
-        "transformer": _make("transformer", lambda: CogVideoXTransformer3DModel(
-            num_attention_heads=_HEADS, attention_head_dim=_HEAD_DIM, in_channels=4, out_channels=4,
-            time_embed_dim=32, text_embed_dim=32, num_layers=2, sample_width=14, sample_height=10, sample_frames=9,
-            patch_size=2, temporal_compression_ratio=4, max_text_seq_length=226,
-            use_rotary_positional_embeddings=True)),
+        "transformer": _make(
+            "transformer",
+            lambda: CogVideoXTransformer3DModel(
+                num_attention_heads=_HEADS,
+                attention_head_dim=_HEAD_DIM,
+                in_channels=4,
+                out_channels=4,
+                time_embed_dim=32,
+                text_embed_dim=32,
+                num_layers=2,
+                sample_width=14,
+                sample_height=10,
+                sample_frames=9,
+                patch_size=2,
+                temporal_compression_ratio=4,
+                max_text_seq_length=226,
+                use_rotary_positional_embeddings=True,
+            ),
+        ),
         # 4 blocks: spatial factor 8, temporal factor 4.
-        "vae": _make("vae", lambda: AutoencoderKLCogVideoX(
-            in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
-            up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8,) * 4, latent_channels=4,
-            layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4, sample_height=80, sample_width=112,
-            scaling_factor=0.7)),
+        "vae": _make(
+            "vae",
+            lambda: AutoencoderKLCogVideoX(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("CogVideoXDownBlock3D",) * 4,
+                up_block_types=("CogVideoXUpBlock3D",) * 4,
+                block_out_channels=(8,) * 4,
+                latent_channels=4,
+                layers_per_block=1,
+                norm_num_groups=2,
+                temporal_compression_ratio=4,
+                sample_height=80,
+                sample_width=112,
+                scaling_factor=0.7,
+            ),
+        ),
         "text_encoder": _make("text_encoder", lambda: T5EncoderModel(_t5_config(t5))),
         "tokenizer": t5,
         # THUDM/CogVideoX-5b's scheduler config.
         "scheduler": CogVideoXDDIMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-            num_train_timesteps=1000, prediction_type="v_prediction", rescale_betas_zero_snr=True,
-            set_alpha_to_one=True, snr_shift_scale=1.0, steps_offset=0, timestep_spacing="trailing"),
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            num_train_timesteps=1000,
+            prediction_type="v_prediction",
+            rescale_betas_zero_snr=True,
+            set_alpha_to_one=True,
+            snr_shift_scale=1.0,
+            steps_offset=0,
+            timestep_spacing="trailing",
+        ),
     }
     return {"cls": CogVideoXPipeline, **components}
 
@@ -401,21 +522,43 @@ def _sd15() -> dict[str, Any]:
 
     clip = clip_tokenizer()
     components = {
-        "unet": _make("unet", lambda: UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
-            cross_attention_dim=32, attention_head_dim=_HEADS, norm_num_groups=8)),
+        "unet": _make(
+            "unet",
+            lambda: UNet2DConditionModel(
+                sample_size=8,
+                in_channels=4,
+                out_channels=4,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                cross_attention_dim=32,
+                attention_head_dim=_HEADS,
+                norm_num_groups=8,
+            ),
+        ),
         # 4 blocks: spatial factor 8 as in SD 1.5.
         "vae": _make("vae", lambda: _image_vae(4, scaling_factor=0.18215)),
         "text_encoder": _make("text_encoder", lambda: CLIPTextModel(_clip_config(clip))),
         "tokenizer": clip,
         # runwayml/stable-diffusion-v1-5's scheduler config.
         "scheduler": PNDMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-            set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1),
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            set_alpha_to_one=False,
+            skip_prk_steps=True,
+            steps_offset=1,
+        ),
     }
-    return {"cls": StableDiffusionPipeline, **components, "safety_checker": None, "feature_extractor": None,
-            "requires_safety_checker": False}
+    return {
+        "cls": StableDiffusionPipeline,
+        **components,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
 
 
 _BUILDERS: dict[str, Callable[[], dict[str, Any]]] = {

@@ -120,7 +120,9 @@ def states(steps: int = 5, seed: int = 0) -> list[GUIState]:
     return _episode(steps, seed)[0]
 
 
-def trajectory(steps: int = 5, size: tuple[int, int] = (224, 160), seed: int = 0) -> tuple[list[Image.Image], list[str]]:
+def trajectory(
+    steps: int = 5, size: tuple[int, int] = (224, 160), seed: int = 0
+) -> tuple[list[Image.Image], list[str]]:
     """``steps`` screenshots of one agent episode and the ``steps - 1`` actions between them."""
     seen, actions = _episode(steps, seed)
     return [render(state, size) for state in seen], actions

@@ -52,9 +52,21 @@ from tqdm.auto import tqdm
 from . import scenes
 from .trained import load_checkpoint, save_checkpoint, step_generator
 
-__all__ = ["CALL_DEFAULTS", "DEFAULT_STEPS", "GUIDANCE_SCALE", "LOOK_SEQUENCE_LENGTH", "MAX_SEQUENCE_LENGTH",
-           "PROMPT_OBJECTS", "PROMPT_STEPS", "TRAIN_SIZE", "build_pipeline", "caption_tokenizer", "refine_decoder",
-           "train_flux", "validation_loss"]
+__all__ = [
+    "CALL_DEFAULTS",
+    "DEFAULT_STEPS",
+    "GUIDANCE_SCALE",
+    "LOOK_SEQUENCE_LENGTH",
+    "MAX_SEQUENCE_LENGTH",
+    "PROMPT_OBJECTS",
+    "PROMPT_STEPS",
+    "TRAIN_SIZE",
+    "build_pipeline",
+    "caption_tokenizer",
+    "refine_decoder",
+    "train_flux",
+    "validation_loss",
+]
 
 MAX_SEQUENCE_LENGTH = 24
 """T5 tokens per prompt of the trained pipeline: what the prompt phase trained at (a two-object caption
@@ -70,9 +82,14 @@ GUIDANCE_SCALE = 5.0
 """Classifier-free guidance of the trained pipeline (FluxPipeline's ``true_cfg_scale``, against the empty
 prompt): without it the prompt barely changes the picture (docs/microworld.md)."""
 
-CALL_DEFAULTS: dict[str, Any] = {"height": 64, "width": 64, "num_inference_steps": 20,
-                                 "max_sequence_length": MAX_SEQUENCE_LENGTH, "true_cfg_scale": GUIDANCE_SCALE,
-                                 "negative_prompt": ""}
+CALL_DEFAULTS: dict[str, Any] = {
+    "height": 64,
+    "width": 64,
+    "num_inference_steps": 20,
+    "max_sequence_length": MAX_SEQUENCE_LENGTH,
+    "true_cfg_scale": GUIDANCE_SCALE,
+    "negative_prompt": "",
+}
 """Keywords for ``pipe(prompt, **CALL_DEFAULTS)`` on the trained pipeline (one prompt; for a list of
 prompts pass ``negative_prompt=[""] * len(prompts)``)."""
 
@@ -118,7 +135,9 @@ def caption_tokenizer():
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -8.0)]
     pieces += [("▁" + word, -1.0) for word in scenes.vocabulary()]
     seen = {piece for piece, _ in pieces}
-    pieces += [(char, -20.0) for char in string.ascii_lowercase + string.digits + string.punctuation if char not in seen]
+    pieces += [
+        (char, -20.0) for char in string.ascii_lowercase + string.digits + string.punctuation if char not in seen
+    ]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=MAX_SEQUENCE_LENGTH)
 
 
@@ -140,32 +159,88 @@ def build_pipeline(seed: int = 0):
     clip, t5 = clip_tokenizer(), caption_tokenizer()
     with seeded(seed):
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-            latent_channels=4, norm_num_groups=8, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
-            shift_factor=0.0, scaling_factor=1.0, mid_block_add_attention=False)
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.0,
+            scaling_factor=1.0,
+            mid_block_add_attention=False,
+        )
     with seeded(seed + 1):
         transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
-            num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=False,
-            axes_dims_rope=(8, 12, 12))
+            patch_size=1,
+            in_channels=16,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=32,
+            num_attention_heads=4,
+            joint_attention_dim=64,
+            pooled_projection_dim=32,
+            guidance_embeds=False,
+            axes_dims_rope=(8, 12, 12),
+        )
     with seeded(seed + 2):
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(clip), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu", bos_token_id=clip.bos_token_id,
-            eos_token_id=clip.eos_token_id, pad_token_id=clip.pad_token_id))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(clip),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                projection_dim=32,
+                hidden_act="quick_gelu",
+                bos_token_id=clip.bos_token_id,
+                eos_token_id=clip.eos_token_id,
+                pad_token_id=clip.pad_token_id,
+            )
+        )
     with seeded(seed + 3):
-        text_encoder_2 = T5EncoderModel(T5Config(
-            vocab_size=len(t5), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=0, num_heads=4,
-            relative_attention_num_buckets=16, relative_attention_max_distance=64, feed_forward_proj="gated-gelu",
-            pad_token_id=t5.pad_token_id, eos_token_id=t5.eos_token_id, decoder_start_token_id=t5.pad_token_id))
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5),
+                d_model=64,
+                d_kv=16,
+                d_ff=128,
+                num_layers=2,
+                num_decoder_layers=0,
+                num_heads=4,
+                relative_attention_num_buckets=16,
+                relative_attention_max_distance=64,
+                feed_forward_proj="gated-gelu",
+                pad_token_id=t5.pad_token_id,
+                eos_token_id=t5.eos_token_id,
+                decoder_start_token_id=t5.pad_token_id,
+            )
+        )
     # FLUX.1's resolution-dependent shift, anchored at this micro-world's 256-token training size.
     scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-        max_image_seq_len=4096)
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder.eval(), tokenizer=clip,
-                        text_encoder_2=text_encoder_2.eval(), tokenizer_2=t5, transformer=transformer,
-                        image_encoder=None, feature_extractor=None)
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=clip,
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=t5,
+        transformer=transformer,
+        image_encoder=None,
+        feature_extractor=None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,16 +256,19 @@ def _canvas(generator: torch.Generator) -> tuple[int, int]:
     return (side, other) if torch.rand(1, generator=generator) < 0.5 else (other, side)
 
 
-def _scene_batch(seed: int, step: int, size: tuple[int, int], count: int, max_objects: int = 4,
-                 with_background: float = 0.45):
+def _scene_batch(
+    seed: int, step: int, size: tuple[int, int], count: int, max_objects: int = 4, with_background: float = 0.45
+):
     """Training scenes and captions for ``(seed, step)``: ``with_background`` of the captions name the
     background, 10% are empty (for classifier-free guidance), the rest name the objects only."""
     generator = step_generator(seed, step, stream=1)
     seeds = torch.randint(0, scenes.TRAIN_SEEDS.stop, (count,), generator=generator).tolist()
     out = scenes.batch(seeds, *size, max_objects=max_objects)
     keep = torch.rand(count, generator=generator)
-    captions = [scene.caption_with_background if u < with_background else (scene.caption if u < 0.9 else "")
-                for scene, u in zip(out.scenes, keep.tolist())]
+    captions = [
+        scene.caption_with_background if u < with_background else (scene.caption if u < 0.9 else "")
+        for scene, u in zip(out.scenes, keep.tolist())
+    ]
     return out.images * 2.0 - 1.0, captions
 
 
@@ -216,7 +294,7 @@ def _vae_step(vae, optimizer, seed: int, step: int) -> float:
     images, _ = _scene_batch(seed, 10_000_000 + step, (side, side), _VAE_BATCH)
     # The VAE is convolutional: 32 x 32 crops teach it as well as whole canvases, at a quarter of the cost.
     y, x = (int(v) for v in torch.randint(0, side - _VAE_CROP + 1, (2,), generator=generator))
-    images = images[:, :, y:y + _VAE_CROP, x:x + _VAE_CROP]
+    images = images[:, :, y : y + _VAE_CROP, x : x + _VAE_CROP]
     posterior = vae.encode(images).latent_dist
     # Decoded from the posterior mean (what the pipeline's latents are): a deterministic autoencoder
     # whose latent scale the small KL term keeps in check; sampling the posterior while its variance
@@ -249,8 +327,15 @@ def _decoder_step(vae, optimizer, seed: int, step: int) -> float:
     return loss.item()
 
 
-def refine_decoder(vae, seed: int, start: int, steps: int, optimizer: torch.optim.Optimizer | None = None,
-                   progress: bool = True, on_checkpoint=None) -> torch.optim.Optimizer:
+def refine_decoder(
+    vae,
+    seed: int,
+    start: int,
+    steps: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    progress: bool = True,
+    on_checkpoint=None,
+) -> torch.optim.Optimizer:
     """Run decoder-refinement steps ``start .. steps - 1`` on ``vae`` (encoder frozen); returns the optimiser.
 
     ``on_checkpoint(step, optimizer)`` is called every 100 steps and at the end.
@@ -281,15 +366,18 @@ def _latent_statistics(vae, seed: int) -> tuple[float, float]:
     return float(values.mean()), float(1.0 / values.std())
 
 
-def _encode_text(pipe, captions: list[str], max_length: int = MAX_SEQUENCE_LENGTH,
-                 train_clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode_text(
+    pipe, captions: list[str], max_length: int = MAX_SEQUENCE_LENGTH, train_clip: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """T5 hidden states (with gradients: the encoder trains) and CLIP pooled vectors (with gradients
     when ``train_clip``), as FluxPipeline computes them (ids padded to the max length, no attention mask)."""
-    ids = pipe.tokenizer_2(captions, padding="max_length", max_length=max_length, truncation=True,
-                           return_tensors="pt").input_ids
+    ids = pipe.tokenizer_2(
+        captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     hidden = pipe.text_encoder_2(ids, output_hidden_states=False)[0]
-    clip_ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer_max_length,
-                              truncation=True, return_tensors="pt").input_ids
+    clip_ids = pipe.tokenizer(
+        captions, padding="max_length", max_length=pipe.tokenizer_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.set_grad_enabled(train_clip and torch.is_grad_enabled()):
         pooled = pipe.text_encoder(clip_ids, output_hidden_states=False).pooler_output
     return hidden, pooled
@@ -307,8 +395,9 @@ def _flux_loss(pipe, seed: int, step: int, prompt_phase: bool = False) -> torch.
         side = _PROMPT_SIDES[int(torch.randint(len(_PROMPT_SIDES), (1,), generator=generator))]
         height = width = side
         tokens = (side // 4) ** 2
-        images, captions = _scene_batch(seed, 40_000_000 + step, (side, side),
-                                        max(2, _PROMPT_TOKENS_PER_BATCH // tokens), PROMPT_OBJECTS, 0.2)
+        images, captions = _scene_batch(
+            seed, 40_000_000 + step, (side, side), max(2, _PROMPT_TOKENS_PER_BATCH // tokens), PROMPT_OBJECTS, 0.2
+        )
     else:
         generator = step_generator(seed, step, stream=3)
         height, width = _canvas(generator)
@@ -321,25 +410,37 @@ def _flux_loss(pipe, seed: int, step: int, prompt_phase: bool = False) -> torch.
     x0 = FluxPipeline._pack_latents(latents, b, c, h, w)
     noise = torch.randn(x0.shape, generator=generator)
     config = pipe.scheduler.config
-    mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
-                         config.max_shift)
+    mu = calculate_shift(
+        tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift
+    )
     t = torch.sigmoid(torch.randn(b, generator=generator))
     sigma = math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
     noisy = (1.0 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-    hidden, pooled = _encode_text(pipe, captions, MAX_SEQUENCE_LENGTH if prompt_phase else LOOK_SEQUENCE_LENGTH,
-                                  train_clip=prompt_phase)
+    hidden, pooled = _encode_text(
+        pipe, captions, MAX_SEQUENCE_LENGTH if prompt_phase else LOOK_SEQUENCE_LENGTH, train_clip=prompt_phase
+    )
     prediction = pipe.transformer(
-        hidden_states=noisy, timestep=sigma, guidance=None, pooled_projections=pooled,
-        encoder_hidden_states=hidden, txt_ids=torch.zeros(hidden.shape[1], 3),
+        hidden_states=noisy,
+        timestep=sigma,
+        guidance=None,
+        pooled_projections=pooled,
+        encoder_hidden_states=hidden,
+        txt_ids=torch.zeros(hidden.shape[1], 3),
         img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32),
-        return_dict=False)[0]
+        return_dict=False,
+    )[0]
     return F.mse_loss(prediction, noise - x0)
 
 
 @torch.no_grad()
-def validation_loss(pipe, seeds: list[int] | range, size: tuple[int, int] = TRAIN_SIZE,
-                    sigmas: tuple[float, ...] = (0.25, 0.5, 0.75), num_objects: int | None = None,
-                    captions: list[str] | None = None) -> float:
+def validation_loss(
+    pipe,
+    seeds: list[int] | range,
+    size: tuple[int, int] = TRAIN_SIZE,
+    sigmas: tuple[float, ...] = (0.25, 0.5, 0.75),
+    num_objects: int | None = None,
+    captions: list[str] | None = None,
+) -> float:
     """The rectified-flow loss (velocity MSE, as in training) of ``pipe``'s transformer on the scenes
     of ``seeds`` (use :data:`hasten.tiny.scenes.HELD_OUT_SEEDS`), captioned, at fixed noise levels.
 
@@ -369,10 +470,15 @@ def validation_loss(pipe, seeds: list[int] | range, size: tuple[int, int] = TRAI
         noise = torch.randn(x0.shape, generator=generator)
         noisy = (1.0 - sigma) * x0 + sigma * noise
         prediction = pipe.transformer(
-            hidden_states=noisy, timestep=torch.full((b,), sigma), guidance=None, pooled_projections=pooled,
-            encoder_hidden_states=hidden, txt_ids=torch.zeros(hidden.shape[1], 3),
+            hidden_states=noisy,
+            timestep=torch.full((b,), sigma),
+            guidance=None,
+            pooled_projections=pooled,
+            encoder_hidden_states=hidden,
+            txt_ids=torch.zeros(hidden.shape[1], 3),
             img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32),
-            return_dict=False)[0]
+            return_dict=False,
+        )[0]
         losses.append(F.mse_loss(prediction, noise - x0).item())
     return float(sum(losses) / len(losses))
 
@@ -383,9 +489,18 @@ def _average_into(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> 
             averaged.lerp_(current, 1.0 - decay)
 
 
-def train_flux(out: str | pathlib.Path, *, steps: int | None = None, seed: int = 0, resume: bool = False,
-               progress: bool = True, vae_steps: int | None = None, decoder_steps: int | None = None,
-               prompt_steps: int | None = None, init: str | pathlib.Path | None = None) -> pathlib.Path:
+def train_flux(
+    out: str | pathlib.Path,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+    vae_steps: int | None = None,
+    decoder_steps: int | None = None,
+    prompt_steps: int | None = None,
+    init: str | pathlib.Path | None = None,
+) -> pathlib.Path:
     """Train the micro-world FluxPipeline; save it in ``out / "model"``.
 
     Four phases: the VAE; the *look* phase (transformer + T5 on every scene kind, the CLIP encoder
@@ -439,8 +554,10 @@ def train_flux(out: str | pathlib.Path, *, steps: int | None = None, seed: int =
     decoder_steps = min(800, max(1, steps // 2)) if decoder_steps is None else int(decoder_steps)
     prompt_steps = PROMPT_STEPS if prompt_steps is None else int(prompt_steps)
     if min(steps, vae_steps, decoder_steps, prompt_steps) < 1:
-        raise ValueError(f"`steps`, `vae_steps`, `decoder_steps` and `prompt_steps` must be >= 1; got {steps}, "
-                         f"{vae_steps}, {decoder_steps} and {prompt_steps}")
+        raise ValueError(
+            f"`steps`, `vae_steps`, `decoder_steps` and `prompt_steps` must be >= 1; got {steps}, "
+            f"{vae_steps}, {decoder_steps} and {prompt_steps}"
+        )
     pipe = build_pipeline(seed)
     done = {"vae": 0, "flux": 0, "decoder": 0, "prompt": 0}
     if init is not None:
@@ -457,14 +574,26 @@ def train_flux(out: str | pathlib.Path, *, steps: int | None = None, seed: int =
     prompt_parameters = flux_parameters + list(clip.parameters())
     prompt_optimizer = torch.optim.AdamW(prompt_parameters, lr=5e-4, weight_decay=0.01)
     decoder_optimizer = torch.optim.AdamW(vae.decoder.parameters(), lr=1e-3, weight_decay=0.0)
-    averaged = {"ema": (transformer, copy.deepcopy(transformer)), "ema_t5": (t5, copy.deepcopy(t5)),
-                "ema_clip": (clip, copy.deepcopy(clip))}
+    averaged = {
+        "ema": (transformer, copy.deepcopy(transformer)),
+        "ema_t5": (t5, copy.deepcopy(t5)),
+        "ema_clip": (clip, copy.deepcopy(clip)),
+    }
     for _, ema in averaged.values():
         ema.requires_grad_(False)
-    modules = {"vae": vae, "transformer": transformer, "t5": t5, "clip": clip,
-               **{name: ema for name, (_, ema) in averaged.items()}}
-    optimizers = {"vae_optimizer": vae_optimizer, "flux_optimizer": flux_optimizer,
-                  "decoder_optimizer": decoder_optimizer, "prompt_optimizer": prompt_optimizer}
+    modules = {
+        "vae": vae,
+        "transformer": transformer,
+        "t5": t5,
+        "clip": clip,
+        **{name: ema for name, (_, ema) in averaged.items()},
+    }
+    optimizers = {
+        "vae_optimizer": vae_optimizer,
+        "flux_optimizer": flux_optimizer,
+        "decoder_optimizer": decoder_optimizer,
+        "prompt_optimizer": prompt_optimizer,
+    }
     if resume and (state := load_checkpoint(out)) is not None:
         for name, module in modules.items():
             if name in state:  # checkpoints from before the prompt phase hold no CLIP
@@ -476,19 +605,27 @@ def train_flux(out: str | pathlib.Path, *, steps: int | None = None, seed: int =
         done.update({phase: state.get(f"{phase}_step", 0) for phase in done})
 
     def checkpoint() -> None:
-        save_checkpoint(out, {
-            **{name: module.state_dict() for name, module in modules.items()},
-            **{name: optimizer.state_dict() for name, optimizer in optimizers.items()},
-            "shift_factor": vae.config.shift_factor, "scaling_factor": vae.config.scaling_factor,
-            **{f"{phase}_step": value for phase, value in done.items()}})
+        save_checkpoint(
+            out,
+            {
+                **{name: module.state_dict() for name, module in modules.items()},
+                **{name: optimizer.state_dict() for name, optimizer in optimizers.items()},
+                "shift_factor": vae.config.shift_factor,
+                "scaling_factor": vae.config.scaling_factor,
+                **{f"{phase}_step": value for phase, value in done.items()},
+            },
+        )
 
     if done["vae"] < vae_steps:
         if done["flux"]:
-            raise ValueError(f"the checkpoint in {out} finished its VAE at step {done['vae']}; resume with vae_steps "
-                             f"<= {done['vae']}")
+            raise ValueError(
+                f"the checkpoint in {out} finished its VAE at step {done['vae']}; resume with vae_steps "
+                f"<= {done['vae']}"
+            )
         vae.train()
-        bar = tqdm(range(done["vae"], vae_steps), initial=done["vae"], total=vae_steps, desc="vae",
-                   disable=not progress)
+        bar = tqdm(
+            range(done["vae"], vae_steps), initial=done["vae"], total=vae_steps, desc="vae", disable=not progress
+        )
         for step in bar:
             _set_lr(vae_optimizer, _lr(step, 2e-3, 400))
             bar.set_postfix(loss=f"{_vae_step(vae, vae_optimizer, seed, step):.4f}")
@@ -501,8 +638,16 @@ def train_flux(out: str | pathlib.Path, *, steps: int | None = None, seed: int =
         checkpoint()
     vae.eval().requires_grad_(False)
 
-    def transformer_phase(phase: str, total: int, optimizer, parameters, decay: float, base_lr: float,
-                          half_life: int, trained: tuple[str, ...]) -> None:
+    def transformer_phase(
+        phase: str,
+        total: int,
+        optimizer,
+        parameters,
+        decay: float,
+        base_lr: float,
+        half_life: int,
+        trained: tuple[str, ...],
+    ) -> None:
         transformer.train()
         t5.train()
         bar = tqdm(range(done[phase], total), initial=done[phase], total=total, desc=phase, disable=not progress)
@@ -526,11 +671,14 @@ def train_flux(out: str | pathlib.Path, *, steps: int | None = None, seed: int =
                 checkpoint()
 
     if done["prompt"] and (done["flux"] < steps or done["decoder"] < decoder_steps):
-        raise ValueError(f"the checkpoint in {out} has started the prompt phase; resume with steps <= {done['flux']} "
-                         f"and decoder_steps <= {done['decoder']}")
+        raise ValueError(
+            f"the checkpoint in {out} has started the prompt phase; resume with steps <= {done['flux']} "
+            f"and decoder_steps <= {done['decoder']}"
+        )
     if done["flux"] < steps:
         transformer_phase("flux", steps, flux_optimizer, flux_parameters, _EMA, 1.5e-3, 1500, ("ema", "ema_t5"))
     if done["decoder"] < decoder_steps:
+
         def on_checkpoint(step: int, _optimizer) -> None:
             done["decoder"] = step
             checkpoint()
@@ -541,8 +689,16 @@ def train_flux(out: str | pathlib.Path, *, steps: int | None = None, seed: int =
             for live, ema in averaged.values():
                 live.load_state_dict(ema.state_dict())
         clip.requires_grad_(True).train()
-        transformer_phase("prompt", prompt_steps, prompt_optimizer, prompt_parameters, _PROMPT_EMA, 5e-4, 1500,
-                          ("ema", "ema_t5", "ema_clip"))
+        transformer_phase(
+            "prompt",
+            prompt_steps,
+            prompt_optimizer,
+            prompt_parameters,
+            _PROMPT_EMA,
+            5e-4,
+            1500,
+            ("ema", "ema_t5", "ema_clip"),
+        )
     for live, ema in averaged.values():
         live.load_state_dict(ema.state_dict())
         live.eval().requires_grad_(False)

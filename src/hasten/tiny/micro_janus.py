@@ -50,14 +50,23 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .._validation import check_positive_int
 from . import scenes
 from ._store import seeded
-from .._validation import check_positive_int
 
 __all__ = [
-    "AR_SCHEDULE_STEPS", "CODEBOOK", "GRID", "IMAGE_SIZE", "MAX_OBJECTS", "VQ_SCHEDULE_STEPS", "janus_micro_config",
-    "load", "load_vq", "scene_images",
-    "train_janus", "train_vq",
+    "AR_SCHEDULE_STEPS",
+    "CODEBOOK",
+    "GRID",
+    "IMAGE_SIZE",
+    "MAX_OBJECTS",
+    "VQ_SCHEDULE_STEPS",
+    "janus_micro_config",
+    "load",
+    "load_vq",
+    "scene_images",
+    "train_janus",
+    "train_vq",
 ]
 
 IMAGE_SIZE = 32
@@ -79,7 +88,8 @@ _SEED = 0
 
 
 def _tokenizer():
-    from .ar_image import _JANUS_SPECIALS, _tokenizer as ar_tokenizer
+    from .ar_image import _JANUS_SPECIALS
+    from .ar_image import _tokenizer as ar_tokenizer
 
     return ar_tokenizer(_JANUS_SPECIALS)
 
@@ -99,19 +109,50 @@ def janus_micro_config(tokenizer=None):
 
     tokenizer = tokenizer or _tokenizer()
     hidden = 128
-    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=384,
-                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id)
-    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=IMAGE_SIZE,
-                  patch_size=IMAGE_SIZE // GRID, projection_dim=hidden, depth=1, num_image_tokens=GRID * GRID, mlp_ratio=2.0)
+    text = dict(
+        model_type="llama",
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = dict(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=IMAGE_SIZE // GRID,
+        projection_dim=hidden,
+        depth=1,
+        num_image_tokens=GRID * GRID,
+        mlp_ratio=2.0,
+    )
     # Three VQ levels (two 2x downsamplings): 32 x 32 pixels <-> 8 x 8 codes. JanusConfig sets the VQ grid
     # (num_patches) to image_size // patch_size of the vision config.
-    vq = dict(embed_dim=8, num_embeddings=CODEBOOK, latent_channels=32, base_channels=32,
-              channel_multiplier=[1, 1, 1], num_res_blocks=1, num_patches=GRID, projection_dim=hidden,
-              image_token_embed_dim=hidden, num_hidden_layers=1)
-    return JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
-                       image_token_id=tokenizer.convert_tokens_to_ids(_JANUS_SPECIALS["image_token"]))
+    vq = dict(
+        embed_dim=8,
+        num_embeddings=CODEBOOK,
+        latent_channels=32,
+        base_channels=32,
+        channel_multiplier=[1, 1, 1],
+        num_res_blocks=1,
+        num_patches=GRID,
+        projection_dim=hidden,
+        image_token_embed_dim=hidden,
+        num_hidden_layers=1,
+    )
+    return JanusConfig(
+        text_config=text,
+        vision_config=vision,
+        vq_config=vq,
+        image_token_id=tokenizer.convert_tokens_to_ids(_JANUS_SPECIALS["image_token"]),
+    )
 
 
 def scene_images(seeds, **kwargs) -> tuple[torch.Tensor, list[scenes.Scene]]:
@@ -188,8 +229,16 @@ def _foreground_weight(pixels: torch.Tensor, drawn: list[scenes.Scene]) -> torch
     return 1.0 + (FOREGROUND_WEIGHT - 1.0) * foreground.to(pixels.dtype)
 
 
-def train_vq(out: str | pathlib.Path, *, steps: int | None = None, seed: int = _SEED, resume: bool = False,
-             progress: bool = True, batch_size: int = 16, checkpoint_every: int = 100) -> pathlib.Path:
+def train_vq(
+    out: str | pathlib.Path,
+    *,
+    steps: int | None = None,
+    seed: int = _SEED,
+    resume: bool = False,
+    progress: bool = True,
+    batch_size: int = 16,
+    checkpoint_every: int = 100,
+) -> pathlib.Path:
     """Train the micro Janus's VQ tokenizer on scenes (``hasten tiny train janus-vq``).
 
     Parameters
@@ -273,8 +322,17 @@ def train_vq(out: str | pathlib.Path, *, steps: int | None = None, seed: int = _
         log.append((step, rec_loss.item(), vq_loss.item()))
         bar.set_postfix(rec=f"{log[-1][1]:.4f}", vq=f"{log[-1][2]:.4f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            trained.save_checkpoint(out, dict(model=vq.state_dict(), optimizer=optimizer.state_dict(), step=step + 1,
-                                              log=log, restart_rng=restart.get_state(), usage=usage.clone()))
+            trained.save_checkpoint(
+                out,
+                dict(
+                    model=vq.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    step=step + 1,
+                    log=log,
+                    restart_rng=restart.get_state(),
+                    usage=usage.clone(),
+                ),
+            )
     bar.close()
     with torch.no_grad():  # unit-norm codebook: JanusVQVAE.encode's Euclidean argmin == cosine argmax
         vq.quantize.embedding.weight.copy_(F.normalize(vq.quantize.embedding.weight, dim=-1))
@@ -307,8 +365,11 @@ def load_vq(folder: str | pathlib.Path | None = None):
 def _processor(tokenizer):
     from transformers import JanusImageProcessorPil, JanusProcessor
 
-    return JanusProcessor(JanusImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}), tokenizer,
-                          num_image_tokens=GRID * GRID)
+    return JanusProcessor(
+        JanusImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        tokenizer,
+        num_image_tokens=GRID * GRID,
+    )
 
 
 def _prompt_ids(processor, captions: list[str], uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,8 +387,8 @@ def _prompt_ids(processor, captions: list[str], uncond: torch.Tensor) -> tuple[t
     for i, row in enumerate(rows):
         if uncond[i]:
             row = torch.where((row == tokenizer.bos_token_id) | (row == boi), row, tokenizer.pad_token_id)
-        ids[i, length - len(row):] = row
-        mask[i, length - len(row):] = 1
+        ids[i, length - len(row) :] = row
+        mask[i, length - len(row) :] = 1
     return ids, mask
 
 
@@ -338,9 +399,10 @@ def _ar_loss(model, prompt_ids: torch.Tensor, mask: torch.Tensor, tokens: torch.
     embeds = torch.cat([text, image], 1)
     full_mask = torch.cat([mask, mask.new_ones(tokens.shape[0], tokens.shape[1] - 1)], 1)
     positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=full_mask,
-                                        position_ids=positions).last_hidden_state
-    logits = model.model.generation_head(hidden[:, prompt_ids.shape[1] - 1:])
+    hidden = model.model.language_model(
+        inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions
+    ).last_hidden_state
+    logits = model.model.generation_head(hidden[:, prompt_ids.shape[1] - 1 :])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1))
 
 
@@ -355,7 +417,7 @@ def _tokenised_dataset(vq, count: int, seed: int, folder: pathlib.Path, progress
     tokens, captions = [], []
     with torch.no_grad():
         for start in tqdm(range(0, count, 256), desc="tokenising scenes", disable=not progress):
-            pixels, drawn = scene_images(seeds[start:start + 256])
+            pixels, drawn = scene_images(seeds[start : start + 256])
             tokens.append(_vq_codes(vq, pixels)[2])
             captions += [scene.caption for scene in drawn]
     tokens = torch.cat(tokens)
@@ -380,9 +442,19 @@ AR_SCHEDULE_STEPS = 2500
 ``steps`` steps is the first ``steps`` steps of one schedule, so it resumes and stops anywhere."""
 
 
-def train_janus(out: str | pathlib.Path, *, steps: int | None = None, seed: int = _SEED, resume: bool = False,
-                progress: bool = True, batch_size: int = 32, dataset_size: int = 40_000, uncond_rate: float = 0.1,
-                vq_folder: str | pathlib.Path | None = None, checkpoint_every: int = 100) -> pathlib.Path:
+def train_janus(
+    out: str | pathlib.Path,
+    *,
+    steps: int | None = None,
+    seed: int = _SEED,
+    resume: bool = False,
+    progress: bool = True,
+    batch_size: int = 32,
+    dataset_size: int = 40_000,
+    uncond_rate: float = 0.1,
+    vq_folder: str | pathlib.Path | None = None,
+    checkpoint_every: int = 100,
+) -> pathlib.Path:
     """Train the micro Janus's language model and generation head (``hasten tiny train janus``).
 
     Parameters
@@ -435,8 +507,9 @@ def train_janus(out: str | pathlib.Path, *, steps: int | None = None, seed: int 
     vq = load_vq(vq_folder)
     model.model.vqmodel.load_state_dict(vq.state_dict())
     tokens, captions = _tokenised_dataset(vq, dataset_size, seed, out, progress)
-    params = [p for name, p in model.named_parameters()
-               if name.startswith(("model.language_model", "model.generation_"))]
+    params = [
+        p for name, p in model.named_parameters() if name.startswith(("model.language_model", "model.generation_"))
+    ]
     optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
     model.train()
     state = _resume_state(out, resume)
@@ -461,8 +534,9 @@ def train_janus(out: str | pathlib.Path, *, steps: int | None = None, seed: int 
         log.append((step, loss.item()))
         bar.set_postfix(loss=f"{log[-1][1]:.3f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            trained.save_checkpoint(out, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                              step=step + 1, log=log))
+            trained.save_checkpoint(
+                out, dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step + 1, log=log)
+            )
     bar.close()
     _save_model(model, processor, out / "model")
     return out / "model"
@@ -492,7 +566,8 @@ def load(folder: str | pathlib.Path | None = None, *, dtype: torch.dtype = torch
 
     folder = pathlib.Path(folder) if folder is not None else _WEIGHTS / "janus"
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"no trained micro Janus in {folder}; run `hasten tiny train janus-vq` "
-                                "then `hasten tiny train janus`")
+        raise FileNotFoundError(
+            f"no trained micro Janus in {folder}; run `hasten tiny train janus-vq` then `hasten tiny train janus`"
+        )
     model = JanusForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
     return model, AutoProcessor.from_pretrained(folder)

@@ -56,11 +56,25 @@ from typing import Any, Sequence
 
 import torch
 
-from .vqa import GUI_QUESTIONS, HELD_OUT_SEED, VQASample, gui_sample, held_out, scene_sample
 from .._validation import check_int, check_positive_int
+from .vqa import GUI_QUESTIONS, HELD_OUT_SEED, VQASample, gui_sample, held_out, scene_sample
 
-__all__ = ["MICRO_VLMS", "TRAINED_KINDS", "accuracy", "answer", "build", "held_out_set", "load", "load_folder", "prompts", "scene_size",
-           "train", "train_llava", "train_qwen25_vl", "weights_path"]
+__all__ = [
+    "MICRO_VLMS",
+    "TRAINED_KINDS",
+    "accuracy",
+    "answer",
+    "build",
+    "held_out_set",
+    "load",
+    "load_folder",
+    "prompts",
+    "scene_size",
+    "train",
+    "train_llava",
+    "train_qwen25_vl",
+    "weights_path",
+]
 
 MICRO_VLMS: tuple[str, ...] = ("llava", "qwen2.5-vl")
 """The trained tiny VLMs."""
@@ -102,38 +116,84 @@ def build(name: str, seed: int = _SEED) -> tuple[Any, Any]:
     from ._store import seeded
     from .vlms import _LLAVA_TEMPLATE, _QWEN_TEMPLATE, _image_only_processor_class, _llava_tokenizer, _qwen_tokenizer
 
-    text = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=2048)
+    text = dict(
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    )
     if name == "llava":
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+        from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
         tokenizer = _llava_tokenizer()
         size = _SCENE_SIZE[name]
-        vision = dict(model_type="clip_vision_model", hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=4, image_size=size, patch_size=_LLAVA_PATCH, projection_dim=48)
-        config = LlavaConfig(vision_config=vision, text_config=dict(
-            text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-            vision_feature_layer=-2, vision_feature_select_strategy="default")
-        processor = LlavaProcessor(CLIPImageProcessor(size={"shortest_edge": size},
-                                                      crop_size={"height": size, "width": size}),
-                                   tokenizer, patch_size=_LLAVA_PATCH, num_additional_image_tokens=1,
-                                   vision_feature_select_strategy="default", chat_template=_LLAVA_TEMPLATE)
+        vision = dict(
+            model_type="clip_vision_model",
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=size,
+            patch_size=_LLAVA_PATCH,
+            projection_dim=48,
+        )
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=dict(
+                text,
+                vocab_size=len(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            ),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+        processor = LlavaProcessor(
+            CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+            tokenizer,
+            patch_size=_LLAVA_PATCH,
+            num_additional_image_tokens=1,
+            vision_feature_select_strategy="default",
+            chat_template=_LLAVA_TEMPLATE,
+        )
         cls = LlavaForConditionalGeneration
     else:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         tokenizer, ids = _qwen_tokenizer()
-        vision = dict(depth=3, hidden_size=48, intermediate_size=96, num_heads=4, patch_size=4, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=16, out_hidden_size=64, fullatt_block_indexes=[2])
-        config = Qwen2_5_VLConfig(text_config=dict(
-            text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
-            vision_config=vision, **ids)
-        image_processor = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4,
-                                                   temporal_patch_size=2, merge_size=2)
+        vision = dict(
+            depth=3,
+            hidden_size=48,
+            intermediate_size=96,
+            num_heads=4,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=16,
+            out_hidden_size=64,
+            fullatt_block_indexes=[2],
+        )
+        config = Qwen2_5_VLConfig(
+            text_config=dict(
+                text,
+                vocab_size=len(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+            ),
+            vision_config=vision,
+            **ids,
+        )
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4, temporal_patch_size=2, merge_size=2
+        )
         processor = _image_only_processor_class()(image_processor, tokenizer, chat_template=_QWEN_TEMPLATE)
         cls = Qwen2_5_VLForConditionalGeneration
     with seeded(seed):
@@ -178,11 +238,12 @@ def _sincos_positions(weight: torch.Tensor, side: int, amplitude: float = 0.5) -
     table = torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], 1)
     with torch.no_grad():
         weight.zero_()
-        weight[1:, :table.shape[1]] = amplitude * table
+        weight[1:, : table.shape[1]] = amplitude * table
 
 
-def load_folder(folder: str | pathlib.Path, *, dtype: torch.dtype = torch.float32,
-                attn_implementation: str = "sdpa") -> tuple[Any, Any]:
+def load_folder(
+    folder: str | pathlib.Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+) -> tuple[Any, Any]:
     """A micro-world VLM saved in ``folder`` (by :func:`train`) and its processor, via ``from_pretrained``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
@@ -196,8 +257,9 @@ def load_folder(folder: str | pathlib.Path, *, dtype: torch.dtype = torch.float3
         from .vlms import _image_only_processor_class
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        processor = _image_only_processor_class()(Qwen2VLImageProcessorPil.from_pretrained(folder), tokenizer,
-                                                  chat_template=tokenizer.chat_template)
+        processor = _image_only_processor_class()(
+            Qwen2VLImageProcessorPil.from_pretrained(folder), tokenizer, chat_template=tokenizer.chat_template
+        )
     else:
         processor = AutoProcessor.from_pretrained(folder)
     return model.eval(), processor
@@ -223,16 +285,19 @@ def _inputs(processor: Any, batch: Sequence[VQASample], texts: Sequence[str]) ->
 def _training_batch(processor: Any, batch: Sequence[VQASample]) -> tuple[Any, torch.Tensor]:
     """Inputs of prompt + answer + EOS (left padded), and labels that are -100 except the answer and EOS."""
     tokenizer = processor.tokenizer
-    texts = [prompt + " " + sample.answer + tokenizer.eos_token for prompt, sample in zip(prompts(processor, batch), batch)]
+    texts = [
+        prompt + " " + sample.answer + tokenizer.eos_token for prompt, sample in zip(prompts(processor, batch), batch)
+    ]
     inputs = _inputs(processor, batch, texts)
     labels = torch.full_like(inputs["input_ids"], -100)
     for row, sample in enumerate(batch):
         target = tokenizer(" " + sample.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        tail = inputs["input_ids"][row, -len(target):]
+        tail = inputs["input_ids"][row, -len(target) :]
         if tail.tolist() != target:
-            raise RuntimeError(f"answer {sample.answer!r} does not tokenise the same after the prompt: "
-                               f"{tail.tolist()} vs {target}")
-        labels[row, -len(target):] = tail
+            raise RuntimeError(
+                f"answer {sample.answer!r} does not tokenise the same after the prompt: {tail.tolist()} vs {target}"
+            )
+        labels[row, -len(target) :] = tail
     return inputs, labels
 
 
@@ -247,9 +312,18 @@ def _train_sample(name: str, seed: int, warm: bool = False) -> VQASample:
     return scene_sample(seed, kind=kind, size=_SCENE_SIZE[name], max_objects=1 if warm else 4)
 
 
-def train(name: str, out: str | pathlib.Path, *, steps: int | None = None, batch_size: int | None = None,
-          lr: float | None = None, seed: int = 0, resume: bool = False, checkpoint_every: int = 50,
-          progress: bool = True) -> pathlib.Path:
+def train(
+    name: str,
+    out: str | pathlib.Path,
+    *,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    checkpoint_every: int = 50,
+    progress: bool = True,
+) -> pathlib.Path:
     """Train ``name`` from its seeded initialisation on :mod:`hasten.tiny.vqa`; save it in ``out / "model"``.
 
     One torch thread. The model is initialised from seed ``20 + seed``; step ``s`` draws the
@@ -281,8 +355,9 @@ def train(name: str, out: str | pathlib.Path, *, steps: int | None = None, batch
     model, processor = build(name, base_seed)
     model.train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / 20)
-                                                 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     start = 0
     state = load_checkpoint(out) if resume else None
     if resume and state is None:
@@ -306,22 +381,31 @@ def train(name: str, out: str | pathlib.Path, *, steps: int | None = None, batch
         if progress and step % 50 == 0:
             tqdm.write(f"step {step} loss {float(loss):.4f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            save_checkpoint(out, {"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                                  "schedule": schedule.state_dict(), "step": step + 1})
+            save_checkpoint(
+                out,
+                {
+                    "model": model.state_dict(),
+                    "optimiser": optimiser.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "step": step + 1,
+                },
+            )
     model.eval()
     model.save_pretrained(out / "model")
     processor.save_pretrained(out / "model")
     return out / "model"
 
 
-def train_llava(out: pathlib.Path, *, steps: int | None = None, seed: int = 0, resume: bool = False,
-                progress: bool = True) -> pathlib.Path:
+def train_llava(
+    out: pathlib.Path, *, steps: int | None = None, seed: int = 0, resume: bool = False, progress: bool = True
+) -> pathlib.Path:
     """``hasten tiny train llava``: :func:`train` of the micro-world LLaVA (registry signature)."""
     return train("llava", out, steps=steps, seed=seed, resume=resume, progress=progress)
 
 
-def train_qwen25_vl(out: pathlib.Path, *, steps: int | None = None, seed: int = 0, resume: bool = False,
-                    progress: bool = True) -> pathlib.Path:
+def train_qwen25_vl(
+    out: pathlib.Path, *, steps: int | None = None, seed: int = 0, resume: bool = False, progress: bool = True
+) -> pathlib.Path:
     """``hasten tiny train qwen2.5-vl``: :func:`train` of the micro-world Qwen2.5-VL (registry signature)."""
     return train("qwen2.5-vl", out, steps=steps, seed=seed, resume=resume, progress=progress)
 
@@ -333,8 +417,12 @@ def answer(model: Any, processor: Any, batch: Sequence[VQASample] | VQASample, m
     batch = [batch] if single else list(batch)
     inputs = _inputs(processor, batch, prompts(processor, batch)).to(model.device)
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    texts = [text.strip() for text in processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:],
-                                                                       skip_special_tokens=True)]
+    texts = [
+        text.strip()
+        for text in processor.tokenizer.batch_decode(
+            output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+    ]
     return texts[0] if single else texts
 
 
@@ -342,7 +430,7 @@ def accuracy(model: Any, processor: Any, samples: Sequence[VQASample], batch_siz
     """Exact-match accuracy of greedy answers on ``samples``, per question type and ``"all"``."""
     correct: dict[str, list[bool]] = {}
     for begin in range(0, len(samples), batch_size):
-        chunk = samples[begin:begin + batch_size]
+        chunk = samples[begin : begin + batch_size]
         for sample, text in zip(chunk, answer(model, processor, chunk)):
             correct.setdefault(sample.kind, []).append(text == sample.answer)
     result = {kind: sum(flags) / len(flags) for kind, flags in correct.items()}

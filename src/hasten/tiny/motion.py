@@ -30,8 +30,9 @@ def photo(name: str = "astronaut") -> np.ndarray:
     return getattr(data, name)()
 
 
-def panned(frames: int = 8, size: tuple[int, int] = (64, 96), step: tuple[float, float] = (2.0, 0.0),
-           name: str = "astronaut") -> tuple[np.ndarray, list[np.ndarray]]:
+def panned(
+    frames: int = 8, size: tuple[int, int] = (64, 96), step: tuple[float, float] = (2.0, 0.0), name: str = "astronaut"
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """A camera panning by ``step = (dx, dy)`` pixels per frame over a photo.
 
     Returns ``(T, H, W, 3)`` uint8 frames and, per frame ``t >= 1``, the true flow from frame ``t``
@@ -40,8 +41,7 @@ def panned(frames: int = 8, size: tuple[int, int] = (64, 96), step: tuple[float,
     image = photo(name)
     height, width = size
     dx, dy = step
-    scale = max((height + abs(dy) * frames + 2) / image.shape[0], (width + abs(dx) * frames + 2) / image.shape[1],
-                0.25)
+    scale = max((height + abs(dy) * frames + 2) / image.shape[0], (width + abs(dx) * frames + 2) / image.shape[1], 0.25)
     if scale > 1:
         raise ValueError(f"a {frames}-frame pan of {size} by {step} does not fit in the {name} photo")
     x0 = (image.shape[1] - width - dx * (frames - 1)) / 2
@@ -55,8 +55,9 @@ def panned(frames: int = 8, size: tuple[int, int] = (64, 96), step: tuple[float,
     return np.stack(out), [flow.copy() for _ in range(frames - 1)]
 
 
-def zoomed(frames: int = 8, size: tuple[int, int] = (64, 96), rate: float = 1.03,
-           name: str = "astronaut") -> tuple[np.ndarray, list[np.ndarray]]:
+def zoomed(
+    frames: int = 8, size: tuple[int, int] = (64, 96), rate: float = 1.03, name: str = "astronaut"
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """A camera zooming in by ``rate`` per frame on the photo's centre; frames and true flows (t -> t-1)."""
     image = photo(name)
     height, width = size
@@ -65,7 +66,7 @@ def zoomed(frames: int = 8, size: tuple[int, int] = (64, 96), rate: float = 1.03
     out_centre = np.array([(width - 1) / 2, (height - 1) / 2])
     out = []
     for t in range(frames):
-        s = base / rate ** t
+        s = base / rate**t
         matrix = np.float32([[s, 0, centre[0] - s * out_centre[0]], [0, s, centre[1] - s * out_centre[1]]])
         out.append(cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP))
     xs, ys = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))

@@ -49,10 +49,26 @@ import numpy as np
 import torch
 
 __all__ = [
-    "BACKGROUNDS", "COLOURS", "HELD_OUT_SEEDS", "POSITIONS", "SHAPES", "SIZES", "TRAIN_SEEDS", "Scene",
-    "SceneBatch", "SceneObject", "SceneVideo", "batch", "cell_labels", "is_held_out", "render", "sample_scene",
+    "BACKGROUNDS",
+    "COLOURS",
+    "HELD_OUT_SEEDS",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "TRAIN_SEEDS",
+    "Scene",
+    "SceneBatch",
+    "SceneObject",
+    "SceneVideo",
+    "batch",
+    "cell_labels",
+    "is_held_out",
+    "render",
+    "sample_scene",
     "scene_from_caption",
-    "sample_video", "texture_names", "vocabulary",
+    "sample_video",
+    "texture_names",
+    "vocabulary",
 ]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross", "diamond")
@@ -76,9 +92,15 @@ SIZES: dict[str, float] = {"small": 0.24, "large": 0.40}
 """Object sizes: the shape's outer radius as a fraction of the smaller side of a grid cell."""
 
 POSITIONS: tuple[str, ...] = (
-    "top left", "top", "top right",
-    "left", "centre", "right",
-    "bottom left", "bottom", "bottom right",
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "centre",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
 )
 """The 3 x 3 grid cells, row-major: ``POSITIONS[3 * row + column]``."""
 
@@ -307,9 +329,17 @@ def _check_seed(seed: int) -> int:
     return int(seed)
 
 
-def sample_scene(seed: int, height: int = 64, width: int = 64, *, num_objects: int | None = None,
-                 max_objects: int = 4, textures: bool = False, jitter: float = 0.1,
-                 sizes: Sequence[str] | None = None) -> Scene:
+def sample_scene(
+    seed: int,
+    height: int = 64,
+    width: int = 64,
+    *,
+    num_objects: int | None = None,
+    max_objects: int = 4,
+    textures: bool = False,
+    jitter: float = 0.1,
+    sizes: Sequence[str] | None = None,
+) -> Scene:
     """The scene for ``seed``: objects, positions, colours and background, all drawn from ``seed``.
 
     Parameters
@@ -370,10 +400,15 @@ def sample_scene(seed: int, height: int = 64, width: int = 64, *, num_objects: i
         cx = (column + 0.5 + dx) * cell_w
         cy = (row + 0.5 + dy) * cell_h
         radius = SIZES[size] * min(cell_h, cell_w)
-        bbox = (max(0, int(math.floor(cx - radius))), max(0, int(math.floor(cy - radius))),
-                min(width, int(math.ceil(cx + radius)) + 1), min(height, int(math.ceil(cy + radius)) + 1))
-        objects.append(SceneObject(shape, colour, size, POSITIONS[int(cell)], (float(cx), float(cy)),
-                                   float(radius), bbox))
+        bbox = (
+            max(0, int(math.floor(cx - radius))),
+            max(0, int(math.floor(cy - radius))),
+            min(width, int(math.ceil(cx + radius)) + 1),
+            min(height, int(math.ceil(cy + radius)) + 1),
+        )
+        objects.append(
+            SceneObject(shape, colour, size, POSITIONS[int(cell)], (float(cx), float(cy)), float(radius), bbox)
+        )
     available = texture_names() if textures else ()
     texture_box = None
     if available and rng.random() < 0.25:
@@ -398,6 +433,7 @@ def sample_scene(seed: int, height: int = 64, width: int = 64, *, num_objects: i
 
 def _polygons(shape: str) -> list[tuple[np.ndarray, bool]]:
     """Unit-radius outlines ``(points (K, 2) as (x, y), fill)``; fill False cuts a hole."""
+
     def ngon(count: int, radius: float = 1.0, phase: float = -math.pi / 2) -> np.ndarray:
         angles = phase + 2 * math.pi * np.arange(count) / count
         return radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
@@ -419,12 +455,33 @@ def _polygons(shape: str) -> list[tuple[np.ndarray, bool]]:
         return [(np.stack([outer, inner], axis=1).reshape(10, 2), True)]
     if shape == "cross":
         a, b = 0.32, 0.95
-        return [(np.array([[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b], [-a, a],
-                           [-b, a], [-b, -a], [-a, -a]]), True)]
+        return [
+            (
+                np.array(
+                    [
+                        [-a, -b],
+                        [a, -b],
+                        [a, -a],
+                        [b, -a],
+                        [b, a],
+                        [a, a],
+                        [a, b],
+                        [-a, b],
+                        [-a, a],
+                        [-b, a],
+                        [-b, -a],
+                        [-a, -a],
+                    ]
+                ),
+                True,
+            )
+        ]
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def _coverage(obj: SceneObject, height: int, width: int, offset: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, tuple[int, int]]:
+def _coverage(
+    obj: SceneObject, height: int, width: int, offset: tuple[int, int] = (0, 0)
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Anti-aliased coverage in [0, 1] of ``obj`` over its bounding box (shifted by ``offset``
     pixels); returns the box-sized mask and the box's top-left ``(x, y)`` on the canvas."""
     f = _SUPERSAMPLE
@@ -457,7 +514,7 @@ def _paint(canvas: np.ndarray, obj: SceneObject, offset: tuple[int, int] = (0, 0
     ys, xs = slice(max(0, y0), min(h, y0 + mask.shape[0])), slice(max(0, x0), min(w, x0 + mask.shape[1]))
     if ys.start >= ys.stop or xs.start >= xs.stop:
         return
-    alpha = mask[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0, None]
+    alpha = mask[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0, None]
     region = canvas[ys, xs]
     canvas[ys, xs] = region * (1.0 - alpha) + np.array(obj.rgb, np.float32) * alpha
 
@@ -581,13 +638,17 @@ def scene_from_caption(caption: str, height: int = 64, width: int = 64, backgrou
         if words[:2] == ["a", "small"]:
             size, words = "small", ["a", *words[2:]]
         if len(words) < 5 or words[0] != "a" or words[1] not in COLOURS or words[2] not in SHAPES:
-            raise ValueError(f"`caption`: cannot read {phrase!r}; expected 'a [small] <colour> <shape> at the "
-                             f"<position>' with colours {tuple(COLOURS)} and shapes {SHAPES}")
+            raise ValueError(
+                f"`caption`: cannot read {phrase!r}; expected 'a [small] <colour> <shape> at the "
+                f"<position>' with colours {tuple(COLOURS)} and shapes {SHAPES}"
+            )
         place = " ".join(words[3:])
         position = "centre" if place == "in the centre" else place.removeprefix("at the ")
         if position not in POSITIONS or (position != "centre" and not place.startswith("at the ")):
-            raise ValueError(f"`caption`: unknown position in {phrase!r}; expected 'at the <position>' with "
-                             f"positions {POSITIONS} ('in the centre' for the middle)")
+            raise ValueError(
+                f"`caption`: unknown position in {phrase!r}; expected 'at the <position>' with "
+                f"positions {POSITIONS} ('in the centre' for the middle)"
+            )
         cell = POSITIONS.index(position)
         if cell in used:
             raise ValueError(f"`caption`: two objects at the {position}; each cell holds one object")
@@ -595,8 +656,12 @@ def scene_from_caption(caption: str, height: int = 64, width: int = 64, backgrou
         row, column = divmod(cell, 3)
         cx, cy = (column + 0.5) * cell_w, (row + 0.5) * cell_h
         radius = SIZES[size] * min(cell_h, cell_w)
-        bbox = (max(0, int(math.floor(cx - radius))), max(0, int(math.floor(cy - radius))),
-                min(width, int(math.ceil(cx + radius)) + 1), min(height, int(math.ceil(cy + radius)) + 1))
+        bbox = (
+            max(0, int(math.floor(cx - radius))),
+            max(0, int(math.floor(cy - radius))),
+            min(width, int(math.ceil(cx + radius)) + 1),
+            min(height, int(math.ceil(cy + radius)) + 1),
+        )
         objects.append(SceneObject(words[2], words[1], size, position, (cx, cy), radius, bbox))
     return Scene(-1, int(height), int(width), background, tuple(objects))
 
@@ -621,8 +686,16 @@ def vocabulary() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def sample_video(seed: int, height: int = 64, width: int = 64, frames: int = 8, *, motion: str | None = None,
-                 max_speed: int = 2, **kwargs) -> SceneVideo:
+def sample_video(
+    seed: int,
+    height: int = 64,
+    width: int = 64,
+    frames: int = 8,
+    *,
+    motion: str | None = None,
+    max_speed: int = 2,
+    **kwargs,
+) -> SceneVideo:
     """A ``frames``-long video of the scene for ``seed``, with known integer motion per frame.
 
     Parameters
@@ -673,7 +746,7 @@ def sample_video(seed: int, height: int = 64, width: int = 64, frames: int = 8, 
         canvas = scene.render()
         start = np.where(velocity < 0, travel, 0)
         origins = np.stack([start + velocity * t for t in range(frames)]).astype(np.int64)
-        clip = np.stack([canvas[y:y + height, x:x + width] for x, y in origins])
+        clip = np.stack([canvas[y : y + height, x : x + width] for x, y in origins])
         step = np.repeat(-velocity[None], frames - 1, axis=0)
         displacement = np.repeat(step[:, None], len(scene.objects), axis=1)
         return SceneVideo(clip, scene, "pan", origins, displacement, step)

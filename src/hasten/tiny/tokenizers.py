@@ -218,4 +218,3 @@ def llama_tokenizer(**kwargs):
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     tokenizer.add_tokens(list(_LLAMA_SPECIALS), special_tokens=True)
     return tokenizer
-

@@ -39,8 +39,17 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["REGISTRY", "WEIGHTS", "is_shipped", "load", "load_checkpoint", "path", "save_checkpoint",
-           "step_generator", "training_function"]
+__all__ = [
+    "REGISTRY",
+    "WEIGHTS",
+    "is_shipped",
+    "load",
+    "load_checkpoint",
+    "path",
+    "save_checkpoint",
+    "step_generator",
+    "training_function",
+]
 
 REGISTRY: dict[str, str] = {
     "flux": "hasten.tiny.micro_diffusion:train_flux",
@@ -139,8 +148,10 @@ def load(name: str, folder: str | os.PathLike | None = None, **kwargs: Any) -> A
         return DiffusionPipeline.from_pretrained(folder, **kwargs)
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"no saved {name!r} model in {folder} (no model_index.json or config.json); train it with "
-                         f"`hasten tiny train {name}`")
+        raise ValueError(
+            f"no saved {name!r} model in {folder} (no model_index.json or config.json); train it with "
+            f"`hasten tiny train {name}`"
+        )
     config = json.loads(config_file.read_text())
     if config.get("architectures"):
         import transformers
@@ -171,7 +182,7 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     (True, False)
     """
     value = (int(seed) * 1_000_003 + int(step)) * 131 + int(stream)
-    return torch.Generator(device="cpu").manual_seed(value % (2 ** 63))
+    return torch.Generator(device="cpu").manual_seed(value % (2**63))
 
 
 def save_checkpoint(out: str | os.PathLike, state: dict[str, Any]) -> pathlib.Path:

@@ -19,13 +19,30 @@ __all__ = ["CONFIGS", "COND_CHANNELS", "models", "random_model"]
 
 COND_CHANNELS = 16
 CONFIGS = {
-    "ss_flow": ("SparseStructureFlowModel", dict(resolution=8, in_channels=4, out_channels=4, model_channels=32,
-                                                 cond_channels=COND_CHANNELS, num_blocks=2, num_heads=2, mlp_ratio=2,
-                                                 patch_size=1, pe_mode="ape", qk_rms_norm=True)),
-    "ss_enc": ("SparseStructureEncoder", dict(in_channels=1, latent_channels=4, num_res_blocks=1, channels=[8, 16, 16],
-                                              num_res_blocks_middle=1)),
-    "ss_dec": ("SparseStructureDecoder", dict(out_channels=1, latent_channels=4, num_res_blocks=1, channels=[16, 16, 8],
-                                              num_res_blocks_middle=1)),
+    "ss_flow": (
+        "SparseStructureFlowModel",
+        dict(
+            resolution=8,
+            in_channels=4,
+            out_channels=4,
+            model_channels=32,
+            cond_channels=COND_CHANNELS,
+            num_blocks=2,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=1,
+            pe_mode="ape",
+            qk_rms_norm=True,
+        ),
+    ),
+    "ss_enc": (
+        "SparseStructureEncoder",
+        dict(in_channels=1, latent_channels=4, num_res_blocks=1, channels=[8, 16, 16], num_res_blocks_middle=1),
+    ),
+    "ss_dec": (
+        "SparseStructureDecoder",
+        dict(out_channels=1, latent_channels=4, num_res_blocks=1, channels=[16, 16, 8], num_res_blocks_middle=1),
+    ),
 }
 _SEED = 7
 
@@ -56,8 +73,10 @@ def models(dtype: torch.dtype = torch.float32) -> dict[str, torch.nn.Module]:
     from ..models.trellis import from_pretrained
 
     folder = saved_folder("trellis-v1", "ckpts/done", _save) / "ckpts"
-    return {key: from_pretrained(folder / name, dtype) for key, name in
-            (("flow", "ss_flow"), ("encoder", "ss_enc"), ("decoder", "ss_dec"))}
+    return {
+        key: from_pretrained(folder / name, dtype)
+        for key, name in (("flow", "ss_flow"), ("encoder", "ss_enc"), ("decoder", "ss_dec"))
+    }
 
 
 def conditioner():
@@ -69,12 +88,28 @@ def conditioner():
 
     tokenizer = clip_tokenizer()
     with seeded(_SEED + 10):
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=COND_CHANNELS,
-                                            intermediate_size=2 * COND_CHANNELS, num_hidden_layers=1,
-                                            num_attention_heads=2, max_position_embeddings=77,
-                                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                            pad_token_id=tokenizer.pad_token_id)).eval()
-        image = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
-            hidden_size=COND_CHANNELS, num_hidden_layers=1, num_attention_heads=2, intermediate_size=2 * COND_CHANNELS,
-            image_size=28, patch_size=14, num_register_tokens=4)).eval()
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=COND_CHANNELS,
+                intermediate_size=2 * COND_CHANNELS,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        ).eval()
+        image = Dinov2WithRegistersModel(
+            Dinov2WithRegistersConfig(
+                hidden_size=COND_CHANNELS,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=2 * COND_CHANNELS,
+                image_size=28,
+                patch_size=14,
+                num_register_tokens=4,
+            )
+        ).eval()
     return VoxelConditioner(text, tokenizer, image, image_size=28)

@@ -36,7 +36,7 @@ import torch
 from ._store import saved_folder, seeded
 from .tokenizers import llama_tokenizer
 
-__all__ = ["VLM_KINDS", "Qwen2VLImageOnlyProcessor", "chat_prompt", "path", "vlm"]
+__all__ = ["VLM_KINDS", "Qwen2VLImageOnlyProcessor", "chat_prompt", "path", "vlm"]  # noqa: F822 (a lazy name: module __getattr__)
 
 VLM_KINDS: tuple[str, ...] = ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl")
 """The tiny VLM families accepted by :func:`vlm`."""
@@ -90,25 +90,47 @@ def __getattr__(name: str) -> Any:
 
 
 def _text(tokenizer) -> dict[str, Any]:
-    return dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id)
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
 
 
-_CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                    image_size=32, patch_size=4, projection_dim=32)
+_CLIP_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=4,
+    projection_dim=32,
+)
 
 
 def _qwen_tokenizer():
     """The Qwen2-VL / Qwen2.5-VL tokenizer and the special-token ids their configs need."""
-    tokenizer = llama_tokenizer(padding_side="left",
-                                extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    tokenizer = llama_tokenizer(
+        padding_side="left", extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+    )
     tokenizer.add_tokens(_QWEN_TOKENS, special_tokens=True)
     tokenizer.chat_template = _QWEN_TEMPLATE
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(token)
+        for name, token in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
     return tokenizer, ids
 
 
@@ -120,29 +142,53 @@ def _llava_tokenizer():
 
 
 def _save_llava(folder: pathlib.Path, next_: bool) -> None:
-    from transformers import (CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
-                              LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor,
-                              LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
 
     tokenizer = _llava_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    common = dict(vision_config=dict(model_type="clip_vision_model", **_CLIP_VISION), text_config=_text(tokenizer),
-                  image_token_id=image_token_id, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    common = dict(
+        vision_config=dict(model_type="clip_vision_model", **_CLIP_VISION),
+        text_config=_text(tokenizer),
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     size = _CLIP_VISION["image_size"]
     if next_:
         pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
         config = LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
-        image_processor = LlavaNextImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                                  image_grid_pinpoints=pinpoints)
-        processor = LlavaNextProcessor(image_processor, tokenizer, patch_size=4, num_additional_image_tokens=1,
-                                       vision_feature_select_strategy="default", chat_template=_LLAVA_TEMPLATE)
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_grid_pinpoints=pinpoints
+        )
+        processor = LlavaNextProcessor(
+            image_processor,
+            tokenizer,
+            patch_size=4,
+            num_additional_image_tokens=1,
+            vision_feature_select_strategy="default",
+            chat_template=_LLAVA_TEMPLATE,
+        )
         cls = LlavaNextForConditionalGeneration
     else:
         config = LlavaConfig(**common)
         image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        processor = LlavaProcessor(image_processor, tokenizer, patch_size=4, num_additional_image_tokens=1,
-                                   vision_feature_select_strategy="default",
-                                   chat_template=_LLAVA_TEMPLATE)
+        processor = LlavaProcessor(
+            image_processor,
+            tokenizer,
+            patch_size=4,
+            num_additional_image_tokens=1,
+            vision_feature_select_strategy="default",
+            chat_template=_LLAVA_TEMPLATE,
+        )
         cls = LlavaForConditionalGeneration
     with seeded(_SEED):
         model = cls(config).eval()
@@ -151,23 +197,50 @@ def _save_llava(folder: pathlib.Path, next_: bool) -> None:
 
 
 def _save_qwen(folder: pathlib.Path, v25: bool) -> None:
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer, ids = _qwen_tokenizer()
-    text = dict(_text(tokenizer), rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                                     "rope_theta": 10000.0})
+    text = dict(
+        _text(tokenizer), rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    )
     if v25:
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=16, out_hidden_size=64, fullatt_block_indexes=[1])
-        config, cls = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids), Qwen2_5_VLForConditionalGeneration
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=16,
+            out_hidden_size=64,
+            fullatt_block_indexes=[1],
+        )
+        config, cls = (
+            Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids),
+            Qwen2_5_VLForConditionalGeneration,
+        )
     else:
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
-                      temporal_patch_size=2, mlp_ratio=2)
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            mlp_ratio=2,
+        )
         config, cls = Qwen2VLConfig(text_config=text, vision_config=vision, **ids), Qwen2VLForConditionalGeneration
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4,
-                                               temporal_patch_size=2, merge_size=2)
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4, temporal_patch_size=2, merge_size=2
+    )
     with seeded(_SEED):
         model = cls(config).eval()
     model.save_pretrained(folder)
@@ -190,8 +263,7 @@ def path(kind: str) -> pathlib.Path:
     return saved_folder(f"{kind}-{_VERSION}", "config.json", _SAVERS[kind])
 
 
-def vlm(kind: str, *, dtype: torch.dtype = torch.float32,
-        attn_implementation: str = "sdpa") -> tuple[Any, Any]:
+def vlm(kind: str, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> tuple[Any, Any]:
     """The tiny ``kind`` VLM and its processor, loaded with ``from_pretrained``.
 
     Parameters
@@ -217,8 +289,9 @@ def vlm(kind: str, *, dtype: torch.dtype = torch.float32,
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        processor = _image_only_processor_class()(Qwen2VLImageProcessorPil.from_pretrained(folder), tokenizer,
-                                                  chat_template=tokenizer.chat_template)
+        processor = _image_only_processor_class()(
+            Qwen2VLImageProcessorPil.from_pretrained(folder), tokenizer, chat_template=tokenizer.chat_template
+        )
     else:
         processor = AutoProcessor.from_pretrained(folder)
     return model.eval(), processor

@@ -49,21 +49,48 @@ from typing import Iterator, Sequence
 
 from PIL import Image, ImageDraw
 
-from .gui import GUIState, render, states
 from .._validation import check_int
+from .gui import GUIState, render, states
 
-__all__ = ["COLORS", "GUI_QUESTIONS", "HELD_OUT_SEED", "PLACES", "SCENE_QUESTIONS", "SHAPES", "Scene", "SceneObject",
-           "VQASample", "gui_sample", "held_out", "make_scene", "render_scene", "samples", "scene_sample"]
+__all__ = [
+    "COLORS",
+    "GUI_QUESTIONS",
+    "HELD_OUT_SEED",
+    "PLACES",
+    "SCENE_QUESTIONS",
+    "SHAPES",
+    "Scene",
+    "SceneObject",
+    "VQASample",
+    "gui_sample",
+    "held_out",
+    "make_scene",
+    "render_scene",
+    "samples",
+    "scene_sample",
+]
 
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230),
-    "purple": (150, 60, 190), "orange": (240, 140, 30),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 230),
+    "purple": (150, 60, 190),
+    "orange": (240, 140, 30),
 }
 """Object colours (names are one token each in the tiny tokenizer)."""
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
-PLACES: tuple[str, ...] = ("top left", "top", "top right", "left", "center", "right",
-                           "bottom left", "bottom", "bottom right")
+PLACES: tuple[str, ...] = (
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+)
 """The 3 x 3 grid's cells, row-major."""
 
 SCENE_QUESTIONS: tuple[str, ...] = ("color", "shape", "count", "relation", "code")
@@ -76,8 +103,18 @@ _BACKGROUND = (235, 235, 235)
 _INK = (20, 20, 20)
 _RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
 # 3 x 5 digit glyphs, one string of 15 bits per digit, row-major.
-_DIGITS = ("111101101101111", "010110010010111", "111001111100111", "111001111001111", "101101111001001",
-           "111100111001111", "111100111101111", "111001001001001", "111101111101111", "111101111001111")
+_DIGITS = (
+    "111101101101111",
+    "010110010010111",
+    "111001111100111",
+    "111001111001111",
+    "101101111001001",
+    "111100111001111",
+    "111100111101111",
+    "111001001001001",
+    "111101111101111",
+    "111101111001111",
+)
 
 
 @dataclass(frozen=True)
@@ -125,8 +162,9 @@ def make_scene(rng: random.Random, with_code: bool | None = None, max_objects: i
     count = rng.randint(1, max_objects)
     cells = rng.sample(range(9), count + 1)
     shapes = rng.sample(SHAPES, count)
-    objects = tuple(SceneObject(shape, rng.choice(tuple(COLORS)), cell, rng.random() < 0.5)
-                    for shape, cell in zip(shapes, cells))
+    objects = tuple(
+        SceneObject(shape, rng.choice(tuple(COLORS)), cell, rng.random() < 0.5) for shape, cell in zip(shapes, cells)
+    )
     if with_code is None:
         with_code = rng.random() < 0.5
     if not with_code:
@@ -205,8 +243,9 @@ def scene_sample(seed: int, kind: str | None = None, size: int = 36, max_objects
     if kind == "relation" and max_objects < 2:
         raise ValueError("`max_objects` must be >= 2 for a relation question")
     rng = random.Random(seed)
-    kind = kind or rng.choice(SCENE_QUESTIONS if max_objects >= 2 else
-                              tuple(k for k in SCENE_QUESTIONS if k != "relation"))
+    kind = kind or rng.choice(
+        SCENE_QUESTIONS if max_objects >= 2 else tuple(k for k in SCENE_QUESTIONS if k != "relation")
+    )
     while True:  # redraw until the scene supports the question (a relation needs two neighbours)
         scene = make_scene(rng, with_code=True if kind == "code" else None, max_objects=max_objects)
         if kind == "color":

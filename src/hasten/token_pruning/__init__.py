@@ -30,10 +30,17 @@ from typing import Any
 # Names load on first use from their own modules: `import hasten.token_pruning` costs nothing, and a
 # method imports only what it needs (ZipVL's mixed-precision cache is the one that needs transformers).
 _LAZY = {
-    "RandomKeep": ".baselines", "SpatialPool": ".baselines",
-    "ImageTokens": ".core", "PruningStats": ".core", "TokenPruner": ".core",
-    "FastV": ".fastv", "GUIKV": ".guikv", "HiRED": ".hired", "LLMLayerPruner": ".inside_llm",
-    "MustDrop": ".mustdrop", "ZipVL": ".zipvl",
+    "RandomKeep": ".baselines",
+    "SpatialPool": ".baselines",
+    "ImageTokens": ".core",
+    "PruningStats": ".core",
+    "TokenPruner": ".core",
+    "FastV": ".fastv",
+    "GUIKV": ".guikv",
+    "HiRED": ".hired",
+    "LLMLayerPruner": ".inside_llm",
+    "MustDrop": ".mustdrop",
+    "ZipVL": ".zipvl",
 }
 
 __all__ = sorted(_LAZY)
@@ -45,8 +52,12 @@ def __getattr__(name: str) -> Any:
     if name == "SpecVLM":  # moved to hasten.speculative (deprecated here for one release)
         import warnings
 
-        warnings.warn("hasten.token_pruning.SpecVLM moved to hasten.speculative.SpecVLM; the old name is removed in "
-                      "the next release", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "hasten.token_pruning.SpecVLM moved to hasten.speculative.SpecVLM; the old name is removed in "
+            "the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         from ..speculative.specvlm import SpecVLM
 
         return SpecVLM

@@ -67,8 +67,9 @@ class VLMAdapter:
         try:
             language_model, vision_tower = self.language_model(model), self.vision_tower(model)
         except AttributeError as error:
-            raise patch_point_error(model, f"the language model or vision tower is not where the adapter looks "
-                                           f"({error})") from None
+            raise patch_point_error(
+                model, f"the language model or vision tower is not where the adapter looks ({error})"
+            ) from None
         for owner, name in ((language_model, "layers"), (language_model, "config"), (vision_tower, "forward")):
             if getattr(owner, name, None) is None:
                 raise patch_point_error(model, f"`{type(owner).__name__}` has no `{name}`")
@@ -108,12 +109,14 @@ def _llava_next_layouts(model, call, runs, position_ids):
     device = runs[0][1].device if runs else "cpu"
     features, offset = [], 0
     for size in sizes:
-        count = image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
-                                          patch_size=config.vision_config.image_size)
+        count = image_size_to_num_patches(
+            image_size=size, grid_pinpoints=config.image_grid_pinpoints, patch_size=config.vision_config.image_size
+        )
         features.append(torch.stack([_raster(side, side, offset + k, device) for k in range(count)]).float())
         offset += count
-    packed, _ = model.model.pack_image_features(features, sizes, "default",
-                                                image_newline=torch.full((3,), -1.0, device=device))
+    packed, _ = model.model.pack_image_features(
+        features, sizes, "default", image_newline=torch.full((3,), -1.0, device=device)
+    )
     layouts = [layout.round().long() for layout in packed]
     if len(layouts) != len(runs) or any(len(layout) != len(run) for layout, (_, run) in zip(layouts, runs)):
         return [None] * len(runs)
@@ -132,15 +135,37 @@ def _qwen_layouts(model, call, runs, position_ids):
 ADAPTERS: dict[str, VLMAdapter] = {
     adapter.model_class: adapter
     for adapter in (
-        VLMAdapter("LlavaForConditionalGeneration", lambda m: m.model.language_model, lambda m: m.model.vision_tower,
-                   _llava_layouts, has_cls=True),
-        VLMAdapter("LlavaNextForConditionalGeneration", lambda m: m.model.language_model,
-                   lambda m: m.model.vision_tower, _llava_next_layouts, has_cls=True,
-                   encoder_inputs=("image_sizes",)),
-        VLMAdapter("Qwen2VLForConditionalGeneration", lambda m: m.model.language_model, lambda m: m.model.visual,
-                   _qwen_layouts, has_cls=False, mrope=True),
-        VLMAdapter("Qwen2_5_VLForConditionalGeneration", lambda m: m.model.language_model, lambda m: m.model.visual,
-                   _qwen_layouts, has_cls=False, mrope=True),
+        VLMAdapter(
+            "LlavaForConditionalGeneration",
+            lambda m: m.model.language_model,
+            lambda m: m.model.vision_tower,
+            _llava_layouts,
+            has_cls=True,
+        ),
+        VLMAdapter(
+            "LlavaNextForConditionalGeneration",
+            lambda m: m.model.language_model,
+            lambda m: m.model.vision_tower,
+            _llava_next_layouts,
+            has_cls=True,
+            encoder_inputs=("image_sizes",),
+        ),
+        VLMAdapter(
+            "Qwen2VLForConditionalGeneration",
+            lambda m: m.model.language_model,
+            lambda m: m.model.visual,
+            _qwen_layouts,
+            has_cls=False,
+            mrope=True,
+        ),
+        VLMAdapter(
+            "Qwen2_5_VLForConditionalGeneration",
+            lambda m: m.model.language_model,
+            lambda m: m.model.visual,
+            _qwen_layouts,
+            has_cls=False,
+            mrope=True,
+        ),
     )
 }
 

@@ -59,8 +59,10 @@ class SpatialPool(TokenPruner):
 
     def select(self, image: ImageTokens):
         if image.grid is None:
-            raise ValueError("SpatialPool needs visual tokens on one grid (LLaVA, Qwen2-VL); "
-                             "LLaVA-Next anyres tokens are not one grid")
+            raise ValueError(
+                "SpatialPool needs visual tokens on one grid (LLaVA, Qwen2-VL); "
+                "LLaVA-Next anyres tokens are not one grid"
+            )
         rows, cols = image.grid
         side = 1
         while math.ceil(rows / side) * math.ceil(cols / side) > max(1.0, self.budget * rows * cols):

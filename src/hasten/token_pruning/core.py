@@ -37,9 +37,9 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 
+from .._validation import check_number
 from ..transformers_conventions import cache_of, output_cache, patch_point_error
 from .adapters import VLMAdapter, adapter_for
-from .._validation import check_number
 
 __all__ = ["ImageTokens", "PromptPlan", "PruningStats", "TokenPruner", "cache_bytes", "gather_plan", "renumbered"]
 
@@ -221,8 +221,9 @@ class ImageTokens:
         if layout is None or len(layout) == 0 or bool((layout[:, 0] != layout[0, 0]).any()):
             return None
         rows, cols = int(layout[:, 1].max()) + 1, int(layout[:, 2].max()) + 1
-        if rows * cols != len(layout) or bool((layout[:, 1] * cols + layout[:, 2] != torch.arange(
-                len(layout), device=layout.device)).any()):
+        if rows * cols != len(layout) or bool(
+            (layout[:, 1] * cols + layout[:, 2] != torch.arange(len(layout), device=layout.device)).any()
+        ):
             return None
         return rows, cols
 
@@ -297,8 +298,10 @@ class TokenPruner:
             raise ValueError(f"{type(self).__name__} is already attached to a model; detach() it first")
         adapter = adapter_for(model)
         if self.renumber and adapter.mrope:
-            raise ValueError(f"`renumber=True` is not defined for {adapter.model_class}: a visual token's mRoPE "
-                             "position is its (row, column) in the image; use renumber=False")
+            raise ValueError(
+                f"`renumber=True` is not defined for {adapter.model_class}: a visual token's mRoPE "
+                "position is its (row, column) in the image; use renumber=False"
+            )
         self._cache_keyword = adapter.check_hook_points(model)
         return adapter
 
@@ -426,9 +429,12 @@ class TokenPruner:
         image_mask = input_ids == self._adapter.image_token_id(self._model)
         vision_ran, self._vision_ran = self._vision_ran, False
         if vision_ran and not bool(image_mask.any()):
-            raise patch_point_error(self._model, f"{type(self).__name__}: the vision tower ran but no image token "
-                                                 f"(id {self._adapter.image_token_id(self._model)}) reached the "
-                                                 "language model's prefill")
+            raise patch_point_error(
+                self._model,
+                f"{type(self).__name__}: the vision tower ran but no image token "
+                f"(id {self._adapter.image_token_id(self._model)}) reached the "
+                "language model's prefill",
+            )
         return dict(
             image_mask=image_mask,
             mask=mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=device),
@@ -442,8 +448,12 @@ class TokenPruner:
         """Stats of a prefill that runs the whole prompt (nothing dropped before the LLM): every
         layer sees ``length`` tokens and every visual token is kept so far."""
         length, image_mask = prompt["length"], prompt["image_mask"]
-        stats = PruningStats(visual_tokens_in=image_mask.sum(1).tolist(), prompt_tokens=length, prefill_tokens=length,
-                             layer_tokens=[length] * len(self._language_model.layers))
+        stats = PruningStats(
+            visual_tokens_in=image_mask.sum(1).tolist(),
+            prompt_tokens=length,
+            prefill_tokens=length,
+            layer_tokens=[length] * len(self._language_model.layers),
+        )
         stats.record_kept(torch.ones_like(image_mask), image_mask)
         return stats
 
@@ -452,7 +462,12 @@ class TokenPruner:
         self._state.pop("prefill", None)
         prompt = self._prompt(kwargs, embeds)
         start = time.perf_counter()
-        image_mask, mask, positions, length = prompt["image_mask"], prompt["mask"], prompt["positions"], prompt["length"]
+        image_mask, mask, positions, length = (
+            prompt["image_mask"],
+            prompt["mask"],
+            prompt["positions"],
+            prompt["length"],
+        )
         images = self._images(image_mask, embeds, positions, prompt["call"])
         keep = ~image_mask
         new_embeds = embeds.clone()
@@ -476,8 +491,14 @@ class TokenPruner:
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = torch.arange(new_length, device=embeds.device)
         self._state["prefill"] = PromptPlan(
-            columns=gather, real=real, length=length, next_position=self._last_positions(kwargs["position_ids"]) + 1,
-            position_shape=kwargs["position_ids"].shape[:-2], image_mask=image_mask, images=images)
+            columns=gather,
+            real=real,
+            length=length,
+            next_position=self._last_positions(kwargs["position_ids"]) + 1,
+            position_shape=kwargs["position_ids"].shape[:-2],
+            image_mask=image_mask,
+            images=images,
+        )
         stats.prefill_tokens = new_length
         stats.layer_tokens = [new_length] * len(self._adapter.language_model(self._model).layers)
         stats.stage_seconds["select"] = time.perf_counter() - start
@@ -497,7 +518,7 @@ class TokenPruner:
                 kwargs["attention_mask"] = torch.cat([prefill.real.long(), ones], 1)
         elif not isinstance(mask, dict):
             prompt = torch.where(prefill.real, mask[:, : prefill.length].gather(1, prefill.columns), 0)
-            kwargs["attention_mask"] = torch.cat([prompt, mask[:, prefill.length:]], 1)
+            kwargs["attention_mask"] = torch.cat([prompt, mask[:, prefill.length :]], 1)
         if kwargs.get("cache_position") is not None:  # older transformers pass it: the shorter cache's
             kwargs["cache_position"] = torch.arange(cached, cached + new, device=embeds.device)
         base = prefill.next_position + step  # (batch,)
@@ -521,22 +542,34 @@ class TokenPruner:
         """After a prefill with ``budget < 1``: raise if no visual token was dropped although the
         budget says some must be (a hook that found nothing to act on), instead of reporting it."""
         stats = self.stats
-        if self.budget >= 1.0 or not self.drops_visual_tokens or sum(stats.visual_tokens_kept) < sum(
-                stats.visual_tokens_in):
+        if (
+            self.budget >= 1.0
+            or not self.drops_visual_tokens
+            or sum(stats.visual_tokens_kept) < sum(stats.visual_tokens_in)
+        ):
             return
         binding = [n for n in stats.visual_tokens_in if n and self.kept_count_for(n) < n]
         if binding:
-            raise patch_point_error(self._model, f"{type(self).__name__}(budget={self.budget}) kept all "
-                                                 f"{sum(stats.visual_tokens_in)} visual tokens: its pruning hooks "
-                                                 "never acted")
+            raise patch_point_error(
+                self._model,
+                f"{type(self).__name__}(budget={self.budget}) kept all "
+                f"{sum(stats.visual_tokens_in)} visual tokens: its pruning hooks "
+                "never acted",
+            )
 
     def kept_count_for(self, n: int) -> int:
         """How many of an image's ``n`` visual tokens the budget keeps: ``max(1, floor(budget * n))``."""
         return n if self.budget >= 1.0 else max(1, int(self.budget * n))
 
     # --- helpers ----------------------------------------------------------------------------------
-    def _images(self, image_mask: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor | None,
-                call: dict | None = None, layouts: bool = True) -> list[ImageTokens]:
+    def _images(
+        self,
+        image_mask: torch.Tensor,
+        embeds: torch.Tensor,
+        positions: torch.Tensor | None,
+        call: dict | None = None,
+        layouts: bool = True,
+    ) -> list[ImageTokens]:
         """Each image's tokens: one contiguous run of image tokens per image, in order of appearance.
 
         ``layouts=False`` (inside the LLM, after tokens were dropped) leaves ``layout`` unset.
@@ -550,8 +583,10 @@ class TokenPruner:
             for run in torch.tensor_split(columns, breaks.tolist()):
                 runs.append((sample, run))
         found = self._adapter.patch_layouts(self._model, call or {}, runs, positions) if layouts else [None] * len(runs)
-        return [ImageTokens(sample=sample, positions=run, embeds=embeds[sample, run], layout=layout, index=index)
-                for index, ((sample, run), layout) in enumerate(zip(runs, found))]
+        return [
+            ImageTokens(sample=sample, positions=run, embeds=embeds[sample, run], layout=layout, index=index)
+            for index, ((sample, run), layout) in enumerate(zip(runs, found))
+        ]
 
     @staticmethod
     def _gather_positions(positions: torch.Tensor, columns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

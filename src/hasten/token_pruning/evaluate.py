@@ -23,12 +23,25 @@ from typing import Any, Sequence
 
 import torch
 
-from .core import TokenPruner
 from .._validation import check_positive_int
 from ..measure import median_seconds
+from .core import TokenPruner
 
-__all__ = ["METHODS", "TRAINED", "EvalRow", "TaskRow", "evaluate", "evaluate_task", "format_table", "format_task_table",
-           "load_vlm", "make_method", "prefill_flops", "sample_images", "task_samples"]
+__all__ = [
+    "METHODS",
+    "TRAINED",
+    "EvalRow",
+    "TaskRow",
+    "evaluate",
+    "evaluate_task",
+    "format_table",
+    "format_task_table",
+    "load_vlm",
+    "make_method",
+    "prefill_flops",
+    "sample_images",
+    "task_samples",
+]
 
 
 def _methods() -> dict[str, type[TokenPruner]]:
@@ -39,8 +52,15 @@ def _methods() -> dict[str, type[TokenPruner]]:
     from .mustdrop import MustDrop
     from .zipvl import ZipVL
 
-    return {"random": RandomKeep, "pool": SpatialPool, "hired": HiRED, "fastv": FastV, "mustdrop": MustDrop,
-            "zipvl": ZipVL, "guikv": GUIKV}
+    return {
+        "random": RandomKeep,
+        "pool": SpatialPool,
+        "hired": HiRED,
+        "fastv": FastV,
+        "mustdrop": MustDrop,
+        "zipvl": ZipVL,
+        "guikv": GUIKV,
+    }
 
 
 METHODS = ("random", "pool", "hired", "fastv", "mustdrop", "zipvl", "guikv")
@@ -118,8 +138,10 @@ def _flops_ratio(config: Any, stats, method: TokenPruner | None = None) -> float
     counts = getattr(method, "attention", None)
     if isinstance(counts, dict) and counts.get("dense_pairs") and all(counts["dense_pairs"]):
         linear, attention = _layer_flops(config, stats.prompt_tokens)
-        with_method = sum(linear + attention * (pairs + probes / 2) / dense for pairs, probes, dense
-                          in zip(counts["pairs"], counts["probe_pairs"], counts["dense_pairs"]))
+        with_method = sum(
+            linear + attention * (pairs + probes / 2) / dense
+            for pairs, probes, dense in zip(counts["pairs"], counts["probe_pairs"], counts["dense_pairs"])
+        )
         return with_method / (len(counts["pairs"]) * (linear + attention))
     layers = stats.layer_tokens or [stats.prefill_tokens]
     full = prefill_flops(config, stats.prompt_tokens)
@@ -135,7 +157,7 @@ class _ForceTokens:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = input_ids.shape[1] - self.prompt_length
         forced = torch.full_like(scores, float("-inf"))
-        forced.scatter_(1, self.continuation[:, step:step + 1], 0.0)
+        forced.scatter_(1, self.continuation[:, step : step + 1], 0.0)
         return forced
 
 
@@ -143,9 +165,15 @@ def _forced_logits(model: Any, inputs: dict, continuation: torch.Tensor) -> torc
     """Raw logits of each continuation position, decoding step by step with the continuation forced."""
     from transformers import LogitsProcessorList
 
-    out = model.generate(**inputs, max_new_tokens=continuation.shape[1], min_new_tokens=continuation.shape[1],
-                         do_sample=False, output_logits=True, return_dict_in_generate=True,
-                         logits_processor=LogitsProcessorList([_ForceTokens(continuation, inputs["input_ids"].shape[1])]))
+    out = model.generate(
+        **inputs,
+        max_new_tokens=continuation.shape[1],
+        min_new_tokens=continuation.shape[1],
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        logits_processor=LogitsProcessorList([_ForceTokens(continuation, inputs["input_ids"].shape[1])]),
+    )
     return torch.stack(out.logits, 1).float()
 
 
@@ -176,8 +204,14 @@ class EvalRow:
 
 
 @torch.no_grad()
-def evaluate(model: Any, processor: Any, methods: Sequence[tuple[str, float]], samples: Sequence[tuple[Any, str]],
-             max_new_tokens: int = 16, repeats: int = 3) -> list[EvalRow]:
+def evaluate(
+    model: Any,
+    processor: Any,
+    methods: Sequence[tuple[str, float]],
+    samples: Sequence[tuple[Any, str]],
+    max_new_tokens: int = 16,
+    repeats: int = 3,
+) -> list[EvalRow]:
     """Fidelity and speed of each ``(method name, budget)`` against the unpruned model.
 
     Times are medians of ``repeats`` calls after a warm-up: prefill = one forward over the
@@ -198,7 +232,7 @@ def evaluate(model: Any, processor: Any, methods: Sequence[tuple[str, float]], s
     for image, question in samples:
         inputs = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt").to(device)
         reference = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        continuation = reference[:, inputs["input_ids"].shape[1]:]
+        continuation = reference[:, inputs["input_ids"].shape[1] :]
         logits = _forced_logits(model, inputs, continuation)
         prepared.append((inputs, continuation, logits))
     for inputs, *_ in prepared:  # warm-up, so that the first timed row is not the coldest
@@ -218,33 +252,60 @@ def evaluate(model: Any, processor: Any, methods: Sequence[tuple[str, float]], s
                 stats = method.stats
                 generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
                 peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-                one_s = median_seconds(lambda: model.generate(**inputs, max_new_tokens=1, do_sample=False),
-                                       device, warmup=1, repeats=repeats)
-                all_s = median_seconds(lambda: model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                                              do_sample=False), device, warmup=1, repeats=repeats)
-            new = generated[:, inputs["input_ids"].shape[1]:]
-            kl = torch.nn.functional.kl_div(logits.log_softmax(-1), reference_logits.log_softmax(-1),
-                                            log_target=True, reduction="none").sum(-1).mean()
+                one_s = median_seconds(
+                    lambda: model.generate(**inputs, max_new_tokens=1, do_sample=False),
+                    device,
+                    warmup=1,
+                    repeats=repeats,
+                )
+                all_s = median_seconds(
+                    lambda: model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False),
+                    device,
+                    warmup=1,
+                    repeats=repeats,
+                )
+            new = generated[:, inputs["input_ids"].shape[1] :]
+            kl = (
+                torch.nn.functional.kl_div(
+                    logits.log_softmax(-1), reference_logits.log_softmax(-1), log_target=True, reduction="none"
+                )
+                .sum(-1)
+                .mean()
+            )
             decode_s = all_s - one_s
-            per_sample.append(dict(
-                visual_in=sum(stats.visual_tokens_in), visual_kept=sum(stats.visual_tokens_kept),
-                prefill_tokens=stats.prefill_tokens,
-                top1=float((logits.argmax(-1) == continuation).float().mean()), kl=float(kl),
-                exact=float(new.shape == continuation.shape and bool((new == continuation).all())),
-                prefill_ms=prefill_s * 1000,
-                decode_tps=(new.shape[1] - 1) / decode_s if decode_s > 0 and new.shape[1] > 1 else float("nan"),
-                kv=stats.kv_cache_bytes,
-                flops=_flops_ratio(model.config, stats, method),
-                peak=peak,
-            ))
+            per_sample.append(
+                dict(
+                    visual_in=sum(stats.visual_tokens_in),
+                    visual_kept=sum(stats.visual_tokens_kept),
+                    prefill_tokens=stats.prefill_tokens,
+                    top1=float((logits.argmax(-1) == continuation).float().mean()),
+                    kl=float(kl),
+                    exact=float(new.shape == continuation.shape and bool((new == continuation).all())),
+                    prefill_ms=prefill_s * 1000,
+                    decode_tps=(new.shape[1] - 1) / decode_s if decode_s > 0 and new.shape[1] > 1 else float("nan"),
+                    kv=stats.kv_cache_bytes,
+                    flops=_flops_ratio(model.config, stats, method),
+                    peak=peak,
+                )
+            )
         mean = lambda key: statistics.mean(s[key] for s in per_sample)  # noqa: E731
-        rows.append(EvalRow(
-            method=name, budget=budget, visual_in=mean("visual_in"), visual_kept=mean("visual_kept"),
-            prefill_tokens=mean("prefill_tokens"), top1_agreement=mean("top1"), mean_kl=mean("kl"),
-            exact_match=mean("exact"), prefill_ms=mean("prefill_ms"), decode_tokens_per_s=mean("decode_tps"),
-            kv_bytes=mean("kv"), flops_ratio=mean("flops"),
-            peak_memory_mb=None if per_sample[0]["peak"] is None else mean("peak"),
-        ))
+        rows.append(
+            EvalRow(
+                method=name,
+                budget=budget,
+                visual_in=mean("visual_in"),
+                visual_kept=mean("visual_kept"),
+                prefill_tokens=mean("prefill_tokens"),
+                top1_agreement=mean("top1"),
+                mean_kl=mean("kl"),
+                exact_match=mean("exact"),
+                prefill_ms=mean("prefill_ms"),
+                decode_tokens_per_s=mean("decode_tps"),
+                kv_bytes=mean("kv"),
+                flops_ratio=mean("flops"),
+                peak_memory_mb=None if per_sample[0]["peak"] is None else mean("peak"),
+            )
+        )
     return rows
 
 
@@ -257,8 +318,10 @@ def format_table(rows: Sequence[EvalRow], baseline: EvalRow | None = None) -> st
     too (its budget spans every prompt token), so there it is the visual entries kept (averaged
     over layers and heads) over the visual tokens. A quantised cache (ZipVL) has no such split: ``-``.
     """
-    head = (f"{'method':8s} {'budget':>6s} {'visual':>11s} {'prefill':>7s} {'top1':>6s} {'KL':>8s} {'exact':>6s} "
-            f"{'prefill ms':>10s} {'x':>6s} {'bound':>6s} {'dec tok/s':>9s} {'KV KiB':>8s} {'KV x':>6s} {'vis KV x':>8s}")
+    head = (
+        f"{'method':8s} {'budget':>6s} {'visual':>11s} {'prefill':>7s} {'top1':>6s} {'KL':>8s} {'exact':>6s} "
+        f"{'prefill ms':>10s} {'x':>6s} {'bound':>6s} {'dec tok/s':>9s} {'KV KiB':>8s} {'KV x':>6s} {'vis KV x':>8s}"
+    )
     lines = [head]
     for row in rows:
         base = baseline or row
@@ -271,7 +334,8 @@ def format_table(rows: Sequence[EvalRow], baseline: EvalRow | None = None) -> st
             f"{row.method:8s} {row.budget:6.2f} {row.visual_kept:5.0f}/{row.visual_in:<5.0f} {row.prefill_tokens:7.0f} "
             f"{row.top1_agreement:6.3f} {row.mean_kl:8.4f} {row.exact_match:6.2f} {row.prefill_ms:10.2f} "
             f"{base.prefill_ms / row.prefill_ms:5.2f}x {1 / row.flops_ratio:5.2f}x {row.decode_tokens_per_s:9.1f} "
-            f"{row.kv_bytes / 1024:8.1f} {row.kv_bytes / base.kv_bytes:6.3f} {visual_column}")
+            f"{row.kv_bytes / 1024:8.1f} {row.kv_bytes / base.kv_bytes:6.3f} {visual_column}"
+        )
     return "\n".join(lines)
 
 
@@ -307,15 +371,29 @@ class TaskRow:
     ms_per_answer: float
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 4) if isinstance(v, float) else
-                    {kk: round(vv, 4) for kk, vv in v.items()} if isinstance(v, dict) else v)
-                for k, v in self.__dict__.items()}
+        return {
+            k: (
+                round(v, 4)
+                if isinstance(v, float)
+                else {kk: round(vv, 4) for kk, vv in v.items()}
+                if isinstance(v, dict)
+                else v
+            )
+            for k, v in self.__dict__.items()
+        }
 
 
 @torch.no_grad()
-def evaluate_task(model: Any, processor: Any, methods: Sequence[tuple[str, float]], samples: Sequence[Any],
-                  batch_size: int = 32, timing_samples: int = 6, max_new_tokens: int = 4,
-                  progress: bool = False) -> list[TaskRow]:
+def evaluate_task(
+    model: Any,
+    processor: Any,
+    methods: Sequence[tuple[str, float]],
+    samples: Sequence[Any],
+    batch_size: int = 32,
+    timing_samples: int = 6,
+    max_new_tokens: int = 4,
+    progress: bool = False,
+) -> list[TaskRow]:
     """Task accuracy, agreement with the unpruned model, and cost of each ``(method, budget)``.
 
     ``samples`` are :class:`hasten.tiny.vqa.VQASample` (images, question, answer, kind). Answers
@@ -339,12 +417,16 @@ def evaluate_task(model: Any, processor: Any, methods: Sequence[tuple[str, float
     device = model.device
 
     def answers() -> list[str]:
-        return [text for begin in range(0, len(samples), batch_size)
-                for text in answer(model, processor, samples[begin:begin + batch_size], max_new_tokens)]
+        return [
+            text
+            for begin in range(0, len(samples), batch_size)
+            for text in answer(model, processor, samples[begin : begin + batch_size], max_new_tokens)
+        ]
 
     reference = answers()
-    timed = [_inputs(processor, [sample], prompts(processor, [sample])).to(device)
-             for sample in samples[:timing_samples]]
+    timed = [
+        _inputs(processor, [sample], prompts(processor, [sample])).to(device) for sample in samples[:timing_samples]
+    ]
     rows = []
     for name, budget in tqdm(methods, disable=not progress, desc="methods x budgets"):
         method = make_method(name, budget)
@@ -352,23 +434,41 @@ def evaluate_task(model: Any, processor: Any, methods: Sequence[tuple[str, float
             got = answers()
             cost = []
             for inputs in timed:
-                seconds = median_seconds(lambda: model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                                                do_sample=False), device, warmup=1, repeats=2)
+                seconds = median_seconds(
+                    lambda: model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False),
+                    device,
+                    warmup=1,
+                    repeats=2,
+                )
                 model(**inputs)  # the prefill alone, for its stats
                 stats = method.stats
-                cost.append((sum(stats.visual_tokens_in), sum(stats.visual_tokens_kept),
-                             _flops_ratio(model.config, stats, method), stats.kv_cache_bytes, seconds * 1000))
+                cost.append(
+                    (
+                        sum(stats.visual_tokens_in),
+                        sum(stats.visual_tokens_kept),
+                        _flops_ratio(model.config, stats, method),
+                        stats.kv_cache_bytes,
+                        seconds * 1000,
+                    )
+                )
         per_kind: dict[str, list[bool]] = {}
         for sample, text in zip(samples, got):
             per_kind.setdefault(sample.kind, []).append(text == sample.answer)
         column = lambda index: statistics.mean(c[index] for c in cost)  # noqa: E731
-        rows.append(TaskRow(
-            method=name, budget=budget,
-            accuracy=sum(text == sample.answer for sample, text in zip(samples, got)) / len(samples),
-            agreement=sum(a == b for a, b in zip(got, reference)) / len(samples),
-            per_kind={kind: sum(flags) / len(flags) for kind, flags in per_kind.items()},
-            visual_in=column(0), visual_kept=column(1), flops_ratio=column(2), kv_bytes=column(3),
-            ms_per_answer=column(4)))
+        rows.append(
+            TaskRow(
+                method=name,
+                budget=budget,
+                accuracy=sum(text == sample.answer for sample, text in zip(samples, got)) / len(samples),
+                agreement=sum(a == b for a, b in zip(got, reference)) / len(samples),
+                per_kind={kind: sum(flags) / len(flags) for kind, flags in per_kind.items()},
+                visual_in=column(0),
+                visual_kept=column(1),
+                flops_ratio=column(2),
+                kv_bytes=column(3),
+                ms_per_answer=column(4),
+            )
+        )
     return rows
 
 
@@ -376,12 +476,17 @@ def format_task_table(rows: Sequence[TaskRow]) -> str:
     """Accuracy (overall and per question type), agreement with unpruned, visual tokens, the
     prefill-FLOPs bound (1 / ratio), KV KiB and ms per answer, one row per method x budget."""
     kinds = list(rows[0].per_kind)
-    head = (f"{'method':8s} {'budget':>6s} {'acc':>6s} {'agree':>6s} " + " ".join(f"{k[:8]:>8s}" for k in kinds)
-            + f" {'visual':>9s} {'bound':>6s} {'KV KiB':>7s} {'ms/ans':>7s}")
+    head = (
+        f"{'method':8s} {'budget':>6s} {'acc':>6s} {'agree':>6s} "
+        + " ".join(f"{k[:8]:>8s}" for k in kinds)
+        + f" {'visual':>9s} {'bound':>6s} {'KV KiB':>7s} {'ms/ans':>7s}"
+    )
     lines = [head]
     for row in rows:
-        lines.append(f"{row.method:8s} {row.budget:6.2f} {row.accuracy:6.3f} {row.agreement:6.3f} "
-                     + " ".join(f"{row.per_kind.get(k, float('nan')):8.3f}" for k in kinds)
-                     + f" {row.visual_kept:4.0f}/{row.visual_in:<4.0f} {1 / row.flops_ratio:5.2f}x "
-                     f"{row.kv_bytes / 1024:7.1f} {row.ms_per_answer:7.1f}")
+        lines.append(
+            f"{row.method:8s} {row.budget:6.2f} {row.accuracy:6.3f} {row.agreement:6.3f} "
+            + " ".join(f"{row.per_kind.get(k, float('nan')):8.3f}" for k in kinds)
+            + f" {row.visual_kept:4.0f}/{row.visual_in:<4.0f} {1 / row.flops_ratio:5.2f}x "
+            f"{row.kv_bytes / 1024:7.1f} {row.ms_per_answer:7.1f}"
+        )
     return "\n".join(lines)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .._validation import check_int
 from .core import ImageTokens
 from .inside_llm import LLMLayerPruner
-from .._validation import check_int
 
 __all__ = ["FastV"]
 

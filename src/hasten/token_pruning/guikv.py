@@ -45,10 +45,10 @@ from typing import ClassVar
 
 import torch
 
+from .._validation import check_positive_int
 from ..transformers_conventions import cache_of, output_cache, patch_point_error
 from .core import PromptPlan, TokenPruner
 from .scoring import QueryAttention, subspace_residuals, z_saliency
-from .._validation import check_positive_int
 
 __all__ = ["GUIKV"]
 
@@ -115,8 +115,11 @@ class GUIKV(TokenPruner):
         layers = language_model.layers
         missing = [index for index, layer in enumerate(layers) if getattr(layer, "input_layernorm", None) is None]
         if missing:
-            raise patch_point_error(model, f"GUI-KV: decoder layers {missing} have no `input_layernorm` (the "
-                                           "attention's input, whose norm is the spatial saliency)")
+            raise patch_point_error(
+                model,
+                f"GUI-KV: decoder layers {missing} have no `input_layernorm` (the "
+                "attention's input, whose norm is the spatial saliency)",
+            )
         self._recorder = QueryAttention(list(range(len(layers))))
         self._recorder.per_head = True
         handles = []
@@ -140,9 +143,10 @@ class GUIKV(TokenPruner):
         prompt = self._prompt(kwargs, embeds)
         self.stats = self._full_prompt_stats(prompt)
         valid = prompt["mask"].bool()
-        self._state = dict(prompt, valid=valid, norms={}, keys={}, prefill_start=time.perf_counter(),
-                           collecting=self.budget < 1.0)
-        self._recorder.rows = [row.nonzero()[:, 0][-self.window:] for row in valid]
+        self._state = dict(
+            prompt, valid=valid, norms={}, keys={}, prefill_start=time.perf_counter(), collecting=self.budget < 1.0
+        )
+        self._recorder.rows = [row.nonzero()[:, 0][-self.window :] for row in valid]
         self._recorder.active = self.budget < 1.0
         return args, kwargs
 
@@ -174,8 +178,9 @@ class GUIKV(TokenPruner):
     def _compress_cache(self, cache) -> None:
         state = self._state
         image_mask, valid = state["image_mask"], state["valid"]
-        images = self._images(image_mask, torch.zeros(*image_mask.shape, 1, device=image_mask.device), None,
-                              layouts=False)
+        images = self._images(
+            image_mask, torch.zeros(*image_mask.shape, 1, device=image_mask.device), None, layouts=False
+        )
         screenshots = [[image.positions for image in images if image.sample == row] for row in range(len(valid))]
         prompts = [valid[row].nonzero()[:, 0] for row in range(len(valid))]  # each row's prompt positions
         lengths = [self.capacity(len(prompt)) for prompt in prompts]
@@ -186,21 +191,25 @@ class GUIKV(TokenPruner):
             slots = torch.zeros(len(valid), kv_heads, width, dtype=torch.long, device=layer.keys.device)
             for row, prompt in enumerate(prompts):
                 prompt = prompt.to(slots.device)
-                prefix, window = prompt[:-self.window], prompt[-self.window:]
-                scores = self._scores(index, row, prefix, screenshots[row], kv_heads, head_dim,
-                                      lengths[row] / len(prompt))  # (kv_heads, len(prefix))
+                prefix, window = prompt[: -self.window], prompt[-self.window :]
+                scores = self._scores(
+                    index, row, prefix, screenshots[row], kv_heads, head_dim, lengths[row] / len(prompt)
+                )  # (kv_heads, len(prefix))
                 top = scores.topk(lengths[row] - len(window), dim=-1).indices
                 kept = torch.cat([prefix[top], window.expand(kv_heads, -1)], -1)
-                slots[row, :, width - kept.shape[1]:] = kept.sort(-1).values
+                slots[row, :, width - kept.shape[1] :] = kept.sort(-1).values
             index_ = slots[..., None]
             layer.keys = layer.keys.gather(2, index_.expand(-1, -1, -1, head_dim))
             layer.values = layer.values.gather(2, index_.expand(-1, -1, -1, layer.values.shape[-1]))
-            real = torch.arange(width, device=slots.device) >= width - torch.tensor(lengths, device=slots.device)[:, None]
+            real = (
+                torch.arange(width, device=slots.device) >= width - torch.tensor(lengths, device=slots.device)[:, None]
+            )
             kept_per_layer.append(torch.where(real[:, None], slots, -1))
         self._plan_decoding(kept_per_layer[0])
         self.stats.kv_kept_positions = [kept.cpu() for kept in kept_per_layer]
-        self.stats.visual_tokens_kept = [self._visual_kept(image_mask[row], [kept[row] for kept in kept_per_layer])
-                                         for row in range(len(valid))]
+        self.stats.visual_tokens_kept = [
+            self._visual_kept(image_mask[row], [kept[row] for kept in kept_per_layer]) for row in range(len(valid))
+        ]
 
     @staticmethod
     def _visual_kept(image_mask: torch.Tensor, kept: list[torch.Tensor]) -> int:
@@ -212,8 +221,16 @@ class GUIKV(TokenPruner):
             counts.append(flags.sum(-1).float().mean())
         return round(float(torch.stack(counts).mean()))
 
-    def _scores(self, index: int, row: int, prefix: torch.Tensor, screenshots: list[torch.Tensor], kv_heads: int,
-                head_dim: int, kept_ratio: float) -> torch.Tensor:
+    def _scores(
+        self,
+        index: int,
+        row: int,
+        prefix: torch.Tensor,
+        screenshots: list[torch.Tensor],
+        kv_heads: int,
+        head_dim: int,
+        kept_ratio: float,
+    ) -> torch.Tensor:
         """(kv_heads, len(prefix)) scores at layer ``index`` of the prompt tokens before the window.
 
         Computed over the whole row, with the base score zero outside the prefix, so that the
@@ -222,20 +239,25 @@ class GUIKV(TokenPruner):
         state = self._state
         recorded = self._recorder.scores.get(index)
         if recorded is None:
-            raise patch_point_error(self._model, f"GUI-KV: decoder layer {index}'s attention did not go through "
-                                                 "transformers' attention-function registry")
+            raise patch_point_error(
+                self._model,
+                f"GUI-KV: decoder layer {index}'s attention did not go through "
+                "transformers' attention-function registry",
+            )
         attention = recorded[row].float().sum(1)  # (heads, keys): summed over the window queries
         heads = attention.shape[0]
         attention = attention.view(kv_heads, heads // kv_heads, -1).mean(1)
         prefix = prefix.to(attention.device)
         base = torch.zeros_like(attention)
         base[:, prefix] = attention[:, prefix]
-        scores = torch.nn.functional.avg_pool1d(base[:, None], self.pool, stride=1,
-                                                padding=self.pool // 2)[:, 0, :base.shape[-1]]
+        scores = torch.nn.functional.avg_pool1d(base[:, None], self.pool, stride=1, padding=self.pool // 2)[
+            :, 0, : base.shape[-1]
+        ]
         if screenshots:
             current = screenshots[-1].to(scores.device)
-            scores[:, current] += self.alpha * z_saliency(state["norms"][index][row, current],
-                                                          self.temperature).to(scores.device)
+            scores[:, current] += self.alpha * z_saliency(state["norms"][index][row, current], self.temperature).to(
+                scores.device
+            )
         if len(screenshots) > 1:  # temporal redundancy of the earlier screenshots
             earlier = torch.cat(screenshots[:-1]).to(scores.device)
             keys = state["keys"][index][row].view(-1, kv_heads, head_dim).transpose(0, 1)  # (kv, len, dim)
@@ -255,7 +277,11 @@ class GUIKV(TokenPruner):
         real = kept[:, 0] >= 0
         columns = kept[:, 0].clamp_min(0)
         positions = state["positions"]
-        self._state["prefill"] = PromptPlan(columns=columns, real=real, length=state["length"],
-                                            next_position=self._last_positions(positions) + 1,
-                                            position_shape=positions.shape[:-2])
+        self._state["prefill"] = PromptPlan(
+            columns=columns,
+            real=real,
+            length=state["length"],
+            next_position=self._last_positions(positions) + 1,
+            position_shape=positions.shape[:-2],
+        )
         self.stats.prefill_tokens = state["length"]

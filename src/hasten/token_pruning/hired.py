@@ -105,8 +105,11 @@ class HiRED(TokenPruner):
         if budget >= n:
             return torch.arange(n, device=device), None
         shares = self._partition_budgets(budget, layout, patch, partitions, side)
-        kept = [scores.masked_fill(layout[:, 0] != row, float("-inf")).topk(count).indices
-                for row, count in zip(partitions.tolist(), shares) if count]
+        kept = [
+            scores.masked_fill(layout[:, 0] != row, float("-inf")).topk(count).indices
+            for row, count in zip(partitions.tolist(), shares)
+            if count
+        ]
         return torch.cat(kept).sort().values, None
 
     def _partition_budgets(self, budget: int, layout, patch, partitions, side: int) -> list[int]:
@@ -118,15 +121,21 @@ class HiRED(TokenPruner):
         subs = len(partitions) - 1
         # the sub-image grid: after the full image's tokens, the first row of the unpadded grid
         # (up to its newline) runs through the first row of sub-images
-        sub_tokens = layout[available[0]:]
+        sub_tokens = layout[available[0] :]
         newlines = (sub_tokens[:, 0] < 0).nonzero()[:, 0]
         first_row = sub_tokens[: int(newlines[0]) if len(newlines) else len(sub_tokens)]
         columns = max(1, int(first_row[:, 0].unique().numel()))
         rows = max(1, subs // columns)
         content = self._cls.scores[0][int(partitions[0])].view(side, side).to(layout.device)
-        score = torch.stack([
-            content[r * side // rows:(r + 1) * side // rows, c * side // columns:(c + 1) * side // columns].sum()
-            for r in range(rows) for c in range(columns)])[:subs].float()
+        score = torch.stack(
+            [
+                content[
+                    r * side // rows : (r + 1) * side // rows, c * side // columns : (c + 1) * side // columns
+                ].sum()
+                for r in range(rows)
+                for c in range(columns)
+            ]
+        )[:subs].float()
         weights = score / score.sum() if float(score.sum()) > 0 else torch.full_like(score, 1 / subs)
         exact = weights * (budget - base)
         counts = exact.floor().long()

@@ -111,15 +111,20 @@ class LLMLayerPruner(TokenPruner):
         layers = language_model.layers
         pruning = self.pruning_layers(len(layers))
         if not pruning or any(not 0 <= layer < len(layers) - 1 for layer in pruning) or sorted(set(pruning)) != pruning:
-            raise ValueError(f"pruning layers must be ascending and in [0, {len(layers) - 2}] for this "
-                             f"{len(layers)}-layer LLM, got {pruning!r}")
+            raise ValueError(
+                f"pruning layers must be ascending and in [0, {len(layers) - 2}] for this "
+                f"{len(layers)}-layer LLM, got {pruning!r}"
+            )
         self._pruning = pruning
         self._recorder = QueryAttention(pruning)
         stage_of = {index: sum(layer < index for layer in pruning) for index in range(len(layers))}
         self._stage_of = stage_of
         return [
-            *(layer.register_forward_pre_hook(functools.partial(self._layer_inputs, index=index), with_kwargs=True)
-              for index, layer in enumerate(layers) if stage_of[index] > 0 or index == pruning[0]),
+            *(
+                layer.register_forward_pre_hook(functools.partial(self._layer_inputs, index=index), with_kwargs=True)
+                for index, layer in enumerate(layers)
+                if stage_of[index] > 0 or index == pruning[0]
+            ),
             *(super()._extra_hooks(model, adapter, language_model) if self.prunes_before_llm else []),
         ]
 
@@ -142,8 +147,11 @@ class LLMLayerPruner(TokenPruner):
         if isinstance(mask, dict):
             raise ValueError("token pruning needs a 2-D attention mask (got precomputed 4-D masks)")
         queries = embeds.shape[1]
-        llm.step = dict(generated=cached - llm.length, queries=queries,
-                        masks=[self._decode_mask(plan, mask, cached, queries, embeds.dtype) for plan in llm.plans])
+        llm.step = dict(
+            generated=cached - llm.length,
+            queries=queries,
+            masks=[self._decode_mask(plan, mask, cached, queries, embeds.dtype) for plan in llm.plans],
+        )
         return args, kwargs
 
     def _start_prefill(self, kwargs: dict, embeds: torch.Tensor) -> dict:
@@ -152,8 +160,12 @@ class LLMLayerPruner(TokenPruner):
             kwargs = self._prefill(kwargs, embeds)  # stage 1 (sets stats and the LLM-level plan)
             before = self._state["prefill"]
             input_ids_mask = before.image_mask.gather(1, before.columns) & before.real
-            prompt = dict(image_mask=input_ids_mask, mask=kwargs["attention_mask"], positions=kwargs["position_ids"],
-                          length=kwargs["inputs_embeds"].shape[1])
+            prompt = dict(
+                image_mask=input_ids_mask,
+                mask=kwargs["attention_mask"],
+                positions=kwargs["position_ids"],
+                length=kwargs["inputs_embeds"].shape[1],
+            )
         else:
             prompt = self._prompt(kwargs, kwargs.get("inputs_embeds"))
             self.stats = self._full_prompt_stats(prompt)
@@ -162,8 +174,13 @@ class LLMLayerPruner(TokenPruner):
             self._recorder.active = False
             return kwargs  # nothing to drop: the exact unpruned model
         prompt.pop("call", None)
-        self._state["llm"] = LLMPass(length=prompt["length"], image_mask=prompt["image_mask"], mask=prompt["mask"],
-                                     positions=prompt["positions"], protected=self._protected(prompt))
+        self._state["llm"] = LLMPass(
+            length=prompt["length"],
+            image_mask=prompt["image_mask"],
+            mask=prompt["mask"],
+            positions=prompt["positions"],
+            protected=self._protected(prompt),
+        )
         valid = prompt["mask"].bool()
         self._recorder.rows = self._text_rows(prompt["image_mask"], valid) if self.scored_by == "text" else None
         self._recorder.active = True
@@ -212,15 +229,19 @@ class LLMLayerPruner(TokenPruner):
                 self._positions(kwargs, hidden, plan, llm, decoding=step)
         return args, kwargs
 
-    def _positions(self, kwargs: dict, hidden: torch.Tensor, plan: LayerPlan, llm: LLMPass,
-                   decoding: dict | None) -> None:
+    def _positions(
+        self, kwargs: dict, hidden: torch.Tensor, plan: LayerPlan, llm: LLMPass, decoding: dict | None
+    ) -> None:
         """Position ids and cos/sin of the tokens this layer sees (original, or renumbered)."""
         if self.renumber:
             if decoding is None:
                 positions = plan.renumbered
             else:
-                positions = plan.next_position[:, None] + decoding["generated"] + torch.arange(
-                    decoding["queries"], device=hidden.device)[None]
+                positions = (
+                    plan.next_position[:, None]
+                    + decoding["generated"]
+                    + torch.arange(decoding["queries"], device=hidden.device)[None]
+                )
             kwargs["position_ids"] = positions
             if kwargs.get("position_embeddings") is not None:
                 kwargs["position_embeddings"] = self._language_model.rotary_emb(hidden, positions)
@@ -251,9 +272,12 @@ class LLMLayerPruner(TokenPruner):
             protected = llm.protected.gather(1, previous.columns) & previous.real
         scores = self._recorder.scores.pop(layer, None)
         if scores is None:
-            raise patch_point_error(self._model, f"{type(self).__name__}: decoder layer {layer}'s attention did not go "
-                                                 "through transformers' attention-function registry "
-                                                 "(`config._attn_implementation`), so it could not be scored")
+            raise patch_point_error(
+                self._model,
+                f"{type(self).__name__}: decoder layer {layer}'s attention did not go "
+                "through transformers' attention-function registry "
+                "(`config._attn_implementation`), so it could not be scored",
+            )
         keep = ~image & previous.real
         for tokens in self._images(image, hidden, None, None, layouts=False):
             if protected is not None:
@@ -301,9 +325,12 @@ class LLMLayerPruner(TokenPruner):
             keep[row, columns[row][real[row]]] = True
         self.stats.record_kept(keep, image_mask)
         self.stats.prefill_tokens = plan.columns.shape[1]
-        self.stats.layer_tokens = [llm.length if self._stage_of[i] == 0 else
-                                   llm.plans[min(self._stage_of[i], len(llm.plans)) - 1].columns.shape[1]
-                                   for i in range(len(self._stage_of))]
+        self.stats.layer_tokens = [
+            llm.length
+            if self._stage_of[i] == 0
+            else llm.plans[min(self._stage_of[i], len(llm.plans)) - 1].columns.shape[1]
+            for i in range(len(self._stage_of))
+        ]
 
     # --- after the prefill -------------------------------------------------------------------------
     def _after_llm(self, module, args, kwargs, output):
@@ -366,11 +393,16 @@ class LLMLayerPruner(TokenPruner):
         if self.renumber:
             next_position = final.next_position
         else:
-            gathered = positions.gather(-1, final.columns.expand(*positions.shape[:-2], *final.columns.shape)
-                                        if positions.dim() > 2 else final.columns)
+            gathered = positions.gather(
+                -1,
+                final.columns.expand(*positions.shape[:-2], *final.columns.shape)
+                if positions.dim() > 2
+                else final.columns,
+            )
             next_position = self._last_positions(gathered) + 1
-        self._state["prefill"] = PromptPlan(columns=columns, real=real, length=length, next_position=next_position,
-                                            position_shape=position_shape)
+        self._state["prefill"] = PromptPlan(
+            columns=columns, real=real, length=length, next_position=next_position, position_shape=position_shape
+        )
         # from now on the LLM-level rewrite is the whole story: no per-layer plans
         self._state["llm"] = LLMPass(length=final.columns.shape[1], compacted=True)
 
@@ -399,7 +431,7 @@ class LLMLayerPruner(TokenPruner):
         if mask is None:
             later = torch.ones(columns.shape[0], generated, dtype=torch.bool, device=columns.device)
         else:
-            later = mask[:, length:length + generated].bool()
+            later = mask[:, length : length + generated].bool()
         keys = torch.cat([prompt, later], 1)
         total = keys.shape[1]
         query_positions = total - queries + torch.arange(queries, device=columns.device)
@@ -408,11 +440,15 @@ class LLMLayerPruner(TokenPruner):
 
     @staticmethod
     def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
 
     @staticmethod
     def _gather_sequence(tensor: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """Gather the sequence axis (-2) of a cos/sin table ``(..., batch, length, dim)``."""
         lead = tensor.dim() - 3
-        index = columns.view(*([1] * lead), *columns.shape, 1).expand(*tensor.shape[:-2], columns.shape[1], tensor.shape[-1])
+        index = columns.view(*([1] * lead), *columns.shape, 1).expand(
+            *tensor.shape[:-2], columns.shape[1], tensor.shape[-1]
+        )
         return tensor.gather(-2, index)

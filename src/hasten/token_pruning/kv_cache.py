@@ -41,8 +41,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ..kernels.kv_quant import BITS, LAYOUTS, QuantizedKV
 from .._validation import check_int
+from ..kernels.kv_quant import BITS, LAYOUTS, QuantizedKV
 
 __all__ = ["MixedPrecisionConfig", "MixedPrecisionLayer", "install_mixed_precision", "mixed_precision_cache"]
 
@@ -119,8 +119,9 @@ class _Segment:
             self.keys, self.values = keys, values
         else:
             self.keys = QuantizedKV.quantize(keys, bits, config.key_layout, _group(config, config.key_layout, keys))
-            self.values = QuantizedKV.quantize(values, bits, config.value_layout,
-                                               _group(config, config.value_layout, values))
+            self.values = QuantizedKV.quantize(
+                values, bits, config.value_layout, _group(config, config.value_layout, values)
+            )
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.keys, QuantizedKV):
@@ -129,8 +130,9 @@ class _Segment:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes if isinstance(t, QuantizedKV) else t.numel() * t.element_size()
-                   for t in (self.keys, self.values))
+        return sum(
+            t.nbytes if isinstance(t, QuantizedKV) else t.numel() * t.element_size() for t in (self.keys, self.values)
+        )
 
 
 class MixedPrecisionLayer(DynamicLayer):
@@ -179,8 +181,9 @@ class MixedPrecisionLayer(DynamicLayer):
         quantized = min(self.config.high_bits, self.config.low_bits) < _FULL
         return self.fused and queries == 1 and self._prefix > 0 and quantized
 
-    def decode_attention(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, scaling: float,
-                         backend: str = "auto") -> torch.Tensor:
+    def decode_attention(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, scaling: float, backend: str = "auto"
+    ) -> torch.Tensor:
         """One decoding step's attention over the compressed prefix and the residual window.
 
         The quantised segments are attended without dequantising the cache (the fused Triton
@@ -203,13 +206,18 @@ class MixedPrecisionLayer(DynamicLayer):
             for slots, segment in segments:
                 seg_valid = None if valid is None else valid[slots]
                 quantized = isinstance(segment.keys, QuantizedKV)
-                if (fused is not None and quantized and segment.keys.layout == "channel"
-                        and segment.values.layout == "token"):
+                if (
+                    fused is not None
+                    and quantized
+                    and segment.keys.layout == "channel"
+                    and segment.values.layout == "token"
+                ):
                     parts.append(fused(q, segment.keys, segment.values, scaling, seg_valid))
                 else:
                     parts.append(partial_attention(q, segment.keys, segment.values, scaling, seg_valid))
-            parts.append(partial_attention(q, keys[row], values[row], scaling,
-                                           None if valid is None else valid[self._prefix:]))
+            parts.append(
+                partial_attention(q, keys[row], values[row], scaling, None if valid is None else valid[self._prefix :])
+            )
             outputs.append(merge_partials(parts))
             lses.append(torch.logsumexp(torch.stack([lse for _, lse in parts]), 0))
         self.last_lse = torch.stack(lses)  # (batch, heads): the softmax normaliser over every key
@@ -260,7 +268,9 @@ class MixedPrecisionLayer(DynamicLayer):
         return self.cumulative_length
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError("a mixed-precision cache cannot be cropped (assisted/speculative decoding needs a DynamicCache)")
+        raise ValueError(
+            "a mixed-precision cache cannot be cropped (assisted/speculative decoding needs a DynamicCache)"
+        )
 
     def reset(self) -> None:
         super().reset()

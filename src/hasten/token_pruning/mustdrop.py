@@ -45,10 +45,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validation import check_int
 from .core import ImageTokens
 from .inside_llm import LLMLayerPruner
 from .scoring import CLSAttention, encoder_layers_of, l2_saliency
-from .._validation import check_int
 
 __all__ = ["MustDrop"]
 
@@ -124,14 +124,16 @@ class MustDrop(LLMLayerPruner):
         if not 0.0 <= self.key_fraction <= 1.0:
             raise ValueError(f"`key_fraction` must be in [0, 1], got {self.key_fraction!r}")
         self.layers = tuple(self.layers)
-        if not self.layers or any(isinstance(layer, bool) or not isinstance(layer, int) or layer < 0
-                                  for layer in self.layers):
+        if not self.layers or any(
+            isinstance(layer, bool) or not isinstance(layer, int) or layer < 0 for layer in self.layers
+        ):
             raise ValueError(f"`layers` must be non-negative ints, got {self.layers!r}")
         target = self.budget * 576
         _, default_global, default_individual = min(_THRESHOLDS, key=lambda row: abs(row[0] - target))
         self.global_threshold = default_global if self.global_threshold is None else self.global_threshold
-        self.individual_threshold = (default_individual if self.individual_threshold is None
-                                     else self.individual_threshold)
+        self.individual_threshold = (
+            default_individual if self.individual_threshold is None else self.individual_threshold
+        )
         for name in ("global_threshold", "individual_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)!r}")
@@ -154,15 +156,19 @@ class MustDrop(LLMLayerPruner):
         n = len(image.positions)
         device = image.embeds.device
         if image.layout is None:
-            raise ValueError("MustDrop needs each image's patch layout (LLaVA, LLaVA-Next with `image_sizes`, Qwen2-VL)")
+            raise ValueError(
+                "MustDrop needs each image's patch layout (LLaVA, LLaVA-Next with `image_sizes`, Qwen2-VL)"
+            )
         layout = image.layout.to(device)
         patch = layout[:, 0] >= 0
 
         # 1. merge: windows of (vision row, patch row // w, patch col // w); non-patch tokens are their own
         side = self.window
         window_key = torch.stack([layout[:, 0], layout[:, 1] // side, layout[:, 2] // side], 1)
-        window_key[~patch] = torch.stack([torch.full_like(layout[~patch, 0], -1),
-                                          torch.nonzero(~patch)[:, 0], torch.zeros_like(layout[~patch, 0])], 1)
+        window_key[~patch] = torch.stack(
+            [torch.full_like(layout[~patch, 0], -1), torch.nonzero(~patch)[:, 0], torch.zeros_like(layout[~patch, 0])],
+            1,
+        )
         _, window = torch.unique(window_key, dim=0, return_inverse=True)
         windows = int(window.max()) + 1
         size = torch.zeros(windows, device=device).index_add_(0, window, torch.ones(n, device=device))
@@ -173,7 +179,8 @@ class MustDrop(LLMLayerPruner):
         merged = (size >= 2) & (similarity >= self.merge_threshold)
         token_merged = merged[window]
         first = torch.full((windows,), n, dtype=torch.long, device=device).scatter_reduce_(
-            0, window, torch.arange(n, device=device), "amin")
+            0, window, torch.arange(n, device=device), "amin"
+        )
         keep = ~token_merged | (torch.arange(n, device=device) == first[window])
         kept = keep.nonzero()[:, 0]
         embeds = image.embeds.float()
@@ -186,13 +193,21 @@ class MustDrop(LLMLayerPruner):
         if count:
             scores = self._key_scores(image, layout, window, token_merged, replaced, kept)
             key = scores.masked_fill(~kept_patch, float("-inf")).topk(count).indices
-            self._state.setdefault("key_set", []).append((image.sample, image.positions[kept[key].to(
-                image.positions.device)]))
+            self._state.setdefault("key_set", []).append(
+                (image.sample, image.positions[kept[key].to(image.positions.device)])
+            )
         self._state.setdefault("originals", {})[image.index] = n
         return kept.to(image.positions.device), replaced
 
-    def _key_scores(self, image: ImageTokens, layout: torch.Tensor, window: torch.Tensor,
-                    token_merged: torch.Tensor, replaced: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    def _key_scores(
+        self,
+        image: ImageTokens,
+        layout: torch.Tensor,
+        window: torch.Tensor,
+        token_merged: torch.Tensor,
+        replaced: torch.Tensor,
+        kept: torch.Tensor,
+    ) -> torch.Tensor:
         """Key-set scores of the merged tokens ``kept``.
 
         LLaVA / LLaVA-Next: CLS attention at the vision tower's last layer (heads summed: the
@@ -222,11 +237,16 @@ class MustDrop(LLMLayerPruner):
     def pruning_layers(self, num_layers: int) -> list[int]:
         usable = sorted({layer for layer in self.layers if layer < num_layers - 1})
         if not usable:
-            raise ValueError(f"`layers` {self.layers} leaves no filter layer in this {num_layers}-layer LLM "
-                             f"(each must be <= {num_layers - 2})")
+            raise ValueError(
+                f"`layers` {self.layers} leaves no filter layer in this {num_layers}-layer LLM "
+                f"(each must be <= {num_layers - 2})"
+            )
         if len(usable) < len(set(self.layers)):
-            warnings.warn(f"MustDrop: filter layers {sorted(set(self.layers) - set(usable))} are not before the last "
-                          f"of this {num_layers}-layer LLM's layers; using {usable}", stacklevel=3)
+            warnings.warn(
+                f"MustDrop: filter layers {sorted(set(self.layers) - set(usable))} are not before the last "
+                f"of this {num_layers}-layer LLM's layers; using {usable}",
+                stacklevel=3,
+            )
         return usable
 
     def select_in_llm(self, image: ImageTokens, stage: int) -> torch.Tensor:

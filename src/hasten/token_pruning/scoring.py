@@ -24,8 +24,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["AttentionHook", "CLSAttention", "QueryAttention", "encoder_layers_of", "l2_saliency", "mass_count",
-           "normalized_probe_attention", "probe_attention", "probe_queries", "subspace_residuals", "z_saliency"]
+__all__ = [
+    "AttentionHook",
+    "CLSAttention",
+    "QueryAttention",
+    "encoder_layers_of",
+    "l2_saliency",
+    "mass_count",
+    "normalized_probe_attention",
+    "probe_attention",
+    "probe_queries",
+    "subspace_residuals",
+    "z_saliency",
+]
 
 _RECORDING = "hasten_record"  # the registered attention function name
 
@@ -59,6 +70,7 @@ class CLSAttention:
     def _keep_query(self, layer: int):
         def hook(module, args, output):
             self._q[layer] = output[:, :1]  # the CLS query only
+
         return hook
 
     def _score(self, layer: int):
@@ -68,8 +80,9 @@ class CLSAttention:
             head_dim = width // self.heads
             q = query.view(images, 1, self.heads, head_dim).transpose(1, 2)
             k = keys.view(images, length, self.heads, head_dim).transpose(1, 2)
-            attention = torch.softmax((q @ k.transpose(-1, -2)).float() * head_dim ** -0.5, dim=-1)
+            attention = torch.softmax((q @ k.transpose(-1, -2)).float() * head_dim**-0.5, dim=-1)
             self.scores[layer] = attention.sum(1)[:, 0, 1:]  # (images, patches), CLS key dropped
+
         return hook
 
 
@@ -103,7 +116,6 @@ class AttentionHook:
     def install(self, config) -> None:
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         from ..transformers_conventions import PatchPointError, transformers_version
@@ -113,8 +125,10 @@ class AttentionHook:
             raise ValueError("another hasten method already hooks attention on this model")
         registered = original in ALL_ATTENTION_FUNCTIONS and original in ALL_MASK_ATTENTION_FUNCTIONS
         if original != "eager" and not registered:
-            raise PatchPointError(f"attention implementation {original!r} is not in transformers "
-                                  f"{transformers_version()}'s attention-function registries, which hasten wraps")
+            raise PatchPointError(
+                f"attention implementation {original!r} is not in transformers "
+                f"{transformers_version()}'s attention-function registries, which hasten wraps"
+            )
         name = f"{_RECORDING}_{original}"  # masks are built exactly as for the original implementation
         AttentionInterface.register(name, _wrapped_attention)
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
@@ -171,12 +185,18 @@ class QueryAttention(AttentionHook):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         length = keys.shape[2]
         if self.rows is None:
-            self.scores[layer] = self._probabilities(query[:, :, -1:].float() @ keys.transpose(-1, -2) * scale,
-                                                     mask, slice(-1, None), None, length).mean(1)[:, 0]
+            self.scores[layer] = self._probabilities(
+                query[:, :, -1:].float() @ keys.transpose(-1, -2) * scale, mask, slice(-1, None), None, length
+            ).mean(1)[:, 0]
             return
         probabilities = [
-            self._probabilities(query[b:b + 1, :, rows].float() @ keys[b:b + 1].transpose(-1, -2) * scale,
-                                None if mask is None else mask[min(b, mask.shape[0] - 1)][None], rows, rows, length)[0]
+            self._probabilities(
+                query[b : b + 1, :, rows].float() @ keys[b : b + 1].transpose(-1, -2) * scale,
+                None if mask is None else mask[min(b, mask.shape[0] - 1)][None],
+                rows,
+                rows,
+                length,
+            )[0]
             for b, rows in enumerate(self.rows)
         ]  # per sample (heads, rows, keys)
         self.scores[layer] = [p if self.per_head else p.mean(0) for p in probabilities]
@@ -186,16 +206,18 @@ class QueryAttention(AttentionHook):
         """Softmax of (1|B, H, R, S) logits under the layer's mask (or causal order where it is None)."""
         if mask is not None:
             row = mask[..., rows, :length]
-            return torch.softmax(logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool
-                                 else logits + row.float(), dim=-1)
+            return torch.softmax(
+                logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else logits + row.float(), dim=-1
+            )
         if causal_rows is not None:  # no mask given: SDPA's causal order
             future = torch.arange(length, device=logits.device)[None] > causal_rows[:, None]
             logits = logits.masked_fill(future, float("-inf"))
         return torch.softmax(logits, dim=-1)
 
 
-def probe_queries(valid: torch.Tensor, fraction: float | None = None, seed: int = 0, recent: int = 64,
-                  random: int = 64) -> list[torch.Tensor]:
+def probe_queries(
+    valid: torch.Tensor, fraction: float | None = None, seed: int = 0, recent: int = 64, random: int = 64
+) -> list[torch.Tensor]:
     """Probe queries per sample: the most recent valid positions plus randomly drawn earlier ones, ascending.
 
     By default ``recent`` (64) recent and ``random`` (64) random probes (ZipVL, arXiv
@@ -215,14 +237,15 @@ def probe_queries(valid: torch.Tensor, fraction: float | None = None, seed: int 
         else:
             recent_count, random_count = recent, random
         recent_count = min(recent_count, len(positions))
-        chosen, rest = positions[len(positions) - recent_count:], positions[:len(positions) - recent_count]
+        chosen, rest = positions[len(positions) - recent_count :], positions[: len(positions) - recent_count]
         drawn = rest[torch.randperm(len(rest), generator=generator)[: min(random_count, len(rest))].to(rest.device)]
         probes.append(torch.cat([drawn, chosen]).sort().values)
     return probes
 
 
-def probe_attention(query: torch.Tensor, key: torch.Tensor, probes: torch.Tensor, scaling: float,
-                    key_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_attention(
+    query: torch.Tensor, key: torch.Tensor, probes: torch.Tensor, scaling: float, key_valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One sample's probe attention, head-averaged: each key's column sum and how many probes see it.
 
     ``query`` ``(heads, length, dim)``, ``key`` ``(kv_heads, length, dim)`` (after RoPE),
@@ -240,8 +263,9 @@ def probe_attention(query: torch.Tensor, key: torch.Tensor, probes: torch.Tensor
     return attention.sum(0), visible.sum(0)
 
 
-def normalized_probe_attention(query: torch.Tensor, key: torch.Tensor, probes: torch.Tensor, scaling: float,
-                               key_valid: torch.Tensor) -> torch.Tensor:
+def normalized_probe_attention(
+    query: torch.Tensor, key: torch.Tensor, probes: torch.Tensor, scaling: float, key_valid: torch.Tensor
+) -> torch.Tensor:
     """ZipCache-normalised attention of one sample's keys from its probe queries, head-averaged.
 
     Arguments as :func:`probe_attention`. Returns ``(length,)``: each key's attention summed over

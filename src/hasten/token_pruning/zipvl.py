@@ -61,11 +61,11 @@ from typing import ClassVar
 
 import torch
 
+from .._validation import check_int, check_number
 from ..transformers_conventions import cache_of, patch_point_error
 from .core import TokenPruner
 from .kv_cache import MixedPrecisionConfig, install_mixed_precision, mixed_precision_cache
 from .scoring import AttentionHook, mass_count, probe_attention, probe_queries
-from .._validation import check_int, check_number
 
 __all__ = ["COUNT_SCORES", "SPARSE_PREFILL", "ZipVL", "block_verdict", "select_important"]
 
@@ -73,8 +73,9 @@ COUNT_SCORES = ("column_sums", "normalized")
 SPARSE_PREFILL = ("important", "keys", "dense")
 
 
-def select_important(column_sums: torch.Tensor, seen: torch.Tensor, tau: float, count_scores: str = "column_sums",
-                     cap: int | None = None) -> torch.Tensor:
+def select_important(
+    column_sums: torch.Tensor, seen: torch.Tensor, tau: float, count_scores: str = "column_sums", cap: int | None = None
+) -> torch.Tensor:
     """ZipVL's important tokens of one sample from its probe attention: ascending positions.
 
     ``column_sums`` ``(length,)``: each key's accumulated probe attention (rows of the
@@ -229,8 +230,13 @@ class ZipVL(TokenPruner):
                 layer.defer_decoded = self.split_generated
         valid = prompt["mask"].bool()
         probes = probe_queries(valid, self.probe_fraction, self.seed, self.probe_recent, self.probe_random)
-        self._state = dict(valid=valid, cache_layers=cache_layers, image_mask=prompt["image_mask"], probes=probes,
-                           prefill_start=time.perf_counter())
+        self._state = dict(
+            valid=valid,
+            cache_layers=cache_layers,
+            image_mask=prompt["image_mask"],
+            probes=probes,
+            prefill_start=time.perf_counter(),
+        )
         return args, kwargs
 
     def _check_pruned(self) -> None:
@@ -239,9 +245,12 @@ class ZipVL(TokenPruner):
         scored = self._state.get("scored_layers", set())
         layers = len(self._language_model.layers)
         if len(scored) < layers:
-            raise patch_point_error(self._model, f"ZipVL: the prefill attention of layers "
-                                                 f"{sorted(set(range(layers)) - scored)} did not go through "
-                                                 "transformers' attention-function registry")
+            raise patch_point_error(
+                self._model,
+                f"ZipVL: the prefill attention of layers "
+                f"{sorted(set(range(layers)) - scored)} did not go through "
+                "transformers' attention-function registry",
+            )
 
     def important(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
         """``(batch, length)`` flags of one layer's important tokens (see :func:`select_important`)."""
@@ -278,7 +287,7 @@ class ZipVL(TokenPruner):
 def _allowed(mask, rows: torch.Tensor, columns: torch.Tensor, batch: int) -> torch.Tensor:
     """``(batch, 1|heads, r, c)`` bool: may query position ``rows[b, i]`` see key ``columns[b, j]``."""
     if mask is None:  # SDPA without padding: plain causal order
-        return (rows[:, None, :, None] >= columns[:, None, None, :])
+        return rows[:, None, :, None] >= columns[:, None, None, :]
     full = mask.expand(batch, -1, -1, -1)
     picked = full.gather(2, rows[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[-1]))
     picked = picked.gather(3, columns[:, None, None, :].expand(-1, full.shape[1], rows.shape[1], -1))
@@ -289,7 +298,8 @@ def _as_mask(allowed: torch.Tensor, mask) -> torch.Tensor:
     """The attention function's mask form: boolean, or additive in the original mask's dtype."""
     if mask is not None and mask.dtype != torch.bool:
         return torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device).masked_fill(
-            ~allowed, torch.finfo(mask.dtype).min)
+            ~allowed, torch.finfo(mask.dtype).min
+        )
     return allowed
 
 
@@ -326,8 +336,11 @@ class _ZipVLAttention(AttentionHook):
         counts = method.attention
         counts["dense_pairs"][layer] = int(dense.sum())
         counts["head_width"][layer] = query.shape[1] * query.shape[-1]
-        counts["probe_pairs"][layer] = 0 if everything else int(sum(
-            dense[row, probes.to(key.device)].sum() for row, probes in enumerate(state["probes"])))
+        counts["probe_pairs"][layer] = (
+            0
+            if everything
+            else int(sum(dense[row, probes.to(key.device)].sum() for row, probes in enumerate(state["probes"])))
+        )
         if everything or method.sparse_prefill == "dense":
             counts["pairs"][layer] = counts["dense_pairs"][layer]
             return function(module, query, key, value, mask, **kwargs)
@@ -366,7 +379,7 @@ class _ZipVLAttention(AttentionHook):
         logits = (keys @ query[:, :, -1:].float().transpose(-1, -2))[..., 0] * scaling  # (batch, heads, keys)
         if lse is None:
             if mask is not None:
-                last = mask[:, :, -1, :keys.shape[2]]
+                last = mask[:, :, -1, : keys.shape[2]]
                 visible = last if last.dtype == torch.bool else last == 0
                 logits = logits.masked_fill(~visible, float("-inf"))
             lse = torch.logsumexp(logits, -1)

@@ -14,18 +14,31 @@ Example: a camera panning right by ``s`` pixels per frame gives a flow from fram
 """
 
 from __future__ import annotations
-from .._validation import check_number
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PRESETS", "backward_warp", "flow_pair", "leaves_frame", "occlusion_mask", "optical_flow", "resize_flow",
-           "warp_error", "warped_difference_mask"]
+from .._validation import check_number
 
-PRESETS = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST, "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
-           "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
+__all__ = [
+    "PRESETS",
+    "backward_warp",
+    "flow_pair",
+    "leaves_frame",
+    "occlusion_mask",
+    "optical_flow",
+    "resize_flow",
+    "warp_error",
+    "warped_difference_mask",
+]
+
+PRESETS = {
+    "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
+    "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+    "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
+}
 
 
 def _gray(frame: np.ndarray) -> np.ndarray:
@@ -76,11 +89,16 @@ def backward_warp(image: torch.Tensor, flow: np.ndarray | torch.Tensor, mode: st
     """
     field = _as_field(flow, image.device)
     if field.shape[-2:] != image.shape[-2:]:
-        raise ValueError(f"`flow` is {tuple(field.shape[-2:])} but `image` is {tuple(image.shape[-2:])}: "
-                         "resize the flow first (resize_flow)")
+        raise ValueError(
+            f"`flow` is {tuple(field.shape[-2:])} but `image` is {tuple(image.shape[-2:])}: "
+            "resize the flow first (resize_flow)"
+        )
     height, width = image.shape[-2:]
-    ys, xs = torch.meshgrid(torch.arange(height, device=image.device, dtype=torch.float32),
-                            torch.arange(width, device=image.device, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(height, device=image.device, dtype=torch.float32),
+        torch.arange(width, device=image.device, dtype=torch.float32),
+        indexing="ij",
+    )
     x = (xs + field[:, 0]) / max(width - 1, 1) * 2 - 1
     y = (ys + field[:, 1]) / max(height - 1, 1) * 2 - 1
     grid = torch.stack([x, y], -1).expand(image.shape[0], -1, -1, -1)
@@ -111,8 +129,9 @@ def occlusion_mask(flow: np.ndarray, reverse: np.ndarray, alpha: float = 0.01, b
     return (disagreement > bound)[0].numpy() | leaves_frame(flow)
 
 
-def warped_difference_mask(previous: np.ndarray, current: np.ndarray, flow: np.ndarray,
-                           threshold: float = 0.05) -> np.ndarray:
+def warped_difference_mask(
+    previous: np.ndarray, current: np.ndarray, flow: np.ndarray, threshold: float = 0.05
+) -> np.ndarray:
     """LatentWarp's occlusion mask (Bao et al., arXiv 2311.00353, Eq. 6): ``(H, W)`` bool, True = occluded.
 
     The previous SOURCE frame is warped onto the current one along ``flow`` (current -> previous,
@@ -139,8 +158,9 @@ def warped_difference_mask(previous: np.ndarray, current: np.ndarray, flow: np.n
     """
     check_number(threshold, "threshold", 0, why="0-1 intensity scale")
     if previous.shape != current.shape or previous.ndim != 3 or previous.shape[-1] != 3:
-        raise ValueError(f"`previous` and `current` must be (H, W, 3) frames of one size, got {previous.shape} "
-                         f"and {current.shape}")
+        raise ValueError(
+            f"`previous` and `current` must be (H, W, 3) frames of one size, got {previous.shape} and {current.shape}"
+        )
     if flow.shape[:2] != current.shape[:2]:
         raise ValueError(f"`flow` is {flow.shape[:2]} but the frames are {current.shape[:2]}")
     source = torch.from_numpy(np.ascontiguousarray(previous)).permute(2, 0, 1)[None].float() / 255
@@ -153,8 +173,9 @@ def resize_flow(flow: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize an ``(H, W, 2)`` flow to ``size = (height, width)``, scaling the vectors with it."""
     height, width = flow.shape[:2]
     new_height, new_width = size
-    resized = cv2.resize(flow, (new_width, new_height), interpolation=cv2.INTER_AREA if new_width < width
-                         else cv2.INTER_LINEAR)
+    resized = cv2.resize(
+        flow, (new_width, new_height), interpolation=cv2.INTER_AREA if new_width < width else cv2.INTER_LINEAR
+    )
     return (resized * np.array([new_width / width, new_height / height], dtype=np.float32)).astype(np.float32)
 
 

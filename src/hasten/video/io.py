@@ -94,16 +94,40 @@ def copy_audio(source: str | os.PathLike, target: str | os.PathLike) -> bool:
     ffmpeg = ffmpeg_executable()
     if ffmpeg is None:
         if not _AUDIO_NOTICE:
-            warnings.warn("no ffmpeg found (pip install imageio-ffmpeg): translated videos are written without "
-                          "audio", stacklevel=2)
+            warnings.warn(
+                "no ffmpeg found (pip install imageio-ffmpeg): translated videos are written without audio",
+                stacklevel=2,
+            )
             _AUDIO_NOTICE = True
         return False
     target = Path(target)
     tmp = _atomic_target(target)
     try:
-        result = subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-i", str(target), "-i", str(source),
-                                 "-map", "0:v:0", "-map", "1:a:0?", "-c:v", "copy", "-c:a", "aac", "-shortest",
-                                 str(tmp)], capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [
+                ffmpeg,
+                "-y",
+                "-loglevel",
+                "error",
+                "-i",
+                str(target),
+                "-i",
+                str(source),
+                "-map",
+                "0:v:0",
+                "-map",
+                "1:a:0?",
+                "-c:v",
+                "copy",
+                "-c:a",
+                "aac",
+                "-shortest",
+                str(tmp),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if result.returncode != 0:
             return False
         os.replace(tmp, target)

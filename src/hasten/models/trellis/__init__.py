@@ -19,8 +19,14 @@ from torch import nn
 
 from .sparse_structure import SparseStructureDecoder, SparseStructureEncoder, SparseStructureFlowModel
 
-__all__ = ["MODELS", "SparseStructureDecoder", "SparseStructureEncoder", "SparseStructureFlowModel",
-           "from_pretrained", "save_pretrained"]
+__all__ = [
+    "MODELS",
+    "SparseStructureDecoder",
+    "SparseStructureEncoder",
+    "SparseStructureFlowModel",
+    "from_pretrained",
+    "save_pretrained",
+]
 
 MODELS = {cls.__name__: cls for cls in (SparseStructureFlowModel, SparseStructureEncoder, SparseStructureDecoder)}
 
@@ -42,7 +48,9 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
 
     config_file, weights_file = Path(f"{path}.json"), Path(f"{path}.safetensors")
     if not config_file.exists() or not weights_file.exists():
-        raise FileNotFoundError(f"a TRELLIS checkpoint is {config_file.name} + {weights_file.name}; not found at {path}")
+        raise FileNotFoundError(
+            f"a TRELLIS checkpoint is {config_file.name} + {weights_file.name}; not found at {path}"
+        )
     config = json.loads(config_file.read_text())
     name = config.get("name")
     if name not in MODELS:
@@ -53,7 +61,9 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{weights_file.name} does not match {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{weights_file.name} does not match {name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     wrong = [k for k in own if own[k].shape != state[k].shape]
     if wrong:
         raise ValueError(f"{weights_file.name}: shape mismatch for {wrong[:5]}")

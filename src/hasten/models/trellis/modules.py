@@ -13,8 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AbsolutePositionEmbedder", "FeedForwardNet", "LayerNorm32", "ModulatedTransformerCrossBlock",
-           "MultiHeadAttention", "MultiHeadRMSNorm", "TimestepEmbedder", "patchify", "pixel_shuffle_3d", "unpatchify"]
+__all__ = [
+    "AbsolutePositionEmbedder",
+    "FeedForwardNet",
+    "LayerNorm32",
+    "ModulatedTransformerCrossBlock",
+    "MultiHeadAttention",
+    "MultiHeadRMSNorm",
+    "TimestepEmbedder",
+    "patchify",
+    "pixel_shuffle_3d",
+    "unpatchify",
+]
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -42,7 +52,7 @@ class MultiHeadRMSNorm(nn.Module):
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.scale = dim ** 0.5
+        self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(heads, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,8 +62,15 @@ class MultiHeadRMSNorm(nn.Module):
 class MultiHeadAttention(nn.Module):
     """Self-attention (fused ``to_qkv``) or cross-attention (``to_q`` + ``to_kv``), SDPA underneath."""
 
-    def __init__(self, channels: int, num_heads: int, ctx_channels: int | None = None, type: str = "self",
-                 qkv_bias: bool = True, qk_rms_norm: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        ctx_channels: int | None = None,
+        type: str = "self",
+        qkv_bias: bool = True,
+        qk_rms_norm: bool = False,
+    ):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"`channels` {channels} must be a multiple of `num_heads` {num_heads}")
@@ -95,18 +112,33 @@ class FeedForwardNet(nn.Module):
 class ModulatedTransformerCrossBlock(nn.Module):
     """adaLN-modulated self-attention, cross-attention to the condition tokens, and an MLP."""
 
-    def __init__(self, channels: int, ctx_channels: int, num_heads: int, mlp_ratio: float = 4.0,
-                 share_mod: bool = False, qk_rms_norm: bool = False, qk_rms_norm_cross: bool = False,
-                 qkv_bias: bool = True):
+    def __init__(
+        self,
+        channels: int,
+        ctx_channels: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        share_mod: bool = False,
+        qk_rms_norm: bool = False,
+        qk_rms_norm_cross: bool = False,
+        qkv_bias: bool = True,
+    ):
         super().__init__()
         self.share_mod = share_mod
         self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
         self.norm2 = LayerNorm32(channels, elementwise_affine=True, eps=1e-6)
         self.norm3 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
-        self.self_attn = MultiHeadAttention(channels, num_heads, type="self", qkv_bias=qkv_bias,
-                                            qk_rms_norm=qk_rms_norm)
-        self.cross_attn = MultiHeadAttention(channels, num_heads, ctx_channels=ctx_channels, type="cross",
-                                             qkv_bias=qkv_bias, qk_rms_norm=qk_rms_norm_cross)
+        self.self_attn = MultiHeadAttention(
+            channels, num_heads, type="self", qkv_bias=qkv_bias, qk_rms_norm=qk_rms_norm
+        )
+        self.cross_attn = MultiHeadAttention(
+            channels,
+            num_heads,
+            ctx_channels=ctx_channels,
+            type="cross",
+            qkv_bias=qkv_bias,
+            qk_rms_norm=qk_rms_norm_cross,
+        )
         self.mlp = FeedForwardNet(channels, mlp_ratio)
         if not share_mod:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels, bias=True))
@@ -126,8 +158,11 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size, bias=True), nn.SiLU(),
-                                 nn.Linear(hidden_size, hidden_size, bias=True))
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
         self.frequency_embedding_size = frequency_embedding_size
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -163,18 +198,18 @@ def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     dims = x.dim() - 2
     x = x.reshape(*x.shape[:2], *sum([[x.shape[d] // patch_size, patch_size] for d in range(2, dims + 2)], []))
     x = x.permute(0, 1, *([2 * i + 3 for i in range(dims)] + [2 * i + 2 for i in range(dims)]))
-    return x.reshape(x.shape[0], x.shape[1] * patch_size ** dims, *x.shape[-dims:])
+    return x.reshape(x.shape[0], x.shape[1] * patch_size**dims, *x.shape[-dims:])
 
 
 def unpatchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     dims = x.dim() - 2
-    x = x.reshape(x.shape[0], x.shape[1] // patch_size ** dims, *([patch_size] * dims), *x.shape[-dims:])
+    x = x.reshape(x.shape[0], x.shape[1] // patch_size**dims, *([patch_size] * dims), *x.shape[-dims:])
     x = x.permute(0, 1, *sum([[2 + dims + i, 2 + i] for i in range(dims)], []))
     return x.reshape(x.shape[0], x.shape[1], *[x.shape[2 + 2 * i] * patch_size for i in range(dims)])
 
 
 def pixel_shuffle_3d(x: torch.Tensor, scale: int) -> torch.Tensor:
     batch, channels, h, w, d = x.shape
-    x = x.reshape(batch, channels // scale ** 3, scale, scale, scale, h, w, d)
+    x = x.reshape(batch, channels // scale**3, scale, scale, scale, h, w, d)
     x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)
-    return x.reshape(batch, channels // scale ** 3, h * scale, w * scale, d * scale)
+    return x.reshape(batch, channels // scale**3, h * scale, w * scale, d * scale)

@@ -15,8 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import (AbsolutePositionEmbedder, ChannelLayerNorm32, ModulatedTransformerCrossBlock, TimestepEmbedder,
-                      patchify, pixel_shuffle_3d, unpatchify)
+from .modules import (
+    AbsolutePositionEmbedder,
+    ChannelLayerNorm32,
+    ModulatedTransformerCrossBlock,
+    TimestepEmbedder,
+    patchify,
+    pixel_shuffle_3d,
+    unpatchify,
+)
 
 __all__ = ["SparseStructureDecoder", "SparseStructureEncoder", "SparseStructureFlowModel"]
 
@@ -24,11 +31,25 @@ __all__ = ["SparseStructureDecoder", "SparseStructureEncoder", "SparseStructureF
 class SparseStructureFlowModel(nn.Module):
     """The sparse-structure flow DiT (TRELLIS ``SparseStructureFlowModel``, "ape" positions)."""
 
-    def __init__(self, resolution: int, in_channels: int, model_channels: int, cond_channels: int, out_channels: int,
-                 num_blocks: int, num_heads: int | None = None, num_head_channels: int | None = 64,
-                 mlp_ratio: float = 4, patch_size: int = 2, pe_mode: str = "ape", use_fp16: bool = False,
-                 use_checkpoint: bool = False, share_mod: bool = False, qk_rms_norm: bool = False,
-                 qk_rms_norm_cross: bool = False):
+    def __init__(
+        self,
+        resolution: int,
+        in_channels: int,
+        model_channels: int,
+        cond_channels: int,
+        out_channels: int,
+        num_blocks: int,
+        num_heads: int | None = None,
+        num_head_channels: int | None = 64,
+        mlp_ratio: float = 4,
+        patch_size: int = 2,
+        pe_mode: str = "ape",
+        use_fp16: bool = False,
+        use_checkpoint: bool = False,
+        share_mod: bool = False,
+        qk_rms_norm: bool = False,
+        qk_rms_norm_cross: bool = False,
+    ):
         super().__init__()
         if pe_mode != "ape":
             raise ValueError(f"only pe_mode='ape' (TRELLIS's sparse-structure flow) is implemented; got {pe_mode!r}")
@@ -41,11 +62,16 @@ class SparseStructureFlowModel(nn.Module):
         side = resolution // patch_size
         coords = torch.stack(torch.meshgrid(*[torch.arange(side)] * 3, indexing="ij"), dim=-1).reshape(-1, 3)
         self.register_buffer("pos_emb", AbsolutePositionEmbedder(model_channels, 3)(coords))
-        self.input_layer = nn.Linear(in_channels * patch_size ** 3, model_channels)
-        self.blocks = nn.ModuleList([
-            ModulatedTransformerCrossBlock(model_channels, cond_channels, self.num_heads, mlp_ratio, share_mod,
-                                           qk_rms_norm, qk_rms_norm_cross) for _ in range(num_blocks)])
-        self.out_layer = nn.Linear(model_channels, out_channels * patch_size ** 3)
+        self.input_layer = nn.Linear(in_channels * patch_size**3, model_channels)
+        self.blocks = nn.ModuleList(
+            [
+                ModulatedTransformerCrossBlock(
+                    model_channels, cond_channels, self.num_heads, mlp_ratio, share_mod, qk_rms_norm, qk_rms_norm_cross
+                )
+                for _ in range(num_blocks)
+            ]
+        )
+        self.out_layer = nn.Linear(model_channels, out_channels * patch_size**3)
 
     @property
     def tokens(self) -> int:
@@ -106,8 +132,16 @@ class UpsampleBlock3d(nn.Module):
 class SparseStructureEncoder(nn.Module):
     """64^3 occupancy -> the 16^3 x C latent (the posterior mean; TRELLIS ``SparseStructureEncoder``)."""
 
-    def __init__(self, in_channels: int, latent_channels: int, num_res_blocks: int, channels: list[int],
-                 num_res_blocks_middle: int = 2, norm_type: str = "layer", use_fp16: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        latent_channels: int,
+        num_res_blocks: int,
+        channels: list[int],
+        num_res_blocks_middle: int = 2,
+        norm_type: str = "layer",
+        use_fp16: bool = False,
+    ):
         super().__init__()
         if norm_type != "layer":
             raise ValueError(f"only norm_type='layer' is implemented; got {norm_type!r}")
@@ -117,10 +151,12 @@ class SparseStructureEncoder(nn.Module):
             self.blocks.extend([ResBlock3d(channel, channel) for _ in range(num_res_blocks)])
             if index < len(channels) - 1:
                 self.blocks.append(DownsampleBlock3d(channel, channels[index + 1]))
-        self.middle_block = nn.Sequential(*[ResBlock3d(channels[-1], channels[-1])
-                                            for _ in range(num_res_blocks_middle)])
-        self.out_layer = nn.Sequential(ChannelLayerNorm32(channels[-1]), nn.SiLU(),
-                                       nn.Conv3d(channels[-1], latent_channels * 2, 3, padding=1))
+        self.middle_block = nn.Sequential(
+            *[ResBlock3d(channels[-1], channels[-1]) for _ in range(num_res_blocks_middle)]
+        )
+        self.out_layer = nn.Sequential(
+            ChannelLayerNorm32(channels[-1]), nn.SiLU(), nn.Conv3d(channels[-1], latent_channels * 2, 3, padding=1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.input_layer(x)
@@ -133,8 +169,16 @@ class SparseStructureEncoder(nn.Module):
 class SparseStructureDecoder(nn.Module):
     """The 16^3 x C latent -> 64^3 occupancy logits (TRELLIS ``SparseStructureDecoder``)."""
 
-    def __init__(self, out_channels: int, latent_channels: int, num_res_blocks: int, channels: list[int],
-                 num_res_blocks_middle: int = 2, norm_type: str = "layer", use_fp16: bool = False):
+    def __init__(
+        self,
+        out_channels: int,
+        latent_channels: int,
+        num_res_blocks: int,
+        channels: list[int],
+        num_res_blocks_middle: int = 2,
+        norm_type: str = "layer",
+        use_fp16: bool = False,
+    ):
         super().__init__()
         if norm_type != "layer":
             raise ValueError(f"only norm_type='layer' is implemented; got {norm_type!r}")
@@ -145,8 +189,9 @@ class SparseStructureDecoder(nn.Module):
             self.blocks.extend([ResBlock3d(channel, channel) for _ in range(num_res_blocks)])
             if index < len(channels) - 1:
                 self.blocks.append(UpsampleBlock3d(channel, channels[index + 1]))
-        self.out_layer = nn.Sequential(ChannelLayerNorm32(channels[-1]), nn.SiLU(),
-                                       nn.Conv3d(channels[-1], out_channels, 3, padding=1))
+        self.out_layer = nn.Sequential(
+            ChannelLayerNorm32(channels[-1]), nn.SiLU(), nn.Conv3d(channels[-1], out_channels, 3, padding=1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.middle_block(self.input_layer(x))

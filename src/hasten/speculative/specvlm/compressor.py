@@ -42,7 +42,7 @@ class ElasticCompressor(nn.Module):
             self.conv.weight.zero_()
             for channel in range(hidden):
                 self.conv.weight[channel, channel] = 0.25
-        self.queries = nn.Parameter(torch.randn(queries, hidden) * hidden ** -0.5)
+        self.queries = nn.Parameter(torch.randn(queries, hidden) * hidden**-0.5)
         self.gate = nn.Linear(hidden, len(PRIMITIVES) - 1)  # "none" is never gated in
         self.last_choice = mode
 
@@ -67,8 +67,14 @@ class ElasticCompressor(nn.Module):
         scores = self.gate(features.float().mean(0).to(self.gate.weight.dtype))
         return PRIMITIVES[1:][int(scores.argmax())]
 
-    def compress_pair(self, features: torch.Tensor, embeds: torch.Tensor, grid: tuple[int, int] | None,
-                      mode: str | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def compress_pair(
+        self,
+        features: torch.Tensor,
+        embeds: torch.Tensor,
+        grid: tuple[int, int] | None,
+        mode: str | None = None,
+        seed: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Compress one image's features and, by the same selection / pooling, its next-token embeddings.
 
         The embeddings get the parameter-free twin of the primitive (pooling for "conv", the same
@@ -80,7 +86,7 @@ class ElasticCompressor(nn.Module):
         self.last_choice = mode
         if mode == "resampler":
             hidden = features.shape[-1]
-            attention = torch.softmax(self.queries.to(features.dtype) @ features.T * hidden ** -0.5, dim=-1)
+            attention = torch.softmax(self.queries.to(features.dtype) @ features.T * hidden**-0.5, dim=-1)
             return attention @ features, attention.to(embeds.dtype) @ embeds
         if mode in ("random", "saliency"):
             n = len(features)
@@ -94,8 +100,9 @@ class ElasticCompressor(nn.Module):
         twin = "pool" if mode == "conv" else mode
         return self.forward(features, grid, mode, seed), self.forward(embeds, grid, twin, seed)
 
-    def forward(self, features: torch.Tensor, grid: tuple[int, int] | None, mode: str | None = None,
-                seed: int = 0) -> torch.Tensor:
+    def forward(
+        self, features: torch.Tensor, grid: tuple[int, int] | None, mode: str | None = None, seed: int = 0
+    ) -> torch.Tensor:
         """``(n, hidden)`` -> ``(m, hidden)`` compressed features of one image."""
         mode = mode or self.mode
         if mode == "gate":
@@ -124,5 +131,5 @@ class ElasticCompressor(nn.Module):
         if mode == "saliency":
             keep = features.float().norm(dim=-1).topk(self.count(n, grid, mode)).indices.sort().values
             return features[keep]
-        attention = torch.softmax(self.queries.to(features.dtype) @ features.T * hidden ** -0.5, dim=-1)
+        attention = torch.softmax(self.queries.to(features.dtype) @ features.T * hidden**-0.5, dim=-1)
         return attention @ features

@@ -45,13 +45,13 @@ from typing import Any
 
 import torch
 
+from ..._validation import check_positive_int
 from ...token_pruning.adapters import adapter_for
 from ...transformers_conventions import cache_keyword, output_cache
 from ..acceptance import chain_verify, tree_accept
 from ..sampling import Sampling
 from .draft import DraftModel
 from .tree import DraftTree, TreeConfig
-from ..._validation import check_positive_int
 
 __all__ = ["Sampling", "SpecStats", "SpecVLM", "draft_inputs", "speculative_generate"]
 
@@ -92,8 +92,14 @@ class _Capture:
         self.handle.remove()
 
 
-def draft_inputs(model: Any, draft: DraftModel, input_ids: torch.Tensor, features: torch.Tensor,
-                 embeds: torch.Tensor, next_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+def draft_inputs(
+    model: Any,
+    draft: DraftModel,
+    input_ids: torch.Tensor,
+    features: torch.Tensor,
+    embeds: torch.Tensor,
+    next_token: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """The draft's prefill: (features, next-token embeddings) per position, each image's run compressed.
 
     ``features`` ``(1, L, H)`` the target's last hidden states, ``embeds`` ``(1, L, H)`` its merged
@@ -105,8 +111,11 @@ def draft_inputs(model: Any, draft: DraftModel, input_ids: torch.Tensor, feature
     is_image = input_ids[0] == image_id
     feature_parts, embed_parts, start = [], [], 0
     columns = is_image.nonzero()[:, 0]
-    runs = torch.tensor_split(columns, ((columns[1:] - columns[:-1] != 1).nonzero()[:, 0] + 1).tolist()) \
-        if len(columns) else []
+    runs = (
+        torch.tensor_split(columns, ((columns[1:] - columns[:-1] != 1).nonzero()[:, 0] + 1).tolist())
+        if len(columns)
+        else []
+    )
     seen = kept = 0
     for index, run in enumerate(runs):
         a, b = int(run[0]), int(run[-1]) + 1
@@ -123,8 +132,14 @@ def draft_inputs(model: Any, draft: DraftModel, input_ids: torch.Tensor, feature
     return torch.cat(feature_parts)[None], torch.cat(embed_parts)[None], (seen, kept)
 
 
-def _grow_tree(draft: DraftModel, draft_cache, root_token: torch.Tensor, root_feature: torch.Tensor,
-               config: TreeConfig, stats: SpecStats) -> DraftTree:
+def _grow_tree(
+    draft: DraftModel,
+    draft_cache,
+    root_token: torch.Tensor,
+    root_feature: torch.Tensor,
+    config: TreeConfig,
+    stats: SpecStats,
+) -> DraftTree:
     """EAGLE-2's dynamic tree from the root's predicted feature (see :mod:`.tree`), all on the device."""
     device = root_feature.device
     tree = DraftTree.rooted(root_token.reshape(1), device=device)
@@ -158,8 +173,9 @@ def _grow_tree(draft: DraftModel, draft_cache, root_token: torch.Tensor, root_fe
         own = torch.arange(size, device=device)
         allowed[own, cached + own] = True
         positions = torch.full((size,), prefix + level, device=device)  # prefix - 1 + depth, depth = level + 1
-        out = draft(features[chosen][None], tree.tokens[frontier][None], draft_cache, positions=positions,
-                    allowed=allowed)
+        out = draft(
+            features[chosen][None], tree.tokens[frontier][None], draft_cache, positions=positions, allowed=allowed
+        )
         stats.draft_forwards += 1
         features, slots = out[0], cached + own
     return tree.select(config.total)
@@ -172,13 +188,20 @@ def _verify_tree(model: Any, cache, tree: DraftTree, mrope: bool):
     dtype = next(model.parameters()).dtype
     size = len(tree)
     allowed = torch.cat([torch.ones(size, past, dtype=torch.bool, device=device), tree.mask()], 1)
-    mask = torch.zeros(1, 1, size, past + size, dtype=dtype, device=device).masked_fill(~allowed,
-                                                                                         torch.finfo(dtype).min)
+    mask = torch.zeros(1, 1, size, past + size, dtype=dtype, device=device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
     positions = (past + tree.depths())[None]
     if mrope:  # Qwen: a text token's three mRoPE rows are its position shifted by the image's rope delta
         positions = (positions + model.model.rope_deltas.to(device)).expand(3, -1, -1)
-    return model(input_ids=tree.tokens[None], **{_cache_arg(model): cache}, attention_mask=mask,
-                 position_ids=positions, use_cache=True, output_hidden_states=True)
+    return model(
+        input_ids=tree.tokens[None],
+        **{_cache_arg(model): cache},
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        output_hidden_states=True,
+    )
 
 
 def _keep_path(cache, past: int, path: torch.Tensor) -> None:
@@ -230,8 +253,13 @@ class _Batch:
         return torch.cat([self.draft_valid[:, None].expand(-1, count, -1), new[None].expand(rows, -1, -1)], 2)
 
     def draft_step(self, draft, features, tokens, draft_cache):
-        out = draft(features, tokens, draft_cache, start=draft_cache.get_seq_length(),
-                    allowed=self.draft_allowed(tokens.shape[1]))
+        out = draft(
+            features,
+            tokens,
+            draft_cache,
+            start=draft_cache.get_seq_length(),
+            allowed=self.draft_allowed(tokens.shape[1]),
+        )
         self.draft_valid = torch.cat([self.draft_valid, self.draft_valid.new_ones(tokens.shape[0], tokens.shape[1])], 1)
         return out
 
@@ -255,16 +283,23 @@ def _chain_round(model, draft, cache, draft_cache, pending, predicted, steps, sa
     candidate = torch.cat([pending[:, None], *(p[:, None] for p in proposals)], 1)
     positions = batch.positions(candidate.shape[1], cache.get_seq_length())
     batch.grow(candidate.shape[1])
-    verified = model(input_ids=candidate, **{_cache_arg(model): cache}, attention_mask=batch.mask,
-                     position_ids=positions, use_cache=True, output_hidden_states=True)
+    verified = model(
+        input_ids=candidate,
+        **{_cache_arg(model): cache},
+        attention_mask=batch.mask,
+        position_ids=positions,
+        use_cache=True,
+        output_hidden_states=True,
+    )
     stats.target_forwards += 1
     target = _scores(sampling, verified.logits)
     drafted = torch.stack(draft_probs, 1) if steps else target[:, :0]
-    verdict = chain_verify(candidate[:, 1:], drafted, target, generator=generator, greedy=sampling.greedy,
-                           shortest=True)
+    verdict = chain_verify(
+        candidate[:, 1:], drafted, target, generator=generator, greedy=sampling.greedy, shortest=True
+    )
     host = torch.cat([verdict.advance[:1], verdict.lengths, verdict.tokens, candidate.flatten()]).tolist()  # the sync
-    accepted, lengths, following = host[0], host[1:1 + rows], host[1 + rows:1 + 2 * rows]
-    tokens = [host[1 + 2 * rows + r * (steps + 1):][: accepted + 1] for r in range(rows)]
+    accepted, lengths, following = host[0], host[1 : 1 + rows], host[1 + rows : 1 + 2 * rows]
+    tokens = [host[1 + 2 * rows + r * (steps + 1) :][: accepted + 1] for r in range(rows)]
     stats.accepted.append(accepted)
     stats.row_accepted.append(lengths)
     rejected = candidate.shape[1] - (accepted + 1)
@@ -274,8 +309,7 @@ def _chain_round(model, draft, cache, draft_cache, pending, predicted, steps, sa
     return tokens, following, verified.hidden_states[-1][:, : accepted + 1]
 
 
-def _tree_round(model, draft, cache, draft_cache, pending, predicted, config, mrope, sampling, generator, stats,
-                batch):
+def _tree_round(model, draft, cache, draft_cache, pending, predicted, config, mrope, sampling, generator, stats, batch):
     """Grow a draft tree, verify it in one target forward, keep the accepted path in the target cache.
 
     Returns what :func:`_chain_round` returns (batch size 1).
@@ -293,7 +327,7 @@ def _tree_round(model, draft, cache, draft_cache, pending, predicted, config, mr
     batch.grow(accepted + 1)
     stats.accepted.append(accepted)
     stats.row_accepted.append([accepted])
-    return [host[2:3 + accepted]], [host[1]], verified.hidden_states[-1][:, nodes[: accepted + 1]]
+    return [host[2 : 3 + accepted]], [host[1]], verified.hidden_states[-1][:, nodes[: accepted + 1]]
 
 
 def _draft_prefill(model, draft, input_ids, attention_mask, features, embeds, pending, batch):
@@ -301,8 +335,14 @@ def _draft_prefill(model, draft, input_ids, attention_mask, features, embeds, pe
     parts, seen, kept = [], 0, 0
     for row in range(input_ids.shape[0]):
         real = attention_mask[row].bool()
-        f, e, (s, k) = draft_inputs(model, draft, input_ids[row:row + 1, real], features[row:row + 1, real],
-                                    embeds[row:row + 1, real], pending[row])
+        f, e, (s, k) = draft_inputs(
+            model,
+            draft,
+            input_ids[row : row + 1, real],
+            features[row : row + 1, real],
+            embeds[row : row + 1, real],
+            pending[row],
+        )
         parts.append((f[0], e[0]))
         seen, kept = seen + s, kept + k
     length = max(len(f) for f, _ in parts)
@@ -316,9 +356,16 @@ def _draft_prefill(model, draft, input_ids, attention_mask, features, embeds, pe
 
 
 @torch.no_grad()
-def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_tokens: int = 64, depth: int = 5,
-                         eos_token_id: int | None = None, tree: TreeConfig | None = None,
-                         sampling: Sampling | None = None) -> tuple[torch.Tensor, SpecStats]:
+def speculative_generate(
+    model: Any,
+    inputs: dict,
+    draft: DraftModel,
+    max_new_tokens: int = 64,
+    depth: int = 5,
+    eos_token_id: int | None = None,
+    tree: TreeConfig | None = None,
+    sampling: Sampling | None = None,
+) -> tuple[torch.Tensor, SpecStats]:
     """Speculative generation: ``(sequences (B, prompt + new), stats)``; greedy unless ``sampling``.
 
     With ``sampling`` (chain drafting), the draft samples its proposals from its own processed
@@ -353,8 +400,10 @@ def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_to
     input_ids = inputs["input_ids"]
     rows = input_ids.shape[0]
     if tree is not None and rows != 1:
-        raise ValueError(f"tree drafting runs one prompt at a time; got {rows} prompts: pass tree=None (chain "
-                         f"drafting) to decode a batch")
+        raise ValueError(
+            f"tree drafting runs one prompt at a time; got {rows} prompts: pass tree=None (chain "
+            f"drafting) to decode a batch"
+        )
     check_positive_int(depth, "depth")
     check_positive_int(max_new_tokens, "max_new_tokens")
     sampling = sampling or Sampling(greedy=True)
@@ -381,7 +430,8 @@ def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_to
     batch = _Batch(model, attention_mask, mrope)
     pending = sampling.draw(_scores(sampling, out.logits[:, -1]), generator)  # (B,)
     features, next_embeds, allowed, stats.compressed_visual = _draft_prefill(
-        model, draft, input_ids, attention_mask, out.hidden_states[-1], embeds, pending, batch)
+        model, draft, input_ids, attention_mask, out.hidden_states[-1], embeds, pending, batch
+    )
     draft_cache = DynamicCache()
     predicted = draft(features, None, draft_cache, start=0, next_embeds=next_embeds, allowed=allowed)[:, -1:]
     stats.draft_forwards += 1
@@ -397,11 +447,13 @@ def speculative_generate(model: Any, inputs: dict, draft: DraftModel, max_new_to
         before = draft_cache.get_seq_length()
         if tree is None:
             steps = min(depth, max_new_tokens - len(generated[0]) - 1)
-            committed, following, true_features = _chain_round(model, draft, cache, draft_cache, pending, predicted,
-                                                               steps, sampling, generator, stats, batch)
+            committed, following, true_features = _chain_round(
+                model, draft, cache, draft_cache, pending, predicted, steps, sampling, generator, stats, batch
+            )
         else:
-            committed, following, true_features = _tree_round(model, draft, cache, draft_cache, pending, predicted,
-                                                              tree, mrope, sampling, generator, stats, batch)
+            committed, following, true_features = _tree_round(
+                model, draft, cache, draft_cache, pending, predicted, tree, mrope, sampling, generator, stats, batch
+            )
         commit(committed)
         if all(ended) or len(generated[0]) >= max_new_tokens:
             break
@@ -494,13 +546,21 @@ class SpecVLM:
             draft.compressor.mode = self.compressor
         return draft
 
-    def generate(self, model: Any, inputs: dict, max_new_tokens: int = 64, sampling: Sampling | None = None,
-                 eos_token_id: int | None = None, draft: DraftModel | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        model: Any,
+        inputs: dict,
+        max_new_tokens: int = 64,
+        sampling: Sampling | None = None,
+        eos_token_id: int | None = None,
+        draft: DraftModel | None = None,
+    ) -> torch.Tensor:
         """``(B, prompt + new)`` tokens (a batch needs ``tree=None``): the target's own greedy (or sampled)
         output, with fewer target passes. ``draft``: an already bound draft (else :meth:`bound_draft`)."""
         draft = draft if draft is not None else self.bound_draft(model)
-        sequences, self.stats = speculative_generate(model, inputs, draft, max_new_tokens, self.depth, eos_token_id,
-                                                     self.tree, sampling)
+        sequences, self.stats = speculative_generate(
+            model, inputs, draft, max_new_tokens, self.depth, eos_token_id, self.tree, sampling
+        )
         return sequences
 
 
@@ -512,8 +572,9 @@ _GENERATE_OPTIONS = ("max_new_tokens", "eos_token_id", "do_sample")
 def specvlm_target(model: Any) -> torch.nn.Module:
     """The VLM whose ``generate`` SpecVLM replaces (a supported transformers VLM)."""
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "generate"):
-        raise ValueError(f"SpecVLM applies to a transformers VLM (a module with `generate`); got "
-                         f"{type(model).__name__}")
+        raise ValueError(
+            f"SpecVLM applies to a transformers VLM (a module with `generate`); got {type(model).__name__}"
+        )
     adapter_for(model)  # a clear error for an unsupported model class
     return model
 
@@ -521,8 +582,10 @@ def specvlm_target(model: Any) -> torch.nn.Module:
 def prepare_specvlm(model: torch.nn.Module, spec: SpecVLM) -> SpecVLM:
     replaced = vars(model).get("generate")
     if replaced is not None and not hasattr(replaced, "specvlm"):  # another SpecVLM's is replaced by this one
-        raise ValueError(f"{type(model).__name__}.generate is already replaced on this instance (not by SpecVLM); "
-                         "SpecVLM would hide it")
+        raise ValueError(
+            f"{type(model).__name__}.generate is already replaced on this instance (not by SpecVLM); "
+            "SpecVLM would hide it"
+        )
     return spec
 
 
@@ -540,13 +603,17 @@ def attach_specvlm(model: torch.nn.Module, spec: SpecVLM) -> None:
         if options.get("do_sample") or (options.get("do_sample") is None and model.generation_config.do_sample):
             unsupported.insert(0, "do_sample")
         if unsupported:
-            raise ValueError(f"`{unsupported[0]}`: model.generate with SpecVLM applied decodes greedily and takes "
-                             f"only {', '.join(_GENERATE_OPTIONS[:2])}; remove SpecVLM (hasten.remove) or call "
-                             "SpecVLM.generate(model, inputs, sampling=...)")
+            raise ValueError(
+                f"`{unsupported[0]}`: model.generate with SpecVLM applied decodes greedily and takes "
+                f"only {', '.join(_GENERATE_OPTIONS[:2])}; remove SpecVLM (hasten.remove) or call "
+                "SpecVLM.generate(model, inputs, sampling=...)"
+            )
         max_new_tokens = options.get("max_new_tokens") or model.generation_config.max_new_tokens
         if max_new_tokens is None:
-            raise ValueError("`max_new_tokens`: model.generate with SpecVLM applied needs it (or the model's "
-                             "generation_config.max_new_tokens)")
+            raise ValueError(
+                "`max_new_tokens`: model.generate with SpecVLM applied needs it (or the model's "
+                "generation_config.max_new_tokens)"
+            )
         return spec.generate(model, kwargs, max_new_tokens, eos_token_id=options.get("eos_token_id"), draft=draft)
 
     generate.specvlm = spec  # type: ignore[attr-defined]

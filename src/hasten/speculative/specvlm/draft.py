@@ -51,19 +51,31 @@ class DraftConfig:
     def for_target(cls, model: Any, compressor: str = "pool") -> "DraftConfig":
         text = getattr(model.config, "text_config", model.config)
         theta = (getattr(text, "rope_parameters", None) or {}).get("rope_theta", getattr(text, "rope_theta", 10000.0))
-        return cls(hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
-                   num_attention_heads=text.num_attention_heads,
-                   num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-                   vocab_size=text.vocab_size, rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
-                   rope_theta=float(theta or 10000.0), target_class=type(model).__name__, compressor=compressor)
+        return cls(
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_attention_heads=text.num_attention_heads,
+            num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            vocab_size=text.vocab_size,
+            rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+            rope_theta=float(theta or 10000.0),
+            target_class=type(model).__name__,
+            compressor=compressor,
+        )
 
     def llama(self):
         from transformers import LlamaConfig
 
-        return LlamaConfig(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-                           num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
-                           vocab_size=self.vocab_size, rms_norm_eps=self.rms_norm_eps, num_hidden_layers=1,
-                           rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})
+        return LlamaConfig(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            vocab_size=self.vocab_size,
+            rms_norm_eps=self.rms_norm_eps,
+            num_hidden_layers=1,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+        )
 
 
 class DraftModel(nn.Module):
@@ -114,17 +126,26 @@ class DraftModel(nn.Module):
         config = DraftConfig.for_target(model, self.config.compressor)
         for name in ("hidden_size", "vocab_size"):
             if getattr(config, name) != getattr(self.config, name):
-                raise ValueError(f"this draft was trained for a target with {name} = {getattr(self.config, name)}; "
-                                 f"{type(model).__name__} has {getattr(config, name)}")
+                raise ValueError(
+                    f"this draft was trained for a target with {name} = {getattr(self.config, name)}; "
+                    f"{type(model).__name__} has {getattr(config, name)}"
+                )
         self._target = {"embed": model.get_input_embeddings(), "head": model.get_output_embeddings()}
         return self
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self._target["head"](features)
 
-    def forward(self, features: torch.Tensor, next_tokens: torch.Tensor, cache=None, start: int = 0,
-                next_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                allowed: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        features: torch.Tensor,
+        next_tokens: torch.Tensor,
+        cache=None,
+        start: int = 0,
+        next_embeds: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        allowed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Predicted next features ``(B, T, H)`` from features ``(B, T, H)`` and the next tokens ``(B, T)``.
 
         By default the ``T`` inputs sit at positions ``start ..`` and attend causally (all cached
@@ -144,12 +165,19 @@ class DraftModel(nn.Module):
             allowed = torch.arange(start + x.shape[1], device=x.device)[None] <= positions[0][:, None]
         if allowed is not None:  # (T, K) for every row, or (B, T, K) per row (padded batches)
             mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
-                ~allowed.to(x.device), torch.finfo(x.dtype).min)
+                ~allowed.to(x.device), torch.finfo(x.dtype).min
+            )
             mask = mask[None, None] if mask.dim() == 2 else mask[:, None]
         if not hasattr(self, "_cache_arg"):
             self._cache_arg = cache_keyword(self.layer)  # read once: inspect.signature costs host time per call
-        out = self.layer(x, attention_mask=mask, position_ids=positions, **{self._cache_arg: cache},
-                         position_embeddings=cos_sin, use_cache=cache is not None)
+        out = self.layer(
+            x,
+            attention_mask=mask,
+            position_ids=positions,
+            **{self._cache_arg: cache},
+            position_embeddings=cos_sin,
+            use_cache=cache is not None,
+        )
         return out[0] if isinstance(out, tuple) else out
 
     # --- persistence -----------------------------------------------------------------------------------
@@ -178,8 +206,10 @@ class DraftModel(nn.Module):
         draft = cls(config).bind(target)
         missing, unexpected = draft.load_state_dict(weights, strict=False)
         if missing or unexpected:
-            raise ValueError(f"the draft checkpoint in {folder} does not match its config (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+            raise ValueError(
+                f"the draft checkpoint in {folder} does not match its config (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]})"
+            )
         return draft.to(**_placement(target))
 
 

@@ -25,10 +25,10 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..._validation import check_positive_int
 from .compressor import PRIMITIVES
 from .decoding import _Capture, draft_inputs
 from .draft import DraftModel
-from ..._validation import check_positive_int
 
 __all__ = ["load_pairs", "train_draft"]
 
@@ -45,17 +45,22 @@ def load_pairs(data: str | os.PathLike) -> list[tuple[Any, str]]:
     if data.is_dir():
         for image in sorted(p for p in data.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")):
             text = image.with_suffix(".txt")
-            pairs.append((Image.open(image).convert("RGB"), text.read_text().strip() if text.exists()
-                          else "Describe the picture."))
+            pairs.append(
+                (
+                    Image.open(image).convert("RGB"),
+                    text.read_text().strip() if text.exists() else "Describe the picture.",
+                )
+            )
     elif data.is_file():
         for number, line in enumerate(data.read_text().splitlines(), 1):
             if line.strip():
                 entry = json.loads(line)
                 if "image" not in entry or "prompt" not in entry:
-                    raise ValueError(f"{data}:{number}: each line needs \"image\" and \"prompt\"")
+                    raise ValueError(f'{data}:{number}: each line needs "image" and "prompt"')
                 path = Path(entry["image"])
-                pairs.append((Image.open(path if path.is_absolute() else data.parent / path).convert("RGB"),
-                              entry["prompt"]))
+                pairs.append(
+                    (Image.open(path if path.is_absolute() else data.parent / path).convert("RGB"), entry["prompt"])
+                )
     else:
         raise FileNotFoundError(f"no training data at {data}")
     if not pairs:
@@ -73,8 +78,9 @@ def _teacher(model: Any, processor: Any, image: Any, prompt: str, continuation: 
     full["input_ids"] = sequence
     full["attention_mask"] = torch.ones_like(sequence)
     if "mm_token_type_ids" in full:
-        full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(
-            sequence[:, inputs["input_ids"].shape[1]:])], 1)
+        full["mm_token_type_ids"] = torch.cat(
+            [inputs["mm_token_type_ids"], torch.zeros_like(sequence[:, inputs["input_ids"].shape[1] :])], 1
+        )
     return {"inputs": full, "prompt_length": inputs["input_ids"].shape[1]}
 
 
@@ -108,9 +114,19 @@ def _loss(model: Any, draft: DraftModel, teacher: dict, mode: str | None) -> tor
     return feature_loss + 0.1 * ce
 
 
-def train_draft(model: Any, processor: Any, pairs: Sequence[tuple[Any, str]], draft: DraftModel, steps: int = 1000,
-                out: str | os.PathLike | None = None, lr: float = 1e-3, continuation: int = 16, seed: int = 0,
-                checkpoint_every: int = 100, progress: bool = True) -> list[float]:
+def train_draft(
+    model: Any,
+    processor: Any,
+    pairs: Sequence[tuple[Any, str]],
+    draft: DraftModel,
+    steps: int = 1000,
+    out: str | os.PathLike | None = None,
+    lr: float = 1e-3,
+    continuation: int = 16,
+    seed: int = 0,
+    checkpoint_every: int = 100,
+    progress: bool = True,
+) -> list[float]:
     """Distil ``draft`` from ``model`` on ``pairs`` for ``steps`` (see the module docstring); losses per step.
 
     Resumes from ``out/checkpoint`` when it exists; saves the final draft to ``out``.
@@ -166,14 +182,25 @@ def train_draft(model: Any, processor: Any, pairs: Sequence[tuple[Any, str]], dr
     return losses
 
 
-def _checkpoint(folder: Path, draft: DraftModel, optimizer, step: int, losses: list[float], order: random.Random) -> None:
+def _checkpoint(
+    folder: Path, draft: DraftModel, optimizer, step: int, losses: list[float], order: random.Random
+) -> None:
     """Write the resumable state atomically (a temporary folder, then a rename)."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{CHECKPOINT}-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    torch.save({"draft": draft.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses,
-                "torch_rng": torch.get_rng_state(), "order_rng": order.getstate()}, tmp / "state.pt")
+    torch.save(
+        {
+            "draft": draft.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "losses": losses,
+            "torch_rng": torch.get_rng_state(),
+            "order_rng": order.getstate(),
+        },
+        tmp / "state.pt",
+    )
     final = folder / CHECKPOINT
     old = folder / f".{CHECKPOINT}-old"
     shutil.rmtree(old, ignore_errors=True)

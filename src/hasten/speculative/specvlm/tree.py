@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..._validation import check_positive_int
 from ..acceptance import tree_accept
 from ..sampling import draw
-from ..._validation import check_positive_int
 
 __all__ = ["DraftTree", "TreeConfig"]
 
@@ -63,16 +63,20 @@ class DraftTree:
     ([0, 1, 1, 2], [0, 1, 3])
     """
 
-    tokens: torch.Tensor   # (N,) long
+    tokens: torch.Tensor  # (N,) long
     parents: torch.Tensor  # (N,) long, -1 for the root
-    scores: torch.Tensor   # (N,) float
-    paths: torch.Tensor    # (N, D + 1) long: ancestor at each depth, -1 past the node's own depth
+    scores: torch.Tensor  # (N,) float
+    paths: torch.Tensor  # (N, D + 1) long: ancestor at each depth, -1 past the node's own depth
 
     @classmethod
     def rooted(cls, token: int | torch.Tensor, device: torch.device | str | None = None) -> "DraftTree":
         token = torch.as_tensor(token, dtype=torch.long, device=device).reshape(1)
-        return cls(token, torch.full_like(token, -1), torch.zeros(1, device=token.device),
-                   torch.zeros(1, 1, dtype=torch.long, device=token.device))
+        return cls(
+            token,
+            torch.full_like(token, -1),
+            torch.zeros(1, device=token.device),
+            torch.zeros(1, 1, dtype=torch.long, device=token.device),
+        )
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -92,8 +96,11 @@ class DraftTree:
     def add(self, parent: int, token: int, score: float) -> int:
         """Add one node from host values (hand-built trees); its id."""
         device = self.tokens.device
-        self.extend(torch.tensor([parent], device=device), torch.tensor([token], device=device),
-                    torch.tensor([score], device=device))
+        self.extend(
+            torch.tensor([parent], device=device),
+            torch.tensor([token], device=device),
+            torch.tensor([score], device=device),
+        )
         return len(self) - 1
 
     def depths(self, device=None) -> torch.Tensor:
@@ -120,18 +127,23 @@ class DraftTree:
         keep[ranked] = True
         index = torch.arange(size, device=keep.device)
         key = torch.where(keep, self.depths() * size + index, 2 * size * size + index)
-        order = torch.sort(key).indices[:count + 1]
+        order = torch.sort(key).indices[: count + 1]
         renumber = torch.full((size,), -1, dtype=torch.long, device=keep.device)
         renumber[order] = torch.arange(count + 1, device=keep.device)
         parents, paths = self.parents[order], self.paths[order]
-        return DraftTree(self.tokens[order], torch.where(parents >= 0, renumber[parents.clamp_min(0)], -1),
-                         self.scores[order], torch.where(paths >= 0, renumber[paths.clamp_min(0)], -1))
+        return DraftTree(
+            self.tokens[order],
+            torch.where(parents >= 0, renumber[parents.clamp_min(0)], -1),
+            self.scores[order],
+            torch.where(paths >= 0, renumber[paths.clamp_min(0)], -1),
+        )
 
     def walk(self, choices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:func:`~hasten.speculative.tree_accept` on this tree: ``(path (D + 1,), accepted, following)``."""
         choices = torch.as_tensor(choices, device=self.tokens.device)
-        path, length, following = tree_accept(self.parents[None], self.tokens[None], choices[None],
-                                              self.paths.shape[1] - 1)
+        path, length, following = tree_accept(
+            self.parents[None], self.tokens[None], choices[None], self.paths.shape[1] - 1
+        )
         return path[0], length[0], following[0]
 
     def accept(self, choices) -> list[int]:

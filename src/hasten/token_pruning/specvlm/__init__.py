@@ -21,8 +21,12 @@ from ...speculative import specvlm as _new
 from ...speculative.specvlm import *  # noqa: F401,F403 - the re-exported public names
 from ...speculative.specvlm import __all__  # noqa: F401
 
-warnings.warn("hasten.token_pruning.specvlm moved to hasten.speculative.specvlm (import SpecVLM from "
-              "hasten.speculative); the old path is removed in the next release", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "hasten.token_pruning.specvlm moved to hasten.speculative.specvlm (import SpecVLM from "
+    "hasten.speculative); the old path is removed in the next release",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
 for _name in ("compressor", "decoding", "draft", "train", "tree"):
     sys.modules[f"{__name__}.{_name}"] = getattr(_new, _name)
