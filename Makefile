@@ -35,7 +35,10 @@ browser:
 demo: $(STAMP)
 	$(VENV)/bin/hasten generate --compare   # the trained FLUX micro-world: dense | GRAT | difference in outputs/hasten-side.png
 
+# Lint and format check first (seconds), then the tests and the docstring examples.
 test: $(STAMP) browser
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests
 
 # The suite on the newest releases pyproject.toml allows (not the lock): run it when upstream
