@@ -35,11 +35,11 @@ browser:
 demo: $(STAMP)
 	$(VENV)/bin/hasten generate --compare   # the trained FLUX micro-world: dense | GRAT | difference in outputs/hasten-side.png
 
-# Lint and format check first (seconds), then the tests and the docstring examples.
+# Lint and format check first (seconds), then the tests and every docstring example (~1 min).
 test: $(STAMP) browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --doctest-modules src/hasten
 
 # The suite on the newest releases pyproject.toml allows (not the lock): run it when upstream
 # publishes (transformers, diffusers, gradio, ...) before moving the lock (`make lock`).
@@ -53,7 +53,7 @@ test-latest: browser
 	$(LATEST)/bin/python -c "import torch, transformers, diffusers, gradio; print('latest: torch', \
 	  torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, \
 	  'gradio', gradio.__version__)"
-	$(LATEST)/bin/python -m pytest -q tests
+	$(LATEST)/bin/python -m pytest -q tests --doctest-modules src/hasten
 
 # Rewrite the lock from .venv (after upgrading it and seeing `make test` pass).
 lock: $(STAMP)

@@ -10,6 +10,11 @@ own modules hand each other, and some of their names move between releases:
   ``kwargs["past_key_values"]`` on 5.24 sees no cache, takes every decoding step for a prefill
   and silently prunes nothing.
 - transformers 5.24 dropped the ``dtype`` attribute of cache layers (``DynamicLayer``).
+- transformers 5.25 kernelizes every model in ``from_pretrained`` by default (the hub
+  ``kernels`` package, now a hard dependency): RMSNorm, activations and the rotary embedding may
+  be replaced by hub kernels on CUDA/ROCm/XPU. None of them is a hasten patch point (hasten hooks
+  decoder layers, the attention function and the cache), and nothing moved that this module
+  reads; ``USE_HUB_KERNELS=0`` (or ``use_kernels=False``) turns kernelizing off.
 
 Everything in hasten that touches these conventions asks this module, which reads the
 installed release's signatures instead of comparing version numbers, and raises
