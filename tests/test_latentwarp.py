@@ -38,6 +38,17 @@ def test_frames_are_independent_without_warp_or_cross_frame(warp_pipe):
     assert np.array_equal(together[2], alone[0])
 
 
+def test_a_generator_draws_the_noise_in_place_of_the_seed(warp_pipe):
+    frames, _ = panned(frames=2, size=(40, 56))
+    kwargs = dict(prompt="a sketch", num_inference_steps=3, progress=False)
+    seeded = warp_pipe(video=frames, seed=7, **kwargs).frames
+    generated = warp_pipe(video=frames, generator=torch.Generator().manual_seed(7), **kwargs).frames
+    other = warp_pipe(video=frames, generator=torch.Generator().manual_seed(8), **kwargs).frames
+    assert np.array_equal(seeded, generated) and not np.array_equal(seeded, other)
+    with pytest.raises(ValueError, match="generator"):
+        warp_pipe(video=frames, generator=7, **kwargs)
+
+
 def test_a_still_video_translates_to_still_frames(warp_pipe):
     frames, _ = panned(frames=1, size=(40, 56))
     out = warp_pipe(video=np.repeat(frames, 3, axis=0), prompt="oil paint", num_inference_steps=4, progress=False)

@@ -42,6 +42,18 @@ def test_greedy_equality_holds_for_every_init(pipe, init):
     assert torch.equal(sjd.tokens, ar.tokens)
 
 
+def test_a_generator_drives_every_draw_in_place_of_the_seed(pipe):
+    sampled = dict(sjd=SJDConfig(window=6), guidance_scale=2.0, decode=False)
+    seeded = pipe("a fox", seed=11, **sampled).tokens
+    generated = pipe("a fox", generator=torch.Generator(pipe.model.device).manual_seed(11), **sampled).tokens
+    other = pipe("a fox", generator=torch.Generator(pipe.model.device).manual_seed(12), **sampled).tokens
+    assert torch.equal(seeded, generated) and not torch.equal(seeded, other)
+    with pytest.raises(ValueError, match="not both"):
+        pipe("a fox", seed=1, generator=torch.Generator(pipe.model.device), **sampled)
+    with pytest.raises(ValueError, match="generator"):
+        pipe("a fox", generator=11, **sampled)
+
+
 def test_layout_tokens_are_placed_not_sampled():
     pipe = SJDPipeline(*tiny.ar_image_model("emu3"))
     pipe.progress_bar = False

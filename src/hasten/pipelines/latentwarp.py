@@ -49,9 +49,10 @@ from typing import Any, Callable, Sequence
 import cv2
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from .._validation import check_number, check_positive_int
+from .._validation import check_int, check_number, check_positive_int
 from ..hooks.cross_frame import apply_cross_frame, remove_cross_frame
 from ..video.flow import (
     backward_warp,
@@ -218,6 +219,7 @@ class LatentWarpPipeline:
         seed: int = 0,
         progress: bool = True,
         frame_callback: Callable[[int, int], None] | None = None,
+        generator: torch.Generator | None = None,
     ) -> LatentWarpOutput:
         """Translate ``video`` with ``prompt``.
 
@@ -260,11 +262,15 @@ class LatentWarpPipeline:
         height, width : int, optional
             Working size, multiples of 8; default: the video's, rounded down to multiples of 8.
         seed : int, default 0
-            Seeds the one initial noise every frame shares.
+            Seeds the one initial noise every frame shares (drawn on the CPU, so a seed gives the
+            same video on every device).
         progress : bool, default True
             A progress bar over frames.
         frame_callback : callable, optional
             Called as ``frame_callback(done, total)`` after each frame.
+        generator : torch.Generator, optional
+            Draws that noise instead of ``seed`` (diffusers' convention; a CPU generator seeded
+            with ``s`` gives the same video as ``seed=s``).
         """
         frames = _frames_array(video)
         if not 0.0 < strength <= 1.0:
@@ -303,8 +309,12 @@ class LatentWarpPipeline:
         prompt_embeds, negative_embeds = pipe.encode_prompt(prompt, device, 1, guided, negative_prompt)
         embeds = torch.cat([negative_embeds, prompt_embeds]) if guided else prompt_embeds
         latent_size = (height // 8, width // 8)
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(1, pipe.unet.config.in_channels, *latent_size, generator=generator).to(device, embeds.dtype)
+        if generator is None:
+            generator = torch.Generator().manual_seed(check_int(seed, "seed", 0))
+        elif not isinstance(generator, torch.Generator):
+            raise ValueError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
+        noise = randn_tensor((1, pipe.unet.config.in_channels, *latent_size), generator=generator, device=device)
+        noise = noise.to(embeds.dtype)
         scaling = pipe.vae.config.scaling_factor
         state = apply_cross_frame(pipe.unet, enabled=cross_frame)
         previous_steps: list[torch.Tensor] = []

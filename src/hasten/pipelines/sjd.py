@@ -53,7 +53,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .._validation import check_positive_int
+from .._validation import check_int, check_positive_int
 from ..speculative.acceptance import chain_verify
 from ..speculative.sampling import Sampling, draw
 from ..transformers_conventions import cache_keyword
@@ -184,6 +184,7 @@ class SJDPipeline:
         batch_size: int = 1,
         decode: bool = True,
         return_cache: bool = False,
+        generator: torch.Generator | None = None,
     ) -> SJDOutput:
         """Generate one image per prompt.
 
@@ -217,6 +218,9 @@ class SJDPipeline:
             Run the image decoder; ``False`` returns the tokens only (``images`` is None).
         return_cache : bool
             Keep the last batch's KV cache in the output (for inspection and tests).
+        generator : torch.Generator, optional
+            Every random draw comes from it instead of from ``seed`` (diffusers' convention); on
+            the model's device (a generator seeded with ``s`` there gives the output of ``seed=s``).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -242,8 +246,16 @@ class SJDPipeline:
             top_k = None  # keeps every image token: no warper
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
         layout = self.adapter.layout(height, width)
-        generator = torch.Generator(device=self.model.device)
-        generator.manual_seed(torch.seed() if seed is None else seed)
+        if generator is None:
+            generator = torch.Generator(device=self.model.device)
+            generator.manual_seed(torch.seed() if seed is None else check_int(seed, "seed", 0))
+        elif not isinstance(generator, torch.Generator) or generator.device.type != self.model.device.type:
+            raise ValueError(
+                f"`generator` must be a torch.Generator on the model's device ({self.model.device}), "
+                f"got {generator.device if isinstance(generator, torch.Generator) else type(generator).__name__}"
+            )
+        elif seed is not None:
+            raise ValueError("pass `seed` or `generator`, not both")
         decoder = _Decoder(self.adapter, layout, sjd, scale, sampling, generator)
 
         ids, per_image, batches, cache = [], [], [], None
