@@ -23,6 +23,8 @@ left-padded batch (each row checked against the batch's ``generate()``).
     python benchmarks/specvlm.py                                    # tiny LLaVA, CPU
     python benchmarks/specvlm.py --model llava-hf/llava-1.5-7b-hf --device cuda --train-steps 2000
     python benchmarks/specvlm.py --arch llava-1.5-7b --device cuda --train-steps 200
+    python benchmarks/specvlm.py --model trained-llava --microworld 16 --max-new-tokens 64 \
+        --draft src/hasten/tiny/weights/llava-draft      # the micro-world LLaVA describing scenes
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ import torch
 from hasten import tiny
 from hasten.measure import median_seconds
 from hasten.speculative import DraftModel, HostProfile, TreeConfig, speculative_generate, train_draft
+from hasten.tiny import micro_vlm
 from hasten.tiny.vlms import chat_prompt
+from hasten.tiny.vqa import held_out
 from hasten.token_pruning.evaluate import load_vlm, sample_images
 
 from common import build_model, machine
@@ -105,6 +109,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--microworld",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the trained micro-world LLaVA describing N held-out scenes ('Describe the picture.', ~40-token "
+        "answers) instead of the photos; the draft trains on training-seed scenes",
+    )
+    parser.add_argument("--draft", default=None, help="a saved draft folder to use instead of distilling one")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
@@ -114,11 +127,17 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model, processor = load_vlm(args.model, args.device)
     exact = not args.arch and next(model.parameters()).dtype in (torch.float32, torch.float64)  # then asserted
-    samples = sample_images()
+    samples, training_pairs, continuation = sample_images(), None, 16
+    if args.microworld:
+        held = held_out("scene", args.microworld, kinds=["describe"], size=micro_vlm.scene_size("llava"))
+        samples = [(sample.images[0], sample.question) for sample in held]
+        training_pairs, continuation = micro_vlm.describe_pairs(200), micro_vlm.DRAFT_CONTINUATION
     print(
         f"# SpecVLM | {machine(torch.device(args.device))} | {args.arch or args.model} "
         f"({str(next(model.parameters()).dtype)[6:]}) | {args.max_new_tokens} new "
-        f"tokens, draft distilled for {args.train_steps} steps"
+        f"tokens, "
+        + (f"draft {args.draft}" if args.draft else f"draft distilled for {args.train_steps} steps")
+        + (f" | {args.microworld} held-out micro-world scenes, 'Describe the picture.'" if args.microworld else "")
     )
     prompts = [
         processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt").to(model.device)
@@ -148,10 +167,16 @@ def main(argv: list[str] | None = None) -> None:
             round_ms=round(1e3 * step, 2),
         )
     ]
-    for compressor in ("pool", "none"):
-        draft = DraftModel.for_target(model, compressor=compressor)
-        if args.train_steps:
-            train_draft(model, processor, samples, draft, steps=args.train_steps, progress=False)
+    for compressor in ("pool", "none") if not args.draft else ("saved",):
+        if args.draft:
+            draft = DraftModel.from_pretrained(args.draft, model)
+        else:
+            draft = DraftModel.for_target(model, compressor=compressor)
+            if args.train_steps:
+                pairs = training_pairs or samples
+                train_draft(
+                    model, processor, pairs, draft, steps=args.train_steps, continuation=continuation, progress=False
+                )
         for setting, tree in (("chain (depth 5)", None), ("tree (10 / 60 / 7)", TreeConfig())):
             accepted, passes, seconds, rounds, identical, host, reads = [], [], [], [], [], [], []
             for inputs, reference in zip(prompts, references):

@@ -146,7 +146,7 @@ README_NOT_RUN = {
     "hasten app ": "serves until stopped (the apps have browser tests)",
     "hasten vlm eval": "every method x budget: minutes on 2 cores (tests/test_vlm_cli.py runs a subset)",
     "hasten vlm train-draft": "1000 training steps by default (tests/test_specvlm.py trains a few)",
-    "hasten vlm ask --speculative": "needs the trained draft of the line above",
+    "hasten vlm ask --speculative draft/": "needs the trained draft of the line above",
     "--backend ray": "starts a Ray cluster (tests/test_jobs.py runs the Ray backend)",
 }
 

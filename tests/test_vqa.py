@@ -60,6 +60,21 @@ def test_answers_are_in_the_pixels(seed):
     assert len({o.shape for o in scene.objects}) == len(scene.objects)  # "the triangle" names one object
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_description_names_each_drawn_object_in_reading_order(seed):
+    sample = scene_sample(seed, kind="describe")
+    parts = sample.answer.split(" and ")
+    objects = sorted(sample.truth.objects, key=lambda obj: obj.cell)
+    assert sample.question == "Describe the picture." and len(parts) == len(objects)
+    for part, obj in zip(parts, objects):
+        size, colour, shape, place = part.removeprefix("a ").split(" ", 3)
+        assert (colour, shape, place) == (obj.color, obj.shape, "at the " + PLACES[obj.cell])
+        assert size == ("large" if obj.large else "small")
+        pixels = _cell_pixels(sample.images[0], obj.cell)  # the named cell holds that colour
+        assert (pixels == COLORS[colour]).all(-1).sum() >= 9
+    assert "describe" not in SCENE_QUESTIONS  # asked by name only: random draws stay as they were
+
+
 def test_the_code_is_drawn_in_its_cell_and_changes_with_the_answer():
     one = Scene((SceneObject("circle", "red", 0, True),), code="18", code_cell=4)
     other = Scene((SceneObject("circle", "red", 0, True),), code="70", code_cell=4)

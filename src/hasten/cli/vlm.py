@@ -53,8 +53,11 @@ def register(commands) -> None:
     ask.add_argument(
         "--speculative",
         type=Path,
+        nargs="?",
+        const=SHIPPED_DRAFT,
         metavar="DRAFT_DIR",
-        help="decode speculatively with this SpecVLM draft (lossless: the same answer, fewer target passes)",
+        help="decode speculatively with this SpecVLM draft (lossless: the same answer, fewer target passes); "
+        "alone, with trained-llava: its shipped draft, and (no --question) the scene's 'Describe the picture.'",
     )
     ask.add_argument("--device", default=None)
     ask.set_defaults(run=run_ask)
@@ -127,10 +130,13 @@ def supported_methods(model) -> list[str]:
     return methods
 
 
-def default_question(model: str, seed: int = 0):
-    """``(image, question, answer)``: for a trained micro-world model, held-out scene ``seed`` (a colour
-    question) at the model's canvas size; otherwise scikit-image's astronaut and a generic question
-    (answer ``None``).
+SHIPPED_DRAFT = Path("<shipped>")  # `--speculative` alone
+
+
+def default_question(model: str, seed: int = 0, kind: str = "color"):
+    """``(image, question, answer)``: for a trained micro-world model, held-out scene ``seed`` (a
+    ``kind`` question: "color", or "describe" for a long answer) at the model's canvas size; otherwise
+    scikit-image's astronaut and a generic question (answer ``None``).
 
     Examples
     --------
@@ -145,7 +151,7 @@ def default_question(model: str, seed: int = 0):
     from ..tiny.micro_vlm import scene_size
     from ..tiny.vqa import HELD_OUT_SEED, scene_sample
 
-    sample = scene_sample(HELD_OUT_SEED + seed, kind="color", size=scene_size(TRAINED[model]))
+    sample = scene_sample(HELD_OUT_SEED + seed, kind=kind, size=scene_size(TRAINED[model]))
     return sample.images[0], sample.question, sample.answer
 
 
@@ -156,6 +162,15 @@ def run_ask(args: argparse.Namespace) -> int:
     from ..tiny.vlms import chat_prompt
     from ..token_pruning.evaluate import load_vlm, make_method
 
+    if args.speculative == SHIPPED_DRAFT:
+        if args.model != "trained-llava":
+            raise ValueError(
+                "--speculative without a folder uses trained-llava's shipped draft; name a draft folder "
+                f"for --model {args.model}"
+            )
+        from ..tiny.trained import path
+
+        args.speculative = path("llava-draft")
     if args.speculative is not None:
         from ..speculative.specvlm.draft import CONFIG_NAME
 
@@ -166,7 +181,9 @@ def run_ask(args: argparse.Namespace) -> int:
             )
     truth = None
     if args.image is None:
-        image, question, truth = default_question(args.model, args.seed)
+        image, question, truth = default_question(
+            args.model, args.seed, "describe" if args.speculative is not None else "color"
+        )
     else:
         try:
             image = Image.open(args.image).convert("RGB")
@@ -185,7 +202,12 @@ def run_ask(args: argparse.Namespace) -> int:
         output, stats = speculative_generate(
             model, inputs, DraftModel.from_pretrained(args.speculative, model), max_new_tokens=args.max_new_tokens
         )
-        print(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+        answer = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        if truth is not None and args.question is None:
+            print(f"Q: {question}")
+        print(answer.strip())
+        if truth is not None and args.question is None:
+            print(f"[ground truth: {truth}]")
         print(
             f"[speculative] {stats.new_tokens} tokens in {stats.target_forwards} target passes "
             f"({stats.mean_accepted:.2f} tokens per verification), draft saw {stats.compressed_visual[1]}/"

@@ -57,6 +57,7 @@ REGISTRY: dict[str, str] = {
     "janus-vq": "hasten.tiny.micro_janus:train_vq",
     "janus": "hasten.tiny.micro_janus:train_janus",
     "llava": "hasten.tiny.micro_vlm:train_llava",
+    "llava-draft": "hasten.tiny.micro_vlm:train_llava_draft",
     "qwen2.5-vl": "hasten.tiny.micro_vlm:train_qwen25_vl",
 }
 """Micro-world name -> ``"module:function"`` that trains it (imported only when used)."""
@@ -89,7 +90,8 @@ def path(name: str) -> pathlib.Path:
 
 
 def is_shipped(name: str) -> bool:
-    """Whether ``name``'s weights are in the package (a ``config.json`` or ``model_index.json``).
+    """Whether ``name``'s weights are in the package (a ``config.json``, ``model_index.json`` or, for a
+    SpecVLM draft, ``draft_config.json``).
 
     Examples
     --------
@@ -97,7 +99,7 @@ def is_shipped(name: str) -> bool:
     True
     """
     folder = path(name)
-    return (folder / "model_index.json").is_file() or (folder / "config.json").is_file()
+    return any((folder / marker).is_file() for marker in ("model_index.json", "config.json", "draft_config.json"))
 
 
 def training_function(name: str) -> Callable[..., pathlib.Path]:

@@ -56,12 +56,14 @@ __all__ = [
     "COLORS",
     "GUI_QUESTIONS",
     "HELD_OUT_SEED",
+    "OPEN_QUESTIONS",
     "PLACES",
     "SCENE_QUESTIONS",
     "SHAPES",
     "Scene",
     "SceneObject",
     "VQASample",
+    "describe",
     "gui_sample",
     "held_out",
     "make_scene",
@@ -94,6 +96,9 @@ PLACES: tuple[str, ...] = (
 """The 3 x 3 grid's cells, row-major."""
 
 SCENE_QUESTIONS: tuple[str, ...] = ("color", "shape", "count", "relation", "code")
+OPEN_QUESTIONS: tuple[str, ...] = ("describe",)
+"""Scene questions with long answers ("Describe the picture." -> every object, in reading order):
+what speculative decoding needs. Asked only by name (never drawn when ``kind`` is None)."""
 GUI_QUESTIONS: tuple[str, ...] = ("menu", "row", "check")
 
 HELD_OUT_SEED = 1_000_000_000
@@ -228,6 +233,20 @@ def _relation(scene: Scene, rng: random.Random) -> tuple[str, SceneObject] | Non
     return rng.choice(options) if options else None
 
 
+def describe(scene: Scene) -> str:
+    """Every object of ``scene`` in reading order (row by row), with its size, colour, shape and place.
+
+    Examples
+    --------
+    >>> describe(Scene((SceneObject("star", "blue", 4, False), SceneObject("circle", "red", 0, True))))
+    'a large red circle at the top left and a small blue star at the center'
+    """
+    return " and ".join(
+        f"a {'large' if obj.large else 'small'} {obj.color} {obj.shape} at the {obj.place}"
+        for obj in sorted(scene.objects, key=lambda obj: obj.cell)
+    )
+
+
 def scene_sample(seed: int, kind: str | None = None, size: int = 36, max_objects: int = 4) -> VQASample:
     """The scene question of ``seed`` (its type drawn from :data:`SCENE_QUESTIONS` unless ``kind``),
     on a scene of 1 to ``max_objects`` objects (a relation needs 2).
@@ -238,8 +257,8 @@ def scene_sample(seed: int, kind: str | None = None, size: int = 36, max_objects
     >>> s.answer == str(len(s.truth.objects))
     True
     """
-    if kind is not None and kind not in SCENE_QUESTIONS:
-        raise ValueError(f"`kind` must be one of {', '.join(SCENE_QUESTIONS)} or None; got {kind!r}")
+    if kind is not None and kind not in SCENE_QUESTIONS + OPEN_QUESTIONS:
+        raise ValueError(f"`kind` must be one of {', '.join(SCENE_QUESTIONS + OPEN_QUESTIONS)} or None; got {kind!r}")
     if kind == "relation" and max_objects < 2:
         raise ValueError("`max_objects` must be >= 2 for a relation question")
     rng = random.Random(seed)
@@ -258,6 +277,8 @@ def scene_sample(seed: int, kind: str | None = None, size: int = 36, max_objects
             question, answer = "How many shapes are there?", str(len(scene.objects))
         elif kind == "code":
             question, answer = "What is the code?", scene.code
+        elif kind == "describe":
+            question, answer = "Describe the picture.", describe(scene)
         else:
             found = _relation(scene, rng)
             if found is None:
