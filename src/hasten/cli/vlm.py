@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -194,6 +195,7 @@ def run_ask(args: argparse.Namespace) -> int:
     model, processor = load_vlm(args.model, args.device)
     inputs = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt")
     inputs = inputs.to(model.device)
+    method = stats = None
     if args.speculative is not None:
         from ..speculative.specvlm import DraftModel, speculative_generate
 
@@ -202,31 +204,23 @@ def run_ask(args: argparse.Namespace) -> int:
         output, stats = speculative_generate(
             model, inputs, DraftModel.from_pretrained(args.speculative, model), max_new_tokens=args.max_new_tokens
         )
-        answer = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        if truth is not None and args.question is None:
-            print(f"Q: {question}")
-        print(answer.strip())
-        if truth is not None and args.question is None:
-            print(f"[ground truth: {truth}]")
-        print(
-            f"[speculative] {stats.new_tokens} tokens in {stats.target_forwards} target passes "
-            f"({stats.mean_accepted:.2f} tokens per verification), draft saw {stats.compressed_visual[1]}/"
-            f"{stats.compressed_visual[0]} visual tokens"
-        )
-        return 0
-    method = None if args.prune == "none" else make_method(args.prune, args.budget)
-    with torch.no_grad():
-        if method is None:
+    else:
+        method = None if args.prune == "none" else make_method(args.prune, args.budget)
+        pruning = method.apply(model) if method is not None else contextlib.nullcontext()
+        with torch.no_grad(), pruning:
             output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        else:
-            with method.apply(model):
-                output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     answer = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     if truth is not None and args.question is None:
         print(f"Q: {question}")
     print(answer.strip())
     if truth is not None and args.question is None:
         print(f"[ground truth: {truth} - {'right' if answer.strip() == truth else 'wrong'}]")
+    if stats is not None:
+        print(
+            f"[speculative] {stats.new_tokens} tokens in {stats.target_forwards} target passes "
+            f"({stats.mean_accepted:.2f} tokens per verification), draft saw {stats.compressed_visual[1]}/"
+            f"{stats.compressed_visual[0]} visual tokens"
+        )
     if method is not None:
         s = method.stats
         print(
