@@ -15,6 +15,9 @@ from hasten.token_pruning.evaluate import evaluate_task, format_task_table
 # shape floor). The floor sits below the measurement by over 3 standard deviations of a 30-question
 # sample and above what naming any colour present in the scene gives (about 0.5 over 1-4 objects).
 LLAVA_FLOOR = {"color": 0.8}
+# Qwen2.5-VL (800 x 16 steps at 1e-3), 90 held-out GUI questions: menu open in an earlier screenshot
+# 0.87 (yes/no; the majority answer gives 0.60), row 0.27 and check 0.47 (chance, no floor).
+QWEN_MENU_FLOOR = 0.7
 # HiRED over random keep at budget 0.1, colour questions: 0.86 vs 0.48 in the table (50 questions), a
 # margin of 0.38; the floor leaves room for a 30-question sample's spread (about 0.12 per method).
 HIRED_MARGIN = 0.15
@@ -36,6 +39,16 @@ def test_shipped_llava_reaches_its_accuracy_floor(llava):
     accuracy = micro_vlm.accuracy(model, processor, micro_vlm.held_out_set("llava", 60))
     for kind, floor in LLAVA_FLOOR.items():
         assert accuracy[kind] >= floor, accuracy
+
+
+def test_shipped_qwen25_vl_learned_the_menu_question():
+    """Qwen2.5-VL (the GUI-KV target) answers whether the menu is open in an earlier screenshot; the
+    row and check-box questions are at chance (no floor)."""
+    model, processor = micro_vlm.load("qwen2.5-vl")
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    samples = held_out("gui", 30, kinds=["menu"])
+    accuracy = micro_vlm.accuracy(model, processor, samples)
+    assert accuracy["menu"] >= QWEN_MENU_FLOOR, accuracy
 
 
 def test_cache_eviction_keeps_one_token_answers_at_a_tenth_of_the_cache(llava):

@@ -88,6 +88,12 @@ def test_ask_defaults_to_the_trained_llava_on_a_generated_scene(capsys):
     assert "visual tokens 40/81" in capsys.readouterr().out
 
 
+def test_ask_gives_the_trained_qwen_its_three_screenshots(capsys):
+    assert main(["vlm", "ask", "--model", "trained-qwen2.5-vl", "--prune", "guikv", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "Q: In screenshot" in out and "visual tokens" in out and "/144," in out, out  # 3 x 48 visual tokens
+
+
 def test_eval_on_a_trained_model_prints_task_accuracy(capsys):
     assert (
         main(

@@ -226,11 +226,16 @@ def build_demo(
     folder = Path(tempfile.mkdtemp(prefix="hasten-vlm-app-"))
     examples = []
     for seed in EXAMPLE_SEEDS if model in TRAINED else (0,):
-        scene, question_text, answer_text = default_question(model, seed)
+        (scene, *more), question_text, answer_text = default_question(model, seed)
         path = folder / f"scene-{seed}.png"
         scene.save(path)
         examples.append([str(path), question_text, default, DEFAULT_BUDGET, answer_text or ""])
-    first_image, first_question, truth = default_question(model)
+    (first_image, *more), first_question, truth = default_question(model)
+    if more:
+        raise ValueError(
+            f"the VLM app shows one image; {model} answers about {1 + len(more)} screenshots: "
+            f"use `hasten vlm ask --model {model}`"
+        )
     with gr.Blocks(title="hasten · VLM token pruning") as demo:
         gr.Markdown(
             f"# VLM visual-token pruning\n`{model}` ({type(loaded).__name__}) on `{loaded.device}`. "

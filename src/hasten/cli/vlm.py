@@ -134,26 +134,33 @@ def supported_methods(model) -> list[str]:
 SHIPPED_DRAFT = Path("<shipped>")  # `--speculative` alone
 
 
-def default_question(model: str, seed: int = 0, kind: str = "color"):
-    """``(image, question, answer)``: for a trained micro-world model, held-out scene ``seed`` (a
-    ``kind`` question: "color", or "describe" for a long answer) at the model's canvas size; otherwise
-    scikit-image's astronaut and a generic question (answer ``None``).
+def default_question(model: str, seed: int = 0, kind: str | None = None):
+    """``(images, question, answer)``: for a trained micro-world model, held-out sample ``seed`` at the
+    model's size: LLaVA a scene and a ``kind`` question ("color" by default, "describe" for a long
+    answer), Qwen2.5-VL a 3-screenshot GUI trajectory and its question ("menu" by default);
+    otherwise scikit-image's astronaut and a generic question (answer ``None``).
 
     Examples
     --------
-    >>> image, question, answer = default_question("trained-llava")
-    >>> image.size, question.startswith("What color")
+    >>> images, question, answer = default_question("trained-llava")
+    >>> images[0].size, question.startswith("What color")
     ((36, 36), True)
+    >>> images, question, answer = default_question("trained-qwen2.5-vl")
+    >>> len(images), question.endswith("is the menu open?")
+    (3, True)
     """
     from ..token_pruning.evaluate import TRAINED, sample_images
 
     if model not in TRAINED:
-        return sample_images()[0][0], "What is in the picture?", None
+        return [sample_images()[0][0]], "What is in the picture?", None
     from ..tiny.micro_vlm import scene_size
-    from ..tiny.vqa import HELD_OUT_SEED, scene_sample
+    from ..tiny.vqa import HELD_OUT_SEED, gui_sample, scene_sample
 
-    sample = scene_sample(HELD_OUT_SEED + seed, kind=kind, size=scene_size(TRAINED[model]))
-    return sample.images[0], sample.question, sample.answer
+    if TRAINED[model] == "qwen2.5-vl":
+        sample = gui_sample(HELD_OUT_SEED + seed, kind=kind or "menu")
+    else:
+        sample = scene_sample(HELD_OUT_SEED + seed, kind=kind or "color", size=scene_size(TRAINED[model]))
+    return sample.images, sample.question, sample.answer
 
 
 def run_ask(args: argparse.Namespace) -> int:
@@ -182,18 +189,18 @@ def run_ask(args: argparse.Namespace) -> int:
             )
     truth = None
     if args.image is None:
-        image, question, truth = default_question(
-            args.model, args.seed, "describe" if args.speculative is not None else "color"
+        images, question, truth = default_question(
+            args.model, args.seed, "describe" if args.speculative is not None else None
         )
     else:
         try:
-            image = Image.open(args.image).convert("RGB")
+            images = [Image.open(args.image).convert("RGB")]
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot read --image {args.image}: {error}") from None
         question = "What is in the picture?"
     question = args.question or question
     model, processor = load_vlm(args.model, args.device)
-    inputs = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt")
+    inputs = processor(images=images, text=[chat_prompt(processor, question, images=len(images))], return_tensors="pt")
     inputs = inputs.to(model.device)
     method = stats = None
     if args.speculative is not None:
