@@ -42,6 +42,22 @@ def test_example_answers_right_with_kept_tokens_at_several_budgets(tmp_path):
         screenshot(page, "vlm", tmp_path)
 
 
+@pytest.mark.browser
+def test_the_description_example_decodes_speculatively_with_the_shipped_draft():
+    with running_app(build_demo) as app, chromium_page() as page:  # trained-llava: its shipped draft is loaded
+        page.goto(app.url)
+        click_example(page, row=2)  # "Describe the picture.", speculative (SpecVLM)
+        stats = page.locator("#stats")
+        stats.filter(has_text="tokens per target pass").wait_for(timeout=TIMEOUT_MS)
+        text = stats.inner_text()
+        assert "identical to" in text, text
+        accepted = float(text.split("tokens per target pass")[0].split()[-1])
+        assert accepted >= 2.0, text  # the draft accepts (shipped: ~4-7 on held-out descriptions)
+        answer = page.locator("#answer textarea").input_value()
+        assert answer.startswith("a ") and " at the " in answer, answer  # a description, not a word
+        assert_no_errors(page)
+
+
 def test_overlay_darkens_dropped_tokens_and_errors():
     run = VLMRun(*load_vlm("tiny-qwen2-vl", "cpu"), "tiny-qwen2-vl")  # the Run button's function
     image = np.full((64, 64, 3), 200, np.uint8)

@@ -70,6 +70,7 @@ def draw_kept(image: np.ndarray, kept: torch.Tensor, grid: tuple[int, int] | Non
 
 
 SPECULATIVE = "speculative (SpecVLM)"
+SPECULATIVE_TOKENS = 64  # a micro-world description is ~34 tokens
 DEFAULT_BUDGET = 0.2
 SWEEP = (1.0, 0.5, 0.2, 0.1)  # budgets whose kept tokens are drawn side by side on every Run
 EXAMPLE_SEEDS = (0, 3)  # held-out scenes the trained LLaVA answers right, at every SWEEP budget with hired
@@ -90,9 +91,9 @@ class VLMRun:
             raise gr.Error("no SpecVLM draft is loaded: start the app with --draft DIR (hasten vlm train-draft)")
         start = time.perf_counter()
         with torch.no_grad():
-            plain = self.model.generate(**inputs, max_new_tokens=24, do_sample=False)
+            plain = self.model.generate(**inputs, max_new_tokens=SPECULATIVE_TOKENS, do_sample=False)
         plain_seconds = time.perf_counter() - start
-        output, stats = speculative_generate(self.model, inputs, self.draft, max_new_tokens=24)
+        output, stats = speculative_generate(self.model, inputs, self.draft, max_new_tokens=SPECULATIVE_TOKENS)
         same = "identical to" if torch.equal(output, plain) else "DIFFERENT from"
         answer = self.processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         report = (
@@ -212,7 +213,8 @@ def build_demo(
     the trained models; its ground-truth answer is shown next to the model's).
 
     ``dtype`` is accepted for the shared launcher flags (bfloat16 on CUDA, float32 on CPU). With
-    ``draft`` (a folder from ``hasten vlm train-draft``) the method list gains speculative decoding.
+    ``draft`` (a folder from ``hasten vlm train-draft``; ``trained-llava``: its shipped draft by default)
+    the method list gains speculative decoding.
     """
     loaded, processor = load_vlm(model, device)
     draft_model = None
@@ -220,6 +222,10 @@ def build_demo(
         from hasten.speculative.specvlm import DraftModel
 
         draft_model = DraftModel.from_pretrained(draft, loaded)
+    elif model == "trained-llava":  # its shipped draft (hasten tiny train llava-draft)
+        from hasten.tiny.micro_vlm import load_draft
+
+        draft_model = load_draft(loaded)
     run = VLMRun(loaded, processor, model, draft_model)
     methods = ["none", *supported_methods(loaded)] + ([SPECULATIVE] if draft_model is not None else [])
     default = "hired" if "hired" in methods else "fastv"  # a paper method, not a baseline
@@ -230,6 +236,11 @@ def build_demo(
         path = folder / f"scene-{seed}.png"
         scene.save(path)
         examples.append([str(path), question_text, default, DEFAULT_BUDGET, answer_text or ""])
+    if model == "trained-llava":  # a long answer, where speculative decoding has something to accept
+        (scene, *_), question_text, answer_text = default_question(model, 0, "describe")
+        path = folder / "scene-0-describe.png"
+        scene.save(path)
+        examples.append([str(path), question_text, SPECULATIVE, DEFAULT_BUDGET, answer_text])
     (first_image, *more), first_question, truth = default_question(model)
     if more:
         raise ValueError(
@@ -304,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--draft",
         default=None,
-        help="a SpecVLM draft folder (hasten vlm train-draft): adds speculative decoding to the methods",
+        help="a SpecVLM draft folder (hasten vlm train-draft): adds speculative decoding to the methods "
+        "(trained-llava: its shipped draft by default)",
     )
     args = parser.parse_args(argv)
     demo = build_demo(args.model, device=args.device, dtype=args.dtype, draft=args.draft)
