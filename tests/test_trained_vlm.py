@@ -157,6 +157,14 @@ def test_a_fine_tune_starts_from_its_init_and_trains_only_its_kinds(tmp_path, mo
         micro_vlm.train("llava", tmp_path / "bad", steps=1, init=tmp_path / "nowhere")
 
 
+def test_the_draft_command_refuses_to_mix_runs(tmp_path):
+    (tmp_path / "used" / "checkpoint").mkdir(parents=True)
+    with pytest.raises(ValueError, match="resume"):
+        micro_vlm.train_llava_draft(tmp_path / "used", steps=1, progress=False)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        micro_vlm.train_llava_draft(tmp_path / "fresh", steps=1, resume=True, progress=False)
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="name"):
         micro_vlm.build("blip")

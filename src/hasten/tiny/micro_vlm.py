@@ -505,6 +505,8 @@ def train_llava_draft(
     out = pathlib.Path(out)
     if not resume and (out / "checkpoint").exists():
         raise ValueError(f"{out} already holds a draft checkpoint: pass `resume` or another folder")
+    if resume and not (out / "checkpoint").exists():
+        raise ValueError(f"`resume`: no checkpoint in {out}")
     torch.set_num_threads(1)
     model, processor = load("llava")
     draft = DraftModel.for_target(model, compressor="pool", seed=seed)
