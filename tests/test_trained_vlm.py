@@ -157,6 +157,25 @@ def test_a_fine_tune_starts_from_its_init_and_trains_only_its_kinds(tmp_path, mo
         micro_vlm.train("llava", tmp_path / "bad", steps=1, init=tmp_path / "nowhere")
 
 
+def test_the_two_phase_llava_command_resumes_the_phase_that_was_interrupted(tmp_path, monkeypatch):
+    from hasten.tiny.trained import CHECKPOINT
+
+    calls = []
+    monkeypatch.setattr(micro_vlm, "train", lambda name, out, **options: calls.append((out.name, options["resume"])))
+    with pytest.raises(ValueError, match="no checkpoint"):
+        micro_vlm.train_llava(tmp_path, resume=True, progress=False)
+    (tmp_path / "answers").mkdir()
+    (tmp_path / "answers" / CHECKPOINT).touch()  # interrupted in the first phase
+    micro_vlm.train_llava(tmp_path, resume=True, progress=False)
+    assert calls == [("answers", True), (tmp_path.name, False)]
+    calls.clear()
+    (tmp_path / "answers" / "model").mkdir()
+    (tmp_path / "answers" / "model" / "config.json").touch()  # first phase done, second interrupted
+    (tmp_path / CHECKPOINT).touch()
+    micro_vlm.train_llava(tmp_path, resume=True, progress=False)
+    assert calls == [(tmp_path.name, True)]
+
+
 def test_the_draft_command_refuses_to_mix_runs(tmp_path):
     (tmp_path / "used" / "checkpoint").mkdir(parents=True)
     with pytest.raises(ValueError, match="resume"):

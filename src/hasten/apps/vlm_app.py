@@ -216,6 +216,12 @@ def build_demo(
     ``draft`` (a folder from ``hasten vlm train-draft``; ``trained-llava``: its shipped draft by default)
     the method list gains speculative decoding.
     """
+    (first_image, *more), first_question, truth = default_question(model)
+    if more:
+        raise ValueError(
+            f"the VLM app shows one image; {model} answers about {1 + len(more)} screenshots: "
+            f"use `hasten vlm ask --model {model}`"
+        )
     loaded, processor = load_vlm(model, device)
     draft_model = None
     if draft is not None:
@@ -232,7 +238,7 @@ def build_demo(
     folder = Path(tempfile.mkdtemp(prefix="hasten-vlm-app-"))
     examples = []
     for seed in EXAMPLE_SEEDS if model in TRAINED else (0,):
-        (scene, *more), question_text, answer_text = default_question(model, seed)
+        (scene, *_), question_text, answer_text = default_question(model, seed)
         path = folder / f"scene-{seed}.png"
         scene.save(path)
         examples.append([str(path), question_text, default, DEFAULT_BUDGET, answer_text or ""])
@@ -241,12 +247,6 @@ def build_demo(
         path = folder / "scene-0-describe.png"
         scene.save(path)
         examples.append([str(path), question_text, SPECULATIVE, DEFAULT_BUDGET, answer_text])
-    (first_image, *more), first_question, truth = default_question(model)
-    if more:
-        raise ValueError(
-            f"the VLM app shows one image; {model} answers about {1 + len(more)} screenshots: "
-            f"use `hasten vlm ask --model {model}`"
-        )
     with gr.Blocks(title="hasten · VLM token pruning") as demo:
         gr.Markdown(
             f"# VLM visual-token pruning\n`{model}` ({type(loaded).__name__}) on `{loaded.device}`. "

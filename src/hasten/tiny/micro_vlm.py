@@ -454,15 +454,20 @@ def train_llava(
     ``steps`` sets the first phase's length (the second keeps its own). ``resume`` continues
     whichever phase was interrupted. Returns ``out / "model"``.
     """
+    from .trained import CHECKPOINT
+
     out = pathlib.Path(out)
     answers = out / "answers"
-    if not (resume and (answers / "model" / "config.json").is_file()):
+    answered = (answers / "model" / "config.json").is_file()  # the first phase finished
+    if resume and not (answered or (answers / CHECKPOINT).is_file()):
+        raise ValueError(f"`resume`: no checkpoint in {out}")
+    if not (resume and answered):
         train(
             "llava",
             answers,
             steps=steps,
             seed=seed,
-            resume=resume and (answers / "checkpoint").exists(),
+            resume=resume,
             progress=progress,
         )
     return train(
@@ -471,7 +476,7 @@ def train_llava(
         steps=DESCRIBE_STEPS,
         lr=_DESCRIBE_LR,
         seed=seed + 1,
-        resume=resume and (out / "checkpoint").exists(),
+        resume=resume and (out / CHECKPOINT).is_file(),
         progress=progress,
         kinds=(*TRAINED_KINDS["llava"], *OPEN_QUESTIONS),
         init=answers / "model",
@@ -501,11 +506,12 @@ def train_llava_draft(
     ``DraftModel.from_pretrained(folder, target)`` (:func:`load_draft` for the shipped one).
     """
     from ..speculative.specvlm import DraftModel, train_draft
+    from ..speculative.specvlm.train import CHECKPOINT as DRAFT_CHECKPOINT
 
     out = pathlib.Path(out)
-    if not resume and (out / "checkpoint").exists():
+    if not resume and (out / DRAFT_CHECKPOINT).exists():
         raise ValueError(f"{out} already holds a draft checkpoint: pass `resume` or another folder")
-    if resume and not (out / "checkpoint").exists():
+    if resume and not (out / DRAFT_CHECKPOINT).exists():
         raise ValueError(f"`resume`: no checkpoint in {out}")
     torch.set_num_threads(1)
     model, processor = load("llava")
