@@ -59,6 +59,7 @@ REGISTRY: dict[str, str] = {
     "llava": "hasten.tiny.micro_vlm:train_llava",
     "llava-draft": "hasten.tiny.micro_vlm:train_llava_draft",
     "qwen2.5-vl": "hasten.tiny.micro_vlm:train_qwen25_vl",
+    "wan": "hasten.tiny.micro_video:train_wan",
 }
 """Micro-world name -> ``"module:function"`` that trains it (imported only when used)."""
 

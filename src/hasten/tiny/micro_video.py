@@ -1,0 +1,528 @@
+"""The video micro-world: a tiny ``WanPipeline`` trained on the moving scenes of :mod:`hasten.tiny.scenes`.
+
+``hasten tiny train wan`` (:func:`train_wan`) trains, on one seeded, resumable run:
+
+1. a tiny ``AutoencoderKLWan`` (``base_dim=16, z_dim=4, dim_mult=[1, 2]``, one temporal
+   down-sampling: 2x spatial and 2x temporal compression, Wan's causal first frame, 0.45 M
+   parameters) on 9-frame 32 x 32 clips, reconstruction from the posterior mean (L2 + L1) + a small
+   KL term; then its per-channel ``latents_mean`` / ``latents_std`` are measured on training clips
+   and written into its config (``WanPipeline`` de-normalises with them before decoding);
+2. a ``WanTransformer3DModel`` (patch (1, 2, 2), 3 layers, 4 heads of 32, text_dim 64) jointly
+   with a tiny ``UMT5EncoderModel`` over :func:`hasten.tiny.micro_diffusion.caption_tokenizer`,
+   with rectified flow: ``x_t = (1 - s) x_0 + s noise``, target ``noise - x_0``, timestep
+   ``1000 s`` (``WanPipeline`` passes the scheduler's ``timesteps = 1000 sigmas`` to the transformer),
+   sigmas logit-normal and shifted by the scheduler's :data:`SHIFT`, so training sees the noise levels
+   inference visits. A 9-frame 32 x 32 clip is 5 latent frames of 16 x 16, i.e. 5 x 8 x 8 = 320 tokens.
+
+Data: 70% camera pans, 30% objects moving over a still background (:func:`hasten.tiny.scenes.sample_video`,
+1-2 objects, up to 2 pixels per frame). Captions are the scene's caption plus, for a pan, the camera
+motion in words (:func:`camera_phrase`, e.g. ``"a red circle at the top left, the camera pans up and
+left"``); 10% are empty, so true classifier-free guidance (``guidance_scale``) works. Saved weights are
+exponential moving averages.
+
+The scheduler is ``FlowMatchEulerDiscreteScheduler(shift=2.0)`` (:data:`SHIFT`): FLUX.1's
+resolution rule gives ``exp(0.5) = 1.65`` at its 256-token anchor, and the 5 latent frames of a clip
+are near-copies of one another (more redundancy than 320 independent tokens), so a little more time
+at high noise, where the layout and the motion are decided, is wanted; Wan itself uses 3-5 at
+thousands of tokens.
+
+    from hasten.tiny import trained
+    from hasten.tiny.micro_video import CALL_DEFAULTS
+    pipe = trained.load("wan")
+    video = pipe("a red circle at the centre, the camera pans left", **CALL_DEFAULTS).frames[0]
+
+The shipped weights (``hasten/tiny/weights/wan``) were made with (MEASURED below)::
+
+    hasten tiny train wan --out runs/wan --threads 1  # RESULTS-PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import scenes
+from .micro_diffusion import _average_into, _lr, _set_lr, caption_tokenizer
+from .trained import load_checkpoint, save_checkpoint, step_generator
+
+__all__ = [
+    "CALL_DEFAULTS",
+    "DEFAULT_STEPS",
+    "FRAMES",
+    "MAX_SEQUENCE_LENGTH",
+    "SHIFT",
+    "TRAIN_SIZE",
+    "build_pipeline",
+    "camera_phrase",
+    "camera_velocity",
+    "estimate_pan",
+    "training_clip",
+    "train_wan",
+    "validation_loss",
+]
+
+TRAIN_SIZE = (32, 32)
+"""Frame ``(height, width)`` of the training clips: 16 x 16 latents, 8 x 8 tokens per latent frame."""
+
+FRAMES = 9
+"""Frames per training clip: 5 latent frames (Wan's causal first frame, then 2x temporal compression)."""
+
+MAX_SEQUENCE_LENGTH = 40
+"""UMT5 tokens per prompt (a 2-object caption with its camera phrase is <= 36 tokens: ``pans``, ``up`` and
+``down`` are spelled in characters by the word-level tokenizer)."""
+
+SHIFT = 2.0
+"""The flow-matching shift of the scheduler (and of the training noise levels); see the module docstring."""
+
+GUIDANCE_SCALE = 5.0
+"""Classifier-free guidance (against the empty prompt) of :data:`CALL_DEFAULTS`."""
+
+CALL_DEFAULTS: dict[str, Any] = {
+    "height": TRAIN_SIZE[0],
+    "width": TRAIN_SIZE[1],
+    "num_frames": FRAMES,
+    "num_inference_steps": 20,
+    "guidance_scale": GUIDANCE_SCALE,
+    "max_sequence_length": MAX_SEQUENCE_LENGTH,
+}
+"""Keywords for ``pipe(prompt, **CALL_DEFAULTS)`` on the trained pipeline."""
+
+DEFAULT_STEPS = 1300
+"""Default transformer steps of :func:`train_wan` (after ``min(300, steps // 2)`` VAE steps)."""
+
+PAN_SHARE = 0.7
+"""Share of camera pans among the training clips (the rest: objects moving over a still background)."""
+
+_MAX_OBJECTS = 2
+_BATCH = 16
+_VAE_BATCH = 4
+_EMA = 0.995
+_LR = 1e-3
+_HALF_LIFE = 600
+_VAE_LR = 2e-3
+_VAE_HALF_LIFE = 400
+
+
+def build_pipeline(seed: int = 0):
+    """The untrained video micro-world ``WanPipeline``: seeded components of the trained shapes.
+
+    Parameters
+    ----------
+    seed : int, default 0
+        Seeds the initial weights (the VAE, transformer and UMT5 get ``seed``, ``seed + 1``, ``seed + 2``).
+
+    Returns
+    -------
+    diffusers.WanPipeline
+
+    Examples
+    --------
+    >>> pipe = build_pipeline()
+    >>> type(pipe).__name__, pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+    ('WanPipeline', 2, 2)
+    """
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from ._store import seeded
+
+    tokenizer = caption_tokenizer()
+    tokenizer.model_max_length = MAX_SEQUENCE_LENGTH
+    with seeded(seed):
+        vae = AutoencoderKLWan(
+            base_dim=16,
+            z_dim=4,
+            dim_mult=[1, 2],
+            num_res_blocks=1,
+            temperal_downsample=[True],
+            latents_mean=[0.0] * 4,
+            latents_std=[1.0] * 4,
+            scale_factor_temporal=2,
+            scale_factor_spatial=2,
+        )
+    with seeded(seed + 1):
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=4,
+            attention_head_dim=32,
+            in_channels=4,
+            out_channels=4,
+            text_dim=64,
+            freq_dim=64,
+            ffn_dim=256,
+            num_layers=3,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+        )
+    with seeded(seed + 2):
+        text_encoder = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=len(tokenizer),
+                d_model=64,
+                d_kv=16,
+                d_ff=128,
+                num_layers=2,
+                num_decoder_layers=0,
+                num_heads=4,
+                relative_attention_num_buckets=16,
+                relative_attention_max_distance=64,
+                feed_forward_proj="gated-gelu",
+                dropout_rate=0.0,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.pad_token_id,
+            )
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=SHIFT)
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder.eval(),
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def camera_velocity(video: scenes.SceneVideo) -> tuple[int, int]:
+    """The camera's ``(vx, vy)`` in pixels per frame (``y`` down) of a pan; ``(0, 0)`` when objects move.
+
+    Examples
+    --------
+    >>> video = scenes.sample_video(4, 32, 32, frames=3, motion="pan")
+    >>> vx, vy = camera_velocity(video)
+    >>> (vx, vy) == tuple(-video.background_displacement[0])
+    True
+    """
+    if video.motion != "pan":
+        return 0, 0
+    step = video.origins[1] - video.origins[0]
+    return int(step[0]), int(step[1])
+
+
+def camera_phrase(vx: int, vy: int) -> str:
+    """The camera motion in words (``""`` for a still camera): ``"the camera pans left"``, ``"... pans up
+    and right"``; ``y`` points down (a camera moving to larger ``y`` pans down).
+
+    Examples
+    --------
+    >>> camera_phrase(-2, 0), camera_phrase(1, 1), camera_phrase(0, 0)
+    ('the camera pans left', 'the camera pans down and right', '')
+    """
+    vertical = "up" if vy < 0 else "down" if vy > 0 else ""
+    horizontal = "left" if vx < 0 else "right" if vx > 0 else ""
+    words = " and ".join(word for word in (vertical, horizontal) if word)
+    return f"the camera pans {words}" if words else ""
+
+
+def _caption(video: scenes.SceneVideo) -> str:
+    phrase = camera_phrase(*camera_velocity(video))
+    return f"{video.scene.caption}, {phrase}" if phrase else video.scene.caption
+
+
+def training_clip(seed: int, motion: str | None = None, size: tuple[int, int] = TRAIN_SIZE, frames: int = FRAMES):
+    """The clip of scene ``seed`` as the micro-world sees it: ``(frames (3, T, H, W) in [-1, 1], caption)``.
+
+    ``motion`` ``None`` draws a pan with probability :data:`PAN_SHARE` from the seed.
+
+    Examples
+    --------
+    >>> clip, caption = training_clip(7, motion="pan")
+    >>> tuple(clip.shape), "the camera pans" in caption
+    ((3, 9, 32, 32), True)
+    """
+    if motion is None:
+        motion = "pan" if np.random.default_rng([seed, 0x7A1]).random() < PAN_SHARE else "objects"
+    video = scenes.sample_video(seed, *size, frames=frames, motion=motion, max_objects=_MAX_OBJECTS)
+    return video.tensor().permute(1, 0, 2, 3) * 2.0 - 1.0, _caption(video)
+
+
+def _clip_batch(seed: int, step: int, count: int, stream: int, drop: float = 0.1):
+    generator = step_generator(seed, step, stream=stream)
+    seeds = torch.randint(0, scenes.TRAIN_SEEDS.stop, (count,), generator=generator).tolist()
+    clips, captions = zip(*(training_clip(s) for s in seeds))
+    keep = torch.rand(count, generator=generator).tolist()
+    captions = [caption if u >= drop else "" for caption, u in zip(captions, keep)]
+    return torch.stack(clips), captions, generator
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def _vae_step(vae, optimizer, seed: int, step: int) -> float:
+    clips, _, _ = _clip_batch(seed, 10_000_000 + step, _VAE_BATCH, stream=2)
+    posterior = vae.encode(clips).latent_dist
+    # Decoded from the posterior mean (what the pipeline's latents are), as the FLUX micro-world's VAE.
+    reconstruction = vae.decode(posterior.mean).sample
+    kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
+    loss = F.mse_loss(reconstruction, clips) + 0.5 * F.l1_loss(reconstruction, clips) + 1e-4 * kl
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def _latent_statistics(vae, seed: int) -> tuple[list[float], list[float]]:
+    values = []
+    for index in range(4):
+        clips, _, _ = _clip_batch(seed, 20_000_000 + index, 8, stream=2, drop=0.0)
+        values.append(vae.encode(clips).latent_dist.mean.transpose(0, 1).flatten(1))
+    values = torch.cat(values, 1)
+    return values.mean(1).tolist(), values.std(1).tolist()
+
+
+def _normalised_latents(vae, clips: torch.Tensor) -> torch.Tensor:
+    """Posterior means normalised as ``WanPipeline`` expects: ``(z - latents_mean) / latents_std``."""
+    z = vae.encode(clips).latent_dist.mean
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    return (z - mean) / std
+
+
+def _encode_text(pipe, captions: list[str], max_length: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:
+    """UMT5 hidden states as ``WanPipeline`` computes them: ids padded to ``max_length`` with an attention
+    mask, states past each caption's length set to zero."""
+    inputs = pipe.tokenizer(
+        list(captions), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    )
+    hidden = pipe.text_encoder(inputs.input_ids, inputs.attention_mask).last_hidden_state
+    return hidden * inputs.attention_mask[..., None].to(hidden.dtype)
+
+
+def _shifted(sigma: torch.Tensor) -> torch.Tensor:
+    return SHIFT * sigma / (1.0 + (SHIFT - 1.0) * sigma)
+
+
+def _flow_loss(pipe, x0: torch.Tensor, captions: list[str], sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    noisy = (1.0 - sigma.view(shape)) * x0 + sigma.view(shape) * noise
+    prediction = pipe.transformer(
+        hidden_states=noisy,
+        timestep=sigma * 1000.0,
+        encoder_hidden_states=_encode_text(pipe, captions),
+        return_dict=False,
+    )[0]
+    return F.mse_loss(prediction, noise - x0)
+
+
+def _wan_loss(pipe, seed: int, step: int) -> torch.Tensor:
+    clips, captions, generator = _clip_batch(seed, step, _BATCH, stream=1)
+    with torch.no_grad():
+        x0 = _normalised_latents(pipe.vae, clips)
+    noise = torch.randn(x0.shape, generator=generator)
+    sigma = _shifted(torch.sigmoid(torch.randn(x0.shape[0], generator=generator)))
+    return _flow_loss(pipe, x0, captions, sigma, noise)
+
+
+@torch.no_grad()
+def validation_loss(
+    pipe,
+    seeds: list[int] | range,
+    *,
+    captions: list[str] | None = None,
+    motion: str | None = "pan",
+    sigmas: tuple[float, ...] = (0.25, 0.5, 0.75),
+) -> float:
+    """The rectified-flow loss (velocity MSE, as in training) of ``pipe``'s transformer on the clips of
+    ``seeds`` (use :data:`hasten.tiny.scenes.HELD_OUT_SEEDS`), captioned, at fixed noise levels and noise.
+
+    ``captions`` replaces the clips' own captions (e.g. shuffled ones: how much lower the loss is with
+    the true captions measures how much the model reads the prompt).
+
+    Examples
+    --------
+    >>> round(validation_loss(build_pipeline(), range(2), sigmas=(0.5,)), 1) > 0.5  # untrained
+    True
+    """
+    clips, own = zip(*(training_clip(s, motion=motion) for s in seeds))
+    if captions is None:
+        captions = list(own)
+    elif len(captions) != len(own):
+        raise ValueError(f"`captions` must give one caption per seed ({len(own)}); got {len(captions)}")
+    x0 = _normalised_latents(pipe.vae, torch.stack(clips))
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for value in sigmas:
+        noise = torch.randn(x0.shape, generator=generator)
+        losses.append(_flow_loss(pipe, x0, list(captions), torch.full((x0.shape[0],), float(value)), noise).item())
+    return float(sum(losses) / len(losses))
+
+
+def estimate_pan(frames: torch.Tensor | np.ndarray) -> tuple[float, float]:
+    """The camera velocity ``(vx, vy)`` in pixels per frame estimated from a video's frames by phase
+    correlation (the cross-power spectra of consecutive frames summed; the content moves by minus the
+    camera step).
+
+    ``frames``: ``(T, H, W, 3)`` or ``(T, H, W)`` (numpy or tensor, any scale).
+
+    Examples
+    --------
+    >>> video = scenes.sample_video(11, 32, 32, frames=9, motion="pan")
+    >>> estimate_pan(video.frames) == tuple(float(v) for v in camera_velocity(video))
+    True
+    """
+    x = torch.as_tensor(np.asarray(frames), dtype=torch.float64)
+    if x.dim() == 4:
+        x = x.mean(-1)
+    if x.dim() != 3 or x.shape[0] < 2:
+        raise ValueError(f"`frames` must be (T, H, W[, 3]) with T >= 2; got shape {tuple(x.shape)}")
+    x = x - x.mean((1, 2), keepdim=True)
+    spectra = torch.fft.fft2(x)
+    cross = (spectra[1:] * spectra[:-1].conj()).sum(0)
+    surface = torch.fft.ifft2(cross / (cross.abs() + 1e-9)).real
+    h, w = surface.shape
+    index = int(surface.argmax())
+    dy, dx = index // w, index % w
+    dy = dy - h if dy > h // 2 else dy
+    dx = dx - w if dx > w // 2 else dx
+    return float(-dx), float(-dy)
+
+
+def train_wan(
+    out: str | pathlib.Path,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+    vae_steps: int | None = None,
+) -> pathlib.Path:
+    """Train the video micro-world ``WanPipeline``; save it in ``out / "model"``.
+
+    Two phases: the VAE, then the transformer with UMT5 (rectified flow, EMA). Seeded and resumable
+    (see :mod:`hasten.tiny.trained`): every step's clips and noise come from ``(seed, phase, step)``, the
+    learning rate does not depend on the run length, and ``out / "checkpoint.pt"`` (written every 100
+    steps and at each phase end) holds all weights, optimiser states, the EMAs, the latent statistics
+    and the steps.
+
+    Parameters
+    ----------
+    out : path
+        Run folder.
+    steps : int, optional
+        Transformer steps (default :data:`DEFAULT_STEPS`), batch 16 clips.
+    seed : int, default 0
+    resume : bool, default False
+        Continue from the checkpoint in ``out``.
+    progress : bool, default True
+        Show tqdm bars.
+    vae_steps : int, optional
+        VAE steps before the transformer's (default ``min(300, max(1, steps // 2))``), batch 4 clips.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out / "model"``, loadable with ``WanPipeline.from_pretrained``.
+
+    Raises
+    ------
+    ValueError
+        ``steps`` or ``vae_steps`` below 1, or a resume whose checkpoint finished its VAE phase earlier.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from diffusers import WanPipeline
+    >>> folder = train_wan(tempfile.mkdtemp(), steps=1, vae_steps=1, progress=False)
+    >>> type(WanPipeline.from_pretrained(folder)).__name__
+    'WanPipeline'
+    """
+    out = pathlib.Path(out)
+    for name, value in (("steps", steps), ("vae_steps", vae_steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"`seed` must be an integer >= 0; got {seed!r}")
+    steps = DEFAULT_STEPS if steps is None else steps
+    vae_steps = min(300, max(1, steps // 2)) if vae_steps is None else vae_steps
+    pipe = build_pipeline(seed)
+    vae, transformer, umt5 = pipe.vae, pipe.transformer, pipe.text_encoder
+    vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=_VAE_LR, weight_decay=0.0)
+    parameters = list(transformer.parameters()) + list(umt5.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=_LR, weight_decay=0.01)
+    averaged = {"ema": (transformer, copy.deepcopy(transformer)), "ema_umt5": (umt5, copy.deepcopy(umt5))}
+    for _, ema in averaged.values():
+        ema.requires_grad_(False)
+    modules = {"vae": vae, "transformer": transformer, "umt5": umt5, **{k: e for k, (_, e) in averaged.items()}}
+    optimizers = {"vae_optimizer": vae_optimizer, "optimizer": optimizer}
+    done = {"vae": 0, "wan": 0}
+    if resume:
+        state = load_checkpoint(out)
+        if state is None:
+            raise ValueError(f"`resume` is true but {out} holds no checkpoint to resume")
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+        for name, value in optimizers.items():
+            value.load_state_dict(state[name])
+        vae.register_to_config(latents_mean=state["latents_mean"], latents_std=state["latents_std"])
+        done.update({phase: state[f"{phase}_step"] for phase in done})
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            out,
+            {
+                **{name: module.state_dict() for name, module in modules.items()},
+                **{name: value.state_dict() for name, value in optimizers.items()},
+                "latents_mean": list(vae.config.latents_mean),
+                "latents_std": list(vae.config.latents_std),
+                **{f"{phase}_step": value for phase, value in done.items()},
+            },
+        )
+
+    if done["vae"] < vae_steps:
+        if done["wan"]:
+            raise ValueError(
+                f"the checkpoint in {out} finished its VAE at step {done['vae']}; resume with `vae_steps` "
+                f"<= {done['vae']}"
+            )
+        vae.train()
+        bar = tqdm(
+            range(done["vae"], vae_steps), initial=done["vae"], total=vae_steps, desc="vae", disable=not progress
+        )
+        for step in bar:
+            _set_lr(vae_optimizer, _lr(step, _VAE_LR, _VAE_HALF_LIFE))
+            bar.set_postfix(loss=f"{_vae_step(vae, vae_optimizer, seed, step):.4f}")
+            done["vae"] = step + 1
+            if done["vae"] % 100 == 0 and done["vae"] < vae_steps:
+                checkpoint()
+        vae.eval()
+        mean, std = _latent_statistics(vae, seed)
+        vae.register_to_config(latents_mean=mean, latents_std=std)
+        checkpoint()
+    vae.eval().requires_grad_(False)
+
+    if done["wan"] < steps:
+        transformer.train()
+        umt5.train()
+        bar = tqdm(range(done["wan"], steps), initial=done["wan"], total=steps, desc="wan", disable=not progress)
+        for step in bar:
+            _set_lr(optimizer, _lr(step, _LR, _HALF_LIFE))
+            loss = _wan_loss(pipe, seed, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            for live, ema in averaged.values():
+                _average_into(ema, live, min(_EMA, (step + 1) / (step + 10)))
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            done["wan"] = step + 1
+            if done["wan"] % 100 == 0 or done["wan"] == steps:
+                checkpoint()
+    for live, ema in averaged.values():
+        live.load_state_dict(ema.state_dict())
+        live.eval().requires_grad_(False)
+    pipe.save_pretrained(out / "model")
+    return out / "model"
