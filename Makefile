@@ -39,7 +39,7 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q tests --doctest-modules src/hasten
+	$(PY) -m pytest -q tests --doctest-modules src/hasten --durations=15   # the slowest tests, to keep the suite short
 
 # The suite on the newest releases pyproject.toml allows (not the lock): run it when upstream
 # publishes (transformers, diffusers, gradio, ...) before moving the lock (`make lock`).
