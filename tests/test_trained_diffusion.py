@@ -220,3 +220,19 @@ def test_flux_training_resumes_identically(tmp_path):
     assert full.vae.config.scaling_factor == part.vae.config.scaling_factor != 1.0
     with pytest.raises(ValueError, match="started the prompt phase"):
         train_flux(tmp_path / "part", prompt_steps=2, resume=True, **{**common, "steps": 2})
+
+
+@pytest.mark.parametrize(
+    "bad, name",
+    [
+        ({"prompt_lr": 0.0}, "prompt_lr"),
+        ({"prompt_sides": (30,)}, "prompt_sides"),
+        ({"prompt_sides": ()}, "prompt_sides"),
+    ],
+)
+def test_flux_training_rejects_bad_prompt_phase_settings(tmp_path, bad, name):
+    from hasten.tiny.micro_diffusion import train_flux
+
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        train_flux(tmp_path, steps=1, progress=False, **bad)
+    assert not any(tmp_path.iterdir())  # refused before any training

@@ -59,6 +59,7 @@ __all__ = [
     "LOOK_SEQUENCE_LENGTH",
     "MAX_SEQUENCE_LENGTH",
     "PROMPT_OBJECTS",
+    "PROMPT_SIDES",
     "PROMPT_STEPS",
     "TRAIN_SIZE",
     "build_pipeline",
@@ -103,6 +104,12 @@ PROMPT_STEPS = 1500
 PROMPT_OBJECTS = 1
 """Objects per scene in the prompt phase: few objects, so each caption word has a visible effect."""
 
+PROMPT_SIDES: tuple[int, ...] = (64,)
+"""Square canvas sides (pixels) of the prompt phase, one drawn per step. One size: a place word names a
+cell of the 3 x 3 grid *relative to the canvas*, and the transformer knows only absolute token positions
+(RoPE from the top-left corner), so on mixed sizes "centre" or "bottom right" name different tokens and
+cannot be learned. (The v2 weights' prompt phase drew from 48-96 px and learned colour but not places.)"""
+
 # Canvas sides in pixels (multiples of 4: VAE factor 2 x Flux 2x2 packing), drawn per step.
 _SIDES = (48, 56, 64, 72, 80, 96, 112, 128)
 _SIDE_WEIGHTS = (3, 3, 6, 3, 2, 2, 1, 1)
@@ -111,8 +118,7 @@ _VAE_BATCH = 16
 _VAE_CROP = 32
 _DECODER_BATCH = 8
 _EMA = 0.998
-# The prompt phase: square canvases around the reference size, twice the tokens per batch.
-_PROMPT_SIDES = (48, 64, 64, 64, 80, 96)
+# The prompt phase: twice the tokens per batch.
 _PROMPT_TOKENS_PER_BATCH = 4096
 _PROMPT_EMA = 0.995
 
@@ -383,7 +389,9 @@ def _encode_text(
     return hidden, pooled
 
 
-def _flux_loss(pipe, seed: int, step: int, prompt_phase: bool = False) -> torch.Tensor:
+def _flux_loss(
+    pipe, seed: int, step: int, prompt_phase: bool = False, prompt_sides: tuple[int, ...] = PROMPT_SIDES
+) -> torch.Tensor:
     """The rectified-flow loss of one training batch: the look phase (every scene kind, canvases of
     48-128 px and several aspect ratios) or the prompt phase (:data:`PROMPT_OBJECTS` objects, square
     canvases, CLIP trained too)."""
@@ -392,7 +400,7 @@ def _flux_loss(pipe, seed: int, step: int, prompt_phase: bool = False) -> torch.
 
     if prompt_phase:
         generator = step_generator(seed, 40_000_000 + step, stream=3)
-        side = _PROMPT_SIDES[int(torch.randint(len(_PROMPT_SIDES), (1,), generator=generator))]
+        side = prompt_sides[int(torch.randint(len(prompt_sides), (1,), generator=generator))]
         height = width = side
         tokens = (side // 4) ** 2
         images, captions = _scene_batch(
@@ -500,6 +508,8 @@ def train_flux(
     decoder_steps: int | None = None,
     prompt_steps: int | None = None,
     init: str | pathlib.Path | None = None,
+    prompt_lr: float = 5e-4,
+    prompt_sides: tuple[int, ...] = PROMPT_SIDES,
 ) -> pathlib.Path:
     """Train the micro-world FluxPipeline; save it in ``out / "model"``.
 
@@ -532,6 +542,10 @@ def train_flux(
     init : path, optional
         A saved micro-world pipeline (e.g. :func:`hasten.tiny.trained.path` ``("flux")``) to start the
         prompt phase from: the first three phases are taken as done by it and skipped.
+    prompt_lr : float, default 5e-4
+        Peak AdamW learning rate of the prompt phase (100 warm-up steps, then halved every 1500 steps).
+    prompt_sides : tuple of int, default :data:`PROMPT_SIDES`
+        Square canvas sides of the prompt phase (multiples of 4, at least 16).
 
     Returns
     -------
@@ -553,6 +567,11 @@ def train_flux(
     vae_steps = min(600, max(1, steps // 2)) if vae_steps is None else int(vae_steps)
     decoder_steps = min(800, max(1, steps // 2)) if decoder_steps is None else int(decoder_steps)
     prompt_steps = PROMPT_STEPS if prompt_steps is None else int(prompt_steps)
+    prompt_sides = tuple(prompt_sides)
+    if not prompt_sides or any(isinstance(v, bool) or not isinstance(v, int) or v < 16 or v % 4 for v in prompt_sides):
+        raise ValueError(f"`prompt_sides` must be canvas sides that are multiples of 4 and >= 16; got {prompt_sides}")
+    if not prompt_lr > 0:
+        raise ValueError(f"`prompt_lr` must be > 0; got {prompt_lr}")
     if min(steps, vae_steps, decoder_steps, prompt_steps) < 1:
         raise ValueError(
             f"`steps`, `vae_steps`, `decoder_steps` and `prompt_steps` must be >= 1; got {steps}, "
@@ -572,7 +591,7 @@ def train_flux(
     flux_parameters = list(transformer.parameters()) + list(t5.parameters())
     flux_optimizer = torch.optim.AdamW(flux_parameters, lr=1e-3, weight_decay=0.01)
     prompt_parameters = flux_parameters + list(clip.parameters())
-    prompt_optimizer = torch.optim.AdamW(prompt_parameters, lr=5e-4, weight_decay=0.01)
+    prompt_optimizer = torch.optim.AdamW(prompt_parameters, lr=prompt_lr, weight_decay=0.01)
     decoder_optimizer = torch.optim.AdamW(vae.decoder.parameters(), lr=1e-3, weight_decay=0.0)
     averaged = {
         "ema": (transformer, copy.deepcopy(transformer)),
@@ -657,7 +676,7 @@ def train_flux(
             # draws the same masks as an uninterrupted one.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(step_generator(seed, step, stream=5 if phase == "flux" else 6).initial_seed())
-                loss = _flux_loss(pipe, seed, step, prompt_phase=phase == "prompt")
+                loss = _flux_loss(pipe, seed, step, prompt_phase=phase == "prompt", prompt_sides=prompt_sides)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -695,7 +714,7 @@ def train_flux(
             prompt_optimizer,
             prompt_parameters,
             _PROMPT_EMA,
-            5e-4,
+            prompt_lr,
             1500,
             ("ema", "ema_t5", "ema_clip"),
         )
