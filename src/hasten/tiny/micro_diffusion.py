@@ -17,10 +17,12 @@
    tokenizer of the caption vocabulary. The CLIP encoder (pooled vector) stays frozen here;
 3. the VAE decoder alone (encoder frozen, object pixels weighted), for exact colours;
 4. the *prompt* phase: transformer, T5 *and* CLIP (whose pooled vector modulates every block) on
-   scenes of :data:`PROMPT_OBJECTS` object(s), square canvases of 48-96 pixels, twice the samples per
-   step and :data:`MAX_SEQUENCE_LENGTH` text tokens. The look phase alone learned the scenes' look
-   but not the prompts (the same noise with four prompts gave the same image); this phase is where
-   each caption word starts to change what is drawn.
+   scenes of :data:`PROMPT_OBJECTS` object(s) on one 64 x 64 canvas (:data:`PROMPT_SIDES`), twice the
+   samples per step and :data:`MAX_SEQUENCE_LENGTH` text tokens. The look phase alone learned the
+   scenes' look but not the prompts (the same noise with four prompts gave the same image); this phase
+   is where each caption word changes what is drawn. Its canvas size is fixed because a place word
+   names a cell relative to the canvas while the transformer sees absolute token positions: drawn from
+   48-96 px (the v2 weights) it learned colours but no places; at 64 px only, places and colours.
 
 10% of captions are dropped (empty prompt), so ``true_cfg_scale`` (classifier-free guidance, in
 :data:`CALL_DEFAULTS`) works. The saved weights are exponential moving averages.
@@ -263,18 +265,27 @@ def _canvas(generator: torch.Generator) -> tuple[int, int]:
 
 
 def _scene_batch(
-    seed: int, step: int, size: tuple[int, int], count: int, max_objects: int = 4, with_background: float = 0.45
+    seed: int,
+    step: int,
+    size: tuple[int, int],
+    count: int,
+    max_objects: int = 4,
+    with_background: float = 0.45,
+    places: bool = True,
 ):
     """Training scenes and captions for ``(seed, step)``: ``with_background`` of the captions name the
-    background, 10% are empty (for classifier-free guidance), the rest name the objects only."""
+    background, 10% are empty (for classifier-free guidance), the rest name the objects only; without
+    ``places`` the captions name the objects but not their cells."""
     generator = step_generator(seed, step, stream=1)
     seeds = torch.randint(0, scenes.TRAIN_SEEDS.stop, (count,), generator=generator).tolist()
     out = scenes.batch(seeds, *size, max_objects=max_objects)
     keep = torch.rand(count, generator=generator)
-    captions = [
-        scene.caption_with_background if u < with_background else (scene.caption if u < 0.9 else "")
-        for scene, u in zip(out.scenes, keep.tolist())
-    ]
+
+    def caption(scene: scenes.Scene, u: float) -> str:
+        text = scene.caption if places else " and ".join(obj.noun_phrase for obj in scene.objects)
+        return f"{text} on a {scene.background} background" if u < with_background else (text if u < 0.9 else "")
+
+    captions = [caption(scene, u) for scene, u in zip(out.scenes, keep.tolist())]
     return out.images * 2.0 - 1.0, captions
 
 
@@ -403,8 +414,16 @@ def _flux_loss(
         side = prompt_sides[int(torch.randint(len(prompt_sides), (1,), generator=generator))]
         height = width = side
         tokens = (side // 4) ** 2
+        # Place words only at the reference size (see PROMPT_SIDES); other canvases teach the look of
+        # one captioned object at that size, wherever it is.
         images, captions = _scene_batch(
-            seed, 40_000_000 + step, (side, side), max(2, _PROMPT_TOKENS_PER_BATCH // tokens), PROMPT_OBJECTS, 0.2
+            seed,
+            40_000_000 + step,
+            (side, side),
+            max(2, _PROMPT_TOKENS_PER_BATCH // tokens),
+            PROMPT_OBJECTS,
+            0.2,
+            places=(side, side) == TRAIN_SIZE,
         )
     else:
         generator = step_generator(seed, step, stream=3)

@@ -163,11 +163,16 @@ class SceneObject:
         return POSITIONS.index(self.position)
 
     @property
+    def noun_phrase(self) -> str:
+        """The object without its place, e.g. ``"a small red circle"``."""
+        size = "small " if self.size == "small" else ""
+        return f"a {size}{self.colour} {self.shape}"
+
+    @property
     def phrase(self) -> str:
         """The caption's words for this object, e.g. ``"a small red circle at the top left"``."""
-        size = "small " if self.size == "small" else ""
         where = "in the centre" if self.position == "centre" else f"at the {self.position}"
-        return f"a {size}{self.colour} {self.shape} {where}"
+        return f"{self.noun_phrase} {where}"
 
     def probe(self) -> tuple[int, int]:
         """A pixel ``(x, y)`` well inside the shape (the centre, or the middle of a ring's band).
