@@ -60,7 +60,9 @@ class _SelfAttentionDistance(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func is torch.nn.functional.scaled_dot_product_attention:
-            query, key = args[0], args[1]
+            kwargs = kwargs or {}
+            query = args[0] if len(args) > 0 else kwargs["query"]
+            key = args[1] if len(args) > 1 else kwargs["key"]
             if key.shape[-2] == self.distance.shape[0] and query.shape[-2] == key.shape[-2]:
                 scale = query.shape[-1] ** -0.5
                 probs = torch.softmax(query.float() @ key.float().transpose(-1, -2) * scale, dim=-1)
