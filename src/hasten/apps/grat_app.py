@@ -2,9 +2,9 @@
 
 The default model is ``micro-flux``, the FLUX micro-world trained on hasten's generated scenes
 (shipped with the package), so both images show real content, and the report adds the prompt
-accuracy of each, judged by the shipped attribute classifier. It opens at 192 x 192 (2304 latent
-tokens), where GRAT is faster than dense on a CPU; at small sizes attention is too small a share
-of the time and GRAT's grouping costs more than it saves (the report says so when it happens).
+accuracy of each, judged by the shipped attribute classifier. It opens at 64 x 64 (256 latent
+tokens), the canvas micro-flux draws on; there attention is too small a share of the time for GRAT to
+gain, and the report says so. On a CPU, GRAT is faster than dense from about 192 x 192 (2304 tokens).
 
 Run it with ``hasten app grat [--model micro-flux] [--port 7860]``, or
 ``python -m hasten.apps.grat_app``. The pipeline is loaded once, when the
@@ -42,7 +42,15 @@ from hasten.apps.launcher import (
     to_image,
     whole_number,
 )
-from hasten.cli.generate import DIFFERENCE_GAIN, MICRO_DEFAULTS, MICRO_FLUX, MICRO_GROUP, MICRO_PROMPT, load_model
+from hasten.cli.generate import (
+    CPU_GAIN_SIDE,
+    DIFFERENCE_GAIN,
+    MICRO_DEFAULTS,
+    MICRO_FLUX,
+    MICRO_GROUP,
+    MICRO_PROMPT,
+    load_model,
+)
 from hasten.cli.generate import difference as difference_image  # (the app's own `difference` is a local)
 from hasten.measure import compare_grat
 
@@ -113,16 +121,16 @@ class GratRun:
                 else ""
             )
         )
-        large = size["height"] * size["width"] >= MICRO_DEFAULTS["height"] * MICRO_DEFAULTS["width"]
+        large = size["height"] * size["width"] >= CPU_GAIN_SIDE**2
         if result.speedup < 1 and (self.model != MICRO_FLUX or not large):
             details += (
                 " **GRAT is slower here:** at this size attention is too small a share of the time for "
-                "sparsity to pay for the grouping; on a CPU micro-flux gains from 192 x 192 on "
+                f"sparsity to pay for the grouping; on a CPU GRAT gains from {CPU_GAIN_SIDE} x {CPU_GAIN_SIDE} on "
                 "(benchmarks/results/grat_fidelity-cpu.txt)."
             )
         elif result.speedup < 1:
             details += (
-                " **GRAT was slower in this run**, although micro-flux gains at this size in the benchmark "
+                " **GRAT was slower in this run**, although it gains at this size in the benchmark "
                 "(benchmarks/results/grat_fidelity-cpu.txt): one timed call each is noisy when other jobs "
                 "share the CPU; run it again."
             )
@@ -209,7 +217,8 @@ def build_demo(model: str = MICRO_FLUX, device: str | None = None, dtype: str | 
             f"`{model}` ({type(pipe).__name__}) on `{pipe.device}`. The same prompt and seed run with dense "
             "attention and with GRAT; GRAT-X (cross) lets each token group attend to the groups in its row "
             "and column band, GRAT-B (block) to the groups within a window. It pays off when attention "
-            "dominates the time: on a CPU, micro-flux from 192 x 192 (2304 tokens) on."
+            f"dominates the time: on a CPU from {CPU_GAIN_SIDE} x {CPU_GAIN_SIDE} (2304 tokens) on; micro-flux draws "
+            "its scenes at 64 x 64."
         )
         notice = random_weights_notice(model)
         if notice:
