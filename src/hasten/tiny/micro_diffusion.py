@@ -65,6 +65,7 @@ __all__ = [
     "PROMPT_STEPS",
     "TRAIN_SIZE",
     "build_pipeline",
+    "caption_encoder_config",
     "caption_tokenizer",
     "refine_decoder",
     "train_flux",
@@ -149,6 +150,34 @@ def caption_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=MAX_SEQUENCE_LENGTH)
 
 
+def caption_encoder_config(config_class, tokenizer, **overrides: Any):
+    """The micro-worlds' caption encoder: a 2-layer T5-family encoder (d 64, 4 heads of 16, gated GELU) over
+    ``tokenizer`` (:func:`caption_tokenizer`); ``config_class`` is ``T5Config`` (FLUX's) or ``UMT5Config`` (Wan's).
+
+    Examples
+    --------
+    >>> from transformers import T5Config
+    >>> caption_encoder_config(T5Config, caption_tokenizer(), dropout_rate=0.0).num_layers
+    2
+    """
+    return config_class(
+        vocab_size=len(tokenizer),
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=0,
+        num_heads=4,
+        relative_attention_num_buckets=16,
+        relative_attention_max_distance=64,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+
+
 def build_pipeline(seed: int = 0):
     """The untrained micro-world ``FluxPipeline``: seeded components of the trained shapes.
 
@@ -212,23 +241,7 @@ def build_pipeline(seed: int = 0):
             )
         )
     with seeded(seed + 3):
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5),
-                d_model=64,
-                d_kv=16,
-                d_ff=128,
-                num_layers=2,
-                num_decoder_layers=0,
-                num_heads=4,
-                relative_attention_num_buckets=16,
-                relative_attention_max_distance=64,
-                feed_forward_proj="gated-gelu",
-                pad_token_id=t5.pad_token_id,
-                eos_token_id=t5.eos_token_id,
-                decoder_start_token_id=t5.pad_token_id,
-            )
-        )
+        text_encoder_2 = T5EncoderModel(caption_encoder_config(T5Config, t5))
     # FLUX.1's resolution-dependent shift, anchored at this micro-world's 256-token training size.
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=1.0,

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import scenes
-from .micro_diffusion import _average_into, _lr, _set_lr, caption_tokenizer
+from .micro_diffusion import _average_into, _lr, _set_lr, caption_encoder_config, caption_tokenizer
 from .trained import load_checkpoint, save_checkpoint, step_generator
 
 __all__ = [
@@ -190,24 +190,7 @@ def build_pipeline(seed: int = 0):
             qk_norm="rms_norm_across_heads",
         )
     with seeded(seed + 2):
-        text_encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=len(tokenizer),
-                d_model=64,
-                d_kv=16,
-                d_ff=128,
-                num_layers=2,
-                num_decoder_layers=0,
-                num_heads=4,
-                relative_attention_num_buckets=16,
-                relative_attention_max_distance=64,
-                feed_forward_proj="gated-gelu",
-                dropout_rate=0.0,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                decoder_start_token_id=tokenizer.pad_token_id,
-            )
-        )
+        text_encoder = UMT5EncoderModel(caption_encoder_config(UMT5Config, tokenizer, dropout_rate=0.0))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=SHIFT)
     return WanPipeline(
         tokenizer=tokenizer,
