@@ -31,7 +31,7 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium not found: browser tests will be skipped (install Debian's chromium)"; fi; }
 
-# Tiny Flux at 256x256: a 64x64 latent grid, big enough for 16x16 groups to be sparse.
+# The trained FLUX micro-world at 64x64, the canvas it draws on (docs/microworld.md).
 demo: $(STAMP)
 	$(VENV)/bin/hasten generate --compare   # the trained FLUX micro-world: dense | GRAT | difference in outputs/hasten-side.png
 
