@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import scenes
-from .trained import load_checkpoint, save_checkpoint, step_generator
+from .trained import load_checkpoint, run_phase, save_checkpoint, step_generator
 
 __all__ = [
     "CALL_DEFAULTS",
@@ -674,15 +674,13 @@ def train_flux(
                 f"<= {done['vae']}"
             )
         vae.train()
-        bar = tqdm(
-            range(done["vae"], vae_steps), initial=done["vae"], total=vae_steps, desc="vae", disable=not progress
-        )
-        for step in bar:
+
+        def vae_step(step: int) -> float:
             _set_lr(vae_optimizer, _lr(step, 2e-3, 400))
-            bar.set_postfix(loss=f"{_vae_step(vae, vae_optimizer, seed, step):.4f}")
-            done["vae"] = step + 1
-            if done["vae"] % 100 == 0 and done["vae"] < vae_steps:
-                checkpoint()
+            return _vae_step(vae, vae_optimizer, seed, step)
+
+        # the phase's last checkpoint comes after the latent statistics
+        run_phase("vae", done, vae_steps, vae_step, checkpoint, progress=progress, checkpoint_at_end=False)
         vae.eval()
         shift, scale = _latent_statistics(vae, seed)
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
@@ -701,8 +699,8 @@ def train_flux(
     ) -> None:
         transformer.train()
         t5.train()
-        bar = tqdm(range(done[phase], total), initial=done[phase], total=total, desc=phase, disable=not progress)
-        for step in bar:
+
+        def train_step(step: int) -> float:
             _set_lr(optimizer, _lr(step, base_lr, half_life))
             # T5's dropout draws from torch's global RNG: seed it from (seed, step) too, so a resumed run
             # draws the same masks as an uninterrupted one.
@@ -716,10 +714,9 @@ def train_flux(
             for name in trained:
                 live, ema = averaged[name]
                 _average_into(ema, live, min(decay, (step + 1) / (step + 10)))
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            done[phase] = step + 1
-            if done[phase] % 100 == 0 or done[phase] == total:
-                checkpoint()
+            return loss.item()
+
+        run_phase(phase, done, total, train_step, checkpoint, progress=progress)
 
     if done["prompt"] and (done["flux"] < steps or done["decoder"] < decoder_steps):
         raise ValueError(

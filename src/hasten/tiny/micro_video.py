@@ -65,11 +65,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from .._validation import check_int
 from . import scenes
 from .micro_diffusion import _average_into, _lr, _set_lr, caption_encoder_config, caption_tokenizer
-from .trained import load_checkpoint, save_checkpoint, step_generator
+from .trained import load_checkpoint, run_phase, save_checkpoint, step_generator
 
 __all__ = [
     "CALL_DEFAULTS",
@@ -437,8 +437,7 @@ def pan_test_seeds(count: int) -> list[int]:
     >>> [pan_direction(*camera_velocity(scenes.sample_video(s, motion="pan"))) != "none" for s in seeds]
     [True, True, True]
     """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"`count` must be an integer >= 1; got {count!r}")
+    check_int(count, "count")
     seeds = []
     for seed in scenes.HELD_OUT_SEEDS:
         vx, vy = camera_velocity(scenes.sample_video(seed, 32, 32, frames=2, motion="pan"))
@@ -526,10 +525,9 @@ def train_wan(
     """
     out = pathlib.Path(out)
     for name, value in (("steps", steps), ("vae_steps", vae_steps)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"`seed` must be an integer >= 0; got {seed!r}")
+        if value is not None:
+            check_int(value, name)
+    check_int(seed, "seed", minimum=0)
     if vae_steps is None:
         vae_steps = DEFAULT_VAE_STEPS if steps is None else min(DEFAULT_VAE_STEPS, max(1, steps // 2))
     steps = DEFAULT_STEPS if steps is None else steps
@@ -574,15 +572,13 @@ def train_wan(
                 f"<= {done['vae']}"
             )
         vae.train()
-        bar = tqdm(
-            range(done["vae"], vae_steps), initial=done["vae"], total=vae_steps, desc="vae", disable=not progress
-        )
-        for step in bar:
+
+        def vae_step(step: int) -> float:
             _set_lr(vae_optimizer, _lr(step, _VAE_LR, _VAE_HALF_LIFE))
-            bar.set_postfix(loss=f"{_vae_step(vae, vae_optimizer, seed, step):.4f}")
-            done["vae"] = step + 1
-            if done["vae"] % 100 == 0 and done["vae"] < vae_steps:
-                checkpoint()
+            return _vae_step(vae, vae_optimizer, seed, step)
+
+        # the phase's last checkpoint comes after the latent statistics
+        run_phase("vae", done, vae_steps, vae_step, checkpoint, progress=progress, checkpoint_at_end=False)
         vae.eval()
         mean, std = _latent_statistics(vae, seed)
         vae.register_to_config(latents_mean=mean, latents_std=std)
@@ -592,8 +588,8 @@ def train_wan(
     if done["wan"] < steps:
         transformer.train()
         umt5.train()
-        bar = tqdm(range(done["wan"], steps), initial=done["wan"], total=steps, desc="wan", disable=not progress)
-        for step in bar:
+
+        def wan_step(step: int) -> float:
             _set_lr(optimizer, _lr(step, _LR, _HALF_LIFE))
             loss = _wan_loss(pipe, seed, step)
             optimizer.zero_grad(set_to_none=True)
@@ -602,10 +598,9 @@ def train_wan(
             optimizer.step()
             for live, ema in averaged.values():
                 _average_into(ema, live, min(_EMA, (step + 1) / (step + 10)))
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            done["wan"] = step + 1
-            if done["wan"] % 100 == 0 or done["wan"] == steps:
-                checkpoint()
+            return loss.item()
+
+        run_phase("wan", done, steps, wan_step, checkpoint, progress=progress)
     for live, ema in averaged.values():
         live.load_state_dict(ema.state_dict())
         live.eval().requires_grad_(False)

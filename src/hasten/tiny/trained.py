@@ -46,6 +46,7 @@ __all__ = [
     "load",
     "load_checkpoint",
     "path",
+    "run_phase",
     "save_checkpoint",
     "step_generator",
     "training_function",
@@ -186,6 +187,41 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """
     value = (int(seed) * 1_000_003 + int(step)) * 131 + int(stream)
     return torch.Generator(device="cpu").manual_seed(value % (2**63))
+
+
+def run_phase(
+    name: str,
+    done: dict[str, int],
+    total: int,
+    step: Callable[[int], float],
+    checkpoint: Callable[[], None],
+    *,
+    progress: bool = True,
+    checkpoint_at_end: bool = True,
+    every: int = 100,
+) -> None:
+    """Run the remaining steps ``done[name] .. total - 1`` of one resumable training phase.
+
+    ``step(i)`` trains step ``i`` and returns its loss (shown on a tqdm bar named ``name``); after it,
+    ``done[name]`` is ``i + 1`` and ``checkpoint()`` is called every ``every`` steps and after the last
+    one (unless ``checkpoint_at_end`` is false: for a phase whose caller still has work to do, e.g.
+    measuring latent statistics, before its final checkpoint).
+
+    Examples
+    --------
+    >>> done, saved = {"toy": 0}, []
+    >>> run_phase("toy", done, 5, lambda i: 0.0, lambda: saved.append(done["toy"]), progress=False, every=2)
+    >>> done["toy"], saved
+    (5, [2, 4, 5])
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(done[name], total), initial=done[name], total=total, desc=name, disable=not progress)
+    for index in bar:
+        bar.set_postfix(loss=f"{step(index):.4f}")
+        done[name] = index + 1
+        if (done[name] % every == 0 and done[name] < total) or (done[name] == total and checkpoint_at_end):
+            checkpoint()
 
 
 def save_checkpoint(out: str | os.PathLike, state: dict[str, Any]) -> pathlib.Path:
