@@ -248,3 +248,27 @@ def test_flux_training_rejects_bad_prompt_phase_settings(tmp_path, bad, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         train_flux(tmp_path, steps=1, progress=False, **bad)
     assert not any(tmp_path.iterdir())  # refused before any training
+
+
+def test_prompt_phase_names_places_only_on_the_reference_canvas(monkeypatch):
+    """Place words are relative to the canvas and the transformer sees absolute positions, so the prompt
+    phase captions places on the reference size only; other ``prompt_sides`` get place-free captions."""
+    from hasten.tiny import micro_diffusion
+
+    seen: list[str] = []
+    encode = micro_diffusion._encode_text
+
+    def recording(pipe, captions, *args, **kwargs):
+        seen.extend(captions)
+        return encode(pipe, captions, *args, **kwargs)
+
+    monkeypatch.setattr(micro_diffusion, "_encode_text", recording)
+    pipe = micro_diffusion.build_pipeline()
+    places = tuple(f"at the {where}" for where in scenes.POSITIONS) + ("in the centre",)
+    with torch.no_grad():
+        micro_diffusion._flux_loss(pipe, 0, 0, prompt_phase=True, prompt_sides=(micro_diffusion.TRAIN_SIZE[0],))
+        reference, seen[:] = list(seen), []
+        micro_diffusion._flux_loss(pipe, 0, 0, prompt_phase=True, prompt_sides=(48,))
+    assert any(place in caption for caption in reference for place in places), reference
+    assert seen and not any(place in caption for caption in seen for place in places), seen
+    assert any(caption for caption in seen)  # objects still named
