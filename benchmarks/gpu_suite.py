@@ -261,6 +261,7 @@ def grat_attention_section(section: Section, settings: Settings) -> None:
         for backend in backends:
             args = argparse.Namespace(
                 resolution=[],
+                micro=[],
                 video=False,
                 heads=heads,
                 device=settings.device,
@@ -271,7 +272,7 @@ def grat_attention_section(section: Section, settings: Settings) -> None:
             )
             dense = _dense_backends() if settings.cuda else contextlib.nullcontext()  # a fresh one each time
             with (
-                _patched(grat_attention, shapes=lambda resolutions, video, shape=shape: [shape], HEAD_DIM=head_dim),
+                _patched(grat_attention, shapes=lambda *_, shape=shape: [shape], HEAD_DIM=head_dim),
                 dense,
             ):
                 rows = grat_attention.run(args)

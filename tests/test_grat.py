@@ -192,6 +192,28 @@ def test_torch_compile_does_not_recompile_every_step():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("kind", ("flux", "sd3"))
+def test_grat_x_by_bands_equals_the_gathered_reference_in_a_pipeline(pipes, kind, monkeypatch):
+    """The CPU default for GRAT-X on images (bands, "auto") gives the pipeline output of the gathered
+    reference backend, and both differ from dense (the pattern is sparse at this size)."""
+    from hasten.kernels import bands
+
+    calls = []
+    original = bands.band_cross_attention
+    monkeypatch.setattr(bands, "band_cross_attention", lambda *args: calls.append(1) or original(*args))
+    pipe = pipes(kind)
+    dense = run(pipe, kind)
+    hasten.enable_grat(pipe, pattern="cross", group_size=2, backend="reference")
+    reference = run(pipe, kind)
+    hasten.enable_grat(pipe, pattern="cross", group_size=2, backend="auto")
+    banded = run(pipe, kind)
+    assert calls  # "auto" ran the bands on CPU
+    assert max(layout.density for layout in grat_state(pipe).layouts.values()) < 1
+    pipe.disable_grat()
+    torch.testing.assert_close(banded, reference, atol=1e-5, rtol=1e-4)
+    assert (reference - dense).abs().max().item() > 1e-4
+
+
 def test_compare_grat_reports_times_psnr_density(pipes):
     pipe = pipes("flux")
     kwargs = dict(tiny.default_size("flux"), prompt="a fox", num_inference_steps=STEPS)

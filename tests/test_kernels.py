@@ -81,6 +81,7 @@ def test_custom_scale():
 
 def test_backend_resolution():
     assert resolve_backend("auto", "cpu") == "reference"
+    assert resolve_backend("bands", "cpu") == "bands"
     assert resolve_backend("flex", "cpu") == "flex"
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("cuda-magic", "cpu")
@@ -291,3 +292,76 @@ def test_fused_triton_grouped_attention_is_one_graph_node(monkeypatch):
         )
         == 1
     )
+
+
+def _image_cross_mask(height, width, group_h, group_w, num_text, text_first):
+    """GRAT-X on an image in model order, from the rule alone: an image query sees every text key and
+    the image keys whose group is in its group row or its group column; text queries see all."""
+    ih, iw = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    rows, cols = (ih // group_h).flatten(), (iw // group_w).flatten()
+    image_mask = (rows[:, None] == rows[None]) | (cols[:, None] == cols[None])
+    n = num_text + height * width
+    image = slice(num_text, n) if text_first else slice(0, height * width)
+    mask = torch.ones(n, n, dtype=torch.bool)
+    mask[image, image] = image_mask
+    text = torch.arange(num_text) if text_first else torch.arange(height * width, n)
+    return mask, text
+
+
+@pytest.mark.parametrize(
+    "grid,group,num_text,text_first",
+    [
+        ((1, 6, 10), (1, 4, 4), 3, True),  # partial edge groups on both axes
+        ((1, 16, 16), (1, 4, 4), 7, False),  # text after the image
+        ((1, 9, 5), (1, 2, 3), 0, True),  # no text; a partial last column band
+        ((1, 3, 20), (1, 4, 4), 5, True),  # one row band: the row part alone covers the cross
+        ((1, 20, 3), (1, 4, 4), 5, True),  # one column band
+    ],
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_band_attention_equals_the_cross_rule(grid, group, num_text, text_first, masked):
+    """The bands backend (row bands + column bands merged by log-sum-exp) equals dense SDPA under
+    the GRAT-X mask written from the rule, with and without padded text keys."""
+    from hasten.kernels import grouped_attention
+
+    layout = group_layout(grid, group, num_text=num_text, text_first=text_first, pattern="cross")
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 3, layout.seq_len, 16) for _ in range(3))
+    mask, text = _image_cross_mask(grid[1], grid[2], group[1], group[2], num_text, text_first)
+    padding = torch.ones(2, layout.seq_len, dtype=torch.bool)
+    if masked and num_text:
+        padding[1, text[-2:]] = False
+    out = grouped_attention(q, k, v, layout, key_padding=padding if masked else None, backend="bands")
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None] & padding[:, None, None, :])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_picks_bands_for_grat_x_images_on_cpu(monkeypatch):
+    """"auto" off CUDA runs the bands backend exactly where it applies (GRAT-X, one frame, only text
+    keys masked) and the gathered reference elsewhere; an explicit "bands" elsewhere is refused."""
+    from hasten.kernels import bands, grouped_attention, grouped_backend
+
+    image_x = group_layout((1, 8, 8), (1, 4, 4), num_text=2, pattern="cross")
+    image_b = group_layout((1, 8, 8), (1, 4, 4), num_text=2, pattern="block")
+    video_x = group_layout((3, 8, 8), (1, 4, 4), num_text=2, pattern="cross")
+    assert grouped_backend("auto", image_x, "cpu") == "bands"
+    assert grouped_backend("auto", image_b, "cpu") == "reference"
+    assert grouped_backend("auto", video_x, "cpu") == "reference"
+    image_padding = torch.ones(1, image_x.seq_len, dtype=torch.bool)
+    image_padding[0, -1] = False  # an image key masked: not what the bands compute
+    assert grouped_backend("auto", image_x, "cpu", image_padding) == "reference"
+    for layout, padding in ((image_b, None), (video_x, None), (image_x, image_padding)):
+        with pytest.raises(ValueError, match="bands"):
+            grouped_backend("bands", layout, "cpu", padding)
+
+    calls = []
+    monkeypatch.setattr(bands, "band_cross_attention", lambda *args: calls.append(args) or args[0])
+    q = torch.randn(1, 1, image_x.seq_len, 8)
+    grouped_attention(q, q, q, image_x)
+    assert len(calls) == 1
+
+
+def test_block_sparse_attention_refuses_bands():
+    layout, q, k, v, key_valid = case((1, 4, 4), (1, 2, 2), 0, "cross")
+    with pytest.raises(ValueError, match="grouped_attention"):
+        block_sparse_attention(q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile, backend="bands")

@@ -4,14 +4,23 @@ Three backends share one contract (:func:`block_sparse_attention`):
 
 ``"reference"``
     plain torch, exact, any device: gathers each query tile's key tiles and runs PyTorch's
-    fused SDPA on them. The fastest path on CPU (measured: 1.9x over dense SDPA at Flux 2048²
-    GRAT-X where compiled flex reaches 1.2x; benchmarks/results/).
+    fused SDPA on them (measured: 1.9x over dense SDPA at Flux 2048² GRAT-X where compiled flex
+    reaches 1.2x; benchmarks/results/).
 ``"flex"``
     compiled PyTorch FlexAttention with a BlockMask built from the tile lists.
 ``"triton"``
     a block-sparse flash-attention forward kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``).
-``"auto"``
-    Triton on CUDA, the reference everywhere else (CPU, MPS).
+
+A fourth works on a grouped layout only (:func:`grouped_attention`), where it knows the groups:
+
+``"bands"``
+    GRAT-X on an image as row-band and column-band attention merged by log-sum-exp
+    (:mod:`hasten.kernels.bands`): no key is copied per query tile, so small groups cost what
+    their pattern computes. The fastest path on CPU (4x over dense SDPA at 64 x 64 tokens with
+    4 x 4 groups, where the reference gather is 2x slower than dense; benchmarks/results/).
+
+``"auto"`` means Triton on CUDA; elsewhere (CPU, MPS) bands where a layout allows them
+(GRAT-X, one frame), else the reference.
 
 The call goes through the custom op ``hasten::block_sparse_attention`` (and the fused grouped
 call through ``hasten::grouped_block_sparse_attention``) so that
@@ -24,11 +33,12 @@ import os
 
 import torch
 
+from . import bands
 from .flex import flex_block_sparse_attention
 from .grouping import PATTERNS, TILE_SIZES, GroupLayout, default_tile, group_layout
 from .reference import reference_block_sparse_attention
 
-BACKENDS: tuple[str, ...] = ("auto", "flex", "triton", "reference")
+BACKENDS: tuple[str, ...] = ("auto", "flex", "triton", "reference", "bands")
 
 __all__ = [
     "BACKENDS",
@@ -38,6 +48,7 @@ __all__ = [
     "block_sparse_attention",
     "default_tile",
     "grouped_attention",
+    "grouped_backend",
     "group_layout",
     "resolve_backend",
 ]
@@ -53,7 +64,8 @@ def _triton_usable(device: torch.device) -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The concrete backend ``backend`` means on ``device`` ("auto" -> triton on CUDA, else reference)."""
+    """The concrete backend ``backend`` means on ``device`` for a tile-list call ("auto" -> triton on
+    CUDA, else reference); :func:`grouped_attention` may pick ``"bands"`` for "auto" off CUDA."""
     device = torch.device(device)
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
@@ -191,9 +203,38 @@ def block_sparse_attention(
     torch.Size([1, 2, 64, 16])
     """
     _validate(q, k, v, kv_indices, kv_counts, key_valid, tile)
+    if backend == "bands":
+        raise ValueError("backend='bands' needs the groups: call grouped_attention with a GroupLayout")
     backend = resolve_backend(backend, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _block_sparse_attention_op(q, k, v, kv_indices, kv_counts, key_valid, static_valid, tile, scale, backend)
+
+
+def grouped_backend(
+    backend: str, layout: GroupLayout, device: torch.device | str, key_padding: torch.Tensor | None = None
+) -> str:
+    """The concrete backend :func:`grouped_attention` runs for ``layout`` on ``device``: as
+    :func:`resolve_backend`, except that "auto" off CUDA means "bands" where the layout allows it.
+
+    Examples
+    --------
+    >>> from hasten.kernels import group_layout, grouped_backend
+    >>> grouped_backend("auto", group_layout((1, 8, 8), (1, 4, 4), pattern="cross"), "cpu")
+    'bands'
+    >>> grouped_backend("auto", group_layout((1, 8, 8), (1, 4, 4), pattern="block"), "cpu")
+    'reference'
+    """
+    if backend == "bands":
+        if not bands.supports(layout, key_padding):
+            raise ValueError(
+                "backend='bands' computes GRAT-X (pattern='cross') on a one-frame grid with only text keys "
+                f"masked; got pattern={layout.pattern!r}, grid={layout.grid}: use 'auto' or 'reference'"
+            )
+        return backend
+    concrete = resolve_backend(backend, device)
+    if backend == "auto" and concrete == "reference" and bands.supports(layout, key_padding):
+        return "bands"
+    return concrete
 
 
 def grouped_attention(
@@ -212,8 +253,10 @@ def grouped_attention(
     ``"triton"`` backend (``"auto"`` on CUDA) that is one kernel launch (custom op
     ``hasten::grouped_block_sparse_attention``): the kernel loads query, key and value rows
     through the layout's gather index and stores each output row at its model position, so no
-    permuted copy of q/k/v or of the output is made. The other backends gather q/k/v with
-    ``index_select``, run :func:`block_sparse_attention` and scatter the result back.
+    permuted copy of q/k/v or of the output is made. The ``"bands"`` backend (``"auto"`` off CUDA
+    where :func:`hasten.kernels.bands.supports` the layout) works in model order too. The other
+    backends gather q/k/v with ``index_select``, run :func:`block_sparse_attention` and scatter
+    the result back.
 
     Parameters
     ----------
@@ -235,7 +278,10 @@ def grouped_attention(
     if query.shape[-2] != layout.seq_len:
         raise ValueError(f"query has {query.shape[-2]} tokens but the layout is for {layout.seq_len}")
     index = layout.gather_index
-    if resolve_backend(backend, query.device) == "triton":
+    backend = grouped_backend(backend, layout, query.device, key_padding)
+    if backend == "bands":
+        return bands.band_cross_attention(query, key, value, layout, key_padding, scale)
+    if backend == "triton":
         _validate_qkv(query, key, value)
         key_valid = layout.key_valid[None]
         if key_padding is not None:
