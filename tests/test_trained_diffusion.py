@@ -240,6 +240,7 @@ def test_flux_training_resumes_identically(tmp_path):
         ({"prompt_lr": 0.0}, "prompt_lr"),
         ({"prompt_sides": (30,)}, "prompt_sides"),
         ({"prompt_sides": ()}, "prompt_sides"),
+        ({"prompt_sides": (64, 96), "place_side": 128}, "place_side"),
     ],
 )
 def test_flux_training_rejects_bad_prompt_phase_settings(tmp_path, bad, name):
@@ -250,9 +251,10 @@ def test_flux_training_rejects_bad_prompt_phase_settings(tmp_path, bad, name):
     assert not any(tmp_path.iterdir())  # refused before any training
 
 
-def test_prompt_phase_names_places_only_on_the_reference_canvas(monkeypatch):
+@pytest.mark.parametrize("place_side", [64, 128])
+def test_prompt_phase_names_places_only_on_the_place_side(monkeypatch, place_side):
     """Place words are relative to the canvas and the transformer sees absolute positions, so the prompt
-    phase captions places on the reference size only; other ``prompt_sides`` get place-free captions."""
+    phase captions places on ``place_side`` canvases only; other ``prompt_sides`` get place-free captions."""
     from hasten.tiny import micro_diffusion
 
     seen: list[str] = []
@@ -266,9 +268,9 @@ def test_prompt_phase_names_places_only_on_the_reference_canvas(monkeypatch):
     pipe = micro_diffusion.build_pipeline()
     places = tuple(f"at the {where}" for where in scenes.POSITIONS) + ("in the centre",)
     with torch.no_grad():
-        micro_diffusion._flux_loss(pipe, 0, 0, prompt_phase=True, prompt_sides=(micro_diffusion.TRAIN_SIZE[0],))
+        micro_diffusion._flux_loss(pipe, 0, 0, prompt_phase=True, prompt_sides=(place_side,), place_side=place_side)
         reference, seen[:] = list(seen), []
-        micro_diffusion._flux_loss(pipe, 0, 0, prompt_phase=True, prompt_sides=(48,))
+        micro_diffusion._flux_loss(pipe, 0, 0, prompt_phase=True, prompt_sides=(48,), place_side=place_side)
     assert any(place in caption for caption in reference for place in places), reference
     assert seen and not any(place in caption for caption in seen for place in places), seen
     assert any(caption for caption in seen)  # objects still named

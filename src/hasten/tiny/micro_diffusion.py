@@ -61,6 +61,7 @@ __all__ = [
     "LOOK_SEQUENCE_LENGTH",
     "MAX_SEQUENCE_LENGTH",
     "PROMPT_OBJECTS",
+    "PLACE_SIDE",
     "PROMPT_SIDES",
     "PROMPT_STEPS",
     "TRAIN_SIZE",
@@ -112,6 +113,10 @@ PROMPT_SIDES: tuple[int, ...] = (64,)
 cell of the 3 x 3 grid *relative to the canvas*, and the transformer knows only absolute token positions
 (RoPE from the top-left corner), so on mixed sizes "centre" or "bottom right" name different tokens and
 cannot be learned. (The v2 weights' prompt phase drew from 48-96 px and learned colour but not places.)"""
+
+PLACE_SIDE = 64
+"""Default canvas side of :func:`train_flux`'s prompt phase whose captions name places (the cell of each
+object); captions on other :data:`PROMPT_SIDES` name the objects only (see :data:`PROMPT_SIDES`)."""
 
 # Canvas sides in pixels (multiples of 4: VAE factor 2 x Flux 2x2 packing), drawn per step.
 _SIDES = (48, 56, 64, 72, 80, 96, 112, 128)
@@ -414,7 +419,12 @@ def _encode_text(
 
 
 def _flux_loss(
-    pipe, seed: int, step: int, prompt_phase: bool = False, prompt_sides: tuple[int, ...] = PROMPT_SIDES
+    pipe,
+    seed: int,
+    step: int,
+    prompt_phase: bool = False,
+    prompt_sides: tuple[int, ...] = PROMPT_SIDES,
+    place_side: int = PLACE_SIDE,
 ) -> torch.Tensor:
     """The rectified-flow loss of one training batch: the look phase (every scene kind, canvases of
     48-128 px and several aspect ratios) or the prompt phase (:data:`PROMPT_OBJECTS` objects, square
@@ -427,7 +437,7 @@ def _flux_loss(
         side = prompt_sides[int(torch.randint(len(prompt_sides), (1,), generator=generator))]
         height = width = side
         tokens = (side // 4) ** 2
-        # Place words only at the reference size (see PROMPT_SIDES); other canvases teach the look of
+        # Place words only at one size (see PROMPT_SIDES); other canvases teach the look of
         # one captioned object at that size, wherever it is.
         images, captions = _scene_batch(
             seed,
@@ -436,7 +446,7 @@ def _flux_loss(
             max(2, _PROMPT_TOKENS_PER_BATCH // tokens),
             PROMPT_OBJECTS,
             0.2,
-            places=(side, side) == TRAIN_SIZE,
+            places=side == place_side,
         )
     else:
         generator = step_generator(seed, step, stream=3)
@@ -542,6 +552,7 @@ def train_flux(
     init: str | pathlib.Path | None = None,
     prompt_lr: float = 5e-4,
     prompt_sides: tuple[int, ...] = PROMPT_SIDES,
+    place_side: int = PLACE_SIDE,
 ) -> pathlib.Path:
     """Train the micro-world FluxPipeline; save it in ``out / "model"``.
 
@@ -578,6 +589,9 @@ def train_flux(
         Peak AdamW learning rate of the prompt phase (100 warm-up steps, then halved every 1500 steps).
     prompt_sides : tuple of int, default :data:`PROMPT_SIDES`
         Square canvas sides of the prompt phase (multiples of 4, at least 16).
+    place_side : int, default :data:`PLACE_SIDE`
+        The one side among ``prompt_sides`` whose captions name places; the pipeline then draws
+        places on canvases of that side (the shipped v4 weights: 128).
 
     Returns
     -------
@@ -602,6 +616,8 @@ def train_flux(
     prompt_sides = tuple(prompt_sides)
     if not prompt_sides or any(isinstance(v, bool) or not isinstance(v, int) or v < 16 or v % 4 for v in prompt_sides):
         raise ValueError(f"`prompt_sides` must be canvas sides that are multiples of 4 and >= 16; got {prompt_sides}")
+    if place_side not in prompt_sides:
+        raise ValueError(f"`place_side` must be one of `prompt_sides` {prompt_sides}; got {place_side!r}")
     if not prompt_lr > 0:
         raise ValueError(f"`prompt_lr` must be > 0; got {prompt_lr}")
     if min(steps, vae_steps, decoder_steps, prompt_steps) < 1:
@@ -706,7 +722,14 @@ def train_flux(
             # draws the same masks as an uninterrupted one.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(step_generator(seed, step, stream=5 if phase == "flux" else 6).initial_seed())
-                loss = _flux_loss(pipe, seed, step, prompt_phase=phase == "prompt", prompt_sides=prompt_sides)
+                loss = _flux_loss(
+                    pipe,
+                    seed,
+                    step,
+                    prompt_phase=phase == "prompt",
+                    prompt_sides=prompt_sides,
+                    place_side=place_side,
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
