@@ -23,35 +23,17 @@ uniform attention would give: GRAT's premise is that this is small.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from hasten.hooks.grat import GratConfig, apply_grat, grat_state, remove_grat
 from hasten.measure import psnr, ssim, timed
 from hasten.tiny import scenes, trained
 from hasten.tiny.classifier import evaluate, load_classifier
 from hasten.tiny.micro_diffusion import CALL_DEFAULTS, MAX_SEQUENCE_LENGTH, PROMPT_OBJECTS
 
-from common import machine, print_json
-
-
-class _AttentionTimer(TorchFunctionMode):
-    """Accumulates the wall time of every scaled_dot_product_attention call (CPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds = 0.0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **(kwargs or {}))
-        start = time.perf_counter()
-        out = func(*args, **(kwargs or {}))
-        self.seconds += time.perf_counter() - start
-        return out
+from common import grat_variants, machine, print_json
 
 
 class _AttentionDistance(TorchFunctionMode):
@@ -135,15 +117,6 @@ def _generate(pipe, prompts: list[str], seeds: list[int], size: int, steps: int)
     return images.float().clamp(0, 1), seconds
 
 
-VARIANTS = (
-    ("dense", None),
-    ("GRAT-X", {"pattern": "cross"}),
-    ("GRAT-B", {"pattern": "block", "window": 1}),
-    ("GRAT-X dense_steps", {"pattern": "cross", "dense_steps": -1}),
-    ("GRAT-B dense_steps", {"pattern": "block", "window": 1, "dense_steps": -1}),
-)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="64,92,128,192", help="square canvas sides in pixels (multiples of 4)")
@@ -205,53 +178,27 @@ def main() -> None:
         ]
         prompts = [scene.caption for scene in test]
         seeds = list(range(args.samples))
-        remove_grat(pipe)
-        _generate(pipe, prompts[:1], seeds[:1], size, 2)  # warm-up
-        timer = _AttentionTimer()
-        with timer:
-            dense, dense_seconds = _generate(pipe, prompts, seeds, size, args.steps)
-        share = timer.seconds / dense_seconds
-        for name, settings in VARIANTS:
-            if settings is None:
-                images, seconds, bound = dense, dense_seconds, 1.0
-            else:
-                settings = dict(settings)
-                if settings.get("dense_steps") == -1:
-                    settings["dense_steps"] = args.dense_steps
-                apply_grat(pipe, GratConfig(group_size=args.group, backend="reference", **settings))
-                try:
-                    _generate(pipe, prompts[:1], seeds[:1], size, 2)  # warm-up: layouts built
-                    images, seconds = _generate(pipe, prompts, seeds, size, args.steps)
-                    layout = max(grat_state(pipe).layouts.values(), key=lambda layout: layout.seq_len)
-                    bound = layout.bound
-                finally:
-                    remove_grat(pipe)
-            sparse_steps = max(0, args.steps - settings.get("dense_steps", 0)) if settings else 0
-            work = (1 - sparse_steps / args.steps) + (sparse_steps / args.steps) / bound if settings else 1.0
-            amdahl = 1.0 / ((1 - share) + share * work)
-            scores = evaluate(images, test, classifier)
+
+        def generate(warmup: bool) -> tuple[torch.Tensor, float]:
+            if warmup:
+                return _generate(pipe, prompts[:1], seeds[:1], size, 2)
+            return _generate(pipe, prompts, seeds, size, args.steps)
+
+        for run in grat_variants(pipe, generate, args.group, args.steps, args.dense_steps):
+            scores = evaluate(run.outputs, test, classifier)
+            compared = not run.is_dense
             row = {
                 "size": f"{size}x{size}",
                 "tokens": (size // 4) ** 2,
-                "variant": name,
+                "variant": run.name,
                 "prompt_accuracy": round(scores["object"], 4),
                 "scene_accuracy": round(scores["scene"], 4),
-                "psnr": round(psnr(dense, images), 2) if settings else None,
-                "ssim": round(ssim(dense, images), 4) if settings else None,
-                "seconds": round(seconds, 2),
-                "speedup": round(dense_seconds / seconds, 3),
-                "attention_bound": round(bound, 2),
-                "amdahl_bound": round(amdahl, 3),
-                "attention_share": round(share, 3),
+                "psnr": round(psnr(run.dense, run.outputs), 2) if compared else None,
+                "ssim": round(ssim(run.dense, run.outputs), 4) if compared else None,
+                **run.speed_fields(),
             }
             json_rows.append(row)
-            psnr_text = "-" if row["psnr"] is None else f"{row['psnr']:.1f}"
-            ssim_text = "-" if row["ssim"] is None else f"{row['ssim']:.3f}"
-            print(
-                f"{row['size']:>9} {row['tokens']:>6} {name:<20} {scores['object']:>6.1%} {psnr_text:>6} "
-                f"{ssim_text:>6} {seconds:>8.2f} {row['speedup']:>7.2f}x {bound:>6.2f} {amdahl:>6.2f}x",
-                flush=True,
-            )
+            print(run.line(row["size"], row["tokens"], f"{scores['object']:.1%}", row["psnr"], row["ssim"]), flush=True)
     print_json(json_rows)
 
 

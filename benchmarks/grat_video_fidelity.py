@@ -27,10 +27,8 @@ import argparse
 import sys
 
 import torch
-from grat_fidelity import _AttentionTimer
 from torch.overrides import TorchFunctionMode
 
-from hasten.hooks.grat import GratConfig, apply_grat, grat_state, remove_grat
 from hasten.measure import psnr, ssim, timed
 from hasten.tiny import scenes, trained
 from hasten.tiny.micro_video import (
@@ -44,7 +42,7 @@ from hasten.tiny.micro_video import (
     training_clip,
 )
 
-from common import machine, print_json
+from common import grat_variants, machine, print_json
 
 
 class _SelfAttentionDistance(TorchFunctionMode):
@@ -96,15 +94,6 @@ def _generate(pipe, prompts: list[str], seeds: list[int], frames: int, size: int
     return videos.float().clamp(0, 1), seconds  # (B, T, 3, H, W)
 
 
-VARIANTS = (
-    ("dense", None),
-    ("GRAT-X", {"pattern": "cross"}),
-    ("GRAT-B", {"pattern": "block", "window": 1}),
-    ("GRAT-X dense_steps", {"pattern": "cross", "dense_steps": -1}),
-    ("GRAT-B dense_steps", {"pattern": "block", "window": 1, "dense_steps": -1}),
-)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="9x32x32,17x32x32,17x48x48", help="FRAMESxHEIGHTxWIDTH, comma-separated")
@@ -148,54 +137,28 @@ def main() -> None:
         ]
         noise_seeds = list(range(args.samples))
         tokens = ((frames - 1) // 2 + 1) * (height // 4) * (width // 4)
-        remove_grat(pipe)
-        _generate(pipe, prompts[:1], noise_seeds[:1], frames, height, 2)  # warm-up
-        timer = _AttentionTimer()
-        with timer:
-            dense, dense_seconds = _generate(pipe, prompts, noise_seeds, frames, height, args.steps)
-        share = timer.seconds / dense_seconds
-        for name, settings in VARIANTS:
-            if settings is None:
-                videos, seconds, bound = dense, dense_seconds, 1.0
-            else:
-                settings = dict(settings)
-                if settings.get("dense_steps") == -1:
-                    settings["dense_steps"] = args.dense_steps
-                apply_grat(pipe, GratConfig(group_size=group, backend="reference", **settings))
-                try:
-                    _generate(pipe, prompts[:1], noise_seeds[:1], frames, height, 2)  # warm-up: layouts built
-                    videos, seconds = _generate(pipe, prompts, noise_seeds, frames, height, args.steps)
-                    layout = max(grat_state(pipe).layouts.values(), key=lambda layout: layout.seq_len)
-                    bound = layout.bound
-                finally:
-                    remove_grat(pipe)
-            sparse_steps = max(0, args.steps - settings.get("dense_steps", 0)) if settings else 0
-            work = (1 - sparse_steps / args.steps) + (sparse_steps / args.steps) / bound if settings else 1.0
-            amdahl = 1.0 / ((1 - share) + share * work)
+
+        def generate(warmup: bool) -> tuple[torch.Tensor, float]:
+            if warmup:
+                return _generate(pipe, prompts[:1], noise_seeds[:1], frames, height, 2)
+            return _generate(pipe, prompts, noise_seeds, frames, height, args.steps)
+
+        for run in grat_variants(pipe, generate, group, args.steps, args.dense_steps):
+            videos, compared = run.outputs, not run.is_dense
             pan = sum(
                 pan_direction(*estimate_pan(video.permute(0, 2, 3, 1))) == want for video, want in zip(videos, truth)
             ) / len(truth)
             row = {
                 "shape": f"{frames}x{height}x{width}",
                 "tokens": tokens,
-                "variant": name,
+                "variant": run.name,
                 "pan_accuracy": round(pan, 4),
-                "psnr": round(psnr(dense, videos), 2) if settings else None,
-                "ssim": round(ssim(dense.flatten(0, 1), videos.flatten(0, 1)), 4) if settings else None,
-                "seconds": round(seconds, 2),
-                "speedup": round(dense_seconds / seconds, 3),
-                "attention_bound": round(bound, 2),
-                "amdahl_bound": round(amdahl, 3),
-                "attention_share": round(share, 3),
+                "psnr": round(psnr(run.dense, videos), 2) if compared else None,
+                "ssim": round(ssim(run.dense.flatten(0, 1), videos.flatten(0, 1)), 4) if compared else None,
+                **run.speed_fields(),
             }
             json_rows.append(row)
-            psnr_text = "-" if row["psnr"] is None else f"{row['psnr']:.1f}"
-            ssim_text = "-" if row["ssim"] is None else f"{row['ssim']:.3f}"
-            print(
-                f"{row['shape']:>9} {tokens:>6} {name:<20} {pan:>5.0%} {psnr_text:>6} {ssim_text:>6} "
-                f"{seconds:>8.2f} {row['speedup']:>7.2f}x {bound:>6.2f} {amdahl:>6.2f}x",
-                flush=True,
-            )
+            print(run.line(row["shape"], tokens, f"{pan:.0%}", row["psnr"], row["ssim"]), flush=True)
     print_json(json_rows)
 
 
