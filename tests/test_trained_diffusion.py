@@ -274,3 +274,30 @@ def test_prompt_phase_names_places_only_on_the_place_side(monkeypatch, place_sid
     assert any(place in caption for caption in reference for place in places), reference
     assert seen and not any(place in caption for caption in seen for place in places), seen
     assert any(caption for caption in seen)  # objects still named
+
+
+def test_vae_phase_measures_after_its_steps_and_refuses_to_reopen_a_finished_vae(tmp_path):
+    """The VAE phase shared by the diffusion micro-worlds: the remaining steps, then the latent statistics,
+    then one checkpoint; once the next phase has begun, more VAE steps are refused (its latents are baked in)."""
+    from hasten.tiny.trained import run_vae_phase
+
+    events: list = []
+    vae = torch.nn.Linear(1, 1)
+    done = {"vae": 1, "flux": 0}
+    run_vae_phase(
+        tmp_path,
+        done,
+        4,
+        vae,
+        lambda i: events.append(("step", i)) or 0.0,
+        lambda: events.append("measure"),
+        lambda: events.append("checkpoint"),
+        next_phase="flux",
+        progress=False,
+    )
+    assert events == [("step", 1), ("step", 2), ("step", 3), "measure", "checkpoint"] and done["vae"] == 4
+    assert not vae.training
+    events.clear()
+    run_vae_phase(tmp_path, done, 4, vae, None, None, None, next_phase="flux", progress=False)  # finished: nothing
+    with pytest.raises(ValueError, match="vae_steps"):
+        run_vae_phase(tmp_path, {"vae": 4, "flux": 1}, 6, vae, None, None, None, next_phase="flux", progress=False)

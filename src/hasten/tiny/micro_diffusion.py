@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import scenes
-from .trained import load_checkpoint, run_phase, save_checkpoint, step_generator
+from .trained import load_checkpoint, run_phase, run_vae_phase, save_checkpoint, step_generator
 
 __all__ = [
     "CALL_DEFAULTS",
@@ -683,24 +683,15 @@ def train_flux(
             },
         )
 
-    if done["vae"] < vae_steps:
-        if done["flux"]:
-            raise ValueError(
-                f"the checkpoint in {out} finished its VAE at step {done['vae']}; resume with vae_steps "
-                f"<= {done['vae']}"
-            )
-        vae.train()
+    def vae_step(step: int) -> float:
+        _set_lr(vae_optimizer, _lr(step, 2e-3, 400))
+        return _vae_step(vae, vae_optimizer, seed, step)
 
-        def vae_step(step: int) -> float:
-            _set_lr(vae_optimizer, _lr(step, 2e-3, 400))
-            return _vae_step(vae, vae_optimizer, seed, step)
-
-        # the phase's last checkpoint comes after the latent statistics
-        run_phase("vae", done, vae_steps, vae_step, checkpoint, progress=progress, checkpoint_at_end=False)
-        vae.eval()
+    def measure() -> None:
         shift, scale = _latent_statistics(vae, seed)
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-        checkpoint()
+
+    run_vae_phase(out, done, vae_steps, vae, vae_step, measure, checkpoint, next_phase="flux", progress=progress)
     vae.eval().requires_grad_(False)
 
     def transformer_phase(

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from .._validation import check_int
 from . import scenes
 from .micro_diffusion import _average_into, _lr, _set_lr, caption_encoder_config, caption_tokenizer
-from .trained import load_checkpoint, run_phase, save_checkpoint, step_generator
+from .trained import load_checkpoint, run_phase, run_vae_phase, save_checkpoint, step_generator
 
 __all__ = [
     "CALL_DEFAULTS",
@@ -565,24 +565,15 @@ def train_wan(
             },
         )
 
-    if done["vae"] < vae_steps:
-        if done["wan"]:
-            raise ValueError(
-                f"the checkpoint in {out} finished its VAE at step {done['vae']}; resume with `vae_steps` "
-                f"<= {done['vae']}"
-            )
-        vae.train()
+    def vae_step(step: int) -> float:
+        _set_lr(vae_optimizer, _lr(step, _VAE_LR, _VAE_HALF_LIFE))
+        return _vae_step(vae, vae_optimizer, seed, step)
 
-        def vae_step(step: int) -> float:
-            _set_lr(vae_optimizer, _lr(step, _VAE_LR, _VAE_HALF_LIFE))
-            return _vae_step(vae, vae_optimizer, seed, step)
-
-        # the phase's last checkpoint comes after the latent statistics
-        run_phase("vae", done, vae_steps, vae_step, checkpoint, progress=progress, checkpoint_at_end=False)
-        vae.eval()
+    def measure() -> None:
         mean, std = _latent_statistics(vae, seed)
         vae.register_to_config(latents_mean=mean, latents_std=std)
-        checkpoint()
+
+    run_vae_phase(out, done, vae_steps, vae, vae_step, measure, checkpoint, next_phase="wan", progress=progress)
     vae.eval().requires_grad_(False)
 
     if done["wan"] < steps:

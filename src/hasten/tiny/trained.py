@@ -224,6 +224,39 @@ def run_phase(
             checkpoint()
 
 
+def run_vae_phase(
+    out: str | os.PathLike,
+    done: dict[str, int],
+    total: int,
+    vae: torch.nn.Module,
+    step: Callable[[int], float],
+    measure: Callable[[], None],
+    checkpoint: Callable[[], None],
+    *,
+    next_phase: str,
+    progress: bool = True,
+) -> None:
+    """The VAE phase that opens a diffusion micro-world's training: the remaining steps of
+    ``done["vae"]`` .. ``total - 1`` (:func:`run_phase`), then ``measure()`` (the latent statistics
+    the pipeline normalises with, written into the VAE's config) and a checkpoint.
+
+    A checkpoint whose ``next_phase`` has begun holds a finished VAE: asking for more VAE steps
+    than it ran raises ``ValueError`` (the later phases were trained on that VAE's latents).
+    """
+    if done["vae"] >= total:
+        return
+    if done[next_phase]:
+        raise ValueError(
+            f"the checkpoint in {out} finished its VAE at step {done['vae']}; resume with `vae_steps` <= {done['vae']}"
+        )
+    vae.train()
+    # the phase's last checkpoint comes after the latent statistics
+    run_phase("vae", done, total, step, checkpoint, progress=progress, checkpoint_at_end=False)
+    vae.eval()
+    measure()
+    checkpoint()
+
+
 def save_checkpoint(out: str | os.PathLike, state: dict[str, Any]) -> pathlib.Path:
     """Write ``state`` (state dicts, the step, ...) to ``out / CHECKPOINT`` atomically.
 
