@@ -31,7 +31,7 @@ def test_example_recolours_one_object_and_keeps_the_rest(tmp_path):
         report = page.locator("#report")
         report.filter(has_text="outside it PSNR").wait_for(timeout=TIMEOUT_MS)
         text = report.inner_text()
-        assert "real (inverted)" in text and "painted" in text and "64 x 64" in text, text
+        assert "real (inverted)" in text and "painted" in text and "128 x 128" in text, text
         region = int(re.search(r"edit region (\d+)%", text).group(1))
         assert 5 <= region <= 25, text  # one grid cell and a margin, not the whole picture
         assert float(re.search(r"outside it PSNR (\d+\.\d) dB", text).group(1)) > 25, text  # the rest is kept

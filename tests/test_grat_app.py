@@ -18,17 +18,17 @@ SIZE = tiny.default_size("flux")
 
 @pytest.mark.browser
 def test_example_shows_dense_grat_difference_and_the_numbers(tmp_path):
-    with running_app(build_demo) as app, chromium_page() as page:  # the default: micro-flux at 64 x 64
+    with running_app(build_demo) as app, chromium_page() as page:  # the default: micro-flux at 128 x 128
         page.goto(app.url)
         assert page.locator("#notice").count() == 0  # trained weights: no random-weights notice
         click_example(page)
         timing = page.locator("#timing")
-        # four 8-step calls at 64 x 64: a few seconds on a quiet CPU
+        # four 8-step calls at 128 x 128: about ten seconds on a quiet CPU
         timing.filter(has_text="PSNR").wait_for(timeout=3 * TIMEOUT_MS)
         dense, grat = shown_image(page, "dense-image"), shown_image(page, "grat-image")
         difference = shown_image(page, "difference-image")
         for image in (dense, grat, difference):
-            assert (image["width"], image["height"]) == (256, 256)  # 64 x 64 shown 4x (256 px at least)
+            assert (image["width"], image["height"]) == (256, 256)  # 128 x 128 shown 2x (256 px at least)
         assert dense["std"] > 1 and grat["std"] > 1, (dense, grat)  # pictures, not a blank canvas
         text = timing.inner_text()
         for pattern in (
@@ -36,7 +36,7 @@ def test_example_shows_dense_grat_difference_and_the_numbers(tmp_path):
             r"attention bound \d+\.\d\dx",
             r"PSNR \d+\.\d\d dB",
             r"prompt accuracy \(classifier\): dense \d+%, GRAT \d+%",
-            r"64 x 64, 8 steps",
+            r"128 x 128, 8 steps",
         ):
             assert re.search(pattern, text), (pattern, text)
         assert_no_errors(page)

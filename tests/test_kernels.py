@@ -337,7 +337,7 @@ def test_band_attention_equals_the_cross_rule(grid, group, num_text, text_first,
 
 
 def test_auto_picks_bands_for_grat_x_images_on_cpu(monkeypatch):
-    """"auto" off CUDA runs the bands backend exactly where it applies (GRAT-X, one frame, only text
+    """The "auto" backend off CUDA runs the bands exactly where it applies (GRAT-X, one frame, only text
     keys masked) and the gathered reference elsewhere; an explicit "bands" elsewhere is refused."""
     from hasten.kernels import bands, grouped_attention, grouped_backend
 

@@ -2,9 +2,9 @@
 
 The default model is ``micro-flux``, the FLUX micro-world trained on hasten's generated scenes
 (shipped with the package), so both images show real content, and the report adds the prompt
-accuracy of each, judged by the shipped attribute classifier. It opens at 64 x 64 (256 latent
-tokens), the canvas micro-flux draws on; there attention is too small a share of the time for GRAT to
-gain, and the report says so. On a CPU, GRAT is faster than dense from about 192 x 192 (2304 tokens).
+accuracy of each, judged by the shipped attribute classifier. It opens at 128 x 128 (1024 latent
+tokens), the canvas micro-flux draws on, where GRAT-X (the bands backend on a CPU) is faster than dense
+end to end; below that size attention is too small a share of the time, and the report says so.
 
 Run it with ``hasten app grat [--model micro-flux] [--port 7860]``, or
 ``python -m hasten.apps.grat_app``. The pipeline is loaded once, when the
@@ -217,8 +217,8 @@ def build_demo(model: str = MICRO_FLUX, device: str | None = None, dtype: str | 
             f"`{model}` ({type(pipe).__name__}) on `{pipe.device}`. The same prompt and seed run with dense "
             "attention and with GRAT; GRAT-X (cross) lets each token group attend to the groups in its row "
             "and column band, GRAT-B (block) to the groups within a window. It pays off when attention "
-            f"dominates the time: on a CPU from {CPU_GAIN_SIDE} x {CPU_GAIN_SIDE} (2304 tokens) on; micro-flux draws "
-            "its scenes at 64 x 64."
+            f"dominates the time: for micro-flux's GRAT-X on a CPU from {CPU_GAIN_SIDE} x {CPU_GAIN_SIDE} "
+            f"({(CPU_GAIN_SIDE // 4) ** 2} tokens) on, the canvas micro-flux draws its scenes on."
         )
         notice = random_weights_notice(model)
         if notice:

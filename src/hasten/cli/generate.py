@@ -30,16 +30,15 @@ VIDEO_PIPELINES = ("HunyuanVideoPipeline", "WanPipeline", "CogVideoXPipeline")
 MICRO_FLUX = "micro-flux"
 """``--model`` name of the trained FLUX micro-world (:func:`hasten.tiny.trained.load` ``("flux")``)."""
 
-# The micro-world's defaults: the canvas it draws on (its prompt phase learned places on 64-px canvases;
-# larger ones come out empty or with repeated objects, docs/microworld.md), 20 Euler steps, 4x4-token groups;
+# The micro-world's defaults: the canvas it draws on (its last prompt phase learned places on 128-px canvases;
+# other sizes come out with misplaced or repeated objects, docs/microworld.md), 20 Euler steps, 4x4-token groups;
 # the trained text length and guidance come from hasten.tiny.micro_diffusion.CALL_DEFAULTS. The prompt: one
-# object, as the prompt phase trained. At 256 tokens attention is a fifth of a CPU call, so GRAT cannot gain
-# end to end here (the report prints the bound); on a CPU it gains from about 2304 tokens (CPU_GAIN_SIDE).
-MICRO_DEFAULTS = {"height": 64, "width": 64, "num_inference_steps": 20}
+# object, as the prompt phase trained. At 1024 tokens GRAT-X (the bands backend on CPU) gains end to end.
+MICRO_DEFAULTS = {"height": 128, "width": 128, "num_inference_steps": 20}
 MICRO_GROUP = 4
-CPU_GAIN_SIDE = 192
-"""Square canvas side from which GRAT is faster end to end than dense on a 2-core CPU (48 x 48 latent tokens;
-benchmarks/results/grat_fidelity-cpu.txt)."""
+CPU_GAIN_SIDE = 128
+"""Square canvas side from which GRAT-X is faster end to end than dense on micro-flux on a 2-core CPU (32 x 32
+latent tokens; benchmarks/results/grat_fidelity-cpu.txt)."""
 MICRO_PROMPT = "a red circle at the top left"
 DEFAULT_PROMPT = "a lighthouse on a cliff at sunset, highly detailed"
 
