@@ -22,6 +22,8 @@ computed from the scores (exact, not fast).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -67,6 +69,15 @@ def _additive(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))
 
 
+@functools.lru_cache(maxsize=32)
+def _exclusion_bias(size: int, width: int, run: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(size*width, size*width) additive bias of a column band of ``size`` columns and ``width`` rows:
+    -inf where query and key lie in the same run of ``run`` rows (their shared row band). Built once per
+    shape: at Flux 2048² one is 2048 x 2048."""
+    index = (torch.arange(width, device=device) // run).repeat(size)
+    return _additive(index[:, None] != index[None, :], dtype)
+
+
 def _band_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -99,9 +110,8 @@ def _band_attention(
             return x[:, :, start:stop].reshape(batch, heads * count, size * width, dim)
 
         keys, values, bias = bands(k), bands(v), None
-        if exclude_band is not None:  # (size*M,) run index of each band token along M
-            run = (torch.arange(width, device=q.device) // exclude_band).repeat(size)
-            bias = _additive(run[:, None] != run[None, :], q.dtype)
+        if exclude_band is not None:
+            bias = _exclusion_bias(size, width, exclude_band, q.dtype, q.device)
         if extra is not None:
             text_k, text_v, text_valid = extra
             num_text = text_k.shape[2]
