@@ -125,7 +125,7 @@ class GratRun:
         if result.speedup < 1 and (self.model != MICRO_FLUX or not large):
             details += (
                 " **GRAT is slower here:** at this size attention is too small a share of the time for "
-                f"sparsity to pay for the grouping; on a CPU GRAT gains from {CPU_GAIN_SIDE} x {CPU_GAIN_SIDE} on "
+                f"sparsity to pay for the grouping; on a CPU micro-flux's GRAT-X gains from {CPU_GAIN_SIDE} x {CPU_GAIN_SIDE} on "
                 "(benchmarks/results/grat_fidelity-cpu.txt)."
             )
         elif result.speedup < 1:
