@@ -6,8 +6,8 @@ latent grid = side / 4, 4x4 groups: the demo's). The video shape is HunyuanVideo
 latent grid (patch 2, VAE 8x spatial / 4x temporal), 256 text tokens (text last), 4x8x8 groups.
 
 GRAT time is the whole grouped call a model pays: gather into groups, the block-sparse kernel,
-scatter back (``kernel_ms`` is the kernel alone; the bands backend, "auto" on CPU for GRAT-X
-images, works in model order and has no separate kernel, so there it is the whole call). ``density`` is the fraction of tile pairs
+scatter back (``kernel_ms`` is the kernel alone; the bands backend, "auto" on CPU for GRAT-X,
+works in model order and has no separate kernel, so there it is the whole call). ``density`` is the fraction of tile pairs
 computed; ``bound`` is the most GRAT can gain over dense attention on the unpadded sequence
 (1 / (computed tile pairs x tile² / tokens²): 1/density with padding counted as cost).
 

@@ -192,10 +192,10 @@ def test_torch_compile_does_not_recompile_every_step():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("kind", ("flux", "sd3"))
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_grat_x_by_bands_equals_the_gathered_reference_in_a_pipeline(pipes, kind, monkeypatch):
-    """The CPU default for GRAT-X on images (bands, "auto") gives the pipeline output of the gathered
-    reference backend, and both differ from dense (the pattern is sparse at this size)."""
+    """The CPU default for GRAT-X (bands, "auto"; images and videos) gives the pipeline output of the
+    gathered reference backend, and both differ from dense (the pattern is sparse at this size)."""
     from hasten.kernels import bands
 
     calls = []

@@ -294,17 +294,21 @@ def test_fused_triton_grouped_attention_is_one_graph_node(monkeypatch):
     )
 
 
-def _image_cross_mask(height, width, group_h, group_w, num_text, text_first):
-    """GRAT-X on an image in model order, from the rule alone: an image query sees every text key and
-    the image keys whose group is in its group row or its group column; text queries see all."""
-    ih, iw = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    rows, cols = (ih // group_h).flatten(), (iw // group_w).flatten()
-    image_mask = (rows[:, None] == rows[None]) | (cols[:, None] == cols[None])
-    n = num_text + height * width
-    image = slice(num_text, n) if text_first else slice(0, height * width)
+def _cross_mask(grid, group, num_text, text_first):
+    """GRAT-X in model order, from the rule alone: an image query sees every text key and the image keys
+    whose group shares a group coordinate with its own (row band, column band, and on a video the time
+    slab; an image's one frame is no shared slab); text queries see all."""
+    coords = torch.stack(torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij"), -1).reshape(-1, 3)
+    groups = coords // torch.tensor(group)
+    if grid[0] == 1:
+        groups = groups[:, 1:]
+    image_mask = (groups[:, None] == groups[None]).any(-1)
+    num_image = len(coords)
+    n = num_text + num_image
+    image = slice(num_text, n) if text_first else slice(0, num_image)
     mask = torch.ones(n, n, dtype=torch.bool)
     mask[image, image] = image_mask
-    text = torch.arange(num_text) if text_first else torch.arange(height * width, n)
+    text = torch.arange(num_text) if text_first else torch.arange(num_image, n)
     return mask, text
 
 
@@ -316,18 +320,22 @@ def _image_cross_mask(height, width, group_h, group_w, num_text, text_first):
         ((1, 9, 5), (1, 2, 3), 0, True),  # no text; a partial last column band
         ((1, 3, 20), (1, 4, 4), 5, True),  # one row band: the row part alone covers the cross
         ((1, 20, 3), (1, 4, 4), 5, True),  # one column band
+        ((3, 6, 10), (1, 4, 4), 3, True),  # a video: time slabs, row and column bands
+        ((5, 4, 6), (2, 2, 4), 4, False),  # a partial last time group; text after the video
+        ((4, 3, 9), (1, 4, 4), 2, True),  # a video with one row band: slabs and column bands
+        ((2, 8, 8), (4, 4, 4), 3, True),  # every frame in one time group: dense, as the rule says
     ],
 )
 @pytest.mark.parametrize("masked", [False, True])
 def test_band_attention_equals_the_cross_rule(grid, group, num_text, text_first, masked):
-    """The bands backend (row bands + column bands merged by log-sum-exp) equals dense SDPA under
-    the GRAT-X mask written from the rule, with and without padded text keys."""
+    """The bands backend (one band per axis merged by log-sum-exp) equals dense SDPA under the GRAT-X
+    mask written from the rule, on images and videos, with and without padded text keys."""
     from hasten.kernels import grouped_attention
 
     layout = group_layout(grid, group, num_text=num_text, text_first=text_first, pattern="cross")
     torch.manual_seed(2)
     q, k, v = (torch.randn(2, 3, layout.seq_len, 16) for _ in range(3))
-    mask, text = _image_cross_mask(grid[1], grid[2], group[1], group[2], num_text, text_first)
+    mask, text = _cross_mask(grid, group, num_text, text_first)
     padding = torch.ones(2, layout.seq_len, dtype=torch.bool)
     if masked and num_text:
         padding[1, text[-2:]] = False
@@ -336,9 +344,9 @@ def test_band_attention_equals_the_cross_rule(grid, group, num_text, text_first,
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_picks_bands_for_grat_x_images_on_cpu(monkeypatch):
-    """The "auto" backend off CUDA runs the bands exactly where it applies (GRAT-X, one frame, only text
-    keys masked) and the gathered reference elsewhere; an explicit "bands" elsewhere is refused."""
+def test_auto_picks_bands_for_grat_x_on_cpu(monkeypatch):
+    """The "auto" backend off CUDA runs the bands exactly where they apply (GRAT-X on an image or a video,
+    only text keys masked) and the gathered reference elsewhere; an explicit "bands" elsewhere is refused."""
     from hasten.kernels import bands, grouped_attention, grouped_backend
 
     image_x = group_layout((1, 8, 8), (1, 4, 4), num_text=2, pattern="cross")
@@ -346,11 +354,11 @@ def test_auto_picks_bands_for_grat_x_images_on_cpu(monkeypatch):
     video_x = group_layout((3, 8, 8), (1, 4, 4), num_text=2, pattern="cross")
     assert grouped_backend("auto", image_x, "cpu") == "bands"
     assert grouped_backend("auto", image_b, "cpu") == "reference"
-    assert grouped_backend("auto", video_x, "cpu") == "reference"
+    assert grouped_backend("auto", video_x, "cpu") == "bands"
     image_padding = torch.ones(1, image_x.seq_len, dtype=torch.bool)
     image_padding[0, -1] = False  # an image key masked: not what the bands compute
     assert grouped_backend("auto", image_x, "cpu", image_padding) == "reference"
-    for layout, padding in ((image_b, None), (video_x, None), (image_x, image_padding)):
+    for layout, padding in ((image_b, None), (image_x, image_padding)):
         with pytest.raises(ValueError, match="bands"):
             grouped_backend("bands", layout, "cpu", padding)
 

@@ -14,13 +14,14 @@ Three backends share one contract (:func:`block_sparse_attention`):
 A fourth works on a grouped layout only (:func:`grouped_attention`), where it knows the groups:
 
 ``"bands"``
-    GRAT-X on an image as row-band and column-band attention merged by log-sum-exp
-    (:mod:`hasten.kernels.bands`): no key is copied per query tile, so small groups cost what
-    their pattern computes. The fastest path on CPU (4x over dense SDPA at 64 x 64 tokens with
-    4 x 4 groups, where the reference gather is 2x slower than dense; benchmarks/results/).
+    GRAT-X as band attention, one band per grid axis (rows and columns; on a video also time
+    slabs), merged by log-sum-exp (:mod:`hasten.kernels.bands`): no key is copied per query tile,
+    so small groups cost what their pattern computes. The fastest path on CPU (4x over dense SDPA
+    at 64 x 64 tokens with 4 x 4 groups, where the reference gather is 2x slower than dense;
+    1.5-1.8x at a HunyuanVideo shape, where the reference is 1x; benchmarks/results/).
 
 ``"auto"`` means Triton on CUDA; elsewhere (CPU, MPS) bands where a layout allows them
-(GRAT-X, one frame), else the reference.
+(GRAT-X), else the reference.
 
 The call goes through the custom op ``hasten::block_sparse_attention`` (and the fused grouped
 call through ``hasten::grouped_block_sparse_attention``) so that
@@ -227,8 +228,8 @@ def grouped_backend(
     if backend == "bands":
         if not bands.supports(layout, key_padding):
             raise ValueError(
-                "backend='bands' computes GRAT-X (pattern='cross') on a one-frame grid with only text keys "
-                f"masked; got pattern={layout.pattern!r}, grid={layout.grid}: use 'auto' or 'reference'"
+                "backend='bands' computes GRAT-X (pattern='cross') with only text keys masked; got "
+                f"pattern={layout.pattern!r}, grid={layout.grid}: use 'auto' or 'reference'"
             )
         return backend
     concrete = resolve_backend(backend, device)
