@@ -233,7 +233,8 @@ def band_cross_attention(
         w_out, w_part = torch.exp(lse - top), torch.exp(part_lse - top)
         total = w_out + w_part
         out = (out * w_out[..., None] + part * w_part[..., None]) / total[..., None]
-        lse = top + torch.log(total)
+        if index + 1 < len(axes):  # another axis follows
+            lse = top + torch.log(total)
 
     result = query.new_empty(query.shape)
     result[:, :, image] = out.flatten(2, 4)
