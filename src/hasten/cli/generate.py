@@ -21,6 +21,7 @@ from ..jobs.manifest import respect_umask
 from ..kernels import BACKENDS
 from ..loading import DTYPES, load_pipeline
 from ..measure import compare_grat
+from ..tiny.micro_diffusion import CALL_DEFAULTS
 from ..video import save_media
 from ._common import check_output_file
 from ._types import positive, size
@@ -30,11 +31,10 @@ VIDEO_PIPELINES = ("HunyuanVideoPipeline", "WanPipeline", "CogVideoXPipeline")
 MICRO_FLUX = "micro-flux"
 """``--model`` name of the trained FLUX micro-world (:func:`hasten.tiny.trained.load` ``("flux")``)."""
 
-# The micro-world's defaults: the canvas it draws on (its last prompt phase learned places on 128-px canvases;
-# other sizes come out with misplaced or repeated objects, docs/microworld.md), 20 Euler steps, 4x4-token groups;
-# the trained text length and guidance come from hasten.tiny.micro_diffusion.CALL_DEFAULTS. The prompt: one
-# object, as the prompt phase trained. At 1024 tokens GRAT-X (the bands backend on CPU) gains end to end.
-MICRO_DEFAULTS = {"height": 128, "width": 128, "num_inference_steps": 20}
+# The micro-world's defaults (hasten.tiny.micro_diffusion.CALL_DEFAULTS): the canvas it draws on (DRAW_SIZE: its
+# last prompt phase learned places there; other sizes come out with misplaced or repeated objects,
+# docs/microworld.md), 20 Euler steps; 4x4-token groups. The prompt: one object, as the prompt phase trained.
+MICRO_DEFAULTS = {key: CALL_DEFAULTS[key] for key in ("height", "width", "num_inference_steps")}
 MICRO_GROUP = 4
 CPU_GAIN_SIDE = 128
 """Square canvas side from which GRAT-X is faster end to end than dense on micro-flux on a 2-core CPU (32 x 32
@@ -134,9 +134,7 @@ def _load(args: argparse.Namespace):
 def _call_kwargs(args: argparse.Namespace, pipe) -> dict:
     kwargs: dict = {"prompt": _prompt(args)}
     if args.model == MICRO_FLUX:
-        from ..tiny.micro_diffusion import CALL_DEFAULTS
-
-        kwargs.update(CALL_DEFAULTS, **MICRO_DEFAULTS)
+        kwargs.update(CALL_DEFAULTS)
     elif tiny.is_tiny(args.model):
         kwargs.update(tiny.default_size(tiny.MODEL_IDS[args.model]))
     for name, value in (("height", args.height), ("width", args.width), ("num_frames", args.frames)):
