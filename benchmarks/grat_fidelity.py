@@ -1,6 +1,6 @@
 """GRAT fidelity beside speed on the trained FLUX micro-world: dense vs GRAT-X vs GRAT-B.
 
-For each canvas (the size the shipped weights draw on, 128x128, and about 2x and 4x its area) the same held-out
+For each canvas (the size the shipped weights draw on, ``DRAW_SIZE``, and about 2x and 4x its area) the same held-out
 captions are generated from the same noise with dense attention and with each GRAT variant (and
 ``dense_steps`` variants that keep the first steps dense). Per row:
 
@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from hasten.measure import psnr, ssim, timed
 from hasten.tiny import scenes, trained
 from hasten.tiny.classifier import evaluate, load_classifier
-from hasten.tiny.micro_diffusion import CALL_DEFAULTS, MAX_SEQUENCE_LENGTH, PROMPT_OBJECTS
+from hasten.tiny.micro_diffusion import CALL_DEFAULTS, DRAW_SIZE, MAX_SEQUENCE_LENGTH, PROMPT_OBJECTS
 
 from common import grat_variants, machine, print_json
 
@@ -119,7 +119,11 @@ def _generate(pipe, prompts: list[str], seeds: list[int], size: int, steps: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="128,180,256", help="square canvas sides in pixels (multiples of 4)")
+    side = DRAW_SIZE[0]
+    areas = f"{side},{round(side * 2**0.5 / 4) * 4},{2 * side}"  # the drawing size, about 2x and 4x its area
+    parser.add_argument(
+        "--sizes", default=areas, help=f"square canvas sides in pixels, multiples of 4 (default {areas})"
+    )
     parser.add_argument("--samples", type=int, default=12, help="held-out captions per size")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--group", type=int, default=4, help="GRAT group side in tokens")
