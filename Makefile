@@ -31,7 +31,7 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium not found: browser tests will be skipped (install Debian's chromium)"; fi; }
 
-# The trained FLUX micro-world at 128x128, the canvas it draws on (docs/microworld.md).
+# The trained FLUX micro-world at 192x192, the canvas it draws on (docs/microworld.md).
 demo: $(STAMP)
 	$(VENV)/bin/hasten generate --compare   # the trained FLUX micro-world: dense | GRAT | difference in outputs/hasten-side.png
 

@@ -13,6 +13,7 @@ from PIL import Image
 import hasten.tiny  # noqa: E402
 from hasten.apps.edit_app import REGION_COLOUR, EditRun, build_demo  # noqa: E402
 from hasten.pipelines.consistedit import ConsistEditPipeline  # noqa: E402
+from hasten.tiny.micro_diffusion import DRAW_SIZE  # noqa: E402
 from hasten.tiny.motion import photo  # noqa: E402
 
 from browser import TIMEOUT_MS, assert_no_errors, chromium_page, click_example, running_app, screenshot, shown_image
@@ -31,14 +32,15 @@ def test_example_recolours_one_object_and_keeps_the_rest(tmp_path):
         report = page.locator("#report")
         report.filter(has_text="outside it PSNR").wait_for(timeout=TIMEOUT_MS)
         text = report.inner_text()
-        assert "real (inverted)" in text and "painted" in text and "128 x 128" in text, text
+        assert "real (inverted)" in text and "painted" in text and f"{DRAW_SIZE[0]} x {DRAW_SIZE[1]}" in text, text
         region = int(re.search(r"edit region (\d+)%", text).group(1))
         assert 5 <= region <= 25, text  # one grid cell and a margin, not the whole picture
         assert float(re.search(r"outside it PSNR (\d+\.\d) dB", text).group(1)) > 25, text  # the rest is kept
         assert re.search(r"prompt accuracy \(classifier\): source \d+% of its objects, edit \d+%", text), text
         for elem_id in ("out-source", "out-edit", "out-region"):
             image = shown_image(page, elem_id)
-            assert image["width"] == image["height"] == 256 and image["std"] > 5, (elem_id, image)
+            shown = (image["width"], image["height"])
+            assert shown == (2 * DRAW_SIZE[1], 2 * DRAW_SIZE[0]) and image["std"] > 5, (elem_id, image)  # shown 2x
         page.errors[:] = [e for e in page.errors if not any(word in e for word in KNOWN_EDITOR_ERRORS)]
         assert_no_errors(page)
         screenshot(page, "edit", tmp_path)

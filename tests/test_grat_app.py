@@ -10,6 +10,7 @@ import pytest
 from hasten import tiny
 from hasten.apps.grat_app import build_demo  # noqa: E402
 from hasten.apps.launcher import random_weights_notice  # noqa: E402
+from hasten.tiny.micro_diffusion import DRAW_SIZE  # noqa: E402
 
 from browser import TIMEOUT_MS, assert_no_errors, chromium_page, click_example, running_app, screenshot, shown_image
 
@@ -18,17 +19,18 @@ SIZE = tiny.default_size("flux")
 
 @pytest.mark.browser
 def test_example_shows_dense_grat_difference_and_the_numbers(tmp_path):
-    with running_app(build_demo) as app, chromium_page() as page:  # the default: micro-flux at 128 x 128
+    with running_app(build_demo) as app, chromium_page() as page:  # the default: micro-flux at DRAW_SIZE
         page.goto(app.url)
         assert page.locator("#notice").count() == 0  # trained weights: no random-weights notice
         click_example(page)
         timing = page.locator("#timing")
-        # four 8-step calls at 128 x 128: about ten seconds on a quiet CPU
+        # four 8-step calls at 192 x 192: about 20 seconds on a quiet CPU
         timing.filter(has_text="PSNR").wait_for(timeout=3 * TIMEOUT_MS)
         dense, grat = shown_image(page, "dense-image"), shown_image(page, "grat-image")
         difference = shown_image(page, "difference-image")
+        height, width = DRAW_SIZE
         for image in (dense, grat, difference):
-            assert (image["width"], image["height"]) == (256, 256)  # 128 x 128 shown 2x (256 px at least)
+            assert (image["width"], image["height"]) == (2 * width, 2 * height)  # 192 x 192 shown 2x (256 px at least)
         assert dense["std"] > 1 and grat["std"] > 1, (dense, grat)  # pictures, not a blank canvas
         text = timing.inner_text()
         for pattern in (
@@ -36,7 +38,7 @@ def test_example_shows_dense_grat_difference_and_the_numbers(tmp_path):
             r"attention bound \d+\.\d\dx",
             r"PSNR \d+\.\d\d dB",
             r"prompt accuracy \(classifier\): dense \d+%, GRAT \d+%",
-            r"128 x 128, 8 steps",
+            rf"{height} x {width}, 8 steps",
         ):
             assert re.search(pattern, text), (pattern, text)
         assert_no_errors(page)

@@ -2,9 +2,10 @@
 
 The default model is ``micro-flux``, the FLUX micro-world trained on hasten's generated scenes
 (shipped with the package), so both images show real content, and the report adds the prompt
-accuracy of each, judged by the shipped attribute classifier. It opens at 128 x 128 (1024 latent
-tokens), the canvas micro-flux draws on, where GRAT-X (the bands backend on a CPU) is faster than dense
-end to end; below that size attention is too small a share of the time, and the report says so.
+accuracy of each, judged by the shipped attribute classifier. It opens at the canvas micro-flux draws on
+(``hasten.tiny.micro_diffusion.DRAW_SIZE``, 192 x 192: 2304 latent tokens), where GRAT-X (the bands
+backend on a CPU) is faster than dense end to end; below 128 x 128 attention is too small a share of
+the time, and the report says so.
 
 Run it with ``hasten app grat [--model micro-flux] [--port 7860]``, or
 ``python -m hasten.apps.grat_app``. The pipeline is loaded once, when the
@@ -60,7 +61,7 @@ FULL_SIZE = 1024  # default height and width for real (non-tiny) models
 DISPLAY_MIN_SIDE = 256  # smaller outputs (tiny models) are shown enlarged, nearest-neighbour
 TINY_GROUP, FULL_GROUP = 4, 16  # tiny flux/sd3 grids are 9 x 13 tokens; 16 x 16 is the Flux/SD3 default
 TINY_STEPS, FULL_STEPS = 4, 28  # as `hasten generate`
-MICRO_EXAMPLE_STEPS = 8  # the example: micro-flux's size and group, fewer steps (about 10 s on a quiet CPU)
+MICRO_EXAMPLE_STEPS = 8  # the example: micro-flux's size and group, fewer steps (about 20 s on a quiet CPU)
 
 
 class GratRun:
@@ -218,7 +219,8 @@ def build_demo(model: str = MICRO_FLUX, device: str | None = None, dtype: str | 
             "attention and with GRAT; GRAT-X (cross) lets each token group attend to the groups in its row "
             "and column band, GRAT-B (block) to the groups within a window. It pays off when attention "
             f"dominates the time: for micro-flux's GRAT-X on a CPU from {CPU_GAIN_SIDE} x {CPU_GAIN_SIDE} "
-            f"({(CPU_GAIN_SIDE // 4) ** 2} tokens) on, the canvas micro-flux draws its scenes on."
+            f"({(CPU_GAIN_SIDE // 4) ** 2} tokens) on; micro-flux draws its scenes at "
+            f"{MICRO_DEFAULTS['height']} x {MICRO_DEFAULTS['width']}."
         )
         notice = random_weights_notice(model)
         if notice:

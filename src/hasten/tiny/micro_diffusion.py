@@ -23,8 +23,9 @@
    is where each caption word changes what is drawn. Its canvas size is fixed because a place word
    names a cell relative to the canvas while the transformer sees absolute token positions: drawn from
    48-96 px (the v2 weights) it learned colours but no places; at 64 px only, places and colours (v3);
-   the shipped v4 continued it on 128-px canvases (``prompt_sides=(128,), place_side=128``) and draws
-   there (:data:`DRAW_SIZE`), where GRAT-X is faster than dense on a CPU.
+   v4 continued it on 128-px canvases (``prompt_sides=(128,), place_side=128``), the shipped v5 on
+   192-px canvases (``prompt_sides=(192,), place_side=192``), and draws there (:data:`DRAW_SIZE`), where
+   GRAT-X is clearly faster than dense on a CPU.
 
 10% of captions are dropped (empty prompt), so ``true_cfg_scale`` (classifier-free guidance, in
 :data:`CALL_DEFAULTS`) works. The saved weights are exponential moving averages.
@@ -90,9 +91,9 @@ GUIDANCE_SCALE = 5.0
 """Classifier-free guidance of the trained pipeline (FluxPipeline's ``true_cfg_scale``, against the empty
 prompt): without it the prompt barely changes the picture (docs/microworld.md)."""
 
-DRAW_SIZE = (128, 128)
-"""The canvas ``(height, width)`` the shipped weights draw on: their last prompt phase (v4) named places on
-128-px canvases (32 x 32 = 1024 image tokens)."""
+DRAW_SIZE = (192, 192)
+"""The canvas ``(height, width)`` the shipped weights draw on: their last prompt phases (v5) named places on
+192-px canvases (48 x 48 = 2304 image tokens)."""
 
 CALL_DEFAULTS: dict[str, Any] = {
     "height": DRAW_SIZE[0],
