@@ -599,7 +599,7 @@ def train_flux(
         Square canvas sides of the prompt phase (multiples of 4, at least 16).
     place_side : int, default :data:`PLACE_SIDE`
         The one side among ``prompt_sides`` whose captions name places; the pipeline then draws
-        places on canvases of that side (the shipped v4 weights: 128).
+        places on canvases of that side (the shipped v5 weights: 192).
 
     Returns
     -------
