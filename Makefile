@@ -35,7 +35,7 @@ browser:
 demo: $(STAMP)
 	$(VENV)/bin/hasten generate --compare   # the trained FLUX micro-world: dense | GRAT | difference in outputs/hasten-side.png
 
-# Lint and format check first (seconds), then the tests and every docstring example (~1 min).
+# Lint and format check first (seconds), then the tests and every docstring example (10-15 min on 2 CPU cores).
 test: $(STAMP) browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
