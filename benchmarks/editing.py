@@ -263,24 +263,17 @@ def _microworld(count: int, device: torch.device, rows: list) -> None:
             scores.append(_scores(edits[-1], reference.float().cpu(), keep))
         predicted = classifier.predict(torch.stack(edits))
         success = recoloured = kept = 0
-        for index, (source, target) in enumerate(zip(sources, targets)):
+        for index, target in enumerate(targets):
             edited_obj, other = target.objects
             labels = scenes.cell_labels(target)
-            success += int(
-                all(
-                    int(predicted[name][index, edited_obj.cell]) == int(labels[name][edited_obj.cell])
-                    for name in ("shape", "colour")
-                )
-            )
-            recoloured += int(
-                int(predicted["colour"][index, edited_obj.cell]) == int(labels["colour"][edited_obj.cell])
-            )
-            kept += int(
-                all(
-                    int(predicted[name][index, other.cell]) == int(labels[name][other.cell])
-                    for name in ("shape", "colour")
-                )
-            )
+
+            def found(cell: int, names: tuple[str, ...] = ("shape", "colour")) -> int:
+                """1 when the classifier reads each attribute in ``names`` of ``cell`` as the target scene has it."""
+                return int(all(int(predicted[name][index, cell]) == int(labels[name][cell]) for name in names))
+
+            success += found(edited_obj.cell)
+            recoloured += found(edited_obj.cell, ("colour",))
+            kept += found(other.cell)
         psnr, ssim = np.mean([s[0] for s in scores]), np.mean([s[1] for s in scores])
         row = dict(
             model="micro-flux",
