@@ -6,8 +6,8 @@ latent grid = side / 4, 4x4 groups: the demo's). The video shape is HunyuanVideo
 latent grid (patch 2, VAE 8x spatial / 4x temporal), 256 text tokens (text last), 4x8x8 groups.
 
 GRAT time is the whole grouped call a model pays: gather into groups, the block-sparse kernel,
-scatter back (``kernel_ms`` is the kernel alone; the bands backend, "auto" on CPU for GRAT-X,
-works in model order and has no separate kernel, so there it is the whole call). ``density`` is the fraction of tile pairs
+scatter back (``kernel_ms`` is the kernel alone; the bands and windows backends, "auto" on CPU for
+GRAT-X and GRAT-B, work in model order and have no separate kernel, so there it is the whole call). ``density`` is the fraction of tile pairs
 computed; ``bound`` is the most GRAT can gain over dense attention on the unpadded sequence
 (1 / (computed tile pairs x tile² / tokens²): 1/density with padding counted as cost).
 
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             qk = [x.index_select(-2, layout.gather_index) for x in (q, k, v)]
             kernel_ms = (
                 grat_ms
-                if backend == "bands"
+                if backend in ("bands", "windows")
                 else median_ms(
                     lambda: block_sparse_attention(
                         *qk,
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         "--backend",
         default="auto",
         choices=BACKENDS,
-        help="auto: triton on CUDA; on CPU bands for GRAT-X, else reference",
+        help="auto: triton on CUDA; on CPU bands for GRAT-X and windows for GRAT-B, else reference",
     )
     parser.add_argument("--video", action="store_true", help="also the HunyuanVideo-like 3-D shape")
     parser.add_argument(

@@ -344,32 +344,103 @@ def test_band_attention_equals_the_cross_rule(grid, group, num_text, text_first,
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_picks_bands_for_grat_x_on_cpu(monkeypatch):
-    """The "auto" backend off CUDA runs the bands exactly where they apply (GRAT-X on an image or a video,
-    only text keys masked) and the gathered reference elsewhere; an explicit "bands" elsewhere is refused."""
-    from hasten.kernels import bands, grouped_attention, grouped_backend
+def _block_mask(grid, group, window, num_text, text_first):
+    """The GRAT-B rule written out: an image query attends the image keys whose group is within ``window``
+    groups of its own along every axis; text queries and keys see all."""
+    coords = torch.stack(torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij"), -1).reshape(-1, 3)
+    groups = coords // torch.tensor(group)
+    image_mask = ((groups[:, None] - groups[None]).abs() <= torch.tensor(window)).all(-1)
+    num_image = len(coords)
+    n = num_text + num_image
+    image = slice(num_text, n) if text_first else slice(0, num_image)
+    mask = torch.ones(n, n, dtype=torch.bool)
+    mask[image, image] = image_mask
+    text = torch.arange(num_text) if text_first else torch.arange(num_image, n)
+    return mask, text
+
+
+@pytest.mark.parametrize(
+    "grid,group,window,num_text,text_first",
+    [
+        ((1, 48, 48), (1, 4, 4), (1, 1, 1), 24, True),  # the micro-world at 192 px: 12 x 12 groups, 3 tiles a row
+        ((1, 6, 10), (1, 4, 4), (1, 1, 1), 3, True),  # partial edge groups on both axes
+        ((1, 16, 20), (1, 2, 2), (0, 1, 2), 7, False),  # text after the image; a wider window along the row
+        ((1, 9, 5), (1, 2, 3), (0, 0, 0), 0, True),  # no text; each group attends itself only
+        ((1, 3, 40), (1, 4, 4), (0, 1, 1), 5, True),  # one row of groups; a partial last tile of the row
+        ((1, 20, 3), (1, 4, 4), (0, 2, 5), 5, True),  # one column of groups; a window past the grid
+        ((3, 6, 10), (1, 4, 4), (1, 1, 1), 3, True),  # a video
+        ((5, 4, 6), (2, 2, 4), (1, 0, 1), 4, False),  # a partial last time group; text after the video
+        ((6, 8, 8), (1, 2, 2), (2, 1, 1), 3, True),  # a video with a wider window in time
+    ],
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_window_attention_equals_the_block_rule(grid, group, window, num_text, text_first, masked):
+    """The windows backend (query tiles of whole groups against the box of keys their window reaches)
+    equals dense SDPA under the GRAT-B mask written from the rule, on images and videos, with and without
+    padded text keys."""
+    from hasten.kernels import grouped_attention
+
+    layout = group_layout(grid, group, num_text=num_text, text_first=text_first, pattern="block", window=window)
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 3, layout.seq_len, 16) for _ in range(3))
+    mask, text = _block_mask(grid, group, window, num_text, text_first)
+    padding = torch.ones(2, layout.seq_len, dtype=torch.bool)
+    if masked and num_text:
+        padding[1, text[-2:]] = False
+    out = grouped_attention(q, k, v, layout, key_padding=padding if masked else None, backend="windows")
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None] & padding[:, None, None, :])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_window_attention_in_half_precision():
+    """The keys outside the grid drop out through the extra channel in bfloat16 too (no overflow, no NaN)."""
+    from hasten.kernels import grouped_attention
+
+    layout = group_layout((1, 10, 14), (1, 4, 4), num_text=3, pattern="block")
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 32) for _ in range(3))
+    out = grouped_attention(*(x.bfloat16() for x in (q, k, v)), layout, backend="windows")
+    expected = grouped_attention(q, k, v, layout, backend="reference")
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_auto_picks_bands_and_windows_on_cpu(monkeypatch):
+    """The "auto" backend off CUDA runs the bands for GRAT-X and the windows for GRAT-B exactly where they
+    apply (an image or a video, only text keys masked) and the gathered reference elsewhere; an explicit
+    "bands" or "windows" elsewhere is refused."""
+    from hasten.kernels import bands, grouped_attention, grouped_backend, windows
 
     image_x = group_layout((1, 8, 8), (1, 4, 4), num_text=2, pattern="cross")
     image_b = group_layout((1, 8, 8), (1, 4, 4), num_text=2, pattern="block")
     video_x = group_layout((3, 8, 8), (1, 4, 4), num_text=2, pattern="cross")
+    video_b = group_layout((3, 8, 8), (1, 4, 4), num_text=2, pattern="block")
     assert grouped_backend("auto", image_x, "cpu") == "bands"
-    assert grouped_backend("auto", image_b, "cpu") == "reference"
+    assert grouped_backend("auto", image_b, "cpu") == "windows"
     assert grouped_backend("auto", video_x, "cpu") == "bands"
+    assert grouped_backend("auto", video_b, "cpu") == "windows"
     image_padding = torch.ones(1, image_x.seq_len, dtype=torch.bool)
-    image_padding[0, -1] = False  # an image key masked: not what the bands compute
+    image_padding[0, -1] = False  # an image key masked: not what the bands or windows compute
     assert grouped_backend("auto", image_x, "cpu", image_padding) == "reference"
-    for layout, padding in ((image_b, None), (image_x, image_padding)):
-        with pytest.raises(ValueError, match="bands"):
-            grouped_backend("bands", layout, "cpu", padding)
+    assert grouped_backend("auto", image_b, "cpu", image_padding) == "reference"
+    for backend, layout, padding in (
+        ("bands", image_b, None),
+        ("bands", image_x, image_padding),
+        ("windows", image_x, None),
+        ("windows", image_b, image_padding),
+    ):
+        with pytest.raises(ValueError, match=backend):
+            grouped_backend(backend, layout, "cpu", padding)
 
     calls = []
-    monkeypatch.setattr(bands, "band_cross_attention", lambda *args: calls.append(args) or args[0])
+    monkeypatch.setattr(bands, "band_cross_attention", lambda *args: calls.append("bands") or args[0])
+    monkeypatch.setattr(windows, "window_block_attention", lambda *args: calls.append("windows") or args[0])
     q = torch.randn(1, 1, image_x.seq_len, 8)
     grouped_attention(q, q, q, image_x)
-    assert len(calls) == 1
+    grouped_attention(q, q, q, image_b)
+    assert calls == ["bands", "windows"]
 
 
-def test_block_sparse_attention_refuses_bands():
+@pytest.mark.parametrize("backend", ["bands", "windows"])
+def test_block_sparse_attention_refuses_the_grouped_backends(backend):
     layout, q, k, v, key_valid = case((1, 4, 4), (1, 2, 2), 0, "cross")
     with pytest.raises(ValueError, match="grouped_attention"):
-        block_sparse_attention(q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile, backend="bands")
+        block_sparse_attention(q, k, v, layout.kv_indices, layout.kv_counts, key_valid, layout.tile, backend=backend)

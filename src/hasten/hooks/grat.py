@@ -97,7 +97,7 @@ class GratAttnProcessor:
     state : GratState
         Shared with the transformer hook (layouts of the current call, dense/sparse step).
     backend : str
-        Kernel backend ("auto", "flex", "triton", "reference", "bands").
+        Kernel backend ("auto", "flex", "triton", "reference", "bands", "windows").
     """
 
     def __init__(self, original: Any, state: GratState, backend: str):
@@ -183,7 +183,7 @@ class GratConfig:
     dense_blocks : tuple[int, ...]
         Block indices that keep dense attention (blocks numbered over the model's block lists
         in order, e.g. Flux: 0-18 double-stream, 19-56 single-stream).
-    backend : {"auto", "flex", "triton", "reference", "bands"}
+    backend : {"auto", "flex", "triton", "reference", "bands", "windows"}
         Attention kernel: "auto" picks the Triton kernel on CUDA; elsewhere band attention for
         GRAT-X on images (exact; fastest on CPU) and the gathered-SDPA reference otherwise;
         "flex" is compiled FlexAttention (:mod:`hasten.kernels`).

@@ -11,7 +11,7 @@ Three backends share one contract (:func:`block_sparse_attention`):
 ``"triton"``
     a block-sparse flash-attention forward kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
-A fourth works on a grouped layout only (:func:`grouped_attention`), where it knows the groups:
+Two more work on a grouped layout only (:func:`grouped_attention`), where they know the groups:
 
 ``"bands"``
     GRAT-X as band attention, one band per grid axis (rows and columns; on a video also time
@@ -19,9 +19,13 @@ A fourth works on a grouped layout only (:func:`grouped_attention`), where it kn
     so small groups cost what their pattern computes. The fastest path on CPU (4x over dense SDPA
     at 64 x 64 tokens with 4 x 4 groups, where the reference gather is 2x slower than dense;
     1.5-1.8x at a HunyuanVideo shape, where the reference is 1x; benchmarks/results/).
+``"windows"``
+    GRAT-B as window attention (:mod:`hasten.kernels.windows`): query tiles of whole groups, each
+    with the box of key groups its window reaches, cut from the grid as strided windows and run as
+    one fused SDPA call (no per-group key lists).
 
-``"auto"`` means Triton on CUDA; elsewhere (CPU, MPS) bands where a layout allows them
-(GRAT-X), else the reference.
+``"auto"`` means Triton on CUDA; elsewhere (CPU, MPS) bands for GRAT-X and windows for GRAT-B
+where the layout allows them (only text keys masked), else the reference.
 
 The call goes through the custom op ``hasten::block_sparse_attention`` (and the fused grouped
 call through ``hasten::grouped_block_sparse_attention``) so that
@@ -34,12 +38,14 @@ import os
 
 import torch
 
-from . import bands
+from . import bands, windows
 from .flex import flex_block_sparse_attention
 from .grouping import PATTERNS, TILE_SIZES, GroupLayout, default_tile, group_layout
 from .reference import reference_block_sparse_attention
 
-BACKENDS: tuple[str, ...] = ("auto", "flex", "triton", "reference", "bands")
+BACKENDS: tuple[str, ...] = ("auto", "flex", "triton", "reference", "bands", "windows")
+# The backends that need a grouped layout, and the one layout pattern each computes.
+_GROUPED = {"bands": (bands, "cross", "GRAT-X"), "windows": (windows, "block", "GRAT-B")}
 
 __all__ = [
     "BACKENDS",
@@ -66,7 +72,8 @@ def _triton_usable(device: torch.device) -> bool:
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """The concrete backend ``backend`` means on ``device`` for a tile-list call ("auto" -> triton on
-    CUDA, else reference); :func:`grouped_attention` may pick ``"bands"`` for "auto" off CUDA."""
+    CUDA, else reference); :func:`grouped_attention` may pick ``"bands"`` or ``"windows"`` for "auto" off
+    CUDA."""
     device = torch.device(device)
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
@@ -204,8 +211,8 @@ def block_sparse_attention(
     torch.Size([1, 2, 64, 16])
     """
     _validate(q, k, v, kv_indices, kv_counts, key_valid, tile)
-    if backend == "bands":
-        raise ValueError("backend='bands' needs the groups: call grouped_attention with a GroupLayout")
+    if backend in _GROUPED:
+        raise ValueError(f"backend={backend!r} needs the groups: call grouped_attention with a GroupLayout")
     backend = resolve_backend(backend, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _block_sparse_attention_op(q, k, v, kv_indices, kv_counts, key_valid, static_valid, tile, scale, backend)
@@ -215,7 +222,8 @@ def grouped_backend(
     backend: str, layout: GroupLayout, device: torch.device | str, key_padding: torch.Tensor | None = None
 ) -> str:
     """The concrete backend :func:`grouped_attention` runs for ``layout`` on ``device``: as
-    :func:`resolve_backend`, except that "auto" off CUDA means "bands" where the layout allows it.
+    :func:`resolve_backend`, except that "auto" off CUDA means "bands" (GRAT-X) or "windows" (GRAT-B)
+    where the layout allows it (only text keys masked by ``key_padding``).
 
     Examples
     --------
@@ -223,18 +231,21 @@ def grouped_backend(
     >>> grouped_backend("auto", group_layout((1, 8, 8), (1, 4, 4), pattern="cross"), "cpu")
     'bands'
     >>> grouped_backend("auto", group_layout((1, 8, 8), (1, 4, 4), pattern="block"), "cpu")
-    'reference'
+    'windows'
     """
-    if backend == "bands":
-        if not bands.supports(layout, key_padding):
+    if backend in _GROUPED:
+        module, pattern, name = _GROUPED[backend]
+        if not module.supports(layout, key_padding):
             raise ValueError(
-                "backend='bands' computes GRAT-X (pattern='cross') with only text keys masked; got "
+                f"backend={backend!r} computes {name} (pattern={pattern!r}) with only text keys masked; got "
                 f"pattern={layout.pattern!r}, grid={layout.grid}: use 'auto' or 'reference'"
             )
         return backend
     concrete = resolve_backend(backend, device)
-    if backend == "auto" and concrete == "reference" and bands.supports(layout, key_padding):
-        return "bands"
+    if backend == "auto" and concrete == "reference":
+        for name, (module, _, _) in _GROUPED.items():
+            if module.supports(layout, key_padding):
+                return name
     return concrete
 
 
@@ -254,8 +265,8 @@ def grouped_attention(
     ``"triton"`` backend (``"auto"`` on CUDA) that is one kernel launch (custom op
     ``hasten::grouped_block_sparse_attention``): the kernel loads query, key and value rows
     through the layout's gather index and stores each output row at its model position, so no
-    permuted copy of q/k/v or of the output is made. The ``"bands"`` backend (``"auto"`` off CUDA
-    where :func:`hasten.kernels.bands.supports` the layout) works in model order too. The other
+    permuted copy of q/k/v or of the output is made. The ``"bands"`` and ``"windows"`` backends
+    (``"auto"`` off CUDA for GRAT-X and GRAT-B, where their ``supports`` allows) work in model order too. The other
     backends gather q/k/v with ``index_select``, run :func:`block_sparse_attention` and scatter
     the result back.
 
@@ -282,6 +293,8 @@ def grouped_attention(
     backend = grouped_backend(backend, layout, query.device, key_padding)
     if backend == "bands":
         return bands.band_cross_attention(query, key, value, layout, key_padding, scale)
+    if backend == "windows":
+        return windows.window_block_attention(query, key, value, layout, key_padding, scale)
     if backend == "triton":
         _validate_qkv(query, key, value)
         key_valid = layout.key_valid[None]
