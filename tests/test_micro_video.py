@@ -66,6 +66,21 @@ def test_training_is_seeded_and_resumable(tmp_path):
     assert loaded.vae.config.latents_std != [1.0] * 4
 
 
+def test_training_continues_from_a_saved_pipeline(tmp_path):
+    first = mv.train_wan(tmp_path / "a", steps=1, vae_steps=1, progress=False)
+    more = mv.train_wan(tmp_path / "b", steps=2, seed=1, init=first, progress=False)  # another seed: another build
+    before, after = trained.load("wan", first), trained.load("wan", more)
+    # the VAE and its latent statistics are kept; the transformer trains on from the saved one
+    assert all(torch.equal(a, b) for a, b in zip(before.vae.state_dict().values(), after.vae.state_dict().values()))
+    assert after.vae.config.latents_std == before.vae.config.latents_std
+    # two warm-up steps (learning rate 1e-5, 2e-5) move the saved transformer a little: it was the start
+    start, end = _weights(first), _weights(more)
+    moved = [(end[k] - start[k]).abs().max().item() for k in start if k.startswith("transformer.")]
+    assert 0 < max(moved) < 1e-3
+    with pytest.raises(ValueError, match="`init`"):
+        mv.train_wan(tmp_path / "c", steps=1, init=tmp_path, progress=False)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [({"steps": 0}, "steps"), ({"vae_steps": -1}, "vae_steps"), ({"steps": 1.5}, "steps"), ({"seed": -2}, "seed")],

@@ -481,6 +481,7 @@ def train_wan(
     resume: bool = False,
     progress: bool = True,
     vae_steps: int | None = None,
+    init: str | pathlib.Path | None = None,
 ) -> pathlib.Path:
     """Train the video micro-world ``WanPipeline``; save it in ``out / "model"``.
 
@@ -504,6 +505,10 @@ def train_wan(
     vae_steps : int, optional
         VAE steps before the transformer's (default :data:`DEFAULT_VAE_STEPS`, or
         ``min(DEFAULT_VAE_STEPS, max(1, steps // 2))`` when ``steps`` is given), batch 8 clips, 16 x 16 crops, object pixels weighted 9x.
+    init : path, optional
+        A saved micro-world ``WanPipeline`` (e.g. :func:`hasten.tiny.trained.path` ``("wan")``) to continue
+        from: its VAE (and latent statistics) is kept and the VAE phase skipped; ``steps`` more transformer
+        steps start from its transformer and UMT5, the learning rate warming up again.
 
     Returns
     -------
@@ -513,7 +518,8 @@ def train_wan(
     Raises
     ------
     ValueError
-        ``steps`` or ``vae_steps`` below 1, or a resume whose checkpoint finished its VAE phase earlier.
+        ``steps`` or ``vae_steps`` below 1, a resume whose checkpoint finished its VAE phase earlier, or an
+        ``init`` that is not a saved pipeline.
 
     Examples
     --------
@@ -532,6 +538,15 @@ def train_wan(
         vae_steps = DEFAULT_VAE_STEPS if steps is None else min(DEFAULT_VAE_STEPS, max(1, steps // 2))
     steps = DEFAULT_STEPS if steps is None else steps
     pipe = build_pipeline(seed)
+    done = {"vae": 0, "wan": 0}
+    if init is not None:
+        from diffusers import WanPipeline
+
+        init = pathlib.Path(init)
+        if not (init / "model_index.json").is_file():
+            raise ValueError(f"`init` must be a saved micro-world WanPipeline folder; {init} has no model_index.json")
+        pipe = WanPipeline.from_pretrained(init)
+        done["vae"] = vae_steps
     vae, transformer, umt5 = pipe.vae, pipe.transformer, pipe.text_encoder
     vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=_VAE_LR, weight_decay=0.0)
     parameters = list(transformer.parameters()) + list(umt5.parameters())
@@ -541,7 +556,6 @@ def train_wan(
         ema.requires_grad_(False)
     modules = {"vae": vae, "transformer": transformer, "umt5": umt5, **{k: e for k, (_, e) in averaged.items()}}
     optimizers = {"vae_optimizer": vae_optimizer, "optimizer": optimizer}
-    done = {"vae": 0, "wan": 0}
     if resume:
         state = load_checkpoint(out)
         if state is None:
