@@ -74,6 +74,21 @@ GRAT_VARIANTS = (
 )
 """The fidelity benchmarks' variants; ``dense_steps=-1`` stands for the benchmark's ``--dense-steps``."""
 
+PATTERN_CHOICES = ("cross", "block")
+"""``--patterns`` of the fidelity benchmarks: the GRAT variants to run beside dense (default both)."""
+
+
+def patterns_arg(text: str) -> tuple[str, ...]:
+    """Parse ``--patterns`` ("cross,block"): a clear error naming the argument on an unknown pattern."""
+    import argparse
+
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names or any(name not in PATTERN_CHOICES for name in names):
+        raise argparse.ArgumentTypeError(
+            f"--patterns takes a comma-separated subset of {PATTERN_CHOICES}; got {text!r}"
+        )
+    return names
+
 
 @dataclass
 class VariantRun:
@@ -113,9 +128,15 @@ class VariantRun:
 
 
 def grat_variants(
-    pipe, generate: Callable[[bool], tuple[torch.Tensor, float]], group, steps: int, dense_steps: int
+    pipe,
+    generate: Callable[[bool], tuple[torch.Tensor, float]],
+    group,
+    steps: int,
+    dense_steps: int,
+    patterns: tuple[str, ...] = ("cross", "block"),
 ) -> Iterator[VariantRun]:
-    """Dense and each of :data:`GRAT_VARIANTS` (backend "auto"), the same inputs each time.
+    """Dense and each of :data:`GRAT_VARIANTS` (backend "auto") whose pattern is in ``patterns``, the
+    same inputs each time.
 
     ``generate(warmup)`` runs the pipeline (a short call when ``warmup``) and returns (outputs,
     seconds). The dense call runs under :class:`AttentionTimer`: attention's share ``a`` of it gives
@@ -131,6 +152,8 @@ def grat_variants(
         dense, dense_seconds = generate(False)
     share = timer.seconds / dense_seconds
     for name, settings in GRAT_VARIANTS:
+        if settings is not None and settings["pattern"] not in patterns:
+            continue
         if settings is None:
             outputs, seconds, bound, sparse = dense, dense_seconds, 1.0, 0.0
         else:

@@ -35,7 +35,7 @@ from hasten.tiny import scenes, trained
 from hasten.tiny.classifier import evaluate, load_classifier
 from hasten.tiny.micro_diffusion import CALL_DEFAULTS, DRAW_SIZE, MAX_SEQUENCE_LENGTH, PROMPT_OBJECTS
 
-from common import grat_variants, machine, print_json
+from common import grat_variants, machine, patterns_arg, print_json
 
 
 class _AttentionDistance(TorchFunctionMode):
@@ -131,6 +131,12 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=4, help="GRAT group side in tokens")
     parser.add_argument("--dense-steps", type=int, default=4, help="dense steps of the dense_steps variants")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--patterns",
+        type=patterns_arg,
+        default=("cross", "block"),
+        help="GRAT variants beside dense: cross (GRAT-X), block (GRAT-B) or both (default cross,block)",
+    )
     parser.add_argument("--folder", default=None, help="a trained flux folder (default: the shipped weights)")
     parser.add_argument("--classifier", default=None, help="a trained classifier folder (default: the shipped one)")
     args = parser.parse_args()
@@ -190,7 +196,7 @@ def main() -> None:
                 return _generate(pipe, prompts[:1], seeds[:1], size, 2)
             return _generate(pipe, prompts, seeds, size, args.steps)
 
-        for run in grat_variants(pipe, generate, args.group, args.steps, args.dense_steps):
+        for run in grat_variants(pipe, generate, args.group, args.steps, args.dense_steps, args.patterns):
             scores = evaluate(run.outputs, test, classifier)
             compared = not run.is_dense
             row = {

@@ -42,7 +42,7 @@ from hasten.tiny.micro_video import (
     training_clip,
 )
 
-from common import grat_variants, machine, print_json
+from common import grat_variants, machine, patterns_arg, print_json
 
 
 class _SelfAttentionDistance(TorchFunctionMode):
@@ -102,6 +102,12 @@ def main() -> None:
     parser.add_argument("--group", default="1,4,4", help="GRAT group (t,h,w) in latent tokens")
     parser.add_argument("--dense-steps", type=int, default=4, help="dense steps of the dense_steps variants")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--patterns",
+        type=patterns_arg,
+        default=("cross", "block"),
+        help="GRAT variants beside dense: cross (GRAT-X), block (GRAT-B) or both (default cross,block)",
+    )
     parser.add_argument("--folder", default=None, help="a trained wan folder (default: the shipped weights)")
     args = parser.parse_args()
     if args.threads:
@@ -143,7 +149,7 @@ def main() -> None:
                 return _generate(pipe, prompts[:1], noise_seeds[:1], frames, height, 2)
             return _generate(pipe, prompts, noise_seeds, frames, height, args.steps)
 
-        for run in grat_variants(pipe, generate, group, args.steps, args.dense_steps):
+        for run in grat_variants(pipe, generate, group, args.steps, args.dense_steps, args.patterns):
             videos, compared = run.outputs, not run.is_dense
             pan = sum(
                 pan_direction(*estimate_pan(video.permute(0, 2, 3, 1))) == want for video, want in zip(videos, truth)
