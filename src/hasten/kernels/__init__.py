@@ -24,8 +24,9 @@ Two more work on a grouped layout only (:func:`grouped_attention`), where they k
     with the box of key groups its window reaches, cut from the grid as strided windows and run as
     one fused SDPA call (no per-group key lists).
 
-``"auto"`` means Triton on CUDA; elsewhere (CPU, MPS) bands for GRAT-X and windows for GRAT-B
-where the layout allows them (only text keys masked), else the reference.
+``"auto"`` means Triton on CUDA; elsewhere (CPU, MPS) bands for GRAT-X and windows for GRAT-B with
+small groups (:func:`hasten.kernels.windows.preferred`) where the layout allows them (only text keys
+masked), else the reference.
 
 The call goes through the custom op ``hasten::block_sparse_attention`` (and the fused grouped
 call through ``hasten::grouped_block_sparse_attention``) so that
@@ -222,8 +223,9 @@ def grouped_backend(
     backend: str, layout: GroupLayout, device: torch.device | str, key_padding: torch.Tensor | None = None
 ) -> str:
     """The concrete backend :func:`grouped_attention` runs for ``layout`` on ``device``: as
-    :func:`resolve_backend`, except that "auto" off CUDA means "bands" (GRAT-X) or "windows" (GRAT-B)
-    where the layout allows it (only text keys masked by ``key_padding``).
+    :func:`resolve_backend`, except that "auto" off CUDA means "bands" (GRAT-X) or "windows" (GRAT-B with
+    groups small enough: :func:`hasten.kernels.windows.preferred`) where the layout allows it (only text
+    keys masked by ``key_padding``).
 
     Examples
     --------
@@ -232,6 +234,8 @@ def grouped_backend(
     'bands'
     >>> grouped_backend("auto", group_layout((1, 8, 8), (1, 4, 4), pattern="block"), "cpu")
     'windows'
+    >>> grouped_backend("auto", group_layout((1, 64, 64), (1, 16, 16), pattern="block"), "cpu")
+    'reference'
     """
     if backend in _GROUPED:
         module, pattern, name = _GROUPED[backend]
@@ -243,9 +247,10 @@ def grouped_backend(
         return backend
     concrete = resolve_backend(backend, device)
     if backend == "auto" and concrete == "reference":
-        for name, (module, _, _) in _GROUPED.items():
-            if module.supports(layout, key_padding):
-                return name
+        if bands.supports(layout, key_padding):
+            return "bands"
+        if windows.supports(layout, key_padding) and windows.preferred(layout):
+            return "windows"
     return concrete
 
 
@@ -266,7 +271,7 @@ def grouped_attention(
     ``hasten::grouped_block_sparse_attention``): the kernel loads query, key and value rows
     through the layout's gather index and stores each output row at its model position, so no
     permuted copy of q/k/v or of the output is made. The ``"bands"`` and ``"windows"`` backends
-    (``"auto"`` off CUDA for GRAT-X and GRAT-B, where their ``supports`` allows) work in model order too. The other
+    (:func:`grouped_backend` says when ``"auto"`` picks them) work in model order too. The other
     backends gather q/k/v with ``index_select``, run :func:`block_sparse_attention` and scatter
     the result back.
 

@@ -50,6 +50,16 @@ def supports(layout: GroupLayout, key_padding: torch.Tensor | None = None) -> bo
     return key_padding is None or bool(key_padding[:, _image_slice(layout)].all())
 
 
+def preferred(layout: GroupLayout) -> bool:
+    """Whether "auto" runs this backend for ``layout`` (off CUDA): where a tile holds several groups
+    (groups under ~43 tokens). There the reference's per-group SDPA calls are too small to run fast
+    (micro-flux, 4 x 4-token groups: 2-4x slower than the windows). With large groups (Flux's 16 x 16)
+    one tile is one group, the calls are big either way, and the reference, which attends only the
+    keys inside the grid, wastes nothing on the edge boxes' padding (on a 4 x 4-group grid a box holds
+    9 groups where the edge queries read 4-6), so it stays the default there."""
+    return tile_columns(layout) > 1
+
+
 def tile_columns(layout: GroupLayout) -> int:
     """Groups per query tile along the row: enough for about 64 query tokens, at most the row's groups.
 
