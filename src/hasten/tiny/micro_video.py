@@ -54,6 +54,10 @@ Measured (2026-12-02, 48 held-out axis-aligned pans of :func:`pan_test_seeds`, f
   is matched 0% of the time (chance 25%; the estimator itself is right on 47 of the 48 real clips).
   The training was too short (a first 38-minute run with an unweighted 300-step VAE learned no objects;
   this one then had 28 minutes): more VAE steps and a longer transformer phase are the next step.
+
+A longer transformer phase alone was tried (2026-12-03, not shipped): ``train_wan(out, steps=1800, seed=1,
+init=trained.path("wan"))``, 42 minutes, lowered the loss to 0.095 but not the opposite-direction gap
+(0.0948 vs 0.0946) and still generated static clips (0% pan). docs/microworld.md has the details.
 """
 
 from __future__ import annotations
