@@ -26,12 +26,11 @@ scores (exact, not fast).
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
-import torch.nn.functional as F
 
 from .grouping import GroupLayout
+from .partial import additive, assemble, attention_lse, image_keys_unmasked, image_slice, merge, text_slice
 
 
 def supports(layout: GroupLayout, key_padding: torch.Tensor | None = None) -> bool:
@@ -39,44 +38,13 @@ def supports(layout: GroupLayout, key_padding: torch.Tensor | None = None) -> bo
     any masked keys among the text keys only."""
     if layout.pattern != "cross":
         return False
-    if key_padding is None:
-        return True
-    return bool(key_padding[:, _image_slice(layout)].all())
-
-
-def _image_slice(layout: GroupLayout) -> slice:
-    start = layout.num_text if layout.text_first else 0
-    return slice(start, start + math.prod(layout.grid))
-
-
-def _text_slice(layout: GroupLayout) -> slice:
-    start = 0 if layout.text_first else math.prod(layout.grid)
-    return slice(start, start + layout.num_text)
+    return image_keys_unmasked(layout, key_padding)
 
 
 def _axes(layout: GroupLayout) -> tuple[int, ...]:
     """The grid axes (0 time, 1 rows, 2 columns) whose shared group makes a key visible, in model order:
     rows and columns on an image (one frame: the time coordinate is shared by all), all three on a video."""
     return (1, 2) if layout.grid[0] == 1 else (0, 1, 2)
-
-
-def _attention_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention and its per-row log-sum-exp (``bias``: additive, broadcastable to the scores)."""
-    if q.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias, scale=scale
-        )
-    scores = (q @ k.transpose(-1, -2)) * scale
-    if bias is not None:
-        scores = scores + bias
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.exp(scores - lse[..., None]) @ v, lse
-
-
-def _additive(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))
 
 
 @functools.lru_cache(maxsize=32)
@@ -97,7 +65,7 @@ def _exclusion_bias(
         if run is not None:
             index = (coord // run).flatten()
             shared = shared | (index[:, None] == index[None, :])
-    return _additive(~shared, dtype)
+    return additive(~shared, dtype)
 
 
 def _band_attention(
@@ -149,8 +117,8 @@ def _band_attention(
             keys, values = torch.cat([repeat(text_k), keys], 2), torch.cat([repeat(text_v), values], 2)
             if text_valid is not None:
                 image_valid = torch.ones(text_valid.shape[0], size * width, dtype=torch.bool, device=q.device)
-                bias = _additive(torch.cat([text_valid, image_valid], 1)[:, None, None, :], q.dtype)
-        o, row_lse = _attention_lse(bands(q), keys, values, bias, scale)
+                bias = additive(torch.cat([text_valid, image_valid], 1)[:, None, None, :], q.dtype)
+        o, row_lse = attention_lse(bands(q), keys, values, bias, scale)
         out[:, :, start:stop] = o.reshape(batch, heads, count * size, width, dim)
         lse[:, :, start:stop] = row_lse.reshape(batch, heads, count * size, width)
     return out, lse
@@ -192,7 +160,7 @@ def band_cross_attention(
     dim = query.shape[-1]
     scale = dim**-0.5 if scale is None else float(scale)
     grid, group = layout.grid, layout.group
-    image, text = _image_slice(layout), _text_slice(layout)
+    image, text = image_slice(layout), text_slice(layout)
     q, k, v = (x[:, :, image].unflatten(2, grid) for x in (query, key, value))  # (B, H, t, h, w, D)
     text_valid = None if key_padding is None else key_padding[:, text]
     if text_valid is not None and text_valid.all():
@@ -229,16 +197,5 @@ def band_cross_attention(
         if out is None:
             out, lse = part, part_lse
             continue
-        top = torch.maximum(lse, part_lse)
-        w_out, w_part = torch.exp(lse - top), torch.exp(part_lse - top)
-        total = w_out + w_part
-        out = (out * w_out[..., None] + part * w_part[..., None]) / total[..., None]
-        if index + 1 < len(axes):  # another axis follows
-            lse = top + torch.log(total)
-
-    result = query.new_empty(query.shape)
-    result[:, :, image] = out.flatten(2, 4)
-    if layout.num_text:
-        mask = None if key_padding is None else key_padding[:, None, None, :]
-        result[:, :, text] = F.scaled_dot_product_attention(query[:, :, text], key, value, attn_mask=mask, scale=scale)
-    return result
+        out, lse = merge(out, lse, part, part_lse, with_lse=index + 1 < len(axes))  # another axis follows?
+    return assemble(out.flatten(2, 4), query, key, value, layout, key_padding, scale)

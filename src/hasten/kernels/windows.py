@@ -32,8 +32,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .bands import _additive, _attention_lse, _image_slice, _text_slice
 from .grouping import GroupLayout
+from .partial import additive, assemble, attention_lse, image_keys_unmasked, image_slice, merge, text_slice
 
 # Score offset of a key outside the grid (through the extra channel): exp() of it is 0 in every float
 # format, and it is within half precision's range.
@@ -45,9 +45,7 @@ _TILE_TOKENS = 64
 def supports(layout: GroupLayout, key_padding: torch.Tensor | None = None) -> bool:
     """Whether :func:`window_block_attention` computes ``layout``: GRAT-B (an image or a video), with any
     masked keys among the text keys only."""
-    if layout.pattern != "block":
-        return False
-    return key_padding is None or bool(key_padding[:, _image_slice(layout)].all())
+    return layout.pattern == "block" and image_keys_unmasked(layout, key_padding)
 
 
 def preferred(layout: GroupLayout) -> bool:
@@ -92,7 +90,7 @@ def _row_bias(
     box_t, box_h = (2 * reach[0] + 1) * gt, (2 * reach[1] + 1) * gh
     shape = (gt, gh, columns * gw, box_t, box_h, within.shape[1])
     within = within[None, None, :, None, None, :].expand(shape)
-    return _additive(within.reshape(gt * gh * columns * gw, -1), dtype)
+    return additive(within.reshape(gt * gh * columns * gw, -1), dtype)
 
 
 def _pad_grid(x: torch.Tensor, before: tuple[int, int, int], after: tuple[int, int, int], value: float = 0.0):
@@ -141,7 +139,7 @@ def window_block_attention(
     reach, columns = _reach(layout), tile_columns(layout)
     tiles_per_row = -(-groups[2] // columns)
     padded = (groups[0] * group[0], groups[1] * group[1], tiles_per_row * columns * group[2])
-    image, text = _image_slice(layout), _text_slice(layout)
+    image, text = image_slice(layout), text_slice(layout)
 
     def grid_of(x: torch.Tensor) -> torch.Tensor:
         return x[:, :, image].unflatten(2, grid)  # (B, H, t, h, w, D)
@@ -180,7 +178,7 @@ def window_block_attention(
         return x.permute(0, 1, 2, 3, 4, 6, 7, 8, 5).reshape(batch * heads, q_tiles.shape[1], -1, dim + 1)
 
     bias = _row_bias(group, columns, reach, layout.window[2], query.dtype, query.device)
-    out, lse = _attention_lse(q_tiles, boxes(k), boxes(v), bias, scale)
+    out, lse = attention_lse(q_tiles, boxes(k), boxes(v), bias, scale)
 
     def to_grid(x: torch.Tensor) -> torch.Tensor:  # (B * H, tiles, q_len[, C]) -> (B, H, tokens[, C])
         x = x.reshape(batch, heads, groups[0], groups[1], tiles_per_row, gt, gh, columns * gw, *x.shape[3:])
@@ -190,17 +188,7 @@ def window_block_attention(
     out, lse = to_grid(out[..., :dim]), to_grid(lse)
     if layout.num_text:  # the image queries' text keys, merged by the log-sum-exp
         text_valid = None if key_padding is None else key_padding[:, text]
-        text_bias = (
-            None if text_valid is None or text_valid.all() else _additive(text_valid[:, None, None], query.dtype)
-        )
-        part, part_lse = _attention_lse(query[:, :, image], key[:, :, text], value[:, :, text], text_bias, scale)
-        top = torch.maximum(lse, part_lse)
-        w_out, w_part = torch.exp(lse - top), torch.exp(part_lse - top)
-        out = (out * w_out[..., None] + part * w_part[..., None]) / (w_out + w_part)[..., None]
-
-    result = query.new_empty(query.shape)
-    result[:, :, image] = out
-    if layout.num_text:
-        mask = None if key_padding is None else key_padding[:, None, None, :]
-        result[:, :, text] = F.scaled_dot_product_attention(query[:, :, text], key, value, attn_mask=mask, scale=scale)
-    return result
+        text_bias = None if text_valid is None or text_valid.all() else additive(text_valid[:, None, None], query.dtype)
+        part, part_lse = attention_lse(query[:, :, image], key[:, :, text], value[:, :, text], text_bias, scale)
+        out, _ = merge(out, lse, part, part_lse, with_lse=False)
+    return assemble(out, query, key, value, layout, key_padding, scale)
