@@ -298,12 +298,22 @@ def _cross_mask(grid, group, num_text, text_first):
     """GRAT-X in model order, from the rule alone: an image query sees every text key and the image keys
     whose group shares a group coordinate with its own (row band, column band, and on a video the time
     slab; an image's one frame is no shared slab); text queries see all."""
-    coords = torch.stack(torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij"), -1).reshape(-1, 3)
-    groups = coords // torch.tensor(group)
+    groups = _token_groups(grid, group)
     if grid[0] == 1:
         groups = groups[:, 1:]
-    image_mask = (groups[:, None] == groups[None]).any(-1)
-    num_image = len(coords)
+    return _with_text((groups[:, None] == groups[None]).any(-1), num_text, text_first)
+
+
+def _token_groups(grid, group):
+    """(tokens, 3): each image token's group coordinates (t, h, w), tokens row-major."""
+    coords = torch.stack(torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij"), -1).reshape(-1, 3)
+    return coords // torch.tensor(group)
+
+
+def _with_text(image_mask, num_text, text_first):
+    """The whole sequence's mask from the image-to-image one: text queries and keys see all. Returns it
+    and the text positions."""
+    num_image = len(image_mask)
     n = num_text + num_image
     image = slice(num_text, n) if text_first else slice(0, num_image)
     mask = torch.ones(n, n, dtype=torch.bool)
@@ -347,16 +357,8 @@ def test_band_attention_equals_the_cross_rule(grid, group, num_text, text_first,
 def _block_mask(grid, group, window, num_text, text_first):
     """The GRAT-B rule written out: an image query attends the image keys whose group is within ``window``
     groups of its own along every axis; text queries and keys see all."""
-    coords = torch.stack(torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij"), -1).reshape(-1, 3)
-    groups = coords // torch.tensor(group)
-    image_mask = ((groups[:, None] - groups[None]).abs() <= torch.tensor(window)).all(-1)
-    num_image = len(coords)
-    n = num_text + num_image
-    image = slice(num_text, n) if text_first else slice(0, num_image)
-    mask = torch.ones(n, n, dtype=torch.bool)
-    mask[image, image] = image_mask
-    text = torch.arange(num_text) if text_first else torch.arange(num_image, n)
-    return mask, text
+    groups = _token_groups(grid, group)
+    return _with_text(((groups[:, None] - groups[None]).abs() <= torch.tensor(window)).all(-1), num_text, text_first)
 
 
 @pytest.mark.parametrize(
