@@ -21,13 +21,18 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from hasten.kernels import BACKENDS, block_sparse_attention, group_layout, grouped_attention, grouped_backend
+from hasten.kernels import (
+    BACKENDS,
+    GROUPED_BACKENDS,
+    block_sparse_attention,
+    group_layout,
+    grouped_attention,
+    grouped_backend,
+)
 
 from common import machine, median_ms, print_json
 
 HEAD_DIM = 128
-# The pattern each group-aware backend computes: with one of them, the other pattern's rows are left out.
-GROUPED_PATTERN = {"bands": "cross", "windows": "block"}
 MICRO_HEAD_DIM = 32
 
 
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         )
         dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, args.warmup, args.repeats)
         for pattern, window in (("cross", (1, 1, 1)), ("block", (1, 1, 1))):
-            if GROUPED_PATTERN.get(args.backend, pattern) != pattern:
+            if GROUPED_BACKENDS.get(args.backend, pattern) != pattern:
                 continue  # "bands" computes GRAT-X only, "windows" GRAT-B only
             layout = group_layout(
                 shape["grid"],

@@ -235,6 +235,8 @@ def test_compare_grat_reports_times_psnr_density(pipes):
         (dict(window=0), "window"),
         (dict(pattern="diagonal"), "pattern"),
         (dict(backend="cudnn"), "backend"),
+        (dict(backend="windows"), "backend"),  # the windows compute GRAT-B; the default pattern is GRAT-X
+        (dict(pattern="block", backend="bands"), "backend"),
         (dict(dense_steps=-1), "dense_steps"),
         (dict(dense_blocks=(999,)), "dense_blocks"),
         (dict(group_size=(2, 2, 2)), "group_size"),  # (t, h, w) with t > 1 on an image model

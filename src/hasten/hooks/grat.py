@@ -30,7 +30,15 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch.overrides import TorchFunctionMode
 
 from ..adapters import ModelAdapter, adapter_for
-from ..kernels import BACKENDS, PATTERNS, GroupLayout, group_layout, grouped_attention, resolve_backend
+from ..kernels import (
+    BACKENDS,
+    GROUPED_BACKENDS,
+    PATTERNS,
+    GroupLayout,
+    group_layout,
+    grouped_attention,
+    resolve_backend,
+)
 from .clock import DenoisingClock
 
 _HOOK_NAME = "hasten_grat"
@@ -207,6 +215,11 @@ class GratConfig:
             raise ValueError(f"`pattern` must be one of {PATTERNS}, got {self.pattern!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
+        if GROUPED_BACKENDS.get(self.backend, self.pattern) != self.pattern:
+            raise ValueError(
+                f"`backend` {self.backend!r} computes pattern {GROUPED_BACKENDS[self.backend]!r} only; got "
+                f"pattern {self.pattern!r} (use backend 'auto')"
+            )
         for name in ("group_size", "window"):
             value = getattr(self, name)
             if value is None:

@@ -45,11 +45,13 @@ from .grouping import PATTERNS, TILE_SIZES, GroupLayout, default_tile, group_lay
 from .reference import reference_block_sparse_attention
 
 BACKENDS: tuple[str, ...] = ("auto", "flex", "triton", "reference", "bands", "windows")
-# The backends that need a grouped layout, and the one layout pattern each computes.
-_GROUPED = {"bands": (bands, "cross", "GRAT-X"), "windows": (windows, "block", "GRAT-B")}
+GROUPED_BACKENDS: dict[str, str] = {"bands": "cross", "windows": "block"}
+"""The backends that need a grouped layout (:func:`grouped_attention`), and the one pattern each computes."""
+_GROUPED = {"bands": (bands, "GRAT-X"), "windows": (windows, "GRAT-B")}
 
 __all__ = [
     "BACKENDS",
+    "GROUPED_BACKENDS",
     "PATTERNS",
     "TILE_SIZES",
     "GroupLayout",
@@ -238,7 +240,7 @@ def grouped_backend(
     'reference'
     """
     if backend in _GROUPED:
-        module, pattern, name = _GROUPED[backend]
+        (module, name), pattern = _GROUPED[backend], GROUPED_BACKENDS[backend]
         if not module.supports(layout, key_padding):
             raise ValueError(
                 f"backend={backend!r} computes {name} (pattern={pattern!r}) with only text keys masked; got "
