@@ -7,7 +7,7 @@ latent grid (patch 2, VAE 8x spatial / 4x temporal), 256 text tokens (text last)
 
 GRAT time is the whole grouped call a model pays: gather into groups, the block-sparse kernel,
 scatter back (``kernel_ms`` is the kernel alone; the bands and windows backends, "auto" on CPU for
-GRAT-X and GRAT-B (small groups), work in model order and have no separate kernel, so there it is the whole call). ``density`` is the fraction of tile pairs
+GRAT-X and GRAT-B (images, small groups), work in model order and have no separate kernel, so there it is the whole call). ``density`` is the fraction of tile pairs
 computed; ``bound`` is the most GRAT can gain over dense attention on the unpadded sequence
 (1 / (computed tile pairs x tile² / tokens²): 1/density with padding counted as cost).
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         "--backend",
         default="auto",
         choices=BACKENDS,
-        help="auto: triton on CUDA; on CPU bands for GRAT-X, windows for GRAT-B with small groups, else reference",
+        help="auto: triton on CUDA; on CPU bands for GRAT-X, windows for GRAT-B on images with small groups, else reference",
     )
     parser.add_argument("--video", action="store_true", help="also the HunyuanVideo-like 3-D shape")
     parser.add_argument(

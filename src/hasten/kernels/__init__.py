@@ -24,9 +24,9 @@ Two more work on a grouped layout only (:func:`grouped_attention`), where they k
     with the box of key groups its window reaches, cut from the grid as strided windows and run as
     one fused SDPA call (no per-group key lists).
 
-``"auto"`` means Triton on CUDA; elsewhere (CPU, MPS) bands for GRAT-X and windows for GRAT-B with
-small groups (:func:`hasten.kernels.windows.preferred`) where the layout allows them (only text keys
-masked), else the reference.
+``"auto"`` means Triton on CUDA; elsewhere (CPU, MPS) bands for GRAT-X and windows for GRAT-B on an
+image with small groups (:func:`hasten.kernels.windows.preferred`) where the layout allows them (only
+text keys masked), else the reference.
 
 The call goes through the custom op ``hasten::block_sparse_attention`` (and the fused grouped
 call through ``hasten::grouped_block_sparse_attention``) so that
@@ -225,9 +225,9 @@ def grouped_backend(
     backend: str, layout: GroupLayout, device: torch.device | str, key_padding: torch.Tensor | None = None
 ) -> str:
     """The concrete backend :func:`grouped_attention` runs for ``layout`` on ``device``: as
-    :func:`resolve_backend`, except that "auto" off CUDA means "bands" (GRAT-X) or "windows" (GRAT-B with
-    groups small enough: :func:`hasten.kernels.windows.preferred`) where the layout allows it (only text
-    keys masked by ``key_padding``).
+    :func:`resolve_backend`, except that "auto" off CUDA means "bands" (GRAT-X) or "windows" (GRAT-B on an
+    image with small groups: :func:`hasten.kernels.windows.preferred`) where the layout allows it (only
+    text keys masked by ``key_padding``).
 
     Examples
     --------

@@ -49,13 +49,18 @@ def supports(layout: GroupLayout, key_padding: torch.Tensor | None = None) -> bo
 
 
 def preferred(layout: GroupLayout) -> bool:
-    """Whether "auto" runs this backend for ``layout`` (off CUDA): where a tile holds several groups
-    (groups under ~43 tokens). There the reference's per-group SDPA calls are too small to run fast
-    (micro-flux, 4 x 4-token groups: 2-4x slower than the windows). With large groups (Flux's 16 x 16)
-    one tile is one group, the calls are big either way, and the reference, which attends only the
-    keys inside the grid, wastes nothing on the edge boxes' padding (on a 4 x 4-group grid a box holds
-    9 groups where the edge queries read 4-6), so it stays the default there."""
-    return tile_columns(layout) > 1
+    """Whether "auto" runs this backend for ``layout`` (off CUDA): on an image whose tiles hold several
+    groups (groups under ~43 tokens), where it was measured faster than the gathered reference, whose
+    per-group SDPA calls are then too small to run fast (micro-flux, 4 x 4-token groups: 2.38x over
+    dense end to end at 192 x 192 against 1.36x). Elsewhere the reference stays the default:
+
+    * large groups (Flux's 16 x 16): one tile is one group, the calls are big either way, and a box at
+      the edge of a small group grid holds 9 groups where the reference attends the 4-6 inside it
+      (Flux 1024²: 0.91x against the reference's 1.29x);
+    * videos: the box spans 3 time groups too, so on the small grids measured (the Wan micro-world,
+      5-9 latent frames of 8 x 8-12 x 12 tokens) the boxes copy the keys many times over and cover more
+      than the grid itself (0.38-0.69x against 0.94-1.17x)."""
+    return layout.grid[0] == 1 and tile_columns(layout) > 1
 
 
 def tile_columns(layout: GroupLayout) -> int:
