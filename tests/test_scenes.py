@@ -142,6 +142,22 @@ def test_moving_objects_move_by_the_stated_displacement():
         assert not np.array_equal(video.frames[0], video.frames[-1])
 
 
+def test_texture_share_sets_how_many_scenes_lie_on_a_photo():
+    if not scenes.texture_names():
+        pytest.skip("scikit-image is not installed: no textures")
+    seeds = range(400)
+
+    def textured(**kwargs):
+        return [scenes.sample_scene(s, 32, 32, textures=True, **kwargs).background.endswith("texture") for s in seeds]
+
+    default, half = textured(), textured(texture_share=0.5)
+    assert 0.18 < sum(default) / len(seeds) < 0.32  # the documented quarter
+    assert 0.42 < sum(half) / len(seeds) < 0.58
+    assert not any(textured(texture_share=0.0)) and all(textured(texture_share=1.0))
+    # the share only moves the texture draw: every scene textured at a quarter stays textured at a half
+    assert all(h for d, h in zip(default, half) if d)
+
+
 def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="`seed`"):
         scenes.sample_scene(-1)
@@ -151,6 +167,9 @@ def test_bad_arguments_name_themselves():
         scenes.sample_scene(0, jitter=0.6)
     with pytest.raises(ValueError, match="`sizes`"):
         scenes.sample_scene(0, sizes=("huge",))
+    for share in (1.5, -0.1, True, "half"):
+        with pytest.raises(ValueError, match="`texture_share`"):
+            scenes.sample_scene(0, textures=True, texture_share=share)
     with pytest.raises(ValueError, match="`motion`"):
         scenes.sample_video(0, motion="zoom")
     with pytest.raises(ValueError, match="`frames`"):

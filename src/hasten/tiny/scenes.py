@@ -342,6 +342,7 @@ def sample_scene(
     num_objects: int | None = None,
     max_objects: int = 4,
     textures: bool = False,
+    texture_share: float = 0.25,
     jitter: float = 0.1,
     sizes: Sequence[str] | None = None,
 ) -> Scene:
@@ -361,7 +362,9 @@ def sample_scene(
     max_objects : int, default 4
         Upper bound of the random object count.
     textures : bool, default False
-        Allow photo-texture backgrounds (a quarter of the scenes) when scikit-image is installed.
+        Allow photo-texture backgrounds when scikit-image is installed.
+    texture_share : float, default 0.25
+        With ``textures``, the share of scenes drawn on a photo texture (0 to 1).
     jitter : float, default 0.1
         Largest offset of an object's centre from its cell centre, as a fraction of the cell
         (0 <= jitter < 0.5, so the centre stays in its cell).
@@ -386,6 +389,8 @@ def sample_scene(
         raise ValueError(f"`max_objects` must be in 1..9; got {max_objects!r}")
     if num_objects is not None and not 1 <= num_objects <= 9:
         raise ValueError(f"`num_objects` must be in 1..9 (or None for random 1..max_objects); got {num_objects!r}")
+    if isinstance(texture_share, bool) or not isinstance(texture_share, (int, float)) or not 0 <= texture_share <= 1:
+        raise ValueError(f"`texture_share` must be a number in [0, 1] (a share of scenes); got {texture_share!r}")
     if not 0 <= jitter < 0.5:
         raise ValueError(f"`jitter` must be in [0, 0.5) (a fraction of a grid cell); got {jitter!r}")
     size_names = tuple(SIZES) if sizes is None else tuple(sizes)
@@ -416,7 +421,7 @@ def sample_scene(
         )
     available = texture_names() if textures else ()
     texture_box = None
-    if available and rng.random() < 0.25:
+    if available and rng.random() < texture_share:
         name = available[int(rng.integers(len(available)))]
         source = _texture(name)
         # A crop with the canvas's aspect ratio, at least a third of the photo's shorter side.
