@@ -57,7 +57,11 @@ Measured (2026-12-02, 48 held-out axis-aligned pans of :func:`pan_test_seeds`, f
 
 A longer transformer phase alone was tried (2026-12-03, not shipped): ``train_wan(out, steps=1800, seed=1,
 init=trained.path("wan"))``, 42 minutes, lowered the loss to 0.095 but not the opposite-direction gap
-(0.0948 vs 0.0946) and still generated static clips (0% pan). docs/microworld.md has the details.
+(0.0948 vs 0.0946) and still generated static clips (0% pan). Neither did pans over photo textures
+(``scenes.sample_scene(texture_share=...)``) nor a refined decoder. On the way it was found that this VAE codes
+one picture differently at each latent frame (a still clip's latents change between frames and grow with the
+frame index), so a pan is not a shift in latent space: a stationary VAE is the next step. docs/microworld.md
+has the details.
 """
 
 from __future__ import annotations
