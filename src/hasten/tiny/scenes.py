@@ -48,6 +48,8 @@ import cv2
 import numpy as np
 import torch
 
+from .._validation import check_number
+
 __all__ = [
     "BACKGROUNDS",
     "COLOURS",
@@ -389,8 +391,7 @@ def sample_scene(
         raise ValueError(f"`max_objects` must be in 1..9; got {max_objects!r}")
     if num_objects is not None and not 1 <= num_objects <= 9:
         raise ValueError(f"`num_objects` must be in 1..9 (or None for random 1..max_objects); got {num_objects!r}")
-    if isinstance(texture_share, bool) or not isinstance(texture_share, (int, float)) or not 0 <= texture_share <= 1:
-        raise ValueError(f"`texture_share` must be a number in [0, 1] (a share of scenes); got {texture_share!r}")
+    check_number(texture_share, "texture_share", 0, 1, why="a share of scenes")
     if not 0 <= jitter < 0.5:
         raise ValueError(f"`jitter` must be in [0, 0.5) (a fraction of a grid cell); got {jitter!r}")
     size_names = tuple(SIZES) if sizes is None else tuple(sizes)
