@@ -55,6 +55,17 @@ def test_a_still_video_translates_to_still_frames(warp_pipe):
     assert int(np.abs(out.frames.astype(int) - out.frames[:1]).max()) <= 1
 
 
+def test_a_vae_that_downsamples_by_2_gets_noise_and_flow_on_its_own_latent_grid():
+    """SD 1.5's VAE downsamples 8x, the micro-world's 2x: the noise and the warped latents follow the VAE."""
+    from hasten.tiny.micro_sd15 import build_pipeline
+
+    pipe = LatentWarpPipeline.from_pipe(build_pipeline())  # untrained: only the shapes matter here
+    assert pipe.pipe.vae_scale_factor == 2
+    frames, _ = panned(frames=3, size=(32, 48), step=(2, 0))
+    out = pipe(video=frames, prompt="a red circle", num_inference_steps=3, progress=False)
+    assert out.frames.shape == (3, 32, 48, 3) and out.warped_steps > 0 and out.seconds["warp"] > 0
+
+
 def test_from_pipe_keeps_the_callers_scheduler_and_removes_its_processors():
     pipe = hasten.tiny.pipeline("sd15")
     processors = dict(pipe.unet.attn_processors)

@@ -308,7 +308,7 @@ class LatentWarpPipeline:
         guided = guidance_scale > 1.0
         prompt_embeds, negative_embeds = pipe.encode_prompt(prompt, device, 1, guided, negative_prompt)
         embeds = torch.cat([negative_embeds, prompt_embeds]) if guided else prompt_embeds
-        latent_size = (height // 8, width // 8)
+        latent_size = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         if generator is None:
             generator = torch.Generator().manual_seed(check_int(seed, "seed", 0))
         elif not isinstance(generator, torch.Generator):
