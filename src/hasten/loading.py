@@ -22,6 +22,10 @@ from . import tiny
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+MICRO_WORLDS: dict[str, str] = {"micro-flux": "flux", "micro-sd15": "sd15"}
+"""``--model`` names of the trained diffusion micro-worlds (shipped weights, real pictures) -> their
+:data:`hasten.tiny.trained.REGISTRY` names: FLUX (GRAT, editing) and Stable Diffusion 1.5 (LatentWarp)."""
+
 MARKERS = {"diffusers": "model_index.json", "transformers": "config.json"}
 _KINDS = {"diffusers": "a diffusers pipeline", "transformers": "a transformers model"}
 
@@ -173,15 +177,16 @@ def resolve_model(model: str, kind: str = "diffusers", argument: str = "--model"
 
 
 def pipeline_source(model: str, argument: str = "--model") -> str | None:
-    """None for an embedded tiny pipeline, else what ``DiffusionPipeline.from_pretrained`` loads
-    (see :func:`resolve_model`); a clear ``ValueError`` for anything else, before anything loads.
+    """None for an embedded pipeline (a tiny model or a trained micro-world, :data:`MICRO_WORLDS`), else what
+    ``DiffusionPipeline.from_pretrained`` loads (see :func:`resolve_model`); a clear ``ValueError`` for anything
+    else, before anything loads.
 
     Examples
     --------
-    >>> pipeline_source("tiny-flux") is None
-    True
+    >>> pipeline_source("tiny-flux") is None, pipeline_source("micro-sd15") is None
+    (True, True)
     """
-    if tiny.is_tiny(model):
+    if tiny.is_tiny(model) or model in MICRO_WORLDS:
         return None
     if model.startswith("tiny-") and not Path(model).exists():
         raise ValueError(
@@ -209,10 +214,11 @@ def load_pipeline(model: str, dtype: str | torch.dtype | None = None, device: st
     Parameters
     ----------
     model : str
-        ``"tiny-flux"``, ``"tiny-sd3"``, ... (offline random-weight models, see :mod:`hasten.tiny`),
-        or any diffusers model id / local folder, loaded with ``DiffusionPipeline.from_pretrained``.
+        ``"micro-flux"``, ``"micro-sd15"`` (the trained micro-worlds, :data:`MICRO_WORLDS`), ``"tiny-flux"``,
+        ``"tiny-sd3"``, ... (offline random-weight models, see :mod:`hasten.tiny`), or any diffusers model id /
+        local folder, loaded with ``DiffusionPipeline.from_pretrained``.
     dtype : str or torch.dtype, optional
-        Default float32 for tiny models and on CPU, bfloat16 on CUDA.
+        Default float32 for tiny models, micro-worlds and on CPU, bfloat16 on CUDA.
     device : str, optional
         Default "cuda" when available, else "cpu".
 
@@ -228,7 +234,16 @@ def load_pipeline(model: str, dtype: str | torch.dtype | None = None, device: st
             raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
     source = pipeline_source(model)
-    if source is None:
+    if model in MICRO_WORLDS:
+        from .tiny import trained
+
+        name = MICRO_WORLDS[model]
+        if not trained.is_shipped(name):
+            raise ValueError(
+                f"--model {model}: no trained weights in {trained.path(name)}; train them with `hasten tiny train {name}`"
+            )
+        pipe = trained.load(name, dtype=dtype or torch.float32)
+    elif source is None:
         pipe = tiny.pipeline(tiny.MODEL_IDS[model], torch_dtype=dtype or torch.float32)
     else:
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)

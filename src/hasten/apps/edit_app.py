@@ -42,8 +42,8 @@ from hasten.apps.launcher import (
     to_image,
     whole_number,
 )
-from hasten.cli.generate import MICRO_FLUX, load_model
-from hasten.loading import working_size
+from hasten.cli.generate import MICRO_FLUX
+from hasten.loading import load_pipeline, working_size
 from hasten.measure import psnr
 from hasten.pipelines.consistedit import ConsistEditPipeline
 from hasten.tiny.micro_diffusion import CALL_DEFAULTS
@@ -196,7 +196,7 @@ def build_demo(model: str = MICRO_FLUX, device: str | None = None, dtype: str | 
         size = dict(MICRO_SIZE, max_sequence_length=CALL_DEFAULTS["max_sequence_length"])
     else:
         size = working_size(model)
-    editor = ConsistEditPipeline.from_pipe(load_model(model, dtype, device), **size)
+    editor = ConsistEditPipeline.from_pipe(load_pipeline(model, dtype, device), **size)
     if editor.video is not None:
         raise ValueError("the editing app edits images: use an SD3 or Flux model (videos: `hasten edit --video`)")
     run = EditRun(editor, model)

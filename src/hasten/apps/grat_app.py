@@ -50,9 +50,9 @@ from hasten.cli.generate import (
     MICRO_FLUX,
     MICRO_GROUP,
     MICRO_PROMPT,
-    load_model,
 )
 from hasten.cli.generate import difference as difference_image  # (the app's own `difference` is a local)
+from hasten.loading import load_pipeline
 from hasten.measure import compare_grat
 
 __all__ = ["GratRun", "build_demo", "main", "to_image"]
@@ -189,7 +189,7 @@ def build_demo(model: str = MICRO_FLUX, device: str | None = None, dtype: str | 
             )
     else:
         size = {"height": FULL_SIZE, "width": FULL_SIZE}
-    pipe = load_model(model, dtype=dtype, device=device)
+    pipe = load_pipeline(model, dtype=dtype, device=device)
     if getattr(pipe, "transformer", None) is None:
         raise ValueError(
             f"GRAT needs a diffusion transformer: `model` {model!r} loads {type(pipe).__name__}, which has none "

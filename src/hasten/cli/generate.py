@@ -110,27 +110,6 @@ def _prompt(args: argparse.Namespace) -> str:
     return MICRO_PROMPT if args.model == MICRO_FLUX else DEFAULT_PROMPT
 
 
-def load_model(model: str, dtype: str | None = None, device: str | None = None):
-    """The pipeline ``--model`` names: the trained micro-flux, a tiny model, or a diffusers id / folder."""
-    args = argparse.Namespace(model=model, dtype=dtype, device=device)
-    return _load(args)
-
-
-def _load(args: argparse.Namespace):
-    if args.model != MICRO_FLUX:
-        return load_pipeline(args.model, dtype=args.dtype, device=args.device)
-    from ..loading import check_device
-    from ..tiny import trained
-
-    device = check_device(args.device)
-    if not trained.is_shipped("flux"):
-        raise ValueError(
-            f"--model {MICRO_FLUX}: no trained weights in {trained.path('flux')}; "
-            "train them with `hasten tiny train flux`"
-        )
-    return trained.load("flux", dtype=DTYPES[args.dtype] if args.dtype else torch.float32).to(device)
-
-
 def _call_kwargs(args: argparse.Namespace, pipe) -> dict:
     kwargs: dict = {"prompt": _prompt(args)}
     if args.model == MICRO_FLUX:
@@ -237,7 +216,7 @@ def generate(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out")
     if args.compare and args.grat == "off":
         raise ValueError("--compare compares dense with GRAT: choose --grat cross or block")
-    pipe = _load(args)
+    pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
     kwargs = _call_kwargs(args, pipe)
     print(
         f"model {args.model} ({type(pipe).__name__}) on {pipe.device}; "
