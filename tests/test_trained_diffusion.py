@@ -54,6 +54,12 @@ def test_registry_names_and_paths():
         trained.path("nope")
 
 
+def test_shipped_weights_fit_the_package_budget():
+    """All micro-world weights together stay within 30 MB (issue 19's budget for the package)."""
+    total = sum(file.stat().st_size for file in trained.WEIGHTS.rglob("*") if file.is_file())
+    assert total <= 30_000_000, f"{total / 1e6:.2f} MB"
+
+
 def test_tiny_list_prints_every_entry(capsys):
     assert main(["tiny", "list"]) == 0
     printed = capsys.readouterr().out

@@ -31,7 +31,12 @@ def register(commands) -> None:
     )
     parser.add_argument("--prompt", help="prompt for every input (required without --jobs)")
     parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--model", default="tiny-sd15", help="tiny-sd15 or a Stable Diffusion 1.x/2.x model id/folder")
+    parser.add_argument(
+        "--model",
+        default="tiny-sd15",
+        help="tiny-sd15 (random weights, fast), micro-sd15 (trained on hasten's scenes: real content) "
+        "or a Stable Diffusion 1.x/2.x model id/folder (default: tiny-sd15)",
+    )
     parser.add_argument("--strength", type=fraction, default=0.75, help="img2img strength (default 0.75)")
     parser.add_argument("--steps", type=positive, default=20, help="denoising steps (default 20)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")

@@ -61,6 +61,7 @@ REGISTRY: dict[str, str] = {
     "llava-draft": "hasten.tiny.micro_vlm:train_llava_draft",
     "qwen2.5-vl": "hasten.tiny.micro_vlm:train_qwen25_vl",
     "wan": "hasten.tiny.micro_video:train_wan",
+    "sd15": "hasten.tiny.micro_sd15:train_sd15",
 }
 """Micro-world name -> ``"module:function"`` that trains it (imported only when used)."""
 
