@@ -55,6 +55,20 @@ def test_a_still_video_translates_to_still_frames(warp_pipe):
     assert int(np.abs(out.frames.astype(int) - out.frames[:1]).max()) <= 1
 
 
+def test_the_vae_encodes_each_frame_in_its_own_value_range(warp_pipe, monkeypatch):
+    """The VAE sees each source frame as SD does, pixels mapped from 0..255 to -1..1 (frame / 127.5 - 1):
+    uint8 frames passed as they are to the image processor came out as -1..509 (the source lost)."""
+    frames, _ = panned(frames=2, size=(40, 56))
+    seen = []
+    encode = warp_pipe.pipe.vae.encode
+    monkeypatch.setattr(warp_pipe.pipe.vae, "encode", lambda x, *a, **k: seen.append(x.clone()) or encode(x, *a, **k))
+    warp_pipe(video=frames, prompt="a sketch", num_inference_steps=2, progress=False)
+    assert len(seen) == 2
+    for image, frame in zip(seen, frames):
+        expected = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 127.5 - 1
+        assert torch.allclose(image, expected, atol=1e-6)
+
+
 def test_a_vae_that_downsamples_by_2_gets_noise_and_flow_on_its_own_latent_grid():
     """SD 1.5's VAE downsamples 8x, the micro-world's 2x: the noise and the warped latents follow the VAE."""
     from hasten.tiny.micro_sd15 import build_pipeline

@@ -323,7 +323,10 @@ class LatentWarpPipeline:
             bar = tqdm(range(len(frames)), desc="frames", unit="frame", disable=not progress)
             for index in bar:
                 state.begin_frame(index)
-                image = pipe.image_processor.preprocess(frames[index]).to(device, pipe.vae.dtype)
+                # uint8 frames as floats in [0, 1]: the image processor maps those to the VAE's [-1, 1]
+                # (it would map raw 0-255 values to -1..509)
+                frame = frames[index].astype(np.float32) / 255.0
+                image = pipe.image_processor.preprocess(frame).to(device, pipe.vae.dtype)
                 source = pipe.vae.encode(image).latent_dist.mean * scaling
                 timesteps = self._timesteps(num_inference_steps, strength)
                 latents = pipe.scheduler.add_noise(source.to(noise.dtype), noise, timesteps[:1])
