@@ -68,3 +68,16 @@ def test_bad_input_is_a_gradio_error(tmp_path):
         demo(None, "x", 0.75, 0, 0.3, True, False, api_name="run")
     with pytest.raises(gr.Error, match="minimum"):  # the slider itself refuses it
         demo(None, "x", 0.0, 2, 0.3, True, False, api_name="run")
+
+
+def test_micro_world_default_recolours_its_panning_scene_and_says_how_often():
+    from hasten.apps.video_app import MICRO_SD15, micro_example
+
+    clip = micro_example()
+    demo = build_demo(MICRO_SD15)  # the default model: no "Random weights" notice, a judged example
+    shown, warped, per_frame, report = demo(None, clip.prompt, 0.75, 20, 0.8, True, True, api_name="run")
+    assert read_video(shown).frames.shape == clip.video.frames.shape
+    assert f"a camera panning over {clip.video.scene.objects[0].noun_phrase}" in report, report
+    assert f"object reads as {clip.target}" in report, report
+    rows = [line for line in report.splitlines() if line.startswith(("| LatentWarp", "| per-frame"))]
+    assert len(rows) == 2 and all(row.rstrip().endswith("of frames |") for row in rows), report

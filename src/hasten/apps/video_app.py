@@ -1,12 +1,16 @@
 """LatentWarp demo: translate a video, and see it beside its input and a per-frame translation.
 
-Run it with ``hasten app video [--model tiny-sd15] [--port 7860]`` or ``python -m hasten.apps.video_app``.
+Run it with ``hasten app video [--model micro-sd15] [--port 7860]`` or ``python -m hasten.apps.video_app``.
 The model is loaded once, when the app is built. Every Run translates the video with LatentWarp
 and, when "compare" is on, also frame by frame (no warping, no cross-frame attention) from the
 same noise, then shows the input (the frames that were translated), both translations side by
 side and the warp error of each (the output warped along the SOURCE video's optical flow onto
-the next frame, occluded pixels left out: lower is more coherent). Without an upload it uses a
-panned photo.
+the next frame, occluded pixels left out: lower is more coherent).
+
+The default model is ``micro-sd15``, the Stable Diffusion 1.5 micro-world trained on hasten's scenes
+(:mod:`hasten.tiny.micro_sd15`): without an upload it translates a camera panning over one of its
+held-out scenes with a prompt that recolours the object, and the report says in how many frames the
+object reads as the asked colour. With another model, the input without an upload is a panned photo.
 
 Any video OpenCV decodes can be uploaded (mp4v, MJPG, H.264, VP9, ...): the app shows it
 re-encoded to VP9 WebM by OpenCV's own bundled encoder (no system ffmpeg needed), so it plays
@@ -14,7 +18,7 @@ in the browser whatever its codec.
 
 Examples
 --------
->>> demo = build_demo("tiny-sd15")
+>>> demo = build_demo("tiny-sd15")  # random weights: fast, the pictures are noise
 >>> shown, warped, per_frame, report = demo(None, "a watercolor painting", 0.75, 4, 0.8, True, True, api_name="run")
 >>> all(path.endswith(".webm") for path in (shown, warped, per_frame)) and "warp error" in report
 True
@@ -36,10 +40,16 @@ import torch
 from hasten.apps.launcher import add_common_args, connect_run, launch, random_weights_notice, size_text, whole_number
 from hasten.loading import load_pipeline
 from hasten.pipelines.latentwarp import LatentWarpPipeline
+from hasten.tiny import scenes
+from hasten.tiny.micro_sd15 import DRAW_SIZE, RecolourClip, recolour_clip, recolour_scores
 from hasten.tiny.motion import panned
 from hasten.video import read_video, write_video
 
-__all__ = ["VideoRun", "build_demo", "main"]
+__all__ = ["MICRO_SD15", "VideoRun", "build_demo", "main"]
+
+MICRO_SD15 = "micro-sd15"
+"""The default ``--model``: the trained SD 1.5 micro-world (:data:`hasten.loading.MICRO_WORLDS`)."""
+MICRO_EXAMPLE_SEED = scenes.HELD_OUT_SEEDS[5]  # a held-out scene: a cyan square in view as the camera pans
 
 MAX_FRAMES = 16  # the demo translates at most this many frames
 MAX_SIDE = 512
@@ -53,12 +63,19 @@ def default_frames() -> np.ndarray:
     return frames
 
 
+def micro_example() -> RecolourClip:
+    """The micro-world's input without an upload: a camera panning over a held-out one-object scene, 8 frames
+    at the size micro-sd15 draws, and the prompt that recolours the object."""
+    return recolour_clip(MICRO_EXAMPLE_SEED, *DRAW_SIZE, frames=8)
+
+
 class VideoRun:
     """The Translate button: the input as shown, LatentWarp's and per-frame translations, and a report."""
 
     def __init__(self, pipe: LatentWarpPipeline, model: str):
         self.pipe, self.model = pipe, model
         self.folder = Path(tempfile.mkdtemp(prefix="hasten-video-app-"))
+        self.example = micro_example() if model == MICRO_SD15 else None
 
     def _write(self, frames: np.ndarray | torch.Tensor, name: str, fps: float) -> str:
         """VP9 WebM (plays in every browser), written by OpenCV's bundled encoder."""
@@ -68,6 +85,9 @@ class VideoRun:
         """The frames the app translates (at most MAX_FRAMES, longest side at most MAX_SIDE, sides
         multiples of 8), their fps and a name; an unreadable upload is a ``gr.Error``."""
         if not video:
+            if self.example is not None:
+                scene = self.example.video.scene.objects[0].noun_phrase
+                return self.example.video.frames, DEFAULT_FPS, f"a camera panning over {scene} (no upload)"
             return default_frames(), DEFAULT_FPS, "a panned photo (no upload)"
         try:
             clip = read_video(video, max_frames=MAX_FRAMES)
@@ -114,18 +134,26 @@ class VideoRun:
                 out = self.pipe(video=frames, **settings, **options)
                 seconds = time.perf_counter() - start
                 videos.append(self._write(out.frames, label, fps))
-                lines.append((label, out.warp_error, seconds, out.seconds))
+                lines.append((label, out.warp_error, seconds, out.seconds, out.frames))
         except ValueError as error:
             raise gr.Error(str(error)) from error
+        # the default micro-world clip has a known object: say whether each run recoloured it
+        judged = self.example if not video and self.example is not None else None
+        header = "| run | warp error | seconds | flow + warp |"
+        if judged is not None:
+            header += f" object reads as {judged.target} |"
         report = [
             f"**{name}**: {len(frames)} frames of {size_text(*frames.shape[1:3])} at {fps:g} fps, "
             f"{self.model} on {self.pipe.device}",
             "",
-            "| run | warp error | seconds | flow + warp |",
-            "| --- | --- | --- | --- |",
+            header,
+            "|" + " --- |" * (header.count("|") - 1),
         ]
-        for label, error, seconds, parts in lines:
-            report.append(f"| {label} | {error:.4f} | {seconds:.2f} | {parts['flow'] + parts['warp']:.2f} |")
+        for label, error, seconds, parts, output in lines:
+            row = f"| {label} | {error:.4f} | {seconds:.2f} | {parts['flow'] + parts['warp']:.2f} |"
+            if judged is not None:
+                row += f" {recolour_scores(output, judged)['recoloured']:.0%} of frames |"
+            report.append(row)
         if compare:
             ratio = lines[1][1] / max(lines[0][1], 1e-9)
             verdict = f"**{ratio:.2f}x lower**" if ratio >= 1 else f"**{1 / max(ratio, 1e-9):.2f}x higher**"
@@ -133,10 +161,8 @@ class VideoRun:
         return self._write(frames, "input", fps), videos[0], (videos[1] if compare else None), "\n".join(report)
 
 
-def build_demo(
-    model: str = "tiny-sd15", device: str | None = None, dtype: str | torch.dtype | None = None
-) -> gr.Blocks:
-    """The LatentWarp app for ``model`` (``tiny-sd15`` or a Stable Diffusion 1.x/2.x id), loaded once.
+def build_demo(model: str = MICRO_SD15, device: str | None = None, dtype: str | torch.dtype | None = None) -> gr.Blocks:
+    """The LatentWarp app for ``model`` (``micro-sd15``, ``tiny-sd15`` or a Stable Diffusion 1.x/2.x id), loaded once.
 
     Examples
     --------
@@ -146,9 +172,14 @@ def build_demo(
     pipe = LatentWarpPipeline.from_pipe(load_pipeline(model, dtype, device))
     run = VideoRun(pipe, model)
     steps_default = EXAMPLE_STEPS if model.startswith("tiny") else 20
-    # The example is an upload as OpenCV writes it by default (mp4v in .mp4): browsers cannot play
-    # that codec, so it also shows the re-encoding at work.
-    example = str(write_video(default_frames(), run.folder / "panned-photo.mp4", fps=DEFAULT_FPS))
+    if run.example is not None:
+        # the micro-world's example is its default clip (no upload), judged in the report
+        example, prompt_default, example_steps = None, run.example.prompt, steps_default
+    else:
+        # an upload as OpenCV writes it by default (mp4v in .mp4): browsers cannot play that codec,
+        # so the example also shows the re-encoding at work
+        example = str(write_video(default_frames(), run.folder / "panned-photo.mp4", fps=DEFAULT_FPS))
+        prompt_default, example_steps = "a watercolor painting", EXAMPLE_STEPS
     with gr.Blocks(title="hasten · LatentWarp video translation") as demo:
         gr.Markdown(
             f"# LatentWarp video-to-video translation\n`{model}` on `{pipe.device}`. Each frame is "
@@ -163,12 +194,13 @@ def build_demo(
         with gr.Row():
             with gr.Column(scale=1):
                 source = gr.File(
-                    label="Source video (any codec OpenCV reads; empty: a panned photo)",
+                    label="Source video (any codec OpenCV reads; empty: "
+                    + ("a panning scene)" if run.example is not None else "a panned photo)"),
                     file_types=["video"],
                     type="filepath",
                     elem_id="source",
                 )
-                prompt = gr.Textbox(label="Prompt", value="a watercolor painting", elem_id="prompt")
+                prompt = gr.Textbox(label="Prompt", value=prompt_default, elem_id="prompt")
                 with gr.Row():
                     strength = gr.Slider(0.1, 1.0, value=0.75, step=0.05, label="Strength", elem_id="strength")
                     steps = gr.Number(label="Steps", value=steps_default, precision=0, elem_id="steps")
@@ -206,8 +238,10 @@ def build_demo(
             run,
             inputs,
             outputs,
-            [[example, "a watercolor painting", 0.75, EXAMPLE_STEPS, 0.8, True, True]],
-            "Example: an mp4v upload, LatentWarp vs per-frame (one click)",
+            [[example, prompt_default, 0.75, example_steps, 0.8, True, True]],
+            "Example: LatentWarp vs per-frame (one click)"
+            if example is None
+            else "Example: an mp4v upload, LatentWarp vs per-frame (one click)",
         )
         source.change(run.preview, source, shown, api_name="preview")
     return demo
@@ -216,7 +250,7 @@ def build_demo(
 def main(argv: list[str] | None = None) -> int:
     """``hasten app video``: parse the common app flags, build the demo and serve it until stopped."""
     parser = argparse.ArgumentParser(prog="hasten app video", description="Gradio app: LatentWarp video translation.")
-    add_common_args(parser, default_model="tiny-sd15")
+    add_common_args(parser, default_model=MICRO_SD15)
     args = parser.parse_args(argv)
     launch(
         build_demo(args.model, device=args.device, dtype=args.dtype), host=args.host, port=args.port, share=args.share

@@ -213,18 +213,19 @@ def validation_loss(
     size: tuple[int, int] = DRAW_SIZE,
     timesteps: tuple[int, ...] = (250, 500, 750),
     captions: list[str] | None = None,
+    num_objects: int | None = None,
 ) -> float:
     """The epsilon-prediction loss (as in training) of ``pipe`` on the scenes of ``seeds`` (use
     :data:`hasten.tiny.scenes.HELD_OUT_SEEDS`) at fixed timesteps and noise; ``captions`` replaces the scenes'
     own (e.g. shuffled ones: how much lower the loss is with the true captions measures how much the model
-    reads the prompt).
+    reads the prompt); ``num_objects`` fixes the scenes' object count (default: 1-4).
 
     Examples
     --------
     >>> validation_loss(build_pipeline(), range(2), timesteps=(500,)) > 0.5  # untrained
     True
     """
-    batch = scenes.batch(list(seeds), *size)
+    batch = scenes.batch(list(seeds), *size, num_objects=num_objects)
     captions = batch.captions if captions is None else list(captions)
     if len(captions) != len(batch.captions):
         raise ValueError(f"`captions` must give one caption per seed ({len(batch.captions)}); got {len(captions)}")
