@@ -28,6 +28,15 @@ def seeded():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test (training tests: their results do not depend on the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Without a GPU, Triton kernels run in the interpreter (set before anything imports triton).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -13,13 +13,7 @@ from safetensors.torch import load_file
 from hasten.tiny import micro_video as mv
 from hasten.tiny import scenes, trained
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weights(folder: pathlib.Path) -> dict[str, torch.Tensor]:

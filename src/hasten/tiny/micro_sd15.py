@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._validation import check_int, check_number
 from . import scenes
 from .micro_diffusion import _average_into, _lr, _set_lr
 from .trained import load_checkpoint, run_phase, save_checkpoint, step_generator
@@ -295,14 +296,11 @@ def train_sd15(
     'StableDiffusionPipeline'
     """
     out = pathlib.Path(out)
-    steps = DEFAULT_STEPS if steps is None else steps
-    prompt_steps = PROMPT_STEPS if prompt_steps is None else prompt_steps
-    for name, value in (("steps", steps), ("prompt_steps", prompt_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}")
+    steps = check_int(DEFAULT_STEPS if steps is None else steps, "steps")
+    prompt_steps = check_int(PROMPT_STEPS if prompt_steps is None else prompt_steps, "prompt_steps")
+    check_int(seed, "seed", minimum=0)
     for name, value in (("lr", lr), ("prompt_lr", prompt_lr)):
-        if not value > 0:
-            raise ValueError(f"`{name}` must be > 0; got {value!r}")
+        check_number(value, name, 0, open_low=True)
     pipe = build_pipeline(seed, vae_folder)
     unet, text_encoder = pipe.unet, pipe.text_encoder
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
