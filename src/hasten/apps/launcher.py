@@ -69,7 +69,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, default_model: str = "ti
     parser.add_argument(
         "--model",
         default=default_model,
-        help=f"embedded tiny model (tiny-flux, ...) or a diffusers model id / local folder (default: {default_model})",
+        help="a trained micro-world (micro-flux, micro-sd15, ...: real pictures), an embedded random-weight tiny "
+        f"model (tiny-flux, ...) or a model id / local folder (default: {default_model})",
     )
     parser.add_argument(
         "--host",
