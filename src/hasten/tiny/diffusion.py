@@ -49,7 +49,17 @@ from .tokenizers import clip_tokenizer, llama_tokenizer, t5_tokenizer
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-__all__ = ["KINDS", "MODEL_IDS", "default_size", "is_tiny", "path", "pipeline"]
+__all__ = ["KINDS", "MODEL_IDS", "SD15_NOISE_SCHEDULE", "default_size", "is_tiny", "path", "pipeline"]
+
+SD15_NOISE_SCHEDULE: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+"""stable-diffusion-v1-5's noise schedule (its scheduler config), shared by the tiny and the trained SD 1.5."""
 
 KINDS: tuple[str, ...] = ("flux", "sd3", "hunyuan-video", "wan", "cogvideox", "sd15")
 """The tiny model families, as accepted by :func:`path` and :func:`pipeline`."""
@@ -542,15 +552,7 @@ def _sd15() -> dict[str, Any]:
         "text_encoder": _make("text_encoder", lambda: CLIPTextModel(_clip_config(clip))),
         "tokenizer": clip,
         # runwayml/stable-diffusion-v1-5's scheduler config.
-        "scheduler": PNDMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            set_alpha_to_one=False,
-            skip_prk_steps=True,
-            steps_offset=1,
-        ),
+        "scheduler": PNDMScheduler(**SD15_NOISE_SCHEDULE, skip_prk_steps=True),
     }
     return {
         "cls": StableDiffusionPipeline,

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .._validation import check_int, check_number
 from . import scenes
+from .diffusion import SD15_NOISE_SCHEDULE
 from .micro_diffusion import _average_into, _lr, _set_lr
 from .trained import load_checkpoint, run_phase, save_checkpoint, step_generator
 
@@ -132,15 +133,7 @@ def build_pipeline(seed: int = 0, vae_folder: str | pathlib.Path | None = None):
             )
         )
     # stable-diffusion-v1-5's noise schedule, with DDIM (LatentWarp's sampler).
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = DDIMScheduler(**SD15_NOISE_SCHEDULE, clip_sample=False)
     return StableDiffusionPipeline(
         vae=vae.eval().requires_grad_(False),
         text_encoder=text_encoder.eval(),
