@@ -1,8 +1,9 @@
 """The Stable Diffusion 1.5 micro-world: a small ``StableDiffusionPipeline`` trained on :mod:`hasten.tiny.scenes`.
 
-It is the model LatentWarp's video translation runs on by default (``hasten app video``,
-``hasten translate``, ``benchmarks/latentwarp.py --microworld``), so a translated clip shows real
-content: shapes recoloured by the prompt and kept in step with the source video's motion.
+It is the model ``hasten app video`` opens on (also ``hasten translate --model micro-sd15`` and
+``benchmarks/latentwarp.py --microworld N``), so a LatentWarp translation shows real content: an object
+recoloured by the prompt, the background kept. It draws colours, not shapes or places: a recoloured
+object comes out as a blob where the source had it (measurements: docs/microworld.md).
 
 ``hasten tiny train sd15`` (:func:`train_sd15`) trains, on one seeded, resumable run, a
 ``UNet2DConditionModel`` (SD 1.5's block layout at a small width: 32/64/64 channels, cross-attention in
@@ -13,8 +14,9 @@ retrained: it is micro-flux's (:mod:`hasten.tiny.micro_diffusion`, 2x spatial, 4
 purely convolutional), copied into this pipeline, with its ``shift_factor`` dropped because
 Stable Diffusion pipelines scale latents without shifting them.
 
-Data: scenes of 1-4 objects on square canvases of 48-96 px (:data:`TRAIN_SIDES`, a constant pixel
-budget per batch), a quarter on photo textures. Captions: 45% the scene caption with places, 35% the
+Data: the *look* phase draws scenes of 1-4 objects on square canvases of 48-96 px (:data:`TRAIN_SIDES`, a
+constant pixel budget per batch), the *prompt* phase one-object scenes at :data:`DRAW_SIZE`; a quarter lie
+on photo textures. Captions: 45% the scene caption with places, 35% the
 objects without places (``"a red circle and a small blue square"``: what a video translation asks for,
 since objects move between cells), 10% naming the background too, 10% empty (so classifier-free guidance
 works). The saved weights are exponential moving averages, stored in float16 (the package's weight budget:
@@ -24,6 +26,9 @@ works). The saved weights are exponential moving averages, stored in float16 (th
     from hasten.tiny.micro_sd15 import CALL_DEFAULTS
     pipe = trained.load("sd15")
     image = pipe("a red circle at the top left", **CALL_DEFAULTS).images[0]
+
+The shipped weights (``hasten/tiny/weights/sd15``) are ``train_sd15(out)`` with the defaults (800 look +
+1500 prompt steps, about 70 minutes on one CPU thread; ``hasten tiny train sd15 --threads 1``).
 """
 
 from __future__ import annotations
