@@ -138,7 +138,7 @@ class VideoRun:
         except ValueError as error:
             raise gr.Error(str(error)) from error
         # the default micro-world clip has a known object: say whether each run recoloured it
-        judged = self.example if not video and self.example is not None else None
+        judged = None if video else self.example
         header = "| run | warp error | seconds | flow + warp |"
         if judged is not None:
             header += f" object reads as {judged.target} |"
