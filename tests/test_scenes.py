@@ -91,6 +91,30 @@ def test_rendering_is_anti_aliased_and_scales():
     assert large.centre == pytest.approx((2 * obj.centre[0], 2 * obj.centre[1]))
 
 
+@pytest.mark.parametrize("textures", [False, True])
+def test_coverage_is_where_the_objects_change_the_pixels(textures):
+    """``coverage`` is 1 inside every shape, 0 where the render equals the scene drawn without its objects,
+    and the render is the bare canvas blended towards each object's colour by it (single objects)."""
+    import dataclasses
+
+    for seed in scenes.HELD_OUT_SEEDS[:12]:
+        scene = scenes.sample_scene(seed, 56, 72, textures=textures, texture_share=1.0 if textures else 0.0)
+        mask = scenes.coverage(scene)
+        image = scene.render().astype(np.float32)
+        bare = dataclasses.replace(scene, objects=()).render().astype(np.float32)
+        changed = np.abs(image - bare).max(-1) > 0.5
+        assert mask.shape == (56, 72) and mask.min() >= 0 and mask.max() == 1.0
+        assert not changed[mask == 0].any()  # nothing drawn outside the coverage
+        assert (mask[changed] > 0).all()
+        for obj in scene.objects:
+            x, y = obj.probe()
+            assert mask[y, x] == 1.0
+        if len(scene.objects) == 1:
+            colour = np.array(scene.objects[0].rgb, np.float32)
+            blended = bare * (1 - mask[..., None]) + colour * mask[..., None]
+            assert np.abs(blended - image).max() <= 1.0
+
+
 def test_batch_returns_tensors_and_cell_labels_agree():
     out = scenes.batch([scenes.HELD_OUT_SEEDS[0], scenes.HELD_OUT_SEEDS[1]], 32, 48)
     assert out.images.shape == (2, 3, 32, 48) and out.images.dtype == torch.float32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import pytest
@@ -251,6 +252,8 @@ def test_flux_training_resumes_identically(tmp_path):
         ({"prompt_sides": (30,)}, "prompt_sides"),
         ({"prompt_sides": ()}, "prompt_sides"),
         ({"prompt_sides": (64, 96), "place_side": 128}, "place_side"),
+        ({"object_weight": 0.5}, "object_weight"),
+        ({"object_weight": "8"}, "object_weight"),
     ],
 )
 def test_flux_training_rejects_bad_prompt_phase_settings(tmp_path, bad, name):
@@ -284,6 +287,48 @@ def test_prompt_phase_names_places_only_on_the_place_side(monkeypatch, place_sid
     assert any(place in caption for caption in reference for place in places), reference
     assert seen and not any(place in caption for caption in seen for place in places), seen
     assert any(caption for caption in seen)  # objects still named
+
+
+@pytest.mark.parametrize("object_weight", [1.0, 8.0])
+def test_object_weight_weighs_the_loss_of_the_objects_tokens(object_weight):
+    """``object_weight`` makes the prompt phase's loss a weighted mean over the packed tokens: tokens with
+    object pixels, and the ring of tokens round them, weigh ``object_weight``; the others 1. The oracle
+    finds the objects from the rendered pixels (far from the background colour) and recomputes the loss
+    from what the transformer saw and predicted."""
+    from diffusers import FluxPipeline
+
+    from hasten.tiny import micro_diffusion
+
+    pipe = micro_diffusion.build_pipeline()
+    pipe.text_encoder_2.eval()
+    seen = {}
+    pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: seen.update(kwargs, prediction=output[0]), with_kwargs=True
+    )
+    side, seed, step = 48, 3, 5
+    with torch.no_grad():
+        loss = micro_diffusion._flux_loss(
+            pipe, seed, step, prompt_phase=True, prompt_sides=(side,), place_side=side, object_weight=object_weight
+        )
+        count = micro_diffusion._PROMPT_TOKENS_PER_BATCH // (side // 4) ** 2
+        images, _, drawn = micro_diffusion._scene_batch(seed, 40_000_000 + step, (side, side), count, 1, 0.2)
+        vae = pipe.vae
+        latents = (vae.encode(images).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+        x0 = FluxPipeline._pack_latents(latents, *latents.shape)
+    sigma = seen["timestep"][:, None, None]
+    noise = (seen["hidden_states"] - (1 - sigma) * x0) / sigma
+    error = (seen["prediction"] - (noise - x0)).pow(2).mean(-1)  # (B, tokens)
+    bare = torch.stack([torch.from_numpy(dataclasses.replace(scene, objects=()).render()) for scene in drawn])
+    pixels = (images + 1) * 127.5 - bare.permute(0, 3, 1, 2).float()  # the scenes without their objects
+    pixels = pixels.abs().amax(1) > 0.5
+    tokens = side // 4
+    has_object = pixels.view(len(images), tokens, 4, tokens, 4).any(4).any(2)
+    ring = torch.nn.functional.max_pool2d(has_object[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0
+    weights = 1.0 + (object_weight - 1.0) * ring.flatten(1).float()
+    expected = (weights * error).sum() / weights.sum()
+    assert has_object.any() and torch.allclose(loss, expected, rtol=1e-4), (float(loss), float(expected))
+    if object_weight != 1.0:  # the weighting is not a no-op on this batch
+        assert not torch.allclose(loss, error.mean(), rtol=1e-3)
 
 
 def test_vae_phase_measures_after_its_steps_and_refuses_to_reopen_a_finished_vae(tmp_path):

@@ -64,6 +64,7 @@ __all__ = [
     "SceneVideo",
     "batch",
     "cell_labels",
+    "coverage",
     "is_held_out",
     "render",
     "sample_scene",
@@ -551,6 +552,28 @@ def render(scene: Scene, *, offsets: Sequence[tuple[int, int]] | None = None) ->
     for index, obj in enumerate(scene.objects):
         _paint(canvas, obj, (0, 0) if offsets is None else tuple(int(v) for v in offsets[index]))
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+
+
+def coverage(scene: Scene) -> np.ndarray:
+    """Where ``scene``'s objects are: an ``(H, W)`` float32 map in ``[0, 1]``, per pixel the largest
+    anti-aliased coverage of any object (1 inside a shape, 0 on bare background).
+
+    Examples
+    --------
+    >>> scene = scene_from_caption("a red square at the centre", 48, 48)
+    >>> mask = coverage(scene)
+    >>> float(mask[24, 24]), float(mask[2, 2])
+    (1.0, 0.0)
+    """
+    out = np.zeros((scene.height, scene.width), np.float32)
+    for obj in scene.objects:
+        mask, (x0, y0) = _coverage(obj, scene.height, scene.width)
+        ys = slice(max(0, y0), min(scene.height, y0 + mask.shape[0]))
+        xs = slice(max(0, x0), min(scene.width, x0 + mask.shape[1]))
+        if ys.start < ys.stop and xs.start < xs.stop:
+            piece = mask[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
+            np.maximum(out[ys, xs], piece, out=out[ys, xs])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
