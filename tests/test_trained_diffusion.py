@@ -318,17 +318,48 @@ def test_object_weight_weighs_the_loss_of_the_objects_tokens(object_weight):
     sigma = seen["timestep"][:, None, None]
     noise = (seen["hidden_states"] - (1 - sigma) * x0) / sigma
     error = (seen["prediction"] - (noise - x0)).pow(2).mean(-1)  # (B, tokens)
-    bare = torch.stack([torch.from_numpy(dataclasses.replace(scene, objects=()).render()) for scene in drawn])
-    pixels = (images + 1) * 127.5 - bare.permute(0, 3, 1, 2).float()  # the scenes without their objects
-    pixels = pixels.abs().amax(1) > 0.5
-    tokens = side // 4
-    has_object = pixels.view(len(images), tokens, 4, tokens, 4).any(4).any(2)
-    ring = torch.nn.functional.max_pool2d(has_object[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0
-    weights = 1.0 + (object_weight - 1.0) * ring.flatten(1).float()
+    ring = _tokens_near_objects((images + 1) / 2, drawn)
+    weights = 1.0 + (object_weight - 1.0) * ring.float()
     expected = (weights * error).sum() / weights.sum()
-    assert has_object.any() and torch.allclose(loss, expected, rtol=1e-4), (float(loss), float(expected))
+    assert ring.any() and torch.allclose(loss, expected, rtol=1e-4), (float(loss), float(expected))
     if object_weight != 1.0:  # the weighting is not a no-op on this batch
         assert not torch.allclose(loss, error.mean(), rtol=1e-3)
+
+
+def _tokens_near_objects(images: torch.Tensor, drawn) -> torch.Tensor:
+    """Oracle: ``(B, tokens)`` packed micro-flux tokens (4 x 4 pixels) with a pixel that differs from the
+    scene drawn without its objects, or next to such a token; ``images`` in [0, 1]."""
+    bare = torch.stack([torch.from_numpy(dataclasses.replace(scene, objects=()).render()) for scene in drawn])
+    pixels = (images * 255 - bare.permute(0, 3, 1, 2).float()).abs().amax(1) > 0.5
+    b, height, width = pixels.shape
+    has_object = pixels.view(b, height // 4, 4, width // 4, 4).any(4).any(2)
+    return (torch.nn.functional.max_pool2d(has_object[:, None].float(), 3, stride=1, padding=1) > 0).flatten(1)
+
+
+def test_validation_loss_on_objects_averages_the_tokens_near_the_objects(monkeypatch):
+    """``validation_loss(on_objects=True)`` is the mean over the tokens on and round the objects (a pixel
+    oracle): with a transformer that predicts zero velocity, it is the target's mean square there."""
+    from diffusers import FluxPipeline
+
+    from hasten.tiny import micro_diffusion
+
+    pipe = micro_diffusion.build_pipeline()
+    monkeypatch.setattr(pipe.transformer, "forward", lambda hidden_states, **_: (torch.zeros_like(hidden_states),))
+    seeds, size = list(scenes.HELD_OUT_SEEDS[:3]), (48, 64)
+    test = scenes.batch(seeds, *size, num_objects=1)
+    with torch.no_grad():
+        vae = pipe.vae
+        latents = (
+            vae.encode(test.images * 2 - 1).latent_dist.mean - vae.config.shift_factor
+        ) * vae.config.scaling_factor
+    x0 = FluxPipeline._pack_latents(latents, *latents.shape)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    error = (noise - x0).pow(2).mean(-1)
+    near = _tokens_near_objects(test.images, test.scenes)
+    on_objects = micro_diffusion.validation_loss(pipe, seeds, size, sigmas=(0.5,), num_objects=1, on_objects=True)
+    everywhere = micro_diffusion.validation_loss(pipe, seeds, size, sigmas=(0.5,), num_objects=1)
+    assert on_objects == pytest.approx(float(error[near].mean()), rel=1e-4)
+    assert everywhere == pytest.approx(float(error.mean()), rel=1e-4) != pytest.approx(on_objects, rel=1e-2)
 
 
 def test_vae_phase_measures_after_its_steps_and_refuses_to_reopen_a_finished_vae(tmp_path):

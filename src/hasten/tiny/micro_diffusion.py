@@ -72,6 +72,7 @@ __all__ = [
     "build_pipeline",
     "caption_encoder_config",
     "caption_tokenizer",
+    "object_token_weights",
     "refine_decoder",
     "train_flux",
     "validation_loss",
@@ -524,13 +525,16 @@ def validation_loss(
     sigmas: tuple[float, ...] = (0.25, 0.5, 0.75),
     num_objects: int | None = None,
     captions: list[str] | None = None,
+    on_objects: bool = False,
 ) -> float:
     """The rectified-flow loss (velocity MSE, as in training) of ``pipe``'s transformer on the scenes
     of ``seeds`` (use :data:`hasten.tiny.scenes.HELD_OUT_SEEDS`), captioned, at fixed noise levels.
 
     ``num_objects`` fixes the scenes' object count (default: 1-4); ``captions`` replaces the scenes' own
-    captions (e.g. shuffled ones: how much lower the loss is with the true captions measures how much
-    the model reads the prompt).
+    captions (e.g. shuffled ones, or one word swapped: how much lower the loss is with the true captions
+    measures how much the model reads the prompt, or that word); ``on_objects`` averages over the tokens
+    on and round the objects only (:func:`object_token_weights`), where a word's effect is not diluted
+    by the background.
 
     Examples
     --------
@@ -549,6 +553,9 @@ def validation_loss(
     x0 = FluxPipeline._pack_latents(latents, b, c, h, w)
     generator = torch.Generator().manual_seed(0)
     hidden, pooled = _encode_text(pipe, captions)
+    near = object_token_weights(out.scenes, (h // 2, w // 2), 2.0) > 1.0 if on_objects else None
+    if on_objects and not near.any():
+        raise ValueError("`on_objects` needs scenes with objects; these have none")
     losses = []
     for sigma in sigmas:
         noise = torch.randn(x0.shape, generator=generator)
@@ -563,7 +570,8 @@ def validation_loss(
             img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32),
             return_dict=False,
         )[0]
-        losses.append(F.mse_loss(prediction, noise - x0).item())
+        error = (prediction - (noise - x0)).pow(2).mean(-1)  # (B, tokens)
+        losses.append(float(error[near].mean() if on_objects else error.mean()))
     return float(sum(losses) / len(losses))
 
 
