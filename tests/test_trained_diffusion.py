@@ -254,6 +254,7 @@ def test_flux_training_resumes_identically(tmp_path):
         ({"prompt_sides": (64, 96), "place_side": 128}, "place_side"),
         ({"object_weight": 0.5}, "object_weight"),
         ({"object_weight": "8"}, "object_weight"),
+        ({"shape_contrast": -1.0}, "shape_contrast"),
     ],
 )
 def test_flux_training_rejects_bad_prompt_phase_settings(tmp_path, bad, name):
@@ -324,6 +325,64 @@ def test_object_weight_weighs_the_loss_of_the_objects_tokens(object_weight):
     assert ring.any() and torch.allclose(loss, expected, rtol=1e-4), (float(loss), float(expected))
     if object_weight != 1.0:  # the weighting is not a no-op on this batch
         assert not torch.allclose(loss, error.mean(), rtol=1e-3)
+
+
+def test_shape_contrast_adds_a_hinge_against_swapped_shape_words(monkeypatch):
+    """``shape_contrast`` adds, per captioned scene, a hinge on the tokens near its object: the error with
+    the true caption raised by ``SHAPE_MARGIN`` minus the error with the shape word swapped for another
+    shape. The oracle reads the second caption list (only the shape word differs), both predictions and
+    the target, and the object tokens from the pixels."""
+    from diffusers import FluxPipeline
+
+    from hasten.tiny import micro_diffusion
+
+    pipe = micro_diffusion.build_pipeline()
+    pipe.text_encoder_2.eval()
+    predictions, texts = [], []
+    pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: predictions.append((kwargs, output[0])), with_kwargs=True
+    )
+    encode = micro_diffusion._encode_text
+    monkeypatch.setattr(
+        micro_diffusion,
+        "_encode_text",
+        lambda p, captions, *a, **k: texts.append(captions) or encode(p, captions, *a, **k),
+    )
+    side, seed, step, weight = 48, 1, 2, 3.0
+    with torch.no_grad():
+        plain = micro_diffusion._flux_loss(pipe, seed, step, prompt_phase=True, prompt_sides=(side,), place_side=side)
+        loss = micro_diffusion._flux_loss(
+            pipe, seed, step, prompt_phase=True, prompt_sides=(side,), place_side=side, shape_contrast=weight
+        )
+        count = micro_diffusion._PROMPT_TOKENS_PER_BATCH // (side // 4) ** 2
+        images, captions, drawn = micro_diffusion._scene_batch(seed, 40_000_000 + step, (side, side), count, 1, 0.2)
+        vae = pipe.vae
+        latents = (vae.encode(images).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+        x0 = FluxPipeline._pack_latents(latents, *latents.shape)
+    assert len(predictions) == 3 and texts[0] == texts[1] == captions
+    swapped = texts[2]
+    named = []
+    for caption, other, scene in zip(captions, swapped, drawn):
+        shape = scene.objects[0].shape
+        named.append(caption != "")
+        if caption:  # exactly the shape word changed, to another shape
+            words, new = caption.split(), other.split()
+            changed = [(a, b) for a, b in zip(words, new) if a != b]
+            assert len(words) == len(new) and changed and all(a == shape and b in scenes.SHAPES for a, b in changed)
+        else:
+            assert other == ""
+    (kwargs, true), (_, other) = predictions[1], predictions[2]
+    sigma = kwargs["timestep"][:, None, None]
+    target = (kwargs["hidden_states"] - (1 - sigma) * x0) / sigma - x0
+    near = _tokens_near_objects((images + 1) / 2, drawn)
+
+    def object_error(prediction):
+        return torch.stack([(prediction - target).pow(2).mean(-1)[i][near[i]].mean() for i in range(len(near))])
+
+    hinge = (object_error(true) * (1 + micro_diffusion.SHAPE_MARGIN) - object_error(other)).clamp(min=0)
+    named = torch.tensor(named)
+    assert torch.allclose(loss, plain + weight * hinge[named].mean(), rtol=1e-4), (float(loss), float(plain))
+    assert float(hinge[named].mean()) > 0  # the term is not zero on this untrained model
 
 
 def _tokens_near_objects(images: torch.Tensor, drawn) -> torch.Tensor:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import copy
 import math
 import pathlib
+import re
 from typing import Any
 
 import torch
@@ -68,12 +69,14 @@ __all__ = [
     "PLACE_SIDE",
     "PROMPT_SIDES",
     "PROMPT_STEPS",
+    "SHAPE_MARGIN",
     "TRAIN_SIZE",
     "build_pipeline",
     "caption_encoder_config",
     "caption_tokenizer",
     "object_token_weights",
     "refine_decoder",
+    "swap_shape_words",
     "train_flux",
     "validation_loss",
 ]
@@ -122,6 +125,10 @@ PROMPT_SIDES: tuple[int, ...] = (64,)
 cell of the 3 x 3 grid *relative to the canvas*, and the transformer knows only absolute token positions
 (RoPE from the top-left corner), so on mixed sizes "centre" or "bottom right" name different tokens and
 cannot be learned. (The v2 weights' prompt phase drew from 48-96 px and learned colour but not places.)"""
+
+SHAPE_MARGIN = 0.25
+"""How much larger (relative) the error near the objects must be with the shape words swapped than with the
+true caption before ``train_flux(shape_contrast=...)`` stops pushing the two apart."""
 
 PLACE_SIDE = 64
 """Default canvas side of :func:`train_flux`'s prompt phase whose captions name places (the cell of each
@@ -456,11 +463,14 @@ def _flux_loss(
     prompt_sides: tuple[int, ...] = PROMPT_SIDES,
     place_side: int = PLACE_SIDE,
     object_weight: float = 1.0,
+    shape_contrast: float = 0.0,
 ) -> torch.Tensor:
     """The rectified-flow loss of one training batch: the look phase (every scene kind, canvases of
     48-128 px and several aspect ratios) or the prompt phase (:data:`PROMPT_OBJECTS` objects, square
     canvases, CLIP trained too); with ``object_weight`` != 1, a weighted mean over the tokens
-    (:func:`object_token_weights`)."""
+    (:func:`object_token_weights`); with ``shape_contrast`` > 0, plus that weight times a hinge on the tokens
+    near the objects: the error with the true caption, raised by :data:`SHAPE_MARGIN`, must stay below the
+    error with the shape words swapped (:func:`swap_shape_words`)."""
     from diffusers import FluxPipeline
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
@@ -501,20 +511,63 @@ def _flux_loss(
     hidden, pooled = _encode_text(
         pipe, captions, MAX_SEQUENCE_LENGTH if prompt_phase else LOOK_SEQUENCE_LENGTH, train_clip=prompt_phase
     )
-    prediction = pipe.transformer(
-        hidden_states=noisy,
-        timestep=sigma,
-        guidance=None,
-        pooled_projections=pooled,
-        encoder_hidden_states=hidden,
-        txt_ids=torch.zeros(hidden.shape[1], 3),
-        img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32),
-        return_dict=False,
-    )[0]
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
+
+    def predict(hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        return pipe.transformer(
+            hidden_states=noisy,
+            timestep=sigma,
+            guidance=None,
+            pooled_projections=pooled,
+            encoder_hidden_states=hidden,
+            txt_ids=torch.zeros(hidden.shape[1], 3),
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+
+    prediction, target = predict(hidden, pooled), noise - x0
     if object_weight == 1.0:
-        return F.mse_loss(prediction, noise - x0)
-    weights = object_token_weights(batch_scenes, (h // 2, w // 2), object_weight)[:, :, None]
-    return ((prediction - (noise - x0)).pow(2) * weights).sum() / (weights.sum() * prediction.shape[-1])
+        loss = F.mse_loss(prediction, target)
+    else:
+        weights = object_token_weights(batch_scenes, (h // 2, w // 2), object_weight)[:, :, None]
+        loss = ((prediction - target).pow(2) * weights).sum() / (weights.sum() * prediction.shape[-1])
+    if shape_contrast == 0.0:
+        return loss
+    swapped = swap_shape_words(captions, batch_scenes, generator)
+    named = torch.tensor([a != b for a, b in zip(captions, swapped)])  # empty captions name no shape
+    if not named.any():
+        return loss
+    near = object_token_weights(batch_scenes, (h // 2, w // 2), 2.0) > 1.0
+
+    def object_error(prediction: torch.Tensor) -> torch.Tensor:
+        error = (prediction - target).pow(2).mean(-1)
+        return (error * near).sum(1) / near.sum(1).clamp(min=1)
+
+    true_error = object_error(prediction)
+    swapped_error = object_error(predict(*_encode_text(pipe, swapped, MAX_SEQUENCE_LENGTH, train_clip=True)))
+    hinge = F.relu(true_error * (1.0 + SHAPE_MARGIN) - swapped_error)
+    return loss + shape_contrast * hinge[named].mean()
+
+
+def swap_shape_words(captions: list[str], scene_list: list[scenes.Scene], generator: torch.Generator) -> list[str]:
+    """Each caption with every object's shape word replaced by another shape, drawn from ``generator``
+    (the negatives of ``train_flux(shape_contrast=...)``); a caption that names no shape is kept.
+
+    Examples
+    --------
+    >>> scene = scenes.scene_from_caption("a red circle at the top left", 64, 64)
+    >>> swapped = swap_shape_words([scene.caption], [scene], torch.Generator().manual_seed(0))[0]
+    >>> swapped != scene.caption and swapped.replace(swapped.split()[2], "circle") == scene.caption
+    True
+    """
+    out = []
+    for caption, scene in zip(captions, scene_list):
+        for obj in scene.objects:
+            others = [shape for shape in scenes.SHAPES if shape != obj.shape]
+            other = others[int(torch.randint(len(others), (1,), generator=generator))]
+            caption = re.sub(rf"\b{obj.shape}\b", other, caption)
+        out.append(caption)
+    return out
 
 
 @torch.no_grad()
@@ -596,6 +649,7 @@ def train_flux(
     prompt_sides: tuple[int, ...] = PROMPT_SIDES,
     place_side: int = PLACE_SIDE,
     object_weight: float = 1.0,
+    shape_contrast: float = 0.0,
 ) -> pathlib.Path:
     """Train the micro-world FluxPipeline; save it in ``out / "model"``.
 
@@ -640,6 +694,11 @@ def train_flux(
         the background's (:func:`object_token_weights`; a weighted mean). 1 is the plain mean: on a
         192-px canvas one object covers a few percent of the tokens, so the outline that tells a star
         from a circle is a small part of the plain loss.
+    shape_contrast : float, default 0.0
+        In the prompt phase, the weight of a contrastive term that makes the prediction depend on the
+        shape word: on the tokens near the objects, the error with the true caption (raised by
+        :data:`SHAPE_MARGIN`) must stay below the error with each shape word swapped for another
+        (:func:`swap_shape_words`); a second transformer pass per step. 0 turns it off.
 
     Returns
     -------
@@ -670,6 +729,8 @@ def train_flux(
         raise ValueError(f"`prompt_lr` must be > 0; got {prompt_lr}")
     if isinstance(object_weight, bool) or not isinstance(object_weight, (int, float)) or not object_weight >= 1:
         raise ValueError(f"`object_weight` must be a number >= 1; got {object_weight!r}")
+    if isinstance(shape_contrast, bool) or not isinstance(shape_contrast, (int, float)) or not shape_contrast >= 0:
+        raise ValueError(f"`shape_contrast` must be a number >= 0; got {shape_contrast!r}")
     if min(steps, vae_steps, decoder_steps, prompt_steps) < 1:
         raise ValueError(
             f"`steps`, `vae_steps`, `decoder_steps` and `prompt_steps` must be >= 1; got {steps}, "
@@ -771,6 +832,7 @@ def train_flux(
                     prompt_sides=prompt_sides,
                     place_side=place_side,
                     object_weight=float(object_weight) if phase == "prompt" else 1.0,
+                    shape_contrast=float(shape_contrast) if phase == "prompt" else 0.0,
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
