@@ -24,7 +24,14 @@ import torch
 
 from hasten.tiny import scenes, trained
 from hasten.tiny.classifier import evaluate, load_classifier
-from hasten.tiny.micro_diffusion import DRAW_SIZE, GUIDANCE_SCALE, _encode_text, validation_loss
+from hasten.tiny.micro_diffusion import (
+    DRAW_SIZE,
+    GUIDANCE_SCALE,
+    _encode_text,
+    packed_latents,
+    validation_loss,
+    velocity,
+)
 
 from common import machine
 
@@ -60,10 +67,8 @@ def denoise_from(pipe, seeds: list[int], starts: tuple[float, ...], steps: int, 
     test = [scenes.sample_scene(seed, height, width, num_objects=1) for seed in seeds]
     images = scenes.batch(seeds, height, width, num_objects=1).images
     vae, n = pipe.vae, len(seeds)
-    latents = (vae.encode(images * 2 - 1).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
-    b, c, h, w = latents.shape
-    x0 = FluxPipeline._pack_latents(latents, b, c, h, w)
-    ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
+    x0, (h, w) = packed_latents(vae, images * 2 - 1)
+    ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, "cpu", torch.float32)
     text, empty = _encode_text(pipe, [scene.caption for scene in test]), _encode_text(pipe, [""] * n)
     config = pipe.scheduler.config
     mu = calculate_shift(
@@ -73,18 +78,8 @@ def denoise_from(pipe, seeds: list[int], starts: tuple[float, ...], steps: int, 
     def shifted(t: float) -> float:  # the scheduler's resolution-dependent shift
         return math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0)) if t > 0 else 0.0
 
-    def velocity(x, sigma, encoded):
-        hidden, pooled = encoded
-        return pipe.transformer(
-            hidden_states=x,
-            timestep=torch.full((n,), sigma),
-            guidance=None,
-            pooled_projections=pooled,
-            encoder_hidden_states=hidden,
-            txt_ids=torch.zeros(hidden.shape[1], 3),
-            img_ids=ids,
-            return_dict=False,
-        )[0]
+    def predicted(x, sigma, encoded):
+        return velocity(pipe, x, torch.full((n,), sigma), encoded, ids)
 
     def decode(x):
         z = FluxPipeline._unpack_latents(x, height, width, pipe.vae_scale_factor)
@@ -101,8 +96,8 @@ def denoise_from(pipe, seeds: list[int], starts: tuple[float, ...], steps: int, 
         x = (1 - sigmas[0]) * x0 + sigmas[0] * noise
         one_step = None
         for k in range(steps):
-            conditional = velocity(x, sigmas[k], text)
-            guided = velocity(x, sigmas[k], empty)
+            conditional = predicted(x, sigmas[k], text)
+            guided = predicted(x, sigmas[k], empty)
             guided = guided + GUIDANCE_SCALE * (conditional - guided)
             if k == 0:
                 one_step = judged(decode(x - sigmas[0] * conditional))

@@ -296,7 +296,6 @@ def test_object_weight_weighs_the_loss_of_the_objects_tokens(object_weight):
     object pixels, and the ring of tokens round them, weigh ``object_weight``; the others 1. The oracle
     finds the objects from the rendered pixels (far from the background colour) and recomputes the loss
     from what the transformer saw and predicted."""
-    from diffusers import FluxPipeline
 
     from hasten.tiny import micro_diffusion
 
@@ -311,11 +310,7 @@ def test_object_weight_weighs_the_loss_of_the_objects_tokens(object_weight):
         loss = micro_diffusion._flux_loss(
             pipe, seed, step, prompt_phase=True, prompt_sides=(side,), place_side=side, object_weight=object_weight
         )
-        count = micro_diffusion._PROMPT_TOKENS_PER_BATCH // (side // 4) ** 2
-        images, _, drawn = micro_diffusion._scene_batch(seed, 40_000_000 + step, (side, side), count, 1, 0.2)
-        vae = pipe.vae
-        latents = (vae.encode(images).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
-        x0 = FluxPipeline._pack_latents(latents, *latents.shape)
+        images, _, drawn, x0 = _prompt_batch(pipe, seed, step, side)
     sigma = seen["timestep"][:, None, None]
     noise = (seen["hidden_states"] - (1 - sigma) * x0) / sigma
     error = (seen["prediction"] - (noise - x0)).pow(2).mean(-1)  # (B, tokens)
@@ -332,7 +327,6 @@ def test_shape_contrast_adds_a_hinge_against_swapped_shape_words(monkeypatch):
     the true caption raised by ``SHAPE_MARGIN`` minus the error with the shape word swapped for another
     shape. The oracle reads the second caption list (only the shape word differs), both predictions and
     the target, and the object tokens from the pixels."""
-    from diffusers import FluxPipeline
 
     from hasten.tiny import micro_diffusion
 
@@ -354,11 +348,7 @@ def test_shape_contrast_adds_a_hinge_against_swapped_shape_words(monkeypatch):
         loss = micro_diffusion._flux_loss(
             pipe, seed, step, prompt_phase=True, prompt_sides=(side,), place_side=side, shape_contrast=weight
         )
-        count = micro_diffusion._PROMPT_TOKENS_PER_BATCH // (side // 4) ** 2
-        images, captions, drawn = micro_diffusion._scene_batch(seed, 40_000_000 + step, (side, side), count, 1, 0.2)
-        vae = pipe.vae
-        latents = (vae.encode(images).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
-        x0 = FluxPipeline._pack_latents(latents, *latents.shape)
+        images, captions, drawn, x0 = _prompt_batch(pipe, seed, step, side)
     assert len(predictions) == 3 and texts[0] == texts[1] == captions
     swapped = texts[2]
     named = []
@@ -383,6 +373,16 @@ def test_shape_contrast_adds_a_hinge_against_swapped_shape_words(monkeypatch):
     named = torch.tensor(named)
     assert torch.allclose(loss, plain + weight * hinge[named].mean(), rtol=1e-4), (float(loss), float(plain))
     assert float(hinge[named].mean()) > 0  # the term is not zero on this untrained model
+
+
+def _prompt_batch(pipe, seed: int, step: int, side: int):
+    """The prompt phase's batch of ``(seed, step)`` on ``side``-pixel canvases: images in [-1, 1], captions,
+    scenes and packed clean latents."""
+    from hasten.tiny import micro_diffusion
+
+    count = micro_diffusion._PROMPT_TOKENS_PER_BATCH // (side // 4) ** 2
+    images, captions, drawn = micro_diffusion._scene_batch(seed, 40_000_000 + step, (side, side), count, 1, 0.2)
+    return images, captions, drawn, micro_diffusion.packed_latents(pipe.vae, images)[0]
 
 
 def _tokens_near_objects(images: torch.Tensor, drawn) -> torch.Tensor:

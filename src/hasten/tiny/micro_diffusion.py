@@ -75,10 +75,12 @@ __all__ = [
     "caption_encoder_config",
     "caption_tokenizer",
     "object_token_weights",
+    "packed_latents",
     "refine_decoder",
     "swap_shape_words",
     "train_flux",
     "validation_loss",
+    "velocity",
 ]
 
 MAX_SEQUENCE_LENGTH = 24
@@ -323,6 +325,40 @@ def _scene_batch(
     return out.images * 2.0 - 1.0, captions, out.scenes
 
 
+def packed_latents(vae, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Images ``(B, 3, H, W)`` in [-1, 1] -> the packed latents FluxPipeline denoises (the posterior mean,
+    shifted and scaled as the pipeline does; ``(B, tokens, 4 C)``) and the unpacked latent ``(height, width)``.
+
+    Examples
+    --------
+    >>> x0, size = packed_latents(build_pipeline().vae, torch.zeros(1, 3, 32, 48))
+    >>> tuple(x0.shape), size
+    ((1, 96, 16), (16, 24))
+    """
+    from diffusers import FluxPipeline
+
+    latents = (vae.encode(images).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(latents, b, c, h, w), (h, w)
+
+
+def velocity(pipe, latents: torch.Tensor, sigma: torch.Tensor, text: tuple, img_ids: torch.Tensor) -> torch.Tensor:
+    """The transformer's velocity (``noise - x0``) for packed ``latents`` at noise levels ``sigma`` ``(B,)``,
+    given ``text = (T5 hidden states, CLIP pooled vectors)`` from the caption encoders and the latent image ids,
+    called as FluxPipeline calls it (no guidance embedding, text tokens at position 0)."""
+    hidden, pooled = text
+    return pipe.transformer(
+        hidden_states=latents,
+        timestep=sigma,
+        guidance=None,
+        pooled_projections=pooled,
+        encoder_hidden_states=hidden,
+        txt_ids=torch.zeros(hidden.shape[1], 3),
+        img_ids=img_ids,
+        return_dict=False,
+    )[0]
+
+
 def object_token_weights(scene_list: list[scenes.Scene], tokens: tuple[int, int], object_weight: float) -> torch.Tensor:
     """Per packed Flux token, the weight of its loss: ``object_weight`` for the tokens whose pixels an
     object covers or touches (the object's tokens and a one-token ring round them, where its outline is
@@ -495,11 +531,9 @@ def _flux_loss(
         height, width = _canvas(generator)
         tokens = (height // 4) * (width // 4)
         images, captions, batch_scenes = _scene_batch(seed, step, (height, width), max(2, _TOKENS_PER_BATCH // tokens))
-    vae = pipe.vae
     with torch.no_grad():
-        latents = (vae.encode(images).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
-    b, c, h, w = latents.shape
-    x0 = FluxPipeline._pack_latents(latents, b, c, h, w)
+        x0, (h, w) = packed_latents(pipe.vae, images)
+    b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator)
     config = pipe.scheduler.config
     mu = calculate_shift(
@@ -514,16 +548,7 @@ def _flux_loss(
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
 
     def predict(hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        return pipe.transformer(
-            hidden_states=noisy,
-            timestep=sigma,
-            guidance=None,
-            pooled_projections=pooled,
-            encoder_hidden_states=hidden,
-            txt_ids=torch.zeros(hidden.shape[1], 3),
-            img_ids=img_ids,
-            return_dict=False,
-        )[0]
+        return velocity(pipe, noisy, sigma, (hidden, pooled), img_ids)
 
     prediction, target = predict(hidden, pooled), noise - x0
     if object_weight == 1.0:
@@ -600,10 +625,9 @@ def validation_loss(
     images, captions = out.images * 2.0 - 1.0, out.captions if captions is None else list(captions)
     if len(captions) != len(out.captions):
         raise ValueError(f"`captions` must give one caption per seed ({len(out.captions)}); got {len(captions)}")
-    vae = pipe.vae
-    latents = (vae.encode(images).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
-    b, c, h, w = latents.shape
-    x0 = FluxPipeline._pack_latents(latents, b, c, h, w)
+    x0, (h, w) = packed_latents(pipe.vae, images)
+    b = x0.shape[0]
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
     generator = torch.Generator().manual_seed(0)
     hidden, pooled = _encode_text(pipe, captions)
     near = object_token_weights(out.scenes, (h // 2, w // 2), 2.0) > 1.0 if on_objects else None
@@ -613,16 +637,7 @@ def validation_loss(
     for sigma in sigmas:
         noise = torch.randn(x0.shape, generator=generator)
         noisy = (1.0 - sigma) * x0 + sigma * noise
-        prediction = pipe.transformer(
-            hidden_states=noisy,
-            timestep=torch.full((b,), sigma),
-            guidance=None,
-            pooled_projections=pooled,
-            encoder_hidden_states=hidden,
-            txt_ids=torch.zeros(hidden.shape[1], 3),
-            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32),
-            return_dict=False,
-        )[0]
+        prediction = velocity(pipe, noisy, torch.full((b,), sigma), (hidden, pooled), img_ids)
         error = (prediction - (noise - x0)).pow(2).mean(-1)  # (B, tokens)
         losses.append(float(error[near].mean() if on_objects else error.mean()))
     return float(sum(losses) / len(losses))
