@@ -64,8 +64,8 @@ def denoise_from(pipe, seeds: list[int], starts: tuple[float, ...], steps: int, 
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     height, width = DRAW_SIZE
-    test = [scenes.sample_scene(seed, height, width, num_objects=1) for seed in seeds]
-    images = scenes.batch(seeds, height, width, num_objects=1).images
+    drawn = scenes.batch(seeds, height, width, num_objects=1)
+    test, images = drawn.scenes, drawn.images
     vae, n = pipe.vae, len(seeds)
     x0, (h, w) = packed_latents(vae, images * 2 - 1)
     ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, "cpu", torch.float32)

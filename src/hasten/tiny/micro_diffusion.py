@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .._validation import check_number
 from . import scenes
 from .trained import load_checkpoint, run_phase, run_vae_phase, save_checkpoint, step_generator
 
@@ -74,7 +75,7 @@ __all__ = [
     "build_pipeline",
     "caption_encoder_config",
     "caption_tokenizer",
-    "object_token_weights",
+    "object_tokens",
     "packed_latents",
     "refine_decoder",
     "swap_shape_words",
@@ -359,25 +360,24 @@ def velocity(pipe, latents: torch.Tensor, sigma: torch.Tensor, text: tuple, img_
     )[0]
 
 
-def object_token_weights(scene_list: list[scenes.Scene], tokens: tuple[int, int], object_weight: float) -> torch.Tensor:
-    """Per packed Flux token, the weight of its loss: ``object_weight`` for the tokens whose pixels an
-    object covers or touches (the object's tokens and a one-token ring round them, where its outline is
-    decided), 1 elsewhere. ``(B, tokens[0] * tokens[1])``, in the row-major order of ``_pack_latents``.
+def object_tokens(scene_list: list[scenes.Scene], tokens: tuple[int, int]) -> torch.Tensor:
+    """Which packed Flux tokens lie on or next to an object: those whose pixels an object covers, and a
+    one-token ring round them, where its outline is decided. ``(B, tokens[0] * tokens[1])`` bool, in the
+    row-major order of ``_pack_latents``; ``tokens`` is the token grid ``(rows, columns)``.
 
     Examples
     --------
     >>> scene = scenes.scene_from_caption("a small red circle at the top left", 48, 48)
-    >>> weights = object_token_weights([scene], (12, 12), 5.0).view(12, 12)
-    >>> float(weights[1, 1]), float(weights[11, 11])
-    (5.0, 1.0)
+    >>> near = object_tokens([scene], (12, 12)).view(12, 12)
+    >>> bool(near[1, 1]), bool(near[11, 11])
+    (True, False)
     """
     masks = torch.stack([torch.from_numpy(scenes.coverage(scene)) for scene in scene_list])[:, None]
     height, width = masks.shape[-2:]
     if height % tokens[0] or width % tokens[1]:
         raise ValueError(f"`tokens` {tokens} must divide the canvas {height} x {width}")
     covered = F.adaptive_max_pool2d(masks, tokens) > 0
-    near = F.max_pool2d(covered.float(), 3, stride=1, padding=1) > 0
-    return (1.0 + (object_weight - 1.0) * near.float()).flatten(1)
+    return (F.max_pool2d(covered.float(), 3, stride=1, padding=1) > 0).flatten(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,7 +504,7 @@ def _flux_loss(
     """The rectified-flow loss of one training batch: the look phase (every scene kind, canvases of
     48-128 px and several aspect ratios) or the prompt phase (:data:`PROMPT_OBJECTS` objects, square
     canvases, CLIP trained too); with ``object_weight`` != 1, a weighted mean over the tokens
-    (:func:`object_token_weights`); with ``shape_contrast`` > 0, plus that weight times a hinge on the tokens
+    (the tokens of :func:`object_tokens` weigh ``object_weight``); with ``shape_contrast`` > 0, plus that weight times a hinge on the tokens
     near the objects: the error with the true caption, raised by :data:`SHAPE_MARGIN`, must stay below the
     error with the shape words swapped (:func:`swap_shape_words`)."""
     from diffusers import FluxPipeline
@@ -551,18 +551,17 @@ def _flux_loss(
         return velocity(pipe, noisy, sigma, (hidden, pooled), img_ids)
 
     prediction, target = predict(hidden, pooled), noise - x0
-    if object_weight == 1.0:
-        loss = F.mse_loss(prediction, target)
-    else:
-        weights = object_token_weights(batch_scenes, (h // 2, w // 2), object_weight)[:, :, None]
-        loss = ((prediction - target).pow(2) * weights).sum() / (weights.sum() * prediction.shape[-1])
+    if object_weight == 1.0 and shape_contrast == 0.0:
+        return F.mse_loss(prediction, target)
+    near = object_tokens(batch_scenes, (h // 2, w // 2))
+    weights = 1.0 + (object_weight - 1.0) * near[:, :, None].float()
+    loss = ((prediction - target).pow(2) * weights).sum() / (weights.sum() * prediction.shape[-1])
     if shape_contrast == 0.0:
         return loss
     swapped = swap_shape_words(captions, batch_scenes, generator)
     named = torch.tensor([a != b for a, b in zip(captions, swapped)])  # empty captions name no shape
     if not named.any():
         return loss
-    near = object_token_weights(batch_scenes, (h // 2, w // 2), 2.0) > 1.0
 
     def object_error(prediction: torch.Tensor) -> torch.Tensor:
         error = (prediction - target).pow(2).mean(-1)
@@ -611,7 +610,7 @@ def validation_loss(
     ``num_objects`` fixes the scenes' object count (default: 1-4); ``captions`` replaces the scenes' own
     captions (e.g. shuffled ones, or one word swapped: how much lower the loss is with the true captions
     measures how much the model reads the prompt, or that word); ``on_objects`` averages over the tokens
-    on and round the objects only (:func:`object_token_weights`), where a word's effect is not diluted
+    on and round the objects only (:func:`object_tokens`), where a word's effect is not diluted
     by the background.
 
     Examples
@@ -630,7 +629,7 @@ def validation_loss(
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
     generator = torch.Generator().manual_seed(0)
     hidden, pooled = _encode_text(pipe, captions)
-    near = object_token_weights(out.scenes, (h // 2, w // 2), 2.0) > 1.0 if on_objects else None
+    near = object_tokens(out.scenes, (h // 2, w // 2)) if on_objects else None
     if on_objects and not near.any():
         raise ValueError("`on_objects` needs scenes with objects; these have none")
     losses = []
@@ -706,7 +705,7 @@ def train_flux(
         places on canvases of that side (the shipped v5 weights: 192).
     object_weight : float, default 1.0
         In the prompt phase, how much more the loss of the tokens on and around the objects weighs than
-        the background's (:func:`object_token_weights`; a weighted mean). 1 is the plain mean: on a
+        the background's (the tokens of :func:`object_tokens`; a weighted mean). 1 is the plain mean: on a
         192-px canvas one object covers a few percent of the tokens, so the outline that tells a star
         from a circle is a small part of the plain loss.
     shape_contrast : float, default 0.0
@@ -742,10 +741,8 @@ def train_flux(
         raise ValueError(f"`place_side` must be one of `prompt_sides` {prompt_sides}; got {place_side!r}")
     if not prompt_lr > 0:
         raise ValueError(f"`prompt_lr` must be > 0; got {prompt_lr}")
-    if isinstance(object_weight, bool) or not isinstance(object_weight, (int, float)) or not object_weight >= 1:
-        raise ValueError(f"`object_weight` must be a number >= 1; got {object_weight!r}")
-    if isinstance(shape_contrast, bool) or not isinstance(shape_contrast, (int, float)) or not shape_contrast >= 0:
-        raise ValueError(f"`shape_contrast` must be a number >= 0; got {shape_contrast!r}")
+    object_weight = check_number(object_weight, "object_weight", 1)
+    shape_contrast = check_number(shape_contrast, "shape_contrast", 0)
     if min(steps, vae_steps, decoder_steps, prompt_steps) < 1:
         raise ValueError(
             f"`steps`, `vae_steps`, `decoder_steps` and `prompt_steps` must be >= 1; got {steps}, "
@@ -846,8 +843,8 @@ def train_flux(
                     prompt_phase=phase == "prompt",
                     prompt_sides=prompt_sides,
                     place_side=place_side,
-                    object_weight=float(object_weight) if phase == "prompt" else 1.0,
-                    shape_contrast=float(shape_contrast) if phase == "prompt" else 0.0,
+                    object_weight=object_weight if phase == "prompt" else 1.0,
+                    shape_contrast=shape_contrast if phase == "prompt" else 0.0,
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
