@@ -255,6 +255,7 @@ def test_flux_training_resumes_identically(tmp_path):
         ({"object_weight": 0.5}, "object_weight"),
         ({"object_weight": "8"}, "object_weight"),
         ({"shape_contrast": -1.0}, "shape_contrast"),
+        ({"logit_mean": float("nan")}, "logit_mean"),
     ],
 )
 def test_flux_training_rejects_bad_prompt_phase_settings(tmp_path, bad, name):
@@ -373,6 +374,67 @@ def test_shape_contrast_adds_a_hinge_against_swapped_shape_words(monkeypatch):
     named = torch.tensor(named)
     assert torch.allclose(loss, plain + weight * hinge[named].mean(), rtol=1e-4), (float(loss), float(plain))
     assert float(hinge[named].mean()) > 0  # the term is not zero on this untrained model
+
+
+def test_logit_mean_moves_the_prompt_phase_noise_levels_up():
+    """``logit_mean`` is the mean of SD3's logit-normal noise-level draw before FLUX's resolution shift, so
+    ``logit(sigma) - mu`` (the oracle inverts the shift from the pipeline's own scheduler config) is the
+    normal draw plus ``logit_mean``: the same batch at 0.7 and at 0 differs by exactly 0.7, noise levels
+    above 0.9 become more frequent, and the loss is computed at the moved levels."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from hasten.tiny import micro_diffusion
+
+    pipe = micro_diffusion.build_pipeline()
+    pipe.text_encoder_2.eval()
+    seen = []
+    pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: seen.append(kwargs["timestep"].clone()), with_kwargs=True
+    )
+    side, config = 48, pipe.scheduler.config
+    mu = calculate_shift(
+        (side // 4) ** 2, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift
+    )
+    draws = {}
+    with torch.no_grad():
+        for mean in (0.0, 0.7):
+            sigmas = []
+            for step in range(6):
+                micro_diffusion._flux_loss(
+                    pipe, 0, step, prompt_phase=True, prompt_sides=(side,), place_side=side, logit_mean=mean
+                )
+                sigmas.append(seen.pop())
+            sigmas = torch.cat(sigmas).double()
+            draws[mean] = torch.log(sigmas / (1 - sigmas)) - mu
+    assert torch.allclose(draws[0.7] - draws[0.0], torch.full_like(draws[0.0], 0.7), atol=1e-4)
+    high = {mean: float((torch.sigmoid(draw + mu) > 0.9).float().mean()) for mean, draw in draws.items()}
+    assert high[0.7] > high[0.0], high
+
+
+def test_train_flux_hands_its_prompt_phase_knobs_to_the_prompt_phase_only(tmp_path, monkeypatch):
+    """``object_weight``, ``shape_contrast`` and ``logit_mean`` reach the prompt phase's loss; the look phase
+    keeps the plain loss and SD3's default noise levels."""
+    from hasten.tiny import micro_diffusion
+
+    calls = []
+    loss = micro_diffusion._flux_loss
+    monkeypatch.setattr(micro_diffusion, "_flux_loss", lambda *a, **k: calls.append(k) or loss(*a, **k))
+    knobs = {"object_weight": 2.0, "shape_contrast": 0.5, "logit_mean": 0.7}
+    micro_diffusion.train_flux(
+        tmp_path,
+        steps=1,
+        vae_steps=1,
+        decoder_steps=1,
+        prompt_steps=1,
+        progress=False,
+        prompt_sides=(48,),
+        place_side=48,
+        **knobs,
+    )
+    look, prompt = [c for c in calls if not c["prompt_phase"]], [c for c in calls if c["prompt_phase"]]
+    assert look and prompt
+    assert all(c[name] == value for c in prompt for name, value in knobs.items()), prompt
+    assert all((c["object_weight"], c["shape_contrast"], c["logit_mean"]) == (1.0, 0.0, 0.0) for c in look), look
 
 
 def _prompt_batch(pipe, seed: int, step: int, side: int):
