@@ -8,6 +8,10 @@ captions are generated from the same noise with dense attention and with each GR
   objects found with the right shape and colour in the right cell; :func:`prompt_accuracy`);
 - ``colour``: the fraction found with the right colour in the right cell, whatever their shape (what
   micro-flux v5 follows: it draws blobs, so ``acc`` is near zero for dense too);
+- ``lost/won``: paired against dense on the same prompt and noise, the prompts whose colour-in-cell
+  judgement dense gets right and the variant wrong, and the reverse. Two accuracies on a few prompts
+  can match while different prompts fail; these counts show how much the variant changes the verdicts
+  (their difference over the prompt count is the colour column's difference);
 - ``PSNR`` / ``SSIM`` against the dense images from the same noise;
 - wall time of the whole batched pipeline call (text encoders, transformer, VAE), the speedup
   over dense, the attention bound (1/density, padding counted) and the Amdahl bound of the call
@@ -20,6 +24,7 @@ uniform attention would give: GRAT's premise is that this is small.
 
     python benchmarks/grat_fidelity.py                       # the table in benchmarks/results/grat_fidelity-cpu.txt
     python benchmarks/grat_fidelity.py --samples 4 --steps 8 --sizes 64  # a quick look
+    python benchmarks/grat_fidelity.py --samples 32 --sizes 192  # at the drawing size, more prompts
 """
 
 from __future__ import annotations
@@ -119,6 +124,11 @@ def _generate(pipe, prompts: list[str], seeds: list[int], size: int, steps: int)
     return images.float().clamp(0, 1), seconds
 
 
+def _colour_right(images: torch.Tensor, test: list, classifier) -> list[bool]:
+    """Per prompt: is every requested object found with the right colour in the right cell?"""
+    return [evaluate(image[None], [scene], classifier)["colour"] == 1.0 for image, scene in zip(images, test)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     side = DRAW_SIZE[0]
@@ -179,7 +189,7 @@ def main() -> None:
 
     json_rows = []
     header = (
-        f"{'size':>9} {'tokens':>6} {'variant':<20} {'acc':>6} {'colour':>6} {'PSNR':>6} {'SSIM':>6} {'seconds':>8} "
+        f"{'size':>9} {'tokens':>6} {'variant':<20} {'acc':>6} {'colour':>6} {'lost/won':>8} {'PSNR':>6} {'SSIM':>6} {'seconds':>8} "
         f"{'speedup':>8} {'bound':>6} {'amdahl':>7}"
     )
     print(header)
@@ -196,9 +206,15 @@ def main() -> None:
                 return _generate(pipe, prompts[:1], seeds[:1], size, 2)
             return _generate(pipe, prompts, seeds, size, args.steps)
 
+        dense_right = None
         for run in grat_variants(pipe, generate, args.group, args.steps, args.dense_steps, args.patterns):
             scores = evaluate(run.outputs, test, classifier)
+            right = _colour_right(run.outputs, test, classifier)
             compared = not run.is_dense
+            if run.is_dense:
+                dense_right = right
+            lost = sum(d and not r for d, r in zip(dense_right, right))
+            won = sum(r and not d for d, r in zip(dense_right, right))
             row = {
                 "size": f"{size}x{size}",
                 "tokens": (size // 4) ** 2,
@@ -206,12 +222,15 @@ def main() -> None:
                 "prompt_accuracy": round(scores["object"], 4),
                 "colour_accuracy": round(scores["colour"], 4),
                 "scene_accuracy": round(scores["scene"], 4),
+                "colour_lost": lost if compared else None,
+                "colour_won": won if compared else None,
                 "psnr": round(psnr(run.dense, run.outputs), 2) if compared else None,
                 "ssim": round(ssim(run.dense, run.outputs), 4) if compared else None,
                 **run.speed_fields(),
             }
             json_rows.append(row)
-            accuracy = f"{scores['object']:>6.1%} {scores['colour']:>6.1%}"
+            paired = f"{lost}/{won}" if compared else "-"
+            accuracy = f"{scores['object']:>6.1%} {scores['colour']:>6.1%} {paired:>8}"
             print(run.line(row["size"], row["tokens"], accuracy, row["psnr"], row["ssim"]), flush=True)
     print_json(json_rows)
 
