@@ -18,7 +18,6 @@ Two measurements on held-out one-object scenes at the canvas micro-flux draws on
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
@@ -76,7 +75,7 @@ def denoise_from(pipe, seeds: list[int], starts: tuple[float, ...], steps: int, 
     )
 
     def shifted(t: float) -> float:  # the scheduler's resolution-dependent shift
-        return math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0)) if t > 0 else 0.0
+        return pipe.scheduler.time_shift(mu, 1.0, t) if t > 0 else 0.0
 
     def predicted(x, sigma, encoded):
         return velocity(pipe, x, torch.full((n,), sigma), encoded, ids)

@@ -46,7 +46,6 @@ are not masked), which dilutes the conditioning.
 from __future__ import annotations
 
 import copy
-import math
 import pathlib
 import re
 from typing import Any
@@ -545,7 +544,7 @@ def _flux_loss(
     t = compute_density_for_timestep_sampling(
         "logit_normal", b, logit_mean=logit_mean, logit_std=1.0, generator=generator
     )
-    sigma = math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
+    sigma = pipe.scheduler.time_shift(mu, 1.0, t)  # the pipeline's own resolution shift
     noisy = (1.0 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
     hidden, pooled = _encode_text(
         pipe, captions, MAX_SEQUENCE_LENGTH if prompt_phase else LOOK_SEQUENCE_LENGTH, train_clip=prompt_phase
