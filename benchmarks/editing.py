@@ -19,7 +19,7 @@ On the trained FLUX micro-world (``--microworld N``, default 50; :mod:`hasten.ti
 seeded colour edits of held-out two-object scenes ("a red circle ..." -> "a blue circle ..." for
 the first object; the edit mask is that object's grid cell): *edit success* is the share of edits
 where the shipped attribute classifier finds the new colour and the same shape in the cell,
-*recolour* the share where it finds the new colour there whatever the shape (micro-flux v5 draws blobs),
+*recolour* the share where it finds the new colour there whatever the shape (micro-flux v5 drew blobs),
 *kept* the share where it still finds the other object, and preserved-region PSNR / SSIM outside
 the cell (with a margin) against the input's VAE round trip. ConsistEdit runs without latent
 blending, so the attention control alone carries the preserved region; masked K/V replay keeps the

@@ -7,7 +7,7 @@ captions are generated from the same noise with dense attention and with each GR
 - ``acc``: prompt accuracy judged by the shipped attribute classifier (the fraction of requested
   objects found with the right shape and colour in the right cell; :func:`prompt_accuracy`);
 - ``colour``: the fraction found with the right colour in the right cell, whatever their shape (what
-  micro-flux v5 follows: it draws blobs, so ``acc`` is near zero for dense too);
+  micro-flux v5 followed: it drew blobs, so ``acc`` was near zero for dense too; v11 draws some shapes);
 - ``lost/won``: paired against dense on the same prompt and noise, the prompts whose colour-in-cell
   judgement dense gets right and the variant wrong, and the reverse. Two accuracies on a few prompts
   can match while different prompts fail; these counts show how much the variant changes the verdicts

@@ -23,9 +23,11 @@
    is where each caption word changes what is drawn. Its canvas size is fixed because a place word
    names a cell relative to the canvas while the transformer sees absolute token positions: drawn from
    48-96 px (the v2 weights) it learned colours but no places; at 64 px only, places and colours (v3);
-   v4 continued it on 128-px canvases (``prompt_sides=(128,), place_side=128``), the shipped v5 on
-   192-px canvases (``prompt_sides=(192,), place_side=192``), and draws there (:data:`DRAW_SIZE`), where
-   GRAT-X is clearly faster than dense on a CPU.
+   v4 continued it on 128-px canvases (``prompt_sides=(128,), place_side=128``), v5 on 192-px canvases
+   (``prompt_sides=(192,), place_side=192``), and draws there (:data:`DRAW_SIZE`), where GRAT-X is clearly
+   faster than dense on a CPU. v5 drew blobs; the shipped v11 continued it with the shape knobs of
+   :func:`train_flux` (``object_weight``, ``shape_contrast``, ``logit_mean``) and draws rings, circles and
+   crosses (docs/microworld.md).
 
 10% of captions are dropped (empty prompt), so ``true_cfg_scale`` (classifier-free guidance, in
 :data:`CALL_DEFAULTS`) works. The saved weights are exponential moving averages.
@@ -98,7 +100,7 @@ GUIDANCE_SCALE = 5.0
 prompt): without it the prompt barely changes the picture (docs/microworld.md)."""
 
 DRAW_SIZE = (192, 192)
-"""The canvas ``(height, width)`` the shipped weights draw on: their last prompt phases (v5) named places on
+"""The canvas ``(height, width)`` the shipped weights draw on: their last prompt phases (v5, v11) named places on
 192-px canvases (48 x 48 = 2304 image tokens)."""
 
 CALL_DEFAULTS: dict[str, Any] = {
@@ -707,7 +709,7 @@ def train_flux(
         Square canvas sides of the prompt phase (multiples of 4, at least 16).
     place_side : int, default :data:`PLACE_SIDE`
         The one side among ``prompt_sides`` whose captions name places; the pipeline then draws
-        places on canvases of that side (the shipped v5 weights: 192).
+        places on canvases of that side (the shipped v11 weights: 192).
     object_weight : float, default 1.0
         In the prompt phase, how much more the loss of the tokens on and around the objects weighs than
         the background's (the tokens of :func:`object_tokens`; a weighted mean). 1 is the plain mean: on a
