@@ -120,8 +120,9 @@ def test_shipped_classifier_is_accurate_on_held_out_scenes(classifier):
 def test_trained_flux_loads_with_from_pretrained_and_denoises_held_out_scenes():
     """The shipped FluxPipeline is trained: its VAE reconstructs held-out scenes and its transformer's
     rectified-flow loss is a fraction of an untrained one's on scenes of 1-4 objects at the canvas it draws
-    on (v5 at 192 px: 0.12 vs 2.20 on 8 scenes; v11 at 192 px: 0.14; v4 at 128 px: 0.16 vs 2.22; the look phase alone at 64 px: 0.21
-    vs 2.27). What it draws for a prompt: :func:`test_trained_flux_reads_its_prompts`."""
+    on (v11 at 192 px: 0.14 on 8 scenes; v5 there: 0.12 vs 2.20 untrained; v4 at 128 px: 0.16 vs 2.22; the
+    look phase alone at 64 px: 0.21 vs 2.27).
+    What it draws for a prompt: :func:`test_trained_flux_reads_its_prompts`."""
     from diffusers import FluxPipeline
 
     from hasten.measure import psnr
